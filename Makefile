@@ -1,0 +1,28 @@
+# Set-up bootstraps itself: a .venv with torch 2.13.0 (CPU) installed first, then equiseg[dev].
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: demo test bench lint clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)  ## the main job (for now: the model families table)
+	$(BIN)/equiseg models
+
+test: $(STAMP)  ## the test suite, on both cores
+	$(BIN)/python -m pytest -n 2 -q
+
+bench: $(STAMP)  ## speed benchmarks (not part of the tests)
+	$(BIN)/python benchmarks/layers.py
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache

@@ -1,0 +1,93 @@
+"""Speed of each equivariant layer against a plain nn.Conv2d with the same channel counts.
+
+    python benchmarks/layers.py [--runs 7] [--batch 4] [--channels 64] [--size 256] [--device cpu]
+
+Each layer maps `channels` conv channels to `channels` (group layers: channels / |G| fields
+of |G| channels each), like a plain Conv2d(channels, channels, 3, padding=1). Train: one
+forward + backward in train mode (the filter bank is rebuilt, as at every training step).
+Eval: one forward in eval mode without gradients (the bank is cached). Runs of all layers are
+interleaved, so drift in the machine's speed hits all of them alike; medians are reported, and
+ratios to the plain conv measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from torch import nn
+
+from equiseg.groups import C4, D4
+from equiseg.nn import GroupConv2d, IsotropicConv2d, LiftingConv2d
+
+
+def layers(channels: int) -> dict[str, tuple[nn.Module, int]]:
+    """name -> (layer, input channels)."""
+    return {
+        "Conv2d (reference)": (nn.Conv2d(channels, channels, 3, padding=1), channels),
+        "IsotropicConv2d": (IsotropicConv2d(channels, channels), channels),
+        "LiftingConv2d C4": (LiftingConv2d(channels, channels // 4, C4), channels),
+        "LiftingConv2d D4": (LiftingConv2d(channels, channels // 8, D4), channels),
+        "GroupConv2d C4": (GroupConv2d(channels // 4, channels // 4, C4), channels),
+        "GroupConv2d D4": (GroupConv2d(channels // 8, channels // 8, D4), channels),
+    }
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_train(layer: nn.Module, x: torch.Tensor) -> float:
+    layer.train()
+    layer.zero_grad(set_to_none=True)
+    sync(x.device)
+    start = time.perf_counter()
+    layer(x).sum().backward()
+    sync(x.device)
+    return time.perf_counter() - start
+
+
+def time_eval(layer: nn.Module, x: torch.Tensor) -> float:
+    layer.eval()
+    sync(x.device)
+    start = time.perf_counter()
+    with torch.no_grad():
+        layer(x)
+    sync(x.device)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=7)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--channels", type=int, default=64)
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    bench = {name: (layer.to(device), torch.randn(args.batch, c, args.size, args.size, device=device))
+             for name, (layer, c) in layers(args.channels).items()}
+    times: dict[str, dict[str, list[float]]] = {name: {"train": [], "eval": []} for name in bench}
+    for run in range(args.runs + 1):  # run 0 warms up and is dropped
+        for name, (layer, x) in bench.items():
+            t_train, t_eval = time_train(layer, x), time_eval(layer, x)
+            if run:
+                times[name]["train"].append(t_train)
+                times[name]["eval"].append(t_eval)
+    med = {name: {mode: statistics.median(ts) for mode, ts in modes.items()} for name, modes in times.items()}
+    ref = med["Conv2d (reference)"]
+    print(f"device={device} torch={torch.__version__} threads={torch.get_num_threads()} "
+          f"input={args.batch}x{args.channels}x{args.size}x{args.size} runs={args.runs} (medians)")
+    print(f"{'layer':<20} {'train s':>8} {'train x':>8} {'eval s':>8} {'eval x':>8}")
+    for name, m in med.items():
+        print(f"{name:<20} {m['train']:>8.4f} {m['train'] / ref['train']:>8.3f} "
+              f"{m['eval']:>8.4f} {m['eval'] / ref['eval']:>8.3f}")
+
+
+if __name__ == "__main__":
+    main()

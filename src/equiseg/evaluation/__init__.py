@@ -1,0 +1,1 @@
+"""Scores: equivariance error (more to come: segmentation and detection metrics)."""

@@ -1,0 +1,7 @@
+"""U-Nets over the conv families, and their builders."""
+
+from equiseg.models.build import SEED_WIDTHS, build_model, count_macs, count_parameters, match_width, parameter_count
+from equiseg.models.unet import ConvFamily, UNet, conv_block
+
+__all__ = ["SEED_WIDTHS", "ConvFamily", "UNet", "build_model", "conv_block", "count_macs", "count_parameters",
+           "match_width", "parameter_count"]

@@ -1,0 +1,81 @@
+"""Build U-Nets by family and width, and match widths to a parameter budget."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from equiseg.models.unet import ConvFamily, UNet
+from equiseg.nn import GroupConv2d, IsotropicConv2d, LiftingConv2d
+
+SEED_WIDTHS = {ConvFamily.PLAIN: 64, ConvFamily.ISOTROPIC: 110}
+"""The seed study's pair: a plain U-Net of width 64 against an isotropic one of width 110."""
+
+
+def build_model(family: ConvFamily | str, width: int, depth: int = 4, in_channels: int = 3,
+                num_classes: int = 3) -> UNet:
+    """A U-Net of the given conv family (``"plain"``, ``"isotropic"``, ``"p4"`` or ``"p4m"``).
+
+    >>> model = build_model("isotropic", width=110)
+    """
+    return UNet(ConvFamily(family), width, depth=depth, in_channels=in_channels, num_classes=num_classes)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable values (free parameters, not the expanded filter banks)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def parameter_count(family: ConvFamily | str, width: int, depth: int = 4, in_channels: int = 3,
+                    num_classes: int = 3) -> int:
+    """Parameters of ``build_model(...)``, counted on the meta device (no memory, no init)."""
+    with torch.device("meta"):
+        return count_parameters(build_model(family, width, depth, in_channels, num_classes))
+
+
+def match_width(family: ConvFamily | str, reference: nn.Module | int, depth: int = 4, in_channels: int = 3,
+                num_classes: int = 3, max_width: int = 4096) -> int:
+    """The width of ``family`` whose parameter count is closest to ``reference``'s.
+
+    Args:
+        family: the family to size.
+        reference: a model, or a parameter count.
+        max_width: the largest width considered.
+    """
+    target = reference if isinstance(reference, int) else count_parameters(reference)
+    low, high = 1, max_width
+    while low < high:  # smallest width with at least ``target`` parameters (the count grows with width)
+        mid = (low + high) // 2
+        if parameter_count(family, mid, depth, in_channels, num_classes) < target:
+            low = mid + 1
+        else:
+            high = mid
+    candidates = [w for w in (low - 1, low) if w >= 1]
+    return min(candidates, key=lambda w: abs(parameter_count(family, w, depth, in_channels, num_classes) - target))
+
+
+def count_macs(model: nn.Module, height: int = 1024, width: int = 1024) -> int:
+    """Multiply-adds of one forward pass on a (1, C, height, width) input, convolutions only.
+
+    Equivariant convs count as the plain conv they expand to. Runs on a meta-device copy of
+    the model, so no arithmetic is done and any size is free to count.
+    """
+    probe = copy.deepcopy(model).to("meta")
+    total = 0
+
+    def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        nonlocal total
+        kernel = module.kernel_size
+        taps = kernel * kernel if isinstance(kernel, int) else kernel[0] * kernel[1]
+        total += output.numel() * inputs[0].shape[1] * taps
+
+    convs = (nn.Conv2d, IsotropicConv2d, LiftingConv2d, GroupConv2d)
+    handles = [m.register_forward_hook(hook) for m in probe.modules() if isinstance(m, convs)]
+    in_channels = next(m for m in probe.modules() if isinstance(m, convs)).in_channels
+    with torch.no_grad():
+        probe.eval()(torch.empty(1, in_channels, height, width, device="meta"))
+    for handle in handles:
+        handle.remove()
+    return total

@@ -1,0 +1,41 @@
+"""The table behind ``equiseg models``: each family at the seed's and at matched widths."""
+
+from __future__ import annotations
+
+import torch
+
+from equiseg.evaluation.equivariance import equivariance_errors
+from equiseg.groups import D4
+from equiseg.models.build import SEED_WIDTHS, build_model, count_macs, count_parameters, match_width, parameter_count
+from equiseg.models.unet import ConvFamily
+
+
+def model_table(depth: int = 4, size: int = 1024, probe_size: int = 32, seed: int = 0) -> list[dict]:
+    """One dict per (family, width): parameters, MACs at size x size, exact group, measured errors.
+
+    "matched" widths are those whose parameter count is closest to plain width 64 at this depth.
+    """
+    reference = parameter_count(ConvFamily.PLAIN, SEED_WIDTHS[ConvFamily.PLAIN], depth)
+    plan = [(ConvFamily.PLAIN, SEED_WIDTHS[ConvFamily.PLAIN], "seed"),
+            (ConvFamily.ISOTROPIC, SEED_WIDTHS[ConvFamily.ISOTROPIC], "seed")]
+    plan += [(family, match_width(family, reference, depth), "matched") for family in ConvFamily
+             if family is not ConvFamily.PLAIN]
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, 3, probe_size, probe_size, generator=generator)
+    rows = []
+    for family, width, sized_as in plan:
+        torch.manual_seed(seed)
+        model = build_model(family, width, depth).eval()
+        group = family.group
+        errors = equivariance_errors(model, x, D4.elements)
+        rows.append({
+            "family": family.value,
+            "width": width,
+            "sized_as": sized_as,
+            "parameters": count_parameters(model),
+            "macs": count_macs(model, size, size),
+            "exact_group": None if group is None else group.name,
+            "error_own_group": None if group is None else max(errors[str(g)] for g in group.elements),
+            "error_d4": max(errors.values()),
+        })
+    return rows

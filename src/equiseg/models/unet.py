@@ -1,0 +1,140 @@
+"""One U-Net over four conv families: plain, isotropic, p4 and p4m."""
+
+from __future__ import annotations
+
+import enum
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from equiseg.groups import C4, D4, Group
+from equiseg.nn import GroupBatchNorm2d, GroupConv2d, GroupPool, IsotropicConv2d, LiftingConv2d, pool_over_group
+
+
+class ConvFamily(enum.Enum):
+    """The convolution a U-Net is built from, and the symmetry it is exact for."""
+
+    PLAIN = "plain"
+    ISOTROPIC = "isotropic"
+    P4 = "p4"
+    P4M = "p4m"
+
+    @property
+    def group(self) -> Group | None:
+        """The group G with f(T_g x) = T_g f(x) exactly for g in G; None for plain convs."""
+        return {ConvFamily.PLAIN: None, ConvFamily.ISOTROPIC: D4, ConvFamily.P4: C4, ConvFamily.P4M: D4}[self]
+
+    @property
+    def channels_per_unit(self) -> int:
+        """Conv channels per unit of width: |G| for regular group features, else 1."""
+        return 1 if self in (ConvFamily.PLAIN, ConvFamily.ISOTROPIC) else self.group.order
+
+
+def conv_block(family: ConvFamily, in_width: int, out_width: int, lifting: bool = False) -> nn.Sequential:
+    """conv 3x3 (no bias: the norm follows) -> batch norm -> ReLU, in the family's feature type.
+
+    Widths count fields for the group families (each |G| channels) and channels otherwise;
+    ``lifting`` marks the first block of a group family, whose input is a plain image.
+    """
+    match family:
+        case ConvFamily.PLAIN:
+            conv, norm = nn.Conv2d(in_width, out_width, 3, padding=1, bias=False), nn.BatchNorm2d(out_width)
+        case ConvFamily.ISOTROPIC:
+            conv, norm = IsotropicConv2d(in_width, out_width, 3, bias=False), nn.BatchNorm2d(out_width)
+        case ConvFamily.P4 | ConvFamily.P4M:
+            layer = LiftingConv2d if lifting else GroupConv2d
+            conv = layer(in_width, out_width, family.group, 3, bias=False)
+            norm = GroupBatchNorm2d(out_width, family.group)
+    return nn.Sequential(conv, norm, nn.ReLU(inplace=True))
+
+
+def _down(x: torch.Tensor) -> torch.Tensor:
+    return F.max_pool2d(x, 2)
+
+
+def _up(x: torch.Tensor) -> torch.Tensor:
+    return F.interpolate(x, scale_factor=2.0, mode="nearest")
+
+
+class UNet(nn.Module):
+    """A U-Net with one conv (+ norm + ReLU) per level, parameterised by its conv family.
+
+    Encoder level l (l = 0..depth) has ``width * 2**l`` units, the last being the bottleneck;
+    2x2 max pooling goes down, nearest-neighbour x2 upsampling goes up (no transposed convs),
+    and each decoder level concatenates the skip of its encoder level. Group families pool
+    over the group (max) before a 1x1 head, so every family returns plain logits.
+
+    Guarantee, in evaluation mode (batch norm on running statistics), for the family's group G
+    (isotropic: D4, p4: C4, p4m: D4; plain: none):
+
+        f(T_g x) = T_g f(x)   for all g in G,
+
+    exactly up to float rounding when H and W are multiples of 2**depth (pooling then tiles
+    every level evenly). Other sizes are zero-padded to the next multiple, split evenly between
+    the two sides, and the logits cropped back; this stays exact when the total padding of each
+    side pair is even, and is only approximately equivariant when it is odd (one extra row or
+    column lands on one side). With ``pad_input=False`` such sizes are refused instead.
+
+    Args:
+        family: the conv family.
+        width: units at level 0 (channels for plain/isotropic, fields of |G| channels for p4/p4m).
+        depth: number of 2x2 poolings.
+        in_channels: image channels.
+        num_classes: logit channels (default 3: background, BC, TC).
+        pad_input: pad sizes that are not multiples of 2**depth rather than refuse them.
+
+    Shapes: (B, in_channels, H, W) -> (B, num_classes, H, W).
+    """
+
+    def __init__(self, family: ConvFamily, width: int, depth: int = 4, in_channels: int = 3, num_classes: int = 3,
+                 pad_input: bool = True) -> None:
+        super().__init__()
+        if width < 1 or depth < 0:
+            raise ValueError(f"need width >= 1 and depth >= 0, got width={width}, depth={depth}")
+        self.family, self.width, self.depth, self.pad_input = family, width, depth, pad_input
+        widths = [width * 2**level for level in range(depth + 1)]
+        self.encoder = nn.ModuleList(
+            [conv_block(family, in_channels, widths[0], lifting=True)]
+            + [conv_block(family, widths[level - 1], widths[level]) for level in range(1, depth + 1)]
+        )
+        self.decoder = nn.ModuleList(
+            [conv_block(family, widths[level + 1] + widths[level], widths[level]) for level in range(depth)]
+        )
+        self.head = nn.Conv2d(widths[0], num_classes, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        height, width = x.shape[-2:]
+        x, crop = self._pad(x)
+        # encoder: level 0 at full size, each further level after a 2x2 pooling
+        skips = []
+        for level, block in enumerate(self.encoder):
+            x = block(x if level == 0 else _down(x))
+            skips.append(x)
+        # decoder: from just above the bottleneck back to level 0
+        x = skips.pop()
+        for level in reversed(range(self.depth)):
+            x = self.decoder[level](torch.cat([_up(x), skips[level]], dim=1))
+        if self.family.channels_per_unit > 1:
+            x = pool_over_group(x, self.family.group, GroupPool.MAX)  # (B, C*|G|, H, W) -> (B, C, H, W)
+        logits = self.head(x)
+        top, left = crop
+        return logits[..., top:top + height, left:left + width]
+
+    def _pad(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        multiple = 2**self.depth
+        height, width = x.shape[-2:]
+        pad_h, pad_w = (-height) % multiple, (-width) % multiple
+        if not (pad_h or pad_w):
+            return x, (0, 0)
+        if not self.pad_input:
+            raise ValueError(
+                f"input of {height}x{width} px: this U-Net of depth {self.depth} needs sides that are multiples of "
+                f"{multiple} (for example {height + pad_h}x{width + pad_w}); crop or pad the image, "
+                "or build it with pad_input=True"
+            )
+        top, left = pad_h // 2, pad_w // 2
+        return F.pad(x, (left, pad_w - left, top, pad_h - top)), (top, left)
+
+    def extra_repr(self) -> str:
+        return f"family={self.family.value}, width={self.width}, depth={self.depth}"

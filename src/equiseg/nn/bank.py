@@ -1,0 +1,46 @@
+"""The expanded filter bank shared by every equivariant conv: build, cache, fold.
+
+An equivariant conv stores a few free values and expands them into an ordinary conv weight
+(rotated, reflected or radially tied copies). The expansion is cheap next to the convolution
+but not free, so it is rebuilt on every forward while training (once per step) and reused in
+evaluation until a parameter changes. The bank is a plain ``nn.Conv2d`` weight, so a trained
+layer folds into an ``nn.Conv2d`` that computes the same function.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+Bank = tuple[torch.Tensor, torch.Tensor | None]
+
+
+def filter_bank(module: nn.Module, build: Callable[[], Bank]) -> Bank:
+    """The (weight, bias) bank of ``module``, cached while it evaluates without gradients.
+
+    The cache is keyed on the version counters and storage of the module's parameters, so an
+    optimiser step, ``load_state_dict`` or a move to another device invalidates it.
+    """
+    if module.training or torch.is_grad_enabled():
+        module._bank_cache = None
+        return build()
+    key = tuple((p._version, p.data_ptr(), p.device, p.dtype) for p in module.parameters(recurse=False))
+    cache = getattr(module, "_bank_cache", None)
+    if cache is None or cache[0] != key:
+        cache = (key, build())
+        module._bank_cache = cache
+    return cache[1]
+
+
+def bank_to_conv2d(weight: torch.Tensor, bias: torch.Tensor | None, padding: int) -> nn.Conv2d:
+    """An ``nn.Conv2d`` (zero padding, stride 1) holding a copy of an expanded bank."""
+    out_channels, in_channels, kh, kw = weight.shape
+    conv = nn.Conv2d(in_channels, out_channels, (kh, kw), padding=padding, bias=bias is not None,
+                     device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        conv.weight.copy_(weight)
+        if bias is not None:
+            conv.bias.copy_(bias)
+    return conv

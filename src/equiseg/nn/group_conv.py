@@ -1,0 +1,135 @@
+"""Group convolutions for p4 = Z2 x| C4 and p4m = Z2 x| D4 (Cohen & Welling, 2016).
+
+Group features travel through the network folded, ``(B, C*|G|, H, W)``, channel-major: the
+fold of ``(B, C, |G|, H, W)`` by :func:`equiseg.groups.fold_group`. In that layout both layers
+below are an ordinary ``F.conv2d`` with an expanded filter bank, so they cost what a plain
+conv with the same channel counts costs and fold into an ``nn.Conv2d``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from equiseg.groups import Group
+from equiseg.nn.bank import bank_to_conv2d, filter_bank
+
+
+def _check_kernel(kernel_size: int) -> None:
+    if kernel_size < 1 or kernel_size % 2 == 0:
+        raise ValueError(f"kernel_size must be a positive odd number, got {kernel_size}")
+
+
+class LiftingConv2d(nn.Module):
+    """Z2 -> G: correlate an image with every transformed copy T_g psi of each filter.
+
+        out[c, g](p) = sum_q x(q) . psi_c(g^-1 (q - p))
+
+    Guarantee, for every u in G (stride 1, zero padding k // 2, any H, W):
+
+        out(T_u x) = T_u out(x),   (T_u f)[g](p) = f[u^-1 g](u^-1 p)
+
+    i.e. the plane turns and the group axis is permuted as in the regular representation.
+
+    Args:
+        in_channels: scalar input channels C_in.
+        out_channels: output fields C_out; the output has C_out * |G| channels.
+        group: ``C4`` (p4) or ``D4`` (p4m).
+        kernel_size: odd k; k*k free values per field pair.
+        bias: one learned bias per output field, shared over the group axis.
+
+    Shapes: (B, C_in, H, W) -> (B, C_out*|G|, H, W), folded from (B, C_out, |G|, H, W).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, group: Group, kernel_size: int = 3,
+                 bias: bool = True) -> None:
+        super().__init__()
+        _check_kernel(kernel_size)
+        self.in_channels, self.out_channels, self.group, self.kernel_size = in_channels, out_channels, group, kernel_size
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, kernel_size, kernel_size))
+        self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, std=math.sqrt(2.0 / (self.in_channels * self.kernel_size**2)))
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def expand(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The plain conv weight (C_out*|G|, C_in, k, k) and bias (C_out*|G|,) this layer applies."""
+        bank = torch.stack([self.group.act_on_image(g, self.weight) for g in self.group.elements], dim=1)
+        bank = bank.flatten(0, 1)  # (C_out, |G|, C_in, k, k) -> (C_out*|G|, C_in, k, k)
+        bias = None if self.bias is None else self.bias.repeat_interleave(self.group.order)
+        return bank, bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight, bias = filter_bank(self, self.expand)
+        return F.conv2d(x, weight, bias, padding=self.kernel_size // 2)
+
+    def to_conv2d(self) -> nn.Conv2d:
+        """An ``nn.Conv2d`` computing the same function (a copy)."""
+        with torch.no_grad():
+            return bank_to_conv2d(*self.expand(), padding=self.kernel_size // 2)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_channels}, {self.out_channels}, group={self.group}, kernel_size={self.kernel_size}"
+
+
+class GroupConv2d(nn.Module):
+    """G -> G: correlate regular features with the transformed copies of each filter.
+
+        out[c, g](p) = sum_{d, h, q} f[d, h](q) . psi_{c, d}(g^-1 h, g^-1 (q - p))
+
+    The filter for output element g is ``T_g psi``, the regular action on the filter's own
+    group axis and plane, so the bank holds |G| * k*k free values per field pair. Guarantee,
+    for every u in G (stride 1, zero padding k // 2, any H, W):
+
+        out(T_u f) = T_u out(f),   (T_u f)[g](p) = f[u^-1 g](u^-1 p).
+
+    Args:
+        in_channels: input fields C_in (C_in * |G| channels).
+        out_channels: output fields C_out (C_out * |G| channels).
+        group: ``C4`` (p4) or ``D4`` (p4m).
+        kernel_size: odd k.
+        bias: one learned bias per output field, shared over the group axis.
+
+    Shapes: (B, C_in*|G|, H, W) -> (B, C_out*|G|, H, W), both folded from (B, C, |G|, H, W).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, group: Group, kernel_size: int = 3,
+                 bias: bool = True) -> None:
+        super().__init__()
+        _check_kernel(kernel_size)
+        self.in_channels, self.out_channels, self.group, self.kernel_size = in_channels, out_channels, group, kernel_size
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, group.order, kernel_size, kernel_size))
+        self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        fan_in = self.in_channels * self.group.order * self.kernel_size**2
+        nn.init.normal_(self.weight, std=math.sqrt(2.0 / fan_in))
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def expand(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The plain conv weight (C_out*|G|, C_in*|G|, k, k) and bias (C_out*|G|,) this layer applies."""
+        bank = torch.stack([self.group.act_on_regular(g, self.weight) for g in self.group.elements], dim=1)
+        # (C_out, |G|out, C_in, |G|in, k, k) -> (C_out*|G|, C_in*|G|, k, k)
+        bank = bank.flatten(2, 3).flatten(0, 1)
+        bias = None if self.bias is None else self.bias.repeat_interleave(self.group.order)
+        return bank, bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight, bias = filter_bank(self, self.expand)
+        return F.conv2d(x, weight, bias, padding=self.kernel_size // 2)
+
+    def to_conv2d(self) -> nn.Conv2d:
+        """An ``nn.Conv2d`` computing the same function (a copy)."""
+        with torch.no_grad():
+            return bank_to_conv2d(*self.expand(), padding=self.kernel_size // 2)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_channels}, {self.out_channels}, group={self.group}, kernel_size={self.kernel_size}"

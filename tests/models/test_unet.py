@@ -1,0 +1,124 @@
+"""Whole models: exact equivariance per family, gradients, folding, sizes, width matching."""
+
+import pytest
+import torch
+
+from equiseg import build_model
+from equiseg.evaluation.equivariance import equivariance_errors, model_equivariance_error
+from equiseg.groups import C4, D4
+from equiseg.models import ConvFamily, UNet, count_macs, count_parameters, match_width, parameter_count
+from equiseg.nn import fold_to_conv2d
+
+TOL = 1e-5
+EXACT = [ConvFamily.ISOTROPIC, ConvFamily.P4, ConvFamily.P4M]
+SMALL_WIDTH = {ConvFamily.PLAIN: 6, ConvFamily.ISOTROPIC: 6, ConvFamily.P4: 2, ConvFamily.P4M: 2}
+
+
+def small(family, depth=4, **kwargs):
+    return build_model(family, SMALL_WIDTH[family], depth=depth, **kwargs)
+
+
+def warm_batch_norm(model, x):
+    """Give batch norm non-trivial running statistics, then switch to evaluation mode."""
+    model.train()
+    with torch.no_grad():
+        for _ in range(2):
+            model(x * 2 + 0.5)
+    return model.eval()
+
+
+@pytest.mark.parametrize("family", EXACT, ids=lambda f: f.value)
+@pytest.mark.parametrize("size", [(256, 256), (128, 192)])
+def test_exact_families_are_equivariant_for_their_group(family, size):
+    x = torch.randn(1, 3, *size)
+    model = warm_batch_norm(small(family), x)
+    errors = equivariance_errors(model, x, family.group.elements)
+    assert len(errors) == family.group.order
+    assert max(errors.values()) <= TOL, errors
+
+
+def test_plain_family_measurably_fails():
+    x = torch.randn(1, 3, 64, 64)
+    model = warm_batch_norm(small(ConvFamily.PLAIN), x)
+    assert model_equivariance_error(model, x, D4) > 1e-2
+    assert model_equivariance_error(model, x, C4) > 1e-2
+
+
+def test_p4_is_exact_for_rotations_only():
+    x = torch.randn(1, 3, 64, 64)
+    model = warm_batch_norm(small(ConvFamily.P4), x)
+    errors = equivariance_errors(model, x, D4.elements)
+    assert max(errors[str(g)] for g in C4.elements) <= TOL
+    assert min(errors[str(g)] for g in D4.elements[4:]) > 1e-3
+
+
+@pytest.mark.parametrize("family", list(ConvFamily), ids=lambda f: f.value)
+def test_forward_backward_reaches_every_parameter(family):
+    model = small(family, depth=3).train()
+    logits = model(torch.randn(2, 3, 32, 32))
+    assert logits.shape == (2, 3, 32, 32)
+    logits.logsumexp(dim=1).mean().backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("family", EXACT, ids=lambda f: f.value)
+def test_folded_model_matches(family):
+    x = torch.randn(1, 3, 64, 64)
+    model = warm_batch_norm(small(family), x)
+    folded = fold_to_conv2d(model)
+    names = {type(m).__name__ for m in folded.modules()}
+    assert not names & {"IsotropicConv2d", "LiftingConv2d", "GroupConv2d"}
+    with torch.no_grad():
+        expected, got = model(x), folded(x)
+    assert float((got - expected).abs().max() / expected.abs().max()) <= TOL
+
+
+def test_odd_sizes_are_padded_and_cropped_back():
+    model = warm_batch_norm(small(ConvFamily.ISOTROPIC), torch.randn(1, 3, 32, 32))
+    for size in [(100, 100), (37, 50)]:
+        assert model(torch.randn(1, 3, *size)).shape == (1, 3, *size)
+    # 120 -> 128: 4 px on each side, so exactness survives the padding
+    assert model_equivariance_error(model, torch.randn(1, 3, 120, 120), D4) <= TOL
+
+
+def test_odd_sizes_can_be_refused_with_a_clear_message():
+    model = UNet(ConvFamily.PLAIN, 4, depth=4, pad_input=False)
+    with pytest.raises(ValueError, match=r"100x100 px.*multiples of 16.*112x112"):
+        model(torch.randn(1, 3, 100, 100))
+
+
+def test_family_from_string_is_exact_not_by_prefix():
+    assert build_model("p4m", 2).family is ConvFamily.P4M
+    with pytest.raises(ValueError):
+        build_model("p4mx", 2)
+
+
+def test_seed_pair_has_matched_parameter_counts():
+    plain, iso = parameter_count("plain", 64), parameter_count("isotropic", 110)
+    assert abs(iso - plain) / plain <= 0.03
+    assert match_width("isotropic", plain) in (110, 111)
+
+
+@pytest.mark.parametrize("family", list(ConvFamily), ids=lambda f: f.value)
+def test_match_width_is_the_closest(family):
+    target = parameter_count("plain", 32, depth=3)
+    w = match_width(family, target, depth=3)
+    best = abs(parameter_count(family, w, depth=3) - target)
+    for other in (w - 1, w + 1):
+        if other >= 1:
+            assert best <= abs(parameter_count(family, other, depth=3) - target)
+
+
+def test_parameter_count_on_meta_equals_a_real_model():
+    model = small(ConvFamily.P4M, depth=2)
+    assert count_parameters(model) == parameter_count("p4m", SMALL_WIDTH[ConvFamily.P4M], depth=2)
+
+
+def test_macs_by_hand_for_a_depth_zero_net():
+    # depth 0: one 3x3 conv 3 -> 4 and a 1x1 head 4 -> 3, at 8x8
+    model = build_model("plain", 4, depth=0)
+    assert count_macs(model, 8, 8) == 64 * (4 * 3 * 9 + 3 * 4)
+    # a p4 lifting conv expands to 4 fields x 4 rotations = 16 channels; pooled before the head
+    model = build_model("p4", 4, depth=0)
+    assert count_macs(model, 8, 8) == 64 * (16 * 3 * 9 + 3 * 4)

@@ -1,0 +1,145 @@
+"""Exact equivariance of every layer, for every group and element, plus hand-checked cases."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from equiseg.evaluation.equivariance import equivariance_errors
+from equiseg.groups import C4, D4, fold_group, unfold_group
+from equiseg.nn import (GroupBatchNorm2d, GroupConv2d, GroupPool, IsotropicConv2d, LiftingConv2d, fold_to_conv2d,
+                        pool_over_group)
+from equiseg.nn.isotropic import radius_index
+
+TOL = 1e-5
+GROUPS = [C4, D4]
+SIZES = [(16, 16), (12, 20)]
+
+
+def regular_out(group):
+    """How g acts on folded regular features: unfold, act, fold."""
+    return lambda g, y: fold_group(group.act_on_regular(g, unfold_group(y, group)))
+
+
+def assert_equivariant(errors):
+    assert max(errors.values()) <= TOL, errors
+
+
+@pytest.mark.parametrize("kernel_size, radii", [(1, 1), (3, 3), (5, 6), (7, 10)])
+def test_isotropic_free_values_per_radius(kernel_size, radii):
+    layer = IsotropicConv2d(2, 4, kernel_size)
+    assert layer.weight.shape == (4, 2, radii)
+    assert int(radius_index(kernel_size).max()) + 1 == radii
+
+
+def test_isotropic_3x3_kernel_is_centre_edge_corner():
+    layer = IsotropicConv2d(1, 1, 3, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[[5.0, 2.0, 1.0]]]))  # centre, edge, corner
+    impulse = torch.zeros(1, 1, 5, 5)
+    impulse[0, 0, 2, 2] = 1.0
+    # correlating an impulse with K gives K flipped; K is symmetric, so K itself
+    expected = torch.tensor([[1.0, 2.0, 1.0], [2.0, 5.0, 2.0], [1.0, 2.0, 1.0]])
+    assert torch.equal(layer(impulse)[0, 0, 1:4, 1:4], expected)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_isotropic_is_d4_equivariant(size):
+    layer = IsotropicConv2d(3, 5, 5).eval()
+    assert_equivariant(equivariance_errors(layer, torch.randn(2, 3, *size), D4.elements))
+
+
+@pytest.mark.parametrize("group", GROUPS, ids=str)
+@pytest.mark.parametrize("size", SIZES)
+def test_lifting_conv_is_equivariant(group, size):
+    layer = LiftingConv2d(3, 4, group).eval()
+    assert_equivariant(equivariance_errors(layer, torch.randn(2, 3, *size), group.elements, regular_out(group)))
+
+
+@pytest.mark.parametrize("group", GROUPS, ids=str)
+@pytest.mark.parametrize("size", SIZES)
+def test_group_conv_is_equivariant(group, size):
+    layer = GroupConv2d(3, 4, group).eval()
+    x = torch.randn(2, 3 * group.order, *size)
+    act = regular_out(group)
+    assert_equivariant(equivariance_errors(layer, x, group.elements, act_out=act, act_in=act))
+
+
+@pytest.mark.parametrize("group", GROUPS, ids=str)
+def test_group_conv_free_values(group):
+    layer = GroupConv2d(3, 4, group, bias=False)
+    assert layer.weight.numel() == 3 * 4 * group.order * 9  # |G| * k^2 per field pair
+    assert layer.expand()[0].shape == (4 * group.order, 3 * group.order, 3, 3)
+
+
+def test_lifting_bank_holds_rotated_copies():
+    layer = LiftingConv2d(1, 1, C4, bias=False)
+    bank = layer.expand()[0]
+    for r in range(4):
+        assert torch.equal(bank[r, 0], torch.rot90(layer.weight[0, 0], r))
+
+
+@pytest.mark.parametrize("group", GROUPS, ids=str)
+@pytest.mark.parametrize("mode", list(GroupPool))
+def test_pool_over_group_is_invariant_on_the_group_axis(group, mode):
+    x = torch.randn(2, 3 * group.order, 8, 10)
+    pool = lambda y: pool_over_group(y, group, mode)  # noqa: E731
+    assert_equivariant(equivariance_errors(pool, x, group.elements, act_in=regular_out(group)))
+
+
+@pytest.mark.parametrize("group", GROUPS, ids=str)
+@pytest.mark.parametrize("training", [True, False])
+def test_group_batch_norm_is_equivariant_and_shares_statistics(group, training):
+    norm = GroupBatchNorm2d(3, group)
+    with torch.no_grad():
+        norm.norm.weight.uniform_(0.5, 2.0)
+        norm.norm.bias.uniform_(-1.0, 1.0)
+        norm.norm.running_mean.uniform_(-1.0, 1.0)
+    x = torch.randn(4, 3 * group.order, 6, 6) * 3 + 1
+    norm.train(training)
+    # in training the batch statistics are used, and must not depend on the order of the group axis
+    act = regular_out(group)
+    assert_equivariant(equivariance_errors(norm, x, group.elements, act_out=act, act_in=act))
+    if training:
+        with torch.no_grad():
+            fields = unfold_group(norm(x), group)  # (B, C, |G|, H, W): each field normalised as one
+        assert torch.allclose(fields.mean(dim=(0, 2, 3, 4)), norm.norm.bias, atol=1e-5)
+
+
+@pytest.mark.parametrize("make", [lambda: IsotropicConv2d(3, 4), lambda: LiftingConv2d(3, 4, D4),
+                                  lambda: GroupConv2d(3, 4, C4)], ids=["isotropic", "lifting", "group"])
+def test_layer_folds_into_conv2d(make):
+    layer = make().eval()
+    x = torch.randn(2, layer.in_channels * (layer.group.order if isinstance(layer, GroupConv2d) else 1), 9, 9)
+    with torch.no_grad():
+        assert torch.allclose(fold_to_conv2d(layer)(x), layer(x), rtol=1e-5, atol=1e-6)
+
+
+def test_bank_is_cached_in_eval_and_rebuilt_after_a_change():
+    layer = GroupConv2d(2, 2, D4).eval()
+    x = torch.randn(1, 16, 6, 6)
+    with torch.no_grad():
+        first = layer(x)
+        cached = layer._bank_cache[1][0]
+        layer(x)
+        assert layer._bank_cache[1][0] is cached  # reused, not rebuilt
+        layer.weight.add_(1.0)  # an in-place update, as an optimiser makes
+        second = layer(x)
+    assert layer._bank_cache[1][0] is not cached
+    assert not torch.allclose(first, second)
+    expected = F.conv2d(x, layer.expand()[0].detach(), layer.expand()[1].detach(), padding=1)
+    assert torch.allclose(second, expected, atol=1e-6)
+
+
+def test_training_rebuilds_the_bank_and_gradients_reach_the_free_values():
+    layer = LiftingConv2d(2, 3, D4).train()
+    layer(torch.randn(1, 2, 5, 5)).square().sum().backward()
+    assert layer._bank_cache is None
+    assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("kernel_size", [0, 2, 4])
+def test_even_kernels_are_refused(kernel_size):
+    for make in (lambda: IsotropicConv2d(1, 1, kernel_size), lambda: LiftingConv2d(1, 1, C4, kernel_size),
+                 lambda: GroupConv2d(1, 1, C4, kernel_size)):
+        with pytest.raises(ValueError, match="odd"):
+            make()
