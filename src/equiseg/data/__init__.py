@@ -1,0 +1,1 @@
+"""Data: OCELOT readers and writers, training targets, the synthetic world, augmentation."""

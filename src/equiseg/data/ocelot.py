@@ -1,0 +1,384 @@
+"""Readers and writers for the OCELOT 2023 formats: the Zenodo folder and the Grand Challenge input.
+
+Zenodo layout (also what ``equiseg synth`` writes)::
+
+    ROOT/metadata.json                                  general_info, label_info, field_description, sample_pairs
+    ROOT/images/{split}/{cell,tissue}/NNN.jpg           RGB
+    ROOT/annotations/{split}/cell/NNN.csv               "x,y,label" per line, no header; may be empty
+    ROOT/annotations/{split}/tissue/NNN.png             one channel: 1 background, 2 cancer area, 255 unknown
+
+Grand Challenge input::
+
+    ROOT/metadata.json                                  a JSON list; entry i belongs to pair_id i
+    ROOT/images/cell_patches/*.tif                      (N, H, W, 3) uint8, pairs stacked on axis 0
+    ROOT/images/tissue_patches/*.tif
+
+Points are (x, y) = (column, row) in pixels of the cell patch; classes 1 = BC, 2 = TC.
+Every problem with a file raises :class:`DatasetError` naming the file (and line).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+SPLITS = ("train", "val", "test")
+CELL_CLASSES = {1: "BC", 2: "TC"}
+TISSUE_BACKGROUND, TISSUE_CANCER, TISSUE_UNKNOWN = 1, 2, 255
+TISSUE_VALUES = (TISSUE_BACKGROUND, TISSUE_CANCER, TISSUE_UNKNOWN)
+
+
+class DatasetError(Exception):
+    """A problem with one file of a dataset: ``str(error)`` is ``"path:line: message"``."""
+
+    def __init__(self, path: Path | str, message: str, line: int | None = None) -> None:
+        self.path, self.message, self.line = Path(path), message, line
+        where = f"{self.path}:{line}" if line is not None else str(self.path)
+        super().__init__(f"{where}: {message}")
+
+
+@dataclass(frozen=True)
+class PairMeta:
+    """Metadata of one cell/tissue pair.
+
+    ``cell_mpp`` and ``tissue_mpp`` are the µm per pixel of the two patches as stored
+    (``resized_mpp_x``); ``patch_x_offset`` and ``patch_y_offset`` are the centre of the cell
+    patch as a fraction of the tissue patch's width and height.
+    """
+
+    sample_id: str
+    subset: str
+    cell_mpp: float
+    tissue_mpp: float
+    patch_x_offset: float
+    patch_y_offset: float
+    organ: str = ""
+    slide_name: str = ""
+    cell_size: int | None = None
+    tissue_size: int | None = None
+    record: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def cell_block(self, cell_shape: tuple[int, int] = (1024, 1024),
+                   tissue_shape: tuple[int, int] = (1024, 1024)) -> tuple[float, float, float, float]:
+        """Where the cell patch lies in the tissue patch: (x0, y0, x1, y1) in tissue pixels.
+
+        ``tissue_px = offset * tissue_side + (cell_px - cell_side / 2) * cell_mpp / tissue_mpp``;
+        for the real data the ratio is about 1/4, so the block is about 256 px wide. Shapes are
+        (height, width).
+        """
+        scale = self.cell_mpp / self.tissue_mpp
+        cx, cy = self.patch_x_offset * tissue_shape[1], self.patch_y_offset * tissue_shape[0]
+        half_w, half_h = cell_shape[1] / 2 * scale, cell_shape[0] / 2 * scale
+        return cx - half_w, cy - half_h, cx + half_w, cy + half_h
+
+
+@dataclass
+class Sample:
+    """One pair: images (H, W, 3) uint8, cells (N, 3) int64 rows (x, y, class), tissue mask (H, W) uint8.
+
+    ``cells`` and ``tissue_mask`` are None where the source has no labels (Grand Challenge input).
+    """
+
+    cell_image: np.ndarray
+    tissue_image: np.ndarray
+    cells: np.ndarray | None
+    tissue_mask: np.ndarray | None
+    meta: PairMeta
+
+
+def _patch_size(box: dict, slide_mpp: float) -> int | None:
+    """Pixels of a patch implied by its box in level-0 slide pixels and its resized mpp."""
+    try:
+        return round((box["x_end"] - box["x_start"]) * slide_mpp / box["resized_mpp_x"])
+    except (KeyError, TypeError, ZeroDivisionError):
+        return None
+
+
+def parse_pair(sample_id: str, record: dict, path: Path | str = "metadata.json") -> PairMeta:
+    """A :class:`PairMeta` from one entry of ``sample_pairs`` (or of the Grand Challenge list)."""
+    try:
+        cell, tissue = record["cell"], record["tissue"]
+        meta = PairMeta(
+            sample_id=sample_id,
+            subset=str(record.get("subset", "")),
+            cell_mpp=float(cell["resized_mpp_x"]),
+            tissue_mpp=float(tissue["resized_mpp_x"]),
+            patch_x_offset=float(record["patch_x_offset"]),
+            patch_y_offset=float(record["patch_y_offset"]),
+            organ=str(record.get("organ", "")),
+            slide_name=str(record.get("slide_name", "")),
+            cell_size=_patch_size(cell, float(record.get("mpp_x", 0.0))),
+            tissue_size=_patch_size(tissue, float(record.get("mpp_x", 0.0))),
+            record=record,
+        )
+    except (KeyError, TypeError, ValueError) as error:
+        raise DatasetError(path, f"sample {sample_id}: bad or missing field {error}") from None
+    if not (meta.cell_mpp > 0 and meta.tissue_mpp > 0 and math.isfinite(meta.cell_mpp + meta.tissue_mpp)):
+        raise DatasetError(path, f"sample {sample_id}: mpp values must be positive")
+    return meta
+
+
+def _load_json(path: Path) -> object:
+    if not path.is_file():
+        raise DatasetError(path, "missing")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise DatasetError(path, f"not valid JSON ({error})") from None
+
+
+def read_metadata(path: Path | str) -> dict[str, PairMeta]:
+    """Parse a Zenodo ``metadata.json``: sample id ("001") -> :class:`PairMeta`, all splits."""
+    path = Path(path)
+    data = _load_json(path)
+    if not isinstance(data, dict) or not isinstance(data.get("sample_pairs"), dict):
+        raise DatasetError(path, "expected an object with 'sample_pairs' (the Zenodo metadata.json)")
+    return {sid: parse_pair(sid, record, path) for sid, record in data["sample_pairs"].items()}
+
+
+def read_image(path: Path, shape: tuple[int, int] | None = None) -> np.ndarray:
+    """An RGB image as (H, W, 3) uint8; ``shape`` (H, W) is checked when given."""
+    if not path.is_file():
+        raise DatasetError(path, "missing")
+    try:
+        with Image.open(path) as image:
+            array = np.asarray(image.convert("RGB") if image.mode != "RGB" else image)
+    except (OSError, SyntaxError, ValueError) as error:
+        raise DatasetError(path, f"unreadable or truncated image ({error})") from None
+    if shape is not None and array.shape[:2] != tuple(shape):
+        raise DatasetError(path, f"size {array.shape[1]}x{array.shape[0]}, expected {shape[1]}x{shape[0]}")
+    return array
+
+
+def read_tissue_mask(path: Path, shape: tuple[int, int] | None = None) -> np.ndarray:
+    """A tissue mask as (H, W) uint8 with values in {1, 2, 255}; ``shape`` is checked when given."""
+    if not path.is_file():
+        raise DatasetError(path, "missing")
+    try:
+        with Image.open(path) as image:
+            if image.mode not in ("L", "P", "I", "I;16"):
+                raise DatasetError(path, f"expected a one-channel mask, got mode {image.mode}")
+            array = np.asarray(image)
+    except (OSError, SyntaxError, ValueError) as error:
+        raise DatasetError(path, f"unreadable or truncated mask ({error})") from None
+    if shape is not None and array.shape != tuple(shape):
+        raise DatasetError(path, f"size {array.shape[1]}x{array.shape[0]}, expected {shape[1]}x{shape[0]}")
+    bad = np.setdiff1d(np.unique(array), TISSUE_VALUES)
+    if bad.size:
+        raise DatasetError(path, f"mask values {bad.tolist()} outside {{1, 2, 255}}")
+    return array.astype(np.uint8)
+
+
+def parse_cells(path: Path, shape: tuple[int, int] | None = None) -> tuple[np.ndarray, list[DatasetError]]:
+    """Cell points from a CSV of ``x,y,label`` lines, and every problem found (not just the first).
+
+    Each non-blank line must be three integers; classes must be 1 (BC) or 2 (TC); with
+    ``shape`` (H, W), points must lie inside the image (0 <= x < W, 0 <= y < H). Bad lines are
+    left out of the points. Returns (N, 3) int64 rows (x, y, class) and the problems.
+    """
+    if not path.is_file():
+        return np.zeros((0, 3), np.int64), [DatasetError(path, "missing")]
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError:
+        return np.zeros((0, 3), np.int64), [DatasetError(path, "not a text file")]
+    rows, problems = [], []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        parts = [p.strip() for p in line.split(",")]
+        try:
+            if len(parts) != 3:
+                raise ValueError
+            x, y, label = (int(p) for p in parts)
+        except ValueError:
+            problems.append(DatasetError(path, f"expected 'x,y,class' with integers, got {line.strip()!r}", number))
+            continue
+        if label not in CELL_CLASSES:
+            problems.append(DatasetError(path, f"unknown class {label} (1 = BC, 2 = TC)", number))
+        elif shape is not None and not (0 <= x < shape[1] and 0 <= y < shape[0]):
+            problems.append(DatasetError(path, f"point ({x}, {y}) outside the {shape[1]}x{shape[0]} image", number))
+        else:
+            rows.append((x, y, label))
+    return np.array(rows, dtype=np.int64).reshape(-1, 3), problems
+
+
+def read_cells(path: Path, shape: tuple[int, int] | None = None) -> np.ndarray:
+    """Cell points as (N, 3) int64 rows (x, y, class); an empty file is no cells.
+
+    Raises :class:`DatasetError` on the first problem :func:`parse_cells` finds.
+    """
+    cells, problems = parse_cells(path, shape)
+    if problems:
+        raise problems[0]
+    return cells
+
+
+class OcelotFolder(Sequence[Sample]):
+    """The samples of one split of a Zenodo-layout folder, read lazily, sorted by id.
+
+    ``OcelotFolder(root, "train")[i]`` reads images, cells and tissue mask of the i-th id and
+    checks them (sizes against the metadata, CSV lines, mask values), raising
+    :class:`DatasetError` on the first problem. ``labels=False`` skips the annotations.
+    """
+
+    def __init__(self, root: Path | str, split: str, labels: bool = True) -> None:
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        self.root, self.split, self.labels = Path(root), split, labels
+        if not self.root.is_dir():
+            raise DatasetError(self.root, "no such dataset folder")
+        self.metadata = read_metadata(self.root / "metadata.json")
+        self.ids = sorted(sid for sid, meta in self.metadata.items() if meta.subset == split)
+
+    def paths(self, sample_id: str) -> dict[str, Path]:
+        """The four files of a sample: cell_image, tissue_image, cells, tissue_mask."""
+        return pair_paths(self.root, self.split, sample_id)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> Sample:  # type: ignore[override]
+        sample_id = self.ids[index]
+        meta, paths = self.metadata[sample_id], self.paths(sample_id)
+        cell_shape = None if meta.cell_size is None else (meta.cell_size, meta.cell_size)
+        tissue_shape = None if meta.tissue_size is None else (meta.tissue_size, meta.tissue_size)
+        cell_image = read_image(paths["cell_image"], cell_shape)
+        tissue_image = read_image(paths["tissue_image"], tissue_shape)
+        cells = mask = None
+        if self.labels:
+            cells = read_cells(paths["cells"], cell_image.shape[:2])
+            mask = read_tissue_mask(paths["tissue_mask"], tissue_image.shape[:2])
+        return Sample(cell_image, tissue_image, cells, mask, meta)
+
+    def __iter__(self) -> Iterator[Sample]:
+        return (self[i] for i in range(len(self)))
+
+
+def pair_paths(root: Path, split: str, sample_id: str) -> dict[str, Path]:
+    """Where the Zenodo layout keeps the files of one sample."""
+    return {
+        "cell_image": root / "images" / split / "cell" / f"{sample_id}.jpg",
+        "tissue_image": root / "images" / split / "tissue" / f"{sample_id}.jpg",
+        "cells": root / "annotations" / split / "cell" / f"{sample_id}.csv",
+        "tissue_mask": root / "annotations" / split / "tissue" / f"{sample_id}.png",
+    }
+
+
+class GrandChallengeInput(Sequence[Sample]):
+    """The Grand Challenge container's input: stacked TIFFs and a metadata list; no labels.
+
+    Sample ``i`` (the ``pair_id``) is slice ``i`` of the stacks; both stacks are read as
+    memory maps where the TIFF allows it, so a long phase is not loaded whole.
+    """
+
+    def __init__(self, root: Path | str) -> None:
+        import tifffile
+
+        self.root = Path(root)
+        data = _load_json(self.root / "metadata.json")
+        if not isinstance(data, list):
+            raise DatasetError(self.root / "metadata.json", "expected a JSON list indexed by pair_id")
+        self.metadata = [parse_pair(f"{i:03d}", record, self.root / "metadata.json") for i, record in enumerate(data)]
+        self._stacks = {}
+        for kind in ("cell_patches", "tissue_patches"):
+            files = sorted((self.root / "images" / kind).glob("*.tif*"))
+            if not files:
+                raise DatasetError(self.root / "images" / kind, "no TIFF found")
+            try:
+                stack = tifffile.imread(files[0])
+            except Exception as error:  # tifffile raises many types for a broken file
+                raise DatasetError(files[0], f"unreadable TIFF ({error})") from None
+            if stack.ndim == 3:
+                stack = stack[None]  # one pair: (H, W, 3) -> (1, H, W, 3)
+            if stack.ndim != 4 or stack.shape[-1] != 3 or stack.dtype != np.uint8:
+                raise DatasetError(files[0], f"expected (N, H, W, 3) uint8, got {stack.shape} {stack.dtype}")
+            if len(stack) != len(self.metadata):
+                raise DatasetError(files[0], f"{len(stack)} patches but {len(self.metadata)} metadata entries")
+            self._stacks[kind] = stack
+
+    def __len__(self) -> int:
+        return len(self.metadata)
+
+    def __getitem__(self, pair_id: int) -> Sample:  # type: ignore[override]
+        return Sample(np.asarray(self._stacks["cell_patches"][pair_id]),
+                      np.asarray(self._stacks["tissue_patches"][pair_id]), None, None, self.metadata[pair_id])
+
+    def __iter__(self) -> Iterator[Sample]:
+        return (self[i] for i in range(len(self)))
+
+
+def pair_record(subset: str, cell_mpp: float, tissue_mpp: float, patch_x_offset: float, patch_y_offset: float,
+                cell_size: int = 1024, tissue_size: int = 1024, slide_mpp: float = 0.25,
+                slide_name: str = "", organ: str = "", origin: tuple[int, int] = (0, 0)) -> dict:
+    """A ``sample_pairs`` entry in the real format, with slide boxes consistent with the offsets."""
+    def box(x0: float, y0: float, size: int, mpp: float) -> dict:
+        side = round(size * mpp / slide_mpp)
+        return {"x_start": round(x0), "y_start": round(y0), "x_end": round(x0) + side, "y_end": round(y0) + side,
+                "resized_mpp_x": mpp, "resized_mpp_y": mpp}
+
+    tissue_x0, tissue_y0 = origin
+    tissue_side = tissue_size * tissue_mpp / slide_mpp  # level-0 pixels
+    cell_side = cell_size * cell_mpp / slide_mpp
+    cell_x0 = tissue_x0 + patch_x_offset * tissue_side - cell_side / 2
+    cell_y0 = tissue_y0 + patch_y_offset * tissue_side - cell_side / 2
+    return {
+        "slide_name": slide_name,
+        "cell": box(cell_x0, cell_y0, cell_size, cell_mpp),
+        "tissue": box(tissue_x0, tissue_y0, tissue_size, tissue_mpp),
+        "patch_x_offset": patch_x_offset,
+        "patch_y_offset": patch_y_offset,
+        "mpp_x": slide_mpp,
+        "mpp_y": slide_mpp,
+        "organ": organ,
+        "subset": subset,
+    }
+
+
+def write_metadata(root: Path | str, sample_pairs: dict[str, dict], description: str = "") -> Path:
+    """Write ``ROOT/metadata.json`` in the Zenodo structure (keys sorted, so output is stable)."""
+    path = Path(root) / "metadata.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = {
+        "general_info": {"description": description or "A dataset in the OCELOT 2023 format.", "version": "1.0.1"},
+        "label_info": {"cell": {"1": "BC (Background Cell)", "2": "TC (Tumor Cell)"},
+                       "tissue": {"1": "BG (Background)", "2": "CA (Cancer Area)", "255": "UNK (Unknown)"}},
+        "field_description": {},
+        "sample_pairs": dict(sorted(sample_pairs.items())),
+    }
+    path.write_text(json.dumps(data, indent=1) + "\n")
+    return path
+
+
+def write_pair(root: Path | str, split: str, sample_id: str, cell_image: np.ndarray, tissue_image: np.ndarray,
+               cells: np.ndarray, tissue_mask: np.ndarray, jpeg_quality: int = 95) -> dict[str, Path]:
+    """Write one sample's four files in the Zenodo layout; returns their paths."""
+    paths = pair_paths(Path(root), split, sample_id)
+    for path in paths.values():
+        path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.ascontiguousarray(cell_image, dtype=np.uint8)).save(paths["cell_image"], quality=jpeg_quality)
+    Image.fromarray(np.ascontiguousarray(tissue_image, dtype=np.uint8)).save(paths["tissue_image"],
+                                                                             quality=jpeg_quality)
+    Image.fromarray(np.ascontiguousarray(tissue_mask, dtype=np.uint8), mode="L").save(paths["tissue_mask"])
+    lines = [f"{int(x)},{int(y)},{int(c)}" for x, y, c in np.asarray(cells).reshape(-1, 3)]
+    paths["cells"].write_text("".join(line + "\n" for line in lines))
+    return paths
+
+
+def write_grand_challenge(root: Path | str, samples: Sequence[Sample]) -> Path:
+    """Write samples as a Grand Challenge input folder (stacked TIFFs, list metadata)."""
+    import tifffile
+
+    root = Path(root)
+    for kind, attr in (("cell_patches", "cell_image"), ("tissue_patches", "tissue_image")):
+        (root / "images" / kind).mkdir(parents=True, exist_ok=True)
+        stack = np.stack([getattr(s, attr) for s in samples]).astype(np.uint8)
+        tifffile.imwrite(root / "images" / kind / "000.tif", stack, photometric="rgb")
+    (root / "metadata.json").write_text(json.dumps([s.meta.record for s in samples], indent=1) + "\n")
+    return root

@@ -1,0 +1,75 @@
+import json
+
+import numpy as np
+from PIL import Image
+from typer.testing import CliRunner
+
+from equiseg.cli import app
+from equiseg.data.verify import verify_dataset
+
+runner = CliRunner()
+
+
+def messages(problems):
+    return sorted(f"{p.path.name}:{p.line}: {p.message}" if p.line else f"{p.path.name}: {p.message}"
+                  for p in problems)
+
+
+def test_clean_dataset_has_no_problems(tiny_dataset):
+    assert verify_dataset(tiny_dataset) == []
+    result = runner.invoke(app, ["verify", str(tiny_dataset)])
+    assert result.exit_code == 0, result.output
+
+
+def test_every_kind_of_problem_is_listed_with_its_file(tiny_dataset):
+    root = tiny_dataset
+    (root / "images/train/cell/001.jpg").unlink()                                   # missing file
+    (root / "images/train/cell/099.jpg").write_bytes(b"")                           # extra file, no id
+    (root / "images/train/cell/notes.txt").write_text("x")                          # extra, wrong kind
+    data = (root / "images/train/tissue/002.jpg").read_bytes()
+    (root / "images/train/tissue/002.jpg").write_bytes(data[: len(data) // 2])     # truncated image
+    Image.fromarray(np.zeros((32, 64, 3), np.uint8)).save(root / "images/val/cell/003.jpg")  # wrong size
+    (root / "annotations/val/cell/003.csv").write_text("1,2,1\n1;2;1\n5,6,7\n70,3,2\n4.5,1,1\n")
+    mask = np.ones((64, 64), np.uint8)
+    mask[0, 0] = 3
+    Image.fromarray(mask).save(root / "annotations/test/tissue/004.png")            # bad mask value
+    problems = messages(verify_dataset(root))
+    expected_fragments = [
+        "001.jpg: missing",
+        "099.jpg: extra file: no train sample '099'",
+        "notes.txt: extra file: expected only *.jpg",
+        "002.jpg: unreadable or truncated image",
+        "003.jpg: size 64x32, expected 64x64",
+        "003.csv:2: expected 'x,y,class' with integers, got '1;2;1'",
+        "003.csv:3: unknown class 7",
+        "003.csv:4: point (70, 3) outside the 64x64 image",
+        "003.csv:5: expected 'x,y,class' with integers",
+        "004.png: mask values [3] outside {1, 2, 255}",
+    ]
+    for fragment in expected_fragments:
+        assert any(fragment in p for p in problems), (fragment, problems)
+    assert len(problems) == len(expected_fragments), problems
+
+
+def test_metadata_ids_without_files_and_unknown_subsets(tiny_dataset):
+    meta = json.loads((tiny_dataset / "metadata.json").read_text())
+    meta["sample_pairs"]["777"] = dict(meta["sample_pairs"]["001"])
+    meta["sample_pairs"]["888"] = dict(meta["sample_pairs"]["001"], subset="holdout")
+    (tiny_dataset / "metadata.json").write_text(json.dumps(meta))
+    problems = messages(verify_dataset(tiny_dataset))
+    assert sum("777." in p and "missing" in p for p in problems) == 4
+    assert any("sample 888: subset 'holdout'" in p for p in problems)
+
+
+def test_missing_metadata_or_folder(tmp_path):
+    assert messages(verify_dataset(tmp_path / "nope")) == ["nope: no such dataset folder"]
+    assert messages(verify_dataset(tmp_path)) == ["metadata.json: missing"]
+
+
+def test_cli_exit_status_and_json(tiny_dataset):
+    (tiny_dataset / "annotations/train/cell/001.csv").write_text("1,2\n")
+    result = runner.invoke(app, ["verify", str(tiny_dataset), "--json"])
+    assert result.exit_code == 1
+    listed = json.loads(result.stdout)
+    assert listed == [{"path": str(tiny_dataset / "annotations/train/cell/001.csv"), "line": 1,
+                       "message": "expected 'x,y,class' with integers, got '1,2'"}]
