@@ -1,0 +1,1 @@
+"""Training: the loss, the Lightning module, and the fit loop."""
