@@ -1,0 +1,629 @@
+"""A procedural H&E-like world, rendered at two resolutions into an OCELOT-format folder.
+
+Each sample is one *world*: a description in continuous µm coordinates of a square of tissue
+(stroma with collagen fibres, blob-shaped cancer areas, sometimes lumens and an unknown region)
+and of every nucleus in it (tumour cells, lymphocytes, fibroblasts). The world is rendered
+analytically twice, never by resampling one image into the other:
+
+* the tissue patch: ``size`` px at ``tissue_mpp`` (about 0.8 µm/px), covering the world (which extends a
+  few µm beyond it so that nuclei at its edges are drawn whole);
+* the cell patch: ``size`` px at ``cell_mpp = tissue_mpp / 4`` (about 0.2 µm/px), covering the
+  block of the tissue patch centred at ``(patch_x_offset, patch_y_offset) * tissue side``.
+
+So ``tissue_px = offset * size + (cell_px - size / 2) / 4`` (the OCELOT convention, see
+:meth:`equiseg.data.ocelot.PairMeta.cell_block`), and the cell patch mean-pooled 4x looks like
+the tissue patch cropped to that block.
+
+Colour follows Beer-Lambert: ``RGB = I0 * exp(-(H * h + E * e + od0))`` with per-sample jittered
+stain vectors ``h`` (hematoxylin) and ``e`` (eosin) and densities ``H``, ``E`` built from smooth
+noise fields (cubic B-splines over random coefficients, so both views sample the same function)
+and from each nucleus, drawn only inside its own bounding box.
+
+Conventions: world coordinates are µm with the origin at the tissue patch's top-left corner, x to
+the right, y down; pixel ``j`` of a view covers ``[j, j + 1)`` px, so its centre is ``j + 0.5``.
+Cell points are ``(x, y, class)`` with ``(x, y) = (column, row)`` the integer pixel of the cell
+patch that holds the nucleus centre; class 1 = BC (lymphocytes, fibroblasts), 2 = TC (tumour).
+Tissue mask values: 1 background, 2 cancer area, 255 unknown.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from enum import IntEnum
+from pathlib import Path
+from types import MappingProxyType
+
+import numpy as np
+from scipy import ndimage
+from scipy.spatial import cKDTree
+from scipy.special import ndtri
+
+from equiseg.data.ocelot import (
+    SPLITS,
+    TISSUE_BACKGROUND,
+    TISSUE_CANCER,
+    TISSUE_UNKNOWN,
+    pair_record,
+    write_metadata,
+    write_pair,
+)
+
+CELL_MPP = 0.2  # µm per cell-patch pixel, before per-sample jitter
+SCALE = 4  # tissue_mpp / cell_mpp, exactly
+DEFAULT_COUNTS = MappingProxyType({"train": 8, "val": 4, "test": 4})
+
+_SPLINE_STD = 0.48  # std of a cubic B-spline surface over unit-variance coefficients
+_MARGIN = 12.0  # µm of world kept beyond the tissue patch, so nuclei at its edges are drawn whole
+
+
+@dataclass
+class SyntheticPair:
+    """One rendered sample, in the same form as :class:`equiseg.data.ocelot.Sample`'s arrays.
+
+    Attributes:
+        cell_image: (size, size, 3) uint8, the 4x-finer view of the cell block.
+        tissue_image: (size, size, 3) uint8, the whole world.
+        cells: (N, 3) int64 rows (x, y, class) in cell-patch px, (x, y) = (column, row),
+            class 1 = BC, 2 = TC; every point lies inside the cell patch.
+        tissue_mask: (size, size) uint8, 1 background, 2 cancer area, 255 unknown.
+        cell_mpp: µm per px of the cell patch (about 0.2).
+        tissue_mpp: µm per px of the tissue patch; ``cell_mpp / tissue_mpp == 0.25`` exactly.
+        patch_x_offset: centre of the cell patch as a fraction of the tissue patch's width,
+            a multiple of 1/16 in [1/8, 7/8], so the cell block lies inside the tissue patch.
+        patch_y_offset: the same along the height.
+    """
+
+    cell_image: np.ndarray
+    tissue_image: np.ndarray
+    cells: np.ndarray
+    tissue_mask: np.ndarray
+    cell_mpp: float
+    tissue_mpp: float
+    patch_x_offset: float
+    patch_y_offset: float
+
+
+class NucleusKind(IntEnum):
+    """The kinds of nuclei in the world; :attr:`cell_class` is their OCELOT label."""
+
+    TUMOUR = 0
+    LYMPHOCYTE = 1
+    FIBROBLAST = 2
+
+    @property
+    def cell_class(self) -> int:
+        return 2 if self is NucleusKind.TUMOUR else 1
+
+
+def check_size(size: int) -> None:
+    """Refuse patch sides that are not a positive multiple of 32 px (the cell block is size / 4 px)."""
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size <= 0 or size % 32:
+        raise ValueError(f"size must be a positive multiple of 32 px, got {size!r}")
+
+
+# --- smooth fields -------------------------------------------------------------------------------------------------
+
+
+def _bspline_matrix(u: np.ndarray, n: int) -> np.ndarray:
+    """Weights (len(u), n) with ``value(u) = sum_i coef[i] * beta3(u - i)``, beta3 the cubic B-spline.
+
+    ``u`` is in grid units and must lie in [1, n - 3) so that all four taps exist.
+    """
+    i0 = np.floor(u).astype(np.int64)
+    t = (u - i0).astype(np.float32)
+    t2, t3 = t * t, t * t * t
+    taps = ((1 - t) ** 3 / 6, (3 * t3 - 6 * t2 + 4) / 6, (-3 * t3 + 3 * t2 + 3 * t + 1) / 6, t3 / 6)
+    matrix = np.zeros((len(u), n), np.float32)
+    rows = np.arange(len(u))
+    for k, weight in enumerate(taps):
+        matrix[rows, i0 - 1 + k] = weight
+    return matrix
+
+
+@dataclass(frozen=True)
+class _View:
+    """A square pixel grid over the world: pixel (row i, column j) covers µm
+    ``[x0 + j * mpp, x0 + (j + 1) * mpp) x [y0 + i * mpp, y0 + (i + 1) * mpp)``.
+
+    Smooth fields are averaged over ``supersample``² points per pixel, so a coarse view is the
+    area average of a fine one rather than a point sample of it.
+    """
+
+    x0: float
+    y0: float
+    mpp: float
+    size: int
+    supersample: int
+
+    def centres(self, start: float) -> np.ndarray:
+        """µm of the pixel centres along one axis starting at ``start``: (size,) float32."""
+        return (start + (np.arange(self.size) + 0.5) * self.mpp).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class _Noise:
+    """A smooth random field: a cubic B-spline with unit-variance-ish values, correlation ~``spacing`` µm.
+
+    Coefficient ``coef[i, j]`` sits at µm ``(x0 + j * spacing, y0 + i * spacing)``, ``(x0, y0) = origin``.
+    """
+
+    coef: np.ndarray
+    origin: tuple[float, float]
+    spacing: float
+
+    @classmethod
+    def random(cls, rng: np.random.Generator, start: float, stop: float, spacing: float,
+               start_y: float | None = None) -> _Noise:
+        """A field defined over µm [start, stop] in x and [start_y, start_y + stop - start] in y (default: square)."""
+        start_y = start if start_y is None else start_y
+        n = math.ceil((stop - start) / spacing) + 5
+        coef = (rng.standard_normal((n, n)) / _SPLINE_STD).astype(np.float32)
+        return cls(coef, (start - 2 * spacing, start_y - 2 * spacing), spacing)
+
+    def at(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """Values at µm points (x, y): same shape as x, float32."""
+        coords = np.stack([(np.asarray(y, np.float64) - self.origin[1]) / self.spacing,
+                           (np.asarray(x, np.float64) - self.origin[0]) / self.spacing])
+        return ndimage.map_coordinates(self.coef, coords.reshape(2, -1), order=3, prefilter=False,
+                                       mode="nearest").reshape(np.shape(x)).astype(np.float32)
+
+    def _axis(self, view: _View, start: float, origin: float) -> tuple[np.ndarray, slice]:
+        """Weights (size, m) over the m coefficients that the view's axis touches, and which they are."""
+        ss = view.supersample
+        u = (start + (np.arange(view.size * ss) + 0.5) / ss * view.mpp - origin) / self.spacing
+        first, last = int(np.floor(u[0])) - 1, int(np.floor(u[-1])) + 2
+        weights = _bspline_matrix(u - first, last - first + 1)
+        return weights.reshape(view.size, ss, -1).mean(axis=1), slice(first, last + 1)
+
+    def on(self, view: _View) -> np.ndarray:
+        """The field averaged over each pixel of ``view``: (size, size) float32, rows = y."""
+        wy, rows = self._axis(view, view.y0, self.origin[1])
+        wx, cols = self._axis(view, view.x0, self.origin[0])
+        return wy @ self.coef[rows, cols] @ wx.T
+
+
+def _level(rng: np.random.Generator, low: float, high: float) -> float:
+    """Threshold on a unit field that leaves a fraction uniform in [low, high] above it."""
+    return float(ndtri(1.0 - rng.uniform(low, high)))
+
+
+# --- nuclei --------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Nuclei:
+    """Nuclei of one kind as arrays (N,): centres and semi-axes in µm, angle in rad (x towards y).
+
+    The outline in the nucleus frame is ``rho = 1 + sum_k harm * (cos, sin)(k theta)``, k = 2, 3,
+    with ``rho`` the elliptic radius over semi-axes (a, b). Densities are hematoxylin optical
+    densities: ``dens`` uniform, ``tex`` multiplied by the chromatin texture, ``rim`` a dark
+    membrane band; up to two nucleoli at µm offsets ``nucleoli[:, k, :2]`` with radius
+    ``nucleoli[:, k, 2]`` and strength ``nucleoli[:, k, 3]`` (0: none).
+    """
+
+    kind: NucleusKind
+    x: np.ndarray
+    y: np.ndarray
+    a: np.ndarray
+    b: np.ndarray
+    angle: np.ndarray
+    harm: np.ndarray  # (N, 4): cos 2θ, sin 2θ, cos 3θ, sin 3θ
+    dens: np.ndarray
+    tex: np.ndarray
+    rim: np.ndarray
+    nucleoli: np.ndarray  # (N, 2, 4)
+
+    def take(self, keep: np.ndarray) -> _Nuclei:
+        return _Nuclei(self.kind, *(getattr(self, f)[keep] for f in
+                                    ("x", "y", "a", "b", "angle", "harm", "dens", "tex", "rim", "nucleoli")))
+
+    def reach(self) -> np.ndarray:
+        """µm from the centre beyond which the nucleus has no density."""
+        return self.a * (1 + np.abs(self.harm).sum(axis=1))
+
+
+def _make_nuclei(rng: np.random.Generator, kind: NucleusKind, x: np.ndarray, y: np.ndarray,
+                 style: dict[str, float], angle: np.ndarray | None = None) -> _Nuclei:
+    """Draw the shape and stain of each nucleus of ``kind`` at µm centres (x, y)."""
+    n = len(x)
+    nucleoli = np.zeros((n, 2, 4), np.float32)
+    harm = np.zeros((n, 4), np.float32)
+    if angle is None:
+        angle = rng.uniform(0, np.pi, n)
+    if kind is NucleusKind.TUMOUR:
+        radius = np.clip(style["tumour_radius"] * rng.lognormal(0, 0.12, n), 4.0, 8.0)
+        aspect = rng.uniform(0.65, 1.0, n)
+        a, b = radius / np.sqrt(aspect), radius * np.sqrt(aspect)
+        harm = rng.normal(0, 1, (n, 4)) * style["irregularity"] * np.array([1, 1, 0.6, 0.6])
+        harm = np.clip(harm, -0.15, 0.15)
+        dens = style["tumour_h"] * rng.lognormal(0, 0.2, n)  # hyperchromatic to vesicular
+        tex, rim = dens * rng.uniform(0.6, 1.0, n), rng.uniform(0.3, 0.8, n)
+        count = rng.choice(3, n, p=[0.25, 0.5, 0.25])
+        radial, turn = radius[:, None] * 0.45 * np.sqrt(rng.uniform(0, 1, (n, 2))), rng.uniform(0, 2 * np.pi, (n, 2))
+        nucleoli[..., 0], nucleoli[..., 1] = radial * np.cos(turn), radial * np.sin(turn)
+        nucleoli[..., 2] = rng.uniform(0.6, 1.1, (n, 2))
+        nucleoli[..., 3] = rng.uniform(1.0, 2.0, (n, 2)) * (np.arange(2) < count[:, None])
+    elif kind is NucleusKind.LYMPHOCYTE:
+        radius = rng.uniform(2.8, 3.8, n)
+        aspect = rng.uniform(0.85, 1.0, n)
+        a, b = radius / np.sqrt(aspect), radius * np.sqrt(aspect)
+        dens = style["lymph_h"] * rng.uniform(0.9, 1.1, n)
+        tex, rim = dens * 0.1, np.zeros(n)
+    else:
+        a, b = rng.uniform(4.0, 6.5, n), rng.uniform(1.0, 1.6, n)
+        harm[:, 0] = rng.normal(0, 0.03, n)
+        dens = style["fibro_h"] * rng.uniform(0.85, 1.15, n)
+        tex, rim = dens * 0.25, np.zeros(n)
+    arrays = (np.asarray(v, np.float32) for v in (x, y, a, b, angle, harm, dens, tex, rim))
+    return _Nuclei(kind, *arrays, nucleoli)
+
+
+def _draw_nuclei(nuc: _Nuclei, view: _View, blur: float, uniform: np.ndarray, textured: np.ndarray,
+                 cover: np.ndarray) -> None:
+    """Add the nuclei's densities into the flat (size * size,) float64 accumulators of ``view``.
+
+    Each nucleus is evaluated only on a K x K stamp around its centre (nuclei of similar size
+    share K), and only where the stamp can be inside its outline. Edges are linear ramps
+    ``sqrt(mpp² + (2.5 blur)²)`` µm wide, the width of a Gaussian blur of ``blur`` µm plus a pixel,
+    so both views stay area averages of the same world.
+    """
+    size, mpp = view.size, view.mpp
+    cx, cy = (nuc.x - view.x0) / mpp, (nuc.y - view.y0) / mpp  # continuous px
+    edge = math.hypot(mpp, 2.5 * blur)
+    reach = (nuc.reach() + edge) / mpp
+    near = (cx + reach > 0) & (cx - reach < size) & (cy + reach > 0) & (cy - reach < size)
+    order = np.flatnonzero(near)[np.argsort(reach[near], kind="stable")]
+    for chunk in np.array_split(order, math.ceil(len(order) / 48)) if len(order) else ():
+        _draw_stamps(nuc.take(chunk), cx[chunk], cy[chunk], math.ceil(2 * float(reach[chunk].max())) + 2,
+                     view, blur, edge, (uniform, textured, cover))
+
+
+def _draw_stamps(nuc: _Nuclei, cx: np.ndarray, cy: np.ndarray, k: int, view: _View, blur: float, edge: float,
+                 accumulators: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
+    """:func:`_draw_nuclei` for nuclei with centres (cx, cy) in continuous px, all within K/2 px of their centre."""
+    size, mpp = view.size, view.mpp
+    steps = np.arange(k)
+    col0, row0 = np.floor(cx - k / 2).astype(np.int64), np.floor(cy - k / 2).astype(np.int64)
+    cols, rows = col0[:, None] + steps, row0[:, None] + steps  # (N, K)
+    dx = ((cols + 0.5 - cx[:, None]) * mpp).astype(np.float32)  # (N, K) µm along x
+    dy = ((rows + 0.5 - cy[:, None]) * mpp).astype(np.float32)  # (N, K) µm along y
+    cos, sin = np.cos(nuc.angle)[:, None, None], np.sin(nuc.angle)[:, None, None]
+    u = (dx[:, None, :] * cos + dy[:, :, None] * sin) / nuc.a[:, None, None]  # (N, K, K) nucleus frame / semi-axes
+    v = (dy[:, :, None] * cos - dx[:, None, :] * sin) / nuc.b[:, None, None]
+    rho2 = u * u + v * v
+    # the outline is at rho <= 1 + sum|harm|; the ramp reaches edge / 2 µm beyond it, at most edge / (2b) in rho
+    limit = 1 + np.abs(nuc.harm).sum(axis=1) + edge / (2 * nuc.b)
+    n, r, c = np.nonzero(rho2 < (limit ** 2)[:, None, None])  # only these stamp pixels can get density
+    u, v, x, y = u[n, r, c], v[n, r, c], dx[n, c], dy[n, r]
+    rho = np.sqrt(u * u + v * v) + np.float32(1e-6)
+    boundary = np.float32(1.0)
+    if np.any(nuc.harm):
+        c1, s1 = u / rho, v / rho
+        c2, s2 = c1 * c1 - s1 * s1, 2 * c1 * s1
+        c3, s3 = c2 * c1 - s2 * s1, s2 * c1 + c2 * s1
+        h = nuc.harm[n]
+        boundary = 1 + h[:, 0] * c2 + h[:, 1] * s2 + h[:, 2] * c3 + h[:, 3] * s3
+    inside_um = (boundary - rho) * np.sqrt(x * x + y * y) / rho  # radial distance to the outline, + inside
+    inside = np.clip(np.float32(0.5) + inside_um / np.float32(edge), 0, 1)
+    dens = nuc.dens[n] * inside
+    if np.any(nuc.rim):
+        rim_width = math.sqrt(0.7 ** 2 + (2 * blur) ** 2 + mpp ** 2)
+        band = np.clip(1 - inside_um / np.float32(rim_width), 0, 1) * inside
+        dens += (nuc.rim * np.float32(0.7 / rim_width))[n] * band
+    for i in range(nuc.nucleoli.shape[1]):
+        spot = nuc.nucleoli[:, i]
+        if not np.any(spot[:, 3]):
+            continue
+        radius = np.sqrt(spot[:, 2] ** 2 + (2 * blur) ** 2 + mpp ** 2)
+        strength = spot[:, 3] * (spot[:, 2] / radius) ** 2  # keeps the integral under blur
+        q = ((x - spot[n, 0]) ** 2 + (y - spot[n, 1]) ** 2) / (radius ** 2)[n]
+        dens += strength[n] * np.clip(1 - q, 0, 1) ** 2 * inside
+    pr, pc = row0[n] + r, col0[n] + c
+    valid = (pr >= 0) & (pr < size) & (pc >= 0) & (pc < size)
+    index = np.where(valid, pr * size + pc, size * size)
+    for accumulator, weights in zip(accumulators, (dens, nuc.tex[n] * inside, inside)):
+        accumulator += np.bincount(index, weights, minlength=size * size + 1)[:-1]
+
+
+# --- the world -----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _World:
+    """Everything random about one sample; rendering it is deterministic."""
+
+    size: int
+    cell_mpp: float
+    offset: tuple[float, float]
+    cancer: tuple[_Noise, _Noise]
+    cancer_level: float
+    stroma: _Noise
+    warp: _Noise
+    segments: _Noise
+    chromatin: _Noise
+    holes: _Noise | None
+    hole_level: float
+    unknown: _Noise | None
+    unknown_level: float
+    unknown_fade: float
+    nuclei: tuple[_Nuclei, ...]
+    fibre_angle: tuple[float, float]  # rad, direction of the phase gradient of each stripe family
+    fibre_period: tuple[float, float]  # µm
+    warp_amp: float
+    stain_h: np.ndarray  # (3,) OD per unit hematoxylin
+    stain_e: np.ndarray
+    od0: np.ndarray
+    illumination: np.ndarray
+    style: dict[str, float]
+    blur: float  # µm, Gaussian sigma of the optics
+    noise: float  # grey levels, pixel noise sigma
+
+    @property
+    def tissue_mpp(self) -> float:
+        return self.cell_mpp * SCALE
+
+    @property
+    def cell_view(self) -> _View:
+        side = self.size * self.tissue_mpp
+        return _View(self.offset[0] * side - self.size * self.cell_mpp / 2,
+                     self.offset[1] * side - self.size * self.cell_mpp / 2, self.cell_mpp, self.size, 1)
+
+    @property
+    def tissue_view(self) -> _View:
+        return _View(0.0, 0.0, self.tissue_mpp, self.size, SCALE)
+
+    def cancer_at(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        return self.cancer[0].at(x, y) + 0.35 * self.cancer[1].at(x, y)
+
+    def fibre_direction(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """Angle (rad) of the collagen fibres at µm points: perpendicular to the phase gradient of the stripe
+        family that dominates there (the first where the stroma field is positive)."""
+        h = 0.25
+        wx = (self.warp.at(x + h, y) - self.warp.at(x - h, y)) / (2 * h)
+        wy = (self.warp.at(x, y + h) - self.warp.at(x, y - h)) / (2 * h)
+        angle = np.where(self.stroma.at(x, y) > 0, *self.fibre_angle)
+        gx, gy = np.cos(angle) + self.warp_amp * wx, np.sin(angle) + self.warp_amp * wy
+        return np.arctan2(gy, gx) + np.pi / 2
+
+
+def _child(seq: np.random.SeedSequence, i: int) -> np.random.Generator:
+    """Generator for the i-th independent stream of ``seq``, without mutating ``seq``."""
+    return np.random.default_rng(np.random.SeedSequence(seq.entropy, spawn_key=(*seq.spawn_key, i),
+                                                        pool_size=seq.pool_size))
+
+
+def _make_world(seq: np.random.SeedSequence, size: int) -> _World:
+    rng = _child(seq, 0)
+    cell_mpp = round(CELL_MPP * rng.uniform(0.97, 1.03), 6)
+    side = size * cell_mpp * SCALE  # µm of the tissue patch
+    offset = tuple(float(v) for v in rng.integers(2, 15, 2) / 16)  # centre on a 1/16 grid in [1/8, 7/8]
+    lo, hi = -_MARGIN, side + _MARGIN
+    cancer_spacing = rng.uniform(60, 110)
+    cancer = (_Noise.random(rng, lo, hi, cancer_spacing), _Noise.random(rng, lo, hi, cancer_spacing / 2.5))
+    # a few samples have (almost) no cancer; the field is a sum with std ~ sqrt(1 + 0.35²)
+    cancer_level = 1.06 * (_level(rng, 0.0, 0.04) if rng.uniform() < 0.15 else _level(rng, 0.2, 0.7))
+    cell_view_x0 = offset[0] * side - size * cell_mpp / 2
+    cell_view_y0 = offset[1] * side - size * cell_mpp / 2
+    holes = _Noise.random(rng, lo, hi, rng.uniform(15, 30)) if rng.uniform() < 0.4 else None
+    unknown = _Noise.random(rng, lo, hi, rng.uniform(100, 180)) if rng.uniform() < 0.25 else None
+    style = {
+        "tumour_radius": rng.uniform(5.0, 6.5),
+        "irregularity": rng.uniform(0.04, 0.1),
+        "tumour_h": rng.uniform(0.6, 0.9),
+        "lymph_h": rng.uniform(1.8, 2.3),
+        "fibro_h": rng.uniform(1.2, 1.6),
+        "stroma_e": rng.uniform(0.2, 0.35),
+        "fibre_e": rng.uniform(0.3, 0.6),
+        "cancer_e": rng.uniform(0.3, 0.5),
+        "cancer_h": rng.uniform(0.06, 0.18),
+        "stroma_h": rng.uniform(0.02, 0.08),
+        "texture": rng.uniform(0.6, 1.0),
+    }
+    fibre_angle = rng.uniform(0, np.pi)
+    h_scale, e_scale = rng.uniform(0.75, 1.25), rng.uniform(0.7, 1.3)
+    stain_h = np.array([0.60, 0.75, 0.30]) + rng.normal(0, 0.04, 3)
+    stain_e = np.array([0.15, 0.88, 0.45]) + rng.normal(0, 0.04, 3)
+    world = {
+        "size": size, "cell_mpp": cell_mpp, "offset": offset, "cancer": cancer, "cancer_level": cancer_level,
+        "stroma": _Noise.random(rng, lo, hi, 30.0),
+        "warp": _Noise.random(rng, lo, hi, rng.uniform(40, 80)),
+        "segments": _Noise.random(rng, lo, hi, rng.uniform(10, 20)),
+        "chromatin": _Noise.random(rng, cell_view_x0 - 4, cell_view_x0 + size * cell_mpp + 4, 0.8, cell_view_y0 - 4),
+        "holes": holes, "hole_level": _level(rng, 0.01, 0.05),
+        "unknown": unknown, "unknown_level": _level(rng, 0.05, 0.3), "unknown_fade": float(rng.choice([0.03, 0.3])),
+        "fibre_angle": (fibre_angle, fibre_angle + rng.choice([-1, 1]) * rng.uniform(0.3, 1.2)),
+        "fibre_period": (rng.uniform(3.5, 6.0), rng.uniform(3.0, 5.0)), "warp_amp": rng.uniform(6, 15),
+        "stain_h": (h_scale * stain_h / np.linalg.norm(stain_h)).astype(np.float32),
+        "stain_e": (e_scale * stain_e / np.linalg.norm(stain_e)).astype(np.float32),
+        "od0": rng.uniform(0.01, 0.05, 3).astype(np.float32),
+        "illumination": (255 - rng.uniform(0, 12, 3)).astype(np.float32),
+        "style": style, "blur": rng.uniform(0.05, 0.5), "noise": rng.uniform(1.0, 4.0),
+    }
+    # nuclei are placed by context, so they are drawn against the world's fields
+    return _World(nuclei=_place_nuclei(rng, _World(nuclei=(), **world), lo, hi), **world)
+
+
+def _place_nuclei(rng: np.random.Generator, world: _World, lo: float, hi: float) -> tuple[_Nuclei, ...]:
+    """Tumour cells on a jittered hexagonal lattice in cancer areas, lymphocytes and fibroblasts in stroma."""
+    area = (hi - lo) ** 2 / 1e6  # mm²
+    # tumour: a rotated hex lattice, thinned by context (a few isolated tumour cells in stroma)
+    spacing, turn = rng.uniform(16, 22), rng.uniform(0, np.pi / 3)
+    reach = int((hi - lo) / spacing) + 2
+    i, j = np.meshgrid(np.arange(-reach, reach + 1), np.arange(-reach, reach + 1), indexing="ij")
+    px, py = (j + 0.5 * (i % 2)) * spacing, i * spacing * math.sqrt(3) / 2
+    mid = (lo + hi) / 2
+    x = mid + px * math.cos(turn) - py * math.sin(turn)
+    y = mid + px * math.sin(turn) + py * math.cos(turn)
+    inside = (x > lo) & (x < hi) & (y > lo) & (y < hi)
+    x, y = x[inside] + rng.normal(0, 0.12 * spacing, inside.sum()), y[inside] + rng.normal(0, 0.12 * spacing,
+                                                                                             inside.sum())
+    in_cancer = world.cancer_at(x, y) > world.cancer_level
+    keep = rng.uniform(0, 1, len(x)) < np.where(in_cancer, rng.uniform(0.55, 0.9), 0.012)
+    tumour = np.stack([x[keep], y[keep]], axis=1)
+
+    def poisson(density: float) -> np.ndarray:
+        n = rng.poisson(density * area)
+        return rng.uniform(lo, hi, (n, 2))
+
+    def clear_of(points: np.ndarray, others: np.ndarray, distance: float) -> np.ndarray:
+        """Points farther than ``distance`` µm from all of ``others`` and from each earlier point."""
+        keep = np.ones(len(points), bool)
+        if len(others) and len(points):
+            keep &= cKDTree(others).query(points, k=1)[0] > distance
+        if len(points) > 1:
+            keep[cKDTree(points).query_pairs(distance, output_type="ndarray")[:, 1]] = False  # pairs (i, j), i < j
+        return points[keep]
+
+    # lymphocytes: inhomogeneous Poisson (aggregates), rare inside cancer areas
+    gain, density = rng.uniform(0.5, 1.5), math.exp(rng.uniform(math.log(300), math.log(3000)))
+    cap = math.exp(2.5 * gain - gain ** 2 / 2)
+    aggregates = _Noise.random(rng, lo, hi, 50.0)
+    lymph = poisson(density * cap)
+    intensity = np.minimum(np.exp(gain * aggregates.at(lymph[:, 0], lymph[:, 1]) - gain ** 2 / 2), cap)
+    intensity *= np.where(world.cancer_at(lymph[:, 0], lymph[:, 1]) > world.cancer_level, 0.12, 1.0)
+    lymph = clear_of(lymph[rng.uniform(0, cap, len(lymph)) < intensity], tumour, 8.5)
+    # fibroblasts: in stroma, along the local collagen fibres
+    fibro = poisson(rng.uniform(300, 900))
+    fibro = fibro[world.cancer_at(fibro[:, 0], fibro[:, 1]) < world.cancer_level - 0.1]
+    fibro = clear_of(fibro, np.concatenate([tumour, lymph]), 7.5)
+
+    groups = []
+    for kind, points in ((NucleusKind.TUMOUR, tumour), (NucleusKind.LYMPHOCYTE, lymph),
+                         (NucleusKind.FIBROBLAST, fibro)):
+        x, y = points[:, 0], points[:, 1]
+        alive = np.ones(len(x), bool)  # no nuclei in lumens, glass or the unknown region
+        if world.holes is not None:
+            alive &= world.holes.at(x, y) < world.hole_level - 0.3
+        if world.unknown is not None:
+            alive &= world.unknown.at(x, y) < world.unknown_level - 0.1
+        x, y = x[alive], y[alive]
+        angle = None
+        if kind is NucleusKind.FIBROBLAST:
+            angle = world.fibre_direction(x, y) + rng.normal(0, 0.25, len(x))
+        groups.append(_make_nuclei(rng, kind, x, y, world.style, angle))
+    return tuple(groups)
+
+
+def _render(world: _World, view: _View, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """RGB (size, size, 3) uint8 of ``view`` and the cancer field minus its level (size, size) float32."""
+    style, size, blur = world.style, view.size, world.blur
+    cancer = world.cancer[0].on(view) + 0.35 * world.cancer[1].on(view) - world.cancer_level
+    in_cancer = np.clip(cancer / 0.08 + 0.5, 0, 1)
+    stroma = world.stroma.on(view)
+    segments = world.segments.on(view)
+    # collagen: two families of warped stripes ((1 + cos) / 2)³, whose mean is 5/16, each dominating its own
+    # patches (crossing families look like fabric), cut into segments; the Gaussian blur of the optics and of the
+    # pixel (variance mpp²/12) damps a period p by exp(-2 pi² s² / p²)
+    xs, ys = view.centres(view.x0), view.centres(view.y0)
+    warp = world.warp_amp * world.warp.on(view)
+    fibres = np.zeros((size, size), np.float32)
+    first = np.clip(0.5 + 1.5 * stroma, 0, 1)
+    for angle, period, weight in zip(world.fibre_angle, world.fibre_period, (first, 1 - first)):
+        phase = (xs[None, :] * math.cos(angle) + ys[:, None] * math.sin(angle) + warp) * np.float32(2 * np.pi / period)
+        stripes = np.float32(0.5) + np.float32(0.5) * np.cos(phase)
+        damp = math.exp(-2 * np.pi ** 2 * (blur ** 2 + view.mpp ** 2 / 12) / period ** 2)
+        fibres += weight * (np.float32(5 / 16) + np.float32(damp) * (stripes ** 3 - np.float32(5 / 16)))
+    fibres *= np.clip(0.4 + 0.8 * segments, 0, 1)
+    stroma_e = style["stroma_e"] * (1 + 0.2 * stroma) + style["fibre_e"] * (1 + 0.3 * stroma) * fibres
+    eosin = stroma_e + in_cancer * (style["cancer_e"] * (1 + 0.1 * stroma + 0.1 * segments) - stroma_e)
+    hema = style["stroma_h"] + in_cancer * np.float32(style["cancer_h"] - style["stroma_h"])
+
+    uniform, textured, cover = (np.zeros(size * size) for _ in range(3))
+    for group in world.nuclei:
+        _draw_nuclei(group, view, blur, uniform, textured, cover)
+    shape = (size, size)
+    uniform, textured, cover = (a.reshape(shape).astype(np.float32) for a in (uniform, textured, cover))
+    if view.supersample == 1:  # chromatin granules are resolved only in the fine view; elsewhere their mean (1)
+        grain = style["texture"] * math.exp(-((blur / 0.4) ** 2))
+        textured *= np.exp(np.float32(grain) * world.chromatin.on(view) - np.float32(grain ** 2 / 2))
+    hema = hema + uniform + textured
+    eosin = eosin * (1 - 0.65 * np.minimum(cover, 1)) + 0.08 * cover
+
+    tissue = np.ones(shape, np.float32)  # fraction of stain left: lumens and the unknown region are pale
+    if world.holes is not None:
+        tissue *= 1 - 0.92 * np.clip((world.holes.on(view) - world.hole_level) / 0.15 + 0.5, 0, 1)
+    if world.unknown is not None:
+        unknown = np.clip((world.unknown.on(view) - world.unknown_level) / 0.05 + 0.5, 0, 1)
+        tissue *= 1 - (1 - world.unknown_fade) * unknown
+    hema, eosin = hema * tissue, eosin * tissue
+    rgb = np.empty((size, size, 3), np.uint8)
+    half_width = np.float32(world.noise * math.sqrt(3))  # uniform pixel noise with std ``noise``
+    for channel in range(3):
+        od = hema * world.stain_h[channel] + eosin * world.stain_e[channel] + world.od0[channel]
+        grey = world.illumination[channel] * np.exp(-od)
+        grey += (rng.random((size, size), dtype=np.float32) * 2 - 1) * half_width
+        rgb[..., channel] = np.clip(np.rint(grey), 0, 255)
+    return rgb, cancer
+
+
+def _cell_points(world: _World) -> np.ndarray:
+    """Nucleus centres inside the cell patch as (N, 3) int64 rows (x, y, class), sorted by (y, x)."""
+    view = world.cell_view
+    rows = []
+    for group in world.nuclei:
+        col, row = np.floor((group.x - view.x0) / view.mpp), np.floor((group.y - view.y0) / view.mpp)
+        inside = (col >= 0) & (col < view.size) & (row >= 0) & (row < view.size)
+        rows.append(np.stack([col[inside], row[inside], np.full(inside.sum(), group.kind.cell_class)], axis=1))
+    cells = np.concatenate(rows).astype(np.int64).reshape(-1, 3)
+    return cells[np.lexsort((cells[:, 0], cells[:, 1]))]
+
+
+def render_pair(seed: int | np.random.SeedSequence, size: int = 1024) -> SyntheticPair:
+    """Draw one world from ``seed`` and render its cell and tissue patches, ``size`` x ``size`` px each.
+
+    The same seed gives identical arrays. The tissue patch covers ``size * tissue_mpp`` µm; the
+    cell patch is the block ``PairMeta.cell_block`` of it at 4x the resolution, rendered from the
+    world (nuclear detail included), not upsampled. ``size`` must be a positive multiple of 32.
+    """
+    check_size(size)
+    seq = seed if isinstance(seed, np.random.SeedSequence) else np.random.SeedSequence(seed)
+    world = _make_world(seq, size)
+    cell_image, _ = _render(world, world.cell_view, _child(seq, 1))
+    tissue_image, cancer = _render(world, world.tissue_view, _child(seq, 2))
+    mask = np.where(cancer > 0, TISSUE_CANCER, TISSUE_BACKGROUND).astype(np.uint8)
+    if world.unknown is not None:
+        mask[world.unknown.on(world.tissue_view) > world.unknown_level] = TISSUE_UNKNOWN
+    return SyntheticPair(cell_image, tissue_image, _cell_points(world), mask, world.cell_mpp, world.tissue_mpp,
+                         world.offset[0], world.offset[1])
+
+
+def generate_dataset(out_dir: Path | str, counts: Mapping[str, int] = DEFAULT_COUNTS, size: int = 1024,
+                     seed: int = 0, on_sample: Callable[[int, int], None] | None = None) -> Path:
+    """Write a synthetic dataset in the OCELOT Zenodo layout; returns ``out_dir``.
+
+    Sample ids are "001", "002", ... consecutive across the splits in the order train, val, test
+    (as in the real data). Sample ``k`` (0-based over all splits) is ``render_pair(SeedSequence([seed, k]))``,
+    so asking for more samples leaves the earlier ones byte-identical. ``on_sample(done, total)``
+    is called after each pair is written.
+
+    Raises:
+        ValueError: ``size`` not a positive multiple of 32, an unknown split or a negative count.
+        FileExistsError: ``out_dir`` exists and is not an empty folder.
+    """
+    check_size(size)
+    unknown = set(counts) - set(SPLITS)
+    if unknown:
+        raise ValueError(f"unknown splits {sorted(unknown)}; expected some of {SPLITS}")
+    if any(int(n) < 0 for n in counts.values()):
+        raise ValueError(f"sample counts must be >= 0, got {dict(counts)}")
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out} exists and is not an empty folder; refusing to mix datasets")
+    splits = [split for split in SPLITS for _ in range(int(counts.get(split, 0)))]
+    width = max(3, len(str(len(splits))))
+    records = {}
+    for k, split in enumerate(splits):
+        pair = render_pair(np.random.SeedSequence([seed, k]), size)
+        sample_id = f"{k + 1:0{width}d}"
+        write_pair(out, split, sample_id, pair.cell_image, pair.tissue_image, pair.cells, pair.tissue_mask)
+        # level 0 of each synthetic slide is at cell resolution, so the slide boxes are whole pixels
+        records[sample_id] = pair_record(split, pair.cell_mpp, pair.tissue_mpp, pair.patch_x_offset,
+                                         pair.patch_y_offset, cell_size=size, tissue_size=size,
+                                         slide_mpp=pair.cell_mpp, slide_name=f"synthetic-{seed}-{k}",
+                                         organ="synthetic")
+        if on_sample is not None:
+            on_sample(k + 1, len(splits))
+    write_metadata(out, records, description=f"Synthetic H&E-like pairs from equiseg (seed {seed}, {size} px).")
+    return out

@@ -1,0 +1,198 @@
+"""The synthetic world: determinism, the OCELOT layout, agreement of the two views, context and appearance."""
+
+import json
+
+import numpy as np
+import pytest
+
+from equiseg.data.ocelot import TISSUE_CANCER, TISSUE_UNKNOWN, TISSUE_VALUES, OcelotFolder, PairMeta
+from equiseg.data.synthetic import generate_dataset, render_pair
+
+SIZE = 256  # px; the cell patch then covers ~51 µm, a handful of cells
+SEED = 7
+
+
+def all_files(root):
+    """Relative path -> bytes of every file under root."""
+    return {path.relative_to(root): path.read_bytes() for path in sorted(root.rglob("*")) if path.is_file()}
+
+
+def grey(image):
+    return image.astype(np.float64).mean(axis=-1)
+
+
+def block(pair, size=SIZE):
+    """The cell block in tissue px, as integers (exact for sizes that are multiples of 32)."""
+    meta = PairMeta("000", "train", pair.cell_mpp, pair.tissue_mpp, pair.patch_x_offset, pair.patch_y_offset)
+    corners = meta.cell_block((size, size), (size, size))
+    assert all(float(c).is_integer() for c in corners)
+    return tuple(int(c) for c in corners)
+
+
+def tissue_px(pair, cells):
+    """Cell points (N, 3) -> the tissue pixels (column, row) that hold them, via the cell block."""
+    x0, y0, _, _ = block(pair)
+    scale = pair.cell_mpp / pair.tissue_mpp
+    return (np.floor(x0 + (cells[:, 0] + 0.5) * scale).astype(int),
+            np.floor(y0 + (cells[:, 1] + 0.5) * scale).astype(int))
+
+
+@pytest.fixture(scope="module")
+def pairs():
+    return [render_pair(np.random.SeedSequence([SEED, k]), SIZE) for k in range(16)]
+
+
+def test_same_seed_gives_identical_files_and_another_seed_differs(tmp_path):
+    counts = {"train": 2, "val": 1, "test": 1}
+    first = all_files(generate_dataset(tmp_path / "a", counts, size=128, seed=3))
+    second = all_files(generate_dataset(tmp_path / "b", counts, size=128, seed=3))
+    assert len(first) == 4 * 4 + 1
+    assert first == second
+    other = all_files(generate_dataset(tmp_path / "c", counts, size=128, seed=4))
+    images = [path for path in first if path.suffix == ".jpg"]
+    assert all(first[path] != other[path] for path in images)
+
+
+def test_render_pair_is_deterministic_and_leaves_the_seed_sequence_alone():
+    seq = np.random.SeedSequence([SEED, 0])
+    one, two = render_pair(seq, 128), render_pair(seq, 128)
+    for name in ("cell_image", "tissue_image", "cells", "tissue_mask"):
+        np.testing.assert_array_equal(getattr(one, name), getattr(two, name))
+    assert render_pair(np.random.SeedSequence([SEED, 1]), 128).cell_image.tobytes() != one.cell_image.tobytes()
+
+
+def test_more_samples_leave_the_earlier_ones_unchanged(tmp_path):
+    few = generate_dataset(tmp_path / "few", {"train": 2}, size=128, seed=5)
+    more = generate_dataset(tmp_path / "more", {"train": 3, "val": 1}, size=128, seed=5)
+    few_files, more_files = all_files(few), all_files(more)
+    samples = [path for path in few_files if path.name != "metadata.json"]
+    assert len(samples) == 2 * 4
+    assert all(few_files[path] == more_files[path] for path in samples)
+    few_meta = json.loads((few / "metadata.json").read_text())["sample_pairs"]
+    more_meta = json.loads((more / "metadata.json").read_text())["sample_pairs"]
+    assert sorted(few_meta) == ["001", "002"] and sorted(more_meta) == ["001", "002", "003", "004"]
+    assert all(few_meta[sid] == more_meta[sid] for sid in few_meta)
+
+
+def test_dataset_reads_back_through_ocelot_folder(tmp_path):
+    counts, seed, calls = {"train": 3, "val": 2, "test": 1}, 11, []
+    root = generate_dataset(tmp_path / "synth", counts, size=SIZE, seed=seed,
+                            on_sample=lambda done, total: calls.append((done, total)))
+    assert calls == [(k, 6) for k in range(1, 7)]
+    expected_ids = {"train": ["001", "002", "003"], "val": ["004", "005"], "test": ["006"]}
+    total_cells = 0
+    for split, ids in expected_ids.items():
+        folder = OcelotFolder(root, split)
+        assert folder.ids == ids
+        for sample_id, sample in zip(ids, folder):
+            k = int(sample_id) - 1
+            meta = sample.meta
+            assert sample.cell_image.shape == sample.tissue_image.shape == (SIZE, SIZE, 3)
+            assert sample.tissue_mask.shape == (SIZE, SIZE)
+            assert set(np.unique(sample.tissue_mask)) <= set(TISSUE_VALUES)
+            assert set(sample.cells[:, 2]) <= {1, 2}
+            assert ((sample.cells[:, :2] >= 0) & (sample.cells[:, :2] < SIZE)).all()
+            assert meta.cell_mpp / meta.tissue_mpp == 0.25
+            assert 0.18 < meta.cell_mpp < 0.22
+            assert meta.cell_size == meta.tissue_size == SIZE
+            assert meta.organ == "synthetic" and meta.slide_name == f"synthetic-{seed}-{k}"
+            for offset in (meta.patch_x_offset, meta.patch_y_offset):
+                assert (offset * 16).is_integer() and 1 / 8 <= offset <= 7 / 8
+            x0, y0, x1, y1 = meta.cell_block((SIZE, SIZE), (SIZE, SIZE))
+            assert 0 <= x0 < x1 <= SIZE and 0 <= y0 < y1 <= SIZE
+            # the files hold sample k of the seed: points are exact, the mask is lossless
+            pair = render_pair(np.random.SeedSequence([seed, k]), SIZE)
+            np.testing.assert_array_equal(sample.cells, pair.cells)
+            np.testing.assert_array_equal(sample.tissue_mask, pair.tissue_mask)
+            total_cells += len(sample.cells)
+    assert total_cells > 0
+
+
+def test_cell_patch_is_the_fine_view_of_its_tissue_block(pairs):
+    for pair in pairs:
+        x0, y0, x1, y1 = block(pair)
+        side = SIZE // 4
+        pooled = grey(pair.cell_image).reshape(side, 4, side, 4).mean(axis=(1, 3))  # 4x mean-pool
+        tissue = grey(pair.tissue_image)
+        matched = np.corrcoef(pooled.ravel(), tissue[y0:y1, x0:x1].ravel())[0, 1]
+        # a block at least one block width away along x and y (the offsets live in [1/8, 7/8])
+        ox, oy = (x0 + SIZE // 2) % (SIZE - side), (y0 + SIZE // 2) % (SIZE - side)
+        elsewhere = np.corrcoef(pooled.ravel(), tissue[oy:oy + side, ox:ox + side].ravel())[0, 1]
+        assert matched > 0.8, matched
+        assert matched > elsewhere + 0.3, (matched, elsewhere)
+
+
+def test_tumour_cells_sit_in_cancer_areas_and_background_cells_mostly_outside(pairs):
+    in_cancer = {1: [], 2: []}
+    for pair in pairs:
+        cols, rows = tissue_px(pair, pair.cells)
+        labels = pair.tissue_mask[rows, cols]
+        assert not (labels == TISSUE_UNKNOWN).any()  # no cells are drawn in the unknown region
+        for cls in (1, 2):
+            in_cancer[cls].extend(labels[pair.cells[:, 2] == cls] == TISSUE_CANCER)
+    assert len(in_cancer[1]) >= 10 and len(in_cancer[2]) >= 10
+    assert np.mean(in_cancer[2]) >= 0.8
+    assert np.mean(in_cancer[1]) <= 0.4
+
+
+def test_nuclei_are_dark_and_tumour_nuclei_are_bigger(pairs):
+    reach = 45  # px, 9 µm at 0.2 µm/px: beyond the largest nucleus
+    yy, xx = np.mgrid[-reach:reach + 1, -reach:reach + 1]
+    disk, centre = yy ** 2 + xx ** 2 <= reach ** 2, yy ** 2 + xx ** 2 <= 7 ** 2
+    contrast, dark_area = [], {1: [], 2: []}
+    for pair in pairs:
+        image = grey(pair.cell_image)
+        median = np.median(image)
+        padded = np.pad(image, reach, constant_values=255)
+        for x, y, cls in pair.cells:
+            window = padded[y:y + 2 * reach + 1, x:x + 2 * reach + 1]
+            contrast.append(window[centre].mean() - median)
+            dark_area[cls].append(((window < median - 60) & disk).sum())
+    assert len(dark_area[1]) >= 10 and len(dark_area[2]) >= 10
+    assert np.mean(np.array(contrast) < 0) >= 0.95 and np.median(contrast) < -30
+    assert np.median(dark_area[2]) > 1.5 * np.median(dark_area[1])
+
+
+def test_unknown_regions_occur_and_are_pale(pairs):
+    with_unknown = [pair for pair in pairs if (pair.tissue_mask == TISSUE_UNKNOWN).any()]
+    assert 0 < len(with_unknown) < len(pairs)
+    for pair in with_unknown:
+        image, unknown = grey(pair.tissue_image), pair.tissue_mask == TISSUE_UNKNOWN
+        assert image[unknown].mean() > image[~unknown].mean() + 20
+
+
+def test_every_sample_has_both_tissue_classes_somewhere(pairs):
+    masks = np.stack([pair.tissue_mask for pair in pairs])
+    assert (masks == 1).any() and (masks == TISSUE_CANCER).any()
+    assert sum(len(pair.cells) for pair in pairs) > 20
+
+
+@pytest.mark.parametrize("size", [0, -32, 48, 100, 1000])
+def test_sizes_that_are_not_a_positive_multiple_of_32_are_refused(tmp_path, size):
+    with pytest.raises(ValueError, match="multiple of 32"):
+        render_pair(0, size)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        generate_dataset(tmp_path / "out", {"train": 1}, size=size)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_non_empty_output_folder_is_refused(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("another dataset")
+    with pytest.raises(FileExistsError, match="not an empty folder"):
+        generate_dataset(out, {"train": 1}, size=64)
+    assert [path.name for path in out.iterdir()] == ["old.txt"]
+    (tmp_path / "file").write_text("")
+    with pytest.raises(FileExistsError):
+        generate_dataset(tmp_path / "file", {"train": 1}, size=64)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert (generate_dataset(empty, {"train": 1}, size=64) / "metadata.json").is_file()
+
+
+def test_unknown_splits_and_negative_counts_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="unknown splits"):
+        generate_dataset(tmp_path / "a", {"training": 1}, size=64)
+    with pytest.raises(ValueError, match=">= 0"):
+        generate_dataset(tmp_path / "b", {"train": -1}, size=64)
