@@ -133,3 +133,164 @@ def verify(
             typer.echo(str(problem))
         typer.echo(f"{data_dir}: {'clean' if not problems else f'{len(problems)} problem(s)'}", err=True)
     raise typer.Exit(1 if problems else 0)
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(code)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def train(
+    ctx: typer.Context,
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="A run config (YAML), e.g. configs/isotropic-small.yaml.")] = None,
+    data: Annotated[Path | None, typer.Option(help="Dataset folder (Zenodo layout); default: the config's, else built-in synthetic data.")] = None,
+    runs: Annotated[Path, typer.Option(help="Folder that receives the run folder.")] = Path("runs"),
+    resume: Annotated[Path | None, typer.Option(help="Continue an interrupted run from RUN_DIR/checkpoints/last.ckpt.")] = None,
+    devices: Annotated[int | None, typer.Option(help="Processes/GPUs (overrides train.devices).")] = None,
+    strategy: Annotated[str | None, typer.Option(help="Lightning strategy, e.g. ddp (overrides train.strategy).")] = None,
+) -> None:
+    """Train a U-Net. Extra arguments KEY=VALUE override the config, e.g. train.epochs=5 model.family=p4m.
+
+    The run folder (runs/NAME-DATE) gets config.yaml, checkpoints/best.ckpt (lowest val/loss)
+    and last.ckpt, metrics.csv and TensorBoard events (tensorboard --logdir runs).
+    """
+    from equiseg.config import Config, ConfigError, apply_overrides
+    from equiseg.data.ocelot import DatasetError
+    from equiseg.training.fit import fit
+
+    overrides = list(ctx.args)
+    if data is not None:
+        overrides.append(f"data.root={data}")
+    if devices is not None:
+        overrides.append(f"train.devices={devices}")
+    if strategy is not None:
+        overrides.append(f"train.strategy={strategy}")
+    try:
+        if resume is not None:
+            if overrides or config is not None:
+                raise _fail("--resume continues a run with its stored config: give no --config or overrides")
+            cfg = None
+        else:
+            cfg = Config.from_yaml(config, overrides) if config else Config.from_dict(apply_overrides({}, overrides))
+        run_dir = fit(cfg, runs=runs, resume=resume)
+    except (ConfigError, DatasetError, FileNotFoundError) as error:
+        raise _fail(str(error)) from None
+    typer.echo(f"run folder: {run_dir}")
+
+
+@app.command()
+def evaluate(
+    run: Annotated[Path, typer.Argument(help="A run folder (uses its best checkpoint) or a .ckpt file.")],
+    data: Annotated[Path | None, typer.Option(help="Dataset folder; default: the one the run trained on.")] = None,
+    split: Annotated[str, typer.Option(help="train, val or test.")] = "test",
+    out: Annotated[Path | None, typer.Option(help="Output folder; default: RUN/eval-SPLIT.")] = None,
+) -> None:
+    """Score a trained model on a split: loss, Dice, IoU, mIoU and the OCELOT detection score (mF1).
+
+    Writes scores-SPLIT.json and cell_classification.json (the official prediction format,
+    image_i = i-th sample id of the split in sorted order) and prints a table.
+    """
+    from equiseg.data.ocelot import DatasetError
+    from equiseg.evaluation.evaluate import SCORE_ROWS, evaluate_model, write_evaluation
+    from equiseg.training.fit import data_root, load_model
+
+    try:
+        model, cfg = load_model(run)
+        root = data if data is not None else _run_data(run) or data_root(cfg)
+        progress, update = _progress(f"evaluating on {split}")
+        with progress:
+            result = evaluate_model(model, cfg, root, split, on_image=update)
+    except (DatasetError, FileNotFoundError, ValueError) as error:
+        raise _fail(str(error)) from None
+    out = out or (run if run.is_dir() else run.parent.parent) / f"eval-{split}"
+    paths = write_evaluation(result, out, split)
+    typer.echo(f"{cfg.name} ({cfg.model.family.value}, width {cfg.model.width}) on {split}: {len(result.ids)} images")
+    for key, label in SCORE_ROWS:
+        if key in result.scores:
+            typer.echo(f"  {label:<14} {result.scores[key]:.4f}")
+    typer.echo("wrote " + ", ".join(str(p) for p in paths.values()))
+
+
+def _run_data(run: Path) -> Path | None:
+    """The dataset a run folder was trained on (its data.txt), if known."""
+    run_dir = run if run.is_dir() else run.parent.parent
+    marker = run_dir / "data.txt"
+    return Path(marker.read_text().strip()) if marker.is_file() else None
+
+
+@app.command()
+def score(
+    pred: Annotated[Path, typer.Argument(help="Predictions: cell_classification.json (official format).")],
+    gt: Annotated[Path, typer.Argument(help="Ground truth in the same format, with num_images.")],
+    order: Annotated[str, typer.Option(help="'official' (as the challenge scorer) or 'probability'.")] = "official",
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Score a prediction file against a ground-truth file by the OCELOT 2023 rules (mF1, 15 px)."""
+    from equiseg.evaluation.detection import PointsFormatError, detection_scores, read_num_images, read_points_json
+
+    try:
+        n = read_num_images(gt)
+        scores = detection_scores(read_points_json(pred, n), read_points_json(gt, n), order=order)
+    except (PointsFormatError, OSError, ValueError) as error:
+        raise _fail(str(error)) from None
+    if as_json:
+        typer.echo(json.dumps(scores, indent=1))
+        return
+    for name in ("BC", "TC"):
+        typer.echo(f"{name}: precision {scores[f'precision/{name}']:.4f}  recall {scores[f'recall/{name}']:.4f}  "
+                   f"F1 {scores[f'f1/{name}']:.4f}  (TP {scores[f'tp/{name}']}, FP {scores[f'fp/{name}']}, "
+                   f"GT {scores[f'gt/{name}']})")
+    typer.echo(f"mF1: {scores['mf1']:.4f}")
+
+
+@app.command("export-gt")
+def export_gt(
+    data_dir: Annotated[Path, typer.Argument(help="Dataset folder (Zenodo layout).")],
+    split: Annotated[str, typer.Option(help="train, val or test.")] = "test",
+    out: Annotated[Path | None, typer.Option(help="Output file; default: cell_gt_SPLIT.json.")] = None,
+) -> None:
+    """Write a split's cell annotations as an official ground-truth file (with num_images)."""
+    from equiseg.data.ocelot import DatasetError, OcelotFolder, read_cells
+    from equiseg.evaluation.detection import write_points_json
+
+    try:
+        folder = OcelotFolder(data_dir, split)
+        cells = [read_cells(folder.paths(sid)["cells"]) for sid in folder.ids]
+    except (DatasetError, ValueError) as error:
+        raise _fail(str(error)) from None
+    path = write_points_json(out or Path(f"cell_gt_{split}.json"), cells, ground_truth=True)
+    typer.echo(f"wrote {path}: {sum(len(c) for c in cells)} cells in {len(cells)} images")
+
+
+if __name__ == "__main__":
+    app()
+
+
+@app.command()
+def predict(
+    checkpoint: Annotated[Path, typer.Argument(help="A run folder (its best checkpoint) or a .ckpt file.")],
+    images: Annotated[list[Path], typer.Argument(help="JPEG, PNG or TIFF images of any size.")],
+    out: Annotated[Path, typer.Option(help="Output folder.")] = Path("predictions"),
+    tile: Annotated[int, typer.Option(help="Tile side in px; larger images go through in overlapping tiles.")] = 1024,
+    overlap: Annotated[int, typer.Option(help="Overlap of neighbouring tiles, px.")] = 128,
+) -> None:
+    """Predict images: probability maps (.npy and .png), an overlay, and the cells (CSV and official JSON).
+
+    Memory stays bounded by one tile whatever the image size. In the JSON, image_i is the
+    i-th image given (listed in images.txt).
+    """
+    from equiseg.evaluation.predict import predict_files
+    from equiseg.training.fit import load_model
+
+    missing = [str(p) for p in images if not p.is_file()]
+    if missing:
+        raise _fail(f"no such file(s): {', '.join(missing)}")
+    try:
+        model, cfg = load_model(checkpoint)
+        progress, update = _progress("predicting")
+        with progress:
+            path = predict_files(model, cfg, images, out, tile=tile, overlap=overlap, on_image=update)
+    except (FileNotFoundError, ValueError, OSError) as error:
+        raise _fail(str(error)) from None
+    typer.echo(f"wrote predictions for {len(images)} image(s) to {out} ({path.name})")

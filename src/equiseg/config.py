@@ -1,0 +1,231 @@
+"""Run configuration: frozen dataclasses, read from and written to YAML, with dotted overrides.
+
+A config file has the sections ``model``, ``data``, ``train`` and ``detect``; any key may be
+left out and takes its default. On the command line ``train.epochs=5`` or
+``data.augment=heavy`` override single values (parsed as YAML scalars).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from equiseg.data.augment import AugmentConfig
+from equiseg.models.unet import ConvFamily
+
+
+class Task(enum.Enum):
+    """What a model segments: cell classes (0 background, 1 BC, 2 TC) or tissue (0 background, 1 cancer)."""
+
+    CELLS = "cells"
+    TISSUE = "tissue"
+
+    @property
+    def class_names(self) -> list[str]:
+        return ["background", "BC", "TC"] if self is Task.CELLS else ["background", "cancer"]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The U-Net: conv family, width (channels, or fields of |G| channels for p4/p4m), depth."""
+
+    family: ConvFamily = ConvFamily.ISOTROPIC
+    width: int = 110
+    depth: int = 4
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    """The built-in synthetic dataset used when ``data.root`` is empty."""
+
+    train: int = 16
+    val: int = 4
+    test: int = 4
+    size: int = 512
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the data comes from and how it is cut into training samples.
+
+    ``root``: a Zenodo-layout folder; empty means the built-in synthetic data (generated once
+    into the cache folder, see ``equiseg.training.fit.synthetic_root``). ``crop_size``: random
+    square crops for training, px (empty: whole images). ``radius``: the cell disk radius, px.
+    ``train_fraction``: the share of the training split used (a seeded subset).
+    """
+
+    root: str | None = None
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    crop_size: int | None = 256
+    radius: float = 30.0
+    train_fraction: float = 1.0
+    augment: AugmentConfig = field(default_factory=AugmentConfig.none)
+    batch_size: int = 4
+    num_workers: int = 0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation and the Lightning trainer.
+
+    ``loggers``: any of csv, tensorboard, comet, mlflow (comet and mlflow when installed).
+    """
+
+    epochs: int = 20
+    lr: float = 1e-4
+    dice_weight: float = 1.0
+    ce_weight: float = 1.0
+    seed: int = 0
+    accelerator: str = "auto"
+    devices: int = 1
+    strategy: str = "auto"
+    precision: str = "32-true"
+    loggers: tuple[str, ...] = ("csv", "tensorboard")
+    limit_train_batches: float | None = None
+
+
+@dataclass(frozen=True)
+class DetectConfig:
+    """Reading cells off probability maps (``equiseg.evaluation.detection.detect_cells``)."""
+
+    sigma: float = 8.0
+    min_distance: int = 15
+    threshold: float = 0.5
+
+
+@dataclass(frozen=True)
+class Config:
+    """One training run."""
+
+    name: str = "run"
+    task: Task = Task.CELLS
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    detect: DetectConfig = field(default_factory=DetectConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain builtin types only (safe for YAML and for ``torch.load(weights_only=True)``)."""
+        return _to_plain(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Config:
+        """Build from nested dicts; unknown keys are an error naming the key."""
+        return _from_plain(cls, data or {}, "")
+
+    def to_yaml(self, path: Path | str) -> Path:
+        path = Path(path)
+        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        return path
+
+    @classmethod
+    def from_yaml(cls, path: Path | str, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path}: not valid YAML ({error})") from None
+        return cls.from_dict(apply_overrides(data, overrides))
+
+
+class ConfigError(ValueError):
+    """A bad config value or key; the message names it."""
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` strings to nested dicts (values parsed as YAML scalars)."""
+    data = _deep_copy(data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not key=value (for example train.epochs=5)")
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part} is not a section")
+        node[leaf] = yaml.safe_load(raw)
+    return data
+
+
+def _deep_copy(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _deep_copy(v) for k, v in value.items()}
+    return value
+
+
+def _to_plain(value: Any) -> Any:
+    if isinstance(value, AugmentConfig):
+        return value.to_dict()
+    if dataclasses.is_dataclass(value):
+        return {f.name: _to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, tuple):
+        return [_to_plain(v) for v in value]
+    return value
+
+
+def _from_plain(cls: type, data: Any, where: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(data) - set(fields)
+    if unknown:
+        raise ConfigError(f"unknown key(s) {sorted(unknown)} in {where or 'config'}; known: {sorted(fields)}")
+    kwargs = {}
+    hints = {name: f.type for name, f in fields.items()}
+    for name, raw in data.items():
+        key = f"{where}.{name}" if where else name
+        default = getattr(cls(), name) if _has_defaults(cls) else None
+        kwargs[name] = _convert(default, raw, key, hints[name])
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"{where or 'config'}: {error}") from None
+
+
+def _has_defaults(cls: type) -> bool:
+    return all(f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+               for f in dataclasses.fields(cls))
+
+
+def _convert(default: Any, raw: Any, key: str, hint: str) -> Any:
+    try:
+        if isinstance(default, AugmentConfig):
+            return AugmentConfig.preset(raw) if isinstance(raw, str) else AugmentConfig.from_dict(raw)
+        if dataclasses.is_dataclass(default):
+            return _from_plain(type(default), raw, key)
+        if isinstance(default, enum.Enum):
+            return type(default)(raw)
+        if isinstance(default, tuple):
+            return tuple(raw) if isinstance(raw, (list, tuple)) else (raw,)
+        if raw is None:
+            if "None" not in str(hint):
+                raise ConfigError(f"{key}: may not be empty")
+            return None
+        if isinstance(default, bool) or "bool" in str(hint) and not isinstance(default, (int, float)):
+            if not isinstance(raw, bool):
+                raise ConfigError(f"{key}: expected true or false, got {raw!r}")
+            return raw
+        if isinstance(default, float) or "float" in str(hint):
+            if isinstance(raw, bool) or not isinstance(raw, (int, float)):
+                raise ConfigError(f"{key}: expected a number, got {raw!r}")
+            return float(raw) if "int" not in str(hint) or isinstance(raw, float) else raw
+        if isinstance(default, int) or "int" in str(hint):
+            if isinstance(raw, bool) or not isinstance(raw, int):
+                raise ConfigError(f"{key}: expected an integer, got {raw!r}")
+            return raw
+        if isinstance(default, str) or "str" in str(hint):
+            return str(raw)
+        return raw
+    except ConfigError:
+        raise
+    except (ValueError, TypeError, KeyError) as error:
+        raise ConfigError(f"{key}: {error}") from None

@@ -1,0 +1,109 @@
+"""Datasets of (image, target) tensors for the cell and tissue tasks, and their DataModule."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from equiseg.data.ocelot import OcelotFolder, Sample
+from equiseg.data.targets import cell_class_mask, tissue_class_mask
+
+
+def image_to_tensor(image: np.ndarray) -> torch.Tensor:
+    """(H, W, 3) uint8 -> (3, H, W) float32 in [0, 1]."""
+    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).float().div_(255)
+
+
+def sample_target(sample: Sample, task: str, radius: float) -> tuple[np.ndarray, np.ndarray]:
+    """The (image, class-index target) pair of a sample for ``task`` ("cells" or "tissue")."""
+    if task == "cells":
+        return sample.cell_image, cell_class_mask(sample.cells, sample.cell_image.shape[:2], radius)
+    return sample.tissue_image, tissue_class_mask(sample.tissue_mask)
+
+
+class SegmentationDataset(Dataset):
+    """Images and class-index targets of one split, decoded once and kept in memory.
+
+    Items are dicts: ``image`` (3, H, W) float in [0, 1], ``target`` (H, W) long (255 =
+    ignore), ``index`` (position in the split). With ``crop_size`` each item is a random
+    square crop (a fresh one each time, drawn from torch's seeded generator); without it, the
+    whole image.
+    """
+
+    def __init__(self, folder: OcelotFolder, task: str, radius: float = 30.0, crop_size: int | None = None,
+                 indices: list[int] | None = None) -> None:
+        self.folder, self.task, self.crop_size = folder, task, crop_size
+        self.indices = list(range(len(folder))) if indices is None else list(indices)
+        self.ids = [folder.ids[i] for i in self.indices]
+        self._items = [sample_target(folder[i], task, radius) for i in self.indices]
+        if crop_size is not None:
+            small = [self.ids[k] for k, (image, _) in enumerate(self._items) if min(image.shape[:2]) < crop_size]
+            if small:
+                raise ValueError(f"crop_size {crop_size} is larger than images {small[:5]}")
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __getitem__(self, k: int) -> dict[str, torch.Tensor | int]:
+        image, target = self._items[k]
+        if self.crop_size is not None:
+            h, w = target.shape
+            # torch's generator: Lightning seeds it per worker (seed_everything(workers=True))
+            top = int(torch.randint(0, h - self.crop_size + 1, ()))
+            left = int(torch.randint(0, w - self.crop_size + 1, ()))
+            image = image[top:top + self.crop_size, left:left + self.crop_size]
+            target = target[top:top + self.crop_size, left:left + self.crop_size]
+        return {"image": image_to_tensor(image), "target": torch.from_numpy(target.astype(np.int64)), "index": k}
+
+
+def training_subset(n: int, fraction: float, seed: int) -> list[int]:
+    """A seeded subset of ``round(fraction * n)`` (at least 1) indices; smaller fractions nest in larger ones."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"train_fraction must be in (0, 1], got {fraction}")
+    order = np.random.default_rng(seed).permutation(n)
+    return sorted(order[: max(1, round(fraction * n))].tolist())
+
+
+class SegmentationDataModule(L.LightningDataModule):
+    """Train, val and test loaders over a Zenodo-layout folder for one task."""
+
+    def __init__(self, root: Path | str, task: str = "cells", radius: float = 30.0, crop_size: int | None = 256,
+                 train_fraction: float = 1.0, batch_size: int = 4, num_workers: int = 0, seed: int = 0) -> None:
+        super().__init__()
+        self.root, self.task, self.radius, self.crop_size = Path(root), task, radius, crop_size
+        self.train_fraction, self.batch_size, self.num_workers, self.seed = train_fraction, batch_size, num_workers, seed
+        self.datasets: dict[str, SegmentationDataset] = {}
+
+    def dataset(self, split: str) -> SegmentationDataset:
+        if split not in self.datasets:
+            folder = OcelotFolder(self.root, split)
+            if not len(folder):
+                raise ValueError(f"{self.root}: the {split} split is empty")
+            train = split == "train"
+            indices = training_subset(len(folder), self.train_fraction, self.seed) if train else None
+            self.datasets[split] = SegmentationDataset(folder, self.task, self.radius,
+                                                       self.crop_size if train else None, indices)
+        return self.datasets[split]
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage in (None, "fit"):
+            self.dataset("train"), self.dataset("val")
+        if stage in (None, "test"):
+            self.dataset("test")
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        return DataLoader(self.dataset(split), batch_size=self.batch_size if split == "train" else 1,
+                          shuffle=shuffle, num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)

@@ -1,0 +1,56 @@
+"""Pictures of predictions: class overlays with cell points, and probability maps."""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+# background, BC, TC (cells) -- background, cancer (tissue); colour-blind-safe pairs
+CELL_COLOURS = {1: (0, 158, 115), 2: (213, 94, 0)}
+TISSUE_COLOURS = {1: (204, 121, 167)}
+
+
+def class_overlay(image: np.ndarray, labels: np.ndarray, colours: dict[int, tuple[int, int, int]] = CELL_COLOURS,
+                  alpha: float = 0.35) -> np.ndarray:
+    """Blend class colours over an RGB image where ``labels`` (H, W) is a coloured class."""
+    out = image.astype(np.float32).copy()
+    for cls, colour in colours.items():
+        where = labels == cls
+        out[where] = (1 - alpha) * out[where] + alpha * np.array(colour, np.float32)
+    return out.clip(0, 255).astype(np.uint8)
+
+
+def draw_points(image: np.ndarray, points: np.ndarray, radius: int = 6, filled: bool = True,
+                colours: dict[int, tuple[int, int, int]] = CELL_COLOURS) -> np.ndarray:
+    """Cell points (rows x, y, class, ...) drawn as dots (predictions) or rings (ground truth)."""
+    picture = Image.fromarray(image)
+    draw = ImageDraw.Draw(picture)
+    for x, y, cls, *_ in np.asarray(points).reshape(-1, np.asarray(points).shape[-1] if len(points) else 3):
+        box = (x - radius, y - radius, x + radius, y + radius)
+        colour = colours.get(int(cls), (0, 0, 0))
+        if filled:
+            draw.ellipse(box, fill=colour, outline=(255, 255, 255))
+        else:
+            draw.ellipse(box, outline=colour, width=max(2, radius // 3))
+    return np.asarray(picture)
+
+
+def prediction_overlay(image: np.ndarray, probs: np.ndarray, points: np.ndarray | None = None,
+                       gt_points: np.ndarray | None = None) -> np.ndarray:
+    """The image with the predicted classes tinted, predicted cells as dots, ground truth as rings."""
+    out = class_overlay(image, probs.argmax(0))
+    size = max(4, image.shape[0] // 150)
+    if gt_points is not None:
+        out = draw_points(out, gt_points, radius=size + 4, filled=False)
+    if points is not None:
+        out = draw_points(out, points, radius=size, filled=True)
+    return out
+
+
+def probability_picture(probs: np.ndarray) -> np.ndarray:
+    """(C, H, W) probabilities of a 3-class cell model as RGB: red = TC, green = BC, black = background."""
+    rgb = np.zeros((*probs.shape[1:], 3), np.float32)
+    rgb[..., 1] = probs[1]
+    if probs.shape[0] > 2:
+        rgb[..., 0] = probs[2]
+    return (rgb * 255).clip(0, 255).astype(np.uint8)

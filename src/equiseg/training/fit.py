@@ -1,0 +1,231 @@
+"""Run a training: data, run folder, loggers, checkpoints and the Lightning Trainer."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from equiseg.config import Config, SyntheticConfig
+from equiseg.data.ocelot import DatasetError
+from equiseg.data.verify import verify_dataset
+
+CHECKPOINTS = "checkpoints"
+_RUN_DIR_ENV = "EQUISEG_RUN_DIR"
+BEST, LAST = "best.ckpt", "last.ckpt"
+
+
+def cache_dir() -> Path:
+    """Where generated data lives: $EQUISEG_CACHE, else ~/.cache/equiseg."""
+    return Path(os.environ.get("EQUISEG_CACHE", Path.home() / ".cache" / "equiseg"))
+
+
+def synthetic_root(spec: SyntheticConfig) -> Path:
+    """The built-in synthetic dataset for ``spec``, generated on first use and reused after."""
+    from equiseg.data.synthetic import generate_dataset
+
+    key = json.dumps({"train": spec.train, "val": spec.val, "test": spec.test, "size": spec.size, "seed": spec.seed},
+                     sort_keys=True)
+    root = cache_dir() / "synthetic" / hashlib.sha1(key.encode()).hexdigest()[:12]
+    if not (root / "metadata.json").is_file():
+        partial = root.with_name(root.name + f".partial-{os.getpid()}")
+        generate_dataset(partial, {"train": spec.train, "val": spec.val, "test": spec.test}, size=spec.size,
+                         seed=spec.seed)
+        partial.rename(root)  # whole datasets only: an interrupted generation is never reused
+    return root
+
+
+def data_root(config: Config) -> Path:
+    """The dataset folder of a run: ``config.data.root`` or the built-in synthetic data."""
+    return Path(config.data.root) if config.data.root else synthetic_root(config.data.synthetic)
+
+
+def check_data(root: Path) -> None:
+    """Raise :class:`DatasetError` listing the dataset's problems (all of them) if it has any."""
+    problems = verify_dataset(root)
+    if problems:
+        listing = "\n  ".join(str(p) for p in problems[:20])
+        more = f"\n  ... and {len(problems) - 20} more (run `equiseg verify {root}`)" if len(problems) > 20 else ""
+        raise DatasetError(root, f"{len(problems)} problem(s) in the dataset:\n  {listing}{more}")
+
+
+def new_run_dir(runs: Path, name: str) -> Path:
+    """``runs/<name>-<YYYYmmdd-HHMMSS>`` (with a counter if that exists)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for k in range(1000):
+        path = runs / (f"{name}-{stamp}" + (f"-{k}" if k else ""))
+        if not path.exists():
+            return path
+    raise FileExistsError(f"cannot find a free run folder under {runs}")
+
+
+def build_loggers(config: Config, run_dir: Path) -> list:
+    """CSV and TensorBoard always available; Comet (offline without a key) and MLflow when installed."""
+    from lightning.pytorch import loggers
+
+    result = []
+    for name in config.train.loggers:
+        match name:
+            case "csv":
+                result.append(loggers.CSVLogger(run_dir, name="", version=""))
+            case "tensorboard":
+                result.append(loggers.TensorBoardLogger(run_dir, name="tensorboard", version="", default_hp_metric=False))
+            case "comet":
+                try:
+                    import comet_ml  # noqa: F401
+                except ImportError:
+                    warnings.warn("comet logger asked for but comet_ml is not installed: skipped", stacklevel=2)
+                    continue
+                online = bool(os.environ.get("COMET_API_KEY"))
+                result.append(loggers.CometLogger(project="equiseg", name=run_dir.name, online=online,
+                                                  offline_directory=str(run_dir / "comet")))
+            case "mlflow":
+                try:
+                    import mlflow  # noqa: F401
+                except ImportError:
+                    warnings.warn("mlflow logger asked for but mlflow is not installed: skipped", stacklevel=2)
+                    continue
+                result.append(loggers.MLFlowLogger(experiment_name="equiseg", run_name=run_dir.name,
+                                                   tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}"))
+            case _:
+                raise ValueError(f"unknown logger {name!r}: choose from csv, tensorboard, comet, mlflow")
+    return result
+
+
+def fit(config: Config | None, runs: Path | str = "runs", resume: Path | str | None = None,
+        run_dir: Path | str | None = None, progress: bool = True, callbacks: list | None = None) -> Path:
+    """Train one model; returns its run folder.
+
+    The folder holds ``config.yaml`` (the resolved config), ``checkpoints/best.ckpt`` (lowest
+    ``val/loss``) and ``checkpoints/last.ckpt``, ``metrics.csv``, TensorBoard events under
+    ``tensorboard/`` and ``data.txt`` naming the dataset. The dataset is checked completely
+    before anything is written. ``resume`` continues the run in that folder from its last
+    checkpoint (the config is the one stored there; pass ``config=None``). ``callbacks`` are
+    extra Lightning callbacks.
+    """
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from equiseg.data.datamodule import SegmentationDataModule
+    from equiseg.training.module import SegmentationModule
+
+    ckpt_path = None
+    if resume is not None:
+        run_dir = Path(resume)
+        ckpt_path = run_dir / CHECKPOINTS / LAST
+        if not ckpt_path.is_file():
+            raise FileNotFoundError(f"{ckpt_path}: no last checkpoint to resume from")
+        config = Config.from_yaml(run_dir / "config.yaml")
+    root = data_root(config)
+    check_data(root)  # before any output of the run exists
+    # DDP re-launches this command once per extra process: they must join rank 0's folder
+    launched = os.environ.get(_RUN_DIR_ENV) if int(os.environ.get("LOCAL_RANK", "0")) > 0 else None
+    if launched:
+        run_dir = Path(launched)
+    else:
+        run_dir = Path(run_dir) if run_dir is not None else new_run_dir(Path(runs), config.name)
+        run_dir.mkdir(parents=True, exist_ok=resume is not None)
+        config.to_yaml(run_dir / "config.yaml")
+        (run_dir / "data.txt").write_text(f"{root.resolve()}\n")
+        os.environ[_RUN_DIR_ENV] = str(run_dir.resolve())
+        if resume is not None:
+            _set_aside_metrics(run_dir)
+
+    L.seed_everything(config.train.seed, workers=True, verbose=False)
+    data = SegmentationDataModule(root, config.task.value, config.data.radius, config.data.crop_size,
+                                  config.data.train_fraction, config.data.batch_size, config.data.num_workers,
+                                  config.train.seed)
+    module = SegmentationModule(config.to_dict())
+    checkpoints = ModelCheckpoint(dirpath=run_dir / CHECKPOINTS, filename="best", monitor="val/loss", mode="min",
+                                  save_top_k=1, save_last=True, enable_version_counter=False)
+    trainer = L.Trainer(
+        default_root_dir=run_dir,
+        max_epochs=config.train.epochs,
+        accelerator=config.train.accelerator,
+        devices=config.train.devices,
+        strategy=config.train.strategy,
+        precision=config.train.precision,
+        logger=build_loggers(config, run_dir),
+        callbacks=[checkpoints, *(callbacks or [])],
+        log_every_n_steps=1,
+        enable_progress_bar=progress,
+        enable_model_summary=progress,
+        limit_train_batches=config.train.limit_train_batches,
+        deterministic=False,
+    )
+    with warnings.catch_warnings():
+        # Lightning's own deprecations and a notice about our GPU-side augmentation hook
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+        warnings.filterwarnings("ignore", message=".*overridden `on_after_batch_transfer`.*")
+        warnings.filterwarnings("ignore", message=".*exists and is not empty.*")  # resuming writes into it
+        warnings.filterwarnings("ignore", message=".*all_gather is deprecated.*")
+        try:
+            trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
+        finally:
+            if trainer.is_global_zero:
+                merge_metrics(run_dir)
+    return run_dir
+
+
+def _set_aside_metrics(run_dir: Path) -> None:
+    """Lightning's CSV logger starts metrics.csv afresh; keep the rows of earlier attempts."""
+    current = run_dir / "metrics.csv"
+    if current.is_file():
+        k = len(list(run_dir.glob("metrics-part*.csv")))
+        current.rename(run_dir / f"metrics-part{k}.csv")
+
+
+def merge_metrics(run_dir: Path) -> None:
+    """Fold the metrics of earlier attempts (metrics-part*.csv) into metrics.csv, in step order.
+
+    Rows of an attempt that reach past the step where the next attempt resumed are dropped:
+    the resumed run redoes them.
+    """
+    import csv
+
+    parts = sorted(run_dir.glob("metrics-part*.csv"), key=lambda p: int(p.stem.removeprefix("metrics-part")))
+    if not parts:
+        return
+    attempts = [list(csv.DictReader(p.open())) for p in [*parts, run_dir / "metrics.csv"] if p.is_file()]
+    rows: list[dict] = []
+    for k, attempt in enumerate(attempts):
+        if k + 1 < len(attempts) and attempts[k + 1]:
+            resumed_at = min(int(r["step"]) for r in attempts[k + 1])
+            attempt = [r for r in attempt if int(r["step"]) < resumed_at]
+        rows.extend(attempt)
+    fields = list(dict.fromkeys(key for attempt in attempts for row in attempt for key in row))
+    tmp = run_dir / "metrics.csv.tmp"
+    with tmp.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(run_dir / "metrics.csv")
+    for part in parts:
+        part.unlink()
+
+
+def load_model(checkpoint: Path | str, map_location: str | torch.device = "cpu") -> tuple[torch.nn.Module, Config]:
+    """The trained U-Net (eval mode) and its config from a checkpoint or a run folder.
+
+    A run folder gives its best checkpoint. Loading uses ``torch.load(weights_only=True)``:
+    tensors and builtin types only, no code runs from the file.
+    """
+    from equiseg.models import build_model
+
+    path = Path(checkpoint)
+    if path.is_dir():
+        path = path / CHECKPOINTS / BEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no checkpoint there")
+    state = torch.load(path, map_location=map_location, weights_only=True)
+    config = Config.from_dict(state["hyper_parameters"]["config"])
+    model = build_model(config.model.family, config.model.width, config.model.depth,
+                        num_classes=len(config.task.class_names))
+    prefix = "model."
+    model.load_state_dict({k[len(prefix):]: v for k, v in state["state_dict"].items() if k.startswith(prefix)})
+    return model.eval(), config

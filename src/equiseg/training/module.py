@@ -1,0 +1,75 @@
+"""SegmentationModule: the U-Net, its loss, augmentation and metrics, as a LightningModule."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+
+from equiseg.config import Config
+from equiseg.data.augment import Augment, AugmentConfig
+from equiseg.evaluation.metrics import confusion_matrix, segmentation_scores
+from equiseg.models import build_model
+from equiseg.training.losses import DiceCELoss
+
+
+class SegmentationModule(L.LightningModule):
+    """Trains ``build_model(config.model)`` with Adam on Dice + cross-entropy.
+
+    Augmentation (``config.data.augment``) runs on the batch after it reaches the device, so
+    it runs on the GPU when there is one. Logged: ``train/loss`` (per step and epoch),
+    ``val/loss``, ``val/dice_mean``, ``val/miou`` and per-class Dice (per epoch). The config
+    is stored in the checkpoint as plain builtin types, so checkpoints load with
+    ``torch.load(weights_only=True)``.
+    """
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__()
+        self.save_hyperparameters({"config": config})
+        self.config = Config.from_dict(config)
+        cfg = self.config
+        self.class_names = cfg.task.class_names
+        self.model = build_model(cfg.model.family, cfg.model.width, cfg.model.depth,
+                                 num_classes=len(self.class_names))
+        self.loss = DiceCELoss(cfg.train.dice_weight, cfg.train.ce_weight)
+        self.augment = None if cfg.data.augment == AugmentConfig.none() else Augment(cfg.data.augment)
+        self._val_cm: torch.Tensor | None = None
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.model(image)
+
+    def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        if self.trainer is not None and self.trainer.training and self.augment is not None:
+            image, masks = self.augment(batch["image"], {"target": batch["target"]})
+            batch = {**batch, "image": image, "target": masks["target"]}
+        return batch
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self.loss(self(batch["image"]), batch["target"])
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(batch["image"]),
+                 sync_dist=True)
+        return loss
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_cm = torch.zeros(len(self.class_names), len(self.class_names), dtype=torch.long)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        logits = self(batch["image"])
+        loss = self.loss(logits, batch["target"])
+        self.log("val/loss", loss, on_epoch=True, prog_bar=True, batch_size=len(batch["image"]), sync_dist=True)
+        self._val_cm += confusion_matrix(logits.argmax(1), batch["target"], len(self.class_names))
+
+    def on_validation_epoch_end(self) -> None:
+        cm = self._val_cm.to(self.device)
+        if self.trainer.world_size > 1:
+            cm = self.all_gather(cm).sum(0)
+        scores = segmentation_scores(cm.cpu(), self.class_names)
+        # every process holds the same summed matrix, so syncing averages equal values
+        self.log("val/dice_mean", scores["dice/mean"], prog_bar=True, sync_dist=True)
+        self.log("val/miou", scores["miou"], sync_dist=True)
+        for name in self.class_names[1:]:
+            self.log(f"val/dice_{name}", scores[f"dice/{name}"], sync_dist=True)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=self.config.train.lr)

@@ -1,0 +1,124 @@
+import csv
+import subprocess
+import sys
+
+import lightning as L
+import pytest
+import torch
+
+from equiseg.data.datamodule import SegmentationDataModule
+from equiseg.evaluation.evaluate import evaluate_model
+from equiseg.training.fit import fit, load_model
+from equiseg.training.module import SegmentationModule
+
+from conftest import tiny_config
+
+
+def test_a_few_steps_lower_the_loss(synthetic_small):
+    config = tiny_config(synthetic_small, model={"family": "isotropic", "width": 4})
+    module = SegmentationModule(config.to_dict())
+    data = SegmentationDataModule(synthetic_small, crop_size=None, batch_size=4)
+    batch = next(iter(data.train_dataloader()))
+    optimiser = torch.optim.Adam(module.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(15):
+        optimiser.zero_grad()
+        loss = module.loss(module(batch["image"]), batch["target"])
+        loss.backward()
+        optimiser.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_fit_writes_a_complete_run_folder(synthetic_small, tmp_path):
+    run = fit(tiny_config(synthetic_small, train={"epochs": 2}), runs=tmp_path, progress=False)
+    for name in ("config.yaml", "metrics.csv", "checkpoints/best.ckpt", "checkpoints/last.ckpt"):
+        assert (run / name).is_file(), name
+    state = torch.load(run / "checkpoints/last.ckpt", weights_only=True)  # no code runs from a checkpoint
+    assert state["epoch"] == 1 and state["hyper_parameters"]["config"]["model"]["family"] == "plain"
+    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    assert any(r.get("val/loss") for r in rows) and any(r.get("train/loss_epoch") for r in rows)
+    model, config = load_model(run)
+    result = evaluate_model(model, config, synthetic_small, "test", tile=None)
+    assert {"loss", "dice/mean", "miou", "mf1", "f1/BC", "f1/TC"} <= set(result.scores)
+    assert len(result.points) == 2
+
+
+class _Crash(L.Callback):
+    def on_train_epoch_start(self, trainer, module):
+        if trainer.current_epoch == 1:
+            raise RuntimeError("simulated crash")
+
+
+def test_resume_continues_from_the_saved_step(synthetic_small, tmp_path):
+    config = tiny_config(synthetic_small, train={"epochs": 3})
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        fit(config, run_dir=tmp_path / "run", progress=False, callbacks=[_Crash()])
+    saved = torch.load(tmp_path / "run/checkpoints/last.ckpt", weights_only=True)
+    assert saved["epoch"] == 0
+    steps_per_epoch = saved["global_step"]
+
+    seen = []
+
+    class Record(L.Callback):
+        def on_train_epoch_start(self, trainer, module):
+            seen.append((trainer.current_epoch, trainer.global_step))
+
+    fit(None, resume=tmp_path / "run", progress=False, callbacks=[Record()])
+    assert seen[0] == (1, steps_per_epoch)  # picks up after epoch 0, not from scratch
+    final = torch.load(tmp_path / "run/checkpoints/last.ckpt", weights_only=True)
+    assert final["epoch"] == 2 and final["global_step"] == 3 * steps_per_epoch
+
+
+def test_failed_checkpoint_write_leaves_the_previous_one_intact(synthetic_small, tmp_path, monkeypatch):
+    run = fit(tiny_config(synthetic_small), run_dir=tmp_path / "run", progress=False)
+    before = (run / "checkpoints/last.ckpt").read_bytes()
+    import fsspec.implementations.local as local
+
+    def broken_write(self, data):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(local.LocalFileOpener, "write", broken_write)
+    with pytest.raises(OSError, match="disk full"):
+        fit(None, resume=run, progress=False, callbacks=[])
+    monkeypatch.undo()
+    assert (run / "checkpoints/last.ckpt").read_bytes() == before
+    torch.load(run / "checkpoints/last.ckpt", weights_only=True)
+
+
+def test_bad_data_stops_before_any_output(synthetic_small, tmp_path):
+    import shutil
+
+    from equiseg.data.ocelot import DatasetError
+
+    broken = tmp_path / "broken"
+    shutil.copytree(synthetic_small, broken)
+    (broken / "annotations/train/cell/001.csv").write_text("1,2,9\n")
+    with pytest.raises(DatasetError, match=r"001.csv:1: unknown class 9"):
+        fit(tiny_config(broken), runs=tmp_path / "runs", progress=False)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_two_process_ddp_on_cpu(synthetic_small, tmp_path):
+    command = [sys.executable, "-m", "equiseg.cli", "train", "--runs", str(tmp_path), "--devices", "2",
+               "--strategy", "ddp", f"data.root={synthetic_small}", "model.family=p4", "model.width=2",
+               "model.depth=2", "data.crop_size=32", "data.batch_size=1", "train.epochs=1",
+               "train.accelerator=cpu", "train.loggers=[csv]"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    runs = list(tmp_path.iterdir())
+    assert len(runs) == 1
+    state = torch.load(runs[0] / "checkpoints/last.ckpt", weights_only=True)
+    # 4 training samples split over 2 processes with batch 1: 2 steps each
+    assert state["global_step"] == 2
+
+
+def test_resumed_run_keeps_the_metrics_of_its_first_attempt(synthetic_small, tmp_path):
+    config = tiny_config(synthetic_small, train={"epochs": 3})
+    with pytest.raises(RuntimeError):
+        fit(config, run_dir=tmp_path / "run", progress=False, callbacks=[_Crash()])
+    fit(None, resume=tmp_path / "run", progress=False)
+    rows = list(csv.DictReader((tmp_path / "run/metrics.csv").open()))
+    epochs = sorted({int(r["epoch"]) for r in rows if r.get("val/loss")})
+    assert epochs == [0, 1, 2]
+    assert not list((tmp_path / "run").glob("metrics-part*.csv"))
