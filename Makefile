@@ -12,8 +12,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-demo: $(STAMP)  ## the main job (for now: the model families table)
-	$(BIN)/equiseg models
+demo: $(STAMP)  ## the main job: the seed's comparison, small, on synthetic data (~12 min on 2 cores)
+	$(BIN)/equiseg demo --out demo
 
 test: $(STAMP)  ## the test suite, on both cores
 	$(BIN)/python -m pytest -n 2 -q
@@ -21,6 +21,7 @@ test: $(STAMP)  ## the test suite, on both cores
 bench: $(STAMP)  ## speed benchmarks (not part of the tests)
 	$(BIN)/python benchmarks/layers.py
 	$(BIN)/python benchmarks/data.py
+	$(BIN)/python benchmarks/pipeline.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

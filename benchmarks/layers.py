@@ -5,7 +5,8 @@
 Each layer maps `channels` conv channels to `channels` (group layers: channels / |G| fields
 of |G| channels each), like a plain Conv2d(channels, channels, 3, padding=1). Train: one
 forward + backward in train mode (the filter bank is rebuilt, as at every training step).
-Eval: one forward in eval mode without gradients (the bank is cached). Runs of all layers are
+Eval: one forward in eval mode without gradients (the bank is cached; the call after the switch
+from training, which rebuilds it, is not timed). Runs of all layers are
 interleaved, so drift in the machine's speed hits all of them alike; medians are reported, and
 ratios to the plain conv measured in the same run.
 """
@@ -52,6 +53,8 @@ def time_train(layer: nn.Module, x: torch.Tensor) -> float:
 
 def time_eval(layer: nn.Module, x: torch.Tensor) -> float:
     layer.eval()
+    with torch.no_grad():
+        layer(x)  # untimed: switching from training drops the cached bank; steady-state eval reuses it
     sync(x.device)
     start = time.perf_counter()
     with torch.no_grad():

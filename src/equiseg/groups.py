@@ -87,7 +87,7 @@ class Group:
     def cayley(self) -> torch.Tensor:
         """``cayley[i, j]`` is the index of ``elements[i] * elements[j]``; shape (|G|, |G|)."""
         table = [[self.index(self.compose(a, b)) for b in self.elements] for a in self.elements]
-        return torch.tensor(table, dtype=torch.long)
+        return torch.tensor(table, dtype=torch.long, device="cpu")
 
     def regular_permutation(self, g: GroupElement) -> torch.Tensor:
         """Indices ``perm`` with ``perm[h] = index(g^-1 h)``, shape (|G|,).
@@ -96,7 +96,7 @@ class Group:
         representation: ``(T_g f)[h] = f[g^-1 h]``.
         """
         g_inv = self.inverse(g)
-        return torch.tensor([self.index(self.compose(g_inv, h)) for h in self.elements])
+        return torch.tensor([self.index(self.compose(g_inv, h)) for h in self.elements], device="cpu")
 
     @staticmethod
     def act_on_image(g: GroupElement, x: torch.Tensor) -> torch.Tensor:

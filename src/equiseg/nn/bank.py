@@ -23,14 +23,17 @@ def filter_bank(module: nn.Module, build: Callable[[], Bank]) -> Bank:
     The cache is keyed on the version counters and storage of the module's parameters, so an
     optimiser step, ``load_state_dict`` or a move to another device invalidates it.
     """
+    state = module.__dict__  # plain dict access: this runs on every forward, keep it cheap
     if module.training or torch.is_grad_enabled():
-        module._bank_cache = None
+        if state.get("_bank_cache") is not None:
+            state["_bank_cache"] = None
         return build()
-    key = tuple((p._version, p.data_ptr(), p.device, p.dtype) for p in module.parameters(recurse=False))
-    cache = getattr(module, "_bank_cache", None)
+    # a new storage (device or dtype move, load) changes data_ptr; an in-place update bumps _version
+    key = tuple((p._version, p.data_ptr()) for p in module._parameters.values() if p is not None)
+    cache = state.get("_bank_cache")
     if cache is None or cache[0] != key:
         cache = (key, build())
-        module._bank_cache = cache
+        state["_bank_cache"] = cache
     return cache[1]
 
 

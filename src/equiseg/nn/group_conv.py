@@ -23,6 +23,20 @@ def _check_kernel(kernel_size: int) -> None:
         raise ValueError(f"kernel_size must be a positive odd number, got {kernel_size}")
 
 
+def bank_index(group: Group, kernel_size: int, regular_input: bool) -> torch.Tensor:
+    """Where each tap of the transformed filters comes from: (|G|, n) long, n = (|G| *) k*k.
+
+    Row g lists, for the flattened filter ``T_g psi``, the flat position in ``psi`` that each
+    of its entries copies: the group action applied to an ``arange``. One gather with it builds
+    the whole bank, instead of |G| separate rotations and a stack (a few small kernels fewer on
+    a GPU, where the filters are rebuilt at every training step).
+    """
+    shape = (group.order, kernel_size, kernel_size) if regular_input else (kernel_size, kernel_size)
+    positions = torch.arange(torch.Size(shape).numel(), device="cpu").reshape(shape)
+    act = group.act_on_regular if regular_input else group.act_on_image
+    return torch.stack([act(g, positions).flatten() for g in group.elements])
+
+
 class LiftingConv2d(nn.Module):
     """Z2 -> G: correlate an image with every transformed copy T_g psi of each filter.
 
@@ -51,6 +65,7 @@ class LiftingConv2d(nn.Module):
         self.in_channels, self.out_channels, self.group, self.kernel_size = in_channels, out_channels, group, kernel_size
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels, kernel_size, kernel_size))
         self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
+        self.register_buffer("bank_index", bank_index(group, kernel_size, regular_input=False), persistent=False)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -60,8 +75,9 @@ class LiftingConv2d(nn.Module):
 
     def expand(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The plain conv weight (C_out*|G|, C_in, k, k) and bias (C_out*|G|,) this layer applies."""
-        bank = torch.stack([self.group.act_on_image(g, self.weight) for g in self.group.elements], dim=1)
-        bank = bank.flatten(0, 1)  # (C_out, |G|, C_in, k, k) -> (C_out*|G|, C_in, k, k)
+        k = self.kernel_size
+        bank = self.weight.flatten(2)[:, :, self.bank_index]  # (C_out, C_in, |G|, k*k): T_g psi for every g
+        bank = bank.transpose(1, 2).reshape(-1, self.in_channels, k, k)  # -> (C_out*|G|, C_in, k, k)
         bias = None if self.bias is None else self.bias.repeat_interleave(self.group.order)
         return bank, bias
 
@@ -106,6 +122,7 @@ class GroupConv2d(nn.Module):
         self.in_channels, self.out_channels, self.group, self.kernel_size = in_channels, out_channels, group, kernel_size
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels, group.order, kernel_size, kernel_size))
         self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
+        self.register_buffer("bank_index", bank_index(group, kernel_size, regular_input=True), persistent=False)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -116,9 +133,10 @@ class GroupConv2d(nn.Module):
 
     def expand(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The plain conv weight (C_out*|G|, C_in*|G|, k, k) and bias (C_out*|G|,) this layer applies."""
-        bank = torch.stack([self.group.act_on_regular(g, self.weight) for g in self.group.elements], dim=1)
-        # (C_out, |G|out, C_in, |G|in, k, k) -> (C_out*|G|, C_in*|G|, k, k)
-        bank = bank.flatten(2, 3).flatten(0, 1)
+        k, order = self.kernel_size, self.group.order
+        bank = self.weight.flatten(2)[:, :, self.bank_index]  # (C_out, C_in, |G|out, |G|in*k*k)
+        # -> (C_out, |G|out, C_in, |G|in*k*k) -> (C_out*|G|, C_in*|G|, k, k), channel-major on both sides
+        bank = bank.transpose(1, 2).reshape(-1, self.in_channels * order, k, k)
         bias = None if self.bias is None else self.bias.repeat_interleave(self.group.order)
         return bank, bias
 

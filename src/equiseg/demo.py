@@ -1,0 +1,148 @@
+"""``equiseg demo``: the seed's experiment, small, end to end on the built-in synthetic data.
+
+Generates a synthetic dataset, trains the seed's two models at matched parameter counts
+(isotropic U-Net without augmentation; plain U-Net with heavy augmentation) from the small
+presets in ``configs/``, evaluates both on the test split and writes a report folder.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from equiseg.config import Config
+
+PRESETS = {"isotropic": "isotropic-small.yaml", "plain": "plain-small.yaml"}
+
+
+def preset_path(name: str) -> Path:
+    """A preset in the repository's configs/ folder."""
+    path = Path(__file__).resolve().parents[2] / "configs" / name
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: preset not found (equiseg demo runs from a source checkout)")
+    return path
+
+
+def run_demo(out: Path, epochs: int | None = None, say: Callable[[str], None] = print,
+             overrides: list[str] | None = None) -> Path:
+    """Train, evaluate and report; returns the report folder ``out/report``.
+
+    ``overrides`` (``key=value``) apply to both presets, e.g. to shrink the demo in tests.
+    """
+    from equiseg.data.ocelot import OcelotFolder
+    from equiseg.evaluation.evaluate import evaluate_model, write_evaluation
+    from equiseg.models import count_parameters
+    from equiseg.report.plots import fmt, markdown_table, plot_cases, plot_loss_curves
+    from equiseg.training.fit import fit, load_model
+
+    started = time.time()
+    overrides = [*(overrides or []), *([f"train.epochs={epochs}"] if epochs else [])]
+    configs = {label: Config.from_yaml(preset_path(name), overrides) for label, name in PRESETS.items()}
+    iso, plain = configs["isotropic"], configs["plain"]
+    syn = iso.data.synthetic
+    say(f"equiseg demo: the seed's comparison, small, on 2 CPU cores (expected: about 12 minutes).\n"
+        f"  1. synthetic data: {syn.train} train / {syn.val} val / {syn.test} test pairs of {syn.size}x{syn.size} px\n"
+        f"  2. train isotropic U-Net width {iso.model.width} (no augmentation) and plain U-Net width "
+        f"{plain.model.width} ({augment_label(plain)} augmentation), matched parameter counts, {iso.train.epochs} epochs each on {iso.data.crop_size} px crops\n"
+        f"  3. evaluate both on the test split (loss, Dice, mIoU, OCELOT mF1) and write {out / 'report'}")
+    out.mkdir(parents=True, exist_ok=True)
+    root = out / "data"
+    if not (root / "metadata.json").is_file():
+        from equiseg.data.synthetic import generate_dataset
+
+        if root.exists():
+            import shutil
+
+            shutil.rmtree(root)  # an interrupted generation
+        generate_dataset(root, {"train": syn.train, "val": syn.val, "test": syn.test}, size=syn.size, seed=syn.seed)
+    configs = {label: Config.from_dict({**config.to_dict(), "data": {**config.to_dict()["data"], "root": str(root)}})
+               for label, config in configs.items()}
+    runs, results, evaluations = {}, {}, {}
+    for label, config in configs.items():
+        say(f"\n== training {label} (width {config.model.width}) ==")
+        run_dir = out / "runs" / config.name
+        if (run_dir / "checkpoints" / "last.ckpt").is_file() and _finished(run_dir, config):
+            say(f"   reusing the finished run in {run_dir}")
+        else:
+            if run_dir.exists():
+                import shutil
+
+                shutil.rmtree(run_dir)
+            fit(config, run_dir=run_dir)
+        runs[label] = run_dir
+    report = out / "report"
+    report.mkdir(exist_ok=True)
+    test = OcelotFolder(root, "test")
+    cases = []
+    for label, run_dir in runs.items():
+        say(f"\n== evaluating {label} on the test split ==")
+        model, config = load_model(run_dir)
+        kept: dict[int, np.ndarray] = {}
+        evaluation = evaluate_model(model, config, root, "test", keep=lambda i, sid, p: kept.__setitem__(i, p.numpy()))
+        write_evaluation(evaluation, run_dir / "eval-test", "test")
+        evaluations[label] = evaluation
+        results[label] = {"family": config.model.family.value, "width": config.model.width,
+                          "augment": augment_label(config),
+                          "parameters": count_parameters(model), **evaluation.scores}
+        # best and worst by per-image Dice, among images with cells (an empty image is trivially "best")
+        dice = [p["dice/mean"] if len(test[i].cells) else np.nan for i, p in enumerate(evaluation.per_image)]
+        if np.isnan(dice).all():
+            dice = [p["dice/mean"] for p in evaluation.per_image]
+        for kind, i in (("best", int(np.nanargmax(dice))), ("worst", int(np.nanargmin(dice)))):
+            sample = test[i]
+            cases.append({"title": f"{label}: {kind} ({test.ids[i]}, Dice {dice[i]:.2f})", "image": sample.cell_image,
+                          "probs": kept[i], "points": evaluation.points[i], "gt": sample.cells})
+    plot_loss_curves({label: run for label, run in runs.items()}, report / "loss_curves.png")
+    plot_cases(cases, report / "cases.png")
+    header = ["model", "family", "width", "params", "augment", "loss", "Dice", "Dice BC", "Dice TC", "mIoU", "mF1"]
+    rows = [[label, r["family"], str(r["width"]), f"{r['parameters']:,}", r["augment"], fmt(r["loss"]),
+             fmt(r["dice/mean"]), fmt(r["dice/BC"]), fmt(r["dice/TC"]), fmt(r["miou"]), fmt(r["mf1"])]
+            for label, r in results.items()]
+    table = markdown_table(header, rows)
+    minutes = (time.time() - started) / 60
+    machine = f"{platform.machine()}, {_cores()} cores, torch {_torch_version()}"
+    (report / "results.json").write_text(json.dumps({"results": results, "minutes": minutes, "machine": machine,
+                                                     "date": time.strftime("%Y-%m-%d")}, indent=1,
+                                                    default=lambda v: None) + "\n")
+    (report / "README.md").write_text(
+        f"# equiseg demo report\n\n{time.strftime('%Y-%m-%d %H:%M')}, {machine}, {minutes:.1f} min in all.\n\n"
+        f"Test split of the synthetic data ({len(test)} images of {syn.size} px). Loss: Dice + cross-entropy; "
+        "Dice and mIoU over background, BC and TC disks; mF1: OCELOT detection score (15 px).\n\n"
+        f"{table}\n\n![loss curves](loss_curves.png)\n\n![good and bad cases](cases.png)\n")
+    say("\n" + table)
+    say(f"\nreport: {report} ({minutes:.1f} min)")
+    return report
+
+
+def augment_label(config: Config) -> str:
+    """The preset name of a config's augmentation, or "custom"."""
+    from equiseg.data.augment import AugmentConfig
+
+    for name in ("none", "heavy", "non_symmetry"):
+        if config.data.augment == AugmentConfig.preset(name):
+            return name
+    return "custom"
+
+
+def _finished(run_dir: Path, config: Config) -> bool:
+    import torch
+
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    return state["epoch"] + 1 >= config.train.epochs and state["hyper_parameters"]["config"] == config.to_dict()
+
+
+def _cores() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _torch_version() -> str:
+    import torch
+
+    return torch.__version__
