@@ -8,7 +8,6 @@ presets in ``configs/``, evaluates both on the test split and writes a report fo
 from __future__ import annotations
 
 import json
-import platform
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -37,7 +36,7 @@ def run_demo(out: Path, epochs: int | None = None, say: Callable[[str], None] = 
     from equiseg.data.ocelot import OcelotFolder
     from equiseg.evaluation.evaluate import evaluate_model, write_evaluation
     from equiseg.models import count_parameters
-    from equiseg.report.plots import fmt, markdown_table, plot_cases, plot_loss_curves
+    from equiseg.report.plots import best_and_worst, fmt, machine_line, markdown_table, plot_cases, plot_loss_curves
     from equiseg.training.fit import fit, load_model
 
     started = time.time()
@@ -83,19 +82,19 @@ def run_demo(out: Path, epochs: int | None = None, say: Callable[[str], None] = 
         say(f"\n== evaluating {label} on the test split ==")
         model, config = load_model(run_dir)
         kept: dict[int, np.ndarray] = {}
-        evaluation = evaluate_model(model, config, root, "test", keep=lambda i, sid, p: kept.__setitem__(i, p.numpy()))
+
+        def keep(i: int, sample_id: str, probs, kept: dict = kept) -> None:
+            kept[i] = probs.numpy()
+
+        evaluation = evaluate_model(model, config, root, "test", keep=keep)
         write_evaluation(evaluation, run_dir / "eval-test", "test")
         evaluations[label] = evaluation
         results[label] = {"family": config.model.family.value, "width": config.model.width,
                           "augment": augment_label(config),
                           "parameters": count_parameters(model), **evaluation.scores}
-        # best and worst by per-image Dice, among images with cells (an empty image is trivially "best")
-        dice = [p["dice/mean"] if len(test[i].cells) else np.nan for i, p in enumerate(evaluation.per_image)]
-        if np.isnan(dice).all():
-            dice = [p["dice/mean"] for p in evaluation.per_image]
-        for kind, i in (("best", int(np.nanargmax(dice))), ("worst", int(np.nanargmin(dice)))):
-            sample = test[i]
-            cases.append({"title": f"{label}: {kind} ({test.ids[i]}, Dice {dice[i]:.2f})", "image": sample.cell_image,
+        for kind, i in best_and_worst(evaluation.per_image, [len(test[i].cells) > 0 for i in range(len(test))]):
+            sample, dice = test[i], evaluation.per_image[i]["dice/mean"]
+            cases.append({"title": f"{label}: {kind} ({test.ids[i]}, Dice {dice:.2f})", "image": sample.cell_image,
                           "probs": kept[i], "points": evaluation.points[i], "gt": sample.cells})
     plot_loss_curves({label: run for label, run in runs.items()}, report / "loss_curves.png")
     plot_cases(cases, report / "cases.png")
@@ -105,7 +104,7 @@ def run_demo(out: Path, epochs: int | None = None, say: Callable[[str], None] = 
             for label, r in results.items()]
     table = markdown_table(header, rows)
     minutes = (time.time() - started) / 60
-    machine = f"{platform.machine()}, {_cores()} cores, torch {_torch_version()}"
+    machine = machine_line()
     (report / "results.json").write_text(json.dumps({"results": results, "minutes": minutes, "machine": machine,
                                                      "date": time.strftime("%Y-%m-%d")}, indent=1,
                                                     default=lambda v: None) + "\n")
@@ -134,15 +133,3 @@ def _finished(run_dir: Path, config: Config) -> bool:
 
     state = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     return state["epoch"] + 1 >= config.train.epochs and state["hyper_parameters"]["config"] == config.to_dict()
-
-
-def _cores() -> int:
-    import os
-
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def _torch_version() -> str:
-    import torch
-
-    return torch.__version__

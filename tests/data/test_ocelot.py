@@ -3,8 +3,15 @@ import json
 import numpy as np
 import pytest
 
-from equiseg.data.ocelot import (DatasetError, GrandChallengeInput, OcelotFolder, pair_record, read_cells,
-                                 read_metadata, write_grand_challenge)
+from equiseg.data.ocelot import (
+    DatasetError,
+    GrandChallengeInput,
+    OcelotFolder,
+    pair_record,
+    read_cells,
+    read_metadata,
+    write_grand_challenge,
+)
 
 
 def test_zenodo_reader_round_trip(tiny_dataset):

@@ -5,8 +5,14 @@ import pytest
 import torch
 
 from equiseg.data.targets import cell_class_mask
-from equiseg.evaluation.detection import (PointsFormatError, detect_cells, detection_scores, match_counts,
-                                          read_points_json, write_points_json)
+from equiseg.evaluation.detection import (
+    PointsFormatError,
+    detect_cells,
+    detection_scores,
+    match_counts,
+    read_points_json,
+    write_points_json,
+)
 
 
 def test_hand_worked_matching():

@@ -6,8 +6,15 @@ import torch.nn.functional as F
 
 from equiseg.evaluation.equivariance import equivariance_errors
 from equiseg.groups import C4, D4, fold_group, unfold_group
-from equiseg.nn import (GroupBatchNorm2d, GroupConv2d, GroupPool, IsotropicConv2d, LiftingConv2d, fold_to_conv2d,
-                        pool_over_group)
+from equiseg.nn import (
+    GroupBatchNorm2d,
+    GroupConv2d,
+    GroupPool,
+    IsotropicConv2d,
+    LiftingConv2d,
+    fold_to_conv2d,
+    pool_over_group,
+)
 from equiseg.nn.isotropic import radius_index
 
 TOL = 1e-5
@@ -82,7 +89,7 @@ def test_lifting_bank_holds_rotated_copies():
 @pytest.mark.parametrize("mode", list(GroupPool))
 def test_pool_over_group_is_invariant_on_the_group_axis(group, mode):
     x = torch.randn(2, 3 * group.order, 8, 10)
-    pool = lambda y: pool_over_group(y, group, mode)  # noqa: E731
+    pool = lambda y: pool_over_group(y, group, mode)
     assert_equivariant(equivariance_errors(pool, x, group.elements, act_in=regular_out(group)))
 
 

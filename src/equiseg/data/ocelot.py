@@ -293,7 +293,7 @@ class GrandChallengeInput(Sequence[Sample]):
                 raise DatasetError(self.root / "images" / kind, "no TIFF found")
             try:
                 stack = tifffile.imread(files[0])
-            except Exception as error:  # tifffile raises many types for a broken file
+            except (OSError, ValueError, tifffile.TiffFileError) as error:
                 raise DatasetError(files[0], f"unreadable TIFF ({error})") from None
             if stack.ndim == 3:
                 stack = stack[None]  # one pair: (H, W, 3) -> (1, H, W, 3)

@@ -5,8 +5,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from equiseg.data.ocelot import (SPLITS, DatasetError, PairMeta, pair_paths, parse_cells, read_image,
-                                 read_metadata, read_tissue_mask)
+from equiseg.data.ocelot import (
+    SPLITS,
+    DatasetError,
+    PairMeta,
+    pair_paths,
+    parse_cells,
+    read_image,
+    read_metadata,
+    read_tissue_mask,
+)
 
 _KINDS = {  # file kind -> (folder under the root, suffix)
     "cell_image": ("images/{split}/cell", ".jpg"),

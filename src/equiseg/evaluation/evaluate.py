@@ -15,6 +15,7 @@ from torch import nn
 from equiseg.config import Config
 from equiseg.data.datamodule import image_to_tensor, sample_target
 from equiseg.data.ocelot import OcelotFolder
+from equiseg.data.targets import IGNORE_INDEX
 from equiseg.evaluation.detection import detect_cells, detection_scores, write_points_json
 from equiseg.evaluation.inference import predict_probabilities
 from equiseg.evaluation.metrics import confusion_matrix, segmentation_scores
@@ -33,13 +34,16 @@ class Evaluation:
 
 def evaluate_model(model: nn.Module, config: Config, root: Path | str, split: str = "test",
                    tile: int | None = 1024, on_image: Callable[[int, int], None] | None = None,
-                   keep: Callable[[int, str, torch.Tensor], None] | None = None) -> Evaluation:
+                   keep: Callable[[int, str, torch.Tensor], None] | None = None,
+                   transform: Callable | None = None) -> Evaluation:
     """Evaluate ``model`` (eval mode) on ``split`` of the dataset at ``root``.
 
     Loss: Dice + cross-entropy as in training, averaged over images. Dice and IoU: from the
     confusion matrix summed over the split. Detection (cell task): cells read off each
     probability map with ``config.detect`` and scored by the OCELOT rules (15 px). ``keep(i,
-    id, probs)`` receives each probability map (C, H, W), for pictures.
+    id, probs)`` receives each probability map (C, H, W), for pictures. ``transform`` (see
+    :mod:`equiseg.evaluation.robustness`) turns each image with its labels first; only its
+    valid region is scored.
     """
     task = config.task.value
     folder = OcelotFolder(root, split)
@@ -51,17 +55,23 @@ def evaluate_model(model: nn.Module, config: Config, root: Path | str, split: st
     for i in range(len(folder)):
         sample = folder[i]
         image, target = sample_target(sample, task, config.data.radius)
-        target = torch.from_numpy(target.astype(np.int64))
-        probs = predict_probabilities(model, image_to_tensor(image), tile=tile)
+        image, target = image_to_tensor(image), torch.from_numpy(target.astype(np.int64))
+        cells, valid = sample.cells, None
+        if transform is not None:
+            image, target, cells, valid = transform(image, target, cells)
+            target = torch.where(valid, target, torch.full_like(target, IGNORE_INDEX))
+        probs = predict_probabilities(model, image, tile=tile)
         logits = probs.clamp_min(1e-12).log()  # softmax is shift-invariant: log p are valid logits
         loss = float(loss_fn(logits[None], target[None]))
         image_cm = confusion_matrix(probs.argmax(0), target, len(names))
         cm += image_cm
         per_image.append({"loss": loss, "dice/mean": segmentation_scores(image_cm, names)["dice/mean"]})
         if task == "cells":
-            points.append(detect_cells(probs, config.detect.sigma, config.detect.min_distance,
-                                       config.detect.threshold))
-            gts.append(sample.cells)
+            found = detect_cells(probs, config.detect.sigma, config.detect.min_distance, config.detect.threshold)
+            if valid is not None and len(found):
+                found = found[valid[found[:, 1].astype(int), found[:, 0].astype(int)].numpy()]
+            points.append(found)
+            gts.append(cells)
         if keep is not None:
             keep(i, folder.ids[i], probs)
         if on_image is not None:

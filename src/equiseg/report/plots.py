@@ -9,10 +9,10 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # files only; no display needed
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
-from equiseg.report.pictures import draw_points, prediction_overlay, probability_picture  # noqa: E402
+from equiseg.report.pictures import draw_points, prediction_overlay, probability_picture
 
 
 def read_epoch_metrics(run_dir: Path | str) -> dict[str, dict[int, float]]:
@@ -94,3 +94,25 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+
+
+def best_and_worst(per_image: list[dict], has_cells: list[bool]) -> list[tuple[str, int]]:
+    """("best", i) and ("worst", i) by per-image Dice, among images with cells (an empty image
+    is trivially "best"); all images when none has cells."""
+    dice = [p["dice/mean"] if cells else np.nan for p, cells in zip(per_image, has_cells)]
+    if np.isnan(dice).all():
+        dice = [p["dice/mean"] for p in per_image]
+    if np.isnan(dice).all():
+        return []
+    return [("best", int(np.nanargmax(dice))), ("worst", int(np.nanargmin(dice)))]
+
+
+def machine_line() -> str:
+    """"x86_64, 2 cores, torch 2.13.0+cpu": where a report was made."""
+    import os
+    import platform
+
+    import torch
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return f"{platform.machine()}, {cores} cores, torch {torch.__version__}"

@@ -141,8 +141,11 @@ def fit(config: Config | None, runs: Path | str = "runs", resume: Path | str | N
                                   config.data.train_fraction, config.data.batch_size, config.data.num_workers,
                                   config.train.seed)
     module = SegmentationModule(config.to_dict())
-    checkpoints = ModelCheckpoint(dirpath=run_dir / CHECKPOINTS, filename="best", monitor="val/loss", mode="min",
-                                  save_top_k=1, save_last=True, enable_version_counter=False)
+    best = ModelCheckpoint(dirpath=run_dir / CHECKPOINTS, filename="best", monitor="val/loss", mode="min",
+                           save_top_k=1, enable_version_counter=False)
+    # Lightning's save_last only writes when a best checkpoint is written; this one writes every epoch
+    last = ModelCheckpoint(dirpath=run_dir / CHECKPOINTS, filename="last", monitor=None, save_top_k=1,
+                           enable_version_counter=False)
     trainer = L.Trainer(
         default_root_dir=run_dir,
         max_epochs=config.train.epochs,
@@ -151,7 +154,7 @@ def fit(config: Config | None, runs: Path | str = "runs", resume: Path | str | N
         strategy=config.train.strategy,
         precision=config.train.precision,
         logger=build_loggers(config, run_dir),
-        callbacks=[checkpoints, *(callbacks or [])],
+        callbacks=[best, last, *(callbacks or [])],
         log_every_n_steps=1,
         enable_progress_bar=progress,
         enable_model_summary=progress,

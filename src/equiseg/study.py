@@ -1,0 +1,226 @@
+"""``equiseg study``: does equivariance beat augmentation when data is scarce?
+
+A study trains every (variant, training fraction, seed) of its config, evaluates each model on
+the test split (scores, rotation robustness, equivariance certificate, and test-time
+augmentation for the plain variants), caches each result beside its run, and writes one
+report. Finished runs and evaluations are reused, so an interrupted study resumes.
+
+Study config (YAML)::
+
+    name: study-small
+    base: configs/plain-small.yaml          # data, train and detect settings shared by all runs
+    overrides: [data.synthetic.size=256]    # applied to the base
+    reference_width: 8                      # plain width whose parameter count the others match
+    variants:                               # label -> family (+ augmentation preset, + width)
+      plain: {family: plain, augment: none}
+      plain+heavy: {family: plain, augment: heavy}
+      isotropic: {family: isotropic}
+    fractions: [0.25, 1.0]
+    seeds: [0, 1, 2]
+    equal_steps: true                       # epochs / fraction, so every fraction gets the same steps
+    angles: [15, 30, 45]
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from equiseg.config import Config, ConfigError, apply_overrides
+
+
+@dataclass(frozen=True)
+class Variant:
+    label: str
+    family: str
+    augment: str = "none"
+    width: int | None = None
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    name: str
+    base: dict
+    variants: tuple[Variant, ...]
+    reference_width: int = 16
+    fractions: tuple[float, ...] = (0.25, 1.0)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    equal_steps: bool = True
+    angles: tuple[float, ...] = (15.0, 30.0, 45.0)
+    gc_input: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_yaml(cls, path: Path | str) -> StudyConfig:
+        path = Path(path)
+        data = yaml.safe_load(path.read_text()) or {}
+        known = {"name", "base", "overrides", "reference_width", "variants", "fractions", "seeds", "equal_steps",
+                 "angles", "gc_input"}
+        unknown = set(data) - known
+        if unknown:
+            raise ConfigError(f"{path}: unknown key(s) {sorted(unknown)}; known: {sorted(known)}")
+        base = data.get("base", {})
+        if isinstance(base, str):
+            base_path = (path.parent / base) if not Path(base).is_absolute() else Path(base)
+            if not base_path.is_file():
+                base_path = Path(base)
+            base = yaml.safe_load(base_path.read_text()) or {}
+        base = apply_overrides(base, data.get("overrides", []))
+        Config.from_dict(base)  # validate early
+        variants = []
+        for label, spec in (data.get("variants") or {}).items():
+            spec = dict(spec or {})
+            extra = set(spec) - {"family", "augment", "width"}
+            if extra or "family" not in spec:
+                raise ConfigError(f"{path}: variant {label!r} needs 'family' and may have 'augment' and 'width'")
+            variants.append(Variant(label, spec["family"], spec.get("augment", "none"), spec.get("width")))
+        if not variants:
+            raise ConfigError(f"{path}: no variants")
+        fractions = tuple(float(f) for f in data.get("fractions", (0.25, 1.0)))
+        if any(not 0 < f <= 1 for f in fractions):
+            raise ConfigError(f"{path}: fractions must lie in (0, 1]")
+        return cls(name=str(data.get("name", path.stem)), base=base, variants=tuple(variants),
+                   reference_width=int(data.get("reference_width", 16)), fractions=fractions,
+                   seeds=tuple(int(s) for s in data.get("seeds", (0, 1, 2))),
+                   equal_steps=bool(data.get("equal_steps", True)),
+                   angles=tuple(float(a) for a in data.get("angles", (15, 30, 45))),
+                   gc_input=data.get("gc_input"))
+
+    def run_config(self, variant: Variant, fraction: float, seed: int, width: int, data_root: str) -> Config:
+        """The full run config of one cell of the matrix."""
+        base = Config.from_dict(self.base)
+        epochs = base.train.epochs
+        if self.equal_steps:
+            epochs = max(1, round(epochs / fraction))
+        overrides = [f"name={variant.label}-f{fraction:g}-s{seed}", f"model.family={variant.family}",
+                     f"model.width={width}", f"data.augment={variant.augment}", f"data.train_fraction={fraction}",
+                     f"train.seed={seed}", f"train.epochs={epochs}", f"data.root={data_root}"]
+        return Config.from_dict(apply_overrides(self.base, overrides))
+
+
+def matched_widths(study: StudyConfig) -> dict[str, int]:
+    """Each variant's width: given, or matched to plain ``reference_width``'s parameter count."""
+    from equiseg.models import match_width, parameter_count
+
+    depth = Config.from_dict(study.base).model.depth
+    reference = parameter_count("plain", study.reference_width, depth)
+    return {v.label: v.width or match_width(v.family, reference, depth) for v in study.variants}
+
+
+def _json_default(value):
+    if isinstance(value, float | np.floating) and math.isnan(value):
+        return None
+    if isinstance(value, np.integer | np.floating):
+        return value.item()
+    return None
+
+
+def evaluate_run(run_dir: Path, root: Path, study: StudyConfig, gc_images: list[torch.Tensor]) -> dict:
+    """Scores, robustness, certificate and (plain models) TTA of one trained run; cached in study.json."""
+    from equiseg.data.datamodule import image_to_tensor
+    from equiseg.data.ocelot import OcelotFolder
+    from equiseg.evaluation.equivariance import GroupTTA, certificate
+    from equiseg.evaluation.evaluate import evaluate_model
+    from equiseg.evaluation.robustness import standard_transforms
+    from equiseg.groups import D4
+    from equiseg.models import count_parameters
+    from equiseg.training.fit import load_model
+
+    cache = run_dir / "study.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    model, config = load_model(run_dir)
+    result: dict = {"parameters": count_parameters(model), "family": config.model.family.value,
+                    "width": config.model.width}
+    start = time.perf_counter()
+    plain_eval = evaluate_model(model, config, root, "test", tile=None)
+    result["seconds"] = time.perf_counter() - start
+    result["scores"] = plain_eval.scores
+    result["per_image"] = plain_eval.per_image
+    result["robustness"] = {t.name: evaluate_model(model, config, root, "test", tile=None, transform=t).scores
+                            for t in standard_transforms(study.angles)}
+    test = OcelotFolder(root, "test")
+    images = [image_to_tensor(test[i].cell_image) for i in range(min(len(test), 4))]
+    group = config.model.family.group or D4
+    result["certificate"] = {"test": certificate(model, images, group), "group": group.name}
+    if gc_images:
+        result["certificate"]["real"] = certificate(model, gc_images, group)
+    if config.model.family.value == "plain":
+        tta = GroupTTA(model, D4)
+        start = time.perf_counter()
+        tta_eval = evaluate_model(tta, config, root, "test", tile=None)
+        result["tta"] = {"scores": tta_eval.scores, "seconds": time.perf_counter() - start}
+    cache.write_text(json.dumps(result, indent=1, default=_json_default) + "\n")
+    return result
+
+
+def run_study(study: StudyConfig, out: Path, say: Callable[[str], None] = print) -> Path:
+    """Train and evaluate the whole matrix (reusing what is finished) and write the report."""
+    from equiseg.data.synthetic import generate_dataset
+    from equiseg.demo import _finished
+    from equiseg.report.study_report import write_report
+    from equiseg.training.fit import fit
+
+    base = Config.from_dict(study.base)
+    out.mkdir(parents=True, exist_ok=True)
+    if base.data.root:
+        root = Path(base.data.root)
+    else:
+        root = out / "data"
+        if not (root / "metadata.json").is_file():
+            syn = base.data.synthetic
+            if root.exists():
+                import shutil
+
+                shutil.rmtree(root)
+            generate_dataset(root, {"train": syn.train, "val": syn.val, "test": syn.test}, size=syn.size,
+                             seed=syn.seed)
+    widths = matched_widths(study)
+    gc_images = _gc_images(study)
+    cells = [(v, f, s) for v in study.variants for f in study.fractions for s in study.seeds]
+    say(f"study {study.name}: {len(study.variants)} variants x {len(study.fractions)} fractions x "
+        f"{len(study.seeds)} seeds = {len(cells)} runs; widths {widths}")
+    results = []
+    started = time.time()
+    for k, (variant, fraction, seed) in enumerate(cells, start=1):
+        config = study.run_config(variant, fraction, seed, widths[variant.label], str(root))
+        run_dir = out / "runs" / variant.label / f"f{fraction:g}" / f"s{seed}"
+        reused = (run_dir / "checkpoints" / "last.ckpt").is_file() and _finished(run_dir, config)
+        if not reused:
+            if run_dir.exists():
+                import shutil
+
+                shutil.rmtree(run_dir)
+            fit(config, run_dir=run_dir, progress=False)
+        result = evaluate_run(run_dir, root, study, gc_images)
+        results.append({"variant": variant.label, "augment": variant.augment, "fraction": fraction, "seed": seed,
+                        "run_dir": str(run_dir), **result})
+        elapsed = (time.time() - started) / 60
+        say(f"[{k}/{len(cells)}] {variant.label} f={fraction:g} s={seed}: "
+            f"{'reused' if reused else 'trained'}; mF1 {result['scores'].get('mf1', float('nan')):.3f}, "
+            f"Dice {result['scores']['dice/mean']:.3f} ({elapsed:.1f} min so far)")
+    (out / "results.json").write_text(json.dumps({"study": study.name, "results": results}, indent=1,
+                                                 default=_json_default) + "\n")
+    return write_report(study, results, root, out / "report", minutes=(time.time() - started) / 60)
+
+
+def _gc_images(study: StudyConfig) -> list[torch.Tensor]:
+    """The real Grand Challenge cell patch(es), if the folder is there; cropped to 512 px to keep it cheap."""
+    from equiseg.data.datamodule import image_to_tensor
+    from equiseg.data.ocelot import GrandChallengeInput
+
+    candidates = [study.gc_input] if study.gc_input else []
+    candidates.append(str(Path(__file__).resolve().parents[3] / "shared" / "ocelot" / "gc_input"))
+    for path in candidates:
+        if path and Path(path).is_dir():
+            data = GrandChallengeInput(path)
+            return [image_to_tensor(data[i].cell_image)[:, 256:768, 256:768] for i in range(len(data))]
+    return []

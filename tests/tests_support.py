@@ -1,0 +1,23 @@
+"""Small datasets written by the tests themselves."""
+
+from pathlib import Path
+
+import numpy as np
+
+from equiseg.data.ocelot import pair_record, write_metadata, write_pair
+
+
+def tiny_dataset_with_cells(tmp: Path, size: int = 32, count: int = 2) -> Path:
+    """A test split of random-texture images with a few cells each (size x size px)."""
+    rng = np.random.default_rng(1)
+    root = tmp / "cells"
+    pairs = {}
+    for k in range(1, count + 1):
+        sid = f"{k:03d}"
+        image = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+        cells = np.array([[int(rng.integers(4, size - 4)), int(rng.integers(4, size - 4)), 1 + (j % 2)]
+                          for j in range(3)])
+        write_pair(root, "test", sid, image, image, cells, np.ones((size, size), np.uint8))
+        pairs[sid] = pair_record("test", 0.2, 0.8, 0.5, 0.5, cell_size=size, tissue_size=size)
+    write_metadata(root, pairs)
+    return root
