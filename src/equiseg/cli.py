@@ -341,3 +341,25 @@ def study(
     except (ConfigError, DatasetError, FileNotFoundError) as error:
         raise _fail(str(error)) from None
     typer.echo(f"report: {report}")
+
+
+@app.command()
+def challenge(
+    input_dir: Annotated[Path, typer.Argument(help="Grand Challenge input: images/{cell,tissue}_patches/*.tif, metadata.json.")],
+    output_dir: Annotated[Path, typer.Argument(help="Where cell_classification.json goes.")],
+    cell_model: Annotated[Path, typer.Option(help="Cell model: run folder or checkpoint.")],
+) -> None:
+    """Run a trained cell model as an OCELOT challenge algorithm on a Grand Challenge input folder.
+
+    Writes cell_classification.json in the official format, image_i = pair_id i.
+    """
+    from equiseg.challenge import run_challenge
+    from equiseg.data.ocelot import DatasetError
+
+    try:
+        progress, update = _progress("predicting pairs")
+        with progress:
+            path = run_challenge(input_dir, output_dir, cell_model, on_pair=update)
+    except (DatasetError, FileNotFoundError, ValueError) as error:
+        raise _fail(str(error)) from None
+    typer.echo(f"wrote {path}")
