@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from conftest import tiny_config
+from tests_support import tiny_config
 from equiseg.challenge import Model, run_challenge
 from equiseg.cli import app
 from equiseg.data.ocelot import OcelotFolder, write_grand_challenge

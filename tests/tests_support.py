@@ -21,3 +21,15 @@ def tiny_dataset_with_cells(tmp: Path, size: int = 32, count: int = 2) -> Path:
         pairs[sid] = pair_record("test", 0.2, 0.8, 0.5, 0.5, cell_size=size, tissue_size=size)
     write_metadata(root, pairs)
     return root
+
+
+def tiny_config(root, **sections):
+    from equiseg.config import Config
+
+    data = {"model": {"family": "plain", "width": 4, "depth": 2},
+            "data": {"root": str(root), "crop_size": 32, "batch_size": 2},
+            "train": {"epochs": 1, "lr": 1e-2, "loggers": ["csv"], "accelerator": "cpu"},
+            "detect": {"sigma": 2.0, "min_distance": 4}}
+    for key, value in sections.items():
+        data.setdefault(key, {}).update(value)
+    return Config.from_dict(data)

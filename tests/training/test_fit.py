@@ -6,7 +6,7 @@ import lightning as L
 import pytest
 import torch
 
-from conftest import tiny_config
+from tests_support import tiny_config
 from equiseg.data.datamodule import SegmentationDataModule
 from equiseg.evaluation.evaluate import evaluate_model
 from equiseg.training.fit import fit, load_model
