@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from tests_support import tiny_config
 from equiseg.challenge import Model, run_challenge
 from equiseg.cli import app
 from equiseg.data.ocelot import OcelotFolder, write_grand_challenge
 from equiseg.evaluation.detection import detection_scores, read_points_json
 from equiseg.evaluation.evaluate import evaluate_model
 from equiseg.training.fit import fit, load_model
+from tests_support import tiny_config
 
 runner = CliRunner()
 

@@ -37,7 +37,7 @@ def run_demo(out: Path, epochs: int | None = None, say: Callable[[str], None] = 
     from equiseg.evaluation.evaluate import evaluate_model, write_evaluation
     from equiseg.models import count_parameters
     from equiseg.report.plots import best_and_worst, fmt, machine_line, markdown_table, plot_cases, plot_loss_curves
-    from equiseg.training.fit import fit, load_model
+    from equiseg.training.fit import fit, load_model, run_finished
 
     started = time.time()
     overrides = [*(overrides or []), *([f"train.epochs={epochs}"] if epochs else [])]
@@ -65,7 +65,7 @@ def run_demo(out: Path, epochs: int | None = None, say: Callable[[str], None] = 
     for label, config in configs.items():
         say(f"\n== training {label} (width {config.model.width}) ==")
         run_dir = out / "runs" / config.name
-        if (run_dir / "checkpoints" / "last.ckpt").is_file() and _finished(run_dir, config):
+        if run_finished(run_dir, config):
             say(f"   reusing the finished run in {run_dir}")
         else:
             if run_dir.exists():
@@ -126,10 +126,3 @@ def augment_label(config: Config) -> str:
         if config.data.augment == AugmentConfig.preset(name):
             return name
     return "custom"
-
-
-def _finished(run_dir: Path, config: Config) -> bool:
-    import torch
-
-    state = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    return state["epoch"] + 1 >= config.train.epochs and state["hyper_parameters"]["config"] == config.to_dict()

@@ -165,9 +165,8 @@ def evaluate_run(run_dir: Path, root: Path, study: StudyConfig, gc_images: list[
 def run_study(study: StudyConfig, out: Path, say: Callable[[str], None] = print) -> Path:
     """Train and evaluate the whole matrix (reusing what is finished) and write the report."""
     from equiseg.data.synthetic import generate_dataset
-    from equiseg.demo import _finished
     from equiseg.report.study_report import write_report
-    from equiseg.training.fit import fit
+    from equiseg.training.fit import fit, run_finished
 
     base = Config.from_dict(study.base)
     out.mkdir(parents=True, exist_ok=True)
@@ -193,7 +192,7 @@ def run_study(study: StudyConfig, out: Path, say: Callable[[str], None] = print)
     for k, (variant, fraction, seed) in enumerate(cells, start=1):
         config = study.run_config(variant, fraction, seed, widths[variant.label], str(root))
         run_dir = out / "runs" / variant.label / f"f{fraction:g}" / f"s{seed}"
-        reused = (run_dir / "checkpoints" / "last.ckpt").is_file() and _finished(run_dir, config)
+        reused = run_finished(run_dir, config)
         if not reused:
             if run_dir.exists():
                 import shutil

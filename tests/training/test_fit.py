@@ -6,11 +6,11 @@ import lightning as L
 import pytest
 import torch
 
-from tests_support import tiny_config
 from equiseg.data.datamodule import SegmentationDataModule
 from equiseg.evaluation.evaluate import evaluate_model
 from equiseg.training.fit import fit, load_model
 from equiseg.training.module import SegmentationModule
+from tests_support import tiny_config
 
 
 def test_a_few_steps_lower_the_loss(synthetic_small):

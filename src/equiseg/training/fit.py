@@ -232,3 +232,12 @@ def load_model(checkpoint: Path | str, map_location: str | torch.device = "cpu")
     prefix = "model."
     model.load_state_dict({k[len(prefix):]: v for k, v in state["state_dict"].items() if k.startswith(prefix)})
     return model.eval(), config
+
+
+def run_finished(run_dir: Path, config: Config) -> bool:
+    """Whether ``run_dir`` holds a run of exactly ``config`` that trained all its epochs."""
+    last = run_dir / CHECKPOINTS / LAST
+    if not last.is_file():
+        return False
+    state = torch.load(last, map_location="cpu", weights_only=True)
+    return state["epoch"] + 1 >= config.train.epochs and state["hyper_parameters"]["config"] == config.to_dict()
