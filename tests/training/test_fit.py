@@ -128,3 +128,14 @@ def test_last_checkpoint_is_the_last_epoch_even_when_validation_got_worse(synthe
     run = fit(tiny_config(synthetic_small, train={"epochs": 3, "lr": 5.0}), run_dir=tmp_path / "run",
               progress=False)
     assert torch.load(run / "checkpoints/last.ckpt", weights_only=True)["epoch"] == 2
+
+
+def test_tissue_task_trains_and_evaluates(synthetic_small, tmp_path):
+    config = tiny_config(synthetic_small, model={"family": "isotropic"})
+    config = type(config).from_dict({**config.to_dict(), "task": "tissue"})
+    run = fit(config, run_dir=tmp_path / "run", progress=False)
+    model, loaded = load_model(run)
+    assert loaded.task.value == "tissue" and model.head.out_channels == 2
+    result = evaluate_model(model, loaded, synthetic_small, "test", tile=None)
+    assert {"dice/background", "dice/cancer", "miou", "loss"} <= set(result.scores)
+    assert "mf1" not in result.scores and result.points == []
