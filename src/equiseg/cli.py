@@ -82,6 +82,11 @@ def _progress(description: str):
     return progress, update
 
 
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(code)
+
+
 @app.command()
 def synth(
     out_dir: Annotated[Path, typer.Argument(help="Folder to create; must not exist or be empty.")],
@@ -109,8 +114,7 @@ def synth(
         with progress:
             generate_dataset(out_dir, counts, size=size, seed=seed, on_sample=update)
     except (ValueError, FileExistsError) as error:
-        typer.echo(f"error: {error}", err=True)
-        raise typer.Exit(2) from None
+        raise _fail(str(error)) from None
     typer.echo(f"wrote {sum(counts.values())} pairs ({train} train, {val} val, {test} test) of {size}x{size} px "
                f"to {out_dir}")
 
@@ -139,11 +143,6 @@ def verify(
             typer.echo(str(problem))
         typer.echo(f"{data_dir}: {'clean' if not problems else f'{len(problems)} problem(s)'}", err=True)
     raise typer.Exit(1 if problems else 0)
-
-
-def _fail(message: str, code: int = 2) -> typer.Exit:
-    typer.echo(f"error: {message}", err=True)
-    return typer.Exit(code)
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -209,7 +208,7 @@ def evaluate(
             result = evaluate_model(model, cfg, root, split, on_image=update)
     except (DatasetError, FileNotFoundError, ValueError) as error:
         raise _fail(str(error)) from None
-    out = out or (run if run.is_dir() else run.parent.parent) / f"eval-{split}"
+    out = out or _run_dir(run) / f"eval-{split}"
     paths = write_evaluation(result, out, split)
     typer.echo(f"{cfg.name} ({cfg.model.family.value}, width {cfg.model.width}) on {split}: {len(result.ids)} images")
     for key, label in SCORE_ROWS:
@@ -218,10 +217,14 @@ def evaluate(
     typer.echo("wrote " + ", ".join(str(p) for p in paths.values()))
 
 
+def _run_dir(run: Path) -> Path:
+    """The run folder of a run folder or of a checkpoint in its checkpoints/."""
+    return run if run.is_dir() else run.parent.parent
+
+
 def _run_data(run: Path) -> Path | None:
     """The dataset a run folder was trained on (its data.txt), if known."""
-    run_dir = run if run.is_dir() else run.parent.parent
-    marker = run_dir / "data.txt"
+    marker = _run_dir(run) / "data.txt"
     return Path(marker.read_text().strip()) if marker.is_file() else None
 
 
@@ -267,10 +270,6 @@ def export_gt(
         raise _fail(str(error)) from None
     path = write_points_json(out or Path(f"cell_gt_{split}.json"), cells, ground_truth=True)
     typer.echo(f"wrote {path}: {sum(len(c) for c in cells)} cells in {len(cells)} images")
-
-
-if __name__ == "__main__":
-    app()
 
 
 @app.command()
@@ -363,3 +362,7 @@ def challenge(
     except (DatasetError, FileNotFoundError, ValueError) as error:
         raise _fail(str(error)) from None
     typer.echo(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    app()

@@ -37,7 +37,7 @@ def run_demo(out: Path, epochs: int | None = None, say: Callable[[str], None] = 
     from equiseg.evaluation.evaluate import evaluate_model, write_evaluation
     from equiseg.models import count_parameters
     from equiseg.report.plots import best_and_worst, fmt, machine_line, markdown_table, plot_cases, plot_loss_curves
-    from equiseg.training.fit import fit, load_model, run_finished
+    from equiseg.training.fit import generate_synthetic, load_model, train_or_reuse
 
     started = time.time()
     overrides = [*(overrides or []), *([f"train.epochs={epochs}"] if epochs else [])]
@@ -50,29 +50,15 @@ def run_demo(out: Path, epochs: int | None = None, say: Callable[[str], None] = 
         f"{plain.model.width} ({augment_label(plain)} augmentation), matched parameter counts, {iso.train.epochs} epochs each on {iso.data.crop_size} px crops\n"
         f"  3. evaluate both on the test split (loss, Dice, mIoU, OCELOT mF1) and write {out / 'report'}")
     out.mkdir(parents=True, exist_ok=True)
-    root = out / "data"
-    if not (root / "metadata.json").is_file():
-        from equiseg.data.synthetic import generate_dataset
-
-        if root.exists():
-            import shutil
-
-            shutil.rmtree(root)  # an interrupted generation
-        generate_dataset(root, {"train": syn.train, "val": syn.val, "test": syn.test}, size=syn.size, seed=syn.seed)
+    root = generate_synthetic(out / "data", syn)
     configs = {label: Config.from_dict({**config.to_dict(), "data": {**config.to_dict()["data"], "root": str(root)}})
                for label, config in configs.items()}
     runs, results, evaluations = {}, {}, {}
     for label, config in configs.items():
         say(f"\n== training {label} (width {config.model.width}) ==")
         run_dir = out / "runs" / config.name
-        if run_finished(run_dir, config):
+        if train_or_reuse(config, run_dir):
             say(f"   reusing the finished run in {run_dir}")
-        else:
-            if run_dir.exists():
-                import shutil
-
-                shutil.rmtree(run_dir)
-            fit(config, run_dir=run_dir)
         runs[label] = run_dir
     report = out / "report"
     report.mkdir(exist_ok=True)

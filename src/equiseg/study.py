@@ -164,24 +164,12 @@ def evaluate_run(run_dir: Path, root: Path, study: StudyConfig, gc_images: list[
 
 def run_study(study: StudyConfig, out: Path, say: Callable[[str], None] = print) -> Path:
     """Train and evaluate the whole matrix (reusing what is finished) and write the report."""
-    from equiseg.data.synthetic import generate_dataset
     from equiseg.report.study_report import write_report
-    from equiseg.training.fit import fit, run_finished
+    from equiseg.training.fit import generate_synthetic, train_or_reuse
 
     base = Config.from_dict(study.base)
     out.mkdir(parents=True, exist_ok=True)
-    if base.data.root:
-        root = Path(base.data.root)
-    else:
-        root = out / "data"
-        if not (root / "metadata.json").is_file():
-            syn = base.data.synthetic
-            if root.exists():
-                import shutil
-
-                shutil.rmtree(root)
-            generate_dataset(root, {"train": syn.train, "val": syn.val, "test": syn.test}, size=syn.size,
-                             seed=syn.seed)
+    root = Path(base.data.root) if base.data.root else generate_synthetic(out / "data", base.data.synthetic)
     widths = matched_widths(study)
     gc_images = _gc_images(study)
     cells = [(v, f, s) for v in study.variants for f in study.fractions for s in study.seeds]
@@ -192,13 +180,7 @@ def run_study(study: StudyConfig, out: Path, say: Callable[[str], None] = print)
     for k, (variant, fraction, seed) in enumerate(cells, start=1):
         config = study.run_config(variant, fraction, seed, widths[variant.label], str(root))
         run_dir = out / "runs" / variant.label / f"f{fraction:g}" / f"s{seed}"
-        reused = run_finished(run_dir, config)
-        if not reused:
-            if run_dir.exists():
-                import shutil
-
-                shutil.rmtree(run_dir)
-            fit(config, run_dir=run_dir, progress=False)
+        reused = train_or_reuse(config, run_dir, progress=False)
         result = evaluate_run(run_dir, root, study, gc_images)
         results.append({"variant": variant.label, "augment": variant.augment, "fraction": fraction, "seed": seed,
                         "run_dir": str(run_dir), **result})

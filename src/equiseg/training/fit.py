@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -25,19 +26,31 @@ def cache_dir() -> Path:
     return Path(os.environ.get("EQUISEG_CACHE", Path.home() / ".cache" / "equiseg"))
 
 
-def synthetic_root(spec: SyntheticConfig) -> Path:
-    """The built-in synthetic dataset for ``spec``, generated on first use and reused after."""
+def generate_synthetic(root: Path, spec: SyntheticConfig) -> Path:
+    """The synthetic dataset ``spec`` at ``root``, generated unless a complete one is there.
+
+    It is written to a sibling folder and renamed into place, so ``root`` only ever holds a
+    whole dataset; an interrupted generation is never reused.
+    """
     from equiseg.data.synthetic import generate_dataset
 
-    key = json.dumps({"train": spec.train, "val": spec.val, "test": spec.test, "size": spec.size, "seed": spec.seed},
-                     sort_keys=True)
-    root = cache_dir() / "synthetic" / hashlib.sha1(key.encode()).hexdigest()[:12]
     if not (root / "metadata.json").is_file():
         partial = root.with_name(root.name + f".partial-{os.getpid()}")
+        if partial.exists():
+            shutil.rmtree(partial)
         generate_dataset(partial, {"train": spec.train, "val": spec.val, "test": spec.test}, size=spec.size,
                          seed=spec.seed)
-        partial.rename(root)  # whole datasets only: an interrupted generation is never reused
+        if root.exists():
+            shutil.rmtree(root)  # an incomplete dataset from an older interrupted run
+        partial.rename(root)
     return root
+
+
+def synthetic_root(spec: SyntheticConfig) -> Path:
+    """The built-in synthetic dataset for ``spec`` in the cache folder, generated on first use."""
+    key = json.dumps({"train": spec.train, "val": spec.val, "test": spec.test, "size": spec.size, "seed": spec.seed},
+                     sort_keys=True)
+    return generate_synthetic(cache_dir() / "synthetic" / hashlib.sha1(key.encode()).hexdigest()[:12], spec)
 
 
 def data_root(config: Config) -> Path:
@@ -241,3 +254,16 @@ def run_finished(run_dir: Path, config: Config) -> bool:
         return False
     state = torch.load(last, map_location="cpu", weights_only=True)
     return state["epoch"] + 1 >= config.train.epochs and state["hyper_parameters"]["config"] == config.to_dict()
+
+
+def train_or_reuse(config: Config, run_dir: Path, progress: bool = True) -> bool:
+    """Train ``config`` into ``run_dir`` unless a finished run of it is there; True if reused.
+
+    A folder holding anything else (another config, an unfinished run) is replaced.
+    """
+    if run_finished(run_dir, config):
+        return True
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    fit(config, run_dir=run_dir, progress=progress)
+    return False
