@@ -15,24 +15,37 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from equiseg.data.datamodule import image_to_tensor
+from equiseg.data.context import model_context
+from equiseg.data.datamodule import image_to_tensor, model_input
+from equiseg.data.ocelot import parse_pair
 from equiseg.evaluation.detection import detect_cells, write_points_json
 from equiseg.evaluation.inference import predict_probabilities
 
 CELL_MODEL_ENV = "EQUISEG_CELL_MODEL"
+TISSUE_MODEL_ENV = "EQUISEG_TISSUE_MODEL"
 
 
 class Model:
     """A trained equiseg cell model behind the challenge's call signature.
 
+    A cell model trained with tissue context (``data.context`` truth or model) also needs a
+    tissue model: each call then segments the tissue patch, cuts the cell patch's block out of
+    its probabilities (located from the pair's metadata) and feeds it to the cell model with
+    the cell patch, exactly as ``equiseg evaluate`` does.
+
     Args:
         metadata: the challenge's metadata list (entry ``pair_id`` describes that pair).
         cell_model: run folder or checkpoint; default ``$EQUISEG_CELL_MODEL`` (the container
             calls ``Model(metadata)`` with nothing else).
+        tissue_model: run folder or checkpoint of the tissue model, for a cell model with
+            context; default ``$EQUISEG_TISSUE_MODEL``, then the cell model's
+            ``data.tissue_model``.
         device: "cpu", "cuda", or None for CUDA when available.
     """
 
-    def __init__(self, metadata: list[dict], cell_model: Path | str | None = None, device: str | None = None) -> None:
+    def __init__(self, metadata: list[dict], cell_model: Path | str | None = None,
+                 tissue_model: Path | str | None = None, device: str | None = None) -> None:
+        from equiseg.data.context import load_tissue_model
         from equiseg.training.fit import load_model
 
         path = cell_model or os.environ.get(CELL_MODEL_ENV)
@@ -41,13 +54,29 @@ class Model:
         self.metadata = metadata
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model, self.config = load_model(path, map_location=self.device)
+        if self.config.task.value != "cells":
+            raise ValueError(f"{path}: a {self.config.task.value} model, not a cell model")
         self.model.to(self.device)
+        self.tissue_model = None
+        if self.config.data.context != "none":
+            tissue = tissue_model or os.environ.get(TISSUE_MODEL_ENV) or self.config.data.tissue_model
+            if not tissue:
+                raise ValueError(f"{path} was trained with tissue context (data.context={self.config.data.context}): "
+                                 f"pass a tissue model (--tissue-model, tissue_model= or ${TISSUE_MODEL_ENV})")
+            self.tissue_model = load_tissue_model(tissue, map_location=self.device).to(self.device)
+        elif tissue_model:
+            raise ValueError(f"{path} was trained without tissue context, so it cannot use a tissue model")
 
     def __call__(self, cell_patch: np.ndarray, tissue_patch: np.ndarray, pair_id: int) -> list[tuple]:
-        if cell_patch.dtype != np.uint8 or cell_patch.ndim != 3 or cell_patch.shape[-1] != 3:
-            raise ValueError(f"expected a uint8 (H, W, 3) cell patch, got {cell_patch.shape} {cell_patch.dtype}")
+        for name, patch in (("cell", cell_patch), ("tissue", tissue_patch)):
+            if patch.dtype != np.uint8 or patch.ndim != 3 or patch.shape[-1] != 3:
+                raise ValueError(f"expected a uint8 (H, W, 3) {name} patch, got {patch.shape} {patch.dtype}")
+        context = None
+        if self.tissue_model is not None:
+            meta = parse_pair(str(pair_id), self.metadata[pair_id], "metadata")
+            context = model_context(self.tissue_model, image_to_tensor(tissue_patch), meta, cell_patch.shape[:2])
         with torch.no_grad():
-            probs = predict_probabilities(self.model, image_to_tensor(cell_patch), tile=1024).float()
+            probs = predict_probabilities(self.model, model_input(cell_patch, context), tile=1024).float()
         detect = self.config.detect
         found = detect_cells(probs, detect.sigma, detect.min_distance, detect.threshold)
         height, width = cell_patch.shape[:2]
@@ -55,13 +84,13 @@ class Model:
                 for x, y, c, p in found]
 
 
-def run_challenge(input_dir: Path, output_dir: Path, cell_model: Path | str,
+def run_challenge(input_dir: Path, output_dir: Path, cell_model: Path | str, tissue_model: Path | str | None = None,
                   on_pair: Callable[[int, int], None] | None = None) -> Path:
     """Read a Grand Challenge input folder, predict every pair, write ``cell_classification.json``."""
     from equiseg.data.ocelot import GrandChallengeInput
 
     data = GrandChallengeInput(input_dir)
-    model = Model([m.record for m in data.metadata], cell_model=cell_model)
+    model = Model([m.record for m in data.metadata], cell_model=cell_model, tissue_model=tissue_model)
     points = []
     for pair_id in range(len(data)):
         sample = data[pair_id]

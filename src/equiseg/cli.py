@@ -293,6 +293,9 @@ def predict(
         raise _fail(f"no such file(s): {', '.join(missing)}")
     try:
         model, cfg = load_model(checkpoint)
+        if cfg.data.context != "none":
+            raise ValueError(f"{checkpoint} takes tissue context (data.context={cfg.data.context}), which a lone "
+                             "image lacks: use `equiseg challenge` (cell and tissue patches) or `equiseg evaluate`")
         progress, update = _progress("predicting")
         with progress:
             path = predict_files(model, cfg, images, out, tile=tile, overlap=overlap, on_image=update)
@@ -347,9 +350,14 @@ def challenge(
     input_dir: Annotated[Path, typer.Argument(help="Grand Challenge input: images/{cell,tissue}_patches/*.tif, metadata.json.")],
     output_dir: Annotated[Path, typer.Argument(help="Where cell_classification.json goes.")],
     cell_model: Annotated[Path, typer.Option(help="Cell model: run folder or checkpoint.")],
+    tissue_model: Annotated[Path | None, typer.Option(
+        help="Tissue model (run folder or checkpoint) for a cell model trained with tissue context; "
+             "default: the one named in the cell model's config.")] = None,
 ) -> None:
     """Run a trained cell model as an OCELOT challenge algorithm on a Grand Challenge input folder.
 
+    A cell model trained with tissue context gets the tissue model's probabilities over its
+    patch's block of the tissue patch (located from metadata.json) as extra input.
     Writes cell_classification.json in the official format, image_i = pair_id i.
     """
     from equiseg.challenge import run_challenge
@@ -358,7 +366,7 @@ def challenge(
     try:
         progress, update = _progress("predicting pairs")
         with progress:
-            path = run_challenge(input_dir, output_dir, cell_model, on_pair=update)
+            path = run_challenge(input_dir, output_dir, cell_model, tissue_model, on_pair=update)
     except (DatasetError, FileNotFoundError, ValueError) as error:
         raise _fail(str(error)) from None
     typer.echo(f"wrote {path}")

@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from equiseg.data.augment import AugmentConfig
+from equiseg.data.context import CONTEXT_CHANNELS, CONTEXT_KINDS
 from equiseg.models.unet import ConvFamily
 
 
@@ -58,6 +59,10 @@ class DataConfig:
     into the cache folder, see ``equiseg.training.fit.synthetic_root``). ``crop_size``: random
     square crops for training, px (empty: whole images). ``radius``: the cell disk radius, px.
     ``train_fraction``: the share of the training split used (a seeded subset).
+    ``context`` (cell task): tissue context as two extra input channels (see
+    :mod:`equiseg.data.context`): ``none``, ``truth`` (the ground-truth tissue mask) or
+    ``model`` (the probabilities of the tissue model at ``tissue_model``, a run folder or
+    checkpoint). Evaluation uses the tissue model whenever ``tissue_model`` is set.
     """
 
     root: str | None = None
@@ -68,6 +73,14 @@ class DataConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig.none)
     batch_size: int = 4
     num_workers: int = 0
+    context: str = "none"
+    tissue_model: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.context not in CONTEXT_KINDS:
+            raise ValueError(f"data.context must be one of {', '.join(CONTEXT_KINDS)}, got {self.context!r}")
+        if self.context == "model" and not self.tissue_model:
+            raise ValueError("data.context=model needs data.tissue_model (a tissue run folder or checkpoint)")
 
 
 @dataclass(frozen=True)
@@ -109,6 +122,15 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     detect: DetectConfig = field(default_factory=DetectConfig)
+
+    def __post_init__(self) -> None:
+        if self.task is Task.TISSUE and self.data.context != "none":
+            raise ValueError("data.context is for the cell task; a tissue model takes no tissue context")
+
+    @property
+    def in_channels(self) -> int:
+        """Input channels of the model: RGB, plus the two tissue classes with context."""
+        return 3 + (CONTEXT_CHANNELS if self.data.context != "none" else 0)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain builtin types only (safe for YAML and for ``torch.load(weights_only=True)``)."""

@@ -50,6 +50,9 @@ RGB_FROM_HED = torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57
 HED_FROM_RGB = torch.linalg.inv(RGB_FROM_HED.double()).float()
 """The colour-deconvolution matrix: ``od @ HED_FROM_RGB`` gives the H, E, D concentrations."""
 
+COLOUR_CHANNELS = 3
+"""Channels 0-2 of an image are RGB; any after them are extra maps the colour steps skip."""
+
 _MIN_INTENSITY = 1e-6
 # Optical density in the units of skimage's rgb2hed, -ln(I) / -ln(1e-6), so 1 is the darkest
 # pixel represented: the units in which HED-jitter strengths are usually quoted.
@@ -447,8 +450,11 @@ class Augment(nn.Module):
     the same batch. Random numbers are drawn on the generator's device; a generator on the
     image's device avoids copying the elastic noise between devices.
 
-    Shapes: image (B, C, H, W) float (C = 3 for stain jitter), masks {name: (B, H, W)} integer;
-    the outputs have the same shapes, dtypes and keys.
+    Shapes: image (B, C, H, W) float with C >= 3, masks {name: (B, H, W)} integer; the outputs
+    have the same shapes, dtypes and keys. The first three channels are the colours; channels
+    after them (tissue context maps) move with the image in the geometric steps, interpolated
+    the same way, and are left alone by the colour steps (stain, brightness and contrast,
+    noise, clamping).
     """
 
     def __init__(self, config: AugmentConfig) -> None:
@@ -464,15 +470,17 @@ class Augment(nn.Module):
             image, masks = self._dihedral(image, masks, generator)
         if cfg.rotation.enabled or cfg.elastic.enabled:
             image, masks = self._warp(image, masks, generator)
+        # extra channels (tissue context) moved with the geometry; the colour steps leave them alone
+        colour, extra = image[:, :COLOUR_CHANNELS], image[:, COLOUR_CHANNELS:]
         photometric = False
         if cfg.stain.enabled:
-            image, photometric = self._stain(image, generator), True
+            colour, photometric = self._stain(colour, generator), True
         if cfg.brightness_contrast.enabled:
-            image, photometric = self._brightness_contrast(image, generator), True
+            colour, photometric = self._brightness_contrast(colour, generator), True
         if cfg.noise.enabled:
-            image, photometric = self._noise(image, generator), True
+            colour, photometric = self._noise(colour, generator), True
         if photometric:
-            image = image.clamp(0.0, 1.0)
+            image = torch.cat([colour.clamp(0.0, 1.0), extra], dim=1)
         return image, masks
 
     def _dihedral(self, image: torch.Tensor, masks: dict[str, torch.Tensor], generator: torch.Generator | None

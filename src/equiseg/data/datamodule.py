@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from equiseg.data.context import ContextFn
 from equiseg.data.ocelot import OcelotFolder, Sample
 from equiseg.data.targets import cell_class_mask, tissue_class_mask
 
@@ -25,21 +26,35 @@ def sample_target(sample: Sample, task: str, radius: float) -> tuple[np.ndarray,
     return sample.tissue_image, tissue_class_mask(sample.tissue_mask)
 
 
+def model_input(image: np.ndarray, context: torch.Tensor | None) -> torch.Tensor:
+    """The model's input: the image as (3, H, W) in [0, 1], with the context channels after it."""
+    tensor = image_to_tensor(image)
+    return tensor if context is None else torch.cat([tensor, context.float()])
+
+
 class SegmentationDataset(Dataset):
     """Images and class-index targets of one split, decoded once and kept in memory.
 
-    Items are dicts: ``image`` (3, H, W) float in [0, 1], ``target`` (H, W) long (255 =
-    ignore), ``index`` (position in the split). With ``crop_size`` each item is a random
-    square crop (a fresh one each time, drawn from torch's seeded generator); without it, the
-    whole image.
+    Items are dicts: ``image`` (3, H, W) float in [0, 1] (with ``context``, (3 + 2, H, W): the
+    tissue context of :mod:`equiseg.data.context` after the colours), ``target`` (H, W) long
+    (255 = ignore), ``index`` (position in the split). With ``crop_size`` each item is a
+    random square crop of image, context and target together (a fresh one each time, drawn
+    from torch's seeded generator); without it, the whole image. Context is computed once per
+    sample and kept as float16 (2 x 2 bytes per pixel).
     """
 
     def __init__(self, folder: OcelotFolder, task: str, radius: float = 30.0, crop_size: int | None = None,
-                 indices: list[int] | None = None) -> None:
+                 indices: list[int] | None = None, context: ContextFn | None = None) -> None:
+        if context is not None and task != "cells":
+            raise ValueError("tissue context is for the cell task")
         self.folder, self.task, self.crop_size = folder, task, crop_size
         self.indices = list(range(len(folder))) if indices is None else list(indices)
         self.ids = [folder.ids[i] for i in self.indices]
-        self._items = [sample_target(folder[i], task, radius) for i in self.indices]
+        self._items, self._context = [], []
+        for i in self.indices:
+            sample = folder[i]
+            self._items.append(sample_target(sample, task, radius))
+            self._context.append(None if context is None else context(sample).half())
         if crop_size is not None:
             small = [self.ids[k] for k, (image, _) in enumerate(self._items) if min(image.shape[:2]) < crop_size]
             if small:
@@ -49,15 +64,17 @@ class SegmentationDataset(Dataset):
         return len(self._items)
 
     def __getitem__(self, k: int) -> dict[str, torch.Tensor | int]:
-        image, target = self._items[k]
+        (image, target), context = self._items[k], self._context[k]
         if self.crop_size is not None:
             h, w = target.shape
             # torch's generator: Lightning seeds it per worker (seed_everything(workers=True))
             top = int(torch.randint(0, h - self.crop_size + 1, ()))
             left = int(torch.randint(0, w - self.crop_size + 1, ()))
-            image = image[top:top + self.crop_size, left:left + self.crop_size]
-            target = target[top:top + self.crop_size, left:left + self.crop_size]
-        return {"image": image_to_tensor(image), "target": torch.from_numpy(target.astype(np.int64)), "index": k}
+            rows, cols = slice(top, top + self.crop_size), slice(left, left + self.crop_size)
+            image, target = image[rows, cols], target[rows, cols]
+            context = None if context is None else context[:, rows, cols]
+        return {"image": model_input(image, context), "target": torch.from_numpy(target.astype(np.int64)),
+                "index": k}
 
 
 def training_subset(n: int, fraction: float, seed: int) -> list[int]:
@@ -72,9 +89,11 @@ class SegmentationDataModule(L.LightningDataModule):
     """Train, val and test loaders over a Zenodo-layout folder for one task."""
 
     def __init__(self, root: Path | str, task: str = "cells", radius: float = 30.0, crop_size: int | None = 256,
-                 train_fraction: float = 1.0, batch_size: int = 4, num_workers: int = 0, seed: int = 0) -> None:
+                 train_fraction: float = 1.0, batch_size: int = 4, num_workers: int = 0, seed: int = 0,
+                 context: ContextFn | None = None) -> None:
         super().__init__()
         self.root, self.task, self.radius, self.crop_size = Path(root), task, radius, crop_size
+        self.context = context
         self.train_fraction, self.batch_size, self.num_workers, self.seed = train_fraction, batch_size, num_workers, seed
         self.datasets: dict[str, SegmentationDataset] = {}
 
@@ -86,7 +105,7 @@ class SegmentationDataModule(L.LightningDataModule):
             train = split == "train"
             indices = training_subset(len(folder), self.train_fraction, self.seed) if train else None
             self.datasets[split] = SegmentationDataset(folder, self.task, self.radius,
-                                                       self.crop_size if train else None, indices)
+                                                       self.crop_size if train else None, indices, self.context)
         return self.datasets[split]
 
     def setup(self, stage: str | None = None) -> None:

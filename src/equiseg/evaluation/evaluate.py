@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from equiseg.config import Config
-from equiseg.data.datamodule import image_to_tensor, sample_target
+from equiseg.data.context import ContextFn, run_context
+from equiseg.data.datamodule import model_input, sample_target
 from equiseg.data.ocelot import OcelotFolder
 from equiseg.data.targets import IGNORE_INDEX
 from equiseg.evaluation.detection import detect_cells, detection_scores, write_points_json
@@ -35,7 +36,7 @@ class Evaluation:
 def evaluate_model(model: nn.Module, config: Config, root: Path | str, split: str = "test",
                    tile: int | None = 1024, on_image: Callable[[int, int], None] | None = None,
                    keep: Callable[[int, str, torch.Tensor], None] | None = None,
-                   transform: Callable | None = None) -> Evaluation:
+                   transform: Callable | None = None, context: ContextFn | None = None) -> Evaluation:
     """Evaluate ``model`` (eval mode) on ``split`` of the dataset at ``root``.
 
     Loss: Dice + cross-entropy as in training, averaged over images. Dice and IoU: from the
@@ -43,7 +44,9 @@ def evaluate_model(model: nn.Module, config: Config, root: Path | str, split: st
     probability map with ``config.detect`` and scored by the OCELOT rules (15 px). ``keep(i,
     id, probs)`` receives each probability map (C, H, W), for pictures. ``transform`` (see
     :mod:`equiseg.evaluation.robustness`) turns each image with its labels first; only its
-    valid region is scored.
+    valid region is scored. ``context`` gives a context model its tissue channels (default:
+    :func:`equiseg.data.context.run_context` of the config for evaluation, i.e. the tissue
+    model's probabilities where the config names one); it is ignored for models without context.
     """
     task = config.task.value
     folder = OcelotFolder(root, split)
@@ -51,11 +54,16 @@ def evaluate_model(model: nn.Module, config: Config, root: Path | str, split: st
     loss_fn = DiceCELoss(config.train.dice_weight, config.train.ce_weight)
     cm = torch.zeros(len(names), len(names), dtype=torch.long)
     points, gts, per_image = [], [], []
+    if config.data.context == "none":
+        context = None
+    elif context is None:
+        context = run_context(config.data, evaluation=True)
     model.eval()
     for i in range(len(folder)):
         sample = folder[i]
         image, target = sample_target(sample, task, config.data.radius)
-        image, target = image_to_tensor(image), torch.from_numpy(target.astype(np.int64))
+        image = model_input(image, None if context is None else context(sample))
+        target = torch.from_numpy(target.astype(np.int64))
         cells, valid = sample.cells, None
         if transform is not None:
             image, target, cells, valid = transform(image, target, cells)

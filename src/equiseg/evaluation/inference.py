@@ -16,7 +16,7 @@ def _starts(length: int, tile: int, step: int) -> list[int]:
 @torch.no_grad()
 def predict_probabilities(model: nn.Module, image: torch.Tensor, tile: int | None = 1024,
                           overlap: int = 128) -> torch.Tensor:
-    """Softmax probabilities (C, H, W) for one image (3, H, W) in [0, 1].
+    """Softmax probabilities (classes, H, W) for one input (C, H, W): RGB in [0, 1], then any context.
 
     Images no larger than ``tile`` on both sides go through whole. Larger ones are cut into
     ``tile`` x ``tile`` windows overlapping by ``overlap`` px; each window's probabilities are

@@ -31,7 +31,7 @@ class Transform:
 
     def __call__(self, image: torch.Tensor, target: torch.Tensor, cells: np.ndarray
                  ) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, torch.Tensor]:
-        """(3, H, W) image, (H, W) target, (N, 3) cells -> the same transformed, and (H, W) bool valid."""
+        """(C, H, W) image (with any context channels), (H, W) target, (N, 3) cells -> the same transformed, and (H, W) bool valid."""
         height, width = target.shape
         if self.element is not None:
             g = self.element

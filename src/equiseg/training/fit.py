@@ -124,6 +124,7 @@ def fit(config: Config | None, runs: Path | str = "runs", resume: Path | str | N
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
 
+    from equiseg.data.context import run_context
     from equiseg.data.datamodule import SegmentationDataModule
     from equiseg.training.module import SegmentationModule
 
@@ -152,7 +153,7 @@ def fit(config: Config | None, runs: Path | str = "runs", resume: Path | str | N
     L.seed_everything(config.train.seed, workers=True, verbose=False)
     data = SegmentationDataModule(root, config.task.value, config.data.radius, config.data.crop_size,
                                   config.data.train_fraction, config.data.batch_size, config.data.num_workers,
-                                  config.train.seed)
+                                  config.train.seed, context=run_context(config.data))
     module = SegmentationModule(config.to_dict())
     best = ModelCheckpoint(dirpath=run_dir / CHECKPOINTS, filename="best", monitor="val/loss", mode="min",
                            save_top_k=1, enable_version_counter=False)
@@ -240,7 +241,7 @@ def load_model(checkpoint: Path | str, map_location: str | torch.device = "cpu")
         raise FileNotFoundError(f"{path}: no checkpoint there")
     state = torch.load(path, map_location=map_location, weights_only=True)
     config = Config.from_dict(state["hyper_parameters"]["config"])
-    model = build_model(config.model.family, config.model.width, config.model.depth,
+    model = build_model(config.model.family, config.model.width, config.model.depth, config.in_channels,
                         num_classes=len(config.task.class_names))
     prefix = "model."
     model.load_state_dict({k[len(prefix):]: v for k, v in state["state_dict"].items() if k.startswith(prefix)})

@@ -30,7 +30,7 @@ class SegmentationModule(L.LightningModule):
         self.config = Config.from_dict(config)
         cfg = self.config
         self.class_names = cfg.task.class_names
-        self.model = build_model(cfg.model.family, cfg.model.width, cfg.model.depth,
+        self.model = build_model(cfg.model.family, cfg.model.width, cfg.model.depth, cfg.in_channels,
                                  num_classes=len(self.class_names))
         self.loss = DiceCELoss(cfg.train.dice_weight, cfg.train.ce_weight)
         self.augment = None if cfg.data.augment == AugmentConfig.none() else Augment(cfg.data.augment)
