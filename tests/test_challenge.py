@@ -4,10 +4,12 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from equiseg.challenge import Model, run_challenge
 from equiseg.cli import app
+from equiseg.config import Config
 from equiseg.data.ocelot import OcelotFolder, write_grand_challenge
 from equiseg.evaluation.detection import detection_scores, read_points_json
 from equiseg.evaluation.evaluate import evaluate_model
@@ -21,6 +23,21 @@ runner = CliRunner()
 def trained(synthetic_small, tmp_path_factory):
     config = tiny_config(synthetic_small, train={"epochs": 3}, detect={"threshold": 0.3})
     return fit(config, run_dir=tmp_path_factory.mktemp("challenge") / "run", progress=False)
+
+
+@pytest.fixture(scope="module")
+def tissue_run(synthetic_small, tmp_path_factory):
+    config = tiny_config(synthetic_small, model={"family": "p4m", "width": 2}, train={"epochs": 2})
+    config = type(config).from_dict({**config.to_dict(), "task": "tissue"})
+    return fit(config, run_dir=tmp_path_factory.mktemp("challenge") / "tissue", progress=False)
+
+
+@pytest.fixture(scope="module")
+def context_run(synthetic_small, tissue_run, tmp_path_factory):
+    """A cell model trained on the ground-truth tissue context (with heavy augmentation), tissue model named."""
+    config = tiny_config(synthetic_small, train={"epochs": 2}, detect={"threshold": 0.3},
+                         data={"context": "truth", "tissue_model": str(tissue_run), "augment": "heavy"})
+    return fit(config, run_dir=tmp_path_factory.mktemp("challenge") / "context", progress=False)
 
 
 def assert_official(points_file, n):
@@ -66,3 +83,95 @@ def test_challenge_on_the_real_grand_challenge_input(trained, tmp_path):
         pytest.skip("the real Grand Challenge input is not in ../shared/ocelot")
     path = run_challenge(gc, tmp_path / "out", trained)
     assert_official(path, 1)
+
+
+def test_a_context_model_needs_a_tissue_model_and_a_plain_one_refuses_it(context_run, tissue_run, trained,
+                                                                         synthetic_small, tmp_path, monkeypatch):
+    import shutil
+
+    sample = OcelotFolder(synthetic_small, "test")[0]
+    model = Model([sample.meta.record], cell_model=context_run, device="cpu")  # the config names the tissue model
+    assert model.tissue_model is not None
+    assert model.model(torch.zeros(1, 5, 16, 16)).shape == (1, 3, 16, 16)
+    # a copy of the run whose config names no tissue model
+    bare = tmp_path / "bare"
+    shutil.copytree(context_run, bare)
+    state = torch.load(bare / "checkpoints/best.ckpt", weights_only=True)
+    config = Config.from_dict(state["hyper_parameters"]["config"]).to_dict()
+    config["data"]["tissue_model"] = None
+    state["hyper_parameters"]["config"] = config
+    torch.save(state, bare / "checkpoints/best.ckpt")
+    monkeypatch.delenv("EQUISEG_TISSUE_MODEL", raising=False)
+    with pytest.raises(ValueError, match="tissue context"):
+        Model([sample.meta.record], cell_model=bare, device="cpu")
+    monkeypatch.setenv("EQUISEG_TISSUE_MODEL", str(tissue_run))
+    assert Model([sample.meta.record], cell_model=bare, device="cpu").tissue_model is not None
+    with pytest.raises(ValueError, match="without tissue context"):
+        Model([sample.meta.record], cell_model=trained, tissue_model=tissue_run, device="cpu")
+    with pytest.raises(ValueError, match="not a tissue model"):
+        Model([sample.meta.record], cell_model=bare, tissue_model=trained, device="cpu")
+    from PIL import Image
+
+    Image.fromarray(sample.cell_image).save(tmp_path / "cell.png")
+    result = runner.invoke(app, ["predict", str(context_run), str(tmp_path / "cell.png")])
+    assert result.exit_code == 2 and "tissue context" in result.output
+
+
+def test_challenge_with_tissue_context_scores_equal_evaluate(context_run, tissue_run, synthetic_small, tmp_path):
+    samples = list(OcelotFolder(synthetic_small, "test"))
+    gc = write_grand_challenge(tmp_path / "gc", samples)
+    result = runner.invoke(app, ["challenge", str(gc), str(tmp_path / "out"), "--cell-model", str(context_run),
+                                 "--tissue-model", str(tissue_run)])
+    assert result.exit_code == 0, result.output
+    points_file = tmp_path / "out" / "cell_classification.json"
+    assert_official(points_file, len(samples))
+    model, config = load_model(context_run)
+    assert config.data.context == "truth" and config.in_channels == 5
+    evaluation = evaluate_model(model, config, synthetic_small, "test")  # uses the named tissue model
+    challenge_scores = detection_scores(read_points_json(points_file, len(samples)), [s.cells for s in samples])
+    for key in ("precision/BC", "recall/BC", "f1/BC", "precision/TC", "recall/TC", "f1/TC", "mf1"):
+        assert challenge_scores[key] == evaluation.scores[key], key
+    # the oracle (ground-truth context) is another input, so it gives other probabilities
+    from equiseg.data.context import truth_context
+
+    oracle = evaluate_model(model, config, synthetic_small, "test", context=truth_context)
+    assert oracle.scores["loss"] != evaluation.scores["loss"]
+
+
+def test_challenge_with_tissue_context_on_the_real_grand_challenge_input(context_run, tissue_run, tmp_path):
+    from pathlib import Path
+
+    gc = Path(__file__).resolve().parents[2] / "shared" / "ocelot" / "gc_input"
+    if not gc.is_dir():
+        pytest.skip("the real Grand Challenge input is not in ../shared/ocelot")
+    assert_official(run_challenge(gc, tmp_path / "out", context_run, tissue_run), 1)
+
+
+def test_evaluate_command_takes_the_tissue_model_or_the_oracle(context_run, tissue_run, trained, tmp_path):
+    scores = {}
+    for name, extra in (("model", ["--tissue-model", str(tissue_run)]), ("oracle", ["--oracle-context"])):
+        result = runner.invoke(app, ["evaluate", str(context_run), "--out", str(tmp_path / name), *extra])
+        assert result.exit_code == 0, result.output
+        scores[name] = json.loads((tmp_path / name / "scores-test.json").read_text())["scores"]
+    model, config = load_model(context_run)
+    from equiseg.data.context import truth_context
+
+    oracle = evaluate_model(model, config, config.data.root, "test", context=truth_context)
+    assert scores["oracle"]["loss"] == pytest.approx(oracle.scores["loss"], rel=1e-12)
+    assert scores["model"]["loss"] != scores["oracle"]["loss"]
+    result = runner.invoke(app, ["evaluate", str(trained), "--oracle-context", "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "without tissue context" in result.output
+
+
+def test_training_on_the_tissue_models_context(synthetic_small, tissue_run, tmp_path):
+    from equiseg.data.context import context_fn
+    from equiseg.data.datamodule import SegmentationDataModule
+
+    config = tiny_config(synthetic_small, data={"context": "model", "tissue_model": str(tissue_run)})
+    run = fit(config, run_dir=tmp_path / "run", progress=False)
+    model, loaded = load_model(run)
+    assert loaded.data.context == "model" and np.isfinite(evaluate_model(model, loaded, synthetic_small).scores["loss"])
+    # what the cell model trained on: the tissue model's probabilities, which sum to 1 inside the tissue patch
+    data = SegmentationDataModule(synthetic_small, crop_size=None, context=context_fn("model", tissue_run))
+    context = data.dataset("train")[0]["image"][3:].float()
+    assert context.shape[0] == 2 and torch.allclose(context.sum(0), torch.ones(64, 64), atol=2e-3)

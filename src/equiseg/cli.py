@@ -190,22 +190,35 @@ def evaluate(
     data: Annotated[Path | None, typer.Option(help="Dataset folder; default: the one the run trained on.")] = None,
     split: Annotated[str, typer.Option(help="train, val or test.")] = "test",
     out: Annotated[Path | None, typer.Option(help="Output folder; default: RUN/eval-SPLIT.")] = None,
+    tissue_model: Annotated[Path | None, typer.Option(
+        help="For a cell model with tissue context: the tissue model giving it (default: the one its config "
+             "names).")] = None,
+    oracle_context: Annotated[bool, typer.Option(
+        help="For a cell model with tissue context: feed it the ground-truth tissue mask instead.")] = False,
 ) -> None:
     """Score a trained model on a split: loss, Dice, IoU, mIoU and the OCELOT detection score (mF1).
 
-    Writes scores-SPLIT.json and cell_classification.json (the official prediction format,
-    image_i = i-th sample id of the split in sorted order) and prints a table.
+    A cell model trained with tissue context gets the tissue model's probabilities (as in the
+    challenge), or the ground-truth mask with --oracle-context. Writes scores-SPLIT.json and
+    cell_classification.json (the official prediction format, image_i = i-th sample id of the
+    split in sorted order) and prints a table.
     """
+    from equiseg.data.context import run_context, truth_context
     from equiseg.data.ocelot import DatasetError
     from equiseg.evaluation.evaluate import SCORE_ROWS, evaluate_model, write_evaluation
     from equiseg.training.fit import data_root, load_model
 
     try:
         model, cfg = load_model(run)
+        if (tissue_model or oracle_context) and cfg.data.context == "none":
+            raise ValueError(f"{run} was trained without tissue context: --tissue-model and --oracle-context "
+                             "do not apply")
+        context = truth_context if oracle_context else (
+            run_context(cfg.data, evaluation=True, tissue_model=tissue_model) if cfg.data.context != "none" else None)
         root = data if data is not None else _run_data(run) or data_root(cfg)
         progress, update = _progress(f"evaluating on {split}")
         with progress:
-            result = evaluate_model(model, cfg, root, split, on_image=update)
+            result = evaluate_model(model, cfg, root, split, on_image=update, context=context)
     except (DatasetError, FileNotFoundError, ValueError) as error:
         raise _fail(str(error)) from None
     out = out or _run_dir(run) / f"eval-{split}"
