@@ -15,10 +15,18 @@ Study config (YAML)::
       plain: {family: plain, augment: none}
       plain+heavy: {family: plain, augment: heavy}
       isotropic: {family: isotropic}
+      isotropic+ctx: {family: isotropic, context: model}   # + tissue context (see below)
+    tissue: [model.family=p4m, model.width=4]  # overrides of the base for the tissue model
     fractions: [0.25, 1.0]
     seeds: [0, 1, 2]
     equal_steps: true                       # epochs / fraction, so every fraction gets the same steps
     angles: [15, 30, 45]
+
+Variants with ``context`` (``truth`` or ``model``, as ``data.context``) get the tissue-class
+maps of one tissue model as extra input; that model is trained first (``task: tissue``, the
+base with the ``tissue`` overrides, the full training split, seed 0) into ``runs/_tissue``.
+Context variants take the width of their family (only the first conv grows) and are evaluated
+with the tissue model's predictions, and also with the ground-truth tissue mask ("oracle").
 """
 
 from __future__ import annotations
@@ -31,10 +39,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 import yaml
 
 from equiseg.config import Config, ConfigError, apply_overrides
+from equiseg.data.context import CONTEXT_KINDS, ContextFn, cached, run_context, truth_context
 
 
 @dataclass(frozen=True)
@@ -43,6 +51,7 @@ class Variant:
     family: str
     augment: str = "none"
     width: int | None = None
+    context: str = "none"
 
 
 @dataclass(frozen=True)
@@ -56,6 +65,7 @@ class StudyConfig:
     equal_steps: bool = True
     angles: tuple[float, ...] = (15.0, 30.0, 45.0)
     gc_input: str | None = None
+    tissue: tuple[str, ...] = ()
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -63,7 +73,7 @@ class StudyConfig:
         path = Path(path)
         data = yaml.safe_load(path.read_text()) or {}
         known = {"name", "base", "overrides", "reference_width", "variants", "fractions", "seeds", "equal_steps",
-                 "angles", "gc_input"}
+                 "angles", "gc_input", "tissue"}
         unknown = set(data) - known
         if unknown:
             raise ConfigError(f"{path}: unknown key(s) {sorted(unknown)}; known: {sorted(known)}")
@@ -78,10 +88,14 @@ class StudyConfig:
         variants = []
         for label, spec in (data.get("variants") or {}).items():
             spec = dict(spec or {})
-            extra = set(spec) - {"family", "augment", "width"}
+            extra = set(spec) - {"family", "augment", "width", "context"}
             if extra or "family" not in spec:
-                raise ConfigError(f"{path}: variant {label!r} needs 'family' and may have 'augment' and 'width'")
-            variants.append(Variant(label, spec["family"], spec.get("augment", "none"), spec.get("width")))
+                raise ConfigError(f"{path}: variant {label!r} needs 'family' and may have 'augment', 'width' and "
+                                  "'context'")
+            context = spec.get("context", "none")
+            if context not in CONTEXT_KINDS:
+                raise ConfigError(f"{path}: variant {label!r}: context must be one of {', '.join(CONTEXT_KINDS)}")
+            variants.append(Variant(label, spec["family"], spec.get("augment", "none"), spec.get("width"), context))
         if not variants:
             raise ConfigError(f"{path}: no variants")
         fractions = tuple(float(f) for f in data.get("fractions", (0.25, 1.0)))
@@ -92,10 +106,20 @@ class StudyConfig:
                    seeds=tuple(int(s) for s in data.get("seeds", (0, 1, 2))),
                    equal_steps=bool(data.get("equal_steps", True)),
                    angles=tuple(float(a) for a in data.get("angles", (15, 30, 45))),
-                   gc_input=data.get("gc_input"))
+                   gc_input=data.get("gc_input"), tissue=tuple(str(t) for t in data.get("tissue") or ()))
 
-    def run_config(self, variant: Variant, fraction: float, seed: int, width: int, data_root: str) -> Config:
-        """The full run config of one cell of the matrix."""
+    @property
+    def uses_context(self) -> bool:
+        return any(v.context != "none" for v in self.variants)
+
+    def tissue_config(self, data_root: str) -> Config:
+        """The tissue model's run config: the base, the ``tissue`` overrides, task tissue."""
+        overrides = ["name=tissue", "task=tissue", "data.augment=none", f"data.root={data_root}", *self.tissue]
+        return Config.from_dict(apply_overrides(self.base, overrides))
+
+    def run_config(self, variant: Variant, fraction: float, seed: int, width: int, data_root: str,
+                   tissue_model: str | None = None) -> Config:
+        """The full run config of one cell of the matrix (``tissue_model``: for context variants)."""
         base = Config.from_dict(self.base)
         epochs = base.train.epochs
         if self.equal_steps:
@@ -103,6 +127,10 @@ class StudyConfig:
         overrides = [f"name={variant.label}-f{fraction:g}-s{seed}", f"model.family={variant.family}",
                      f"model.width={width}", f"data.augment={variant.augment}", f"data.train_fraction={fraction}",
                      f"train.seed={seed}", f"train.epochs={epochs}", f"data.root={data_root}"]
+        if variant.context != "none":
+            if tissue_model is None:
+                raise ValueError(f"variant {variant.label} takes tissue context: a tissue model is needed")
+            overrides += [f"data.context={variant.context}", f"data.tissue_model={tissue_model}"]
         return Config.from_dict(apply_overrides(self.base, overrides))
 
 
@@ -123,9 +151,15 @@ def _json_default(value):
     return None
 
 
-def evaluate_run(run_dir: Path, root: Path, study: StudyConfig, gc_images: list[torch.Tensor]) -> dict:
-    """Scores, robustness, certificate and (plain models) TTA of one trained run; cached in study.json."""
-    from equiseg.data.datamodule import image_to_tensor
+def evaluate_run(run_dir: Path, root: Path, study: StudyConfig, gc_samples: list,
+                 contexts: dict[str, ContextFn] | None = None) -> dict:
+    """Scores, robustness, certificate and (plain models) TTA of one trained run; cached in study.json.
+
+    A model with tissue context is scored with its tissue model's predictions and, as
+    ``oracle``, with the ground-truth tissue mask. ``contexts`` holds context functions shared
+    between runs (keyed by tissue model, and "truth"), so each tissue map is computed once.
+    """
+    from equiseg.data.datamodule import model_input
     from equiseg.data.ocelot import OcelotFolder
     from equiseg.evaluation.equivariance import GroupTTA, certificate
     from equiseg.evaluation.evaluate import evaluate_model
@@ -138,28 +172,45 @@ def evaluate_run(run_dir: Path, root: Path, study: StudyConfig, gc_images: list[
     if cache.is_file():
         return json.loads(cache.read_text())
     model, config = load_model(run_dir)
+    context = _study_context(config, contexts if contexts is not None else {})
     result: dict = {"parameters": count_parameters(model), "family": config.model.family.value,
-                    "width": config.model.width}
+                    "width": config.model.width, "context": config.data.context}
     start = time.perf_counter()
-    plain_eval = evaluate_model(model, config, root, "test", tile=None)
+    plain_eval = evaluate_model(model, config, root, "test", tile=None, context=context)
     result["seconds"] = time.perf_counter() - start
     result["scores"] = plain_eval.scores
     result["per_image"] = plain_eval.per_image
-    result["robustness"] = {t.name: evaluate_model(model, config, root, "test", tile=None, transform=t).scores
+    if context is not None:
+        truth = contexts.setdefault("truth", cached(truth_context))
+        result["oracle"] = evaluate_model(model, config, root, "test", tile=None, context=truth).scores
+    result["robustness"] = {t.name: evaluate_model(model, config, root, "test", tile=None, transform=t,
+                                                   context=context).scores
                             for t in standard_transforms(study.angles)}
     test = OcelotFolder(root, "test")
-    images = [image_to_tensor(test[i].cell_image) for i in range(min(len(test), 4))]
+    images = [model_input(test[i].cell_image, context and context(test[i])) for i in range(min(len(test), 4))]
     group = config.model.family.group or D4
     result["certificate"] = {"test": certificate(model, images, group), "group": group.name}
-    if gc_images:
-        result["certificate"]["real"] = certificate(model, gc_images, group)
+    if gc_samples:
+        # the real patch, cropped to 512 px to keep it cheap; its context from the whole tissue patch
+        real = [model_input(s.cell_image, context and context(s))[:, 256:768, 256:768] for s in gc_samples]
+        result["certificate"]["real"] = certificate(model, real, group)
     if config.model.family.value == "plain":
         tta = GroupTTA(model, D4)
         start = time.perf_counter()
-        tta_eval = evaluate_model(tta, config, root, "test", tile=None)
+        tta_eval = evaluate_model(tta, config, root, "test", tile=None, context=context)
         result["tta"] = {"scores": tta_eval.scores, "seconds": time.perf_counter() - start}
     cache.write_text(json.dumps(result, indent=1, default=_json_default) + "\n")
     return result
+
+
+def _study_context(config: Config, contexts: dict[str, ContextFn]) -> ContextFn | None:
+    """The evaluation context of a run (its tissue model's predictions), shared through ``contexts``."""
+    if config.data.context == "none":
+        return None
+    key = str(config.data.tissue_model)
+    if key not in contexts:
+        contexts[key] = cached(run_context(config.data, evaluation=True))
+    return contexts[key]
 
 
 def run_study(study: StudyConfig, out: Path, say: Callable[[str], None] = print) -> Path:
@@ -171,31 +222,55 @@ def run_study(study: StudyConfig, out: Path, say: Callable[[str], None] = print)
     out.mkdir(parents=True, exist_ok=True)
     root = Path(base.data.root) if base.data.root else generate_synthetic(out / "data", base.data.synthetic)
     widths = matched_widths(study)
-    gc_images = _gc_images(study)
+    gc_samples = _gc_samples(study)
     cells = [(v, f, s) for v in study.variants for f in study.fractions for s in study.seeds]
     say(f"study {study.name}: {len(study.variants)} variants x {len(study.fractions)} fractions x "
         f"{len(study.seeds)} seeds = {len(cells)} runs; widths {widths}")
     results = []
     started = time.time()
+    tissue, contexts = None, {}
+    if study.uses_context:
+        tissue_dir = out / "runs" / "_tissue"
+        reused = train_or_reuse(study.tissue_config(str(root)), tissue_dir, progress=False)
+        tissue = evaluate_tissue(tissue_dir, root)
+        say(f"tissue model ({tissue['family']}, width {tissue['width']}): {'reused' if reused else 'trained'}; "
+            f"test Dice {tissue['scores']['dice/mean']:.3f}, mIoU {tissue['scores']['miou']:.3f}")
     for k, (variant, fraction, seed) in enumerate(cells, start=1):
-        config = study.run_config(variant, fraction, seed, widths[variant.label], str(root))
+        config = study.run_config(variant, fraction, seed, widths[variant.label], str(root),
+                                  tissue and tissue["run_dir"])
         run_dir = out / "runs" / variant.label / f"f{fraction:g}" / f"s{seed}"
         reused = train_or_reuse(config, run_dir, progress=False)
-        result = evaluate_run(run_dir, root, study, gc_images)
+        result = evaluate_run(run_dir, root, study, gc_samples, contexts)
         results.append({"variant": variant.label, "augment": variant.augment, "fraction": fraction, "seed": seed,
                         "run_dir": str(run_dir), **result})
         elapsed = (time.time() - started) / 60
         say(f"[{k}/{len(cells)}] {variant.label} f={fraction:g} s={seed}: "
             f"{'reused' if reused else 'trained'}; mF1 {result['scores'].get('mf1', float('nan')):.3f}, "
             f"Dice {result['scores']['dice/mean']:.3f} ({elapsed:.1f} min so far)")
-    (out / "results.json").write_text(json.dumps({"study": study.name, "results": results}, indent=1,
-                                                 default=_json_default) + "\n")
-    return write_report(study, results, root, out / "report", minutes=(time.time() - started) / 60)
+    (out / "results.json").write_text(json.dumps({"study": study.name, "results": results, "tissue": tissue},
+                                                 indent=1, default=_json_default) + "\n")
+    return write_report(study, results, root, out / "report", minutes=(time.time() - started) / 60, tissue=tissue)
 
 
-def _gc_images(study: StudyConfig) -> list[torch.Tensor]:
-    """The real Grand Challenge cell patch(es), if the folder is there; cropped to 512 px to keep it cheap."""
-    from equiseg.data.datamodule import image_to_tensor
+def evaluate_tissue(run_dir: Path, root: Path) -> dict:
+    """The tissue model's test scores (Dice, mIoU), cached in study.json beside it."""
+    from equiseg.evaluation.evaluate import evaluate_model
+    from equiseg.models import count_parameters
+    from equiseg.training.fit import load_model
+
+    cache = run_dir / "study.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    model, config = load_model(run_dir)
+    result = {"run_dir": str(run_dir), "family": config.model.family.value, "width": config.model.width,
+              "parameters": count_parameters(model),
+              "scores": evaluate_model(model, config, root, "test", tile=None).scores}
+    cache.write_text(json.dumps(result, indent=1, default=_json_default) + "\n")
+    return result
+
+
+def _gc_samples(study: StudyConfig) -> list:
+    """The real Grand Challenge pair(s), if the folder is there."""
     from equiseg.data.ocelot import GrandChallengeInput
 
     candidates = [study.gc_input] if study.gc_input else []
@@ -203,5 +278,5 @@ def _gc_images(study: StudyConfig) -> list[torch.Tensor]:
     for path in candidates:
         if path and Path(path).is_dir():
             data = GrandChallengeInput(path)
-            return [image_to_tensor(data[i].cell_image)[:, 256:768, 256:768] for i in range(len(data))]
+            return [data[i] for i in range(len(data))]
     return []

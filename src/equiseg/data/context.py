@@ -125,15 +125,15 @@ def run_context(data: DataConfig, evaluation: bool = False,
 
 
 def cached(fn: ContextFn) -> ContextFn:
-    """``fn`` computed once per sample (keyed by subset and sample id) and kept (8 bytes a pixel).
+    """``fn`` computed once per sample (keyed by slide, subset and sample id) and kept (8 bytes a pixel).
 
     For evaluating one split many times (robustness transforms, several models with the same
     tissue model): the tissue model then runs once per image.
     """
-    store: dict[tuple[str, str], torch.Tensor] = {}
+    store: dict[tuple[str, str, str], torch.Tensor] = {}
 
     def lookup(sample: Sample) -> torch.Tensor:
-        key = (sample.meta.subset, sample.meta.sample_id)
+        key = (sample.meta.slide_name, sample.meta.subset, sample.meta.sample_id)
         if key not in store:
             store[key] = fn(sample)
         return store[key]

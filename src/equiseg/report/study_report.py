@@ -40,8 +40,11 @@ def _figure_png(fig) -> bytes:
     return buffer.getvalue()
 
 
-def write_report(study, results: list[dict], root: Path, out: Path, minutes: float) -> Path:
-    """Write ``out/report.html`` and ``out/summary.md``; returns the HTML path."""
+def write_report(study, results: list[dict], root: Path, out: Path, minutes: float, tissue: dict | None = None) -> Path:
+    """Write ``out/report.html`` and ``out/summary.md``; returns the HTML path.
+
+    ``tissue``: the tissue model's summary (``equiseg.study.evaluate_tissue``) when variants use context.
+    """
     out.mkdir(parents=True, exist_ok=True)
     variants = list(dict.fromkeys(r["variant"] for r in results))
     fractions = sorted({r["fraction"] for r in results})
@@ -132,7 +135,12 @@ def write_report(study, results: list[dict], root: Path, out: Path, minutes: flo
     curves_path = plot_loss_curves({v: Path(by[v, full][0]["run_dir"]) for v in variants}, out / "loss_curves.png")
     cases_path = _cases(by, variants, full, root, out / "cases.png")
 
+    # 7. tissue context: each context variant against its family's variant without context
+    context_rows, context_lines = _context_comparison(variants, fractions, by)
+
     reading = _reading(variants, fractions, by, full, len(seeds), n_train, n_test)
+    if context_lines:
+        reading += "\n\n" + " ".join(context_lines)
     machine = machine_line()
     stamp = time.strftime("%Y-%m-%d %H:%M")
     tables = {
@@ -144,6 +152,10 @@ def write_report(study, results: list[dict], root: Path, out: Path, minutes: flo
         "tta": (["variant", "mF1", "Dice", "test-set time", "mF1 with D4 TTA", "Dice with D4 TTA", "time with TTA"],
                 tta_rows),
     }
+    context_intro = ""
+    if context_rows:
+        tables["context"] = (CONTEXT_HEADER, context_rows)
+        context_intro = _context_intro(tissue)
     intro = (f"{study.name}: {len(variants)} variants x {len(fractions)} training fractions x {len(seeds)} seeds, "
              f"{n_train} training and {n_test} test images of the synthetic world. {stamp}, {machine}, "
              f"{minutes:.1f} min for the whole study (finished runs reused are not counted again).")
@@ -154,15 +166,65 @@ def write_report(study, results: list[dict], root: Path, out: Path, minutes: flo
           "![robustness](robustness.png)", "",
           "## Equivariance certificate (max over seeds; relative error of probabilities)", "",
           _md(*tables["certificate"]), "", "## Test-time augmentation", "", _md(*tables["tta"]), "",
+          *(["## Tissue context", "", context_intro, "", _md(*tables["context"]), ""] if context_rows else []),
           "## Training curves and cases", "", "![loss curves](loss_curves.png)", "", "![cases](cases.png)", ""]
     (out / "data_efficiency.png").write_bytes(efficiency_png)
     (out / "robustness.png").write_bytes(robustness_png)
     (out / "summary.md").write_text("\n".join(md))
     images = {"efficiency": efficiency_png, "robustness": robustness_png, "curves": curves_path.read_bytes(),
               "cases": cases_path.read_bytes()}
-    page = _html(study.name, intro, reading, tables, images)
+    page = _html(study.name, intro, reading, tables, images, context_intro)
     (out / "report.html").write_text(page)
     return out / "report.html"
+
+
+CONTEXT_HEADER = ["variant", "trained with", "compared with", "train fraction", "mF1 without", "mF1 with",
+                  "Δ mF1 (paired)", "F1 TC without", "F1 TC with", "Dice without", "Dice with", "mF1 with oracle mask"]
+
+
+def _context_intro(tissue: dict | None) -> str:
+    text = ("Each variant with tissue context against the variant of the same family and augmentation without it. "
+            "'with' is scored with the tissue model's predicted probabilities as context (what a submitted model "
+            "has); 'oracle mask' feeds the ground-truth tissue mask instead. Δ is the mean ± std over seeds of the "
+            "per-seed difference (same seed, same training crops).")
+    if tissue:
+        scores = tissue["scores"]
+        text += (f" The tissue model ({tissue['family']}, width {tissue['width']}, {tissue['parameters']:,} "
+                 f"parameters, shared by all context variants) scores Dice {scores['dice/mean']:.3f} and mIoU "
+                 f"{scores['miou']:.3f} on the test tissue patches.")
+    return text
+
+
+def _context_comparison(variants, fractions, by) -> tuple[list[list[str]], list[str]]:
+    """Table rows and reading sentences comparing each context variant with its no-context sibling."""
+    rows, lines = [], []
+    first = {v: by[v, fractions[0]][0] for v in variants}
+    for v in variants:
+        if first[v].get("context", "none") == "none":
+            continue
+        sibling = next((w for w in variants if first[w].get("context", "none") == "none"
+                        and first[w]["family"] == first[v]["family"] and first[w]["augment"] == first[v]["augment"]),
+                       None)
+        for f in fractions:
+            runs = by[v, f]
+            base = {r["seed"]: r for r in by[sibling, f]} if sibling else {}
+            paired = [r["scores"].get("mf1") - base[r["seed"]]["scores"].get("mf1") for r in runs if r["seed"] in base]
+            rows.append([v, first[v]["context"], sibling or "-", f"{f:g}",
+                         _pm([r["scores"].get("mf1") for r in base.values()]) if base else "-",
+                         _pm([r["scores"].get("mf1") for r in runs]),
+                         _pm(paired) if paired else "-",
+                         _pm([r["scores"].get("f1/TC") for r in base.values()]) if base else "-",
+                         _pm([r["scores"].get("f1/TC") for r in runs]),
+                         _pm([r["scores"]["dice/mean"] for r in base.values()]) if base else "-",
+                         _pm([r["scores"]["dice/mean"] for r in runs]),
+                         _pm([r.get("oracle", {}).get("mf1") for r in runs])])
+            if paired and f == max(fractions):
+                mean, std = _stats(paired)
+                verdict = ("helped" if mean > 2 * std else "hurt" if mean < -2 * std
+                           else "made no difference beyond the seed-to-seed spread")
+                lines.append(f"Tissue context {verdict} for {first[v]['family']} at fraction {f:g}: mF1 "
+                             f"{mean:+.3f} ± {std:.3f} ({v} against {sibling}, paired by seed).")
+    return rows, lines
 
 
 def _range(values):
@@ -187,7 +249,8 @@ def _md(header: list[str], rows: list[list[str]]) -> str:
 
 
 def _cases(by, variants, fraction, root: Path, path: Path) -> Path:
-    from equiseg.data.datamodule import image_to_tensor
+    from equiseg.data.context import run_context
+    from equiseg.data.datamodule import model_input
     from equiseg.data.ocelot import OcelotFolder
     from equiseg.evaluation.detection import detect_cells
     from equiseg.evaluation.inference import predict_probabilities
@@ -198,9 +261,11 @@ def _cases(by, variants, fraction, root: Path, path: Path) -> Path:
     for v in variants:
         run = by[v, fraction][0]
         model, config = load_model(run["run_dir"])
+        context = run_context(config.data, evaluation=True) if config.data.context != "none" else None
         for kind, i in best_and_worst(run["per_image"], [len(test[i].cells) > 0 for i in range(len(test))]):
             sample, dice = test[i], run["per_image"][i]["dice/mean"]
-            probs = predict_probabilities(model, image_to_tensor(sample.cell_image), tile=None)
+            image = model_input(sample.cell_image, context and context(sample))
+            probs = predict_probabilities(model, image, tile=None)
             points = detect_cells(probs, config.detect.sigma, config.detect.min_distance, config.detect.threshold)
             cases.append({"title": f"{v}: {kind} ({test.ids[i]}, Dice {dice:.2f})", "image": sample.cell_image,
                           "probs": probs.numpy(), "points": points, "gt": sample.cells})
@@ -237,7 +302,7 @@ def _reading(variants, fractions, by, full, n_seeds, n_train, n_test) -> str:
     return "\n\n".join(lines)
 
 
-def _html(name: str, intro: str, reading: str, tables: dict, images: dict) -> str:
+def _html(name: str, intro: str, reading: str, tables: dict, images: dict, context_intro: str = "") -> str:
     def table(header, rows):
         head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
         body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
@@ -259,5 +324,7 @@ def _html(name: str, intro: str, reading: str, tables: dict, images: dict) -> st
             f"<h2>Equivariance certificate</h2><p>Max over seeds of max|f(Tx) - T f(x)| / max|f(x)| on the "
             f"probabilities.</p>{table(*tables['certificate'])}"
             f"<h2>Test-time augmentation</h2>{table(*tables['tta'])}"
+            + (f"<h2>Tissue context</h2><p>{html.escape(context_intro)}</p>{table(*tables['context'])}"
+               if "context" in tables else "") +
             f"<h2>Training curves</h2>{img('curves', 'loss curves')}<h2>Cases</h2>{img('cases', 'cases')}"
             "</body></html>\n")
