@@ -18,7 +18,7 @@ import torch
 from equiseg.data.context import model_context
 from equiseg.data.datamodule import image_to_tensor, model_input
 from equiseg.data.ocelot import parse_pair
-from equiseg.evaluation.detection import detect_cells, write_points_json
+from equiseg.evaluation.detection import write_points_json
 from equiseg.evaluation.inference import predict_probabilities
 
 CELL_MODEL_ENV = "EQUISEG_CELL_MODEL"
@@ -77,8 +77,7 @@ class Model:
             context = model_context(self.tissue_model, image_to_tensor(tissue_patch), meta, cell_patch.shape[:2])
         with torch.no_grad():
             probs = predict_probabilities(self.model, model_input(cell_patch, context), tile=1024).float()
-        detect = self.config.detect
-        found = detect_cells(probs, detect.sigma, detect.min_distance, detect.threshold)
+        found = self.config.detect.cells(probs)
         height, width = cell_patch.shape[:2]
         return [(int(min(max(x, 0), width - 1)), int(min(max(y, 0), height - 1)), int(c), float(p))
                 for x, y, c, p in found]

@@ -17,7 +17,7 @@ from equiseg.data.context import ContextFn, run_context
 from equiseg.data.datamodule import model_input, sample_target
 from equiseg.data.ocelot import OcelotFolder
 from equiseg.data.targets import IGNORE_INDEX
-from equiseg.evaluation.detection import detect_cells, detection_scores, write_points_json
+from equiseg.evaluation.detection import detection_scores, write_points_json
 from equiseg.evaluation.inference import predict_probabilities
 from equiseg.evaluation.metrics import confusion_matrix, segmentation_scores
 from equiseg.training.losses import DiceCELoss
@@ -75,7 +75,7 @@ def evaluate_model(model: nn.Module, config: Config, root: Path | str, split: st
         cm += image_cm
         per_image.append({"loss": loss, "dice/mean": segmentation_scores(image_cm, names)["dice/mean"]})
         if task == "cells":
-            found = detect_cells(probs, config.detect.sigma, config.detect.min_distance, config.detect.threshold)
+            found = config.detect.cells(probs)
             if valid is not None and len(found):
                 found = found[valid[found[:, 1].astype(int), found[:, 0].astype(int)].numpy()]
             points.append(found)

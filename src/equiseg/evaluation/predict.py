@@ -10,7 +10,7 @@ from PIL import Image
 
 from equiseg.config import Config
 from equiseg.data.datamodule import image_to_tensor
-from equiseg.evaluation.detection import detect_cells, write_points_json
+from equiseg.evaluation.detection import write_points_json
 from equiseg.evaluation.inference import predict_probabilities
 from equiseg.report.pictures import prediction_overlay, probability_picture
 
@@ -43,8 +43,7 @@ def predict_file(model: torch.nn.Module, config: Config, path: Path, out_dir: Pa
     and ``<stem>_cells.csv`` (x,y,class,probability) for one image; returns its cells (N, 4)."""
     image = read_rgb(path)
     probs = predict_probabilities(model, image_to_tensor(image), tile=tile, overlap=overlap)
-    points = detect_cells(probs, config.detect.sigma, config.detect.min_distance, config.detect.threshold) \
-        if config.task.value == "cells" else np.zeros((0, 4))
+    points = config.detect.cells(probs) if config.task.value == "cells" else np.zeros((0, 4))
     p = probs.numpy()
     stem = out_dir / path.stem
     np.save(f"{stem}_probs.npy", p.astype(np.float16))

@@ -252,7 +252,6 @@ def _cases(by, variants, fraction, root: Path, path: Path) -> Path:
     from equiseg.data.context import run_context
     from equiseg.data.datamodule import model_input
     from equiseg.data.ocelot import OcelotFolder
-    from equiseg.evaluation.detection import detect_cells
     from equiseg.evaluation.inference import predict_probabilities
     from equiseg.training.fit import load_model
 
@@ -266,7 +265,7 @@ def _cases(by, variants, fraction, root: Path, path: Path) -> Path:
             sample, dice = test[i], run["per_image"][i]["dice/mean"]
             image = model_input(sample.cell_image, context and context(sample))
             probs = predict_probabilities(model, image, tile=None)
-            points = detect_cells(probs, config.detect.sigma, config.detect.min_distance, config.detect.threshold)
+            points = config.detect.cells(probs)
             cases.append({"title": f"{v}: {kind} ({test.ids[i]}, Dice {dice:.2f})", "image": sample.cell_image,
                           "probs": probs.numpy(), "points": points, "gt": sample.cells})
     return plot_cases(cases, path)
