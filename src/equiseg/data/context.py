@@ -13,6 +13,7 @@ channels are the tissue classes (background, cancer area). The map is either
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -87,7 +88,8 @@ def load_tissue_model(path: Path | str, map_location: str | torch.device = "cpu"
 def context_fn(kind: str, tissue_model: Path | str | nn.Module | None = None) -> ContextFn | None:
     """The context of ``kind`` ("none" gives None) as a function of a sample.
 
-    ``model`` needs ``tissue_model`` (a module, run folder or checkpoint).
+    ``model`` needs ``tissue_model`` (a module, run folder or checkpoint; a loaded one runs on the
+    GPU when there is one). The result is always on the CPU.
     """
     from equiseg.data.datamodule import image_to_tensor
 
@@ -99,7 +101,11 @@ def context_fn(kind: str, tissue_model: Path | str | nn.Module | None = None) ->
         return truth_context
     if tissue_model is None:
         raise ValueError("context 'model' needs a tissue model (data.tissue_model=RUN_DIR or CKPT)")
-    model = tissue_model if isinstance(tissue_model, nn.Module) else load_tissue_model(tissue_model)
+    if isinstance(tissue_model, nn.Module):
+        model = tissue_model
+    else:  # on this process's GPU when there is one: the tissue patches are 1024 px
+        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
+        model = load_tissue_model(tissue_model, map_location=device).to(device)
     model.eval()
 
     def from_model(sample: Sample) -> torch.Tensor:
