@@ -29,8 +29,9 @@ def test_a_few_steps_lower_the_loss(synthetic_small):
     assert losses[-1] < 0.8 * losses[0], losses
 
 
-def test_fit_writes_a_complete_run_folder(synthetic_small, tmp_path):
+def test_fit_writes_a_complete_run_folder(synthetic_small, tmp_path, caplog):
     run = fit(tiny_config(synthetic_small, train={"epochs": 2}), runs=tmp_path, progress=False)
+    assert not any("GPU available" in r.getMessage() for r in caplog.records)  # progress=False: notices stay quiet
     for name in ("config.yaml", "metrics.csv", "checkpoints/best.ckpt", "checkpoints/last.ckpt"):
         assert (run / name).is_file(), name
     state = torch.load(run / "checkpoints/last.ckpt", weights_only=True)  # no code runs from a checkpoint

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -160,6 +162,27 @@ def fit(config: Config | None, runs: Path | str = "runs", resume: Path | str | N
     # Lightning's save_last only writes when a best checkpoint is written; this one writes every epoch
     last = ModelCheckpoint(dirpath=run_dir / CHECKPOINTS, filename="last", monitor=None, save_top_k=1,
                            enable_version_counter=False)
+    # without progress output (studies, tests), Lightning's notices (devices, tips) stay quiet too
+    with _lightning_notices(progress):
+        return _run_trainer(config, run_dir, module, data, [best, last, *(callbacks or [])], ckpt_path, progress)
+
+
+@contextlib.contextmanager
+def _lightning_notices(shown: bool):
+    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    level = logger.level
+    if not shown:
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _run_trainer(config: Config, run_dir: Path, module, data, callbacks: list, ckpt_path: Path | None,
+                 progress: bool) -> Path:
+    import lightning as L
+
     trainer = L.Trainer(
         default_root_dir=run_dir,
         max_epochs=config.train.epochs,
@@ -168,7 +191,7 @@ def fit(config: Config | None, runs: Path | str = "runs", resume: Path | str | N
         strategy=config.train.strategy,
         precision=config.train.precision,
         logger=build_loggers(config, run_dir),
-        callbacks=[best, last, *(callbacks or [])],
+        callbacks=callbacks,
         log_every_n_steps=1,
         enable_progress_bar=progress,
         enable_model_summary=progress,
