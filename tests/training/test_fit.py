@@ -99,6 +99,26 @@ def test_bad_data_stops_before_any_output(synthetic_small, tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_clean_dataset_is_decoded_once_until_a_file_changes(synthetic_small, tmp_path, monkeypatch):
+    import shutil
+
+    from equiseg.data.ocelot import DatasetError
+    from equiseg.training import fit as fit_module
+
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_small, data)
+    calls = []
+    verify = fit_module.verify_dataset
+    monkeypatch.setattr(fit_module, "verify_dataset", lambda root: calls.append(root) or verify(root))
+    fit_module.check_data(data)
+    fit_module.check_data(data)
+    assert len(calls) == 1
+    (data / "annotations/train/cell/001.csv").write_text("1,2,9\n")
+    with pytest.raises(DatasetError, match="unknown class 9"):
+        fit_module.check_data(data)
+    assert len(calls) == 2
+
+
 def test_two_process_ddp_on_cpu(synthetic_small, tmp_path):
     command = [sys.executable, "-m", "equiseg.cli", "train", "--runs", str(tmp_path), "--devices", "2",
                "--strategy", "ddp", f"data.root={synthetic_small}", "model.family=p4", "model.width=2",

@@ -60,9 +60,27 @@ def data_root(config: Config) -> Path:
     return Path(config.data.root) if config.data.root else synthetic_root(config.data.synthetic)
 
 
+_VERIFIED: set[tuple] = set()  # fingerprints of datasets this process found clean
+
+
+def _fingerprint(root: Path) -> tuple:
+    """The dataset's files with their sizes and modification times: changes when any file does."""
+    return tuple(sorted((str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns)
+                        for p in root.rglob("*") if p.is_file()))
+
+
 def check_data(root: Path) -> None:
-    """Raise :class:`DatasetError` listing the dataset's problems (all of them) if it has any."""
+    """Raise :class:`DatasetError` listing the dataset's problems (all of them) if it has any.
+
+    A dataset found clean is not decoded again in this process until one of its files changes
+    (a study trains dozens of runs on one dataset).
+    """
+    key = (str(root.resolve()), _fingerprint(root)) if root.is_dir() else None
+    if key is not None and key in _VERIFIED:
+        return
     problems = verify_dataset(root)
+    if not problems and key is not None:
+        _VERIFIED.add(key)
     if problems:
         listing = "\n  ".join(str(p) for p in problems[:20])
         more = f"\n  ... and {len(problems) - 20} more (run `equiseg verify {root}`)" if len(problems) > 20 else ""
