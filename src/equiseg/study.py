@@ -242,14 +242,15 @@ def run_study(study: StudyConfig, out: Path, say: Callable[[str], None] = print)
         reused = train_or_reuse(config, run_dir, progress=False)
         result = evaluate_run(run_dir, root, study, gc_samples, contexts)
         results.append({"variant": variant.label, "augment": variant.augment, "fraction": fraction, "seed": seed,
-                        "run_dir": str(run_dir), **result})
+                        "run_dir": str(run_dir), "reused": reused, **result})
         elapsed = (time.time() - started) / 60
         say(f"[{k}/{len(cells)}] {variant.label} f={fraction:g} s={seed}: "
             f"{'reused' if reused else 'trained'}; mF1 {result['scores'].get('mf1', float('nan')):.3f}, "
             f"Dice {result['scores']['dice/mean']:.3f} ({elapsed:.1f} min so far)")
     (out / "results.json").write_text(json.dumps({"study": study.name, "results": results, "tissue": tissue},
                                                  indent=1, default=_json_default) + "\n")
-    return write_report(study, results, root, out / "report", minutes=(time.time() - started) / 60, tissue=tissue)
+    return write_report(study, results, root, out / "report", minutes=(time.time() - started) / 60, tissue=tissue,
+                        reused=sum(r["reused"] for r in results))
 
 
 def evaluate_tissue(run_dir: Path, root: Path) -> dict:

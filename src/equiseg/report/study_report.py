@@ -28,9 +28,9 @@ def _stats(values: list[float]) -> tuple[float, float]:
     return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
 
 
-def _pm(values: list[float]) -> str:
+def _pm(values: list[float], signed: bool = False) -> str:
     mean, std = _stats(values)
-    return "-" if math.isnan(mean) else f"{mean:.3f} ± {std:.3f}"
+    return "-" if math.isnan(mean) else f"{mean:+.3f} ± {std:.3f}" if signed else f"{mean:.3f} ± {std:.3f}"
 
 
 def _figure_png(fig) -> bytes:
@@ -40,8 +40,11 @@ def _figure_png(fig) -> bytes:
     return buffer.getvalue()
 
 
-def write_report(study, results: list[dict], root: Path, out: Path, minutes: float, tissue: dict | None = None) -> Path:
+def write_report(study, results: list[dict], root: Path, out: Path, minutes: float, tissue: dict | None = None,
+                 reused: int = 0) -> Path:
     """Write ``out/report.html`` and ``out/summary.md``; returns the HTML path.
+
+    ``minutes``: the time of this invocation, of which ``reused`` runs were finished before it.
 
     ``tissue``: the tissue model's summary (``equiseg.study.evaluate_tissue``) when variants use context.
     """
@@ -74,6 +77,7 @@ def write_report(study, results: list[dict], root: Path, out: Path, minutes: flo
                         color=f"C{k}", label=v)
     for ax, label in zip(axes, ("OCELOT mF1", "Dice (mean over classes)")):
         ax.set_xscale("log")
+        ax.minorticks_off()
         ax.set_xticks(fractions, [f"{f:g}" for f in fractions])
         ax.set_xlabel("fraction of the training split")
         ax.set_ylabel(label)
@@ -136,7 +140,8 @@ def write_report(study, results: list[dict], root: Path, out: Path, minutes: flo
     cases_path = _cases(by, variants, full, root, out / "cases.png")
 
     # 7. tissue context: each context variant against its family's variant without context
-    context_rows, context_lines = _context_comparison(variants, fractions, by)
+    context_rows, context_lines, context_pairs = _context_comparison(variants, fractions, by)
+    context_png = _context_figure(context_pairs, fractions) if context_pairs else None
 
     reading = _reading(variants, fractions, by, full, len(seeds), n_train, n_test)
     if context_lines:
@@ -158,7 +163,9 @@ def write_report(study, results: list[dict], root: Path, out: Path, minutes: flo
         context_intro = _context_intro(tissue)
     intro = (f"{study.name}: {len(variants)} variants x {len(fractions)} training fractions x {len(seeds)} seeds, "
              f"{n_train} training and {n_test} test images of the synthetic world. {stamp}, {machine}, "
-             f"{minutes:.1f} min for the whole study (finished runs reused are not counted again).")
+             f"{minutes:.1f} min for this invocation of the study"
+             + (f" ({reused} of {len(results)} runs were finished earlier and reused; their training is not in "
+                f"that time)." if reused else ", training and evaluation of every run."))
     md = [f"# Study report: {study.name}", "", intro, "", "## Reading", "", reading, "",
           "## Test scores (mean ± std over seeds)", "", _md(*tables["results"]), "",
           "![data efficiency](data_efficiency.png)", "",
@@ -166,13 +173,16 @@ def write_report(study, results: list[dict], root: Path, out: Path, minutes: flo
           "![robustness](robustness.png)", "",
           "## Equivariance certificate (max over seeds; relative error of probabilities)", "",
           _md(*tables["certificate"]), "", "## Test-time augmentation", "", _md(*tables["tta"]), "",
-          *(["## Tissue context", "", context_intro, "", _md(*tables["context"]), ""] if context_rows else []),
+          *(["## Tissue context", "", context_intro, "", _md(*tables["context"]), "", "![context](context.png)", ""]
+            if context_rows else []),
           "## Training curves and cases", "", "![loss curves](loss_curves.png)", "", "![cases](cases.png)", ""]
     (out / "data_efficiency.png").write_bytes(efficiency_png)
     (out / "robustness.png").write_bytes(robustness_png)
+    if context_png is not None:
+        (out / "context.png").write_bytes(context_png)
     (out / "summary.md").write_text("\n".join(md))
     images = {"efficiency": efficiency_png, "robustness": robustness_png, "curves": curves_path.read_bytes(),
-              "cases": cases_path.read_bytes()}
+              "cases": cases_path.read_bytes(), **({"context": context_png} if context_png is not None else {})}
     page = _html(study.name, intro, reading, tables, images, context_intro)
     (out / "report.html").write_text(page)
     return out / "report.html"
@@ -197,7 +207,7 @@ def _context_intro(tissue: dict | None) -> str:
 
 def _context_comparison(variants, fractions, by) -> tuple[list[list[str]], list[str]]:
     """Table rows and reading sentences comparing each context variant with its no-context sibling."""
-    rows, lines = [], []
+    rows, lines, pairs = [], [], {}
     first = {v: by[v, fractions[0]][0] for v in variants}
     for v in variants:
         if first[v].get("context", "none") == "none":
@@ -212,19 +222,42 @@ def _context_comparison(variants, fractions, by) -> tuple[list[list[str]], list[
             rows.append([v, first[v]["context"], sibling or "-", f"{f:g}",
                          _pm([r["scores"].get("mf1") for r in base.values()]) if base else "-",
                          _pm([r["scores"].get("mf1") for r in runs]),
-                         _pm(paired) if paired else "-",
+                         _pm(paired, signed=True) if paired else "-",
                          _pm([r["scores"].get("f1/TC") for r in base.values()]) if base else "-",
                          _pm([r["scores"].get("f1/TC") for r in runs]),
                          _pm([r["scores"]["dice/mean"] for r in base.values()]) if base else "-",
                          _pm([r["scores"]["dice/mean"] for r in runs]),
                          _pm([r.get("oracle", {}).get("mf1") for r in runs])])
-            if paired and f == max(fractions):
+            if paired:
+                pairs[v, f] = paired
                 mean, std = _stats(paired)
                 verdict = ("helped" if mean > 2 * std else "hurt" if mean < -2 * std
                            else "made no difference beyond the seed-to-seed spread")
-                lines.append(f"Tissue context {verdict} for {first[v]['family']} at fraction {f:g}: mF1 "
-                             f"{mean:+.3f} ± {std:.3f} ({v} against {sibling}, paired by seed).")
-    return rows, lines
+                lines.append(f"Tissue context {verdict} at fraction {f:g} for {v} against {sibling}: mF1 "
+                             f"{mean:+.3f} ± {std:.3f} (paired by seed).")
+    return rows, lines, pairs
+
+
+def _context_figure(pairs: dict, fractions: list[float]) -> bytes:
+    """Per context variant and fraction: the mean change of mF1 from context (bar) and each seed's (dots)."""
+    variants = list(dict.fromkeys(v for v, _ in pairs))
+    fig, ax = plt.subplots(figsize=(2 + 1.6 * len(variants), 3.6))
+    step = 0.8 / len(fractions)
+    for k, f in enumerate(fractions):
+        xs = [i - 0.4 + step * (k + 0.5) for i in range(len(variants))]
+        values = [pairs.get((v, f), []) for v in variants]
+        ax.bar(xs, [np.mean(d) if d else 0 for d in values], width=step * 0.9, color=f"C{k}", alpha=0.6,
+               label=f"fraction {f:g}")
+        for x, d in zip(xs, values):
+            ax.plot([x] * len(d), d, "k.", markersize=5)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(variants)), variants)
+    ax.set_ylabel("mF1 with context - without")
+    ax.set_title("Tissue context: change of mF1, paired by seed (dots: seeds)")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _figure_png(fig)
 
 
 def _range(values):
@@ -324,6 +357,6 @@ def _html(name: str, intro: str, reading: str, tables: dict, images: dict, conte
             f"probabilities.</p>{table(*tables['certificate'])}"
             f"<h2>Test-time augmentation</h2>{table(*tables['tta'])}"
             + (f"<h2>Tissue context</h2><p>{html.escape(context_intro)}</p>{table(*tables['context'])}"
-               if "context" in tables else "") +
+               f"{img('context', 'tissue context')}" if "context" in tables else "") +
             f"<h2>Training curves</h2>{img('curves', 'loss curves')}<h2>Cases</h2>{img('cases', 'cases')}"
             "</body></html>\n")
