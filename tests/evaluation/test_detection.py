@@ -103,3 +103,41 @@ def test_points_json_rejects_what_the_official_checker_rejects(tmp_path, bad, me
     path.write_text(json.dumps({"type": "Multiple points", "points": [bad]}))
     with pytest.raises(PointsFormatError, match=message):
         read_points_json(path)
+
+
+def brute_force_detect(probs, min_distance, threshold):
+    """detect_cells without smoothing, written the slow obvious way (all pairs, no k-d tree)."""
+    from scipy.ndimage import maximum_filter
+
+    p = probs.numpy().astype(np.float32)
+    foreground = (1 - p[0]).astype(np.float32)
+    window = 2 * min_distance + 1
+    local_max = maximum_filter(foreground, size=window, mode="constant", cval=-np.inf)
+    ys, xs = np.nonzero((foreground == local_max) & (foreground > threshold))  # row-major, as torch.nonzero
+    order = sorted(range(len(xs)), key=lambda i: -foreground[ys[i], xs[i]])  # stable: ties keep row-major order
+    kept = []
+    for i in order:
+        if all((xs[i] - xs[j]) ** 2 + (ys[i] - ys[j]) ** 2 >= min_distance ** 2 for j in kept):
+            kept.append(i)
+    rows = []
+    for i in kept:
+        cls = int(np.argmax(p[1:, ys[i], xs[i]]))
+        rows.append([xs[i], ys[i], cls + 1, p[1 + cls, ys[i], xs[i]]])
+    return np.array(rows, dtype=np.float64).reshape(-1, 4)
+
+
+@pytest.mark.parametrize("kind", ["noise", "plateaus"])
+def test_detect_cells_suppression_equals_the_brute_force_greedy(kind):
+    torch.manual_seed(0)
+    if kind == "noise":  # many small peaks of distinct heights
+        logits = torch.randn(3, 96, 96) * 3
+    else:  # flat saturated regions: every plateau pixel is a candidate of equal height
+        logits = torch.zeros(3, 96, 96)
+        logits[0, :, :] = 5.0
+        logits[2, 10:60, 20:80] = 20.0
+        logits[1, 70:90, 5:40] = 20.0
+    probs = logits.softmax(0)
+    found = detect_cells(probs, sigma=0, min_distance=6, threshold=0.5)
+    expected = brute_force_detect(probs, 6, 0.5)
+    assert len(found) > 5
+    np.testing.assert_allclose(found, expected, rtol=0, atol=1e-6)

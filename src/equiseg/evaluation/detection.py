@@ -65,18 +65,20 @@ def detect_cells(probs: torch.Tensor, sigma: float = 8.0, min_distance: int = 15
     order = torch.argsort(values, descending=True, stable=True).tolist()
     if not order:
         return np.zeros((0, 4))
-    # greedy suppression, highest first; a k-d tree keeps it O(n log n) on noisy maps with many peaks
+    # greedy suppression, highest first. A k-d tree is asked only about the points kept (a few
+    # thousand at most), not about every candidate: a flat plateau of a saturated softmax makes
+    # every one of its pixels a candidate, each with hundreds of neighbours.
     from scipy.spatial import cKDTree
 
     points = torch.stack([xs, ys], dim=1).double().numpy()
-    neighbours = cKDTree(points).query_ball_point(points, r=min_distance - 1e-9)
+    tree = cKDTree(points)
     suppressed = np.zeros(len(points), bool)
     kept: list[int] = []
     for i in order:
         if suppressed[i]:
             continue
         kept.append(i)
-        suppressed[neighbours[i]] = True
+        suppressed[tree.query_ball_point(points[i], r=min_distance - 1e-9)] = True
     idx = torch.tensor(kept)
     ky, kx = ys[idx], xs[idx]
     cell_probs = probs[0, 1:, ky, kx]  # (C-1, N)
