@@ -159,6 +159,8 @@ def train(
 
     The run folder (runs/NAME-DATE) gets config.yaml, checkpoints/best.ckpt (lowest val/loss)
     and last.ckpt, metrics.csv and TensorBoard events (tensorboard --logdir runs).
+    A tissue model: task=tissue (e.g. -c configs/tissue-small.yaml). A cell model with tissue
+    context: data.context=model data.tissue_model=TISSUE_RUN (or data.context=truth).
     """
     from equiseg.config import Config, ConfigError, apply_overrides
     from equiseg.data.ocelot import DatasetError

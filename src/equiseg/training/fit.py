@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from equiseg.config import Config, SyntheticConfig
+from equiseg.config import Config, ConfigError, SyntheticConfig
 from equiseg.data.ocelot import DatasetError
 from equiseg.data.verify import verify_dataset
 
@@ -157,6 +157,10 @@ def fit(config: Config | None, runs: Path | str = "runs", resume: Path | str | N
         config = Config.from_yaml(run_dir / "config.yaml")
     root = data_root(config)
     check_data(root)  # before any output of the run exists
+    try:  # a missing or wrong tissue model stops here too
+        context = run_context(config.data)
+    except (FileNotFoundError, ValueError) as error:
+        raise ConfigError(f"data.tissue_model: {error}") from None
     # DDP re-launches this command once per extra process: they must join rank 0's folder
     launched = os.environ.get(_RUN_DIR_ENV) if int(os.environ.get("LOCAL_RANK", "0")) > 0 else None
     if launched:
@@ -173,7 +177,7 @@ def fit(config: Config | None, runs: Path | str = "runs", resume: Path | str | N
     L.seed_everything(config.train.seed, workers=True, verbose=False)
     data = SegmentationDataModule(root, config.task.value, config.data.radius, config.data.crop_size,
                                   config.data.train_fraction, config.data.batch_size, config.data.num_workers,
-                                  config.train.seed, context=run_context(config.data))
+                                  config.train.seed, context=context)
     module = SegmentationModule(config.to_dict())
     best = ModelCheckpoint(dirpath=run_dir / CHECKPOINTS, filename="best", monitor="val/loss", mode="min",
                            save_top_k=1, enable_version_counter=False)
