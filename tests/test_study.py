@@ -6,15 +6,17 @@ import yaml
 
 from equiseg.study import StudyConfig, run_study
 
+TINY_BASE = {"model": {"family": "plain", "width": 4, "depth": 2},
+             "data": {"synthetic": {"train": 4, "val": 1, "test": 2, "size": 64, "seed": 1}, "crop_size": 32,
+                      "batch_size": 2},
+             "train": {"epochs": 1, "accelerator": "cpu", "loggers": ["csv"]},
+             "detect": {"sigma": 2.0, "min_distance": 4}}
+
 
 def test_study_runs_reports_and_resumes_without_training(tmp_path):
     spec = {
         "name": "tiny",
-        "base": {"model": {"family": "plain", "width": 4, "depth": 2},
-                 "data": {"synthetic": {"train": 4, "val": 1, "test": 2, "size": 64, "seed": 1}, "crop_size": 32,
-                          "batch_size": 2},
-                 "train": {"epochs": 1, "accelerator": "cpu", "loggers": ["csv"]},
-                 "detect": {"sigma": 2.0, "min_distance": 4}},
+        "base": TINY_BASE,
         "reference_width": 4,
         "variants": {"plain": {"family": "plain"}, "plain+heavy": {"family": "plain", "augment": "heavy"},
                      "p4m": {"family": "p4m"}},
@@ -52,11 +54,7 @@ def test_study_runs_reports_and_resumes_without_training(tmp_path):
 def test_study_with_tissue_context_trains_the_tissue_model_once_and_compares(tmp_path):
     spec = {
         "name": "tiny-context",
-        "base": {"model": {"family": "plain", "width": 4, "depth": 2},
-                 "data": {"synthetic": {"train": 4, "val": 1, "test": 2, "size": 64, "seed": 1}, "crop_size": 32,
-                          "batch_size": 2},
-                 "train": {"epochs": 1, "accelerator": "cpu", "loggers": ["csv"]},
-                 "detect": {"sigma": 2.0, "min_distance": 4}},
+        "base": TINY_BASE,
         "reference_width": 4,
         "variants": {"p4m": {"family": "p4m"}, "p4m+ctx": {"family": "p4m", "context": "model"}},
         "tissue": ["model.family=p4m", "model.width=2"],
