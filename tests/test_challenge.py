@@ -183,3 +183,46 @@ def test_train_with_a_wrong_tissue_model_stops_before_any_output(synthetic_small
                                      "data.context=model", f"data.tissue_model={wrong}", "train.epochs=1"])
         assert result.exit_code == 2 and message in result.output, result.output
     assert not (tmp_path / "runs").exists()
+
+
+def write_checkpoint(path, config, model):
+    """A checkpoint as fit writes it (config + "model."-prefixed weights), for an untrained model."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"hyper_parameters": {"config": config.to_dict()},
+                "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}}, path)
+    return path
+
+
+def test_challenge_model_with_context_is_exact_for_the_pair_turned_together(tmp_path):
+    """The deployed path (tissue model on the tissue patch, block from the metadata, cell model) under D4."""
+    from equiseg import build_model
+    from equiseg.data.ocelot import pair_record
+    from equiseg.groups import D4
+    from equiseg.models.context import transform_block
+
+    torch.manual_seed(0)
+    tissue_config = Config.from_dict({"task": "tissue", "model": {"family": "p4m", "width": 2, "depth": 2}})
+    tissue = write_checkpoint(tmp_path / "tissue.ckpt", tissue_config, build_model("p4m", 2, 2, num_classes=2))
+    cell_config = Config.from_dict({"model": {"family": "isotropic", "width": 4, "depth": 2},
+                                    "data": {"context": "model", "tissue_model": str(tissue)}})
+    cell = write_checkpoint(tmp_path / "cell.ckpt", cell_config, build_model("isotropic", 4, 2, in_channels=5))
+    size = 64  # cell and tissue patches; mpp 0.2 and 0.8, so the block is 16 px, here [16, 32) x [32, 48)
+    block = (16.0, 32.0, 32.0, 48.0)
+    records = []
+    for g in D4.elements:
+        x0, y0, x1, y1 = transform_block(block, g, size, size)
+        records.append(pair_record("test", 0.2, 0.8, (x0 + x1) / 2 / size, (y0 + y1) / 2 / size,
+                                   cell_size=size, tissue_size=size))
+    model = Model(records, cell_model=cell, device="cpu")
+    rng = np.random.default_rng(0)
+    cell_patch, tissue_patch = (rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(2))
+
+    def turn(g, patch):
+        return np.ascontiguousarray(D4.act_on_image(g, torch.from_numpy(patch).permute(2, 0, 1)).permute(1, 2, 0).numpy())
+
+    reference = model.probabilities(cell_patch, tissue_patch, 0)
+    for k, g in enumerate(D4.elements):
+        turned = model.probabilities(turn(g, cell_patch), turn(g, tissue_patch), k)
+        assert (turned - D4.act_on_image(g, reference)).abs().max() < 1e-5, str(g)
+    # the context matters: another block gives other probabilities
+    assert (model.probabilities(cell_patch, tissue_patch, 1) - reference).abs().max() > 1e-4

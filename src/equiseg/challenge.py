@@ -67,7 +67,8 @@ class Model:
         elif tissue_model:
             raise ValueError(f"{path} was trained without tissue context, so it cannot use a tissue model")
 
-    def __call__(self, cell_patch: np.ndarray, tissue_patch: np.ndarray, pair_id: int) -> list[tuple]:
+    def probabilities(self, cell_patch: np.ndarray, tissue_patch: np.ndarray, pair_id: int) -> torch.Tensor:
+        """The cell model's class probabilities (3, H, W) for one pair, on the CPU."""
         for name, patch in (("cell", cell_patch), ("tissue", tissue_patch)):
             if patch.dtype != np.uint8 or patch.ndim != 3 or patch.shape[-1] != 3:
                 raise ValueError(f"expected a uint8 (H, W, 3) {name} patch, got {patch.shape} {patch.dtype}")
@@ -76,8 +77,10 @@ class Model:
             meta = parse_pair(str(pair_id), self.metadata[pair_id], "metadata")
             context = model_context(self.tissue_model, image_to_tensor(tissue_patch), meta, cell_patch.shape[:2])
         with torch.no_grad():
-            probs = predict_probabilities(self.model, model_input(cell_patch, context), tile=1024).float()
-        found = self.config.detect.cells(probs)
+            return predict_probabilities(self.model, model_input(cell_patch, context), tile=1024).float()
+
+    def __call__(self, cell_patch: np.ndarray, tissue_patch: np.ndarray, pair_id: int) -> list[tuple]:
+        found = self.config.detect.cells(self.probabilities(cell_patch, tissue_patch, pair_id))
         height, width = cell_patch.shape[:2]
         return [(int(min(max(x, 0), width - 1)), int(min(max(y, 0), height - 1)), int(c), float(p))
                 for x, y, c, p in found]
