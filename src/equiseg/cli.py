@@ -228,7 +228,7 @@ def evaluate(
     typer.echo(f"{cfg.name} ({cfg.model.family.value}, width {cfg.model.width}) on {split}: {len(result.ids)} images")
     for key, label in SCORE_ROWS:
         if key in result.scores:
-            typer.echo(f"  {label:<14} {result.scores[key]:.4f}")
+            typer.echo(f"  {label:<16} {result.scores[key]:.4f}")
     typer.echo("wrote " + ", ".join(str(p) for p in paths.values()))
 
 
