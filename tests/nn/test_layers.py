@@ -112,6 +112,34 @@ def test_group_batch_norm_is_equivariant_and_shares_statistics(group, training):
         assert torch.allclose(fields.mean(dim=(0, 2, 3, 4)), norm.norm.bias, atol=1e-5)
 
 
+@pytest.mark.parametrize("group", GROUPS, ids=str)
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_group_batch_norm_from_channel_statistics_equals_the_fused_one(group, momentum):
+    """The GPU path (per-channel statistics combined per field) computes what BatchNorm2d does."""
+    fused, split = GroupBatchNorm2d(3, group, momentum=momentum), GroupBatchNorm2d(3, group, momentum=momentum)
+    with torch.no_grad():
+        fused.norm.weight.uniform_(0.5, 2.0)
+        fused.norm.bias.uniform_(-1.0, 1.0)
+    split.load_state_dict(fused.state_dict())
+    for step in range(3):  # running statistics over several steps
+        x = (torch.randn(4, 3 * group.order, 6, 6) * 3 + step).requires_grad_()
+        x2 = x.detach().clone().requires_grad_()
+        out, out2 = fused.train()(x), split.train().from_channel_stats(x2)
+        assert torch.allclose(out, out2, atol=1e-5)
+        grad = torch.randn_like(out)
+        out.backward(grad)
+        out2.backward(grad)
+        assert torch.allclose(x.grad, x2.grad, atol=1e-5)
+        assert torch.allclose(fused.norm.weight.grad, split.norm.weight.grad, atol=1e-4)
+        assert torch.allclose(fused.norm.bias.grad, split.norm.bias.grad, atol=1e-4)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        assert torch.allclose(getattr(fused.norm, name).float(), getattr(split.norm, name).float(), atol=1e-6), name
+    # and it commutes with the group like the fused path
+    act = regular_out(group)
+    assert_equivariant(equivariance_errors(split.from_channel_stats, torch.randn(2, 3 * group.order, 6, 6),
+                                           group.elements, act_out=act, act_in=act))
+
+
 @pytest.mark.parametrize("make", [lambda: IsotropicConv2d(3, 4), lambda: LiftingConv2d(3, 4, D4),
                                   lambda: GroupConv2d(3, 4, C4)], ids=["isotropic", "lifting", "group"])
 def test_layer_folds_into_conv2d(make):

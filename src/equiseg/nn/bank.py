@@ -37,6 +37,16 @@ def filter_bank(module: nn.Module, build: Callable[[], Bank]) -> Bank:
     return cache[1]
 
 
+def gather(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``values[..., index]`` (an index of any shape into the last axis), via ``index_select``.
+
+    The same numbers as advanced indexing; its backward is one ``index_add_`` instead of an
+    accumulating ``index_put_`` (which sorts its indices on a GPU), a few kernels fewer at every
+    training step.
+    """
+    return values.index_select(-1, index.flatten()).view(*values.shape[:-1], *index.shape)
+
+
 def bank_to_conv2d(weight: torch.Tensor, bias: torch.Tensor | None, padding: int) -> nn.Conv2d:
     """An ``nn.Conv2d`` (zero padding, stride 1) holding a copy of an expanded bank."""
     out_channels, in_channels, kh, kw = weight.shape

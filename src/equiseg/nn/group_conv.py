@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from equiseg.groups import Group
-from equiseg.nn.bank import bank_to_conv2d, filter_bank
+from equiseg.nn.bank import bank_to_conv2d, filter_bank, gather
 
 
 def _check_kernel(kernel_size: int) -> None:
@@ -76,7 +76,7 @@ class LiftingConv2d(nn.Module):
     def expand(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The plain conv weight (C_out*|G|, C_in, k, k) and bias (C_out*|G|,) this layer applies."""
         k = self.kernel_size
-        bank = self.weight.flatten(2)[:, :, self.bank_index]  # (C_out, C_in, |G|, k*k): T_g psi for every g
+        bank = gather(self.weight.flatten(2), self.bank_index)  # (C_out, C_in, |G|, k*k): T_g psi for every g
         bank = bank.transpose(1, 2).reshape(-1, self.in_channels, k, k)  # -> (C_out*|G|, C_in, k, k)
         bias = None if self.bias is None else self.bias.repeat_interleave(self.group.order)
         return bank, bias
@@ -134,7 +134,7 @@ class GroupConv2d(nn.Module):
     def expand(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The plain conv weight (C_out*|G|, C_in*|G|, k, k) and bias (C_out*|G|,) this layer applies."""
         k, order = self.kernel_size, self.group.order
-        bank = self.weight.flatten(2)[:, :, self.bank_index]  # (C_out, C_in, |G|out, |G|in*k*k)
+        bank = gather(self.weight.flatten(2), self.bank_index)  # (C_out, C_in, |G|out, |G|in*k*k)
         # -> (C_out, |G|out, C_in, |G|in*k*k) -> (C_out*|G|, C_in*|G|, k, k), channel-major on both sides
         bank = bank.transpose(1, 2).reshape(-1, self.in_channels * order, k, k)
         bias = None if self.bias is None else self.bias.repeat_interleave(self.group.order)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from equiseg.nn.bank import bank_to_conv2d, filter_bank
+from equiseg.nn.bank import bank_to_conv2d, filter_bank, gather
 
 
 def radius_index(kernel_size: int) -> torch.Tensor:
@@ -62,7 +62,7 @@ class IsotropicConv2d(nn.Module):
 
     def expand(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The plain conv weight (C_out, C_in, k, k) and bias this layer applies."""
-        return self.weight[..., self.radius_index], self.bias
+        return gather(self.weight, self.radius_index), self.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight, bias = filter_bank(self, self.expand)
