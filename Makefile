@@ -20,6 +20,7 @@ test: $(STAMP)  ## the test suite, on both cores
 
 bench: $(STAMP)  ## speed benchmarks (not part of the tests)
 	$(BIN)/python benchmarks/layers.py
+	$(BIN)/python benchmarks/unet_step.py
 	$(BIN)/python benchmarks/data.py
 	$(BIN)/python benchmarks/pipeline.py
 
