@@ -480,7 +480,10 @@ class Augment(nn.Module):
         if cfg.noise.enabled:
             colour, photometric = self._noise(colour, generator), True
         if photometric:
-            image = torch.cat([colour.clamp(0.0, 1.0), extra], dim=1)
+            colour = colour.clamp(0.0, 1.0)
+            # without extra channels, keep the image's own tensor (and memory format: a copy through
+            # torch.cat would change which conv algorithm runs next, and the float rounding with it)
+            image = torch.cat([colour, extra], dim=1) if extra.shape[1] else colour
         return image, masks
 
     def _dihedral(self, image: torch.Tensor, masks: dict[str, torch.Tensor], generator: torch.Generator | None
