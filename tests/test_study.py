@@ -13,20 +13,19 @@ TINY_BASE = {"model": {"family": "plain", "width": 4, "depth": 2},
              "detect": {"sigma": 2.0, "min_distance": 4}}
 
 
-def test_study_runs_reports_and_resumes_without_training(tmp_path):
-    spec = {
-        "name": "tiny",
-        "base": TINY_BASE,
-        "reference_width": 4,
-        "variants": {"plain": {"family": "plain"}, "plain+heavy": {"family": "plain", "augment": "heavy"},
-                     "p4m": {"family": "p4m"}},
-        "fractions": [0.5, 1.0],
-        "seeds": [0, 1],
-        "angles": [45],
-    }
+def tiny_study(tmp_path, name, variants, fractions, **extra):
+    """A study config on TINY_BASE (reference width 4, seeds 0 and 1, 45 degrees), read back from YAML."""
+    spec = {"name": name, "base": TINY_BASE, "reference_width": 4, "variants": variants, "fractions": fractions,
+            "seeds": [0, 1], "angles": [45], **extra}
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump(spec))
-    study = StudyConfig.from_yaml(path)
+    return StudyConfig.from_yaml(path)
+
+
+def test_study_runs_reports_and_resumes_without_training(tmp_path):
+    study = tiny_study(tmp_path, "tiny", {"plain": {"family": "plain"},
+                                          "plain+heavy": {"family": "plain", "augment": "heavy"},
+                                          "p4m": {"family": "p4m"}}, [0.5, 1.0])
     lines = []
     report = run_study(study, tmp_path / "out", say=lines.append)
     (tmp_path / "lines.txt").write_text("\n".join(lines))
@@ -52,19 +51,9 @@ def test_study_runs_reports_and_resumes_without_training(tmp_path):
 
 
 def test_study_with_tissue_context_trains_the_tissue_model_once_and_compares(tmp_path):
-    spec = {
-        "name": "tiny-context",
-        "base": TINY_BASE,
-        "reference_width": 4,
-        "variants": {"p4m": {"family": "p4m"}, "p4m+ctx": {"family": "p4m", "context": "model"}},
-        "tissue": ["model.family=p4m", "model.width=2"],
-        "fractions": [1.0],
-        "seeds": [0, 1],
-        "angles": [45],
-    }
-    path = tmp_path / "study.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    study = StudyConfig.from_yaml(path)
+    study = tiny_study(tmp_path, "tiny-context",
+                       {"p4m": {"family": "p4m"}, "p4m+ctx": {"family": "p4m", "context": "model"}}, [1.0],
+                       tissue=["model.family=p4m", "model.width=2"])
     lines = []
     report = run_study(study, tmp_path / "out", say=lines.append)
     assert any(line.startswith("tissue model (p4m, width 2): trained") for line in lines)
