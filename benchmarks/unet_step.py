@@ -20,6 +20,7 @@ import statistics
 import time
 
 import torch
+from layers import sync  # benchmarks/layers.py: this script's folder is on the path when run
 
 from equiseg.models import build_model
 from equiseg.nn import GroupBatchNorm2d
@@ -49,28 +50,24 @@ def main() -> None:
     models = {f: build_model(f, w, args.depth).to(device) for f, w in WIDTHS.items()}
     optimisers = {f: torch.optim.Adam(m.parameters(), lr=1e-4) for f, m in models.items()}
 
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
     def train_step(family: str) -> float:
         model, optimiser = models[family].train(), optimisers[family]
-        sync()
+        sync(device)
         start = time.perf_counter()
         optimiser.zero_grad(set_to_none=True)
         loss_fn(model(x), target).backward()
         optimiser.step()
-        sync()
+        sync(device)
         return time.perf_counter() - start
 
     def eval_step(family: str) -> float:
         model = models[family].eval()
         with torch.no_grad():
             model(x)  # the bank is rebuilt once after training; steady-state evaluation reuses it
-            sync()
+            sync(device)
             start = time.perf_counter()
             model(x)
-            sync()
+            sync(device)
         return time.perf_counter() - start
 
     times = {f: {"train": [], "eval": []} for f in models}
