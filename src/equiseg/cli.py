@@ -216,8 +216,7 @@ def evaluate(
         if (tissue_model or oracle_context) and cfg.data.context == "none":
             raise ValueError(f"{run} was trained without tissue context: --tissue-model and --oracle-context "
                              "do not apply")
-        context = truth_context if oracle_context else (
-            run_context(cfg.data, evaluation=True, tissue_model=tissue_model) if cfg.data.context != "none" else None)
+        context = truth_context if oracle_context else run_context(cfg.data, evaluation=True, tissue_model=tissue_model)
         root = data if data is not None else _run_data(run) or data_root(cfg)
         progress, update = _progress(f"evaluating on {split}")
         with progress:

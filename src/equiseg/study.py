@@ -187,7 +187,8 @@ def evaluate_run(run_dir: Path, root: Path, study: StudyConfig, gc_samples: list
                                                    context=context).scores
                             for t in standard_transforms(study.angles)}
     test = OcelotFolder(root, "test")
-    images = [model_input(test[i].cell_image, context and context(test[i])) for i in range(min(len(test), 4))]
+    samples = [test[i] for i in range(min(len(test), 4))]
+    images = [model_input(s.cell_image, context and context(s)) for s in samples]
     group = config.model.family.group or D4
     result["certificate"] = {"test": certificate(model, images, group), "group": group.name}
     if gc_samples:
@@ -250,7 +251,8 @@ def run_study(study: StudyConfig, out: Path, say: Callable[[str], None] = print)
     (out / "results.json").write_text(json.dumps({"study": study.name, "results": results, "tissue": tissue},
                                                  indent=1, default=_json_default) + "\n")
     return write_report(study, results, root, out / "report", minutes=(time.time() - started) / 60, tissue=tissue,
-                        reused=sum(r["reused"] for r in results))
+                        reused=sum(r["reused"] for r in results),
+                        context_for=lambda config: _study_context(config, contexts))
 
 
 def evaluate_tissue(run_dir: Path, root: Path) -> dict:

@@ -8,6 +8,7 @@ import io
 import math
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 import matplotlib
@@ -41,10 +42,12 @@ def _figure_png(fig) -> bytes:
 
 
 def write_report(study, results: list[dict], root: Path, out: Path, minutes: float, tissue: dict | None = None,
-                 reused: int = 0) -> Path:
+                 reused: int = 0, context_for: Callable | None = None) -> Path:
     """Write ``out/report.html`` and ``out/summary.md``; returns the HTML path.
 
     ``minutes``: the time of this invocation, of which ``reused`` runs were finished before it.
+    ``context_for(config)``: the evaluation context of a run (the study's, shared between runs);
+    by default each context run's own tissue model is loaded again for the case figure.
 
     ``tissue``: the tissue model's summary (``equiseg.study.evaluate_tissue``) when variants use context.
     """
@@ -137,7 +140,7 @@ def write_report(study, results: list[dict], root: Path, out: Path, minutes: flo
 
     # 6. pictures: loss curves and cases (full fraction, first seed)
     curves_path = plot_loss_curves({v: Path(by[v, full][0]["run_dir"]) for v in variants}, out / "loss_curves.png")
-    cases_path = _cases(by, variants, full, root, out / "cases.png")
+    cases_path = _cases(by, variants, full, root, out / "cases.png", context_for)
 
     # 7. tissue context: each context variant against its family's variant without context
     context_rows, context_lines, context_pairs = _context_comparison(variants, fractions, by)
@@ -205,8 +208,9 @@ def _context_intro(tissue: dict | None) -> str:
     return text
 
 
-def _context_comparison(variants, fractions, by) -> tuple[list[list[str]], list[str]]:
-    """Table rows and reading sentences comparing each context variant with its no-context sibling."""
+def _context_comparison(variants, fractions, by) -> tuple[list[list[str]], list[str], dict]:
+    """Table rows, reading sentences and the per-seed changes ({(variant, fraction): [...]}) comparing
+    each context variant with its no-context sibling."""
     rows, lines, pairs = [], [], {}
     first = {v: by[v, fractions[0]][0] for v in variants}
     for v in variants:
@@ -281,7 +285,7 @@ def _md(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
 
-def _cases(by, variants, fraction, root: Path, path: Path) -> Path:
+def _cases(by, variants, fraction, root: Path, path: Path, context_for: Callable | None = None) -> Path:
     from equiseg.data.context import run_context
     from equiseg.data.datamodule import model_input
     from equiseg.data.ocelot import OcelotFolder
@@ -293,7 +297,7 @@ def _cases(by, variants, fraction, root: Path, path: Path) -> Path:
     for v in variants:
         run = by[v, fraction][0]
         model, config = load_model(run["run_dir"])
-        context = run_context(config.data, evaluation=True) if config.data.context != "none" else None
+        context = context_for(config) if context_for is not None else run_context(config.data, evaluation=True)
         for kind, i in best_and_worst(run["per_image"], [len(test[i].cells) > 0 for i in range(len(test))]):
             sample, dice = test[i], run["per_image"][i]["dice/mean"]
             image = model_input(sample.cell_image, context and context(sample))
