@@ -138,6 +138,13 @@ class Config:
         """Input channels of the model: RGB, plus the two tissue classes with context."""
         return 3 + (CONTEXT_CHANNELS if self.data.context != "none" else 0)
 
+    def build_model(self) -> Any:
+        """The U-Net this config trains (fresh weights): its family, width, depth, input channels, classes."""
+        from equiseg.models import build_model
+
+        m = self.model
+        return build_model(m.family, m.width, m.depth, self.in_channels, num_classes=len(self.task.class_names))
+
     def to_dict(self) -> dict[str, Any]:
         """Plain builtin types only (safe for YAML and for ``torch.load(weights_only=True)``)."""
         return _to_plain(self)

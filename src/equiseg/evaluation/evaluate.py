@@ -104,5 +104,6 @@ def write_evaluation(evaluation: Evaluation, out_dir: Path | str, split: str) ->
 
 
 SCORE_ROWS = [("loss", "Dice-CE loss"), ("dice/mean", "Dice (mean)"), ("dice/BC", "Dice BC"), ("dice/TC", "Dice TC"),
-              ("dice/background", "Dice background"), ("dice/cancer", "Dice cancer"), ("miou", "mIoU"), ("precision/BC", "precision BC"), ("recall/BC", "recall BC"), ("f1/BC", "F1 BC"),
+              ("dice/background", "Dice background"), ("dice/cancer", "Dice cancer"), ("miou", "mIoU"),
+              ("precision/BC", "precision BC"), ("recall/BC", "recall BC"), ("f1/BC", "F1 BC"),
               ("precision/TC", "precision TC"), ("recall/TC", "recall TC"), ("f1/TC", "F1 TC"), ("mf1", "mF1")]

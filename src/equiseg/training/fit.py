@@ -185,12 +185,38 @@ def fit(config: Config | None, runs: Path | str = "runs", resume: Path | str | N
     last = ModelCheckpoint(dirpath=run_dir / CHECKPOINTS, filename="last", monitor=None, save_top_k=1,
                            enable_version_counter=False)
     # without progress output (studies, tests), Lightning's notices (devices, tips) stay quiet too
-    with _lightning_notices(progress):
-        return _run_trainer(config, run_dir, module, data, [best, last, *(callbacks or [])], ckpt_path, progress)
+    with _lightning_notices(progress), warnings.catch_warnings():
+        # Lightning's own deprecations and a notice about our GPU-side augmentation hook
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+        warnings.filterwarnings("ignore", message=".*overridden `on_after_batch_transfer`.*")
+        warnings.filterwarnings("ignore", message=".*exists and is not empty.*")  # resuming writes into it
+        warnings.filterwarnings("ignore", message=".*all_gather is deprecated.*")
+        trainer = L.Trainer(
+            default_root_dir=run_dir,
+            max_epochs=config.train.epochs,
+            accelerator=config.train.accelerator,
+            devices=config.train.devices,
+            strategy=config.train.strategy,
+            precision=config.train.precision,
+            logger=build_loggers(config, run_dir),
+            callbacks=[best, last, *(callbacks or [])],
+            log_every_n_steps=1,
+            enable_progress_bar=progress,
+            enable_model_summary=progress,
+            limit_train_batches=config.train.limit_train_batches,
+            deterministic=False,
+        )
+        try:
+            trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
+        finally:
+            if trainer.is_global_zero:
+                merge_metrics(run_dir)
+    return run_dir
 
 
 @contextlib.contextmanager
 def _lightning_notices(shown: bool):
+    """Lightning's rank-zero notices at INFO shown or (``shown=False``) held back for the block."""
     logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     level = logger.level
     if not shown:
@@ -199,39 +225,6 @@ def _lightning_notices(shown: bool):
         yield
     finally:
         logger.setLevel(level)
-
-
-def _run_trainer(config: Config, run_dir: Path, module, data, callbacks: list, ckpt_path: Path | None,
-                 progress: bool) -> Path:
-    import lightning as L
-
-    trainer = L.Trainer(
-        default_root_dir=run_dir,
-        max_epochs=config.train.epochs,
-        accelerator=config.train.accelerator,
-        devices=config.train.devices,
-        strategy=config.train.strategy,
-        precision=config.train.precision,
-        logger=build_loggers(config, run_dir),
-        callbacks=callbacks,
-        log_every_n_steps=1,
-        enable_progress_bar=progress,
-        enable_model_summary=progress,
-        limit_train_batches=config.train.limit_train_batches,
-        deterministic=False,
-    )
-    with warnings.catch_warnings():
-        # Lightning's own deprecations and a notice about our GPU-side augmentation hook
-        warnings.filterwarnings("ignore", message=".*LeafSpec.*")
-        warnings.filterwarnings("ignore", message=".*overridden `on_after_batch_transfer`.*")
-        warnings.filterwarnings("ignore", message=".*exists and is not empty.*")  # resuming writes into it
-        warnings.filterwarnings("ignore", message=".*all_gather is deprecated.*")
-        try:
-            trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
-        finally:
-            if trainer.is_global_zero:
-                merge_metrics(run_dir)
-    return run_dir
 
 
 def _set_aside_metrics(run_dir: Path) -> None:
@@ -277,7 +270,6 @@ def load_model(checkpoint: Path | str, map_location: str | torch.device = "cpu")
     A run folder gives its best checkpoint. Loading uses ``torch.load(weights_only=True)``:
     tensors and builtin types only, no code runs from the file.
     """
-    from equiseg.models import build_model
 
     path = Path(checkpoint)
     if path.is_dir():
@@ -286,8 +278,7 @@ def load_model(checkpoint: Path | str, map_location: str | torch.device = "cpu")
         raise FileNotFoundError(f"{path}: no checkpoint there")
     state = torch.load(path, map_location=map_location, weights_only=True)
     config = Config.from_dict(state["hyper_parameters"]["config"])
-    model = build_model(config.model.family, config.model.width, config.model.depth, config.in_channels,
-                        num_classes=len(config.task.class_names))
+    model = config.build_model()
     prefix = "model."
     model.load_state_dict({k[len(prefix):]: v for k, v in state["state_dict"].items() if k.startswith(prefix)})
     return model.eval(), config

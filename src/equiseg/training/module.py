@@ -10,12 +10,11 @@ import torch
 from equiseg.config import Config
 from equiseg.data.augment import Augment, AugmentConfig
 from equiseg.evaluation.metrics import confusion_matrix, segmentation_scores
-from equiseg.models import build_model
 from equiseg.training.losses import DiceCELoss
 
 
 class SegmentationModule(L.LightningModule):
-    """Trains ``build_model(config.model)`` with Adam on Dice + cross-entropy.
+    """Trains ``config.build_model()`` with Adam on Dice + cross-entropy.
 
     Augmentation (``config.data.augment``) runs on the batch after it reaches the device, so
     it runs on the GPU when there is one. Logged: ``train/loss`` (per step and epoch),
@@ -30,8 +29,7 @@ class SegmentationModule(L.LightningModule):
         self.config = Config.from_dict(config)
         cfg = self.config
         self.class_names = cfg.task.class_names
-        self.model = build_model(cfg.model.family, cfg.model.width, cfg.model.depth, cfg.in_channels,
-                                 num_classes=len(self.class_names))
+        self.model = cfg.build_model()
         self.loss = DiceCELoss(cfg.train.dice_weight, cfg.train.ce_weight)
         self.augment = None if cfg.data.augment == AugmentConfig.none() else Augment(cfg.data.augment)
         self._val_cm: torch.Tensor | None = None
