@@ -64,6 +64,8 @@ class Model:
                 raise ValueError(f"{path} was trained with tissue context (data.context={self.config.data.context}): "
                                  f"pass a tissue model (--tissue-model, tissue_model= or ${TISSUE_MODEL_ENV})")
             self.tissue_model = load_tissue_model(tissue, map_location=self.device).to(self.device)
+            # each pair's place in its tissue patch; a malformed entry fails here, before any pair runs
+            self.metas = [parse_pair(str(i), record, "metadata") for i, record in enumerate(metadata)]
         elif tissue_model:
             raise ValueError(f"{path} was trained without tissue context, so it cannot use a tissue model")
 
@@ -74,8 +76,8 @@ class Model:
                 raise ValueError(f"expected a uint8 (H, W, 3) {name} patch, got {patch.shape} {patch.dtype}")
         context = None
         if self.tissue_model is not None:
-            meta = parse_pair(str(pair_id), self.metadata[pair_id], "metadata")
-            context = model_context(self.tissue_model, image_to_tensor(tissue_patch), meta, cell_patch.shape[:2])
+            context = model_context(self.tissue_model, image_to_tensor(tissue_patch), self.metas[pair_id],
+                                    cell_patch.shape[:2])
         with torch.no_grad():
             return predict_probabilities(self.model, model_input(cell_patch, context), tile=1024).float()
 
