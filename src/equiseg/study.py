@@ -171,8 +171,9 @@ def evaluate_run(run_dir: Path, root: Path, study: StudyConfig, gc_samples: list
     cache = run_dir / "study.json"
     if cache.is_file():
         return json.loads(cache.read_text())
+    contexts = {} if contexts is None else contexts
     model, config = load_model(run_dir)
-    context = _study_context(config, contexts if contexts is not None else {})
+    context = _study_context(config, contexts)
     result: dict = {"parameters": count_parameters(model), "family": config.model.family.value,
                     "width": config.model.width, "context": config.data.context}
     start = time.perf_counter()
