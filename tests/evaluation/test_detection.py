@@ -6,6 +6,7 @@ import torch
 
 from equiseg.data.targets import cell_class_mask
 from equiseg.evaluation.detection import (
+    MatchOrder,
     PointsFormatError,
     detect_cells,
     detection_scores,
@@ -32,14 +33,102 @@ def test_hand_worked_matching():
     assert scores["mf1"] == pytest.approx((scores["f1/BC"] + 0.0) / 2)
 
 
-def test_visiting_order_matters_only_in_probability_mode():
+def test_the_two_visiting_orders_on_a_hand_counted_case():
     gt = np.array([[10, 10, 1], [30, 10, 1]])
     # pred A (file first, low prob) sits 5 px from GT 0 and 15 from GT 1; pred B (high prob) 1 px from GT 0 only
     pred = np.array([[15, 10, 1, 0.1], [10, 11, 1, 0.9]])
-    # file order: A takes GT 0, B finds nothing left within 15 px (GT 1 is 20 px away) -> 1 TP
-    assert match_counts(pred, gt, 1, order="official") == (1, 1, 2)
-    # by probability: B takes GT 0, then A takes GT 1 at 15 px -> 2 TP
-    assert match_counts(pred, gt, 1, order="probability") == (2, 0, 2)
+    # today's official rule, by probability: B takes GT 0, then A takes GT 1 at 15 px -> 2 TP
+    assert match_counts(pred, gt, 1) == (2, 0, 2)
+    # the scorer before 2023-07-28, file order: A takes GT 0, B finds nothing left (GT 1 is 20 px away)
+    assert match_counts(pred, gt, 1, order=MatchOrder.PRE_JULY_2023) == (1, 1, 2)
+    # by hand: official P = R = 2/2 -> F1 1.0 (rounded); TC has neither -> F1 0; mF1 0.5.
+    # pre-July-2023: P = R = 1/2 -> F1 0.5; mF1 0.25
+    assert detection_scores([pred], [gt])["mf1"] == 0.5
+    assert detection_scores([pred], [gt], order=MatchOrder.PRE_JULY_2023)["mf1"] == 0.25
+
+
+def test_the_orders_differ_over_several_images_and_both_classes():
+    gts = [np.array([[100, 100, 2], [120, 100, 2], [500, 500, 1]]), np.array([[50, 50, 1], [70, 50, 1]])]
+    preds = [np.array([[110, 100, 2, 0.3],     # 10 px from both TC: ties go to the first GT
+                       [101, 100, 2, 0.8],     # 1 px from TC 0, 19 from TC 1
+                       [505, 500, 1, 0.5]]),   # BC 0: TP either way
+             np.array([[60, 50, 1, 0.2], [50, 51, 1, 0.7]])]
+    # official: image 0 TC: (101,100) p.8 takes TC 0, then (110,100) takes TC 1 -> TP 2;
+    #           image 1 BC: (50,51) p.7 takes BC 0, (60,50) takes BC 1 -> TP 2; BC in all: TP 3, GT 3
+    official = detection_scores(preds, gts)
+    assert [official[k] for k in ("tp/BC", "fp/BC", "gt/BC", "tp/TC", "fp/TC", "gt/TC")] == [3, 0, 3, 2, 0, 2]
+    assert official["mf1"] == 1.0
+    # file order: (110,100) takes TC 0 (the first of two at 10 px), (101,100) has none left within 15 px -> TP 1,
+    # FP 1; image 1: (60,50) takes BC 0 (10 px, first of the tie), (50,51) has BC 1 at 20 px -> FP
+    old = detection_scores(preds, gts, order=MatchOrder.PRE_JULY_2023)
+    assert [old[k] for k in ("tp/BC", "fp/BC", "gt/BC", "tp/TC", "fp/TC", "gt/TC")] == [2, 1, 3, 1, 1, 2]
+    f1_bc, f1_tc = round(2 * (2 / 3) * (2 / 3) / (4 / 3), 4), round(2 * 0.5 * 0.5 / 1.0, 4)
+    assert (old["f1/BC"], old["f1/TC"]) == (f1_bc, f1_tc) == (0.6667, 0.5)
+    assert old["mf1"] == pytest.approx((0.6667 + 0.5) / 2, abs=1e-12)
+
+
+def test_probabilities_tie_as_float32_as_in_the_official_scorer():
+    gt = np.array([[10, 10, 1], [30, 10, 1]])
+    tie = np.array([[15, 10, 1, 0.5], [10, 11, 1, 0.5]])
+    # 0.5 + 1e-9 is 0.5 in float32: the official scorer sees a tie, not B first
+    near = np.array([[15, 10, 1, 0.5], [10, 11, 1, 0.5 + 1e-9]])
+    apart = np.array([[15, 10, 1, 0.5], [10, 11, 1, 0.5 + 1e-6]])
+    assert match_counts(near, gt, 1) == match_counts(tie, gt, 1) == (1, 1, 2)  # a tie of two: file order
+    assert match_counts(apart, gt, 1) == (2, 0, 2)
+
+
+def test_official_rounding_before_the_mean_and_the_unrounded_kept():
+    # BC: TP 2, FP 1, GT 2 -> P 2/3, R 1, F1 0.8; TC: TP 1, FP 0, GT 6 -> P 1, R 1/6, F1 2/7
+    gts = [np.array([[10, 10, 1], [40, 10, 1], *[[100 + 40 * k, 200, 2] for k in range(6)]])]
+    preds = [np.array([[10, 10, 1, 0.9], [40, 10, 1, 0.8], [300, 300, 1, 0.7], [100, 200, 2, 0.6]])]
+    scores = detection_scores(preds, gts)
+    assert scores["precision/BC"] == 0.6667 and scores["f1/TC"] == 0.2857 and scores["recall/TC"] == 0.1667
+    assert scores["mf1"] == pytest.approx((0.8 + 0.2857) / 2, abs=1e-12)    # 0.54285, the official figure
+    assert scores["unrounded/f1/TC"] == pytest.approx(2 / 7, abs=1e-6)
+    assert scores["unrounded/mf1"] == pytest.approx((0.8 + 2 / 7) / 2, abs=1e-6)
+    assert scores["mf1"] != pytest.approx(scores["unrounded/mf1"], abs=1e-6)
+
+
+def official_reference(preds, gts, cutoff=15):
+    """The current official rule written out plainly, step by step, per image and class."""
+    f1s = []
+    for cls in (1, 2):
+        tp = fp = n_gt = 0
+        for pred, gt in zip(preds, gts):
+            p = np.array([r for r in pred.tolist() if r[2] == cls], np.float32).reshape(-1, 4)
+            g = np.array([r for r in gt.tolist() if r[2] == cls], np.float32).reshape(-1, 3)
+            n_gt += len(g)
+            taken = set()
+            for i in np.argsort(-p[:, 3]):
+                near = [j for j in range(len(g)) if j not in taken
+                        and np.linalg.norm(p[i, :2] - g[j, :2]) <= cutoff]
+                if near:
+                    taken.add(min(near, key=lambda j: np.linalg.norm(p[i, :2] - g[j, :2])))
+                    tp += 1
+                else:
+                    fp += 1
+        precision, recall = tp / (tp + fp + 1e-7), tp / (n_gt + 1e-7)
+        f1s.append(round(2 * precision * recall / (precision + recall + 1e-7), 4))
+    return sum(f1s) / 2
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_crowded_cases_match_the_official_rule(seed):
+    """Clustered ground truth, jittered and mislabelled predictions with random (and tied) probabilities."""
+    rng = np.random.default_rng(seed)
+    preds, gts = [], []
+    for _ in range(int(rng.integers(1, 6))):
+        centres = rng.uniform(100, 900, (3, 2))
+        xy = np.clip(np.rint(centres[rng.integers(0, 3, 60)] + rng.normal(0, 40, (60, 2))), 0, 1023)
+        gt = np.c_[xy, rng.integers(1, 3, len(xy))] if rng.random() > 0.15 else np.zeros((0, 3))
+        n = int(rng.integers(0, 80))
+        base = gt[rng.integers(0, len(gt), n)] if len(gt) else np.c_[rng.uniform(0, 1023, (n, 2)), np.ones(n)]
+        jitter = np.clip(np.rint(base[:, :2] + rng.normal(0, 8, (n, 2))), 0, 1023)
+        cls = np.where(rng.random(n) < 0.2, 3 - base[:, 2], base[:, 2])
+        prob = np.where(rng.random(n) < 0.3, 0.5, rng.random(n).round(3))  # many ties
+        preds.append(np.c_[jitter, cls, prob])
+        gts.append(gt)
+    assert detection_scores(preds, gts)["mf1"] == pytest.approx(official_reference(preds, gts), abs=1e-12)
 
 
 def test_images_with_no_cells_of_a_class():
@@ -88,6 +177,13 @@ def test_points_json_round_trip_and_official_format(tmp_path):
     assert back[2].tolist() == [[5, 6, 2, 0.5]]
     gt = write_points_json(tmp_path / "gt.json", [i[:, :3] for i in images], ground_truth=True)
     assert json.loads(gt.read_text())["num_images"] == 3 and len(read_points_json(gt)) == 3
+
+
+@pytest.mark.parametrize("x, y", [(1024, 5), (5, 1023.6), (-1, 0)])
+def test_points_json_refuses_points_outside_the_patch_and_writes_nothing(tmp_path, x, y):
+    with pytest.raises(ValueError, match=r"image_1: point .* outside .*1024x1024"):
+        write_points_json(tmp_path / "p.json", [np.zeros((0, 4)), np.array([[x, y, 1, 0.5]])])
+    assert not (tmp_path / "p.json").exists()
 
 
 @pytest.mark.parametrize("bad, message", [

@@ -1,22 +1,30 @@
 """Cells as points: read them off probability maps, score them by the OCELOT rules, and
 read and write the official ``cell_classification.json`` format.
 
-The OCELOT 2023 score (mF1): for each class (1 = BC, 2 = TC) separately, the predictions of
-an image are visited in order and each takes the nearest ground-truth point of the same class
-within 15 px (Euclidean, inclusive) that no earlier prediction took (a true positive); a
-prediction with none left is a false positive. TP, FP and the number of ground-truth points are
-summed over all images; precision = TP / (TP + FP + 1e-7), recall = TP / (GT + 1e-7),
-F1 = 2 P R / (P + R + 1e-7), each rounded to 4 decimals; mF1 is the mean of F1(BC) and F1(TC).
+The OCELOT 2023 score (mF1), as the official scorer computes it today (lunit-io/ocelot23algo,
+``evaluation/eval.py`` at commit fb1f722, 2023-07-28, "fixing confidence computation", read on
+2026-11-27): for each class (1 = BC, 2 = TC) separately, the predictions of an image are
+visited in descending probability (``np.argsort(-confidence)`` over the class's rows as float32,
+numpy's default sort) and each takes the nearest ground-truth point of the same class within
+15 px (Euclidean on float32 coordinates, inclusive) that no earlier prediction took (a true
+positive); a prediction with none left is a false positive. TP, FP and the number of
+ground-truth points are summed over all images; precision = TP / (TP + FP + 1e-7), recall =
+TP / (GT + 1e-7), F1 = 2 P R / (P + R + 1e-7), each rounded to 4 decimals; mF1 is the mean of
+the rounded F1(BC) and F1(TC).
 
-Visiting order: the rules say "in descending probability", but the official scorer
-(lunit-io/ocelot23algo, evaluation/eval.py) sorts by the column that holds the class index,
-which is the same for all predictions of a class, so its order is whatever ``np.argsort``
-makes of equal keys (the file order for small images). ``order="official"`` reproduces that;
-``order="probability"`` sorts by probability (stable), as the rules describe.
+Ties in probability are visited in the order numpy's default (unstable) argsort gives them, as
+in the official scorer; this module makes the same call, so it agrees with the scorer run by
+the same numpy on the same machine.
+
+Before that fix the scorer sorted by the column holding the class index, the same for every
+prediction of a class, so predictions were in effect visited in file order.
+``MatchOrder.PRE_JULY_2023`` reproduces that older figure for comparison with results computed
+by it; ``MatchOrder.OFFICIAL`` (the default everywhere) is today's rule.
 """
 
 from __future__ import annotations
 
+import enum
 import json
 import re
 from pathlib import Path
@@ -27,6 +35,14 @@ import torch.nn.functional as F
 
 CLASS_NAMES = {1: "BC", 2: "TC"}
 DISTANCE_CUTOFF = 15.0
+IMAGE_SIDE = 1024  # the official format holds 1024 x 1024 patches: x and y in 0..1023
+
+
+class MatchOrder(enum.Enum):
+    """The order in which a class's predictions take ground-truth points (see the module docstring)."""
+
+    OFFICIAL = "official"            # descending probability: the scorer since 2023-07-28
+    PRE_JULY_2023 = "pre-july-2023"  # by the class column, i.e. file order: the scorer before that fix
 
 
 def detect_cells(probs: torch.Tensor, sigma: float = 8.0, min_distance: int = 15,
@@ -99,7 +115,7 @@ def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
 
 
 def match_counts(pred: np.ndarray, gt: np.ndarray, cls: int, cutoff: float = DISTANCE_CUTOFF,
-                 order: str = "official") -> tuple[int, int, int]:
+                 order: MatchOrder = MatchOrder.OFFICIAL) -> tuple[int, int, int]:
     """(TP, FP, number of GT) of one image and class, by the OCELOT greedy matching.
 
     Args:
@@ -107,22 +123,23 @@ def match_counts(pred: np.ndarray, gt: np.ndarray, cls: int, cutoff: float = DIS
         gt: (M, >=3) rows (x, y, class, ...).
         cls: 1 or 2.
         cutoff: the largest matching distance, px (inclusive).
-        order: "official" or "probability" (see the module docstring).
+        order: :class:`MatchOrder`; the official scorer's current rule by default.
     """
+    # float32 rows, as the official scorer holds them: probabilities that differ only beyond
+    # float32 precision tie there, and ties are broken by the same argsort
     pred = np.asarray(pred, dtype=np.float64).reshape(-1, 4)
     gt = np.asarray(gt, dtype=np.float64)
     gt = gt.reshape(-1, gt.shape[-1] if gt.size else 3)
-    p, g = pred[pred[:, 2] == cls], gt[gt[:, 2] == cls]
-    if order == "official":
-        visit = np.argsort(-p[:, 2].astype(np.float32))
-    elif order == "probability":
-        visit = np.argsort(-p[:, 3], kind="stable")
-    else:
-        raise ValueError(f"order must be 'official' or 'probability', got {order!r}")
+    p = pred[pred[:, 2] == cls].astype(np.float32)
+    g = gt[gt[:, 2] == cls, :2].astype(np.float32)
     if not len(p):
         return 0, 0, len(g)
-    # float32 distances, as the official scorer computes them
-    distance = np.linalg.norm(p[:, None, :2].astype(np.float32) - g[None, :, :2].astype(np.float32), axis=2)
+    match MatchOrder(order):
+        case MatchOrder.OFFICIAL:
+            visit = np.argsort(-p[:, 3])
+        case MatchOrder.PRE_JULY_2023:
+            visit = np.argsort(-p[:, 2])
+    distance = np.linalg.norm(p[:, None, :2] - g[None, :, :], axis=2)
     free = distance <= cutoff
     tp = 0
     for i in visit:
@@ -135,12 +152,18 @@ def match_counts(pred: np.ndarray, gt: np.ndarray, cls: int, cutoff: float = DIS
 
 
 def detection_scores(preds: list[np.ndarray], gts: list[np.ndarray], cutoff: float = DISTANCE_CUTOFF,
-                     order: str = "official") -> dict[str, float]:
-    """OCELOT scores over a list of images: ``precision/BC``, ``recall/BC``, ``f1/BC``, the same
-    for TC, and ``mf1``, rounded as the official scorer rounds them."""
+                     order: MatchOrder = MatchOrder.OFFICIAL) -> dict[str, float]:
+    """OCELOT scores over a list of images.
+
+    Keys: ``precision/BC``, ``recall/BC``, ``f1/BC`` (rounded to 4 decimals, as the official
+    scorer reports them), ``tp/BC``, ``fp/BC``, ``gt/BC``, the same for TC, and ``mf1``, the
+    official figure: the mean of the two rounded F1. The same before rounding are kept as
+    ``unrounded/precision/BC`` ... ``unrounded/mf1``.
+    """
     if len(preds) != len(gts):
         raise ValueError(f"{len(preds)} predicted images but {len(gts)} ground-truth images")
-    scores = {}
+    scores: dict[str, float] = {}
+    unrounded: dict[str, float] = {}
     for cls, name in CLASS_NAMES.items():
         tp = fp = n_gt = 0
         for pred, gt in zip(preds, gts):
@@ -149,10 +172,13 @@ def detection_scores(preds: list[np.ndarray], gts: list[np.ndarray], cutoff: flo
         precision = tp / (tp + fp + 1e-7)
         recall = tp / (n_gt + 1e-7)
         f1 = 2 * precision * recall / (precision + recall + 1e-7)
-        scores |= {f"precision/{name}": round(precision, 4), f"recall/{name}": round(recall, 4),
-                   f"f1/{name}": round(f1, 4), f"tp/{name}": tp, f"fp/{name}": fp, f"gt/{name}": n_gt}
+        for key, value in (("precision", precision), ("recall", recall), ("f1", f1)):
+            scores[f"{key}/{name}"] = round(value, 4)
+            unrounded[f"unrounded/{key}/{name}"] = value
+        scores |= {f"tp/{name}": tp, f"fp/{name}": fp, f"gt/{name}": n_gt}
     scores["mf1"] = (scores["f1/BC"] + scores["f1/TC"]) / 2
-    return scores
+    unrounded["unrounded/mf1"] = (unrounded["unrounded/f1/BC"] + unrounded["unrounded/f1/TC"]) / 2
+    return scores | unrounded
 
 
 class PointsFormatError(ValueError):
@@ -162,14 +188,19 @@ class PointsFormatError(ValueError):
 def write_points_json(path: Path | str, images: list[np.ndarray], ground_truth: bool = False) -> Path:
     """Write points per image in the official format (``image_i`` = i-th image, 0-based).
 
-    Rows are (x, y, class[, probability]); x and y are rounded to ints and clipped to 0..1023
-    as the format requires. Ground truth gets probability 1.0 and ``num_images``.
+    Rows are (x, y, class[, probability]); x and y are rounded to ints. The format holds
+    1024 x 1024 patches only: a point outside 0..1023 is a ``ValueError`` naming it (points are
+    never moved; larger images keep their cells in CSV files). Ground truth gets probability
+    1.0 and ``num_images``.
     """
     points = []
     for i, rows in enumerate(images):
         for row in np.asarray(rows, dtype=np.float64).reshape(-1, np.asarray(rows).shape[-1] if len(rows) else 4):
+            x, y = (int(round(v)) for v in row[:2])
+            if not (0 <= x < IMAGE_SIDE and 0 <= y < IMAGE_SIDE):
+                raise ValueError(f"image_{i}: point ({x}, {y}) lies outside the official format's "
+                                 f"{IMAGE_SIDE}x{IMAGE_SIDE} patch")
             probability = 1.0 if ground_truth or len(row) < 4 else float(min(max(row[3], 0.0), 1.0))
-            x, y = (int(min(max(round(v), 0), 1023)) for v in row[:2])
             points.append({"name": f"image_{i}", "point": [x, y, int(row[2])], "probability": probability})
     data = {"type": "Multiple points", "points": points, "version": {"major": 1, "minor": 0}}
     if ground_truth:
@@ -204,8 +235,8 @@ def read_points_json(path: Path | str, num_images: int | None = None) -> list[np
             raise PointsFormatError(f"{where}: name {cell['name']!r} is not image_<index>")
         if not (isinstance(point, list) and len(point) == 3 and all(type(v) is int for v in point)):
             raise PointsFormatError(f"{where}: point must be [x, y, class] with ints")
-        if not (0 <= point[0] <= 1023 and 0 <= point[1] <= 1023):
-            raise PointsFormatError(f"{where}: x and y must lie in 0..1023")
+        if not (0 <= point[0] < IMAGE_SIDE and 0 <= point[1] < IMAGE_SIDE):
+            raise PointsFormatError(f"{where}: x and y must lie in 0..{IMAGE_SIDE - 1}")
         if point[2] not in CLASS_NAMES:
             raise PointsFormatError(f"{where}: class must be 1 (BC) or 2 (TC)")
         if type(cell["probability"]) is not float or not 0.0 <= cell["probability"] <= 1.0:
