@@ -3,7 +3,7 @@
     python benchmarks/pipeline.py [--steps 8] [--skip-inference]
 
 1. Training samples per second (forward + backward + Adam step, augmentation included where
-   the preset has it) for configs/isotropic-small.yaml and configs/plain-small.yaml, on random
+   the preset has it) for the presets isotropic-small and plain-small, on random
    batches of the preset's batch and crop size; median over ``--steps`` steps after one warm-up.
 2. Inference of the paper-size models (plain width 64, isotropic width 110, depth 4) on one
    1024x1024 image in eval mode without gradients: seconds (median of 3 after a warm-up) and
@@ -19,18 +19,16 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def train_rate(config_name: str, steps: int) -> float:
     from equiseg.config import Config
+    from equiseg.presets import preset_path
     from equiseg.training.module import SegmentationModule
 
-    config = Config.from_yaml(ROOT / "configs" / config_name)
+    config = Config.from_yaml(preset_path(config_name))
     module = SegmentationModule(config.to_dict())
     optimiser = module.configure_optimizers()
     b, s = config.data.batch_size, config.data.crop_size
@@ -78,7 +76,7 @@ def main() -> None:
         inference_child(args.child[0], int(args.child[1]))
         return
     print(f"torch={torch.__version__} threads={torch.get_num_threads()}")
-    for name in ("isotropic-small.yaml", "plain-small.yaml"):
+    for name in ("isotropic-small", "plain-small"):
         print(f"train {name:<22} {train_rate(name, args.steps):6.2f} samples/s")
     if args.skip_inference:
         return

@@ -13,6 +13,7 @@ from equiseg.config import Config
 from equiseg.data.ocelot import OcelotFolder, write_grand_challenge
 from equiseg.evaluation.detection import detection_scores, read_points_json
 from equiseg.evaluation.evaluate import evaluate_model
+from equiseg.runtime import Runtime
 from equiseg.training.fit import fit, load_model
 from tests_support import tiny_config
 
@@ -52,7 +53,7 @@ def assert_official(points_file, n):
 
 def test_model_interface_returns_official_tuples(trained, synthetic_small):
     sample = OcelotFolder(synthetic_small, "test")[0]
-    model = Model([sample.meta.record], cell_model=trained, device="cpu")
+    model = Model([sample.meta.record], cell_model=trained, runtime=Runtime())
     cells = model(sample.cell_image, sample.tissue_image, 0)
     for x, y, cls, prob in cells:
         assert type(x) is int and type(y) is int and cls in (1, 2) and 0.0 <= prob <= 1.0
@@ -90,7 +91,7 @@ def test_a_context_model_needs_a_tissue_model_and_a_plain_one_refuses_it(context
     import shutil
 
     sample = OcelotFolder(synthetic_small, "test")[0]
-    model = Model([sample.meta.record], cell_model=context_run, device="cpu")  # the config names the tissue model
+    model = Model([sample.meta.record], cell_model=context_run, runtime=Runtime())  # the config names the tissue model
     assert model.tissue_model is not None
     assert model.model(torch.zeros(1, 5, 16, 16)).shape == (1, 3, 16, 16)
     # a copy of the run whose config names no tissue model
@@ -103,13 +104,13 @@ def test_a_context_model_needs_a_tissue_model_and_a_plain_one_refuses_it(context
     torch.save(state, bare / "checkpoints/best.ckpt")
     monkeypatch.delenv("EQUISEG_TISSUE_MODEL", raising=False)
     with pytest.raises(ValueError, match="tissue context"):
-        Model([sample.meta.record], cell_model=bare, device="cpu")
+        Model([sample.meta.record], cell_model=bare, runtime=Runtime())
     monkeypatch.setenv("EQUISEG_TISSUE_MODEL", str(tissue_run))
-    assert Model([sample.meta.record], cell_model=bare, device="cpu").tissue_model is not None
+    assert Model([sample.meta.record], cell_model=bare, runtime=Runtime()).tissue_model is not None
     with pytest.raises(ValueError, match="without tissue context"):
-        Model([sample.meta.record], cell_model=trained, tissue_model=tissue_run, device="cpu")
+        Model([sample.meta.record], cell_model=trained, tissue_model=tissue_run, runtime=Runtime())
     with pytest.raises(ValueError, match="not a tissue model"):
-        Model([sample.meta.record], cell_model=bare, tissue_model=trained, device="cpu")
+        Model([sample.meta.record], cell_model=bare, tissue_model=trained, runtime=Runtime())
     from PIL import Image
 
     Image.fromarray(sample.cell_image).save(tmp_path / "cell.png")
@@ -132,9 +133,7 @@ def test_challenge_with_tissue_context_scores_equal_evaluate(context_run, tissue
     for key in ("precision/BC", "recall/BC", "f1/BC", "precision/TC", "recall/TC", "f1/TC", "mf1"):
         assert challenge_scores[key] == evaluation.scores[key], key
     # the oracle (ground-truth context) is another input, so it gives other probabilities
-    from equiseg.data.context import truth_context
-
-    oracle = evaluate_model(model, config, synthetic_small, "test", context=truth_context)
+    oracle = evaluate_model(model, config, synthetic_small, "test", oracle=True)
     assert oracle.scores["loss"] != evaluation.scores["loss"]
 
 
@@ -154,11 +153,11 @@ def test_evaluate_command_takes_the_tissue_model_or_the_oracle(context_run, tiss
         assert result.exit_code == 0, result.output
         scores[name] = json.loads((tmp_path / name / "scores-test.json").read_text())["scores"]
     model, config = load_model(context_run)
-    from equiseg.data.context import truth_context
-
-    oracle = evaluate_model(model, config, config.data.root, "test", context=truth_context)
+    oracle = evaluate_model(model, config, config.data.root, "test", oracle=True)
     assert scores["oracle"]["loss"] == pytest.approx(oracle.scores["loss"], rel=1e-12)
     assert scores["model"]["loss"] != scores["oracle"]["loss"]
+    saved = {name: json.loads((tmp_path / name / "scores-test.json").read_text())["context"] for name in scores}
+    assert saved == {"model": "tissue model", "oracle": "oracle"}
     result = runner.invoke(app, ["evaluate", str(trained), "--oracle-context", "--out", str(tmp_path / "x")])
     assert result.exit_code == 2 and "without tissue context" in result.output
 
@@ -213,7 +212,7 @@ def test_challenge_model_with_context_is_exact_for_the_pair_turned_together(tmp_
         x0, y0, x1, y1 = transform_block(block, g, size, size)
         records.append(pair_record("test", 0.2, 0.8, (x0 + x1) / 2 / size, (y0 + y1) / 2 / size,
                                    cell_size=size, tissue_size=size))
-    model = Model(records, cell_model=cell, device="cpu")
+    model = Model(records, cell_model=cell, runtime=Runtime())
     rng = np.random.default_rng(0)
     cell_patch, tissue_patch = (rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(2))
 
@@ -226,3 +225,22 @@ def test_challenge_model_with_context_is_exact_for_the_pair_turned_together(tmp_
         assert (turned - D4.act_on_image(g, reference)).abs().max() < 1e-5, str(g)
     # the context matters: another block gives other probabilities
     assert (model.probabilities(cell_patch, tissue_patch, 1) - reference).abs().max() > 1e-4
+
+
+def test_a_truth_context_model_without_tissue_model_is_never_scored_as_oracle_unawares(context_run, tmp_path):
+    """data.context=truth and no tissue model: evaluate refuses, unless --oracle-context, which it labels."""
+    state = torch.load(context_run / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)
+    state["hyper_parameters"]["config"]["data"]["tissue_model"] = None
+    bare = tmp_path / "bare.ckpt"
+    torch.save(state, bare)
+    out = tmp_path / "refused"
+    result = runner.invoke(app, ["evaluate", str(bare), "--out", str(out)])
+    assert result.exit_code == 2 and "names no tissue model" in result.output and "--oracle-context" in result.output
+    assert len(result.output.strip().splitlines()) == 1 and not out.exists()
+    model, config = load_model(bare)
+    with pytest.raises(ValueError, match="names no tissue model"):
+        evaluate_model(model, config, config.data.root, "test")
+    result = runner.invoke(app, ["evaluate", str(bare), "--oracle-context", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "ORACLE" in result.output
+    assert json.loads((out / "scores-test.json").read_text())["context"] == "oracle"

@@ -27,3 +27,44 @@ def test_models_table_prints():
     result = runner.invoke(app, ["models", "--depth", "1", "--probe-size", "8", "--size", "32"])
     assert result.exit_code == 0, result.output
     assert "p4m" in result.stdout and "isotropic" in result.stdout
+
+
+def test_presets_lists_the_packaged_presets_with_their_descriptions():
+    result = runner.invoke(app, ["presets"])
+    assert result.exit_code == 0, result.output
+    rows = dict(line.split(maxsplit=1) for line in result.stdout.splitlines())
+    assert {"isotropic-small", "plain-small", "isotropic-paper", "plain-paper", "study-small"} <= set(rows)
+    assert "real OCELOT data" in rows["isotropic-paper"]
+
+
+def test_train_refuses_an_unknown_preset_and_lists_the_presets(tmp_path):
+    result = runner.invoke(app, ["train", "-c", "no-such-preset", "--runs", str(tmp_path / "runs")])
+    assert result.exit_code == 2 and "presets: isotropic-paper, isotropic-small" in result.output
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_paper_preset_refuses_synthetic_data_in_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("EQUISEG_CACHE", str(tmp_path / "cache"))
+    result = runner.invoke(app, ["train", "-c", "isotropic-paper", "--runs", str(tmp_path / "runs")])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines() == [
+        ("error: this config is meant for real OCELOT data (data.require_real=true): pass --data DIR, or "
+         "data.require_real=false to train on the built-in synthetic data anyway")]
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "cache").exists()
+
+
+def test_a_paper_preset_trains_on_synthetic_data_when_asked_and_says_so(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("EQUISEG_CACHE", str(tmp_path / "cache"))
+    shrink = ["data.synthetic.train=2", "data.synthetic.val=1", "data.synthetic.test=1", "data.synthetic.size=64",
+              "data.num_workers=0", "model.width=2", "model.depth=2", "train.epochs=1", "train.accelerator=cpu",
+              "train.loggers=[csv]"]
+    with caplog.at_level("WARNING", logger="equiseg"):
+        result = runner.invoke(app, ["train", "-c", "isotropic-paper", "--runs", str(tmp_path / "runs"),
+                                     "data.require_real=false", *shrink])
+    assert result.exit_code == 0, result.output
+    assert any("training on the built-in SYNTHETIC dataset" in r.getMessage() for r in caplog.records)
+    assert result.stdout.strip().splitlines()[-1] == (
+        "trained on synthetic data (train=2 val=1 test=1 size=64 seed=0), not OCELOT: pass --data DIR to train on "
+        "real data")
+    (run,) = (tmp_path / "runs").iterdir()
+    assert (run / "synthetic.txt").is_file()

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import yaml
 
 from equiseg.study import StudyConfig, run_study
@@ -73,3 +74,45 @@ def test_study_with_tissue_context_trains_the_tissue_model_once_and_compares(tmp
     run_study(study, tmp_path / "out", say=lines.append)
     assert any("tissue model (p4m, width 2): reused" in line for line in lines)
     assert sum("reused" in line for line in lines) == 5
+
+
+def test_the_base_is_a_preset_name_or_a_file_beside_the_study(tmp_path):
+    spec = {"name": "s", "base": "plain-small", "variants": {"plain": {"family": "plain"}}}
+    (tmp_path / "by-name.yaml").write_text(yaml.safe_dump(spec))
+    assert StudyConfig.from_yaml(tmp_path / "by-name.yaml").base["name"] == "plain-small"
+    (tmp_path / "mine.yaml").write_text(yaml.safe_dump(TINY_BASE))
+    (tmp_path / "beside.yaml").write_text(yaml.safe_dump({**spec, "base": "mine.yaml"}))
+    assert StudyConfig.from_yaml(tmp_path / "beside.yaml").base["model"]["width"] == 4
+
+
+def test_the_real_grand_challenge_input_comes_from_the_key_or_the_environment(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from equiseg.config import ConfigError
+    from equiseg.study import GC_INPUT_ENV, real_samples
+
+    monkeypatch.delenv(GC_INPUT_ENV, raising=False)
+    variants = {"plain": {"family": "plain"}}
+    assert real_samples(tiny_study(tmp_path, "none", variants, [1.0])) == []  # nothing found by walking up
+    with pytest.raises(ConfigError, match="gc_input: .* is not a folder"):
+        real_samples(tiny_study(tmp_path, "missing", variants, [1.0], gc_input=str(tmp_path / "nope")))
+    gc = Path(__file__).resolve().parents[2] / "shared" / "ocelot" / "gc_input"
+    if not gc.is_dir():
+        pytest.skip("the real Grand Challenge input is not in ../shared/ocelot")
+    monkeypatch.setenv(GC_INPUT_ENV, str(gc))
+    samples = real_samples(tiny_study(tmp_path, "env", variants, [1.0]))
+    assert samples and samples[0].cell_image.shape[:2] == (1024, 1024)
+
+
+def test_a_study_on_a_real_data_base_refuses_synthetic_data_before_writing(tmp_path):
+    from equiseg.config import ConfigError
+
+    base = {**TINY_BASE, "data": {**TINY_BASE["data"], "require_real": True}}
+    spec = {"name": "real", "base": base, "reference_width": 4, "variants": {"plain": {"family": "plain"}},
+            "fractions": [1.0], "seeds": [0]}
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(spec))
+    with pytest.raises(ConfigError, match="meant for real OCELOT data"):
+        run_study(StudyConfig.from_yaml(tmp_path / "study.yaml"), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    # the packaged GPU study asks for the synthetic world explicitly
+    assert StudyConfig.from_yaml("study-gpu").base["data"]["require_real"] is False

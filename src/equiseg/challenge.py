@@ -20,6 +20,7 @@ from equiseg.data.datamodule import image_to_tensor, model_input
 from equiseg.data.ocelot import parse_pair
 from equiseg.evaluation.detection import write_points_json
 from equiseg.evaluation.inference import predict_probabilities
+from equiseg.runtime import Runtime
 
 CELL_MODEL_ENV = "EQUISEG_CELL_MODEL"
 TISSUE_MODEL_ENV = "EQUISEG_TISSUE_MODEL"
@@ -40,11 +41,12 @@ class Model:
         tissue_model: run folder or checkpoint of the tissue model, for a cell model with
             context; default ``$EQUISEG_TISSUE_MODEL``, then the cell model's
             ``data.tissue_model``.
-        device: "cpu", "cuda", or None for CUDA when available.
+        runtime: device, tile batch and precision (:class:`equiseg.runtime.Runtime`); default
+            this process's GPU when there is one, else the CPU, float32.
     """
 
     def __init__(self, metadata: list[dict], cell_model: Path | str | None = None,
-                 tissue_model: Path | str | None = None, device: str | None = None) -> None:
+                 tissue_model: Path | str | None = None, runtime: Runtime | None = None) -> None:
         from equiseg.data.context import load_tissue_model
         from equiseg.training.fit import load_model
 
@@ -52,18 +54,17 @@ class Model:
         if not path:
             raise ValueError(f"no cell model: pass cell_model= or set ${CELL_MODEL_ENV}")
         self.metadata = metadata
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model, self.config = load_model(path, map_location=self.device)
+        self.runtime = runtime or Runtime.of("auto")
+        self.model, self.config = load_model(path, self.runtime.device)
         if self.config.task.value != "cells":
             raise ValueError(f"{path}: a {self.config.task.value} model, not a cell model")
-        self.model.to(self.device)
         self.tissue_model = None
         if self.config.data.context != "none":
             tissue = tissue_model or os.environ.get(TISSUE_MODEL_ENV) or self.config.data.tissue_model
             if not tissue:
                 raise ValueError(f"{path} was trained with tissue context (data.context={self.config.data.context}): "
                                  f"pass a tissue model (--tissue-model, tissue_model= or ${TISSUE_MODEL_ENV})")
-            self.tissue_model = load_tissue_model(tissue, map_location=self.device).to(self.device)
+            self.tissue_model = load_tissue_model(tissue, self.runtime.device)
             # each pair's place in its tissue patch; a malformed entry fails here, before any pair runs
             self.metas = [parse_pair(str(i), record, "metadata") for i, record in enumerate(metadata)]
         elif tissue_model:
@@ -79,7 +80,7 @@ class Model:
             context = model_context(self.tissue_model, image_to_tensor(tissue_patch), self.metas[pair_id],
                                     cell_patch.shape[:2])
         with torch.no_grad():
-            return predict_probabilities(self.model, model_input(cell_patch, context), tile=1024).float()
+            return predict_probabilities(self.model, model_input(cell_patch, context), tile=1024, runtime=self.runtime)
 
     def __call__(self, cell_patch: np.ndarray, tissue_patch: np.ndarray, pair_id: int) -> list[tuple]:
         found = self.config.detect.cells(self.probabilities(cell_patch, tissue_patch, pair_id))
@@ -89,12 +90,12 @@ class Model:
 
 
 def run_challenge(input_dir: Path, output_dir: Path, cell_model: Path | str, tissue_model: Path | str | None = None,
-                  on_pair: Callable[[int, int], None] | None = None) -> Path:
+                  on_pair: Callable[[int, int], None] | None = None, runtime: Runtime | None = None) -> Path:
     """Read a Grand Challenge input folder, predict every pair, write ``cell_classification.json``."""
     from equiseg.data.ocelot import GrandChallengeInput
 
     data = GrandChallengeInput(input_dir)
-    model = Model([m.record for m in data.metadata], cell_model=cell_model, tissue_model=tissue_model)
+    model = Model([m.record for m in data.metadata], cell_model=cell_model, tissue_model=tissue_model, runtime=runtime)
     points = []
     for pair_id in range(len(data)):
         sample = data[pair_id]

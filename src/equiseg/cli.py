@@ -17,6 +17,26 @@ app = typer.Typer(
 )
 
 
+# one device rule for every command that runs a model (see equiseg.runtime)
+DeviceOption = Annotated[str, typer.Option(
+    "--device", help="Where models run: auto (this machine's GPU when PyTorch sees one, else the CPU), cpu, cuda or "
+                     "cuda:N.")]
+BatchOption = Annotated[int, typer.Option("--batch", min=1, help="Tiles (or images) per forward pass.")]
+PrecisionOption = Annotated[str, typer.Option(
+    "--precision", help="Inference precision: 32 (float32), bf16 or 16 (autocast). Equivariance certificates are "
+                        "always measured in float32 with TF32 off.")]
+
+
+def _runtime(device: str, batch: int, precision: str):
+    """The Runtime of the device options, or a one-line error (exit 2)."""
+    from equiseg.runtime import Runtime
+
+    try:
+        return Runtime.of(device, batch, precision)
+    except ValueError as error:
+        raise _fail(str(error)) from None
+
+
 @app.callback()
 def main() -> None:
     """equiseg: build, train and compare rotation-equivariant U-Nets against a plain U-Net."""
@@ -149,7 +169,7 @@ def verify(
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def train(
     ctx: typer.Context,
-    config: Annotated[Path | None, typer.Option("--config", "-c", help="A run config (YAML), e.g. configs/isotropic-small.yaml.")] = None,
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="A run config: a preset name (see `equiseg presets`), e.g. isotropic-small, or a YAML file.")] = None,
     data: Annotated[Path | None, typer.Option(help="Dataset folder (Zenodo layout); default: the config's, else built-in synthetic data.")] = None,
     runs: Annotated[Path, typer.Option(help="Folder that receives the run folder.")] = Path("runs"),
     resume: Annotated[Path | None, typer.Option(help="Continue an interrupted run from RUN_DIR/checkpoints/last.ckpt.")] = None,
@@ -160,12 +180,15 @@ def train(
 
     The run folder (runs/NAME-DATE) gets config.yaml, checkpoints/best.ckpt (lowest val/loss)
     and last.ckpt, metrics.csv and TensorBoard events (tensorboard --logdir runs).
-    A tissue model: task=tissue (e.g. -c configs/tissue-small.yaml). A cell model with tissue
+    A tissue model: task=tissue (e.g. -c tissue-small). A cell model with tissue
     context: data.context=model data.tissue_model=TISSUE_RUN (or data.context=truth).
+    Without a dataset (--data or data.root) it trains on the built-in synthetic data and says
+    so; the *-paper presets refuse that unless data.require_real=false.
     """
     from equiseg.config import Config, ConfigError, apply_overrides
     from equiseg.data.ocelot import DatasetError
-    from equiseg.training.fit import fit
+    from equiseg.presets import preset_path
+    from equiseg.training.fit import fit, trained_on_synthetic
 
     overrides = list(ctx.args)
     if data is not None:
@@ -180,11 +203,26 @@ def train(
                 raise _fail("--resume continues a run with its stored config: give no --config or overrides")
             cfg = None
         else:
-            cfg = Config.from_yaml(config, overrides) if config else Config.from_dict(apply_overrides({}, overrides))
+            cfg = (Config.from_yaml(preset_path(config), overrides) if config
+                   else Config.from_dict(apply_overrides({}, overrides)))
         run_dir = fit(cfg, runs=runs, resume=resume)
     except (ConfigError, DatasetError, FileNotFoundError) as error:
         raise _fail(str(error)) from None
     typer.echo(f"run folder: {run_dir}")
+    synthetic = trained_on_synthetic(run_dir)
+    if synthetic is not None:
+        typer.echo(f"trained on synthetic data ({synthetic}), not OCELOT: pass --data DIR to train on real data")
+
+
+@app.command()
+def presets() -> None:
+    """List the packaged presets (for -c of train and study) with their one-line descriptions."""
+    from equiseg.presets import list_presets
+
+    found = list_presets()
+    width = max(len(p.name) for p in found)
+    for preset in found:
+        typer.echo(f"{preset.name:<{width}}  {preset.description}")
 
 
 @app.command()
@@ -197,38 +235,56 @@ def evaluate(
         help="For a cell model with tissue context: the tissue model giving it (default: the one its config "
              "names).")] = None,
     oracle_context: Annotated[bool, typer.Option(
-        help="For a cell model with tissue context: feed it the ground-truth tissue mask instead.")] = False,
+        help="For a cell model with tissue context: feed it the ground-truth tissue mask instead (an upper bound; "
+             "the output says oracle).")] = False,
+    device: DeviceOption = "auto",
+    batch: BatchOption = 1,
+    precision: PrecisionOption = "32",
 ) -> None:
     """Score a trained model on a split: loss, Dice, IoU, mIoU and the OCELOT detection score (mF1).
 
     A cell model trained with tissue context gets the tissue model's probabilities (as in the
-    challenge), or the ground-truth mask with --oracle-context. Writes scores-SPLIT.json and
+    challenge), or the ground-truth mask with --oracle-context (labelled oracle in the table and
+    the JSON); one trained with data.context=truth and no tissue model needs one of the two.
+    mF1 follows today's official scorer (descending probability). Writes scores-SPLIT.json and
     cell_classification.json (the official prediction format, image_i = i-th sample id of the
     split in sorted order) and prints a table.
     """
-    from equiseg.data.context import run_context, truth_context
+    from equiseg.data.context import run_context
     from equiseg.data.ocelot import DatasetError
-    from equiseg.evaluation.evaluate import SCORE_ROWS, evaluate_model, write_evaluation
+    from equiseg.evaluation.evaluate import SCORE_ROWS, evaluate_model, evaluation_context, write_evaluation
     from equiseg.training.fit import data_root, load_model
 
+    runtime = _runtime(device, batch, precision)
     try:
-        model, cfg = load_model(run)
+        model, cfg = load_model(run, runtime.device)
         if (tissue_model or oracle_context) and cfg.data.context == "none":
             raise ValueError(f"{run} was trained without tissue context: --tissue-model and --oracle-context "
                              "do not apply")
-        context = truth_context if oracle_context else run_context(cfg.data, evaluation=True, tissue_model=tissue_model)
+        if tissue_model and oracle_context:
+            raise ValueError("--tissue-model and --oracle-context exclude each other")
+        context = None
+        if tissue_model is not None:
+            context = run_context(cfg.data, evaluation=True, tissue_model=tissue_model, device=runtime.device)
+        context, _ = evaluation_context(cfg, context, oracle_context, runtime.device)
         root = data if data is not None else _run_data(run) or data_root(cfg)
-        progress, update = _progress(f"evaluating on {split}")
+        progress, update = _progress(f"evaluating on {split} ({runtime})")
         with progress:
-            result = evaluate_model(model, cfg, root, split, on_image=update, context=context)
+            result = evaluate_model(model, cfg, root, split, on_image=update, context=context, oracle=oracle_context,
+                                    runtime=runtime)
     except (DatasetError, FileNotFoundError, ValueError) as error:
         raise _fail(str(error)) from None
     out = out or _run_dir(run) / f"eval-{split}"
     paths = write_evaluation(result, out, split)
     typer.echo(f"{cfg.name} ({cfg.model.family.value}, width {cfg.model.width}) on {split}: {len(result.ids)} images")
+    if result.context_line:
+        typer.echo(f"  {result.context_line}")
     for key, label in SCORE_ROWS:
         if key in result.scores:
-            typer.echo(f"  {label:<16} {result.scores[key]:.4f}")
+            typer.echo(f"  {label:<16} {result.scores[key]:.4f}" if key != "mf1" else
+                       f"  {label:<16} {round(result.scores[key], 5)} (official rule: 4-decimal F1s averaged)")
+    if result.json_refusal():
+        typer.echo(f"  {result.json_refusal()}; the cells are in cells-{split}.csv")
     typer.echo("wrote " + ", ".join(str(p) for p in paths.values()))
 
 
@@ -247,25 +303,40 @@ def _run_data(run: Path) -> Path | None:
 def score(
     pred: Annotated[Path, typer.Argument(help="Predictions: cell_classification.json (official format).")],
     gt: Annotated[Path, typer.Argument(help="Ground truth in the same format, with num_images.")],
-    order: Annotated[str, typer.Option(help="'official' (as the challenge scorer) or 'probability'.")] = "official",
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    order: Annotated[str, typer.Option(
+        help="'official': predictions take ground truth in descending probability, as the challenge's scorer does "
+             "since 2023-07-28; 'pre-july-2023': in file order, as it did before (for comparing old figures).")
+    ] = "official",
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON (rounded and unrounded scores).")] = False,
 ) -> None:
-    """Score a prediction file against a ground-truth file by the OCELOT 2023 rules (mF1, 15 px)."""
-    from equiseg.evaluation.detection import PointsFormatError, detection_scores, read_num_images, read_points_json
+    """Score a prediction file against a ground-truth file by the OCELOT 2023 rules (mF1, 15 px).
+
+    Reproduces the official scorer (lunit-io/ocelot23algo, evaluation/eval.py, commit fb1f722):
+    precision, recall and F1 per class rounded to 4 decimals, mF1 the mean of the two rounded F1.
+    """
+    from equiseg.evaluation.detection import (
+        MatchOrder,
+        PointsFormatError,
+        detection_scores,
+        read_num_images,
+        read_points_json,
+    )
 
     try:
+        match_order = MatchOrder(order)
         n = read_num_images(gt)
-        scores = detection_scores(read_points_json(pred, n), read_points_json(gt, n), order=order)
+        scores = detection_scores(read_points_json(pred, n), read_points_json(gt, n), order=match_order)
     except (PointsFormatError, OSError, ValueError) as error:
         raise _fail(str(error)) from None
     if as_json:
-        typer.echo(json.dumps(scores, indent=1))
+        typer.echo(json.dumps({"order": match_order.value, **scores}, indent=1))
         return
     for name in ("BC", "TC"):
         typer.echo(f"{name}: precision {scores[f'precision/{name}']:.4f}  recall {scores[f'recall/{name}']:.4f}  "
                    f"F1 {scores[f'f1/{name}']:.4f}  (TP {scores[f'tp/{name}']}, FP {scores[f'fp/{name}']}, "
                    f"GT {scores[f'gt/{name}']})")
-    typer.echo(f"mF1: {scores['mf1']:.4f}")
+    rule = "" if match_order is MatchOrder.OFFICIAL else f" (order {match_order.value}, not today's official rule)"
+    typer.echo(f"mF1: {scores['mf1']:.5g}{rule}")
 
 
 @app.command("export-gt")
@@ -294,11 +365,17 @@ def predict(
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("predictions"),
     tile: Annotated[int, typer.Option(help="Tile side in px; larger images go through in overlapping tiles.")] = 1024,
     overlap: Annotated[int, typer.Option(help="Overlap of neighbouring tiles, px.")] = 128,
+    no_probs: Annotated[bool, typer.Option("--no-probs", help="Write no probability maps (.npy, .png).")] = False,
+    device: DeviceOption = "auto",
+    batch: BatchOption = 1,
+    precision: PrecisionOption = "32",
 ) -> None:
     """Predict images: probability maps (.npy and .png), an overlay, and the cells (CSV and official JSON).
 
-    Memory stays bounded by one tile whatever the image size. In the JSON, image_i is the
-    i-th image given (listed in images.txt).
+    Images stream through in bands of rows: memory stays bounded by one row of tiles whatever
+    the image's height, and pictures of images over 4096 px are scaled down. The official JSON
+    (image_i = the i-th image given, listed in images.txt) is written only when every image is
+    1024x1024, the patches it holds; the cells of any image are in its _cells.csv.
     """
     from equiseg.evaluation.predict import predict_files
     from equiseg.training.fit import load_model
@@ -306,40 +383,52 @@ def predict(
     missing = [str(p) for p in images if not p.is_file()]
     if missing:
         raise _fail(f"no such file(s): {', '.join(missing)}")
+    runtime = _runtime(device, batch, precision)
     try:
-        model, cfg = load_model(checkpoint)
+        model, cfg = load_model(checkpoint, runtime.device)
         if cfg.data.context != "none":
             raise ValueError(f"{checkpoint} takes tissue context (data.context={cfg.data.context}), which a lone "
                              "image lacks: use `equiseg challenge` (cell and tissue patches) or `equiseg evaluate`")
         progress, update = _progress("predicting")
         with progress:
-            path = predict_files(model, cfg, images, out, tile=tile, overlap=overlap, on_image=update)
+            result = predict_files(model, cfg, images, out, tile=tile, overlap=overlap, on_image=update,
+                                   probs=not no_probs, runtime=runtime)
     except (FileNotFoundError, ValueError, OSError) as error:
         raise _fail(str(error)) from None
-    typer.echo(f"wrote predictions for {len(images)} image(s) to {out} ({path.name})")
+    written = f" ({result.json_path.name})" if result.json_path is not None else ""
+    typer.echo(f"wrote predictions for {len(images)} image(s) to {out}{written}: "
+               f"{sum(result.cell_counts)} cell(s)")
+    for line in result.notes():
+        typer.echo(line)
 
 
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="Folder for the data, runs and report.")] = Path("demo"),
     epochs: Annotated[int | None, typer.Option(help="Override the presets' epochs (for a quicker look).")] = None,
+    device: DeviceOption = "auto",
+    batch: BatchOption = 1,
+    precision: PrecisionOption = "32",
 ) -> None:
     """The seed's experiment, small: synthetic data, isotropic vs plain U-Net at matched parameters, a report.
 
-    Trains the presets configs/isotropic-small.yaml and configs/plain-small.yaml, evaluates
+    Trains the presets isotropic-small and plain-small (see `equiseg presets`), evaluates
     both on the test split and writes OUT/report: a results table (loss, Dice, mIoU, mF1),
     loss curves, and the best and worst test images of each model beside the ground truth.
     Finished runs in OUT/runs are reused.
     """
     from equiseg.demo import run_demo
 
-    run_demo(out, epochs=epochs, say=typer.echo)
+    run_demo(out, epochs=epochs, say=typer.echo, runtime=_runtime(device, batch, precision))
 
 
 @app.command()
 def study(
-    config: Annotated[Path, typer.Option("--config", "-c", help="A study config (YAML), e.g. configs/study-small.yaml.")],
+    config: Annotated[Path, typer.Option("--config", "-c", help="A study preset (e.g. study-small; see `equiseg presets`) or a study config file (YAML).")],
     out: Annotated[Path | None, typer.Option(help="Study folder; default: studies/NAME.")] = None,
+    device: DeviceOption = "auto",
+    batch: BatchOption = 1,
+    precision: PrecisionOption = "32",
 ) -> None:
     """Run a study: variants x training fractions x seeds, then one report (HTML and Markdown).
 
@@ -354,7 +443,8 @@ def study(
 
     try:
         spec = StudyConfig.from_yaml(config)
-        report = run_study(spec, out or Path("studies") / spec.name, say=typer.echo)
+        report = run_study(spec, out or Path("studies") / spec.name, say=typer.echo,
+                           runtime=_runtime(device, batch, precision))
     except (ConfigError, DatasetError, FileNotFoundError) as error:
         raise _fail(str(error)) from None
     typer.echo(f"report: {report}")
@@ -368,6 +458,9 @@ def challenge(
     tissue_model: Annotated[Path | None, typer.Option(
         help="Tissue model (run folder or checkpoint) for a cell model trained with tissue context; "
              "default: the one named in the cell model's config.")] = None,
+    device: DeviceOption = "auto",
+    batch: BatchOption = 1,
+    precision: PrecisionOption = "32",
 ) -> None:
     """Run a trained cell model as an OCELOT challenge algorithm on a Grand Challenge input folder.
 
@@ -381,7 +474,8 @@ def challenge(
     try:
         progress, update = _progress("predicting pairs")
         with progress:
-            path = run_challenge(input_dir, output_dir, cell_model, tissue_model, on_pair=update)
+            path = run_challenge(input_dir, output_dir, cell_model, tissue_model, on_pair=update,
+                                 runtime=_runtime(device, batch, precision))
     except (DatasetError, FileNotFoundError, ValueError) as error:
         raise _fail(str(error)) from None
     typer.echo(f"wrote {path}")

@@ -56,7 +56,10 @@ class DataConfig:
     """Where the data comes from and how it is cut into training samples.
 
     ``root``: a Zenodo-layout folder; empty means the built-in synthetic data (generated once
-    into the cache folder, see ``equiseg.training.fit.synthetic_root``). ``crop_size``: random
+    into the cache folder, see ``equiseg.training.fit.synthetic_root``), which training
+    announces as a warning and records in the run folder. ``require_real``: refuse to train on
+    the built-in synthetic data (for configs meant for real OCELOT data, such as the paper
+    presets); ``data.require_real=false`` trains on it anyway. ``crop_size``: random
     square crops for training, px (empty: whole images). ``radius``: the cell disk radius, px.
     ``train_fraction``: the share of the training split used (a seeded subset).
     ``context`` (cell task): tissue context as two extra input channels (see
@@ -66,6 +69,7 @@ class DataConfig:
     """
 
     root: str | None = None
+    require_real: bool = False
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     crop_size: int | None = 256
     radius: float = 30.0

@@ -2,7 +2,8 @@
 
 Generates a synthetic dataset, trains the seed's two models at matched parameter counts
 (isotropic U-Net without augmentation; plain U-Net with heavy augmentation) from the small
-presets in ``configs/``, evaluates both on the test split and writes a report folder.
+presets ``isotropic-small`` and ``plain-small`` (packaged, see :mod:`equiseg.presets`),
+evaluates both on the test split and writes a report folder.
 """
 
 from __future__ import annotations
@@ -15,23 +16,19 @@ from pathlib import Path
 import numpy as np
 
 from equiseg.config import Config
+from equiseg.presets import preset_path
+from equiseg.runtime import Runtime
 
-PRESETS = {"isotropic": "isotropic-small.yaml", "plain": "plain-small.yaml"}
-
-
-def preset_path(name: str) -> Path:
-    """A preset in the repository's configs/ folder."""
-    path = Path(__file__).resolve().parents[2] / "configs" / name
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: preset not found (equiseg demo runs from a source checkout)")
-    return path
+PRESETS = {"isotropic": "isotropic-small", "plain": "plain-small"}
 
 
 def run_demo(out: Path, epochs: int | None = None, say: Callable[[str], None] = print,
-             overrides: list[str] | None = None) -> Path:
+             overrides: list[str] | None = None, runtime: Runtime | None = None) -> Path:
     """Train, evaluate and report; returns the report folder ``out/report``.
 
     ``overrides`` (``key=value``) apply to both presets, e.g. to shrink the demo in tests.
+    ``runtime``: where evaluation runs (default: this machine's GPU when there is one);
+    training follows the presets' ``train.accelerator`` (auto).
     """
     from equiseg.data.ocelot import OcelotFolder
     from equiseg.evaluation.evaluate import evaluate_model, write_evaluation
@@ -40,6 +37,7 @@ def run_demo(out: Path, epochs: int | None = None, say: Callable[[str], None] = 
     from equiseg.training.fit import generate_synthetic, load_model, train_or_reuse
 
     started = time.time()
+    runtime = runtime or Runtime.of("auto")
     overrides = [*(overrides or []), *([f"train.epochs={epochs}"] if epochs else [])]
     configs = {label: Config.from_yaml(preset_path(name), overrides) for label, name in PRESETS.items()}
     iso, plain = configs["isotropic"], configs["plain"]
@@ -66,13 +64,13 @@ def run_demo(out: Path, epochs: int | None = None, say: Callable[[str], None] = 
     cases = []
     for label, run_dir in runs.items():
         say(f"\n== evaluating {label} on the test split ==")
-        model, config = load_model(run_dir)
+        model, config = load_model(run_dir, runtime.device)
         kept: dict[int, np.ndarray] = {}
 
         def keep(i: int, sample_id: str, probs, kept: dict = kept) -> None:
             kept[i] = probs.numpy()
 
-        evaluation = evaluate_model(model, config, root, "test", keep=keep)
+        evaluation = evaluate_model(model, config, root, "test", keep=keep, runtime=runtime)
         write_evaluation(evaluation, run_dir / "eval-test", "test")
         evaluations[label] = evaluation
         results[label] = {"family": config.model.family.value, "width": config.model.width,

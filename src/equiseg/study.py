@@ -8,7 +8,7 @@ report. Finished runs and evaluations are reused, so an interrupted study resume
 Study config (YAML)::
 
     name: study-small
-    base: configs/plain-small.yaml          # data, train and detect settings shared by all runs
+    base: plain-small                       # data, train and detect settings shared by all runs
     overrides: [data.synthetic.size=256]    # applied to the base
     reference_width: 8                      # plain width whose parameter count the others match
     variants:                               # label -> family (+ augmentation preset, + width)
@@ -21,6 +21,15 @@ Study config (YAML)::
     seeds: [0, 1, 2]
     equal_steps: true                       # epochs / fraction, so every fraction gets the same steps
     angles: [15, 30, 45]
+    gc_input: /data/ocelot/gc_input         # optional: a real Grand Challenge input folder
+
+``base`` is a preset name (``equiseg presets``), a YAML file beside the study config, or any
+path to one; the study config itself (``equiseg study -c``) is a preset name or a path too.
+
+The equivariance certificate is also measured on a real OCELOT patch when a Grand Challenge
+input folder (``images/{cell,tissue}_patches``, ``metadata.json``) is given: by the study
+config's ``gc_input`` key, else by the environment variable ``EQUISEG_GC_INPUT``; a folder
+given that is not there is an error. Without either the certificate covers the test images only.
 
 Variants with ``context`` (``truth`` or ``model``, as ``data.context``) get the tissue-class
 maps of one tissue model as extra input; that model is trained first (``task: tissue``, the
@@ -33,16 +42,22 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 import yaml
 
 from equiseg.config import Config, ConfigError, apply_overrides
 from equiseg.data.context import CONTEXT_KINDS, ContextFn, cached, run_context, truth_context
+from equiseg.presets import preset_path
+from equiseg.runtime import Runtime
+
+GC_INPUT_ENV = "EQUISEG_GC_INPUT"
 
 
 @dataclass(frozen=True)
@@ -70,7 +85,8 @@ class StudyConfig:
 
     @classmethod
     def from_yaml(cls, path: Path | str) -> StudyConfig:
-        path = Path(path)
+        """Read a study config: ``path`` is a YAML file or a preset name (``study-small``)."""
+        path = preset_path(path)
         data = yaml.safe_load(path.read_text()) or {}
         known = {"name", "base", "overrides", "reference_width", "variants", "fractions", "seeds", "equal_steps",
                  "angles", "gc_input", "tissue"}
@@ -79,10 +95,8 @@ class StudyConfig:
             raise ConfigError(f"{path}: unknown key(s) {sorted(unknown)}; known: {sorted(known)}")
         base = data.get("base", {})
         if isinstance(base, str):
-            base_path = (path.parent / base) if not Path(base).is_absolute() else Path(base)
-            if not base_path.is_file():
-                base_path = Path(base)
-            base = yaml.safe_load(base_path.read_text()) or {}
+            beside = path.parent / base
+            base = yaml.safe_load((beside if beside.is_file() else preset_path(base)).read_text()) or {}
         base = apply_overrides(base, data.get("overrides", []))
         Config.from_dict(base)  # validate early
         variants = []
@@ -152,12 +166,14 @@ def _json_default(value):
 
 
 def evaluate_run(run_dir: Path, root: Path, study: StudyConfig, gc_samples: list,
-                 contexts: dict[str, ContextFn] | None = None) -> dict:
+                 contexts: dict[str, ContextFn] | None = None, runtime: Runtime | None = None) -> dict:
     """Scores, robustness, certificate and (plain models) TTA of one trained run; cached in study.json.
 
     A model with tissue context is scored with its tissue model's predictions and, as
     ``oracle``, with the ground-truth tissue mask. ``contexts`` holds context functions shared
     between runs (keyed by tissue model, and "truth"), so each tissue map is computed once.
+    ``runtime``: where and how the model runs (default: the CPU, batch 1, float32); the
+    certificate is always measured in float32 with TF32 off.
     """
     from equiseg.data.datamodule import model_input
     from equiseg.data.ocelot import OcelotFolder
@@ -172,20 +188,22 @@ def evaluate_run(run_dir: Path, root: Path, study: StudyConfig, gc_samples: list
     if cache.is_file():
         return json.loads(cache.read_text())
     contexts = {} if contexts is None else contexts
-    model, config = load_model(run_dir)
-    context = _study_context(config, contexts)
+    runtime = runtime or Runtime()
+    model, config = load_model(run_dir, runtime.device)
+    context = _study_context(config, contexts, runtime.device)
     result: dict = {"parameters": count_parameters(model), "family": config.model.family.value,
                     "width": config.model.width, "context": config.data.context}
     start = time.perf_counter()
-    plain_eval = evaluate_model(model, config, root, "test", tile=None, context=context)
+    plain_eval = evaluate_model(model, config, root, "test", tile=None, context=context, runtime=runtime)
     result["seconds"] = time.perf_counter() - start
     result["scores"] = plain_eval.scores
     result["per_image"] = plain_eval.per_image
     if context is not None:
         truth = contexts.setdefault("truth", cached(truth_context))
-        result["oracle"] = evaluate_model(model, config, root, "test", tile=None, context=truth).scores
+        result["oracle"] = evaluate_model(model, config, root, "test", tile=None, context=truth, oracle=True,
+                                          runtime=runtime).scores
     result["robustness"] = {t.name: evaluate_model(model, config, root, "test", tile=None, transform=t,
-                                                   context=context).scores
+                                                   context=context, runtime=runtime).scores
                             for t in standard_transforms(study.angles)}
     test = OcelotFolder(root, "test")
     samples = [test[i] for i in range(min(len(test), 4))]
@@ -199,32 +217,45 @@ def evaluate_run(run_dir: Path, root: Path, study: StudyConfig, gc_samples: list
     if config.model.family.value == "plain":
         tta = GroupTTA(model, D4)
         start = time.perf_counter()
-        tta_eval = evaluate_model(tta, config, root, "test", tile=None, context=context)
+        tta_eval = evaluate_model(tta, config, root, "test", tile=None, context=context, runtime=runtime)
         result["tta"] = {"scores": tta_eval.scores, "seconds": time.perf_counter() - start}
     cache.write_text(json.dumps(result, indent=1, default=_json_default) + "\n")
     return result
 
 
-def _study_context(config: Config, contexts: dict[str, ContextFn]) -> ContextFn | None:
+def _study_context(config: Config, contexts: dict[str, ContextFn], device: torch.device | None = None
+                   ) -> ContextFn | None:
     """The evaluation context of a run (its tissue model's predictions), shared through ``contexts``."""
     if config.data.context == "none":
         return None
     key = str(config.data.tissue_model)
     if key not in contexts:
-        contexts[key] = cached(run_context(config.data, evaluation=True))
+        contexts[key] = cached(run_context(config.data, evaluation=True, device=device))
     return contexts[key]
 
 
-def run_study(study: StudyConfig, out: Path, say: Callable[[str], None] = print) -> Path:
-    """Train and evaluate the whole matrix (reusing what is finished) and write the report."""
+def run_study(study: StudyConfig, out: Path, say: Callable[[str], None] = print,
+              runtime: Runtime | None = None) -> Path:
+    """Train and evaluate the whole matrix (reusing what is finished) and write the report.
+
+    Training follows each run config's ``train.accelerator``; evaluation runs on ``runtime``
+    (default: this machine's GPU when there is one, batch 1, float32).
+    """
     from equiseg.report.study_report import write_report
-    from equiseg.training.fit import generate_synthetic, train_or_reuse
+    from equiseg.training.fit import REQUIRE_REAL, generate_synthetic, synthetic_notice, train_or_reuse
 
     base = Config.from_dict(study.base)
+    if not base.data.root and base.data.require_real:
+        raise ConfigError(f"study {study.name}: {REQUIRE_REAL}")  # before anything is written
+    runtime = runtime or Runtime.of("auto")
     out.mkdir(parents=True, exist_ok=True)
-    root = Path(base.data.root) if base.data.root else generate_synthetic(out / "data", base.data.synthetic)
+    if base.data.root:
+        root = Path(base.data.root)
+    else:
+        say(synthetic_notice(base.data.synthetic))
+        root = generate_synthetic(out / "data", base.data.synthetic)
     widths = matched_widths(study)
-    gc_samples = _gc_samples(study)
+    gc_samples = real_samples(study)
     cells = [(v, f, s) for v in study.variants for f in study.fractions for s in study.seeds]
     say(f"study {study.name}: {len(study.variants)} variants x {len(study.fractions)} fractions x "
         f"{len(study.seeds)} seeds = {len(cells)} runs; widths {widths}")
@@ -234,7 +265,7 @@ def run_study(study: StudyConfig, out: Path, say: Callable[[str], None] = print)
     if study.uses_context:
         tissue_dir = out / "runs" / "_tissue"
         reused = train_or_reuse(study.tissue_config(str(root)), tissue_dir, progress=False)
-        tissue = evaluate_tissue(tissue_dir, root)
+        tissue = evaluate_tissue(tissue_dir, root, runtime)
         say(f"tissue model ({tissue['family']}, width {tissue['width']}): {'reused' if reused else 'trained'}; "
             f"test Dice {tissue['scores']['dice/mean']:.3f}, mIoU {tissue['scores']['miou']:.3f}")
     for k, (variant, fraction, seed) in enumerate(cells, start=1):
@@ -242,7 +273,7 @@ def run_study(study: StudyConfig, out: Path, say: Callable[[str], None] = print)
                                   tissue and tissue["run_dir"])
         run_dir = out / "runs" / variant.label / f"f{fraction:g}" / f"s{seed}"
         reused = train_or_reuse(config, run_dir, progress=False)
-        result = evaluate_run(run_dir, root, study, gc_samples, contexts)
+        result = evaluate_run(run_dir, root, study, gc_samples, contexts, runtime)
         results.append({"variant": variant.label, "augment": variant.augment, "fraction": fraction, "seed": seed,
                         "run_dir": str(run_dir), "reused": reused, **result})
         elapsed = (time.time() - started) / 60
@@ -253,10 +284,11 @@ def run_study(study: StudyConfig, out: Path, say: Callable[[str], None] = print)
                                                  indent=1, default=_json_default) + "\n")
     return write_report(study, results, root, out / "report", minutes=(time.time() - started) / 60, tissue=tissue,
                         reused=sum(r["reused"] for r in results),
-                        context_for=lambda config: _study_context(config, contexts))
+                        context_for=lambda config: _study_context(config, contexts, runtime.device),
+                        runtime=runtime)
 
 
-def evaluate_tissue(run_dir: Path, root: Path) -> dict:
+def evaluate_tissue(run_dir: Path, root: Path, runtime: Runtime | None = None) -> dict:
     """The tissue model's test scores (Dice, mIoU), cached in study.json beside it."""
     from equiseg.evaluation.evaluate import evaluate_model
     from equiseg.models import count_parameters
@@ -265,22 +297,30 @@ def evaluate_tissue(run_dir: Path, root: Path) -> dict:
     cache = run_dir / "study.json"
     if cache.is_file():
         return json.loads(cache.read_text())
-    model, config = load_model(run_dir)
+    runtime = runtime or Runtime()
+    model, config = load_model(run_dir, runtime.device)
     result = {"run_dir": str(run_dir), "family": config.model.family.value, "width": config.model.width,
               "parameters": count_parameters(model),
-              "scores": evaluate_model(model, config, root, "test", tile=None).scores}
+              "scores": evaluate_model(model, config, root, "test", tile=None, runtime=runtime).scores}
     cache.write_text(json.dumps(result, indent=1, default=_json_default) + "\n")
     return result
 
 
-def _gc_samples(study: StudyConfig) -> list:
-    """The real Grand Challenge pair(s), if the folder is there."""
+def real_samples(study: StudyConfig) -> list:
+    """The real Grand Challenge pair(s) of ``study.gc_input``, else of ``$EQUISEG_GC_INPUT``; [] with neither.
+
+    Raises:
+        ConfigError: the folder given is not there (checked before any run trains).
+    """
     from equiseg.data.ocelot import GrandChallengeInput
 
-    candidates = [study.gc_input] if study.gc_input else []
-    candidates.append(str(Path(__file__).resolve().parents[3] / "shared" / "ocelot" / "gc_input"))
-    for path in candidates:
-        if path and Path(path).is_dir():
-            data = GrandChallengeInput(path)
-            return [data[i] for i in range(len(data))]
-    return []
+    if study.gc_input:
+        path, source = study.gc_input, "gc_input"
+    elif os.environ.get(GC_INPUT_ENV):
+        path, source = os.environ[GC_INPUT_ENV], GC_INPUT_ENV
+    else:
+        return []
+    if not Path(path).is_dir():
+        raise ConfigError(f"{source}: {path} is not a folder (a Grand Challenge input: images/, metadata.json)")
+    data = GrandChallengeInput(path)
+    return [data[i] for i in range(len(data))]

@@ -160,3 +160,44 @@ def test_tissue_task_trains_and_evaluates(synthetic_small, tmp_path):
     result = evaluate_model(model, loaded, synthetic_small, "test", tile=None)
     assert {"dice/background", "dice/cancer", "miou", "loss"} <= set(result.scores)
     assert "mf1" not in result.scores and result.points == []
+
+
+def _synthetic_config(**data):
+    """A tiny config without data.root: the built-in synthetic data, shrunk to 64 px."""
+    from equiseg.config import Config
+
+    return Config.from_dict({"model": {"family": "plain", "width": 2, "depth": 2},
+                             "data": {"synthetic": {"train": 2, "val": 1, "test": 1, "size": 64, "seed": 5},
+                                      "crop_size": 32, "batch_size": 2, **data},
+                             "train": {"epochs": 1, "loggers": ["csv"], "accelerator": "cpu"}})
+
+
+def test_training_on_the_built_in_synthetic_data_says_so_and_records_it(tmp_path, monkeypatch, caplog):
+    from equiseg.training.fit import SYNTHETIC, trained_on_synthetic
+
+    monkeypatch.setenv("EQUISEG_CACHE", str(tmp_path / "cache"))
+    with caplog.at_level("WARNING", logger="equiseg"):
+        run = fit(_synthetic_config(), run_dir=tmp_path / "run", progress=False)
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "SYNTHETIC" in r.getMessage()]
+    assert warned == [("no data.root: training on the built-in SYNTHETIC dataset (2 train images of 64 px, seed 5), "
+                       "not OCELOT; pass --data DIR for real data")]
+    assert (run / SYNTHETIC).read_text().splitlines() == ["synthetic: train=2 val=1 test=1 size=64 seed=5", warned[0]]
+    assert trained_on_synthetic(run) == "train=2 val=1 test=1 size=64 seed=5"
+
+
+def test_a_run_on_a_dataset_folder_has_no_synthetic_marker(synthetic_small, tmp_path, caplog):
+    from equiseg.training.fit import trained_on_synthetic
+
+    with caplog.at_level("WARNING", logger="equiseg"):
+        run = fit(tiny_config(synthetic_small), run_dir=tmp_path / "run", progress=False)
+    assert trained_on_synthetic(run) is None
+    assert not any("SYNTHETIC" in r.getMessage() for r in caplog.records)
+
+
+def test_require_real_refuses_the_synthetic_data_before_any_output(tmp_path, monkeypatch):
+    from equiseg.config import ConfigError
+
+    monkeypatch.setenv("EQUISEG_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(ConfigError, match=r"meant for real OCELOT data \(data.require_real=true\): pass --data DIR"):
+        fit(_synthetic_config(require_real=True), runs=tmp_path / "runs", progress=False)
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "cache").exists()  # no data generated either

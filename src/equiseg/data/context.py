@@ -13,7 +13,6 @@ channels are the tissue classes (background, cancer area). The map is either
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,6 +23,7 @@ from torch import nn
 
 from equiseg.data.ocelot import PairMeta, Sample
 from equiseg.data.targets import IGNORE_INDEX, tissue_class_mask, tissue_crop
+from equiseg.runtime import resolve_device
 
 if TYPE_CHECKING:
     from equiseg.config import DataConfig
@@ -75,21 +75,23 @@ def model_context(tissue_model: nn.Module, tissue_image: torch.Tensor, meta: Pai
     return tissue_crop(probs[None], block, cell_shape, mode="bilinear")[0]
 
 
-def load_tissue_model(path: Path | str, map_location: str | torch.device = "cpu") -> nn.Module:
-    """A trained tissue model (eval mode) from a run folder or checkpoint; refuses a cell model."""
+def load_tissue_model(path: Path | str, device: str | torch.device = "cpu") -> nn.Module:
+    """A trained tissue model (eval mode, on ``device``) from a run folder or checkpoint; refuses a cell model."""
     from equiseg.training.fit import load_model
 
-    model, config = load_model(path, map_location=map_location)
+    model, config = load_model(path, device)
     if config.task.value != "tissue":
         raise ValueError(f"{path}: a {config.task.value} model, not a tissue model")
     return model
 
 
-def context_fn(kind: str, tissue_model: Path | str | nn.Module | None = None) -> ContextFn | None:
+def context_fn(kind: str, tissue_model: Path | str | nn.Module | None = None,
+               device: str | torch.device | None = None) -> ContextFn | None:
     """The context of ``kind`` ("none" gives None) as a function of a sample.
 
-    ``model`` needs ``tissue_model`` (a module, run folder or checkpoint; a loaded one runs on the
-    GPU when there is one). The result is always on the CPU.
+    ``model`` needs ``tissue_model`` (a module, run folder or checkpoint; a loaded one runs on
+    ``device``, by default this process's GPU when there is one, see
+    :func:`equiseg.runtime.resolve_device`). The result is always on the CPU.
     """
     from equiseg.data.datamodule import image_to_tensor
 
@@ -104,8 +106,7 @@ def context_fn(kind: str, tissue_model: Path | str | nn.Module | None = None) ->
     if isinstance(tissue_model, nn.Module):
         model = tissue_model
     else:  # on this process's GPU when there is one: the tissue patches are 1024 px
-        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
-        model = load_tissue_model(tissue_model, map_location=device).to(device)
+        model = load_tissue_model(tissue_model, resolve_device(device))
     model.eval()
 
     def from_model(sample: Sample) -> torch.Tensor:
@@ -114,20 +115,20 @@ def context_fn(kind: str, tissue_model: Path | str | nn.Module | None = None) ->
     return from_model
 
 
-def run_context(data: DataConfig, evaluation: bool = False,
-                tissue_model: Path | str | nn.Module | None = None) -> ContextFn | None:
+def run_context(data: DataConfig, evaluation: bool = False, tissue_model: Path | str | nn.Module | None = None,
+                device: str | torch.device | None = None) -> ContextFn | None:
     """The context a run's config asks for (``data.context``, ``data.tissue_model``).
 
     Training uses ``data.context`` as written. Evaluation (``evaluation=True``) of a model with
     context uses the tissue model whenever there is one, since test images come without
     tissue labels in practice; ``truth`` without a tissue model gives the oracle context.
-    ``tissue_model`` replaces ``data.tissue_model``.
+    ``tissue_model`` replaces ``data.tissue_model``; ``device`` is where a loaded one runs.
     """
     tissue_model = tissue_model if tissue_model is not None else data.tissue_model
     kind = data.context
     if evaluation and kind != "none" and tissue_model is not None:
         kind = "model"
-    return context_fn(kind, tissue_model if kind == "model" else None)
+    return context_fn(kind, tissue_model if kind == "model" else None, device)
 
 
 def cached(fn: ContextFn) -> ContextFn:

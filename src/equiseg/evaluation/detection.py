@@ -58,6 +58,9 @@ def detect_cells(probs: torch.Tensor, sigma: float = 8.0, min_distance: int = 15
     softmax saturates into plateaus; smoothing with ``sigma`` about r / 4 turns each disk
     into a single peak at its centre. The defaults suit r = 30 px.
 
+    It is :func:`peak_candidates` over the whole map, then :func:`suppress_peaks`;
+    :class:`BandDetector` gives the same points from a map that arrives in row bands.
+
     Args:
         probs: (C, H, W) softmax output, channel 0 background, 1 BC, 2 TC.
         sigma: smoothing in px (0 for none).
@@ -69,24 +72,104 @@ def detect_cells(probs: torch.Tensor, sigma: float = 8.0, min_distance: int = 15
     """
     if probs.ndim != 3 or probs.shape[0] < 2:
         raise ValueError(f"expected (C, H, W) probabilities with C >= 2, got {tuple(probs.shape)}")
-    probs = probs.detach().float()[None]
-    if sigma > 0:
-        probs = _gaussian_blur(probs, sigma)
+    _, height, width = probs.shape
+    candidates = peak_candidates(probs, (0, 0), (height, width), (0, height, 0, width), sigma, min_distance,
+                                 threshold)
+    return suppress_peaks(candidates, min_distance)
+
+
+def detection_halo(sigma: float, min_distance: int) -> int:
+    """The context in px that :func:`peak_candidates` needs around a core, on each side inside
+    the image: the blur's radius plus ``min_distance`` (the reach of the max filter)."""
+    return _blur_radius(sigma) + min_distance
+
+
+def peak_candidates(block: torch.Tensor, origin: tuple[int, int], image_size: tuple[int, int],
+                    core: tuple[int, int, int, int], sigma: float = 8.0, min_distance: int = 15,
+                    threshold: float = 0.5) -> np.ndarray:
+    """The candidate cells of :func:`detect_cells` in the core of one block of a probability map.
+
+    A candidate is a pixel whose smoothed foreground f = 1 - p(background) is above
+    ``threshold`` and is the maximum of its (2 min_distance + 1)² window. The blur's replicate
+    padding and the max filter's -inf padding are applied only where the block meets the
+    image's edge; on every other side the block must reach ``detection_halo(sigma,
+    min_distance)`` px beyond the core. Then every value a core pixel depends on lies in the
+    block, and the candidates are, bit for bit, those that the whole map has in the core.
+
+    Args:
+        block: (C, h, w) probabilities (C >= 2, channel 0 background): rows origin[0] ..
+            origin[0] + h - 1 and columns origin[1] .. origin[1] + w - 1 of the map.
+        origin: (row, column) of the block's first pixel in the map.
+        image_size: (H, W) of the whole map.
+        core: (top, bottom, left, right): the rows top .. bottom - 1 and columns left ..
+            right - 1 whose candidates are wanted, in image px.
+        sigma, min_distance, threshold: as in :func:`detect_cells`.
+
+    Returns:
+        (N, 5) float64 rows (x, y, f, class, class probability) in row-major order: image px
+        (x = column, y = row), the smoothed foreground, the cell class (1 .. C-1) with the larger
+        smoothed probability there, and that probability (not clipped).
+
+    Raises:
+        ValueError: the block lies outside the map, or lacks the halo around the core.
+    """
+    if block.ndim != 3 or block.shape[0] < 2:
+        raise ValueError(f"expected (C, h, w) probabilities with C >= 2, got {tuple(block.shape)}")
+    _, h, w = block.shape
+    (row, col), (height, width) = origin, image_size
+    top, bottom, left, right = core
+    if row < 0 or col < 0 or row + h > height or col + w > width:
+        raise ValueError(f"a {h}x{w} block at {origin} lies outside the {height}x{width} map")
+    edges = (row == 0, row + h == height, col == 0, col + w == width)  # top, bottom, left, right
+    halo = detection_halo(sigma, min_distance)
+    margin = [0 if edge else halo for edge in edges]
+    if top < row + margin[0] or bottom > row + h - margin[1] or left < col + margin[2] or right > col + w - margin[3]:
+        raise ValueError(f"core {core} needs {halo} px of the block around it inside the image "
+                         f"(a {h}x{w} block at {origin} of a {height}x{width} map)")
+    if top >= bottom or left >= right:
+        return np.zeros((0, 5))
+    probs = block.detach().float()[None]
+    radius = _blur_radius(sigma)
+    if radius:
+        probs = _gaussian_blur(probs, sigma, edges)
+    # the blurred block lost `radius` px on each side that is not the image's edge
+    y0, x0 = row + (0 if edges[0] else radius), col + (0 if edges[2] else radius)
     foreground = 1 - probs[0, 0]
     window = 2 * min_distance + 1
     peaks = (foreground == F.max_pool2d(foreground[None, None], window, 1, min_distance)[0, 0]) & (
         foreground > threshold)
-    ys, xs = torch.nonzero(peaks, as_tuple=True)
-    values = foreground[ys, xs]
-    order = torch.argsort(values, descending=True, stable=True).tolist()
-    if not order:
+    ys, xs = torch.nonzero(peaks[top - y0:bottom - y0, left - x0:right - x0], as_tuple=True)
+    ys, xs = ys + (top - y0), xs + (left - x0)  # block coordinates
+    best, cls = probs[0, 1:, ys, xs].max(dim=0)  # (C-1, N) -> (N,)
+    return torch.stack([(xs + x0).double(), (ys + y0).double(), foreground[ys, xs].double(), (cls + 1).double(),
+                        best.double()], 1).numpy()
+
+
+def suppress_peaks(candidates: np.ndarray, min_distance: int) -> np.ndarray:
+    """The cells of :func:`detect_cells` from all candidates of one image (:func:`peak_candidates`).
+
+    Candidates are visited by descending smoothed foreground, ties by row and then column (the
+    order in which :func:`detect_cells` has always met them), whatever order they come in; each
+    is kept unless it lies closer than ``min_distance`` px to one kept before it.
+
+    Args:
+        candidates: (N, 5) rows (x, y, f, class, class probability).
+        min_distance: the least distance between two cells, px.
+
+    Returns:
+        (M, 4) float64 rows (x, y, class, probability clipped to [0, 1]), in the order kept
+        (highest first).
+    """
+    candidates = np.asarray(candidates, dtype=np.float64).reshape(-1, 5)
+    if not len(candidates):
         return np.zeros((0, 4))
-    # greedy suppression, highest first. A k-d tree is asked only about the points kept (a few
-    # thousand at most), not about every candidate: a flat plateau of a saturated softmax makes
-    # every one of its pixels a candidate, each with hundreds of neighbours.
+    order = np.lexsort((candidates[:, 0], candidates[:, 1], -candidates[:, 2]))
+    # A k-d tree is asked only about the points kept (a few thousand at most), not about every
+    # candidate: a flat plateau of a saturated softmax makes every one of its pixels a
+    # candidate, each with hundreds of neighbours.
     from scipy.spatial import cKDTree
 
-    points = torch.stack([xs, ys], dim=1).double().numpy()
+    points = candidates[:, :2]
     tree = cKDTree(points)
     suppressed = np.zeros(len(points), bool)
     kept: list[int] = []
@@ -95,22 +178,84 @@ def detect_cells(probs: torch.Tensor, sigma: float = 8.0, min_distance: int = 15
             continue
         kept.append(i)
         suppressed[tree.query_ball_point(points[i], r=min_distance - 1e-9)] = True
-    idx = torch.tensor(kept)
-    ky, kx = ys[idx], xs[idx]
-    cell_probs = probs[0, 1:, ky, kx]  # (C-1, N)
-    best, cls = cell_probs.max(dim=0)
-    return torch.stack([kx.double(), ky.double(), (cls + 1).double(), best.double().clamp(0, 1)], 1).numpy()
+    cells = candidates[kept]
+    return np.stack([cells[:, 0], cells[:, 1], cells[:, 3], cells[:, 4].clip(0, 1)], axis=1)
 
 
-def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    radius = max(1, int(3 * sigma + 0.5))
+class BandDetector:
+    """:func:`detect_cells` over a map that arrives a band of rows at a time, top to bottom.
+
+    Each :meth:`add` finds the candidates (:func:`peak_candidates`) of the rows that now have
+    ``detection_halo`` rows below them (all rows, once the last band is in), in column blocks
+    of ``block_width`` px, and keeps only the rows that later cores still need; :meth:`points`
+    suppresses over all candidates of the image. The points equal ``detect_cells`` on the whole
+    map, bit for bit. Memory: the rows of one band plus twice the halo (C x rows x W float32),
+    one block's blur, and the candidates; independent of the map's height.
+    """
+
+    def __init__(self, height: int, width: int, sigma: float = 8.0, min_distance: int = 15,
+                 threshold: float = 0.5, block_width: int = 1024) -> None:
+        self.height, self.width = height, width
+        self.sigma, self.min_distance, self.threshold = sigma, min_distance, threshold
+        self.block_width = block_width
+        self.halo = detection_halo(sigma, min_distance)
+        self._rows: torch.Tensor | None = None  # (C, n, W): rows self._first .. self._received - 1
+        self._first = 0
+        self._received = 0
+        self._done = 0  # rows above this one have their candidates
+        self._candidates: list[np.ndarray] = []
+
+    def add(self, rows: torch.Tensor) -> None:
+        """The map's next rows: (C, n, W) probabilities, as :func:`detect_cells` would take them."""
+        if rows.ndim != 3 or rows.shape[2] != self.width or self._received + rows.shape[1] > self.height:
+            raise ValueError(f"rows {tuple(rows.shape)} after {self._received} do not fit a "
+                             f"{self.height}x{self.width} map")
+        rows = rows.detach().float()
+        self._rows = rows if self._rows is None else torch.cat([self._rows, rows], 1)
+        self._received += rows.shape[1]
+        end = self.height if self._received == self.height else self._received - self.halo
+        if end <= self._done:
+            return
+        start = max(0, self._done - self.halo)
+        band = self._rows[:, start - self._first:min(self.height, end + self.halo) - self._first]
+        for left in range(0, self.width, self.block_width):
+            right = min(self.width, left + self.block_width)
+            a, b = max(0, left - self.halo), min(self.width, right + self.halo)
+            self._candidates.append(peak_candidates(band[:, :, a:b], (start, a), (self.height, self.width),
+                                                    (self._done, end, left, right), self.sigma, self.min_distance,
+                                                    self.threshold))
+        self._done = end
+        keep = max(0, end - self.halo)
+        # a copy, so that the rows handed out no longer hold the whole band's storage
+        self._rows = self._rows[:, keep - self._first:].clone()
+        self._first = keep
+
+    def points(self) -> np.ndarray:
+        """The cells, once every row is in: as :func:`detect_cells` returns them."""
+        if self._received != self.height:
+            raise ValueError(f"{self._received} of the map's {self.height} rows were added")
+        return suppress_peaks(np.concatenate(self._candidates) if self._candidates else np.zeros((0, 5)),
+                              self.min_distance)
+
+
+def _blur_radius(sigma: float) -> int:
+    return max(1, int(3 * sigma + 0.5)) if sigma > 0 else 0
+
+
+def _gaussian_blur(x: torch.Tensor, sigma: float,
+                   edges: tuple[bool, bool, bool, bool] = (True, True, True, True)) -> torch.Tensor:
+    """Separable Gaussian blur of (1, C, h, w), rows first; replicate padding on the sides that
+    ``edges`` (top, bottom, left, right) mark as the image's edge, and each other side loses
+    the radius (a valid convolution there, so a block's blur equals the whole map's)."""
+    radius = _blur_radius(sigma)
     t = torch.arange(-radius, radius + 1, dtype=x.dtype)
     kernel = torch.exp(-(t**2) / (2 * sigma**2))
     kernel = kernel / kernel.sum()
     c = x.shape[1]
-    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="replicate"), kernel.view(1, 1, 1, -1).expand(c, 1, 1, -1),
+    top, bottom, left, right = (radius if edge else 0 for edge in edges)
+    x = F.conv2d(F.pad(x, (left, right, 0, 0), mode="replicate"), kernel.view(1, 1, 1, -1).expand(c, 1, 1, -1),
                  groups=c)
-    return F.conv2d(F.pad(x, (0, 0, radius, radius), mode="replicate"), kernel.view(1, 1, -1, 1).expand(c, 1, -1, 1),
+    return F.conv2d(F.pad(x, (0, 0, top, bottom), mode="replicate"), kernel.view(1, 1, -1, 1).expand(c, 1, -1, 1),
                     groups=c)
 
 
@@ -181,6 +326,21 @@ def detection_scores(preds: list[np.ndarray], gts: list[np.ndarray], cutoff: flo
     return scores | unrounded
 
 
+def official_format_refusal(shapes: list[tuple[int, int]], names: list[str]) -> str | None:
+    """Why the points of images of these (H, W) ``shapes`` cannot go into the official format, or None.
+
+    The format's coordinates are 0..1023: it holds patches of up to 1024 x 1024 px (OCELOT's
+    are exactly that; smaller ones, such as the built-in synthetic world's, fit without loss).
+    A larger image's points would have to be moved, so its file is not written at all; the
+    line names the first such image (``names[i]``) and says where its cells are instead.
+    """
+    for i, (height, width) in enumerate(shapes):
+        if height > IMAGE_SIDE or width > IMAGE_SIDE:
+            return (f"cell_classification.json skipped: the official format holds patches of at most "
+                    f"{IMAGE_SIDE}x{IMAGE_SIDE} px; image_{i} ({names[i]}) is {width}x{height}")
+    return None
+
+
 class PointsFormatError(ValueError):
     """A points file that breaks the official format; the message names the file and the entry."""
 
@@ -196,7 +356,7 @@ def write_points_json(path: Path | str, images: list[np.ndarray], ground_truth: 
     points = []
     for i, rows in enumerate(images):
         for row in np.asarray(rows, dtype=np.float64).reshape(-1, np.asarray(rows).shape[-1] if len(rows) else 4):
-            x, y = (int(round(v)) for v in row[:2])
+            x, y = (int(np.rint(v)) for v in row[:2])
             if not (0 <= x < IMAGE_SIDE and 0 <= y < IMAGE_SIDE):
                 raise ValueError(f"image_{i}: point ({x}, {y}) lies outside the official format's "
                                  f"{IMAGE_SIDE}x{IMAGE_SIDE} patch")

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from equiseg.groups import D4, Group, GroupElement
+from equiseg.runtime import exact_float32
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -100,19 +101,27 @@ def certificate(model: nn.Module, images: list[torch.Tensor], group: Group = D4,
     ``{"group": max over images and g of relative_error(f(T_g x), T_g f(x)), "rot45": ...}``:
     the first is ~1e-6 for a model exact for ``group``; the angle entries measure how far the
     model is from equivariance under rotations it is not built for (interpolation included).
+    Runs on the model's device, always in float32 with TF32 off (:func:`equiseg.runtime.exact_float32`),
+    whatever precision the rest of an evaluation uses.
     """
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
 
     def probs(t: torch.Tensor) -> torch.Tensor:
-        return model(t).softmax(dim=1)
+        return model(t.to(device, torch.float32)).softmax(dim=1).cpu()
 
     try:
-        result = {"group": max(max(equivariance_errors(probs, x[None] if x.ndim == 3 else x,
-                                                       group.elements).values()) for x in images)}
-        for angle in angles:
-            result[f"rot{angle:g}"] = max(rotation_error(probs, x[None] if x.ndim == 3 else x, angle)
-                                          for x in images)
-        return result
+        with exact_float32():
+            return _certificate(probs, images, group, angles)
     finally:
         model.train(was_training)
+
+
+def _certificate(probs: Callable[[torch.Tensor], torch.Tensor], images: list[torch.Tensor], group: Group,
+                 angles: tuple[float, ...]) -> dict[str, float]:
+    batched = [x[None] if x.ndim == 3 else x for x in images]
+    result = {"group": max(max(equivariance_errors(probs, x, group.elements).values()) for x in batched)}
+    for angle in angles:
+        result[f"rot{angle:g}"] = max(rotation_error(probs, x, angle) for x in batched)
+    return result

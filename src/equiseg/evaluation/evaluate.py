@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -13,13 +13,14 @@ import torch
 from torch import nn
 
 from equiseg.config import Config
-from equiseg.data.context import ContextFn, run_context
+from equiseg.data.context import ContextFn, run_context, truth_context
 from equiseg.data.datamodule import model_input, sample_target
 from equiseg.data.ocelot import OcelotFolder
 from equiseg.data.targets import IGNORE_INDEX
-from equiseg.evaluation.detection import detection_scores, write_points_json
+from equiseg.evaluation.detection import detection_scores, official_format_refusal, write_points_json
 from equiseg.evaluation.inference import predict_probabilities
 from equiseg.evaluation.metrics import confusion_matrix, segmentation_scores
+from equiseg.runtime import Runtime
 from equiseg.training.losses import DiceCELoss
 
 
@@ -31,12 +32,32 @@ class Evaluation:
     ids: list[str]
     points: list[np.ndarray]            # per image (N, 4): x, y, class, probability
     per_image: list[dict[str, float]]   # per image: loss, dice/mean
+    context: str = "none"               # the tissue context the model was fed: none, tissue model or oracle
+    shapes: list[tuple[int, int]] = field(default_factory=list)  # per image (H, W), px
+
+    def json_refusal(self) -> str | None:
+        """Why ``cell_classification.json`` cannot hold these images' points, or None (see
+        :func:`~equiseg.evaluation.detection.official_format_refusal`)."""
+        return official_format_refusal(self.shapes, self.ids) if self.points else None
+
+    @property
+    def context_line(self) -> str | None:
+        """One line saying where the tissue context came from, or None for a model without it."""
+        if self.context == ORACLE:
+            return ("tissue context: ORACLE (the ground-truth tissue mask) - an upper bound, not what a deployed "
+                    "model sees")
+        return None if self.context == "none" else f"tissue context: {self.context}"
+
+
+ORACLE = "oracle"
+TISSUE_MODEL = "tissue model"
 
 
 def evaluate_model(model: nn.Module, config: Config, root: Path | str, split: str = "test",
                    tile: int | None = 1024, on_image: Callable[[int, int], None] | None = None,
                    keep: Callable[[int, str, torch.Tensor], None] | None = None,
-                   transform: Callable | None = None, context: ContextFn | None = None) -> Evaluation:
+                   transform: Callable | None = None, context: ContextFn | None = None, oracle: bool = False,
+                   runtime: Runtime | None = None) -> Evaluation:
     """Evaluate ``model`` (eval mode) on ``split`` of the dataset at ``root``.
 
     Loss: Dice + cross-entropy as in training, averaged over images. Dice and IoU: from the
@@ -47,28 +68,31 @@ def evaluate_model(model: nn.Module, config: Config, root: Path | str, split: st
     valid region is scored. ``context`` gives a context model its tissue channels (default:
     :func:`equiseg.data.context.run_context` of the config for evaluation, i.e. the tissue
     model's probabilities where the config names one); it is ignored for models without context.
+    ``oracle=True`` feeds the ground-truth tissue mask (``context``, if given, must compute
+    that) and labels the result as such; a model trained with ``data.context=truth`` and no
+    tissue model is refused without it, so that oracle scores are never reported unawares.
+    ``runtime``: device, tile batch and precision (default: the model's device, batch 1,
+    float32).
     """
     task = config.task.value
     folder = OcelotFolder(root, split)
     names = config.task.class_names
     loss_fn = DiceCELoss(config.train.dice_weight, config.train.ce_weight)
     cm = torch.zeros(len(names), len(names), dtype=torch.long)
-    points, gts, per_image = [], [], []
-    if config.data.context == "none":
-        context = None
-    elif context is None:
-        context = run_context(config.data, evaluation=True)
+    points, gts, per_image, shapes = [], [], [], []
+    context, source = evaluation_context(config, context, oracle, runtime.device if runtime is not None else None)
     model.eval()
     for i in range(len(folder)):
         sample = folder[i]
         image, target = sample_target(sample, task, config.data.radius)
         image = model_input(image, None if context is None else context(sample))
         target = torch.from_numpy(target.astype(np.int64))
+        shapes.append(tuple(target.shape))
         cells, valid = sample.cells, None
         if transform is not None:
             image, target, cells, valid = transform(image, target, cells)
             target = torch.where(valid, target, torch.full_like(target, IGNORE_INDEX))
-        probs = predict_probabilities(model, image, tile=tile)
+        probs = predict_probabilities(model, image, tile=tile, runtime=runtime)
         logits = probs.clamp_min(1e-12).log()  # softmax is shift-invariant: log p are valid logits
         loss = float(loss_fn(logits[None], target[None]))
         image_cm = confusion_matrix(probs.argmax(0), target, len(names))
@@ -87,19 +111,50 @@ def evaluate_model(model: nn.Module, config: Config, root: Path | str, split: st
     scores = {"loss": float(np.mean([p["loss"] for p in per_image])), **segmentation_scores(cm, names)}
     if task == "cells":
         scores |= detection_scores(points, gts)
-    return Evaluation(scores, list(folder.ids), points, per_image)
+    return Evaluation(scores, list(folder.ids), points, per_image, source, shapes)
+
+
+def evaluation_context(config: Config, context: ContextFn | None = None, oracle: bool = False,
+                       device: torch.device | None = None) -> tuple[ContextFn | None, str]:
+    """The context an evaluation feeds a model of ``config``, and its label (see :class:`Evaluation`).
+
+    None and "none" for a model without context; the ground-truth tissue mask and ``ORACLE``
+    when ``oracle``; else ``context`` or the config's tissue model (loaded onto ``device``) and
+    ``TISSUE_MODEL``. A model trained with ``data.context=truth`` and no tissue model is a
+    ``ValueError``: its only context would be the oracle, which must be asked for.
+    """
+    if config.data.context == "none":
+        return None, "none"
+    if oracle:
+        return context or truth_context, ORACLE
+    if context is None and config.data.tissue_model is None:
+        raise ValueError(f"{config.name} was trained with data.context={config.data.context} and names no tissue "
+                         "model: give a tissue model (--tissue-model RUN) to score it as deployed, or ask for "
+                         "the ground-truth tissue mask explicitly (--oracle-context; reported as oracle)")
+    return context or run_context(config.data, evaluation=True, device=device), TISSUE_MODEL
 
 
 def write_evaluation(evaluation: Evaluation, out_dir: Path | str, split: str) -> dict[str, Path]:
-    """``scores-<split>.json`` and, for cells, ``cell_classification.json`` (official format)."""
+    """``scores-<split>.json`` and, for cells, ``cell_classification.json`` (official format).
+
+    The official format holds patches of at most 1024 x 1024 px: with a larger image the JSON
+    is not written (its points would have to move; :meth:`Evaluation.json_refusal` says why)
+    and the cells go to ``cells-<split>.csv`` (image,id,x,y,class,probability) instead.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"scores": out_dir / f"scores-{split}.json"}
     clean = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in evaluation.scores.items()}
-    paths["scores"].write_text(json.dumps({"split": split, "ids": evaluation.ids, "scores": clean,
-                                           "per_image": evaluation.per_image}, indent=1) + "\n")
-    if evaluation.points:
+    paths["scores"].write_text(json.dumps({"split": split, "context": evaluation.context, "ids": evaluation.ids,
+                                           "scores": clean, "per_image": evaluation.per_image}, indent=1) + "\n")
+    if evaluation.points and evaluation.json_refusal() is None:
         paths["points"] = write_points_json(out_dir / "cell_classification.json", evaluation.points)
+    elif evaluation.points:  # the true coordinates, unmoved
+        paths["cells"] = out_dir / f"cells-{split}.csv"
+        lines = ["image,id,x,y,class,probability"] + [
+            f"{i},{sid},{int(x)},{int(y)},{int(c)},{q:.4f}"
+            for i, (sid, rows) in enumerate(zip(evaluation.ids, evaluation.points)) for x, y, c, q in rows]
+        paths["cells"].write_text("\n".join(lines) + "\n")
     return paths
 
 

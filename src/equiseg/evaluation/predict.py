@@ -1,70 +1,360 @@
-"""``equiseg predict``: probability maps, overlays and cells for image files of any size."""
+"""``equiseg predict``: probability maps, overlays and cells for image files of any size.
+
+An image goes through in row bands (:func:`~equiseg.evaluation.inference.stream_probabilities`):
+each band of finished rows is written to ``<stem>_probs.npy`` (float16 on disk), added to the
+pictures and handed to the cell detector (:class:`~equiseg.evaluation.detection.BandDetector`),
+then dropped. The input is read lazily where its format allows (:class:`RgbFile`) and the
+pictures have at most :data:`PICTURE_SIDE` px on their longer side, so memory is about one row
+of windows (classes x tile x W float32) and one batch of windows, whatever the image's height.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import tifffile
 import torch
 from PIL import Image
 
-from equiseg.config import Config
-from equiseg.data.datamodule import image_to_tensor
-from equiseg.evaluation.detection import write_points_json
-from equiseg.evaluation.inference import predict_probabilities
-from equiseg.report.pictures import prediction_overlay, probability_picture
+from equiseg.config import Config, Task
+from equiseg.evaluation.detection import BandDetector, official_format_refusal, write_points_json
+from equiseg.evaluation.inference import model_runtime, stream_probabilities
+from equiseg.report.pictures import class_overlay, draw_points, probability_picture
+from equiseg.runtime import Runtime
+
+PICTURE_SIDE = 4096  # px: the pictures of a larger image keep every k-th row and column
+JSON_NAME = "cell_classification.json"
 
 
 def read_rgb(path: Path | str) -> np.ndarray:
-    """An image file (JPEG, PNG, TIFF) as (H, W, 3) uint8; grey and RGBA are converted, 16-bit scaled."""
+    """An image file (JPEG, PNG, TIFF) as (H, W, 3) uint8, decoded whole; grey and RGBA are
+    converted, 16-bit scaled (round(v / 257))."""
     path = Path(path)
     if path.suffix.lower() in (".tif", ".tiff"):
-        import tifffile
-
         array = tifffile.imread(path)
         if array.ndim == 4 and array.shape[0] == 1:
             array = array[0]
         if array.ndim == 3 and array.shape[0] in (3, 4) and array.shape[-1] not in (3, 4):
             array = np.moveaxis(array, 0, -1)  # channels first -> last
-        if array.dtype == np.uint16:
-            array = (array / 257).round().astype(np.uint8)
-        if array.ndim == 2:
-            array = np.repeat(array[..., None], 3, axis=-1)
-        if array.ndim != 3 or array.shape[-1] not in (3, 4) or array.dtype != np.uint8:
+        if array.dtype not in (np.uint8, np.uint16) or not (
+                array.ndim == 2 or (array.ndim == 3 and array.shape[-1] in (3, 4))):
             raise ValueError(f"{path}: expected an RGB image, got shape {array.shape} {array.dtype}")
-        return np.ascontiguousarray(array[..., :3])
+        return _as_rgb(array)
     with Image.open(path) as image:
         return np.asarray(image.convert("RGB"))
 
 
+def _as_rgb(array: np.ndarray) -> np.ndarray:
+    """(h, w), (h, w, 1), (h, w, 3) or (h, w, 4) uint8 or uint16 -> (h, w, 3) uint8."""
+    if array.dtype == np.uint16:
+        # round(v / 257) in integers: v / 257 never ends in .5 (257 is odd), and no float copy
+        array = ((array.astype(np.uint32) + 128) // 257).astype(np.uint8)
+    if array.ndim == 2:
+        array = array[..., None]
+    if array.shape[-1] == 1:
+        array = np.repeat(array, 3, axis=-1)
+    return np.ascontiguousarray(array[..., :3])
+
+
+class ImageReading(enum.Enum):
+    """How :class:`RgbFile` reads an image."""
+
+    CONTIGUOUS = "contiguous"  # uncompressed TIFF: each band's rows read straight from the file
+    SEGMENTS = "segments"      # tiled or stripped TIFF: only the tiles or strips a band touches decoded
+    DECODED = "decoded"        # JPEG, PNG, other TIFF layouts: decoded whole, held as (H, W, 3) uint8
+
+
+class RgbFile:
+    """An RGB image file (JPEG, PNG, TIFF) read a band of rows at a time, as uint8.
+
+    A TIFF whose first page is the image, pixel-interleaved with 1, 3 or 4 samples of 8 or 16
+    bits, is read lazily: uncompressed data (what ``tifffile.memmap`` maps) by plain reads of
+    the rows asked for, which unlike a memory map do not stay resident; tiled or stripped data
+    by decoding only the tiles or strips those rows touch (``zarr``, which
+    ``tifffile.imread(aszarr=True)`` needs, is not a dependency). Anything else is decoded whole
+    into (H, W, 3) uint8, never float. Conversion as :func:`read_rgb`. :meth:`close` it after use.
+
+    Attributes:
+        path: the file.
+        height, width: its size, px.
+        reading: how it is read.
+    """
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        self._tiff: tifffile.TiffFile | None = None
+        self._band: tuple[int, int, np.ndarray] | None = None  # the rows the last window read
+        page = self._lazy_page()
+        if page is None:
+            self._image = read_rgb(self.path)
+            self.height, self.width = self._image.shape[:2]
+            self.reading = ImageReading.DECODED
+            return
+        self._page = page
+        self.height, self.width = page.shape[:2]
+        self.reading = ImageReading.CONTIGUOUS if page.is_memmappable else ImageReading.SEGMENTS
+        if self.reading is ImageReading.SEGMENTS:
+            try:  # a codec that is not installed shows up here, not halfway through the image
+                self.rows(0, 1)
+            except ValueError as error:
+                self.close()
+                raise ValueError(f"{self.path}: {error}") from None
+
+    def _lazy_page(self) -> tifffile.TiffPage | None:
+        """The TIFF page to read lazily, or None (not a TIFF, or a layout read whole)."""
+        if self.path.suffix.lower() not in (".tif", ".tiff"):
+            return None
+        tiff = tifffile.TiffFile(self.path)
+        page = tiff.pages[0]
+        if (tiff.series and tiff.series[0].shape == page.shape and page.dtype in (np.uint8, np.uint16)
+                and (page.axes == "YX" or (page.axes == "YXS" and page.shape[-1] in (1, 3, 4)))):
+            self._tiff = tiff
+            return page
+        tiff.close()
+        return None
+
+    def rows(self, top: int, bottom: int) -> np.ndarray:
+        """Rows top .. bottom - 1: (bottom - top, W, 3) uint8."""
+        if not 0 <= top < bottom <= self.height:
+            raise ValueError(f"rows {top}..{bottom - 1} of a {self.height}-row image")
+        if self.reading is ImageReading.DECODED:
+            return self._image[top:bottom]
+        page, handle = self._page, self._tiff.filehandle
+        samples = page.shape[2] if page.axes == "YXS" else 1
+        dtype = np.dtype(self._tiff.byteorder + page.dtype.char)
+        if self.reading is ImageReading.CONTIGUOUS:
+            row_bytes = self.width * samples * dtype.itemsize
+            handle.seek(page.dataoffsets[0] + top * row_bytes)
+            raw = np.frombuffer(handle.read((bottom - top) * row_bytes), dtype)
+            return _as_rgb(raw.reshape(bottom - top, self.width, samples))
+        seg_height, seg_width = (page.tilelength, page.tilewidth) if page.is_tiled else (page.rowsperstrip, self.width)
+        across = -(-self.width // seg_width)
+        raw = np.zeros((bottom - top, self.width, samples), dtype)  # empty segments are zeros, as in tifffile
+        for seg_row in range(top // seg_height, (bottom - 1) // seg_height + 1):
+            for index in range(seg_row * across, (seg_row + 1) * across):
+                offset, count = page.dataoffsets[index], page.databytecounts[index]
+                if not count:
+                    continue
+                handle.seek(offset)
+                segment, (_, _, y, x, _), _ = page.decode(handle.read(count), index, jpegtables=page.jpegtables,
+                                                          jpegheader=page.jpegheader)
+                segment = segment[0]  # (depth 1, h, w, samples) -> (h, w, samples)
+                # tiles at the right and bottom edges are stored whole: crop them to the image
+                a, b = max(y, top), min(y + segment.shape[0], bottom)
+                w = min(segment.shape[1], self.width - x)
+                raw[a - top:b - top, x:x + w] = segment[a - y:b - y, :w]
+        return _as_rgb(raw)
+
+    def window(self, top: int, left: int, height: int, width: int) -> torch.Tensor:
+        """(3, h, w) float32 in [0, 1] of one window, exactly as ``image_to_tensor`` of
+        :mod:`equiseg.data.datamodule` makes it (spelled out here: importing that module loads
+        Lightning, ~2 s and ~180 MB, which prediction does not need); the rows of a row of
+        windows are read once."""
+        if self._band is None or self._band[:2] != (top, top + height):
+            self._band = (top, top + height, self.rows(top, top + height))
+        pixels = np.array(self._band[2][:, left:left + width], dtype=np.uint8)
+        return torch.from_numpy(pixels).permute(2, 0, 1).float().div_(255)
+
+    def close(self) -> None:
+        """Close the file (a TIFF read lazily holds it open)."""
+        if self._tiff is not None:
+            self._tiff.close()
+            self._tiff = None
+
+
+class _NpyRows:
+    """A (C, H, W) float16 ``.npy`` file (the format ``np.save`` writes) filled a band of rows at
+    a time. Plain writes rather than ``np.lib.format.open_memmap``: pages written through a
+    memory map stay resident, and count in the process's memory, until the map is closed."""
+
+    def __init__(self, path: Path | str, shape: tuple[int, int, int]) -> None:
+        self.path, self.shape = Path(path), shape
+        with open(self.path, "wb") as file:
+            np.lib.format.write_array_header_1_0(file, {
+                "descr": np.lib.format.dtype_to_descr(np.dtype(np.float16)), "fortran_order": False, "shape": shape})
+            self._offset = file.tell()
+            file.truncate(self._offset + 2 * int(np.prod(shape)))
+
+    def write(self, top: int, rows: torch.Tensor) -> None:
+        """Rows top .. top + n - 1 of every channel, from (C, n, W) probabilities."""
+        channels, height, width = self.shape
+        band = rows.numpy().astype(np.float16)
+        with open(self.path, "r+b") as file:
+            for c in range(channels):
+                file.seek(self._offset + 2 * (c * height + top) * width)
+                file.write(np.ascontiguousarray(band[c]).data)
+
+
+class _Pictures:
+    """``<stem>_overlay.png`` and ``<stem>_probs.png`` built a band of finished rows at a time
+    from every ``step``-th row and column, as uint8 only (never a float copy of the whole map);
+    per pixel what ``prediction_overlay`` and ``probability_picture`` make of the whole map."""
+
+    def __init__(self, height: int, width: int, step: int, probs: bool) -> None:
+        self.step = step
+        shape = (-(-height // step), -(-width // step), 3)
+        self.overlay = np.zeros(shape, np.uint8)
+        self.probs = np.zeros(shape, np.uint8) if probs else None
+
+    def add(self, top: int, rows: torch.Tensor, image: RgbFile) -> None:
+        """The finished rows top .. top + n - 1, (C, n, W) probabilities, of ``image``."""
+        first = -top % self.step  # the first of these rows that the pictures keep
+        if first >= rows.shape[1]:
+            return
+        kept = rows[:, first::self.step, ::self.step].numpy()  # (C, k, w)
+        at = (top + first) // self.step
+        pixels = image.rows(top + first, top + rows.shape[1])[::self.step, ::self.step]
+        self.overlay[at:at + kept.shape[1]] = class_overlay(pixels, kept.argmax(0))
+        if self.probs is not None:
+            self.probs[at:at + kept.shape[1]] = probability_picture(kept)
+
+    def save(self, stem: Path, points: np.ndarray) -> None:
+        """Write the pictures, with ``points`` (N, 4 image px) as dots on the overlay."""
+        scaled = np.array(points, dtype=np.float64).reshape(-1, 4)
+        scaled[:, :2] /= self.step
+        # dots sized as prediction_overlay sizes them
+        overlay = draw_points(self.overlay, scaled, radius=max(4, self.overlay.shape[0] // 150), filled=True)
+        Image.fromarray(overlay).save(f"{stem}_overlay.png")
+        if self.probs is not None:
+            Image.fromarray(self.probs).save(f"{stem}_probs.png")
+
+
+def picture_step(height: int, width: int) -> int:
+    """The pictures of an H x W image keep every k-th row and column: the least k that brings
+    the longer side to at most :data:`PICTURE_SIDE` px (1: full size)."""
+    return -(-max(height, width) // PICTURE_SIDE)
+
+
+@dataclass(frozen=True, eq=False)
+class ImagePrediction:
+    """What ``equiseg predict`` made of one image.
+
+    Attributes:
+        path: the image file.
+        height, width: its size, px.
+        points: (N, 4) rows (x, y, class, probability), image px (x = column), never clipped.
+        picture_step: the pictures keep every picture_step-th row and column (1: full size).
+        reading: how the image was read.
+    """
+
+    path: Path
+    height: int
+    width: int
+    points: np.ndarray
+    picture_step: int
+    reading: ImageReading
+
+    @property
+    def size(self) -> str:
+        """``WxH`` (width first, as image viewers write it)."""
+        return f"{self.width}x{self.height}"
+
+
+@dataclass(frozen=True, eq=False)
+class Predictions:
+    """What ``equiseg predict`` made of a list of images.
+
+    Attributes:
+        images: one per input, in order (image_i of the JSON is ``images[i]``).
+        json_path: ``cell_classification.json`` when written, else None.
+        json_skipped: when not written, the line that says why.
+    """
+
+    images: tuple[ImagePrediction, ...]
+    json_path: Path | None
+    json_skipped: str | None
+
+    @property
+    def cell_counts(self) -> tuple[int, ...]:
+        """The number of cells found in each image."""
+        return tuple(len(image.points) for image in self.images)
+
+    def notes(self) -> list[str]:
+        """Lines for the user: why the JSON was skipped, and which pictures are scaled down."""
+        lines = [self.json_skipped] if self.json_skipped else []
+        for image in self.images:
+            if image.picture_step > 1:
+                side = -(-image.width // image.picture_step), -(-image.height // image.picture_step)
+                lines.append(f"{image.path.name} ({image.size}): pictures at 1/{image.picture_step} scale, "
+                             f"{side[0]}x{side[1]} (one px in {image.picture_step} along each side)")
+        return lines
+
+
 def predict_file(model: torch.nn.Module, config: Config, path: Path, out_dir: Path, tile: int = 1024,
-                 overlap: int = 128) -> np.ndarray:
-    """Write ``<stem>_probs.npy`` (float16, C x H x W), ``<stem>_probs.png``, ``<stem>_overlay.png``
-    and ``<stem>_cells.csv`` (x,y,class,probability) for one image; returns its cells (N, 4)."""
-    image = read_rgb(path)
-    probs = predict_probabilities(model, image_to_tensor(image), tile=tile, overlap=overlap)
-    points = config.detect.cells(probs) if config.task.value == "cells" else np.zeros((0, 4))
-    p = probs.numpy()
+                 overlap: int = 128, probs: bool = True, runtime: Runtime | None = None) -> ImagePrediction:
+    """Predict one image of any size, streaming it through in row bands.
+
+    Writes ``<stem>_overlay.png``, ``<stem>_cells.csv`` (x,y,class,probability in image px,
+    never clipped) and, with ``probs``, ``<stem>_probs.npy`` (float16, C x H x W) and
+    ``<stem>_probs.png``. The probabilities equal :func:`~equiseg.evaluation.inference.predict_probabilities`
+    on the whole image bit for bit in float32 (the .npy holds them rounded to float16) and the
+    cells equal ``config.detect.cells`` on them; pictures are full size up to
+    :data:`PICTURE_SIDE` px, else scaled down by :func:`picture_step`. Memory: one row of
+    windows (C x tile x W float32), one batch of windows and the pictures (at most
+    2 x 4096² x 3 bytes), plus the whole image as uint8 where its format cannot be read lazily.
+
+    Args:
+        model: in eval mode, on ``runtime.device``.
+        runtime: device, batch and precision (default: the model's device, batch 1, float32).
+    """
+    path = Path(path)
     stem = out_dir / path.stem
-    np.save(f"{stem}_probs.npy", p.astype(np.float16))
-    Image.fromarray(probability_picture(p)).save(f"{stem}_probs.png")
-    Image.fromarray(prediction_overlay(image, p, points)).save(f"{stem}_overlay.png")
+    runtime = runtime or model_runtime(model)
+    detect = config.detect
+    npy = None
+    with contextlib.closing(RgbFile(path)) as image:
+        height, width = image.height, image.width
+        step = picture_step(height, width)
+        pictures = _Pictures(height, width, step, probs)
+        detector = (BandDetector(height, width, detect.sigma, detect.min_distance, detect.threshold)
+                    if config.task is Task.CELLS else None)
+        for top, rows in stream_probabilities(model, image.window, height, width, tile, overlap, runtime):
+            if probs and npy is None:
+                npy = _NpyRows(f"{stem}_probs.npy", (rows.shape[0], height, width))
+            if npy is not None:
+                npy.write(top, rows)
+            if detector is not None:
+                detector.add(rows)
+            pictures.add(top, rows, image)
+    points = detector.points() if detector is not None else np.zeros((0, 4))
+    pictures.save(stem, points)
     lines = ["x,y,class,probability"] + [f"{int(x)},{int(y)},{int(c)},{q:.4f}" for x, y, c, q in points]
     Path(f"{stem}_cells.csv").write_text("\n".join(lines) + "\n")
-    return points
+    return ImagePrediction(path, height, width, points, step, image.reading)
 
 
 def predict_files(model: torch.nn.Module, config: Config, paths: list[Path], out_dir: Path, tile: int = 1024,
-                  overlap: int = 128, on_image=None) -> Path:
-    """Predict every file; also write ``cell_classification.json`` with image_i = the i-th file."""
+                  overlap: int = 128, on_image: Callable[[int, int], None] | None = None, probs: bool = True,
+                  runtime: Runtime | None = None) -> Predictions:
+    """Predict every file (:func:`predict_file`) into ``out_dir``, and list them in images.txt.
+
+    ``cell_classification.json`` (the official format, image_i = the i-th file) is written only
+    when every image fits that format (:func:`~equiseg.evaluation.detection.official_format_refusal`:
+    no side over 1024 px, so no point moves); otherwise it is skipped (an earlier run's file
+    there is removed) and :attr:`Predictions.json_skipped` says why, naming the first larger image. The cells are in the CSV files either way.
+    ``on_image(done, total)`` is called after each image.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     stems = [p.stem for p in paths]
     if len(set(stems)) != len(stems):
         raise ValueError("two input files share a name; their outputs would overwrite each other")
-    all_points = []
+    runtime = runtime or model_runtime(model)
+    model = runtime.place(model)
+    images = []
     for i, path in enumerate(paths):
-        all_points.append(predict_file(model, config, path, out_dir, tile, overlap))
+        images.append(predict_file(model, config, path, out_dir, tile, overlap, probs, runtime))
         if on_image is not None:
             on_image(i + 1, len(paths))
     (out_dir / "images.txt").write_text("".join(f"image_{i}\t{p}\n" for i, p in enumerate(paths)))
-    return write_points_json(out_dir / "cell_classification.json", all_points)
+    json_path = out_dir / JSON_NAME
+    refusal = official_format_refusal([(image.height, image.width) for image in images],
+                                      [image.path.name for image in images])
+    if refusal is None:
+        return Predictions(tuple(images), write_points_json(json_path, [image.points for image in images]), None)
+    json_path.unlink(missing_ok=True)  # an earlier run's file would describe other images
+    return Predictions(tuple(images), None, f"{refusal}; the cells are in the *_cells.csv files")

@@ -18,6 +18,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from equiseg.report.plots import best_and_worst, machine_line, plot_cases, plot_loss_curves
+from equiseg.runtime import Runtime
 
 METRICS = [("loss", "loss"), ("dice/mean", "Dice"), ("miou", "mIoU"), ("mf1", "mF1")]
 
@@ -42,12 +43,13 @@ def _figure_png(fig) -> bytes:
 
 
 def write_report(study, results: list[dict], root: Path, out: Path, minutes: float, tissue: dict | None = None,
-                 reused: int = 0, context_for: Callable | None = None) -> Path:
+                 reused: int = 0, context_for: Callable | None = None, runtime: Runtime | None = None) -> Path:
     """Write ``out/report.html`` and ``out/summary.md``; returns the HTML path.
 
     ``minutes``: the time of this invocation, of which ``reused`` runs were finished before it.
     ``context_for(config)``: the evaluation context of a run (the study's, shared between runs);
     by default each context run's own tissue model is loaded again for the case figure.
+    ``runtime``: where the case figure's models run (default: the CPU).
 
     ``tissue``: the tissue model's summary (``equiseg.study.evaluate_tissue``) when variants use context.
     """
@@ -140,7 +142,7 @@ def write_report(study, results: list[dict], root: Path, out: Path, minutes: flo
 
     # 6. pictures: loss curves and cases (full fraction, first seed)
     curves_path = plot_loss_curves({v: Path(by[v, full][0]["run_dir"]) for v in variants}, out / "loss_curves.png")
-    cases_path = _cases(by, variants, full, root, out / "cases.png", context_for)
+    cases_path = _cases(by, variants, full, root, out / "cases.png", context_for, runtime)
 
     # 7. tissue context: each context variant against its family's variant without context
     context_rows, context_lines, context_pairs = _context_comparison(variants, fractions, by)
@@ -285,7 +287,8 @@ def _md(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
 
-def _cases(by, variants, fraction, root: Path, path: Path, context_for: Callable | None = None) -> Path:
+def _cases(by, variants, fraction, root: Path, path: Path, context_for: Callable | None = None,
+           runtime: Runtime | None = None) -> Path:
     from equiseg.data.context import run_context
     from equiseg.data.datamodule import model_input
     from equiseg.data.ocelot import OcelotFolder
@@ -296,12 +299,12 @@ def _cases(by, variants, fraction, root: Path, path: Path, context_for: Callable
     cases = []
     for v in variants:
         run = by[v, fraction][0]
-        model, config = load_model(run["run_dir"])
+        model, config = load_model(run["run_dir"], runtime.device if runtime else "cpu")
         context = context_for(config) if context_for is not None else run_context(config.data, evaluation=True)
         for kind, i in best_and_worst(run["per_image"], [len(test[i].cells) > 0 for i in range(len(test))]):
             sample, dice = test[i], run["per_image"][i]["dice/mean"]
             image = model_input(sample.cell_image, context and context(sample))
-            probs = predict_probabilities(model, image, tile=None)
+            probs = predict_probabilities(model, image, tile=None, runtime=runtime)
             points = config.detect.cells(probs)
             cases.append({"title": f"{v}: {kind} ({test.ids[i]}, Dice {dice:.2f})", "image": sample.cell_image,
                           "probs": probs.numpy(), "points": points, "gt": sample.cells})

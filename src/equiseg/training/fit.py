@@ -21,6 +21,11 @@ from equiseg.data.verify import verify_dataset
 CHECKPOINTS = "checkpoints"
 _RUN_DIR_ENV = "EQUISEG_RUN_DIR"
 BEST, LAST = "best.ckpt", "last.ckpt"
+SYNTHETIC = "synthetic.txt"  # in a run folder: present only for a run on the built-in synthetic data
+REQUIRE_REAL = ("this config is meant for real OCELOT data (data.require_real=true): pass --data DIR, or "
+                "data.require_real=false to train on the built-in synthetic data anyway")
+
+log = logging.getLogger(__name__)
 
 
 def cache_dir() -> Path:
@@ -58,6 +63,26 @@ def synthetic_root(spec: SyntheticConfig) -> Path:
 def data_root(config: Config) -> Path:
     """The dataset folder of a run: ``config.data.root`` or the built-in synthetic data."""
     return Path(config.data.root) if config.data.root else synthetic_root(config.data.synthetic)
+
+
+def synthetic_record(spec: SyntheticConfig) -> str:
+    """The settings of a built-in synthetic dataset on one line: ``train=16 val=4 test=4 size=512 seed=0``."""
+    return f"train={spec.train} val={spec.val} test={spec.test} size={spec.size} seed={spec.seed}"
+
+
+def synthetic_notice(spec: SyntheticConfig) -> str:
+    """The warning a training on the built-in synthetic data starts with."""
+    return (f"no data.root: training on the built-in SYNTHETIC dataset ({spec.train} train images of "
+            f"{spec.size} px, seed {spec.seed}), not OCELOT; pass --data DIR for real data")
+
+
+def trained_on_synthetic(run_dir: Path) -> str | None:
+    """The :func:`synthetic_record` of the built-in dataset a run trained on; None for a dataset folder.
+
+    The run's ``synthetic.txt`` starts with ``synthetic: <record>``, then the warning training gave.
+    """
+    marker = Path(run_dir) / SYNTHETIC
+    return marker.read_text().splitlines()[0].removeprefix("synthetic: ") if marker.is_file() else None
 
 
 _VERIFIED: set[tuple] = set()  # fingerprints of datasets this process found clean
@@ -137,9 +162,15 @@ def fit(config: Config | None, runs: Path | str = "runs", resume: Path | str | N
     The folder holds ``config.yaml`` (the resolved config), ``checkpoints/best.ckpt`` (lowest
     ``val/loss``) and ``checkpoints/last.ckpt``, ``metrics.csv``, TensorBoard events under
     ``tensorboard/`` and ``data.txt`` naming the dataset. The dataset is checked completely
-    before anything is written. ``resume`` continues the run in that folder from its last
-    checkpoint (the config is the one stored there; pass ``config=None``). ``callbacks`` are
-    extra Lightning callbacks.
+    before anything is written.
+
+    Without ``data.root`` it trains on the built-in synthetic data, and says so: a warning
+    (logged, shown on stderr) and ``synthetic.txt`` in the run folder (see
+    :func:`trained_on_synthetic`). A config with ``data.require_real`` refuses that with a
+    :class:`ConfigError` before any output.
+
+    ``resume`` continues the run in that folder from its last checkpoint (the config is the
+    one stored there; pass ``config=None``). ``callbacks`` are extra Lightning callbacks.
     """
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
@@ -155,6 +186,12 @@ def fit(config: Config | None, runs: Path | str = "runs", resume: Path | str | N
         if not ckpt_path.is_file():
             raise FileNotFoundError(f"{ckpt_path}: no last checkpoint to resume from")
         config = Config.from_yaml(run_dir / "config.yaml")
+    synthetic = None if config.data.root else config.data.synthetic
+    if synthetic is not None and config.data.require_real:
+        raise ConfigError(REQUIRE_REAL)  # before generating data or any output of the run
+    rank_zero = int(os.environ.get("LOCAL_RANK", "0")) == 0
+    if synthetic is not None and rank_zero:
+        log.warning(synthetic_notice(synthetic))
     root = data_root(config)
     check_data(root)  # before any output of the run exists
     try:  # a missing or wrong tissue model stops here too
@@ -170,6 +207,9 @@ def fit(config: Config | None, runs: Path | str = "runs", resume: Path | str | N
         run_dir.mkdir(parents=True, exist_ok=resume is not None)
         config.to_yaml(run_dir / "config.yaml")
         (run_dir / "data.txt").write_text(f"{root.resolve()}\n")
+        if synthetic is not None:
+            (run_dir / SYNTHETIC).write_text(f"synthetic: {synthetic_record(synthetic)}\n"
+                                             f"{synthetic_notice(synthetic)}\n")
         os.environ[_RUN_DIR_ENV] = str(run_dir.resolve())
         if resume is not None:
             _set_aside_metrics(run_dir)
@@ -264,8 +304,8 @@ def merge_metrics(run_dir: Path) -> None:
         part.unlink()
 
 
-def load_model(checkpoint: Path | str, map_location: str | torch.device = "cpu") -> tuple[torch.nn.Module, Config]:
-    """The trained U-Net (eval mode) and its config from a checkpoint or a run folder.
+def load_model(checkpoint: Path | str, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Config]:
+    """The trained U-Net (eval mode, on ``device``) and its config from a checkpoint or a run folder.
 
     A run folder gives its best checkpoint. Loading uses ``torch.load(weights_only=True)``:
     tensors and builtin types only, no code runs from the file.
@@ -276,12 +316,12 @@ def load_model(checkpoint: Path | str, map_location: str | torch.device = "cpu")
         path = path / CHECKPOINTS / BEST
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no checkpoint there")
-    state = torch.load(path, map_location=map_location, weights_only=True)
+    state = torch.load(path, map_location=device, weights_only=True)
     config = Config.from_dict(state["hyper_parameters"]["config"])
     model = config.build_model()
     prefix = "model."
     model.load_state_dict({k[len(prefix):]: v for k, v in state["state_dict"].items() if k.startswith(prefix)})
-    return model.eval(), config
+    return model.to(device).eval(), config
 
 
 def run_finished(run_dir: Path, config: Config) -> bool:

@@ -1,0 +1,235 @@
+import contextlib
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+from PIL import Image
+from torch import nn
+from typer.testing import CliRunner
+
+from equiseg import build_model
+from equiseg.cli import app
+from equiseg.data.datamodule import image_to_tensor
+from equiseg.evaluation import predict
+from equiseg.evaluation.detection import BandDetector, detect_cells, peak_candidates, read_points_json
+from equiseg.evaluation.inference import predict_probabilities, stream_probabilities
+from equiseg.evaluation.predict import ImageReading, RgbFile, predict_file, predict_files, read_rgb
+from equiseg.report.pictures import prediction_overlay, probability_picture
+from equiseg.runtime import Runtime
+from tests_support import tiny_config
+
+
+def tiny_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return build_model("plain", width=4, depth=2).eval()
+
+
+class RedIsCell(nn.Module):
+    """Logits from the red channel: bright is a BC cell, dark is background (cells where we draw them)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gain = nn.Parameter(torch.tensor(20.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        red = x[:, :1] - 0.5
+        return torch.cat([-red, red, torch.full_like(red, -1.0)], 1) * self.gain
+
+
+def disks(height: int, width: int, centres: list[tuple[int, int]], radius: int = 8) -> np.ndarray:
+    """(H, W, 3) uint8: white disks at (x, y) centres on black."""
+    ys, xs = np.mgrid[:height, :width]
+    inside = np.zeros((height, width), bool)
+    for x, y in centres:
+        inside |= (xs - x) ** 2 + (ys - y) ** 2 <= radius**2
+    return np.repeat((inside * 255).astype(np.uint8)[..., None], 3, axis=-1)
+
+
+def random_image(height: int, width: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+@pytest.mark.parametrize(("height", "width", "tile", "overlap", "batch"), [
+    (45, 37, 64, 16, 1),    # smaller than the tile: one window, unweighted
+    (150, 97, 64, 16, 1),
+    (150, 97, 64, 16, 3),
+    (129, 200, 48, 8, 3),   # odd sizes, batches that cross rows of windows
+    (40, 300, 64, 20, 2),   # one row of windows, shorter than the tile
+])
+def test_streamed_rows_equal_the_whole_image_bit_for_bit(height, width, tile, overlap, batch):
+    model, image = tiny_model(), image_to_tensor(random_image(height, width))
+    runtime = Runtime(batch=batch)
+    read = lambda top, left, h, w: image[:, top:top + h, left:left + w]
+    parts = list(stream_probabilities(model, read, height, width, tile, overlap, runtime))
+    assert [top for top, _ in parts] == list(np.cumsum([0] + [rows.shape[1] for _, rows in parts[:-1]]))
+    streamed = torch.cat([rows for _, rows in parts], 1)
+    assert torch.equal(streamed, predict_probabilities(model, image, tile, overlap, runtime))
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_predict_file_writes_the_whole_image_result(tmp_path, batch):
+    image = random_image(70, 53, seed=1)
+    Image.fromarray(image).save(tmp_path / "a.png")
+    model, config = tiny_model(), tiny_config(tmp_path, detect={"threshold": 0.0})
+    runtime = Runtime(batch=batch)
+    result = predict_file(model, config, tmp_path / "a.png", tmp_path, tile=32, overlap=8, runtime=runtime)
+    probs = predict_probabilities(model, image_to_tensor(image), 32, 8, runtime)
+    points = config.detect.cells(probs)
+    assert len(points) and result.reading is ImageReading.DECODED and result.picture_step == 1
+    np.testing.assert_array_equal(result.points, points)
+    saved = np.load(tmp_path / "a_probs.npy")
+    assert saved.dtype == np.float16
+    np.testing.assert_array_equal(saved, probs.numpy().astype(np.float16))
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "a_probs.png")), probability_picture(probs.numpy()))
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "a_overlay.png")),
+                                  prediction_overlay(image, probs.numpy(), points))
+
+
+def test_pictures_of_large_images_keep_every_kth_pixel(tmp_path, monkeypatch):
+    monkeypatch.setattr(predict, "PICTURE_SIDE", 32)
+    image = random_image(70, 53, seed=2)
+    Image.fromarray(image).save(tmp_path / "big.png")
+    model, config = tiny_model(), tiny_config(tmp_path)
+    result = predict_files(model, config, [tmp_path / "big.png"], tmp_path, tile=32, overlap=8)
+    assert result.images[0].picture_step == 3
+    probs = predict_probabilities(model, image_to_tensor(image), 32, 8).numpy()
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "big_probs.png")),
+                                  probability_picture(probs[:, ::3, ::3]))
+    assert np.asarray(Image.open(tmp_path / "big_overlay.png")).shape == (24, 18, 3)
+    assert "big.png (53x70): pictures at 1/3 scale, 18x24 (one px in 3 along each side)" in result.notes()
+
+
+def plateau_map(height: int, width: int, seed: int, peak_rows: list[int]) -> torch.Tensor:
+    """(3, H, W) probabilities with flat plateaus (quantised values) and peaks on the given rows."""
+    rng = np.random.default_rng(seed)
+    ys, xs = np.mgrid[:height, :width]
+    foreground = 0.2 * rng.random((height, width))
+    centres = [(int(rng.integers(0, width)), int(rng.integers(0, height))) for _ in range(height * width // 300)]
+    centres += [(int(rng.integers(0, width)), row) for row in peak_rows]
+    for x, y in centres:
+        foreground = np.maximum(foreground, 1 - np.hypot(xs - x, ys - y) / rng.uniform(3, 8))
+    foreground = np.round(foreground.clip(0, 1) * 6) / 6  # quantised: plateaus and ties
+    share = np.round(rng.random((height, width)) * 4) / 4
+    return torch.from_numpy(np.stack([1 - foreground, foreground * share, foreground * (1 - share)])).float()
+
+
+@pytest.mark.parametrize(("height", "width", "sigma", "min_distance"), [
+    (37, 53, 2.0, 4), (64, 64, 0.0, 3), (101, 77, 1.5, 5), (90, 31, 2.0, 4), (5, 60, 1.0, 2),
+])
+def test_band_detection_equals_detect_cells_bit_for_bit(height, width, sigma, min_distance):
+    rng = np.random.default_rng(height)
+    cuts = sorted({int(c) for c in rng.integers(1, height, 6)} | {height // 2})
+    probs = plateau_map(height, width, seed=width, peak_rows=cuts)
+    expected = detect_cells(probs, sigma, min_distance, threshold=0.3)
+    assert len(expected)
+    for block_width in (width, 16, 7):
+        detector = BandDetector(height, width, sigma, min_distance, threshold=0.3, block_width=block_width)
+        for top, bottom in zip([0] + cuts, cuts + [height]):
+            detector.add(probs[:, top:bottom])
+        np.testing.assert_array_equal(detector.points(), expected)
+
+
+def test_peak_candidates_refuses_a_core_without_its_halo():
+    probs = plateau_map(40, 40, seed=0, peak_rows=[])
+    with pytest.raises(ValueError, match="needs 10 px"):  # blur radius 6 + min_distance 4
+        peak_candidates(probs[:, 5:], (5, 0), (40, 40), (10, 40, 0, 40), sigma=2.0, min_distance=4)
+
+
+def test_json_is_skipped_for_other_sizes_and_cells_keep_their_coordinates(tmp_path):
+    Image.fromarray(disks(60, 1100, [(200, 30), (1050, 30)])).save(tmp_path / "wide.png")
+    (tmp_path / "cell_classification.json").write_text("{}")  # an earlier run's
+    result = predict_files(RedIsCell(), tiny_config(tmp_path), [tmp_path / "wide.png"], tmp_path, tile=256,
+                           overlap=32)
+    assert result.json_path is None and not (tmp_path / "cell_classification.json").exists()
+    assert result.json_skipped == ("cell_classification.json skipped: the official format holds patches of at most "
+                                   "1024x1024 px; image_0 (wide.png) is 1100x60; the cells are in the *_cells.csv "
+                                   "files")
+    assert result.json_skipped in result.notes() and result.cell_counts == (2,)
+    rows = (tmp_path / "wide_cells.csv").read_text().splitlines()
+    assert rows[0] == "x,y,class,probability"
+    assert sorted(r.rsplit(",", 1)[0] for r in rows[1:]) == ["1050,30,1", "200,30,1"]
+
+
+def test_json_is_written_for_1024_images(tmp_path):
+    centres = [(20, 1000), (512, 512), (1003, 17)]
+    Image.fromarray(disks(1024, 1024, centres)).save(tmp_path / "patch.png")
+    result = predict_files(RedIsCell(), tiny_config(tmp_path), [tmp_path / "patch.png"], tmp_path, tile=512,
+                           overlap=64, probs=False)
+    assert result.json_skipped is None and result.json_path == tmp_path / "cell_classification.json"
+    (points,) = read_points_json(result.json_path)
+    assert sorted(map(tuple, points[:, :3].astype(int))) == sorted((x, y, 1) for x, y in centres)
+
+
+def test_cli_no_probs_writes_no_probability_maps_and_says_why_no_json(tmp_path):
+    model, config = tiny_model(), tiny_config(tmp_path)
+    checkpoint = tmp_path / "tiny.ckpt"
+    torch.save({"hyper_parameters": {"config": config.to_dict()},
+                "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}}, checkpoint)
+    Image.fromarray(random_image(20, 1030)).save(tmp_path / "a.png")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["predict", str(checkpoint), str(tmp_path / "a.png"), "--out", str(out),
+                                      "--tile", "64", "--overlap", "8", "--no-probs"])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) == ["a_cells.csv", "a_overlay.png", "images.txt"]
+    assert "cell_classification.json skipped: the official format holds patches of at most 1024x1024 px; " \
+           "image_0 (a.png) is 1030x20" in result.output
+    # an image that fits the format gets the official file too
+    Image.fromarray(random_image(50, 40)).save(tmp_path / "b.png")
+    result = CliRunner().invoke(app, ["predict", str(checkpoint), str(tmp_path / "b.png"), "--out", str(out),
+                                      "--tile", "32", "--overlap", "8"])
+    assert result.exit_code == 0 and (out / "cell_classification.json").is_file() and "skipped" not in result.output
+
+
+def test_uint16_scaling_matches_round_of_v_over_257():
+    values = np.arange(65536, dtype=np.uint16).reshape(256, 256)
+    np.testing.assert_array_equal(predict._as_rgb(values)[..., 0], (values / 257).round().astype(np.uint8))
+
+
+@pytest.mark.parametrize(("options", "reading"), [
+    ({}, ImageReading.CONTIGUOUS),
+    ({"tile": (16, 16), "compression": "zlib"}, ImageReading.SEGMENTS),
+    ({"rowsperstrip": 7, "compression": "zlib"}, ImageReading.SEGMENTS),
+    ({"rowsperstrip": 7}, ImageReading.CONTIGUOUS),
+])
+@pytest.mark.parametrize("kind", ["rgb", "grey16"])
+def test_tiff_is_read_lazily_band_by_band(tmp_path, options, reading, kind):
+    rng = np.random.default_rng(3)
+    data = (rng.integers(0, 256, (45, 37, 3), dtype=np.uint8) if kind == "rgb"
+            else rng.integers(0, 65536, (45, 37), dtype=np.uint16))
+    path = tmp_path / "a.tif"
+    tifffile.imwrite(path, data, **options)
+    if reading is ImageReading.CONTIGUOUS:
+        np.testing.assert_array_equal(tifffile.memmap(path), data)  # what a lazy reader may map
+    whole = read_rgb(path)
+    with contextlib.closing(RgbFile(path)) as image:
+        assert image.reading is reading and (image.height, image.width) == (45, 37)
+        for top, bottom in [(0, 45), (0, 1), (5, 23), (15, 17), (44, 45)]:
+            np.testing.assert_array_equal(image.rows(top, bottom), whole[top:bottom])
+        np.testing.assert_array_equal(image.window(5, 3, 20, 30), image_to_tensor(whole[5:25, 3:33]))
+
+
+def test_a_tiff_predicts_as_its_png(tmp_path):
+    image = random_image(70, 53, seed=4)
+    tifffile.imwrite(tmp_path / "a.tif", image, tile=(16, 16), compression="zlib")
+    Image.fromarray(image).save(tmp_path / "b.png")
+    model, config = tiny_model(), tiny_config(tmp_path)
+    a = predict_file(model, config, tmp_path / "a.tif", tmp_path, tile=32, overlap=8)
+    b = predict_file(model, config, tmp_path / "b.png", tmp_path, tile=32, overlap=8)
+    assert a.reading is ImageReading.SEGMENTS and b.reading is ImageReading.DECODED
+    np.testing.assert_array_equal(np.load(tmp_path / "a_probs.npy"), np.load(tmp_path / "b_probs.npy"))
+    np.testing.assert_array_equal(a.points, b.points)
+
+
+def test_evaluation_of_larger_images_keeps_true_coordinates_in_a_csv(tmp_path):
+    from equiseg.evaluation.evaluate import Evaluation, write_evaluation
+
+    points = [np.array([[1030.0, 5.0, 2.0, 0.75]]), np.zeros((0, 4))]
+    evaluation = Evaluation({"loss": 1.0}, ["001", "002"], points, [{}, {}], shapes=[(40, 1100), (40, 40)])
+    paths = write_evaluation(evaluation, tmp_path, "test")
+    assert "points" not in paths and not (tmp_path / "cell_classification.json").exists()
+    assert evaluation.json_refusal().endswith("image_0 (001) is 1100x40")
+    assert paths["cells"].read_text().splitlines() == ["image,id,x,y,class,probability", "0,001,1030,5,2,0.7500"]
+    small = Evaluation({"loss": 1.0}, ["001"], points[:1], [{}], shapes=[(512, 512)])
+    small.points[0][0, 0] = 500
+    assert "points" in write_evaluation(small, tmp_path / "small", "test")
