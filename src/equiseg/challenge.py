@@ -84,9 +84,8 @@ class Model:
 
     def __call__(self, cell_patch: np.ndarray, tissue_patch: np.ndarray, pair_id: int) -> list[tuple]:
         found = self.config.detect.cells(self.probabilities(cell_patch, tissue_patch, pair_id))
-        height, width = cell_patch.shape[:2]
-        return [(int(min(max(x, 0), width - 1)), int(min(max(y, 0), height - 1)), int(c), float(p))
-                for x, y, c, p in found]
+        # detected cells are pixels of the patch, so x and y are already in range: nothing is moved
+        return [(int(x), int(y), int(c), float(p)) for x, y, c, p in found]
 
 
 def run_challenge(input_dir: Path, output_dir: Path, cell_model: Path | str, tissue_model: Path | str | None = None,

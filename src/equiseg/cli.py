@@ -21,7 +21,8 @@ app = typer.Typer(
 DeviceOption = Annotated[str, typer.Option(
     "--device", help="Where models run: auto (this machine's GPU when PyTorch sees one, else the CPU), cpu, cuda or "
                      "cuda:N.")]
-BatchOption = Annotated[int, typer.Option("--batch", min=1, help="Tiles (or images) per forward pass.")]
+BatchOption = Annotated[int, typer.Option(
+    "--batch", min=1, help="Tiles of one image per forward pass (an image within one tile goes through whole).")]
 PrecisionOption = Annotated[str, typer.Option(
     "--precision", help="Inference precision: 32 (float32), bf16 or 16 (autocast). Equivariance certificates are "
                         "always measured in float32 with TF32 off.")]
