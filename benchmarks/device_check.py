@@ -28,13 +28,6 @@ from pathlib import Path
 import torch
 
 
-def save_checkpoint(model: torch.nn.Module, config, path: Path) -> Path:
-    """A checkpoint in the layout ``equiseg.training.fit.load_model`` reads."""
-    torch.save({"hyper_parameters": {"config": config.to_dict()},
-                "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}}, path)
-    return path
-
-
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -46,8 +39,8 @@ def main() -> None:
     from equiseg.evaluation.equivariance import certificate
     from equiseg.evaluation.evaluate import evaluate_model
     from equiseg.evaluation.inference import predict_probabilities
+    from equiseg.runs import load_model, save_model
     from equiseg.runtime import Precision, Runtime, exact_float32, resolve_device
-    from equiseg.training.fit import load_model
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
@@ -65,7 +58,7 @@ def main() -> None:
             torch.manual_seed(0)
             config = Config.from_dict({"name": family, "model": {"family": family, "width": width},
                                        "data": {"root": str(root)}})
-            path = save_checkpoint(config.build_model(), config, Path(tmp) / f"{family}.ckpt")
+            path = save_model(config.build_model(), config, Path(tmp) / f"{family}.ckpt")
             scores = {}
             for label, runtime in (("cpu 32", Runtime()), (f"{device.type} 32", Runtime(device)),
                                    (f"{device.type} bf16", Runtime(device, 2, Precision.BF16))):

@@ -13,8 +13,9 @@ from equiseg.config import Config
 from equiseg.data.ocelot import OcelotFolder, write_grand_challenge
 from equiseg.evaluation.detection import detection_scores, read_points_json
 from equiseg.evaluation.evaluate import evaluate_model
+from equiseg.runs import load_model, save_model
 from equiseg.runtime import Runtime
-from equiseg.training.fit import fit, load_model
+from equiseg.training.fit import fit
 from tests_support import tiny_config
 
 runner = CliRunner()
@@ -185,11 +186,9 @@ def test_train_with_a_wrong_tissue_model_stops_before_any_output(synthetic_small
 
 
 def write_checkpoint(path, config, model):
-    """A checkpoint as fit writes it (config + "model."-prefixed weights), for an untrained model."""
+    """A checkpoint of an untrained model, in a run folder's checkpoints/."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"hyper_parameters": {"config": config.to_dict()},
-                "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}}, path)
-    return path
+    return save_model(model, config, path)
 
 
 def test_challenge_model_with_context_is_exact_for_the_pair_turned_together(tmp_path):

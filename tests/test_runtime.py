@@ -82,9 +82,16 @@ def test_every_model_command_takes_the_device_options(command):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
-def test_a_missing_gpu_stops_a_command_with_one_line(tmp_path):
-    result = runner.invoke(app, ["predict", str(tmp_path), str(__file__), "--device", "cuda:1",
-                                 "--out", str(tmp_path / "out")])
+@pytest.mark.parametrize("command", [
+    ["predict", "RUN", __file__, "--out", "OUT"],
+    ["evaluate", "RUN", "--out", "OUT"],
+    ["challenge", "RUN", "OUT", "--cell-model", "RUN"],
+    ["study", "-c", "study-small", "--out", "OUT"],
+    ["demo", "--out", "OUT"],
+])
+def test_a_missing_gpu_stops_every_command_with_one_line_and_nothing_written(tmp_path, command):
+    words = [str(tmp_path / "out") if w == "OUT" else str(tmp_path) if w == "RUN" else w for w in command]
+    result = runner.invoke(app, [*words, "--device", "cuda:1"])
     assert result.exit_code == 2
     assert result.output.strip() == "error: device 'cuda:1': PyTorch sees no GPU"
     assert not (tmp_path / "out").exists()

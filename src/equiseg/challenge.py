@@ -48,7 +48,7 @@ class Model:
     def __init__(self, metadata: list[dict], cell_model: Path | str | None = None,
                  tissue_model: Path | str | None = None, runtime: Runtime | None = None) -> None:
         from equiseg.data.context import load_tissue_model
-        from equiseg.training.fit import load_model
+        from equiseg.runs import load_model
 
         path = cell_model or os.environ.get(CELL_MODEL_ENV)
         if not path:

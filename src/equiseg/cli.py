@@ -189,7 +189,8 @@ def train(
     from equiseg.config import Config, ConfigError, apply_overrides
     from equiseg.data.ocelot import DatasetError
     from equiseg.presets import preset_path
-    from equiseg.training.fit import fit, trained_on_synthetic
+    from equiseg.runs import Run
+    from equiseg.training.fit import fit
 
     overrides = list(ctx.args)
     if data is not None:
@@ -210,7 +211,7 @@ def train(
     except (ConfigError, DatasetError, FileNotFoundError) as error:
         raise _fail(str(error)) from None
     typer.echo(f"run folder: {run_dir}")
-    synthetic = trained_on_synthetic(run_dir)
+    synthetic = Run(run_dir).synthetic()
     if synthetic is not None:
         typer.echo(f"trained on synthetic data ({synthetic}), not OCELOT: pass --data DIR to train on real data")
 
@@ -254,7 +255,8 @@ def evaluate(
     from equiseg.data.context import run_context
     from equiseg.data.ocelot import DatasetError
     from equiseg.evaluation.evaluate import SCORE_ROWS, evaluate_model, evaluation_context, write_evaluation
-    from equiseg.training.fit import data_root, load_model
+    from equiseg.runs import Run, load_model
+    from equiseg.training.fit import data_root
 
     runtime = _runtime(device, batch, precision)
     try:
@@ -268,14 +270,14 @@ def evaluate(
         if tissue_model is not None:
             context = run_context(cfg.data, evaluation=True, tissue_model=tissue_model, device=runtime.device)
         context, _ = evaluation_context(cfg, context, oracle_context, runtime.device)
-        root = data if data is not None else _run_data(run) or data_root(cfg)
+        root = data if data is not None else Run.of(run).data_root() or data_root(cfg)
         progress, update = _progress(f"evaluating on {split} ({runtime})")
         with progress:
             result = evaluate_model(model, cfg, root, split, on_image=update, context=context, oracle=oracle_context,
                                     runtime=runtime)
     except (DatasetError, FileNotFoundError, ValueError) as error:
         raise _fail(str(error)) from None
-    out = out or _run_dir(run) / f"eval-{split}"
+    out = out or Run.of(run).eval_dir(split)
     paths = write_evaluation(result, out, split)
     typer.echo(f"{cfg.name} ({cfg.model.family.value}, width {cfg.model.width}) on {split}: {len(result.ids)} images")
     if result.context_line:
@@ -287,17 +289,6 @@ def evaluate(
     if result.json_refusal():
         typer.echo(f"  {result.json_refusal()}; the cells are in cells-{split}.csv")
     typer.echo("wrote " + ", ".join(str(p) for p in paths.values()))
-
-
-def _run_dir(run: Path) -> Path:
-    """The run folder of a run folder or of a checkpoint in its checkpoints/."""
-    return run if run.is_dir() else run.parent.parent
-
-
-def _run_data(run: Path) -> Path | None:
-    """The dataset a run folder was trained on (its data.txt), if known."""
-    marker = _run_dir(run) / "data.txt"
-    return Path(marker.read_text().strip()) if marker.is_file() else None
 
 
 @app.command()
@@ -375,11 +366,12 @@ def predict(
 
     Images stream through in bands of rows: memory stays bounded by one row of tiles whatever
     the image's height, and pictures of images over 4096 px are scaled down. The official JSON
-    (image_i = the i-th image given, listed in images.txt) is written only when every image is
-    1024x1024, the patches it holds; the cells of any image are in its _cells.csv.
+    (image_i = the i-th image given, listed in images.txt) is written only when every image fits
+    it (no side over 1024 px: its coordinates are 0..1023), else one line says why; the cells of
+    any image are in its _cells.csv, never moved.
     """
     from equiseg.evaluation.predict import predict_files
-    from equiseg.training.fit import load_model
+    from equiseg.runs import load_model
 
     missing = [str(p) for p in images if not p.is_file()]
     if missing:
@@ -472,11 +464,11 @@ def challenge(
     from equiseg.challenge import run_challenge
     from equiseg.data.ocelot import DatasetError
 
+    runtime = _runtime(device, batch, precision)
     try:
-        progress, update = _progress("predicting pairs")
+        progress, update = _progress(f"predicting pairs ({runtime})")
         with progress:
-            path = run_challenge(input_dir, output_dir, cell_model, tissue_model, on_pair=update,
-                                 runtime=_runtime(device, batch, precision))
+            path = run_challenge(input_dir, output_dir, cell_model, tissue_model, on_pair=update, runtime=runtime)
     except (DatasetError, FileNotFoundError, ValueError) as error:
         raise _fail(str(error)) from None
     typer.echo(f"wrote {path}")

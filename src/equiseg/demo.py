@@ -34,7 +34,8 @@ def run_demo(out: Path, epochs: int | None = None, say: Callable[[str], None] = 
     from equiseg.evaluation.evaluate import evaluate_model, write_evaluation
     from equiseg.models import count_parameters
     from equiseg.report.plots import best_and_worst, fmt, machine_line, markdown_table, plot_cases, plot_loss_curves
-    from equiseg.training.fit import generate_synthetic, load_model, train_or_reuse
+    from equiseg.runs import load_model
+    from equiseg.training.fit import generate_synthetic, train_or_reuse
 
     started = time.time()
     runtime = runtime or Runtime.of("auto")

@@ -182,9 +182,9 @@ def evaluate_run(run_dir: Path, root: Path, study: StudyConfig, gc_samples: list
     from equiseg.evaluation.robustness import standard_transforms
     from equiseg.groups import D4
     from equiseg.models import count_parameters
-    from equiseg.training.fit import load_model
+    from equiseg.runs import Run, load_model
 
-    cache = run_dir / "study.json"
+    cache = Run(run_dir).study_cache
     if cache.is_file():
         return json.loads(cache.read_text())
     contexts = {} if contexts is None else contexts
@@ -292,9 +292,9 @@ def evaluate_tissue(run_dir: Path, root: Path, runtime: Runtime | None = None) -
     """The tissue model's test scores (Dice, mIoU), cached in study.json beside it."""
     from equiseg.evaluation.evaluate import evaluate_model
     from equiseg.models import count_parameters
-    from equiseg.training.fit import load_model
+    from equiseg.runs import Run, load_model
 
-    cache = run_dir / "study.json"
+    cache = Run(run_dir).study_cache
     if cache.is_file():
         return json.loads(cache.read_text())
     runtime = runtime or Runtime()

@@ -8,7 +8,8 @@ import torch
 
 from equiseg.data.datamodule import SegmentationDataModule
 from equiseg.evaluation.evaluate import evaluate_model
-from equiseg.training.fit import fit, load_model
+from equiseg.runs import Run, load_model
+from equiseg.training.fit import fit
 from equiseg.training.module import SegmentationModule
 from tests_support import tiny_config
 
@@ -173,7 +174,6 @@ def _synthetic_config(**data):
 
 
 def test_training_on_the_built_in_synthetic_data_says_so_and_records_it(tmp_path, monkeypatch, caplog):
-    from equiseg.training.fit import SYNTHETIC, trained_on_synthetic
 
     monkeypatch.setenv("EQUISEG_CACHE", str(tmp_path / "cache"))
     with caplog.at_level("WARNING", logger="equiseg"):
@@ -181,16 +181,15 @@ def test_training_on_the_built_in_synthetic_data_says_so_and_records_it(tmp_path
     warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "SYNTHETIC" in r.getMessage()]
     assert warned == [("no data.root: training on the built-in SYNTHETIC dataset (2 train images of 64 px, seed 5), "
                        "not OCELOT; pass --data DIR for real data")]
-    assert (run / SYNTHETIC).read_text().splitlines() == ["synthetic: train=2 val=1 test=1 size=64 seed=5", warned[0]]
-    assert trained_on_synthetic(run) == "train=2 val=1 test=1 size=64 seed=5"
+    assert Run(run).synthetic_file.read_text().splitlines() == ["synthetic: train=2 val=1 test=1 size=64 seed=5", warned[0]]
+    assert Run(run).synthetic() == "train=2 val=1 test=1 size=64 seed=5"
 
 
 def test_a_run_on_a_dataset_folder_has_no_synthetic_marker(synthetic_small, tmp_path, caplog):
-    from equiseg.training.fit import trained_on_synthetic
 
     with caplog.at_level("WARNING", logger="equiseg"):
         run = fit(tiny_config(synthetic_small), run_dir=tmp_path / "run", progress=False)
-    assert trained_on_synthetic(run) is None
+    assert Run(run).synthetic() is None
     assert not any("SYNTHETIC" in r.getMessage() for r in caplog.records)
 
 

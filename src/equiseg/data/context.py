@@ -77,7 +77,7 @@ def model_context(tissue_model: nn.Module, tissue_image: torch.Tensor, meta: Pai
 
 def load_tissue_model(path: Path | str, device: str | torch.device = "cpu") -> nn.Module:
     """A trained tissue model (eval mode, on ``device``) from a run folder or checkpoint; refuses a cell model."""
-    from equiseg.training.fit import load_model
+    from equiseg.runs import load_model
 
     model, config = load_model(path, device)
     if config.task.value != "tissue":

@@ -13,12 +13,13 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from equiseg.report.pictures import draw_points, prediction_overlay, probability_picture
+from equiseg.runs import Run
 
 
 def read_epoch_metrics(run_dir: Path | str) -> dict[str, dict[int, float]]:
     """Epoch-level metrics of a run from its metrics.csv: name -> {epoch: value}."""
     out: dict[str, dict[int, float]] = {}
-    path = Path(run_dir) / "metrics.csv"
+    path = Run(run_dir).metrics
     if not path.is_file():
         return out
     for row in csv.DictReader(path.open()):

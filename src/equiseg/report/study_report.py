@@ -293,7 +293,7 @@ def _cases(by, variants, fraction, root: Path, path: Path, context_for: Callable
     from equiseg.data.datamodule import model_input
     from equiseg.data.ocelot import OcelotFolder
     from equiseg.evaluation.inference import predict_probabilities
-    from equiseg.training.fit import load_model
+    from equiseg.runs import load_model
 
     test = OcelotFolder(root, "test")
     cases = []

@@ -8,20 +8,15 @@ import json
 import logging
 import os
 import shutil
-import time
 import warnings
 from pathlib import Path
-
-import torch
 
 from equiseg.config import Config, ConfigError, SyntheticConfig
 from equiseg.data.ocelot import DatasetError
 from equiseg.data.verify import verify_dataset
+from equiseg.runs import Run
 
-CHECKPOINTS = "checkpoints"
 _RUN_DIR_ENV = "EQUISEG_RUN_DIR"
-BEST, LAST = "best.ckpt", "last.ckpt"
-SYNTHETIC = "synthetic.txt"  # in a run folder: present only for a run on the built-in synthetic data
 REQUIRE_REAL = ("this config is meant for real OCELOT data (data.require_real=true): pass --data DIR, or "
                 "data.require_real=false to train on the built-in synthetic data anyway")
 
@@ -76,15 +71,6 @@ def synthetic_notice(spec: SyntheticConfig) -> str:
             f"{spec.size} px, seed {spec.seed}), not OCELOT; pass --data DIR for real data")
 
 
-def trained_on_synthetic(run_dir: Path) -> str | None:
-    """The :func:`synthetic_record` of the built-in dataset a run trained on; None for a dataset folder.
-
-    The run's ``synthetic.txt`` starts with ``synthetic: <record>``, then the warning training gave.
-    """
-    marker = Path(run_dir) / SYNTHETIC
-    return marker.read_text().splitlines()[0].removeprefix("synthetic: ") if marker.is_file() else None
-
-
 _VERIFIED: set[tuple] = set()  # fingerprints of datasets this process found clean
 
 
@@ -110,16 +96,6 @@ def check_data(root: Path) -> None:
         listing = "\n  ".join(str(p) for p in problems[:20])
         more = f"\n  ... and {len(problems) - 20} more (run `equiseg verify {root}`)" if len(problems) > 20 else ""
         raise DatasetError(root, f"{len(problems)} problem(s) in the dataset:\n  {listing}{more}")
-
-
-def new_run_dir(runs: Path, name: str) -> Path:
-    """``runs/<name>-<YYYYmmdd-HHMMSS>`` (with a counter if that exists)."""
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    for k in range(1000):
-        path = runs / (f"{name}-{stamp}" + (f"-{k}" if k else ""))
-        if not path.exists():
-            return path
-    raise FileExistsError(f"cannot find a free run folder under {runs}")
 
 
 def build_loggers(config: Config, run_dir: Path) -> list:
@@ -159,15 +135,14 @@ def fit(config: Config | None, runs: Path | str = "runs", resume: Path | str | N
         run_dir: Path | str | None = None, progress: bool = True, callbacks: list | None = None) -> Path:
     """Train one model; returns its run folder.
 
-    The folder holds ``config.yaml`` (the resolved config), ``checkpoints/best.ckpt`` (lowest
-    ``val/loss``) and ``checkpoints/last.ckpt``, ``metrics.csv``, TensorBoard events under
-    ``tensorboard/`` and ``data.txt`` naming the dataset. The dataset is checked completely
-    before anything is written.
+    The folder (:class:`equiseg.runs.Run`) holds the resolved config, the best and last
+    checkpoints, the metrics, TensorBoard events and the dataset's path. The dataset is checked
+    completely before anything is written.
 
     Without ``data.root`` it trains on the built-in synthetic data, and says so: a warning
-    (logged, shown on stderr) and ``synthetic.txt`` in the run folder (see
-    :func:`trained_on_synthetic`). A config with ``data.require_real`` refuses that with a
-    :class:`ConfigError` before any output.
+    (logged, shown on stderr) and ``synthetic.txt`` in the run folder (:meth:`Run.synthetic`).
+    A config with ``data.require_real`` refuses that with a :class:`ConfigError` before any
+    output.
 
     ``resume`` continues the run in that folder from its last checkpoint (the config is the
     one stored there; pass ``config=None``). ``callbacks`` are extra Lightning callbacks.
@@ -182,10 +157,10 @@ def fit(config: Config | None, runs: Path | str = "runs", resume: Path | str | N
     ckpt_path = None
     if resume is not None:
         run_dir = Path(resume)
-        ckpt_path = run_dir / CHECKPOINTS / LAST
+        ckpt_path = Run(run_dir).last
         if not ckpt_path.is_file():
             raise FileNotFoundError(f"{ckpt_path}: no last checkpoint to resume from")
-        config = Config.from_yaml(run_dir / "config.yaml")
+        config = Run(run_dir).config()
     synthetic = None if config.data.root else config.data.synthetic
     if synthetic is not None and config.data.require_real:
         raise ConfigError(REQUIRE_REAL)  # before generating data or any output of the run
@@ -203,13 +178,12 @@ def fit(config: Config | None, runs: Path | str = "runs", resume: Path | str | N
     if launched:
         run_dir = Path(launched)
     else:
-        run_dir = Path(run_dir) if run_dir is not None else new_run_dir(Path(runs), config.name)
-        run_dir.mkdir(parents=True, exist_ok=resume is not None)
-        config.to_yaml(run_dir / "config.yaml")
-        (run_dir / "data.txt").write_text(f"{root.resolve()}\n")
-        if synthetic is not None:
-            (run_dir / SYNTHETIC).write_text(f"synthetic: {synthetic_record(synthetic)}\n"
-                                             f"{synthetic_notice(synthetic)}\n")
+        if run_dir is None:
+            run_dir = Run.create(runs, config.name).path
+        else:
+            run_dir = Path(run_dir)
+            run_dir.mkdir(parents=True, exist_ok=resume is not None)
+        Run(run_dir).record_start(config, root, synthetic and (synthetic_record(synthetic), synthetic_notice(synthetic)))
         os.environ[_RUN_DIR_ENV] = str(run_dir.resolve())
         if resume is not None:
             _set_aside_metrics(run_dir)
@@ -219,10 +193,10 @@ def fit(config: Config | None, runs: Path | str = "runs", resume: Path | str | N
                                   config.data.train_fraction, config.data.batch_size, config.data.num_workers,
                                   config.train.seed, context=context)
     module = SegmentationModule(config.to_dict())
-    best = ModelCheckpoint(dirpath=run_dir / CHECKPOINTS, filename="best", monitor="val/loss", mode="min",
+    best = ModelCheckpoint(dirpath=Run(run_dir).checkpoints, filename="best", monitor="val/loss", mode="min",
                            save_top_k=1, enable_version_counter=False)
     # Lightning's save_last only writes when a best checkpoint is written; this one writes every epoch
-    last = ModelCheckpoint(dirpath=run_dir / CHECKPOINTS, filename="last", monitor=None, save_top_k=1,
+    last = ModelCheckpoint(dirpath=Run(run_dir).checkpoints, filename="last", monitor=None, save_top_k=1,
                            enable_version_counter=False)
     # without progress output (studies, tests), Lightning's notices (devices, tips) stay quiet too
     with _lightning_notices(progress), warnings.catch_warnings():
@@ -269,7 +243,7 @@ def _lightning_notices(shown: bool):
 
 def _set_aside_metrics(run_dir: Path) -> None:
     """Lightning's CSV logger starts metrics.csv afresh; keep the rows of earlier attempts."""
-    current = run_dir / "metrics.csv"
+    current = Run(run_dir).metrics
     if current.is_file():
         k = len(list(run_dir.glob("metrics-part*.csv")))
         current.rename(run_dir / f"metrics-part{k}.csv")
@@ -286,7 +260,8 @@ def merge_metrics(run_dir: Path) -> None:
     parts = sorted(run_dir.glob("metrics-part*.csv"), key=lambda p: int(p.stem.removeprefix("metrics-part")))
     if not parts:
         return
-    attempts = [list(csv.DictReader(p.open())) for p in [*parts, run_dir / "metrics.csv"] if p.is_file()]
+    metrics = Run(run_dir).metrics
+    attempts = [list(csv.DictReader(p.open())) for p in [*parts, metrics] if p.is_file()]
     rows: list[dict] = []
     for k, attempt in enumerate(attempts):
         if k + 1 < len(attempts) and attempts[k + 1]:
@@ -294,43 +269,14 @@ def merge_metrics(run_dir: Path) -> None:
             attempt = [r for r in attempt if int(r["step"]) < resumed_at]
         rows.extend(attempt)
     fields = list(dict.fromkeys(key for attempt in attempts for row in attempt for key in row))
-    tmp = run_dir / "metrics.csv.tmp"
+    tmp = metrics.with_suffix(".csv.tmp")
     with tmp.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
-    tmp.replace(run_dir / "metrics.csv")
+    tmp.replace(metrics)
     for part in parts:
         part.unlink()
-
-
-def load_model(checkpoint: Path | str, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Config]:
-    """The trained U-Net (eval mode, on ``device``) and its config from a checkpoint or a run folder.
-
-    A run folder gives its best checkpoint. Loading uses ``torch.load(weights_only=True)``:
-    tensors and builtin types only, no code runs from the file.
-    """
-
-    path = Path(checkpoint)
-    if path.is_dir():
-        path = path / CHECKPOINTS / BEST
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no checkpoint there")
-    state = torch.load(path, map_location=device, weights_only=True)
-    config = Config.from_dict(state["hyper_parameters"]["config"])
-    model = config.build_model()
-    prefix = "model."
-    model.load_state_dict({k[len(prefix):]: v for k, v in state["state_dict"].items() if k.startswith(prefix)})
-    return model.to(device).eval(), config
-
-
-def run_finished(run_dir: Path, config: Config) -> bool:
-    """Whether ``run_dir`` holds a run of exactly ``config`` that trained all its epochs."""
-    last = run_dir / CHECKPOINTS / LAST
-    if not last.is_file():
-        return False
-    state = torch.load(last, map_location="cpu", weights_only=True)
-    return state["epoch"] + 1 >= config.train.epochs and state["hyper_parameters"]["config"] == config.to_dict()
 
 
 def train_or_reuse(config: Config, run_dir: Path, progress: bool = True) -> bool:
@@ -338,7 +284,7 @@ def train_or_reuse(config: Config, run_dir: Path, progress: bool = True) -> bool
 
     A folder holding anything else (another config, an unfinished run) is replaced.
     """
-    if run_finished(run_dir, config):
+    if Run(run_dir).finished(config):
         return True
     if run_dir.exists():
         shutil.rmtree(run_dir)

@@ -1,0 +1,153 @@
+"""A run folder, and the one object that knows its layout.
+
+::
+
+    runs/isotropic-small-20261127-101610/
+      config.yaml             the resolved run config
+      data.txt                the dataset folder it trained on (absolute path)
+      synthetic.txt           only for the built-in synthetic data: its settings, then the warning given
+      checkpoints/best.ckpt   lowest val/loss
+      checkpoints/last.ckpt   the last finished epoch (resume starts here)
+      metrics.csv             epoch and step metrics (earlier attempts of a resumed run folded in)
+      tensorboard/            TensorBoard events
+      study.json              a study's evaluation of this run (a cache)
+      eval-SPLIT/             what ``equiseg evaluate`` wrote
+
+Training (:func:`equiseg.training.fit.fit`) creates and fills it; every command that reads a
+run (evaluate, predict, challenge, study, demo, the tissue context) goes through :class:`Run`
+and :func:`load_model`. Checkpoints load with ``torch.load(weights_only=True)``: tensors and
+builtin types only, no code runs from the file.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from equiseg.config import Config
+
+
+@dataclass(frozen=True)
+class Run:
+    """The run folder at ``path`` (see the module docstring for its layout)."""
+
+    path: Path
+
+    @classmethod
+    def create(cls, runs: Path | str, name: str) -> Run:
+        """A new, empty ``runs/<name>-<YYYYmmdd-HHMMSS>`` (a counter added when that exists).
+
+        The folder is made here, atomically: two runs started in the same second get two folders.
+        """
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        Path(runs).mkdir(parents=True, exist_ok=True)
+        for k in range(1000):
+            path = Path(runs) / (f"{name}-{stamp}" + (f"-{k}" if k else ""))
+            try:
+                path.mkdir()
+            except FileExistsError:
+                continue
+            return cls(path)
+        raise FileExistsError(f"cannot find a free run folder under {runs}")
+
+    @classmethod
+    def of(cls, path: Path | str) -> Run:
+        """The run of a run folder, or of a checkpoint file in its ``checkpoints/``."""
+        path = Path(path)
+        return cls(path if path.is_dir() or path.suffix != ".ckpt" else path.parent.parent)
+
+    @property
+    def config_file(self) -> Path:
+        return self.path / "config.yaml"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def best(self) -> Path:
+        """The checkpoint with the lowest validation loss."""
+        return self.checkpoints / "best.ckpt"
+
+    @property
+    def last(self) -> Path:
+        """The checkpoint of the last finished epoch."""
+        return self.checkpoints / "last.ckpt"
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / "metrics.csv"
+
+    @property
+    def study_cache(self) -> Path:
+        return self.path / "study.json"
+
+    @property
+    def synthetic_file(self) -> Path:
+        return self.path / "synthetic.txt"
+
+    def eval_dir(self, split: str) -> Path:
+        """Where ``equiseg evaluate`` writes its output for ``split`` by default."""
+        return self.path / f"eval-{split}"
+
+    def config(self) -> Config:
+        """The run's resolved config (``config.yaml``)."""
+        return Config.from_yaml(self.config_file)
+
+    def data_root(self) -> Path | None:
+        """The dataset folder the run trained on, if recorded."""
+        marker = self.path / "data.txt"
+        return Path(marker.read_text().strip()) if marker.is_file() else None
+
+    def synthetic(self) -> str | None:
+        """The settings of the built-in synthetic dataset the run trained on (``train=16 val=4 ...``);
+        None for a run on a dataset folder."""
+        if not self.synthetic_file.is_file():
+            return None
+        return self.synthetic_file.read_text().splitlines()[0].removeprefix("synthetic: ")
+
+    def record_start(self, config: Config, root: Path, synthetic: tuple[str, str] | None = None) -> None:
+        """Write what a training starts with: the config, the dataset folder and, for the built-in
+        synthetic data, ``synthetic`` = (its settings on one line, the warning given)."""
+        config.to_yaml(self.config_file)
+        (self.path / "data.txt").write_text(f"{Path(root).resolve()}\n")
+        if synthetic is not None:
+            record, notice = synthetic
+            self.synthetic_file.write_text(f"synthetic: {record}\n{notice}\n")
+
+    def finished(self, config: Config) -> bool:
+        """Whether this folder holds a run of exactly ``config`` that trained all its epochs."""
+        if not self.last.is_file():
+            return False
+        state = torch.load(self.last, map_location="cpu", weights_only=True)
+        return state["epoch"] + 1 >= config.train.epochs and state["hyper_parameters"]["config"] == config.to_dict()
+
+
+def load_model(checkpoint: Path | str, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Config]:
+    """The trained U-Net (eval mode, on ``device``) and its config from a checkpoint or a run folder.
+
+    A run folder gives its best checkpoint. Loading uses ``torch.load(weights_only=True)``.
+    """
+    path = Path(checkpoint)
+    if path.is_dir():
+        path = Run(path).best
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no checkpoint there")
+    state = torch.load(path, map_location=device, weights_only=True)
+    config = Config.from_dict(state["hyper_parameters"]["config"])
+    model = config.build_model()
+    prefix = "model."
+    model.load_state_dict({k[len(prefix):]: v for k, v in state["state_dict"].items() if k.startswith(prefix)})
+    return model.to(device).eval(), config
+
+
+def save_model(model: torch.nn.Module, config: Config, path: Path | str) -> Path:
+    """A checkpoint of ``model`` (built from ``config``) that :func:`load_model` reads: the weights and
+    the config, as training writes them (without the optimiser state)."""
+    path = Path(path)
+    torch.save({"hyper_parameters": {"config": config.to_dict()},
+                "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}}, path)
+    return path

@@ -1,0 +1,54 @@
+"""The run folder's owner: layout, creation, what a run records, loading."""
+
+import threading
+
+import pytest
+import torch
+
+from equiseg import build_model
+from equiseg.runs import Run, load_model, save_model
+from tests_support import tiny_config
+
+
+def test_the_layout_is_named_in_one_place(tmp_path):
+    run = Run(tmp_path / "r")
+    assert run.best == tmp_path / "r/checkpoints/best.ckpt" and run.last == tmp_path / "r/checkpoints/last.ckpt"
+    assert run.config_file.name == "config.yaml" and run.metrics.name == "metrics.csv"
+    assert run.eval_dir("val") == tmp_path / "r/eval-val" and run.study_cache.name == "study.json"
+    assert Run.of(run.best) == run == Run.of(run.path)
+
+
+def test_create_gives_every_caller_its_own_folder_even_in_the_same_second(tmp_path):
+    made: list[Run] = []
+    threads = [threading.Thread(target=lambda: made.append(Run.create(tmp_path / "runs", "x"))) for _ in range(12)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len({run.path for run in made}) == 12 and all(run.path.is_dir() for run in made)
+
+
+def test_a_run_records_its_config_data_and_synthetic_origin(tmp_path):
+    config = tiny_config(tmp_path / "data")
+    run = Run.create(tmp_path, "r")
+    run.record_start(config, tmp_path / "data", ("train=2 val=1 test=1 size=64 seed=0", "a warning"))
+    assert run.config() == config and run.data_root() == (tmp_path / "data").resolve()
+    assert run.synthetic() == "train=2 val=1 test=1 size=64 seed=0"
+    other = Run.create(tmp_path, "s")
+    other.record_start(config, tmp_path / "data")
+    assert other.synthetic() is None and Run(tmp_path / "nothing").data_root() is None
+
+
+def test_save_and_load_round_trip_from_a_file_or_a_run_folder(tmp_path):
+    config = tiny_config(tmp_path)
+    model = build_model("plain", width=4, depth=2, in_channels=config.in_channels).eval()
+    run = Run(tmp_path / "r")
+    run.checkpoints.mkdir(parents=True)
+    save_model(model, config, run.best)
+    x = torch.rand(1, 3, 16, 16)
+    for source in (run.best, run.path):
+        loaded, loaded_config = load_model(source)
+        assert loaded_config == config and not loaded.training
+        torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+    with pytest.raises(FileNotFoundError, match="no checkpoint there"):
+        load_model(tmp_path / "empty")
