@@ -5,12 +5,16 @@
 For each size S: a synthetic uncompressed RGB TIFF of S x S px (a random 512 px texture, tiled;
 written band by band through ``tifffile.memmap``), and ``equiseg predict`` on it in a child
 process with a small untrained plain U-Net (width 4, depth 2; its checkpoint is written here in
-the format ``equiseg.training.fit.load_model`` reads), once writing the probability maps and
+the format ``equiseg.runs.load_model`` reads), once writing the probability maps and
 once with ``--no-probs``. Each run is one child, and its peak resident memory is that child's
 own ``ru_maxrss`` (from ``os.wait4``), so runs do not mix. The table gives the area relative to
 the first size, wall seconds, seconds per megapixel, peak RSS, the size of what was written, and
-the peak RSS above the first size's (same mode): streaming should keep that growing with the
-image's width (one row of tiles), not its area.
+the peak RSS above the first size's (same mode). Streaming in blocks of windows
+(``equiseg.evaluation.inference.stream_blocks``) should keep that nearly flat: what grows with
+the image is only strips across its width (about ``overlap`` rows of window terms and twice the
+detection halo of final rows, C float32 each: ~4 MB per 1000 px of width together) and the
+pictures (uint8, capped at 4096 px a side, so ~100 MB at most with ``--probs``) - not a row of
+tiles, and never the area.
 """
 
 from __future__ import annotations
@@ -33,13 +37,11 @@ ROOT = Path(__file__).resolve().parents[1]
 def write_checkpoint(path: Path) -> Path:
     """A plain U-Net (width 4, depth 2, seeded, untrained) as a checkpoint ``load_model`` reads."""
     from equiseg.config import Config
+    from equiseg.runs import save_model
 
     config = Config.from_dict({"name": "bench-plain", "model": {"family": "plain", "width": 4, "depth": 2}})
     torch.manual_seed(0)
-    model = config.build_model()
-    torch.save({"hyper_parameters": {"config": config.to_dict()},
-                "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}}, path)
-    return path
+    return save_model(config.build_model(), config, path)
 
 
 def write_tiff(path: Path, size: int, seed: int = 0) -> Path:

@@ -364,8 +364,9 @@ def predict(
 ) -> None:
     """Predict images: probability maps (.npy and .png), an overlay, and the cells (CSV and official JSON).
 
-    Images stream through in bands of rows: memory stays bounded by one row of tiles whatever
-    the image's height, and pictures of images over 4096 px are scaled down. The official JSON
+    Images stream through in blocks of tiles: memory stays bounded by about one block whatever
+    the image's size (plus thin overlap strips across its width), and pictures of images over
+    4096 px are scaled down. The official JSON
     (image_i = the i-th image given, listed in images.txt) is written only when every image fits
     it (no side over 1024 px: its coordinates are 0..1023), else one line says why; the cells of
     any image are in its _cells.csv, never moved.

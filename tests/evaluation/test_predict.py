@@ -11,11 +11,19 @@ from typer.testing import CliRunner
 from equiseg import build_model
 from equiseg.cli import app
 from equiseg.data.datamodule import image_to_tensor
-from equiseg.evaluation import predict
-from equiseg.evaluation.detection import BandDetector, detect_cells, peak_candidates, read_points_json
-from equiseg.evaluation.inference import predict_probabilities, stream_probabilities
+from equiseg.evaluation import inference, predict
+from equiseg.evaluation.detection import BlockDetector, detect_cells, peak_candidates, read_points_json
+from equiseg.evaluation.inference import (
+    predict_probabilities,
+    stream_blocks,
+    tile_grid,
+    tile_weight,
+    window_blocks,
+    window_probabilities,
+)
 from equiseg.evaluation.predict import ImageReading, RgbFile, predict_file, predict_files, read_rgb
 from equiseg.report.pictures import prediction_overlay, probability_picture
+from equiseg.runs import save_model
 from equiseg.runtime import Runtime
 from tests_support import tiny_config
 
@@ -50,25 +58,64 @@ def random_image(height: int, width: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
 
 
-@pytest.mark.parametrize(("height", "width", "tile", "overlap", "batch"), [
-    (45, 37, 64, 16, 1),    # smaller than the tile: one window, unweighted
-    (150, 97, 64, 16, 1),
-    (150, 97, 64, 16, 3),
-    (129, 200, 48, 8, 3),   # odd sizes, batches that cross rows of windows
-    (40, 300, 64, 20, 2),   # one row of windows, shorter than the tile
+def row_major_blend(model: nn.Module, image: torch.Tensor, tile: int, overlap: int, runtime: Runtime,
+                    block_side: int) -> torch.Tensor:
+    """The tiled blend spelled out: every window's weighted probabilities summed into the whole
+    map in row-major window order, then normalised; windows batched in block order."""
+    _, height, width = image.shape
+    read = lambda top, left, h, w: image[:, top:top + h, left:left + w]
+    order = [w for block in window_blocks(height, width, tile, overlap, block_side) for w in block.windows]
+    probs = dict(window_probabilities(model, read, order, runtime))
+    weight, out, total = tile_weight(tile, overlap), torch.zeros(3, height, width), torch.zeros(height, width)
+    for top, left, h, w in tile_grid(height, width, tile, overlap):
+        out[:, top:top + h, left:left + w] += probs[top, left, h, w] * weight[:h, :w]
+        total[top:top + h, left:left + w] += weight[:h, :w]
+    return out / total
+
+
+@pytest.mark.parametrize(("height", "width", "tile", "overlap"), [
+    (45, 37, 64, 16),    # smaller than the tile: one window, unweighted
+    (40, 40, 16, 4),
+    (37, 53, 16, 4),
+    (200, 90, 16, 4),
+    (150, 97, 64, 16),
+    (129, 200, 48, 8),   # odd sizes
+    (40, 300, 64, 20),   # one row of windows, shorter than the tile
+    (61, 77, 16, 9),     # overlap over half the tile: windows reach two blocks on
 ])
-def test_streamed_rows_equal_the_whole_image_bit_for_bit(height, width, tile, overlap, batch):
+@pytest.mark.parametrize("batch", [1, 3])
+def test_streamed_blocks_equal_the_whole_image_bit_for_bit(height, width, tile, overlap, batch):
     model, image = tiny_model(), image_to_tensor(random_image(height, width))
     runtime = Runtime(batch=batch)
     read = lambda top, left, h, w: image[:, top:top + h, left:left + w]
-    parts = list(stream_probabilities(model, read, height, width, tile, overlap, runtime))
-    assert [top for top, _ in parts] == list(np.cumsum([0] + [rows.shape[1] for _, rows in parts[:-1]]))
-    streamed = torch.cat([rows for _, rows in parts], 1)
-    assert torch.equal(streamed, predict_probabilities(model, image, tile, overlap, runtime))
+    whole = predict_probabilities(model, image, tile, overlap, runtime)
+    for block_side in (1, 2 * tile - overlap, 2048):  # one window per block, a few, one block
+        streamed = torch.full_like(whole, torch.nan)
+        for top, left, probs in stream_blocks(model, read, height, width, tile, overlap, runtime, block_side):
+            region = streamed[:, top:top + probs.shape[1], left:left + probs.shape[2]]
+            assert region.isnan().all()  # the blocks tile the image
+            region.copy_(probs)
+        assert torch.equal(streamed, whole)
+        if max(height, width) > tile:
+            assert torch.equal(streamed, row_major_blend(model, image, tile, overlap, runtime, block_side))
 
 
-@pytest.mark.parametrize("batch", [1, 3])
-def test_predict_file_writes_the_whole_image_result(tmp_path, batch):
+def test_blocks_group_the_tile_grid_row_major():
+    blocks = window_blocks(200, 90, 16, 4, block_side=30)  # step 12: 2 x 2 windows a block
+    assert [w for block in blocks for w in block.windows] != tile_grid(200, 90, 16, 4)
+    assert sorted(w for block in blocks for w in block.windows) == sorted(tile_grid(200, 90, 16, 4))
+    assert (blocks[0].top, blocks[0].bottom, blocks[0].left, blocks[0].right) == (0, 24, 0, 24)
+    assert blocks[0].windows == ((0, 0, 16, 16), (0, 12, 16, 16), (12, 0, 16, 16), (12, 12, 16, 16))
+    # window rows start at 0, 12, .., 180 and 184 (shifted to end at the edge): 17 rows, the last
+    # block row holds one; the last block row and column end at the image's edge
+    assert (blocks[-1].top, blocks[-1].bottom, blocks[-1].left, blocks[-1].right) == (184, 200, 72, 90)
+    assert blocks[-1].windows == ((184, 72, 16, 16), (184, 74, 16, 16))
+    assert len(blocks) == 9 * 4
+
+
+@pytest.mark.parametrize(("batch", "block_side"), [(1, 2048), (3, 2048), (3, 24)])
+def test_predict_file_writes_the_whole_image_result(tmp_path, monkeypatch, batch, block_side):
+    monkeypatch.setattr(inference, "BLOCK_SIDE", block_side)  # 24: one window per block
     image = random_image(70, 53, seed=1)
     Image.fromarray(image).save(tmp_path / "a.png")
     model, config = tiny_model(), tiny_config(tmp_path, detect={"threshold": 0.0})
@@ -86,8 +133,10 @@ def test_predict_file_writes_the_whole_image_result(tmp_path, batch):
                                   prediction_overlay(image, probs.numpy(), points))
 
 
-def test_pictures_of_large_images_keep_every_kth_pixel(tmp_path, monkeypatch):
+@pytest.mark.parametrize("block_side", [2048, 24])
+def test_pictures_of_large_images_keep_every_kth_pixel(tmp_path, monkeypatch, block_side):
     monkeypatch.setattr(predict, "PICTURE_SIDE", 32)
+    monkeypatch.setattr(inference, "BLOCK_SIDE", block_side)  # 24: blocks at offsets not divisible by 3
     image = random_image(70, 53, seed=2)
     Image.fromarray(image).save(tmp_path / "big.png")
     model, config = tiny_model(), tiny_config(tmp_path)
@@ -117,17 +166,34 @@ def plateau_map(height: int, width: int, seed: int, peak_rows: list[int]) -> tor
 @pytest.mark.parametrize(("height", "width", "sigma", "min_distance"), [
     (37, 53, 2.0, 4), (64, 64, 0.0, 3), (101, 77, 1.5, 5), (90, 31, 2.0, 4), (5, 60, 1.0, 2),
 ])
-def test_band_detection_equals_detect_cells_bit_for_bit(height, width, sigma, min_distance):
+def test_block_detection_equals_detect_cells_bit_for_bit(height, width, sigma, min_distance):
     rng = np.random.default_rng(height)
-    cuts = sorted({int(c) for c in rng.integers(1, height, 6)} | {height // 2})
-    probs = plateau_map(height, width, seed=width, peak_rows=cuts)
+    rows = sorted({int(c) for c in rng.integers(1, height, 6)} | {height // 2})
+    columns = sorted({int(c) for c in rng.integers(1, width, 6)} | {width // 2})
+    probs = plateau_map(height, width, seed=width, peak_rows=rows)
     expected = detect_cells(probs, sigma, min_distance, threshold=0.3)
     assert len(expected)
-    for block_width in (width, 16, 7):
-        detector = BandDetector(height, width, sigma, min_distance, threshold=0.3, block_width=block_width)
-        for top, bottom in zip([0] + cuts, cuts + [height]):
-            detector.add(probs[:, top:bottom])
-        np.testing.assert_array_equal(detector.points(), expected)
+    for row_cuts, column_cuts in [([], []), (rows, columns), (rows, []), ([], columns),
+                                  (list(range(1, height)), list(range(3, width, 7)))]:  # tiny blocks
+        for chunk in (1024, 9) if len(row_cuts) < 20 else (1024,):  # 9: cores searched in parts
+            detector = BlockDetector(height, width, sigma, min_distance, threshold=0.3, chunk=chunk)
+            for top, bottom in zip([0] + row_cuts, row_cuts + [height]):
+                for left, right in zip([0] + column_cuts, column_cuts + [width]):
+                    detector.add(top, left, probs[:, top:bottom, left:right])
+            np.testing.assert_array_equal(detector.points(), expected)
+
+
+def test_block_detector_refuses_blocks_out_of_order():
+    probs = plateau_map(40, 40, seed=0, peak_rows=[])
+    detector = BlockDetector(40, 40, sigma=2.0, min_distance=4)
+    detector.add(0, 0, probs[:, :20, :25])
+    with pytest.raises(ValueError, match="not the next block"):
+        detector.add(0, 20, probs[:, :20, 20:])  # overlaps the first
+    with pytest.raises(ValueError, match="not the next block"):
+        detector.add(0, 25, probs[:, :10, 25:])  # not the block row's height
+    detector.add(0, 25, probs[:, :20, 25:])
+    with pytest.raises(ValueError, match="were added"):
+        detector.points()
 
 
 def test_peak_candidates_refuses_a_core_without_its_halo():
@@ -164,8 +230,7 @@ def test_json_is_written_for_1024_images(tmp_path):
 def test_cli_no_probs_writes_no_probability_maps_and_says_why_no_json(tmp_path):
     model, config = tiny_model(), tiny_config(tmp_path)
     checkpoint = tmp_path / "tiny.ckpt"
-    torch.save({"hyper_parameters": {"config": config.to_dict()},
-                "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}}, checkpoint)
+    save_model(model, config, checkpoint)
     Image.fromarray(random_image(20, 1030)).save(tmp_path / "a.png")
     out = tmp_path / "out"
     result = CliRunner().invoke(app, ["predict", str(checkpoint), str(tmp_path / "a.png"), "--out", str(out),
@@ -193,7 +258,8 @@ def test_uint16_scaling_matches_round_of_v_over_257():
     ({"rowsperstrip": 7}, ImageReading.CONTIGUOUS),
 ])
 @pytest.mark.parametrize("kind", ["rgb", "grey16"])
-def test_tiff_is_read_lazily_band_by_band(tmp_path, options, reading, kind):
+def test_tiff_is_read_lazily_region_by_region(tmp_path, monkeypatch, options, reading, kind):
+    monkeypatch.setattr(predict, "SEGMENT_CACHE_BYTES", 2000)  # a few segments: some are decoded again
     rng = np.random.default_rng(3)
     data = (rng.integers(0, 256, (45, 37, 3), dtype=np.uint8) if kind == "rgb"
             else rng.integers(0, 65536, (45, 37), dtype=np.uint16))
@@ -206,7 +272,11 @@ def test_tiff_is_read_lazily_band_by_band(tmp_path, options, reading, kind):
         assert image.reading is reading and (image.height, image.width) == (45, 37)
         for top, bottom in [(0, 45), (0, 1), (5, 23), (15, 17), (44, 45)]:
             np.testing.assert_array_equal(image.rows(top, bottom), whole[top:bottom])
+        for top, bottom, left, right in [(0, 45, 0, 37), (5, 23, 3, 33), (44, 45, 36, 37), (15, 40, 17, 18)]:
+            np.testing.assert_array_equal(image.region(top, bottom, left, right), whole[top:bottom, left:right])
         np.testing.assert_array_equal(image.window(5, 3, 20, 30), image_to_tensor(whole[5:25, 3:33]))
+        with pytest.raises(ValueError, match="columns 30..37"):
+            image.region(0, 5, 30, 38)
 
 
 def test_a_tiff_predicts_as_its_png(tmp_path):

@@ -59,7 +59,7 @@ def detect_cells(probs: torch.Tensor, sigma: float = 8.0, min_distance: int = 15
     into a single peak at its centre. The defaults suit r = 30 px.
 
     It is :func:`peak_candidates` over the whole map, then :func:`suppress_peaks`;
-    :class:`BandDetector` gives the same points from a map that arrives in row bands.
+    :class:`BlockDetector` gives the same points from a map that arrives in blocks.
 
     Args:
         probs: (C, H, W) softmax output, channel 0 background, 1 BC, 2 TC.
@@ -182,58 +182,94 @@ def suppress_peaks(candidates: np.ndarray, min_distance: int) -> np.ndarray:
     return np.stack([cells[:, 0], cells[:, 1], cells[:, 3], cells[:, 4].clip(0, 1)], axis=1)
 
 
-class BandDetector:
-    """:func:`detect_cells` over a map that arrives a band of rows at a time, top to bottom.
+class BlockDetector:
+    """:func:`detect_cells` over a map that arrives a block at a time, row-major.
 
-    Each :meth:`add` finds the candidates (:func:`peak_candidates`) of the rows that now have
-    ``detection_halo`` rows below them (all rows, once the last band is in), in column blocks
-    of ``block_width`` px, and keeps only the rows that later cores still need; :meth:`points`
-    suppresses over all candidates of the image. The points equal ``detect_cells`` on the whole
-    map, bit for bit. Memory: the rows of one band plus twice the halo (C x rows x W float32),
-    one block's blur, and the candidates; independent of the map's height.
+    The blocks tile the map in block rows: the blocks of one row share its rows and follow one
+    another left to right (as :func:`~equiseg.evaluation.inference.stream_blocks` yields them).
+    Each :meth:`add` finds the candidates (:func:`peak_candidates`) of the block's region moved
+    up and left by the halo h = ``detection_halo(sigma, min_distance)`` (to the map's edge for
+    the last block row and column), whose context ends at the block's bottom and right: these
+    cores tile the map. Each core is searched in parts of at most ``chunk`` x ``chunk`` px, each
+    with its halo, which bounds the blur's and the max filter's memory. :meth:`points`
+    suppresses over all candidates. The points equal ``detect_cells`` on the whole map, bit for
+    bit.
+
+    Memory: the last 2h rows of the map above the current block row (C x 2h x W float32, and
+    as much for the next block row's), the last 2h columns left of the current block (C x
+    block height x 2h), one block with that context, one part's blur ((chunk + 2h)² x C
+    float32, a few times), and the candidates; independent of the map's height, and of its
+    width but for the 2h rows.
     """
 
     def __init__(self, height: int, width: int, sigma: float = 8.0, min_distance: int = 15,
-                 threshold: float = 0.5, block_width: int = 1024) -> None:
+                 threshold: float = 0.5, chunk: int = 1024) -> None:
         self.height, self.width = height, width
         self.sigma, self.min_distance, self.threshold = sigma, min_distance, threshold
-        self.block_width = block_width
+        self.chunk = chunk
         self.halo = detection_halo(sigma, min_distance)
-        self._rows: torch.Tensor | None = None  # (C, n, W): rows self._first .. self._received - 1
-        self._first = 0
-        self._received = 0
-        self._done = 0  # rows above this one have their candidates
+        self._top = self._bottom = 0  # the current block row's rows; 0, 0 before the first block
+        self._left = width            # where its next block starts (width: a new block row is due)
+        self._above: torch.Tensor | None = None  # (C, n, W): the rows just above self._top, n <= 2h
+        self._next_above: torch.Tensor | None = None  # the same for the next block row, filled block by block
+        self._beside: torch.Tensor | None = None  # (C, bottom - top, m): the columns just left of self._left
         self._candidates: list[np.ndarray] = []
 
-    def add(self, rows: torch.Tensor) -> None:
-        """The map's next rows: (C, n, W) probabilities, as :func:`detect_cells` would take them."""
-        if rows.ndim != 3 or rows.shape[2] != self.width or self._received + rows.shape[1] > self.height:
-            raise ValueError(f"rows {tuple(rows.shape)} after {self._received} do not fit a "
-                             f"{self.height}x{self.width} map")
-        rows = rows.detach().float()
-        self._rows = rows if self._rows is None else torch.cat([self._rows, rows], 1)
-        self._received += rows.shape[1]
-        end = self.height if self._received == self.height else self._received - self.halo
-        if end <= self._done:
-            return
-        start = max(0, self._done - self.halo)
-        band = self._rows[:, start - self._first:min(self.height, end + self.halo) - self._first]
-        for left in range(0, self.width, self.block_width):
-            right = min(self.width, left + self.block_width)
-            a, b = max(0, left - self.halo), min(self.width, right + self.halo)
-            self._candidates.append(peak_candidates(band[:, :, a:b], (start, a), (self.height, self.width),
-                                                    (self._done, end, left, right), self.sigma, self.min_distance,
-                                                    self.threshold))
-        self._done = end
-        keep = max(0, end - self.halo)
-        # a copy, so that the rows handed out no longer hold the whole band's storage
-        self._rows = self._rows[:, keep - self._first:].clone()
-        self._first = keep
+    def add(self, top: int, left: int, block: torch.Tensor) -> None:
+        """The map's next block: (C, h, w) probabilities of rows top .. top + h - 1 and columns
+        left .. left + w - 1, as :func:`detect_cells` would take them.
+
+        Raises:
+            ValueError: the block is not the next one (row-major) of a tiling of the map.
+        """
+        block = block.detach().float()
+        _, h, w = block.shape if block.ndim == 3 else (0, 0, 0)
+        new_row = self._left == self.width
+        # a new block row starts below the last one, at most to the map's bottom; a block of the
+        # current row continues it, with its rows
+        origin = (self._bottom, 0) if new_row else (self._top, self._left)
+        fits = h <= self.height - self._bottom if new_row else h == self._bottom - self._top
+        if block.ndim != 3 or (top, left) != origin or not fits or h < 1 or w < 1 or left + w > self.width:
+            raise ValueError(f"a {tuple(block.shape)} block at ({top}, {left}) is not the next block of the "
+                             f"{self.height}x{self.width} map (rows {self._top}..{self._bottom - 1} so far, "
+                             f"next column {self._left})")
+        context = 2 * self.halo
+        if new_row:
+            self._top, self._bottom = top, top + h
+            self._above = self._next_above
+            self._next_above = torch.zeros(block.shape[0], min(context, self._bottom), self.width)
+            self._beside = block[:, :, :0]
+        # the block with the final rows above it and columns left of it: rows first .. bottom - 1,
+        # columns left - m .. left + w - 1
+        above = self._above if self._above is not None else block[:, :0, :0].new_zeros(block.shape[0], 0, self.width)
+        first, m = top - above.shape[1], self._beside.shape[2]
+        whole = torch.cat([above[:, :, left - m:left + w], torch.cat([self._beside, block], 2)], 1)
+        bottom, right = top + h, left + w
+        core_bottom = self.height if bottom == self.height else max(0, bottom - self.halo)
+        core_right = self.width if right == self.width else max(0, right - self.halo)
+        core_top, core_left = max(0, top - self.halo), max(0, left - self.halo)
+        for part_top in range(core_top, core_bottom, self.chunk):
+            for part_left in range(core_left, core_right, self.chunk):
+                part = (part_top, min(core_bottom, part_top + self.chunk), part_left,
+                        min(core_right, part_left + self.chunk))
+                # the halo around the part, cut at the map's edge (the core's bottom and right
+                # are the block's less the halo, or the map's edge)
+                y0, y1 = max(0, part[0] - self.halo), min(bottom, part[1] + self.halo)
+                x0, x1 = max(0, part[2] - self.halo), min(right, part[3] + self.halo)
+                self._candidates.append(peak_candidates(
+                    whole[:, y0 - first:y1 - first, x0 - (left - m):x1 - (left - m)], (y0, x0),
+                    (self.height, self.width), part, self.sigma, self.min_distance, self.threshold))
+        rows = self._next_above.shape[1]
+        self._next_above[:, :, left:right] = whole[:, whole.shape[1] - rows:, m:]
+        # a copy, so that the block handed in is not held by its last columns
+        self._beside = whole[:, whole.shape[1] - h:, max(0, whole.shape[2] - context):].clone()
+        self._left = right
 
     def points(self) -> np.ndarray:
-        """The cells, once every row is in: as :func:`detect_cells` returns them."""
-        if self._received != self.height:
-            raise ValueError(f"{self._received} of the map's {self.height} rows were added")
+        """The cells, once every block is in: as :func:`detect_cells` returns them."""
+        if self._bottom != self.height or self._left != self.width:
+            raise ValueError(f"blocks up to row {self._bottom} and column {self._left} of the "
+                             f"{self.height}x{self.width} map were added")
         return suppress_peaks(np.concatenate(self._candidates) if self._candidates else np.zeros((0, 5)),
                               self.min_distance)
 

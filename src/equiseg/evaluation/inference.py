@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -69,40 +71,97 @@ def predict_probabilities(model: nn.Module, image: torch.Tensor, tile: int | Non
 
     Images no larger than ``tile`` on both sides go through whole. Larger ones are cut into
     ``tile`` x ``tile`` windows overlapping by ``overlap`` px (:func:`tile_grid`); each window's
-    probabilities are weighted by :func:`tile_weight` and the weighted sum is normalised.
-    ``runtime`` (default: the model's device, batch 1, float32) says where and how many windows
-    go through at once. Memory: one batch of windows' activations plus the (C, H, W) input and
-    output; :mod:`equiseg.evaluation.predict` streams larger images through disk instead.
-    ``model`` should be in eval mode.
+    probabilities are weighted by :func:`tile_weight` and the weighted sum is normalised: each
+    pixel sums its windows' terms in row-major window order, starting from zero, then divides
+    by the sum of their weights, all in float32. ``runtime`` (default: the model's device,
+    batch 1, float32) says where and how many windows go through at once; batches take the
+    windows in the order of :func:`window_blocks` (with batch 1 the order does not matter).
+
+    It is :func:`stream_blocks` put together, so the two agree bit for bit. Memory: the
+    (C, H, W) input and output plus what :func:`stream_blocks` holds. ``model`` should be in
+    eval mode.
     """
-    runtime = runtime or model_runtime(model)
     _, height, width = image.shape
-    if tile is None or (height <= tile and width <= tile):
-        (_, probs), = window_probabilities(model, lambda *_: image, [(0, 0, height, width)], runtime)
-        return probs
-    weight = tile_weight(tile, overlap)
-    out = total = None
-    windows = tile_grid(height, width, tile, overlap)
     read = lambda top, left, h, w: image[:, top:top + h, left:left + w]
-    for (top, left, h, w), probs in window_probabilities(model, read, windows, runtime):
+    out = None
+    for top, left, probs in stream_blocks(model, read, height, width, tile, overlap, runtime):
         if out is None:
-            out = torch.zeros(probs.shape[0], height, width)
-            total = torch.zeros(height, width)
-        out[:, top:top + h, left:left + w] += probs * weight[:h, :w]
-        total[top:top + h, left:left + w] += weight[:h, :w]
-    return out / total
+            out = torch.empty(probs.shape[0], height, width)
+        out[:, top:top + probs.shape[1], left:left + probs.shape[2]] = probs
+    return out
 
 
-def stream_probabilities(model: nn.Module, read: WindowReader, height: int, width: int, tile: int | None = 1024,
-                         overlap: int = 128, runtime: Runtime | None = None) -> Iterator[tuple[int, torch.Tensor]]:
-    """The probabilities of an H x W image, finished rows at a time, top to bottom.
+BLOCK_SIDE = 1024  # px: about the side of the blocks of windows that stream_blocks finishes at a time
 
-    Yields ``(top, rows)``: rows (classes, n, W), float32 on the CPU, are rows top .. top + n - 1
-    of what :func:`predict_probabilities` returns for the image that ``read`` gives, bit for bit
-    (the same windows, weights, order of sums and normalisation). The rows above a row of
-    windows are handed out as soon as no later window reaches them, so only a float32
-    accumulator of one row of windows (classes x min(tile, H) x W, and its weight) and one
-    batch of windows are held, whatever H.
+
+@dataclass(frozen=True)
+class WindowBlock:
+    """K x K neighbouring windows of :func:`tile_grid` and the region of the image they finish.
+
+    The block owns the rows from the start of its first window row to the start of the next
+    block row's first window row (the image's bottom for the last block row), and likewise the
+    columns. Windows only reach right and down into later blocks, so once this block's windows
+    and those of every block before it (row-major) are in, its region is final.
+
+    Attributes:
+        top, bottom, left, right: its region, rows top .. bottom - 1 and columns left .. right - 1, px.
+        windows: its windows (top, left, h, w), row by row.
+    """
+
+    top: int
+    bottom: int
+    left: int
+    right: int
+    windows: tuple[tuple[int, int, int, int], ...]
+
+
+def window_blocks(height: int, width: int, tile: int, overlap: int,
+                  block_side: int = BLOCK_SIDE) -> list[WindowBlock]:
+    """The windows of :func:`tile_grid` in blocks of K x K, K = max(1, block_side // (tile - overlap)),
+    row-major; the blocks' regions tile the H x W image."""
+    step = tile - overlap
+    group = max(1, block_side // step)
+    rows, cols = _starts(height, tile, step), _starts(width, tile, step)
+    h, w = min(tile, height), min(tile, width)
+    row_cuts = rows[::group] + [height]
+    col_cuts = cols[::group] + [width]
+    return [WindowBlock(row_cuts[i], row_cuts[i + 1], col_cuts[j], col_cuts[j + 1],
+                        tuple((top, left, h, w) for top in rows[i * group:(i + 1) * group]
+                              for left in cols[j * group:(j + 1) * group]))
+            for i in range(len(row_cuts) - 1) for j in range(len(col_cuts) - 1)]
+
+
+@dataclass
+class _Piece:
+    """The weighted probabilities of one window over a rectangle outside its own block's region,
+    kept until the blocks that own those pixels add them."""
+
+    order: tuple[int, int]  # (top, left) of its window: the order of sums is row-major in windows
+    top: int
+    left: int
+    terms: torch.Tensor  # (C, h, w): probabilities x tile weight, rows top.., columns left..
+
+
+def stream_blocks(model: nn.Module, read: WindowReader, height: int, width: int, tile: int | None = 1024,
+                  overlap: int = 128, runtime: Runtime | None = None,
+                  block_side: int | None = None) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """The probabilities of an H x W image, a finished block at a time, row-major.
+
+    Yields ``(top, left, probs)``: probs (classes, h, w), float32 on the CPU, are rows top ..
+    top + h - 1 and columns left .. left + w - 1 of what :func:`predict_probabilities` returns
+    for the image that ``read`` gives, bit for bit: the same windows, weights and normalisation,
+    and every pixel sums its windows' terms in the same (row-major) order, starting from zero.
+    The windows go through ``runtime.batch`` at a time in block order, batches running on from
+    one block into the next. The regions are those of :func:`window_blocks` (one region, the
+    whole image, when it is no larger than the tile): they tile the image, each block row
+    sharing its rows.
+
+    A window's terms outside its own block's region are kept, unsummed, as pieces until the
+    blocks owning those pixels add them in order: summing them early would change the order of
+    float32 sums where windows of two block columns and two window rows meet. So what is held
+    is one block's accumulator ((classes + 1) x about ``block_side``² float32), the pieces
+    (about ``overlap`` rows x the width, and ``overlap`` columns x the block's height, x
+    classes float32) and one batch of windows, whatever H and W.
 
     Args:
         model: in eval mode, on ``runtime.device``.
@@ -110,30 +169,58 @@ def stream_probabilities(model: nn.Module, read: WindowReader, height: int, widt
         height, width: the image's size, px.
         tile, overlap: as in :func:`predict_probabilities`.
         runtime: default: the model's device, batch 1, float32.
+        block_side: about the side of a block, px (at least one window step; default
+            :data:`BLOCK_SIDE`).
     """
     runtime = runtime or model_runtime(model)
     if tile is None or (height <= tile and width <= tile):
         (_, probs), = window_probabilities(model, read, [(0, 0, height, width)], runtime)
-        yield 0, probs
+        yield 0, 0, probs
         return
     weight = tile_weight(tile, overlap)
-    windows = tile_grid(height, width, tile, overlap)
-    band = windows[0][2]  # the height of every window
-    out = total = None  # rows top .. top + band - 1
-    top = 0
-    for (row, left, h, w), probs in window_probabilities(model, read, windows, runtime):
-        if out is None:
-            out = torch.zeros(probs.shape[0], band, width)
-            total = torch.zeros(band, width)
-        if row != top:  # a new row of windows: the rows above it are finished
-            done = row - top
-            yield top, out[:, :done] / total[:done]
-            # move the rows still open to the top, in place (the clone: source and target may overlap)
-            out[:, :band - done] = out[:, done:].clone()
-            out[:, band - done:] = 0
-            total[:band - done] = total[done:].clone()
-            total[band - done:] = 0
-            top = row
-        out[:, :h, left:left + w] += probs * weight[:h, :w]
-        total[:h, left:left + w] += weight[:h, :w]
-    yield top, out / total
+    blocks = window_blocks(height, width, tile, overlap, BLOCK_SIDE if block_side is None else block_side)
+    # one stream of windows, so that batches run on across blocks (a window's output can depend
+    # on its batch's size in the last bit: predict_probabilities batches them the same way)
+    results = window_probabilities(model, read, [window for block in blocks for window in block.windows], runtime)
+    pieces: list[_Piece] = []  # from earlier blocks
+    for block in blocks:
+        out = total = None
+        waiting = sorted(pieces, key=lambda piece: piece.order)
+        done = 0
+        for (row, col, h, w), probs in itertools.islice(results, len(block.windows)):
+            if out is None:
+                out = torch.zeros(probs.shape[0], block.bottom - block.top, block.right - block.left)
+                total = torch.zeros(block.bottom - block.top, block.right - block.left)
+            # the pieces of windows before this one (row-major) go first: that is each pixel's order of sums
+            while done < len(waiting) and waiting[done].order < (row, col):
+                _add_part(out, total, block, weight, waiting[done])
+                done += 1
+            terms = probs * weight[:h, :w]
+            _add_part(out, total, block, weight, _Piece((row, col), row, col, terms))
+            # what lies right of the region (in its rows), then below it: disjoint, so each term is summed once
+            inside = min(row + h, block.bottom) - row
+            if col + w > block.right:
+                pieces.append(_Piece((row, col), row, block.right, terms[:, :inside, block.right - col:].clone()))
+            if row + h > block.bottom:
+                pieces.append(_Piece((row, col), block.bottom, col, terms[:, inside:].clone()))
+        for piece in waiting[done:]:
+            _add_part(out, total, block, weight, piece)
+        yield block.top, block.left, out / total
+        # finished now: every row above this block's bottom, up to its right edge; a piece is
+        # dropped once all of it lies there
+        pieces = [piece for piece in pieces if piece.top + piece.terms.shape[1] > block.bottom
+                  or piece.left + piece.terms.shape[2] > block.right]
+
+
+def _add_part(out: torch.Tensor, total: torch.Tensor, block: WindowBlock, weight: torch.Tensor,
+              piece: _Piece) -> None:
+    """Add the part of ``piece`` inside ``block``'s region to its sums: out (C, h, w) of the
+    weighted probabilities and total (h, w) of the weights, both over the region."""
+    row, col = piece.top, piece.left
+    a, b = max(row, block.top), min(row + piece.terms.shape[1], block.bottom)
+    c, d = max(col, block.left), min(col + piece.terms.shape[2], block.right)
+    if a >= b or c >= d:
+        return
+    (y, x), (top, left) = piece.order, (block.top, block.left)  # weight is indexed from the window's corner
+    out[:, a - top:b - top, c - left:d - left] += piece.terms[:, a - row:b - row, c - col:d - col]
+    total[a - top:b - top, c - left:d - left] += weight[a - y:b - y, c - x:d - x]

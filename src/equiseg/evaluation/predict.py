@@ -1,17 +1,19 @@
 """``equiseg predict``: probability maps, overlays and cells for image files of any size.
 
-An image goes through in row bands (:func:`~equiseg.evaluation.inference.stream_probabilities`):
-each band of finished rows is written to ``<stem>_probs.npy`` (float16 on disk), added to the
-pictures and handed to the cell detector (:class:`~equiseg.evaluation.detection.BandDetector`),
-then dropped. The input is read lazily where its format allows (:class:`RgbFile`) and the
-pictures have at most :data:`PICTURE_SIDE` px on their longer side, so memory is about one row
-of windows (classes x tile x W float32) and one batch of windows, whatever the image's height.
+An image goes through in blocks of windows (:func:`~equiseg.evaluation.inference.stream_blocks`):
+each finished block is written into ``<stem>_probs.npy`` (float16 on disk), added to the
+pictures and handed to the cell detector (:class:`~equiseg.evaluation.detection.BlockDetector`),
+then dropped. The input is read lazily, a window at a time, where its format allows
+(:class:`RgbFile`) and the pictures have at most :data:`PICTURE_SIDE` px on their longer side,
+so memory is about one block (classes x about BLOCK_SIDE² float32), one batch of windows and strips
+of about ``overlap`` rows across the width, whatever the image's size.
 """
 
 from __future__ import annotations
 
 import contextlib
 import enum
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,13 +24,14 @@ import torch
 from PIL import Image
 
 from equiseg.config import Config, Task
-from equiseg.evaluation.detection import BandDetector, official_format_refusal, write_points_json
-from equiseg.evaluation.inference import model_runtime, stream_probabilities
+from equiseg.evaluation.detection import BlockDetector, official_format_refusal, write_points_json
+from equiseg.evaluation.inference import model_runtime, stream_blocks
 from equiseg.report.pictures import class_overlay, draw_points, probability_picture
 from equiseg.runtime import Runtime
 
 PICTURE_SIDE = 4096  # px: the pictures of a larger image keep every k-th row and column
 JSON_NAME = "cell_classification.json"
+SEGMENT_CACHE_BYTES = 64 * 2**20  # decoded TIFF tiles or strips that RgbFile keeps for the next windows
 
 
 def read_rgb(path: Path | str) -> np.ndarray:
@@ -64,20 +67,23 @@ def _as_rgb(array: np.ndarray) -> np.ndarray:
 class ImageReading(enum.Enum):
     """How :class:`RgbFile` reads an image."""
 
-    CONTIGUOUS = "contiguous"  # uncompressed TIFF: each band's rows read straight from the file
-    SEGMENTS = "segments"      # tiled or stripped TIFF: only the tiles or strips a band touches decoded
+    CONTIGUOUS = "contiguous"  # uncompressed TIFF: each region's row segments read straight from the file
+    SEGMENTS = "segments"      # tiled or stripped TIFF: only the tiles or strips a region touches decoded
     DECODED = "decoded"        # JPEG, PNG, other TIFF layouts: decoded whole, held as (H, W, 3) uint8
 
 
 class RgbFile:
-    """An RGB image file (JPEG, PNG, TIFF) read a band of rows at a time, as uint8.
+    """An RGB image file (JPEG, PNG, TIFF) read a rectangle at a time, as uint8.
 
     A TIFF whose first page is the image, pixel-interleaved with 1, 3 or 4 samples of 8 or 16
     bits, is read lazily: uncompressed data (what ``tifffile.memmap`` maps) by plain reads of
-    the rows asked for, which unlike a memory map do not stay resident; tiled or stripped data
-    by decoding only the tiles or strips those rows touch (``zarr``, which
-    ``tifffile.imread(aszarr=True)`` needs, is not a dependency). Anything else is decoded whole
-    into (H, W, 3) uint8, never float. Conversion as :func:`read_rgb`. :meth:`close` it after use.
+    the row segments asked for, which unlike a memory map do not stay resident; tiled or
+    stripped data by decoding only the tiles or strips the rectangle touches, the most recent
+    ones (up to :data:`SEGMENT_CACHE_BYTES` decoded) kept for the next rectangles (``zarr``,
+    which ``tifffile.imread(aszarr=True)`` needs, is not a dependency). A strip spans the whole
+    width, so a wide stripped TIFF decodes each strip once per block column that needs it.
+    Anything else is decoded whole into (H, W, 3) uint8, never float. Conversion as
+    :func:`read_rgb`. :meth:`close` it after use.
 
     Attributes:
         path: the file.
@@ -88,7 +94,7 @@ class RgbFile:
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
         self._tiff: tifffile.TiffFile | None = None
-        self._band: tuple[int, int, np.ndarray] | None = None  # the rows the last window read
+        self._segments: OrderedDict[int, np.ndarray] = OrderedDict()  # decoded, least recently used first
         page = self._lazy_page()
         if page is None:
             self._image = read_rgb(self.path)
@@ -100,7 +106,7 @@ class RgbFile:
         self.reading = ImageReading.CONTIGUOUS if page.is_memmappable else ImageReading.SEGMENTS
         if self.reading is ImageReading.SEGMENTS:
             try:  # a codec that is not installed shows up here, not halfway through the image
-                self.rows(0, 1)
+                self.region(0, 1, 0, 1)
             except ValueError as error:
                 self.close()
                 raise ValueError(f"{self.path}: {error}") from None
@@ -120,44 +126,71 @@ class RgbFile:
 
     def rows(self, top: int, bottom: int) -> np.ndarray:
         """Rows top .. bottom - 1: (bottom - top, W, 3) uint8."""
-        if not 0 <= top < bottom <= self.height:
-            raise ValueError(f"rows {top}..{bottom - 1} of a {self.height}-row image")
+        return self.region(top, bottom, 0, self.width)
+
+    def region(self, top: int, bottom: int, left: int, right: int) -> np.ndarray:
+        """Rows top .. bottom - 1 and columns left .. right - 1: (bottom - top, right - left, 3) uint8."""
+        if not (0 <= top < bottom <= self.height and 0 <= left < right <= self.width):
+            raise ValueError(f"rows {top}..{bottom - 1}, columns {left}..{right - 1} of a "
+                             f"{self.height}x{self.width} image")
         if self.reading is ImageReading.DECODED:
-            return self._image[top:bottom]
+            return self._image[top:bottom, left:right]
         page, handle = self._page, self._tiff.filehandle
         samples = page.shape[2] if page.axes == "YXS" else 1
         dtype = np.dtype(self._tiff.byteorder + page.dtype.char)
         if self.reading is ImageReading.CONTIGUOUS:
-            row_bytes = self.width * samples * dtype.itemsize
-            handle.seek(page.dataoffsets[0] + top * row_bytes)
-            raw = np.frombuffer(handle.read((bottom - top) * row_bytes), dtype)
-            return _as_rgb(raw.reshape(bottom - top, self.width, samples))
+            pixel_bytes = samples * dtype.itemsize
+            start = page.dataoffsets[0] + (top * self.width + left) * pixel_bytes
+            if left == 0 and right == self.width:  # whole rows: one read
+                handle.seek(start)
+                raw = np.frombuffer(handle.read((bottom - top) * self.width * pixel_bytes), dtype)
+            else:  # one read per row, of just these columns
+                raw = np.empty((bottom - top) * (right - left) * samples, dtype)
+                length = (right - left) * pixel_bytes
+                for i in range(bottom - top):
+                    handle.seek(start + i * self.width * pixel_bytes)
+                    raw[i * (right - left) * samples:(i + 1) * (right - left) * samples] = np.frombuffer(
+                        handle.read(length), dtype)
+            return _as_rgb(raw.reshape(bottom - top, right - left, samples))
         seg_height, seg_width = (page.tilelength, page.tilewidth) if page.is_tiled else (page.rowsperstrip, self.width)
         across = -(-self.width // seg_width)
-        raw = np.zeros((bottom - top, self.width, samples), dtype)  # empty segments are zeros, as in tifffile
+        raw = np.zeros((bottom - top, right - left, samples), dtype)  # empty segments are zeros, as in tifffile
         for seg_row in range(top // seg_height, (bottom - 1) // seg_height + 1):
-            for index in range(seg_row * across, (seg_row + 1) * across):
-                offset, count = page.dataoffsets[index], page.databytecounts[index]
-                if not count:
+            for seg_col in range(left // seg_width, (right - 1) // seg_width + 1):
+                segment = self._segment(seg_row * across + seg_col)
+                if segment is None:
                     continue
-                handle.seek(offset)
-                segment, (_, _, y, x, _), _ = page.decode(handle.read(count), index, jpegtables=page.jpegtables,
-                                                          jpegheader=page.jpegheader)
-                segment = segment[0]  # (depth 1, h, w, samples) -> (h, w, samples)
-                # tiles at the right and bottom edges are stored whole: crop them to the image
+                y, x = seg_row * seg_height, seg_col * seg_width
                 a, b = max(y, top), min(y + segment.shape[0], bottom)
-                w = min(segment.shape[1], self.width - x)
-                raw[a - top:b - top, x:x + w] = segment[a - y:b - y, :w]
+                c, d = max(x, left), min(x + segment.shape[1], right)
+                raw[a - top:b - top, c - left:d - left] = segment[a - y:b - y, c - x:d - x]
         return _as_rgb(raw)
+
+    def _segment(self, index: int) -> np.ndarray | None:
+        """Tile or strip ``index`` decoded, (h, w, samples) cropped to the image, or None when empty."""
+        if index in self._segments:
+            self._segments.move_to_end(index)
+            return self._segments[index]
+        page, handle = self._page, self._tiff.filehandle
+        offset, count = page.dataoffsets[index], page.databytecounts[index]
+        if not count:
+            return None
+        handle.seek(offset)
+        segment, (_, _, y, x, _), _ = page.decode(handle.read(count), index, jpegtables=page.jpegtables,
+                                                  jpegheader=page.jpegheader)
+        # (depth 1, h, w, samples) -> (h, w, samples); tiles at the right and bottom edges are
+        # stored whole: crop them to the image
+        segment = segment[0, :self.height - y, :self.width - x]
+        self._segments[index] = segment
+        while sum(kept.nbytes for kept in self._segments.values()) > SEGMENT_CACHE_BYTES and len(self._segments) > 1:
+            self._segments.popitem(last=False)
+        return segment
 
     def window(self, top: int, left: int, height: int, width: int) -> torch.Tensor:
         """(3, h, w) float32 in [0, 1] of one window, exactly as ``image_to_tensor`` of
         :mod:`equiseg.data.datamodule` makes it (spelled out here: importing that module loads
-        Lightning, ~2 s and ~180 MB, which prediction does not need); the rows of a row of
-        windows are read once."""
-        if self._band is None or self._band[:2] != (top, top + height):
-            self._band = (top, top + height, self.rows(top, top + height))
-        pixels = np.array(self._band[2][:, left:left + width], dtype=np.uint8)
+        Lightning, ~2 s and ~180 MB, which prediction does not need)."""
+        pixels = np.array(self.region(top, top + height, left, left + width), dtype=np.uint8)
         return torch.from_numpy(pixels).permute(2, 0, 1).float().div_(255)
 
     def close(self) -> None:
@@ -165,11 +198,12 @@ class RgbFile:
         if self._tiff is not None:
             self._tiff.close()
             self._tiff = None
+        self._segments.clear()
 
 
-class _NpyRows:
-    """A (C, H, W) float16 ``.npy`` file (the format ``np.save`` writes) filled a band of rows at
-    a time. Plain writes rather than ``np.lib.format.open_memmap``: pages written through a
+class _NpyBlocks:
+    """A (C, H, W) float16 ``.npy`` file (the format ``np.save`` writes) filled a block at a
+    time. Plain writes rather than ``np.lib.format.open_memmap``: pages written through a
     memory map stay resident, and count in the process's memory, until the map is closed."""
 
     def __init__(self, path: Path | str, shape: tuple[int, int, int]) -> None:
@@ -180,20 +214,28 @@ class _NpyRows:
             self._offset = file.tell()
             file.truncate(self._offset + 2 * int(np.prod(shape)))
 
-    def write(self, top: int, rows: torch.Tensor) -> None:
-        """Rows top .. top + n - 1 of every channel, from (C, n, W) probabilities."""
+    def write(self, top: int, left: int, block: torch.Tensor) -> None:
+        """Rows top .. top + h - 1 and columns left .. left + w - 1 of every channel, from
+        (C, h, w) probabilities: one write per channel and row (per channel where the block
+        spans whole rows)."""
         channels, height, width = self.shape
-        band = rows.numpy().astype(np.float16)
+        _, rows, columns = block.shape
+        values = block.numpy().astype(np.float16)
         with open(self.path, "r+b") as file:
             for c in range(channels):
-                file.seek(self._offset + 2 * (c * height + top) * width)
-                file.write(np.ascontiguousarray(band[c]).data)
+                if columns == width:
+                    file.seek(self._offset + 2 * (c * height + top) * width)
+                    file.write(np.ascontiguousarray(values[c]).data)
+                    continue
+                for i in range(rows):
+                    file.seek(self._offset + 2 * ((c * height + top + i) * width + left))
+                    file.write(np.ascontiguousarray(values[c, i]).data)
 
 
 class _Pictures:
-    """``<stem>_overlay.png`` and ``<stem>_probs.png`` built a band of finished rows at a time
-    from every ``step``-th row and column, as uint8 only (never a float copy of the whole map);
-    per pixel what ``prediction_overlay`` and ``probability_picture`` make of the whole map."""
+    """``<stem>_overlay.png`` and ``<stem>_probs.png`` built a finished block at a time from
+    every ``step``-th row and column, as uint8 only (never a float copy of the whole map); per
+    pixel what ``prediction_overlay`` and ``probability_picture`` make of the whole map."""
 
     def __init__(self, height: int, width: int, step: int, probs: bool) -> None:
         self.step = step
@@ -201,17 +243,20 @@ class _Pictures:
         self.overlay = np.zeros(shape, np.uint8)
         self.probs = np.zeros(shape, np.uint8) if probs else None
 
-    def add(self, top: int, rows: torch.Tensor, image: RgbFile) -> None:
-        """The finished rows top .. top + n - 1, (C, n, W) probabilities, of ``image``."""
-        first = -top % self.step  # the first of these rows that the pictures keep
-        if first >= rows.shape[1]:
+    def add(self, top: int, left: int, block: torch.Tensor, image: RgbFile) -> None:
+        """The finished block at (top, left), (C, h, w) probabilities, of ``image``."""
+        first_row, first_column = -top % self.step, -left % self.step  # the first ones the pictures keep
+        _, rows, columns = block.shape
+        if first_row >= rows or first_column >= columns:
             return
-        kept = rows[:, first::self.step, ::self.step].numpy()  # (C, k, w)
-        at = (top + first) // self.step
-        pixels = image.rows(top + first, top + rows.shape[1])[::self.step, ::self.step]
-        self.overlay[at:at + kept.shape[1]] = class_overlay(pixels, kept.argmax(0))
+        kept = block[:, first_row::self.step, first_column::self.step].numpy()  # (C, k, l)
+        at_row, at_column = (top + first_row) // self.step, (left + first_column) // self.step
+        pixels = image.region(top + first_row, top + rows, left + first_column,
+                              left + columns)[::self.step, ::self.step]
+        where = np.s_[at_row:at_row + kept.shape[1], at_column:at_column + kept.shape[2]]
+        self.overlay[where] = class_overlay(pixels, kept.argmax(0))
         if self.probs is not None:
-            self.probs[at:at + kept.shape[1]] = probability_picture(kept)
+            self.probs[where] = probability_picture(kept)
 
     def save(self, stem: Path, points: np.ndarray) -> None:
         """Write the pictures, with ``points`` (N, 4 image px) as dots on the overlay."""
@@ -287,15 +332,18 @@ class Predictions:
 
 def predict_file(model: torch.nn.Module, config: Config, path: Path, out_dir: Path, tile: int = 1024,
                  overlap: int = 128, probs: bool = True, runtime: Runtime | None = None) -> ImagePrediction:
-    """Predict one image of any size, streaming it through in row bands.
+    """Predict one image of any size, streaming it through in blocks of windows.
 
     Writes ``<stem>_overlay.png``, ``<stem>_cells.csv`` (x,y,class,probability in image px,
     never clipped) and, with ``probs``, ``<stem>_probs.npy`` (float16, C x H x W) and
     ``<stem>_probs.png``. The probabilities equal :func:`~equiseg.evaluation.inference.predict_probabilities`
     on the whole image bit for bit in float32 (the .npy holds them rounded to float16) and the
     cells equal ``config.detect.cells`` on them; pictures are full size up to
-    :data:`PICTURE_SIDE` px, else scaled down by :func:`picture_step`. Memory: one row of
-    windows (C x tile x W float32), one batch of windows and the pictures (at most
+    :data:`PICTURE_SIDE` px, else scaled down by :func:`picture_step`. Memory: one block of
+    windows' sums ((C + 1) x about 2048² float32, :func:`~equiseg.evaluation.inference.stream_blocks`),
+    one batch of windows, strips across the width of about ``overlap`` rows (window terms) and
+    2 x ``detection_halo`` rows (the detector's context) of C float32 each, up to
+    :data:`SEGMENT_CACHE_BYTES` of decoded TIFF segments, and the pictures (at most
     2 x 4096² x 3 bytes), plus the whole image as uint8 where its format cannot be read lazily.
 
     Args:
@@ -311,16 +359,16 @@ def predict_file(model: torch.nn.Module, config: Config, path: Path, out_dir: Pa
         height, width = image.height, image.width
         step = picture_step(height, width)
         pictures = _Pictures(height, width, step, probs)
-        detector = (BandDetector(height, width, detect.sigma, detect.min_distance, detect.threshold)
+        detector = (BlockDetector(height, width, detect.sigma, detect.min_distance, detect.threshold)
                     if config.task is Task.CELLS else None)
-        for top, rows in stream_probabilities(model, image.window, height, width, tile, overlap, runtime):
+        for top, left, block in stream_blocks(model, image.window, height, width, tile, overlap, runtime):
             if probs and npy is None:
-                npy = _NpyRows(f"{stem}_probs.npy", (rows.shape[0], height, width))
+                npy = _NpyBlocks(f"{stem}_probs.npy", (block.shape[0], height, width))
             if npy is not None:
-                npy.write(top, rows)
+                npy.write(top, left, block)
             if detector is not None:
-                detector.add(rows)
-            pictures.add(top, rows, image)
+                detector.add(top, left, block)
+            pictures.add(top, left, block, image)
     points = detector.points() if detector is not None else np.zeros((0, 4))
     pictures.save(stem, points)
     lines = ["x,y,class,probability"] + [f"{int(x)},{int(y)},{int(c)},{q:.4f}" for x, y, c, q in points]
