@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 from equiseg.challenge import Model, run_challenge
 from equiseg.cli import app
 from equiseg.config import Config
+from equiseg.data.context import ContextKind
 from equiseg.data.ocelot import OcelotFolder, write_grand_challenge
 from equiseg.evaluation.detection import detection_scores, read_points_json
 from equiseg.evaluation.evaluate import evaluate_model
@@ -128,7 +129,7 @@ def test_challenge_with_tissue_context_scores_equal_evaluate(context_run, tissue
     points_file = tmp_path / "out" / "cell_classification.json"
     assert_official(points_file, len(samples))
     model, config = load_model(context_run)
-    assert config.data.context == "truth" and config.in_channels == 5
+    assert config.data.context is ContextKind.TRUTH and config.in_channels == 5
     evaluation = evaluate_model(model, config, synthetic_small, "test")  # uses the named tissue model
     challenge_scores = detection_scores(read_points_json(points_file, len(samples)), [s.cells for s in samples])
     for key in ("precision/BC", "recall/BC", "f1/BC", "precision/TC", "recall/TC", "f1/TC", "mf1"):
@@ -170,9 +171,9 @@ def test_training_on_the_tissue_models_context(synthetic_small, tissue_run, tmp_
     config = tiny_config(synthetic_small, data={"context": "model", "tissue_model": str(tissue_run)})
     run = fit(config, run_dir=tmp_path / "run", progress=False)
     model, loaded = load_model(run)
-    assert loaded.data.context == "model" and np.isfinite(evaluate_model(model, loaded, synthetic_small).scores["loss"])
+    assert loaded.data.context is ContextKind.MODEL and np.isfinite(evaluate_model(model, loaded, synthetic_small).scores["loss"])
     # what the cell model trained on: the tissue model's probabilities, which sum to 1 inside the tissue patch
-    data = SegmentationDataModule(synthetic_small, crop_size=None, context=context_fn("model", tissue_run))
+    data = SegmentationDataModule(synthetic_small, crop_size=None, context=context_fn(ContextKind.MODEL, tissue_run))
     context = data.dataset("train")[0]["image"][3:].float()
     assert context.shape[0] == 2 and torch.allclose(context.sum(0), torch.ones(64, 64), atol=2e-3)
 

@@ -15,9 +15,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from equiseg.data.context import model_context
+from equiseg.data.context import ContextKind, model_context
 from equiseg.data.datamodule import image_to_tensor, model_input
 from equiseg.data.ocelot import parse_pair
+from equiseg.data.targets import Task
 from equiseg.evaluation.detection import write_points_json
 from equiseg.evaluation.inference import predict_probabilities
 from equiseg.runtime import Runtime
@@ -56,13 +57,13 @@ class Model:
         self.metadata = metadata
         self.runtime = runtime or Runtime.of("auto")
         self.model, self.config = load_model(path, self.runtime.device)
-        if self.config.task.value != "cells":
+        if self.config.task is not Task.CELLS:
             raise ValueError(f"{path}: a {self.config.task.value} model, not a cell model")
         self.tissue_model = None
-        if self.config.data.context != "none":
+        if self.config.data.context is not ContextKind.NONE:
             tissue = tissue_model or os.environ.get(TISSUE_MODEL_ENV) or self.config.data.tissue_model
             if not tissue:
-                raise ValueError(f"{path} was trained with tissue context (data.context={self.config.data.context}): "
+                raise ValueError(f"{path} was trained with tissue context (data.context={self.config.data.context.value}): "
                                  f"pass a tissue model (--tissue-model, tissue_model= or ${TISSUE_MODEL_ENV})")
             self.tissue_model = load_tissue_model(tissue, self.runtime.device)
             # each pair's place in its tissue patch; a malformed entry fails here, before any pair runs

@@ -252,7 +252,7 @@ def evaluate(
     cell_classification.json (the official prediction format, image_i = i-th sample id of the
     split in sorted order) and prints a table.
     """
-    from equiseg.data.context import run_context
+    from equiseg.data.context import ContextKind, run_context
     from equiseg.data.ocelot import DatasetError
     from equiseg.evaluation.evaluate import SCORE_ROWS, evaluate_model, evaluation_context, write_evaluation
     from equiseg.runs import Run, load_model
@@ -261,7 +261,7 @@ def evaluate(
     runtime = _runtime(device, batch, precision)
     try:
         model, cfg = load_model(run, runtime.device)
-        if (tissue_model or oracle_context) and cfg.data.context == "none":
+        if (tissue_model or oracle_context) and cfg.data.context is ContextKind.NONE:
             raise ValueError(f"{run} was trained without tissue context: --tissue-model and --oracle-context "
                              "do not apply")
         if tissue_model and oracle_context:
@@ -371,6 +371,7 @@ def predict(
     it (no side over 1024 px: its coordinates are 0..1023), else one line says why; the cells of
     any image are in its _cells.csv, never moved.
     """
+    from equiseg.data.context import ContextKind
     from equiseg.evaluation.predict import predict_files
     from equiseg.runs import load_model
 
@@ -380,8 +381,8 @@ def predict(
     runtime = _runtime(device, batch, precision)
     try:
         model, cfg = load_model(checkpoint, runtime.device)
-        if cfg.data.context != "none":
-            raise ValueError(f"{checkpoint} takes tissue context (data.context={cfg.data.context}), which a lone "
+        if cfg.data.context is not ContextKind.NONE:
+            raise ValueError(f"{checkpoint} takes tissue context (data.context={cfg.data.context.value}), which a lone "
                              "image lacks: use `equiseg challenge` (cell and tissue patches) or `equiseg evaluate`")
         progress, update = _progress("predicting")
         with progress:

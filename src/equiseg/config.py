@@ -16,19 +16,9 @@ from typing import Any
 import yaml
 
 from equiseg.data.augment import AugmentConfig
-from equiseg.data.context import CONTEXT_CHANNELS, CONTEXT_KINDS
+from equiseg.data.context import CONTEXT_CHANNELS, ContextKind
+from equiseg.data.targets import Task
 from equiseg.models.unet import ConvFamily
-
-
-class Task(enum.Enum):
-    """What a model segments: cell classes (0 background, 1 BC, 2 TC) or tissue (0 background, 1 cancer)."""
-
-    CELLS = "cells"
-    TISSUE = "tissue"
-
-    @property
-    def class_names(self) -> list[str]:
-        return ["background", "BC", "TC"] if self is Task.CELLS else ["background", "cancer"]
 
 
 @dataclass(frozen=True)
@@ -77,13 +67,11 @@ class DataConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig.none)
     batch_size: int = 4
     num_workers: int = 0
-    context: str = "none"
+    context: ContextKind = ContextKind.NONE
     tissue_model: str | None = None
 
     def __post_init__(self) -> None:
-        if self.context not in CONTEXT_KINDS:
-            raise ValueError(f"data.context must be one of {', '.join(CONTEXT_KINDS)}, got {self.context!r}")
-        if self.context == "model" and not self.tissue_model:
+        if self.context is ContextKind.MODEL and not self.tissue_model:
             raise ValueError("data.context=model needs data.tissue_model (a tissue run folder or checkpoint)")
 
 
@@ -134,13 +122,13 @@ class Config:
     detect: DetectConfig = field(default_factory=DetectConfig)
 
     def __post_init__(self) -> None:
-        if self.task is Task.TISSUE and self.data.context != "none":
+        if self.task is Task.TISSUE and self.data.context is not ContextKind.NONE:
             raise ValueError("data.context is for the cell task; a tissue model takes no tissue context")
 
     @property
     def in_channels(self) -> int:
         """Input channels of the model: RGB, plus the two tissue classes with context."""
-        return 3 + (CONTEXT_CHANNELS if self.data.context != "none" else 0)
+        return 3 + (CONTEXT_CHANNELS if self.data.context is not ContextKind.NONE else 0)
 
     def build_model(self) -> Any:
         """The U-Net this config trains (fresh weights): its family, width, depth, input channels, classes."""
@@ -242,6 +230,9 @@ def _convert(default: Any, raw: Any, key: str, hint: str) -> Any:
         if dataclasses.is_dataclass(default):
             return _from_plain(type(default), raw, key)
         if isinstance(default, enum.Enum):
+            choices = [member.value for member in type(default)]
+            if raw not in choices:
+                raise ConfigError(f"{key}: {raw!r} is not one of {', '.join(map(str, choices))}")
             return type(default)(raw)
         if isinstance(default, tuple):
             return tuple(raw) if isinstance(raw, (list, tuple)) else (raw,)

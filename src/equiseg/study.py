@@ -53,7 +53,8 @@ import torch
 import yaml
 
 from equiseg.config import Config, ConfigError, apply_overrides
-from equiseg.data.context import CONTEXT_KINDS, ContextFn, cached, run_context, truth_context
+from equiseg.data.context import ContextFn, ContextKind, cached, run_context, truth_context
+from equiseg.models import ConvFamily
 from equiseg.presets import preset_path
 from equiseg.runtime import Runtime
 
@@ -62,11 +63,14 @@ GC_INPUT_ENV = "EQUISEG_GC_INPUT"
 
 @dataclass(frozen=True)
 class Variant:
+    """One row of the study: a conv family, an augmentation preset, a width (None: matched) and
+    the tissue context it takes."""
+
     label: str
-    family: str
+    family: ConvFamily
     augment: str = "none"
     width: int | None = None
-    context: str = "none"
+    context: ContextKind = ContextKind.NONE
 
 
 @dataclass(frozen=True)
@@ -106,10 +110,11 @@ class StudyConfig:
             if extra or "family" not in spec:
                 raise ConfigError(f"{path}: variant {label!r} needs 'family' and may have 'augment', 'width' and "
                                   "'context'")
-            context = spec.get("context", "none")
-            if context not in CONTEXT_KINDS:
-                raise ConfigError(f"{path}: variant {label!r}: context must be one of {', '.join(CONTEXT_KINDS)}")
-            variants.append(Variant(label, spec["family"], spec.get("augment", "none"), spec.get("width"), context))
+            try:
+                family, context = ConvFamily(spec["family"]), ContextKind(spec.get("context", "none"))
+            except ValueError as error:
+                raise ConfigError(f"{path}: variant {label!r}: {error}") from None
+            variants.append(Variant(label, family, spec.get("augment", "none"), spec.get("width"), context))
         if not variants:
             raise ConfigError(f"{path}: no variants")
         fractions = tuple(float(f) for f in data.get("fractions", (0.25, 1.0)))
@@ -124,7 +129,7 @@ class StudyConfig:
 
     @property
     def uses_context(self) -> bool:
-        return any(v.context != "none" for v in self.variants)
+        return any(v.context is not ContextKind.NONE for v in self.variants)
 
     def tissue_config(self, data_root: str) -> Config:
         """The tissue model's run config: the base, the ``tissue`` overrides, task tissue."""
@@ -138,13 +143,13 @@ class StudyConfig:
         epochs = base.train.epochs
         if self.equal_steps:
             epochs = max(1, round(epochs / fraction))
-        overrides = [f"name={variant.label}-f{fraction:g}-s{seed}", f"model.family={variant.family}",
+        overrides = [f"name={variant.label}-f{fraction:g}-s{seed}", f"model.family={variant.family.value}",
                      f"model.width={width}", f"data.augment={variant.augment}", f"data.train_fraction={fraction}",
                      f"train.seed={seed}", f"train.epochs={epochs}", f"data.root={data_root}"]
-        if variant.context != "none":
+        if variant.context is not ContextKind.NONE:
             if tissue_model is None:
                 raise ValueError(f"variant {variant.label} takes tissue context: a tissue model is needed")
-            overrides += [f"data.context={variant.context}", f"data.tissue_model={tissue_model}"]
+            overrides += [f"data.context={variant.context.value}", f"data.tissue_model={tissue_model}"]
         return Config.from_dict(apply_overrides(self.base, overrides))
 
 
@@ -192,7 +197,7 @@ def evaluate_run(run_dir: Path, root: Path, study: StudyConfig, gc_samples: list
     model, config = load_model(run_dir, runtime.device)
     context = _study_context(config, contexts, runtime.device)
     result: dict = {"parameters": count_parameters(model), "family": config.model.family.value,
-                    "width": config.model.width, "context": config.data.context}
+                    "width": config.model.width, "context": config.data.context.value}
     start = time.perf_counter()
     plain_eval = evaluate_model(model, config, root, "test", tile=None, context=context, runtime=runtime)
     result["seconds"] = time.perf_counter() - start
@@ -214,7 +219,7 @@ def evaluate_run(run_dir: Path, root: Path, study: StudyConfig, gc_samples: list
         # the real patch, cropped to 512 px to keep it cheap; its context from the whole tissue patch
         real = [model_input(s.cell_image, context and context(s))[:, 256:768, 256:768] for s in gc_samples]
         result["certificate"]["real"] = certificate(model, real, group)
-    if config.model.family.value == "plain":
+    if config.model.family is ConvFamily.PLAIN:
         tta = GroupTTA(model, D4)
         start = time.perf_counter()
         tta_eval = evaluate_model(tta, config, root, "test", tile=None, context=context, runtime=runtime)
@@ -226,7 +231,7 @@ def evaluate_run(run_dir: Path, root: Path, study: StudyConfig, gc_samples: list
 def _study_context(config: Config, contexts: dict[str, ContextFn], device: torch.device | None = None
                    ) -> ContextFn | None:
     """The evaluation context of a run (its tissue model's predictions), shared through ``contexts``."""
-    if config.data.context == "none":
+    if config.data.context is ContextKind.NONE:
         return None
     key = str(config.data.tissue_model)
     if key not in contexts:

@@ -7,11 +7,11 @@ from torch import nn
 
 from equiseg.config import Config, ConfigError
 from equiseg.data.augment import Augment, AugmentConfig
-from equiseg.data.context import cached, context_fn, model_context, run_context, truth_context
+from equiseg.data.context import ContextKind, cached, context_fn, model_context, run_context, truth_context
 from equiseg.data.datamodule import SegmentationDataset
 from equiseg.data.ocelot import OcelotFolder, Sample, pair_record, parse_pair
 from equiseg.data.synthetic import generate_dataset
-from equiseg.data.targets import tissue_class_mask, tissue_crop
+from equiseg.data.targets import Task, tissue_class_mask, tissue_crop
 
 SIZE = 256
 
@@ -102,13 +102,11 @@ def test_model_context_crops_the_tissue_models_probabilities_bilinearly(world):
 
 def test_context_fn_and_run_context_choose_the_source(world, tmp_path):
     sample = OcelotFolder(world, "test")[0]
-    assert context_fn("none") is None and context_fn("truth") is truth_context
+    assert context_fn(ContextKind.NONE) is None and context_fn(ContextKind.TRUTH) is truth_context
     with pytest.raises(ValueError, match="tissue model"):
-        context_fn("model")
-    with pytest.raises(ValueError, match="unknown context"):
-        context_fn("tissue")
+        context_fn(ContextKind.MODEL)
     model = MaskModel(sample.tissue_mask)
-    from_model = context_fn("model", model)
+    from_model = context_fn(ContextKind.MODEL, model)
     assert torch.equal(from_model(sample), model_context(model, torch.zeros(3, SIZE, SIZE), sample.meta, (SIZE, SIZE)))
     data = Config.from_dict({"data": {"context": "truth"}}).data
     assert run_context(data) is truth_context and run_context(data, evaluation=True) is truth_context
@@ -132,8 +130,8 @@ def test_config_checks_context():
 
 def test_dataset_cuts_the_context_with_the_image(world):
     folder = OcelotFolder(world, "train")
-    dataset = SegmentationDataset(folder, "cells", crop_size=48, context=truth_context)
-    whole = SegmentationDataset(folder, "cells", context=truth_context)
+    dataset = SegmentationDataset(folder, Task.CELLS, crop_size=48, context=truth_context)
+    whole = SegmentationDataset(folder, Task.CELLS, context=truth_context)
     for k in range(len(folder)):
         item = whole[k]
         assert item["image"].shape == (5, SIZE, SIZE)
@@ -145,7 +143,7 @@ def test_dataset_cuts_the_context_with_the_image(world):
         assert torch.equal(crop["image"], item["image"][:, top:top + 48, left:left + 48])
         assert torch.equal(crop["target"], item["target"][top:top + 48, left:left + 48])
     with pytest.raises(ValueError, match="cell task"):
-        SegmentationDataset(folder, "tissue", context=truth_context)
+        SegmentationDataset(folder, Task.TISSUE, context=truth_context)
 
 
 @pytest.mark.parametrize("config", [

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from equiseg.data.datamodule import SegmentationDataModule
+from equiseg.data.targets import Task
 from equiseg.evaluation.evaluate import evaluate_model
 from equiseg.runs import Run, load_model
 from equiseg.training.fit import fit
@@ -157,7 +158,7 @@ def test_tissue_task_trains_and_evaluates(synthetic_small, tmp_path):
     config = type(config).from_dict({**config.to_dict(), "task": "tissue"})
     run = fit(config, run_dir=tmp_path / "run", progress=False)
     model, loaded = load_model(run)
-    assert loaded.task.value == "tissue" and model.head.out_channels == 2
+    assert loaded.task is Task.TISSUE and model.head.out_channels == 2
     result = evaluate_model(model, loaded, synthetic_small, "test", tile=None)
     assert {"dice/background", "dice/cancer", "miou", "loss"} <= set(result.scores)
     assert "mf1" not in result.scores and result.points == []

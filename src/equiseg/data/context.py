@@ -13,6 +13,7 @@ channels are the tissue classes (background, cancer area). The map is either
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,13 +23,21 @@ import torch
 from torch import nn
 
 from equiseg.data.ocelot import PairMeta, Sample
-from equiseg.data.targets import IGNORE_INDEX, tissue_class_mask, tissue_crop
+from equiseg.data.targets import IGNORE_INDEX, Task, tissue_class_mask, tissue_crop
 from equiseg.runtime import resolve_device
 
 if TYPE_CHECKING:
     from equiseg.config import DataConfig
 
-CONTEXT_KINDS = ("none", "truth", "model")
+class ContextKind(enum.Enum):
+    """Where a cell model's tissue context comes from (``data.context``): none, the ground-truth
+    tissue mask, or a tissue model's probabilities."""
+
+    NONE = "none"
+    TRUTH = "truth"
+    MODEL = "model"
+
+
 CONTEXT_CHANNELS = 2
 """Tissue classes: 0 background, 1 cancer area."""
 
@@ -80,27 +89,26 @@ def load_tissue_model(path: Path | str, device: str | torch.device = "cpu") -> n
     from equiseg.runs import load_model
 
     model, config = load_model(path, device)
-    if config.task.value != "tissue":
+    if config.task is not Task.TISSUE:
         raise ValueError(f"{path}: a {config.task.value} model, not a tissue model")
     return model
 
 
-def context_fn(kind: str, tissue_model: Path | str | nn.Module | None = None,
+def context_fn(kind: ContextKind, tissue_model: Path | str | nn.Module | None = None,
                device: str | torch.device | None = None) -> ContextFn | None:
-    """The context of ``kind`` ("none" gives None) as a function of a sample.
+    """The context of ``kind`` (``NONE`` gives None) as a function of a sample.
 
-    ``model`` needs ``tissue_model`` (a module, run folder or checkpoint; a loaded one runs on
+    ``MODEL`` needs ``tissue_model`` (a module, run folder or checkpoint; a loaded one runs on
     ``device``, by default this process's GPU when there is one, see
     :func:`equiseg.runtime.resolve_device`). The result is always on the CPU.
     """
     from equiseg.data.datamodule import image_to_tensor
 
-    if kind not in CONTEXT_KINDS:
-        raise ValueError(f"unknown context {kind!r}: choose from {', '.join(CONTEXT_KINDS)}")
-    if kind == "none":
-        return None
-    if kind == "truth":
-        return truth_context
+    match ContextKind(kind):
+        case ContextKind.NONE:
+            return None
+        case ContextKind.TRUTH:
+            return truth_context
     if tissue_model is None:
         raise ValueError("context 'model' needs a tissue model (data.tissue_model=RUN_DIR or CKPT)")
     if isinstance(tissue_model, nn.Module):
@@ -126,9 +134,9 @@ def run_context(data: DataConfig, evaluation: bool = False, tissue_model: Path |
     """
     tissue_model = tissue_model if tissue_model is not None else data.tissue_model
     kind = data.context
-    if evaluation and kind != "none" and tissue_model is not None:
-        kind = "model"
-    return context_fn(kind, tissue_model if kind == "model" else None, device)
+    if evaluation and kind is not ContextKind.NONE and tissue_model is not None:
+        kind = ContextKind.MODEL
+    return context_fn(kind, tissue_model if kind is ContextKind.MODEL else None, device)
 
 
 def cached(fn: ContextFn) -> ContextFn:

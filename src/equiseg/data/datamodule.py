@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from equiseg.data.context import ContextFn
 from equiseg.data.ocelot import OcelotFolder, Sample
-from equiseg.data.targets import cell_class_mask, tissue_class_mask
+from equiseg.data.targets import Task, cell_class_mask, tissue_class_mask
 
 
 def image_to_tensor(image: np.ndarray) -> torch.Tensor:
@@ -19,9 +19,9 @@ def image_to_tensor(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).float().div_(255)
 
 
-def sample_target(sample: Sample, task: str, radius: float) -> tuple[np.ndarray, np.ndarray]:
-    """The (image, class-index target) pair of a sample for ``task`` ("cells" or "tissue")."""
-    if task == "cells":
+def sample_target(sample: Sample, task: Task, radius: float) -> tuple[np.ndarray, np.ndarray]:
+    """The (image, class-index target) pair of a sample for ``task``."""
+    if task is Task.CELLS:
         return sample.cell_image, cell_class_mask(sample.cells, sample.cell_image.shape[:2], radius)
     return sample.tissue_image, tissue_class_mask(sample.tissue_mask)
 
@@ -43,9 +43,9 @@ class SegmentationDataset(Dataset):
     sample and kept as float16 (2 x 2 bytes per pixel).
     """
 
-    def __init__(self, folder: OcelotFolder, task: str, radius: float = 30.0, crop_size: int | None = None,
+    def __init__(self, folder: OcelotFolder, task: Task, radius: float = 30.0, crop_size: int | None = None,
                  indices: list[int] | None = None, context: ContextFn | None = None) -> None:
-        if context is not None and task != "cells":
+        if context is not None and task is not Task.CELLS:
             raise ValueError("tissue context is for the cell task")
         self.folder, self.task, self.crop_size = folder, task, crop_size
         self.indices = list(range(len(folder))) if indices is None else list(indices)
@@ -88,7 +88,7 @@ def training_subset(n: int, fraction: float, seed: int) -> list[int]:
 class SegmentationDataModule(L.LightningDataModule):
     """Train, val and test loaders over a Zenodo-layout folder for one task."""
 
-    def __init__(self, root: Path | str, task: str = "cells", radius: float = 30.0, crop_size: int | None = 256,
+    def __init__(self, root: Path | str, task: Task = Task.CELLS, radius: float = 30.0, crop_size: int | None = 256,
                  train_fraction: float = 1.0, batch_size: int = 4, num_workers: int = 0, seed: int = 0,
                  context: ContextFn | None = None) -> None:
         super().__init__()

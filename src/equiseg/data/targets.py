@@ -6,6 +6,8 @@ Class indices: cells 0 background, 1 BC, 2 TC; tissue 0 background, 1 cancer are
 
 from __future__ import annotations
 
+import enum
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -14,6 +16,17 @@ from equiseg.data.ocelot import TISSUE_BACKGROUND, TISSUE_CANCER, TISSUE_UNKNOWN
 
 IGNORE_INDEX = 255
 DEFAULT_RADIUS = 30
+
+
+class Task(enum.Enum):
+    """What a model segments: cell classes (0 background, 1 BC, 2 TC) or tissue (0 background, 1 cancer)."""
+
+    CELLS = "cells"
+    TISSUE = "tissue"
+
+    @property
+    def class_names(self) -> list[str]:
+        return ["background", "BC", "TC"] if self is Task.CELLS else ["background", "cancer"]
 
 
 def cell_class_mask(cells: np.ndarray, shape: tuple[int, int], radius: float = DEFAULT_RADIUS) -> np.ndarray:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import json
 import math
 from collections.abc import Callable
@@ -13,15 +14,23 @@ import torch
 from torch import nn
 
 from equiseg.config import Config
-from equiseg.data.context import ContextFn, run_context, truth_context
+from equiseg.data.context import ContextFn, ContextKind, run_context, truth_context
 from equiseg.data.datamodule import model_input, sample_target
 from equiseg.data.ocelot import OcelotFolder
-from equiseg.data.targets import IGNORE_INDEX
+from equiseg.data.targets import IGNORE_INDEX, Task
 from equiseg.evaluation.detection import detection_scores, official_format_refusal, write_points_json
 from equiseg.evaluation.inference import predict_probabilities
 from equiseg.evaluation.metrics import confusion_matrix, segmentation_scores
 from equiseg.runtime import Runtime
 from equiseg.training.losses import DiceCELoss
+
+
+class ContextSource(enum.Enum):
+    """Where an evaluated model's tissue context came from."""
+
+    NONE = "none"                  # a model without context
+    TISSUE_MODEL = "tissue model"  # a tissue model's probabilities, as deployed
+    ORACLE = "oracle"              # the ground-truth tissue mask: an upper bound
 
 
 @dataclass
@@ -32,7 +41,7 @@ class Evaluation:
     ids: list[str]
     points: list[np.ndarray]            # per image (N, 4): x, y, class, probability
     per_image: list[dict[str, float]]   # per image: loss, dice/mean
-    context: str = "none"               # the tissue context the model was fed: none, tissue model or oracle
+    context: ContextSource = ContextSource.NONE  # where the model's tissue context came from
     shapes: list[tuple[int, int]] = field(default_factory=list)  # per image (H, W), px
 
     def json_refusal(self) -> str | None:
@@ -43,14 +52,13 @@ class Evaluation:
     @property
     def context_line(self) -> str | None:
         """One line saying where the tissue context came from, or None for a model without it."""
-        if self.context == ORACLE:
-            return ("tissue context: ORACLE (the ground-truth tissue mask) - an upper bound, not what a deployed "
-                    "model sees")
-        return None if self.context == "none" else f"tissue context: {self.context}"
-
-
-ORACLE = "oracle"
-TISSUE_MODEL = "tissue model"
+        match self.context:
+            case ContextSource.ORACLE:
+                return ("tissue context: ORACLE (the ground-truth tissue mask) - an upper bound, not what a deployed "
+                        "model sees")
+            case ContextSource.TISSUE_MODEL:
+                return f"tissue context: {self.context.value}"
+        return None
 
 
 def evaluate_model(model: nn.Module, config: Config, root: Path | str, split: str = "test",
@@ -74,7 +82,7 @@ def evaluate_model(model: nn.Module, config: Config, root: Path | str, split: st
     ``runtime``: device, tile batch and precision (default: the model's device, batch 1,
     float32).
     """
-    task = config.task.value
+    task = config.task
     folder = OcelotFolder(root, split)
     names = config.task.class_names
     loss_fn = DiceCELoss(config.train.dice_weight, config.train.ce_weight)
@@ -98,7 +106,7 @@ def evaluate_model(model: nn.Module, config: Config, root: Path | str, split: st
         image_cm = confusion_matrix(probs.argmax(0), target, len(names))
         cm += image_cm
         per_image.append({"loss": loss, "dice/mean": segmentation_scores(image_cm, names)["dice/mean"]})
-        if task == "cells":
+        if task is Task.CELLS:
             found = config.detect.cells(probs)
             if valid is not None and len(found):
                 found = found[valid[found[:, 1].astype(int), found[:, 0].astype(int)].numpy()]
@@ -109,29 +117,29 @@ def evaluate_model(model: nn.Module, config: Config, root: Path | str, split: st
         if on_image is not None:
             on_image(i + 1, len(folder))
     scores = {"loss": float(np.mean([p["loss"] for p in per_image])), **segmentation_scores(cm, names)}
-    if task == "cells":
+    if task is Task.CELLS:
         scores |= detection_scores(points, gts)
     return Evaluation(scores, list(folder.ids), points, per_image, source, shapes)
 
 
 def evaluation_context(config: Config, context: ContextFn | None = None, oracle: bool = False,
-                       device: torch.device | None = None) -> tuple[ContextFn | None, str]:
+                       device: torch.device | None = None) -> tuple[ContextFn | None, ContextSource]:
     """The context an evaluation feeds a model of ``config``, and its label (see :class:`Evaluation`).
 
-    None and "none" for a model without context; the ground-truth tissue mask and ``ORACLE``
+    None and ``NONE`` for a model without context; the ground-truth tissue mask and ``ORACLE``
     when ``oracle``; else ``context`` or the config's tissue model (loaded onto ``device``) and
     ``TISSUE_MODEL``. A model trained with ``data.context=truth`` and no tissue model is a
     ``ValueError``: its only context would be the oracle, which must be asked for.
     """
-    if config.data.context == "none":
-        return None, "none"
+    if config.data.context is ContextKind.NONE:
+        return None, ContextSource.NONE
     if oracle:
-        return context or truth_context, ORACLE
+        return context or truth_context, ContextSource.ORACLE
     if context is None and config.data.tissue_model is None:
-        raise ValueError(f"{config.name} was trained with data.context={config.data.context} and names no tissue "
+        raise ValueError(f"{config.name} was trained with data.context={config.data.context.value} and names no tissue "
                          "model: give a tissue model (--tissue-model RUN) to score it as deployed, or ask for "
                          "the ground-truth tissue mask explicitly (--oracle-context; reported as oracle)")
-    return context or run_context(config.data, evaluation=True, device=device), TISSUE_MODEL
+    return context or run_context(config.data, evaluation=True, device=device), ContextSource.TISSUE_MODEL
 
 
 def write_evaluation(evaluation: Evaluation, out_dir: Path | str, split: str) -> dict[str, Path]:
@@ -145,7 +153,7 @@ def write_evaluation(evaluation: Evaluation, out_dir: Path | str, split: str) ->
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"scores": out_dir / f"scores-{split}.json"}
     clean = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in evaluation.scores.items()}
-    paths["scores"].write_text(json.dumps({"split": split, "context": evaluation.context, "ids": evaluation.ids,
+    paths["scores"].write_text(json.dumps({"split": split, "context": evaluation.context.value, "ids": evaluation.ids,
                                            "scores": clean, "per_image": evaluation.per_image}, indent=1) + "\n")
     if evaluation.points and evaluation.json_refusal() is None:
         paths["points"] = write_points_json(out_dir / "cell_classification.json", evaluation.points)

@@ -23,7 +23,8 @@ import tifffile
 import torch
 from PIL import Image
 
-from equiseg.config import Config, Task
+from equiseg.config import Config
+from equiseg.data.targets import Task
 from equiseg.evaluation.detection import BlockDetector, official_format_refusal, write_points_json
 from equiseg.evaluation.inference import model_runtime, stream_blocks
 from equiseg.report.pictures import class_overlay, draw_points, probability_picture

@@ -189,7 +189,7 @@ def fit(config: Config | None, runs: Path | str = "runs", resume: Path | str | N
             _set_aside_metrics(run_dir)
 
     L.seed_everything(config.train.seed, workers=True, verbose=False)
-    data = SegmentationDataModule(root, config.task.value, config.data.radius, config.data.crop_size,
+    data = SegmentationDataModule(root, config.task, config.data.radius, config.data.crop_size,
                                   config.data.train_fraction, config.data.batch_size, config.data.num_workers,
                                   config.train.seed, context=context)
     module = SegmentationModule(config.to_dict())
