@@ -19,7 +19,7 @@ from equiseg.data.context import ContextKind, model_context
 from equiseg.data.datamodule import image_to_tensor, model_input
 from equiseg.data.ocelot import parse_pair
 from equiseg.data.targets import Task
-from equiseg.evaluation.detection import write_points_json
+from equiseg.evaluation.detection import find_cells, write_points_json
 from equiseg.evaluation.inference import predict_probabilities
 from equiseg.runtime import Runtime
 
@@ -84,7 +84,7 @@ class Model:
             return predict_probabilities(self.model, model_input(cell_patch, context), tile=1024, runtime=self.runtime)
 
     def __call__(self, cell_patch: np.ndarray, tissue_patch: np.ndarray, pair_id: int) -> list[tuple]:
-        found = self.config.detect.cells(self.probabilities(cell_patch, tissue_patch, pair_id))
+        found = find_cells(self.probabilities(cell_patch, tissue_patch, pair_id), self.config.detect)
         # detected cells are pixels of the patch, so x and y are already in range: nothing is moved
         return [(int(x), int(y), int(c), float(p)) for x, y, c, p in found]
 

@@ -103,12 +103,6 @@ class DetectConfig:
     min_distance: int = 15
     threshold: float = 0.5
 
-    def cells(self, probs: Any) -> Any:
-        """Cells read off probability maps (C, H, W) with these settings: (N, 4) rows x, y, class, probability."""
-        from equiseg.evaluation.detection import detect_cells
-
-        return detect_cells(probs, self.sigma, self.min_distance, self.threshold)
-
 
 @dataclass(frozen=True)
 class Config:

@@ -12,7 +12,7 @@ from equiseg import build_model
 from equiseg.cli import app
 from equiseg.data.datamodule import image_to_tensor
 from equiseg.evaluation import inference, predict
-from equiseg.evaluation.detection import BlockDetector, detect_cells, peak_candidates, read_points_json
+from equiseg.evaluation.detection import BlockDetector, detect_cells, find_cells, peak_candidates, read_points_json
 from equiseg.evaluation.inference import (
     predict_probabilities,
     stream_blocks,
@@ -122,7 +122,7 @@ def test_predict_file_writes_the_whole_image_result(tmp_path, monkeypatch, batch
     runtime = Runtime(batch=batch)
     result = predict_file(model, config, tmp_path / "a.png", tmp_path, tile=32, overlap=8, runtime=runtime)
     probs = predict_probabilities(model, image_to_tensor(image), 32, 8, runtime)
-    points = config.detect.cells(probs)
+    points = find_cells(probs, config.detect)
     assert len(points) and result.reading is ImageReading.DECODED and result.picture_step == 1
     np.testing.assert_array_equal(result.points, points)
     saved = np.load(tmp_path / "a_probs.npy")

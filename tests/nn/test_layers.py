@@ -3,10 +3,12 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from equiseg.evaluation.equivariance import equivariance_errors
 from equiseg.groups import C4, D4, fold_group, unfold_group
 from equiseg.nn import (
+    ExpandedConv2d,
     GroupBatchNorm2d,
     GroupConv2d,
     GroupPool,
@@ -140,13 +142,76 @@ def test_group_batch_norm_from_channel_statistics_equals_the_fused_one(group, mo
                                            group.elements, act_out=act, act_in=act))
 
 
-@pytest.mark.parametrize("make", [lambda: IsotropicConv2d(3, 4), lambda: LiftingConv2d(3, 4, D4),
-                                  lambda: GroupConv2d(3, 4, C4)], ids=["isotropic", "lifting", "group"])
-def test_layer_folds_into_conv2d(make):
-    layer = make().eval()
-    x = torch.randn(2, layer.in_channels * (layer.group.order if isinstance(layer, GroupConv2d) else 1), 9, 9)
+# every ExpandedConv2d subclass, with the channels its input has
+EXPANDED = {
+    "isotropic": (lambda: IsotropicConv2d(3, 4), 3),
+    "isotropic-5x5": (lambda: IsotropicConv2d(2, 3, 5), 2),
+    "lifting-p4": (lambda: LiftingConv2d(3, 2, C4), 3),
+    "lifting-p4m": (lambda: LiftingConv2d(3, 2, D4), 3),
+    "group-p4": (lambda: GroupConv2d(2, 3, C4), 2 * 4),
+    "group-p4m": (lambda: GroupConv2d(2, 3, D4, bias=False), 2 * 8),
+}
+
+
+def test_every_expanded_conv_is_covered():
+    assert {type(make()) for make, _ in EXPANDED.values()} == set(ExpandedConv2d.__subclasses__())
+    with pytest.raises(TypeError, match="abstract"):
+        ExpandedConv2d(1, 1, 3, (1, 1, 3, 3), fan_in=9, bias=False)
+
+
+@pytest.mark.parametrize("case", EXPANDED.values(), ids=EXPANDED.keys())
+def test_forward_is_the_expanded_conv_and_its_fold(case):
+    make, in_channels = case
+    layer = make()
+    if layer.bias is not None:
+        with torch.no_grad():
+            layer.bias.normal_()  # a zero bias would hide a missing one
+    x = torch.randn(2, in_channels, 9, 7)
+    weight, bias = layer.expand()
+    expected = F.conv2d(x, weight, bias, padding=layer.kernel_size // 2)
+    assert torch.equal(layer.train()(x), expected)
     with torch.no_grad():
-        assert torch.allclose(fold_to_conv2d(layer)(x), layer(x), rtol=1e-5, atol=1e-6)
+        assert torch.equal(layer.eval()(x), expected.detach())
+        assert torch.allclose(layer.to_conv2d()(x), expected, rtol=1e-5, atol=1e-6)
+        assert torch.allclose(fold_to_conv2d(layer)(x), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", EXPANDED.values(), ids=EXPANDED.keys())
+def test_an_optimiser_step_rebuilds_the_bank(case):
+    make, in_channels = case
+    layer = make()
+    x = torch.randn(1, in_channels, 6, 6)
+    optimiser = torch.optim.SGD(layer.parameters(), lr=0.5)
+    with torch.no_grad():
+        stale = layer.eval()(x)  # fills the evaluation cache
+    for _ in range(2):
+        layer.train()(x).square().mean().backward()
+        optimiser.step()
+        optimiser.zero_grad()
+        fresh = layer.to_conv2d()
+        assert torch.equal(layer(x), fresh(x))  # training: built from the stepped values
+        with torch.no_grad():
+            assert torch.equal(layer.eval()(x), fresh(x))  # evaluation: the cache was rebuilt
+    assert not torch.allclose(stale, fresh(x))
+
+
+def test_a_cached_evaluation_forward_is_one_convolution():
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func)
+            return func(*args, **(kwargs or {}))
+
+    for make, in_channels in EXPANDED.values():
+        layer, x = make().eval(), torch.randn(1, in_channels, 5, 5)
+        with torch.no_grad():
+            layer(x)  # builds the bank
+            with Ops() as seen:
+                layer(x)
+        assert seen.ops == [torch.ops.aten.convolution.default], (type(layer).__name__, seen.ops)
 
 
 def test_bank_is_cached_in_eval_and_rebuilt_after_a_change():

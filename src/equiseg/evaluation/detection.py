@@ -33,6 +33,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from equiseg.config import DetectConfig
+
 CLASS_NAMES = {1: "BC", 2: "TC"}
 DISTANCE_CUTOFF = 15.0
 IMAGE_SIDE = 1024  # the official format holds 1024 x 1024 patches: x and y in 0..1023
@@ -76,6 +78,11 @@ def detect_cells(probs: torch.Tensor, sigma: float = 8.0, min_distance: int = 15
     candidates = peak_candidates(probs, (0, 0), (height, width), (0, height, 0, width), sigma, min_distance,
                                  threshold)
     return suppress_peaks(candidates, min_distance)
+
+
+def find_cells(probs: torch.Tensor, settings: DetectConfig) -> np.ndarray:
+    """:func:`detect_cells` with a run's detection settings (``config.detect``)."""
+    return detect_cells(probs, settings.sigma, settings.min_distance, settings.threshold)
 
 
 def detection_halo(sigma: float, min_distance: int) -> int:

@@ -18,7 +18,7 @@ from equiseg.data.context import ContextFn, ContextKind, run_context, truth_cont
 from equiseg.data.datamodule import model_input, sample_target
 from equiseg.data.ocelot import OcelotFolder
 from equiseg.data.targets import IGNORE_INDEX, Task
-from equiseg.evaluation.detection import detection_scores, official_format_refusal, write_points_json
+from equiseg.evaluation.detection import detection_scores, find_cells, official_format_refusal, write_points_json
 from equiseg.evaluation.inference import predict_probabilities
 from equiseg.evaluation.metrics import confusion_matrix, segmentation_scores
 from equiseg.runtime import Runtime
@@ -107,7 +107,7 @@ def evaluate_model(model: nn.Module, config: Config, root: Path | str, split: st
         cm += image_cm
         per_image.append({"loss": loss, "dice/mean": segmentation_scores(image_cm, names)["dice/mean"]})
         if task is Task.CELLS:
-            found = config.detect.cells(probs)
+            found = find_cells(probs, config.detect)
             if valid is not None and len(found):
                 found = found[valid[found[:, 1].astype(int), found[:, 0].astype(int)].numpy()]
             points.append(found)

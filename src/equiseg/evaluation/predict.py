@@ -339,7 +339,7 @@ def predict_file(model: torch.nn.Module, config: Config, path: Path, out_dir: Pa
     never clipped) and, with ``probs``, ``<stem>_probs.npy`` (float16, C x H x W) and
     ``<stem>_probs.png``. The probabilities equal :func:`~equiseg.evaluation.inference.predict_probabilities`
     on the whole image bit for bit in float32 (the .npy holds them rounded to float16) and the
-    cells equal ``config.detect.cells`` on them; pictures are full size up to
+    cells equal :func:`~equiseg.evaluation.detection.find_cells` on them; pictures are full size up to
     :data:`PICTURE_SIDE` px, else scaled down by :func:`picture_step`. Memory: one block of
     windows' sums ((C + 1) x about 2048² float32, :func:`~equiseg.evaluation.inference.stream_blocks`),
     one batch of windows, strips across the width of about ``overlap`` rows (window terms) and

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from equiseg.models.unet import ConvFamily, UNet
-from equiseg.nn import GroupConv2d, IsotropicConv2d, LiftingConv2d
+from equiseg.nn import ExpandedConv2d
 
 SEED_WIDTHS = {ConvFamily.PLAIN: 64, ConvFamily.ISOTROPIC: 110}
 """The seed study's pair: a plain U-Net of width 64 against an isotropic one of width 110."""
@@ -71,7 +71,7 @@ def count_macs(model: nn.Module, height: int = 1024, width: int = 1024) -> int:
         taps = kernel * kernel if isinstance(kernel, int) else kernel[0] * kernel[1]
         total += output.numel() * inputs[0].shape[1] * taps
 
-    convs = (nn.Conv2d, IsotropicConv2d, LiftingConv2d, GroupConv2d)
+    convs = (nn.Conv2d, ExpandedConv2d)
     handles = [m.register_forward_hook(hook) for m in probe.modules() if isinstance(m, convs)]
     in_channels = next(m for m in probe.modules() if isinstance(m, convs)).in_channels
     with torch.no_grad():

@@ -6,21 +6,18 @@ import copy
 
 from torch import nn
 
-from equiseg.nn.group_conv import GroupConv2d, LiftingConv2d
-from equiseg.nn.isotropic import IsotropicConv2d
-
-EQUIVARIANT_CONVS = (IsotropicConv2d, LiftingConv2d, GroupConv2d)
+from equiseg.nn.bank import ExpandedConv2d
 
 
 def fold_to_conv2d(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` with every equivariant conv replaced by its expanded ``nn.Conv2d``.
+    """A copy of ``model`` with every ``ExpandedConv2d`` (each equivariant conv) replaced by its ``to_conv2d()``.
 
     The copy computes the same function (up to float rounding) with no expansion at run time,
     for export or for runtimes that know only standard layers. ``model`` is left unchanged.
     """
     folded = copy.deepcopy(model)
     for name, module in list(folded.named_modules()):
-        if isinstance(module, EQUIVARIANT_CONVS):
+        if isinstance(module, ExpandedConv2d):
             parent_name, _, child = name.rpartition(".")
             parent = folded.get_submodule(parent_name) if parent_name else folded
             if parent is module:

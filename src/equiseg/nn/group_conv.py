@@ -8,19 +8,10 @@ conv with the same channel counts costs and fold into an ``nn.Conv2d``.
 
 from __future__ import annotations
 
-import math
-
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from equiseg.groups import Group
-from equiseg.nn.bank import bank_to_conv2d, filter_bank, gather
-
-
-def _check_kernel(kernel_size: int) -> None:
-    if kernel_size < 1 or kernel_size % 2 == 0:
-        raise ValueError(f"kernel_size must be a positive odd number, got {kernel_size}")
+from equiseg.nn.bank import Bank, ExpandedConv2d, gather
 
 
 def bank_index(group: Group, kernel_size: int, regular_input: bool) -> torch.Tensor:
@@ -37,7 +28,7 @@ def bank_index(group: Group, kernel_size: int, regular_input: bool) -> torch.Ten
     return torch.stack([act(g, positions).flatten() for g in group.elements])
 
 
-class LiftingConv2d(nn.Module):
+class LiftingConv2d(ExpandedConv2d):
     """Z2 -> G: correlate an image with every transformed copy T_g psi of each filter.
 
         out[c, g](p) = sum_q x(q) . psi_c(g^-1 (q - p))
@@ -60,20 +51,12 @@ class LiftingConv2d(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, group: Group, kernel_size: int = 3,
                  bias: bool = True) -> None:
-        super().__init__()
-        _check_kernel(kernel_size)
-        self.in_channels, self.out_channels, self.group, self.kernel_size = in_channels, out_channels, group, kernel_size
-        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, kernel_size, kernel_size))
-        self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
+        super().__init__(in_channels, out_channels, kernel_size, (out_channels, in_channels, kernel_size, kernel_size),
+                         fan_in=in_channels * kernel_size**2, bias=bias)
+        self.group = group
         self.register_buffer("bank_index", bank_index(group, kernel_size, regular_input=False), persistent=False)
-        self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        nn.init.normal_(self.weight, std=math.sqrt(2.0 / (self.in_channels * self.kernel_size**2)))
-        if self.bias is not None:
-            nn.init.zeros_(self.bias)
-
-    def expand(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def expand(self) -> Bank:
         """The plain conv weight (C_out*|G|, C_in, k, k) and bias (C_out*|G|,) this layer applies."""
         k = self.kernel_size
         bank = gather(self.weight.flatten(2), self.bank_index)  # (C_out, C_in, |G|, k*k): T_g psi for every g
@@ -81,20 +64,11 @@ class LiftingConv2d(nn.Module):
         bias = None if self.bias is None else self.bias.repeat_interleave(self.group.order)
         return bank, bias
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight, bias = filter_bank(self, self.expand)
-        return F.conv2d(x, weight, bias, padding=self.kernel_size // 2)
-
-    def to_conv2d(self) -> nn.Conv2d:
-        """An ``nn.Conv2d`` computing the same function (a copy)."""
-        with torch.no_grad():
-            return bank_to_conv2d(*self.expand(), padding=self.kernel_size // 2)
-
     def extra_repr(self) -> str:
         return f"{self.in_channels}, {self.out_channels}, group={self.group}, kernel_size={self.kernel_size}"
 
 
-class GroupConv2d(nn.Module):
+class GroupConv2d(ExpandedConv2d):
     """G -> G: correlate regular features with the transformed copies of each filter.
 
         out[c, g](p) = sum_{d, h, q} f[d, h](q) . psi_{c, d}(g^-1 h, g^-1 (q - p))
@@ -117,21 +91,13 @@ class GroupConv2d(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, group: Group, kernel_size: int = 3,
                  bias: bool = True) -> None:
-        super().__init__()
-        _check_kernel(kernel_size)
-        self.in_channels, self.out_channels, self.group, self.kernel_size = in_channels, out_channels, group, kernel_size
-        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, group.order, kernel_size, kernel_size))
-        self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
+        super().__init__(in_channels, out_channels, kernel_size,
+                         (out_channels, in_channels, group.order, kernel_size, kernel_size),
+                         fan_in=in_channels * group.order * kernel_size**2, bias=bias)
+        self.group = group
         self.register_buffer("bank_index", bank_index(group, kernel_size, regular_input=True), persistent=False)
-        self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        fan_in = self.in_channels * self.group.order * self.kernel_size**2
-        nn.init.normal_(self.weight, std=math.sqrt(2.0 / fan_in))
-        if self.bias is not None:
-            nn.init.zeros_(self.bias)
-
-    def expand(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def expand(self) -> Bank:
         """The plain conv weight (C_out*|G|, C_in*|G|, k, k) and bias (C_out*|G|,) this layer applies."""
         k, order = self.kernel_size, self.group.order
         bank = gather(self.weight.flatten(2), self.bank_index)  # (C_out, C_in, |G|out, |G|in*k*k)
@@ -139,15 +105,6 @@ class GroupConv2d(nn.Module):
         bank = bank.transpose(1, 2).reshape(-1, self.in_channels * order, k, k)
         bias = None if self.bias is None else self.bias.repeat_interleave(self.group.order)
         return bank, bias
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight, bias = filter_bank(self, self.expand)
-        return F.conv2d(x, weight, bias, padding=self.kernel_size // 2)
-
-    def to_conv2d(self) -> nn.Conv2d:
-        """An ``nn.Conv2d`` computing the same function (a copy)."""
-        with torch.no_grad():
-            return bank_to_conv2d(*self.expand(), padding=self.kernel_size // 2)
 
     def extra_repr(self) -> str:
         return f"{self.in_channels}, {self.out_channels}, group={self.group}, kernel_size={self.kernel_size}"

@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from equiseg.nn.bank import bank_to_conv2d, filter_bank, gather
+from equiseg.nn.bank import Bank, ExpandedConv2d, gather
 
 
 def radius_index(kernel_size: int) -> torch.Tensor:
@@ -24,7 +20,7 @@ def radius_index(kernel_size: int) -> torch.Tensor:
     return torch.unique(r2, return_inverse=True)[1]
 
 
-class IsotropicConv2d(nn.Module):
+class IsotropicConv2d(ExpandedConv2d):
     """Scalar-to-scalar convolution with an isotropic kernel K(x) = f(|x|).
 
     One free value per input/output channel pair and per distinct radius on the odd k x k
@@ -45,33 +41,15 @@ class IsotropicConv2d(nn.Module):
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, bias: bool = True) -> None:
-        super().__init__()
-        self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, kernel_size
-        self.register_buffer("radius_index", radius_index(kernel_size), persistent=False)
-        num_radii = int(self.radius_index.max()) + 1
-        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, num_radii))
-        self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
-        self.reset_parameters()
+        index = radius_index(kernel_size)  # (k, k); computed first, the number of radii sizes the weight
+        num_radii = int(index.max()) + 1
+        super().__init__(in_channels, out_channels, kernel_size, (out_channels, in_channels, num_radii),
+                         fan_in=in_channels * kernel_size**2, bias=bias)
+        self.register_buffer("radius_index", index, persistent=False)
 
-    def reset_parameters(self) -> None:
-        # He-style scale for the k*k taps the expanded kernel really has.
-        fan_in = self.in_channels * self.kernel_size**2
-        nn.init.normal_(self.weight, std=math.sqrt(2.0 / fan_in))
-        if self.bias is not None:
-            nn.init.zeros_(self.bias)
-
-    def expand(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The plain conv weight (C_out, C_in, k, k) and bias this layer applies."""
+    def expand(self) -> Bank:
+        """The plain conv weight (C_out, C_in, k, k) and bias (C_out,) this layer applies."""
         return gather(self.weight, self.radius_index), self.bias
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight, bias = filter_bank(self, self.expand)
-        return F.conv2d(x, weight, bias, padding=self.kernel_size // 2)
-
-    def to_conv2d(self) -> nn.Conv2d:
-        """An ``nn.Conv2d`` computing the same function (a copy; later training is not shared)."""
-        with torch.no_grad():
-            return bank_to_conv2d(*self.expand(), padding=self.kernel_size // 2)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "

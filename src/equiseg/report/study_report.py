@@ -292,6 +292,7 @@ def _cases(by, variants, fraction, root: Path, path: Path, context_for: Callable
     from equiseg.data.context import run_context
     from equiseg.data.datamodule import model_input
     from equiseg.data.ocelot import OcelotFolder
+    from equiseg.evaluation.detection import find_cells
     from equiseg.evaluation.inference import predict_probabilities
     from equiseg.runs import load_model
 
@@ -305,7 +306,7 @@ def _cases(by, variants, fraction, root: Path, path: Path, context_for: Callable
             sample, dice = test[i], run["per_image"][i]["dice/mean"]
             image = model_input(sample.cell_image, context and context(sample))
             probs = predict_probabilities(model, image, tile=None, runtime=runtime)
-            points = config.detect.cells(probs)
+            points = find_cells(probs, config.detect)
             cases.append({"title": f"{v}: {kind} ({test.ids[i]}, Dice {dice:.2f})", "image": sample.cell_image,
                           "probs": probs.numpy(), "points": points, "gt": sample.cells})
     return plot_cases(cases, path)
