@@ -20,8 +20,7 @@ from pathlib import Path
 import torch
 
 from equiseg.data.augment import Augment, AugmentConfig
-from equiseg.data.datamodule import image_to_tensor
-from equiseg.data.ocelot import OcelotFolder
+from equiseg.data.ocelot import OcelotFolder, image_to_tensor
 from equiseg.data.synthetic import generate_dataset
 from equiseg.data.targets import cell_class_mask
 

@@ -22,9 +22,9 @@ import time
 import torch
 from layers import sync  # benchmarks/layers.py: this script's folder is on the path when run
 
+from equiseg.evaluation.losses import DiceCELoss
 from equiseg.models import build_model
 from equiseg.nn import GroupBatchNorm2d
-from equiseg.training.losses import DiceCELoss
 
 WIDTHS = {"plain": 64, "isotropic": 64, "p4": 16, "p4m": 8}
 

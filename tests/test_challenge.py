@@ -165,8 +165,8 @@ def test_evaluate_command_takes_the_tissue_model_or_the_oracle(context_run, tiss
 
 
 def test_training_on_the_tissue_models_context(synthetic_small, tissue_run, tmp_path):
-    from equiseg.data.context import context_fn
     from equiseg.data.datamodule import SegmentationDataModule
+    from equiseg.evaluation.tissue_context import context_fn
 
     config = tiny_config(synthetic_small, data={"context": "model", "tissue_model": str(tissue_run)})
     run = fit(config, run_dir=tmp_path / "run", progress=False)
@@ -196,8 +196,8 @@ def test_challenge_model_with_context_is_exact_for_the_pair_turned_together(tmp_
     """The deployed path (tissue model on the tissue patch, block from the metadata, cell model) under D4."""
     from equiseg import build_model
     from equiseg.data.ocelot import pair_record
+    from equiseg.evaluation.tissue_context import transform_block
     from equiseg.groups import D4
-    from equiseg.models.context import transform_block
 
     torch.manual_seed(0)
     tissue_config = Config.from_dict({"task": "tissue", "model": {"family": "p4m", "width": 2, "depth": 2}})

@@ -15,12 +15,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from equiseg.data.context import ContextKind, model_context
-from equiseg.data.datamodule import image_to_tensor, model_input
-from equiseg.data.ocelot import parse_pair
+from equiseg.data.context import ContextKind
+from equiseg.data.datamodule import model_input
+from equiseg.data.ocelot import GrandChallengeInput, image_to_tensor, parse_pair
 from equiseg.data.targets import Task
 from equiseg.evaluation.detection import find_cells, write_points_json
 from equiseg.evaluation.inference import predict_probabilities
+from equiseg.evaluation.tissue_context import load_tissue_model, model_context
+from equiseg.runs import load_model
 from equiseg.runtime import Runtime
 
 CELL_MODEL_ENV = "EQUISEG_CELL_MODEL"
@@ -48,8 +50,6 @@ class Model:
 
     def __init__(self, metadata: list[dict], cell_model: Path | str | None = None,
                  tissue_model: Path | str | None = None, runtime: Runtime | None = None) -> None:
-        from equiseg.data.context import load_tissue_model
-        from equiseg.runs import load_model
 
         path = cell_model or os.environ.get(CELL_MODEL_ENV)
         if not path:
@@ -92,7 +92,6 @@ class Model:
 def run_challenge(input_dir: Path, output_dir: Path, cell_model: Path | str, tissue_model: Path | str | None = None,
                   on_pair: Callable[[int, int], None] | None = None, runtime: Runtime | None = None) -> Path:
     """Read a Grand Challenge input folder, predict every pair, write ``cell_classification.json``."""
-    from equiseg.data.ocelot import GrandChallengeInput
 
     data = GrandChallengeInput(input_dir)
     model = Model([m.record for m in data.metadata], cell_model=cell_model, tissue_model=tissue_model, runtime=runtime)

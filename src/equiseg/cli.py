@@ -60,7 +60,7 @@ def models(
     """
     from rich.console import Console
 
-    from equiseg.models.summary import model_table
+    from equiseg.evaluation.model_table import model_table
 
     with Console(stderr=True).status("building the models and measuring their equivariance error ..."):
         rows = model_table(depth=depth, size=size, probe_size=probe_size, seed=seed)
@@ -252,9 +252,10 @@ def evaluate(
     cell_classification.json (the official prediction format, image_i = i-th sample id of the
     split in sorted order) and prints a table.
     """
-    from equiseg.data.context import ContextKind, run_context
+    from equiseg.data.context import ContextKind
     from equiseg.data.ocelot import DatasetError
     from equiseg.evaluation.evaluate import SCORE_ROWS, evaluate_model, evaluation_context, write_evaluation
+    from equiseg.evaluation.tissue_context import run_context
     from equiseg.runs import Run, load_model
     from equiseg.training.fit import data_root
 

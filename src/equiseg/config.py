@@ -18,6 +18,7 @@ import yaml
 from equiseg.data.augment import AugmentConfig
 from equiseg.data.context import CONTEXT_CHANNELS, ContextKind
 from equiseg.data.targets import Task
+from equiseg.models import build_model
 from equiseg.models.unet import ConvFamily
 
 
@@ -126,7 +127,6 @@ class Config:
 
     def build_model(self) -> Any:
         """The U-Net this config trains (fresh weights): its family, width, depth, input channels, classes."""
-        from equiseg.models import build_model
 
         m = self.model
         return build_model(m.family, m.width, m.depth, self.in_channels, num_classes=len(self.task.class_names))

@@ -16,8 +16,15 @@ from pathlib import Path
 import numpy as np
 
 from equiseg.config import Config
+from equiseg.data.augment import AugmentConfig
+from equiseg.data.ocelot import OcelotFolder
+from equiseg.evaluation.evaluate import evaluate_model, write_evaluation
+from equiseg.models import count_parameters
 from equiseg.presets import preset_path
+from equiseg.report.plots import best_and_worst, fmt, machine_line, markdown_table, plot_cases, plot_loss_curves
+from equiseg.runs import load_model
 from equiseg.runtime import Runtime
+from equiseg.training.fit import generate_synthetic, train_or_reuse
 
 PRESETS = {"isotropic": "isotropic-small", "plain": "plain-small"}
 
@@ -30,12 +37,6 @@ def run_demo(out: Path, epochs: int | None = None, say: Callable[[str], None] = 
     ``runtime``: where evaluation runs (default: this machine's GPU when there is one);
     training follows the presets' ``train.accelerator`` (auto).
     """
-    from equiseg.data.ocelot import OcelotFolder
-    from equiseg.evaluation.evaluate import evaluate_model, write_evaluation
-    from equiseg.models import count_parameters
-    from equiseg.report.plots import best_and_worst, fmt, machine_line, markdown_table, plot_cases, plot_loss_curves
-    from equiseg.runs import load_model
-    from equiseg.training.fit import generate_synthetic, train_or_reuse
 
     started = time.time()
     runtime = runtime or Runtime.of("auto")
@@ -105,7 +106,6 @@ def run_demo(out: Path, epochs: int | None = None, say: Callable[[str], None] = 
 
 def augment_label(config: Config) -> str:
     """The preset name of a config's augmentation, or "custom"."""
-    from equiseg.data.augment import AugmentConfig
 
     for name in ("none", "heavy", "non_symmetry"):
         if config.data.augment == AugmentConfig.preset(name):

@@ -53,10 +53,20 @@ import torch
 import yaml
 
 from equiseg.config import Config, ConfigError, apply_overrides
-from equiseg.data.context import ContextFn, ContextKind, cached, run_context, truth_context
-from equiseg.models import ConvFamily
+from equiseg.data.context import ContextFn, ContextKind, cached, truth_context
+from equiseg.data.datamodule import model_input
+from equiseg.data.ocelot import GrandChallengeInput, OcelotFolder
+from equiseg.evaluation.equivariance import GroupTTA, certificate
+from equiseg.evaluation.evaluate import evaluate_model
+from equiseg.evaluation.robustness import standard_transforms
+from equiseg.evaluation.tissue_context import run_context
+from equiseg.groups import D4
+from equiseg.models import ConvFamily, count_parameters, match_width, parameter_count
 from equiseg.presets import preset_path
+from equiseg.report.study_report import write_report
+from equiseg.runs import Run, load_model
 from equiseg.runtime import Runtime
+from equiseg.training.fit import REQUIRE_REAL, generate_synthetic, synthetic_notice, train_or_reuse
 
 GC_INPUT_ENV = "EQUISEG_GC_INPUT"
 
@@ -155,7 +165,6 @@ class StudyConfig:
 
 def matched_widths(study: StudyConfig) -> dict[str, int]:
     """Each variant's width: given, or matched to plain ``reference_width``'s parameter count."""
-    from equiseg.models import match_width, parameter_count
 
     depth = Config.from_dict(study.base).model.depth
     reference = parameter_count("plain", study.reference_width, depth)
@@ -180,14 +189,6 @@ def evaluate_run(run_dir: Path, root: Path, study: StudyConfig, gc_samples: list
     ``runtime``: where and how the model runs (default: the CPU, batch 1, float32); the
     certificate is always measured in float32 with TF32 off.
     """
-    from equiseg.data.datamodule import model_input
-    from equiseg.data.ocelot import OcelotFolder
-    from equiseg.evaluation.equivariance import GroupTTA, certificate
-    from equiseg.evaluation.evaluate import evaluate_model
-    from equiseg.evaluation.robustness import standard_transforms
-    from equiseg.groups import D4
-    from equiseg.models import count_parameters
-    from equiseg.runs import Run, load_model
 
     cache = Run(run_dir).study_cache
     if cache.is_file():
@@ -246,8 +247,6 @@ def run_study(study: StudyConfig, out: Path, say: Callable[[str], None] = print,
     Training follows each run config's ``train.accelerator``; evaluation runs on ``runtime``
     (default: this machine's GPU when there is one, batch 1, float32).
     """
-    from equiseg.report.study_report import write_report
-    from equiseg.training.fit import REQUIRE_REAL, generate_synthetic, synthetic_notice, train_or_reuse
 
     base = Config.from_dict(study.base)
     if not base.data.root and base.data.require_real:
@@ -295,9 +294,6 @@ def run_study(study: StudyConfig, out: Path, say: Callable[[str], None] = print,
 
 def evaluate_tissue(run_dir: Path, root: Path, runtime: Runtime | None = None) -> dict:
     """The tissue model's test scores (Dice, mIoU), cached in study.json beside it."""
-    from equiseg.evaluation.evaluate import evaluate_model
-    from equiseg.models import count_parameters
-    from equiseg.runs import Run, load_model
 
     cache = Run(run_dir).study_cache
     if cache.is_file():
@@ -317,7 +313,6 @@ def real_samples(study: StudyConfig) -> list:
     Raises:
         ConfigError: the folder given is not there (checked before any run trains).
     """
-    from equiseg.data.ocelot import GrandChallengeInput
 
     if study.gc_input:
         path, source = study.gc_input, "gc_input"

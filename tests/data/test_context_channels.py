@@ -7,11 +7,12 @@ from torch import nn
 
 from equiseg.config import Config, ConfigError
 from equiseg.data.augment import Augment, AugmentConfig
-from equiseg.data.context import ContextKind, cached, context_fn, model_context, run_context, truth_context
+from equiseg.data.context import ContextKind, cached, truth_context
 from equiseg.data.datamodule import SegmentationDataset
 from equiseg.data.ocelot import OcelotFolder, Sample, pair_record, parse_pair
 from equiseg.data.synthetic import generate_dataset
 from equiseg.data.targets import Task, tissue_class_mask, tissue_crop
+from equiseg.evaluation.tissue_context import context_fn, model_context, run_context
 
 SIZE = 256
 

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from equiseg import build_model
 from equiseg.cli import app
-from equiseg.data.datamodule import image_to_tensor
+from equiseg.data.ocelot import image_to_tensor
 from equiseg.evaluation import inference, predict
 from equiseg.evaluation.detection import BlockDetector, detect_cells, find_cells, peak_candidates, read_points_json
 from equiseg.evaluation.inference import (

@@ -10,13 +10,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from equiseg.data.context import ContextFn
-from equiseg.data.ocelot import OcelotFolder, Sample
+from equiseg.data.ocelot import OcelotFolder, Sample, image_to_tensor
 from equiseg.data.targets import Task, cell_class_mask, tissue_class_mask
-
-
-def image_to_tensor(image: np.ndarray) -> torch.Tensor:
-    """(H, W, 3) uint8 -> (3, H, W) float32 in [0, 1]."""
-    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).float().div_(255)
 
 
 def sample_target(sample: Sample, task: Task, radius: float) -> tuple[np.ndarray, np.ndarray]:

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 SPLITS = ("train", "val", "test")
@@ -90,6 +91,11 @@ class Sample:
     cells: np.ndarray | None
     tissue_mask: np.ndarray | None
     meta: PairMeta
+
+
+def image_to_tensor(image: np.ndarray) -> torch.Tensor:
+    """An (H, W, 3) uint8 image as the models take it: (3, H, W) float32 in [0, 1] (value / 255)."""
+    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).float().div_(255)
 
 
 def _patch_size(box: dict, slide_mpp: float) -> int | None:

@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
+from equiseg.data.augment import sampling_grid
 from equiseg.groups import D4, Group, GroupElement
 from equiseg.runtime import exact_float32
 
@@ -76,7 +77,6 @@ def rotation_error(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, d
     """
     import torch.nn.functional as F
 
-    from equiseg.data.augment import sampling_grid
 
     height, width = x.shape[-2:]
     grid, _ = sampling_grid(torch.tensor([float(degrees)]), None, height, width)

@@ -14,15 +14,16 @@ import torch
 from torch import nn
 
 from equiseg.config import Config
-from equiseg.data.context import ContextFn, ContextKind, run_context, truth_context
+from equiseg.data.context import ContextFn, ContextKind, truth_context
 from equiseg.data.datamodule import model_input, sample_target
 from equiseg.data.ocelot import OcelotFolder
 from equiseg.data.targets import IGNORE_INDEX, Task
 from equiseg.evaluation.detection import detection_scores, find_cells, official_format_refusal, write_points_json
 from equiseg.evaluation.inference import predict_probabilities
+from equiseg.evaluation.losses import DiceCELoss
 from equiseg.evaluation.metrics import confusion_matrix, segmentation_scores
+from equiseg.evaluation.tissue_context import run_context
 from equiseg.runtime import Runtime
-from equiseg.training.losses import DiceCELoss
 
 
 class ContextSource(enum.Enum):

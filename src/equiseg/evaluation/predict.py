@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 
 from equiseg.config import Config
+from equiseg.data.ocelot import image_to_tensor
 from equiseg.data.targets import Task
 from equiseg.evaluation.detection import BlockDetector, official_format_refusal, write_points_json
 from equiseg.evaluation.inference import model_runtime, stream_blocks
@@ -188,11 +189,8 @@ class RgbFile:
         return segment
 
     def window(self, top: int, left: int, height: int, width: int) -> torch.Tensor:
-        """(3, h, w) float32 in [0, 1] of one window, exactly as ``image_to_tensor`` of
-        :mod:`equiseg.data.datamodule` makes it (spelled out here: importing that module loads
-        Lightning, ~2 s and ~180 MB, which prediction does not need)."""
-        pixels = np.array(self.region(top, top + height, left, left + width), dtype=np.uint8)
-        return torch.from_numpy(pixels).permute(2, 0, 1).float().div_(255)
+        """(3, h, w) float32 in [0, 1] of one window (:func:`~equiseg.data.ocelot.image_to_tensor`)."""
+        return image_to_tensor(self.region(top, top + height, left, left + width))
 
     def close(self) -> None:
         """Close the file (a TIFF read lazily holds it open)."""

@@ -17,7 +17,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
+from equiseg.data.datamodule import model_input
+from equiseg.data.ocelot import OcelotFolder
+from equiseg.evaluation.detection import find_cells
+from equiseg.evaluation.inference import predict_probabilities
+from equiseg.evaluation.tissue_context import run_context
 from equiseg.report.plots import best_and_worst, machine_line, plot_cases, plot_loss_curves
+from equiseg.runs import load_model
 from equiseg.runtime import Runtime
 
 METRICS = [("loss", "loss"), ("dice/mean", "Dice"), ("miou", "mIoU"), ("mf1", "mF1")]
@@ -277,7 +283,6 @@ def _max(values):
 
 
 def _count(root: Path, split: str) -> int:
-    from equiseg.data.ocelot import OcelotFolder
 
     return len(OcelotFolder(root, split))
 
@@ -289,12 +294,6 @@ def _md(header: list[str], rows: list[list[str]]) -> str:
 
 def _cases(by, variants, fraction, root: Path, path: Path, context_for: Callable | None = None,
            runtime: Runtime | None = None) -> Path:
-    from equiseg.data.context import run_context
-    from equiseg.data.datamodule import model_input
-    from equiseg.data.ocelot import OcelotFolder
-    from equiseg.evaluation.detection import find_cells
-    from equiseg.evaluation.inference import predict_probabilities
-    from equiseg.runs import load_model
 
     test = OcelotFolder(root, "test")
     cases = []

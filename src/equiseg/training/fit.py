@@ -12,9 +12,13 @@ import warnings
 from pathlib import Path
 
 from equiseg.config import Config, ConfigError, SyntheticConfig
+from equiseg.data.datamodule import SegmentationDataModule
 from equiseg.data.ocelot import DatasetError
+from equiseg.data.synthetic import generate_dataset
 from equiseg.data.verify import verify_dataset
+from equiseg.evaluation.tissue_context import run_context
 from equiseg.runs import Run
+from equiseg.training.module import SegmentationModule
 
 _RUN_DIR_ENV = "EQUISEG_RUN_DIR"
 REQUIRE_REAL = ("this config is meant for real OCELOT data (data.require_real=true): pass --data DIR, or "
@@ -34,7 +38,6 @@ def generate_synthetic(root: Path, spec: SyntheticConfig) -> Path:
     It is written to a sibling folder and renamed into place, so ``root`` only ever holds a
     whole dataset; an interrupted generation is never reused.
     """
-    from equiseg.data.synthetic import generate_dataset
 
     if not (root / "metadata.json").is_file():
         partial = root.with_name(root.name + f".partial-{os.getpid()}")
@@ -150,9 +153,6 @@ def fit(config: Config | None, runs: Path | str = "runs", resume: Path | str | N
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from equiseg.data.context import run_context
-    from equiseg.data.datamodule import SegmentationDataModule
-    from equiseg.training.module import SegmentationModule
 
     ckpt_path = None
     if resume is not None:

@@ -9,8 +9,8 @@ import torch
 
 from equiseg.config import Config
 from equiseg.data.augment import Augment, AugmentConfig
+from equiseg.evaluation.losses import DiceCELoss
 from equiseg.evaluation.metrics import confusion_matrix, segmentation_scores
-from equiseg.training.losses import DiceCELoss
 
 
 class SegmentationModule(L.LightningModule):

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from equiseg.training.losses import DiceCELoss
+from equiseg.evaluation.losses import DiceCELoss
 
 
 def test_hand_computed_two_pixels():

@@ -5,8 +5,8 @@ import torch
 
 from equiseg import build_model
 from equiseg.data.targets import tissue_crop
+from equiseg.evaluation.tissue_context import TissueContextNet, transform_block
 from equiseg.groups import C4, D4
-from equiseg.models.context import TissueContextNet, transform_block
 
 
 @pytest.mark.parametrize("g", D4.elements, ids=str)

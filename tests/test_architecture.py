@@ -1,0 +1,94 @@
+"""The layers of the package: every import runs downwards, no module imports itself back, and
+equiseg imports sit at the top of their module (only the CLI defers them, for its start-up time).
+
+The order (docs/architecture.md): runtime, groups < nn < models < data < config < runs, presets,
+report.pictures < evaluation < training < report < study, demo, challenge < cli. A module may
+import its own layer or lower ones.
+"""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+LAYERS = [
+    ("equiseg.runtime", "equiseg.groups"),
+    ("equiseg.nn",),
+    ("equiseg.models",),
+    ("equiseg.data",),
+    ("equiseg.config",),
+    ("equiseg.runs", "equiseg.presets", "equiseg.report.pictures"),
+    ("equiseg.evaluation",),
+    ("equiseg.training",),
+    ("equiseg.report",),
+    ("equiseg.study", "equiseg.demo", "equiseg.challenge"),
+    ("equiseg.cli", "equiseg"),
+]
+DEFERRED_IMPORTS_ALLOWED = {"equiseg.cli"}  # start-up time of the command
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(SRC).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def layer(module: str) -> int:
+    """The index of the longest prefix in LAYERS that names ``module``."""
+    best, index = "", None
+    for k, names in enumerate(LAYERS):
+        for name in names:
+            if (module == name or module.startswith(name + ".")) and len(name) > len(best):
+                best, index = name, k
+    assert index is not None, f"{module} is in no layer: add it to LAYERS"
+    return index
+
+
+def imports() -> list[tuple[str, str, bool, int]]:
+    """(importer, imported, at module level, line) for every equiseg import in src."""
+    found = []
+    for path in sorted((SRC / "equiseg").rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        top = {id(node) for node in tree.body}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "equiseg":
+                found.append((module_name(path), node.module, id(node) in top, node.lineno))
+    return found
+
+
+def test_every_import_runs_downwards():
+    upward = [f"{a} (line {line}) imports {b}" for a, b, _, line in imports() if layer(b) > layer(a)]
+    assert not upward, "\n".join(upward)
+
+
+def test_no_module_imports_itself_back():
+    graph: dict[str, set[str]] = {}
+    for a, b, at_top, _ in imports():
+        if at_top:
+            graph.setdefault(a, set()).add(b)
+    state: dict[str, int] = {}  # 1 on the current path, 2 done
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                pytest.fail("import circle: " + " -> ".join([*path[path.index(nxt):], nxt]))
+            if nxt not in state:
+                visit(nxt, [*path, nxt])
+        state[node] = 2
+
+    for start in sorted(graph):
+        if start not in state:
+            visit(start, [start])
+
+
+def test_equiseg_imports_sit_at_the_top_of_their_module():
+    deferred = [f"{a} (line {line}) imports {b} inside a function" for a, b, at_top, line in imports()
+                if not at_top and a not in DEFERRED_IMPORTS_ALLOWED]
+    assert not deferred, "\n".join(deferred)
+
+
+def test_the_checks_see_a_violation():
+    assert layer("equiseg.nn.bank") < layer("equiseg.models.unet") < layer("equiseg.data.context")
+    assert layer("equiseg.evaluation.inference") < layer("equiseg.training.fit") < layer("equiseg.cli")
+    assert layer("equiseg.report.pictures") < layer("equiseg.evaluation.predict") < layer("equiseg.report.plots")
