@@ -254,7 +254,7 @@ def evaluate(
     """
     from equiseg.data.context import ContextKind
     from equiseg.data.ocelot import DatasetError
-    from equiseg.evaluation.evaluate import SCORE_ROWS, evaluate_model, evaluation_context, write_evaluation
+    from equiseg.evaluation.evaluate import evaluate_model, evaluation_context, write_evaluation
     from equiseg.evaluation.tissue_context import run_context
     from equiseg.runs import Run, load_model
     from equiseg.training.fit import data_root
@@ -278,9 +278,17 @@ def evaluate(
                                     runtime=runtime)
     except (DatasetError, FileNotFoundError, ValueError) as error:
         raise _fail(str(error)) from None
-    out = out or Run.of(run).eval_dir(split)
-    paths = write_evaluation(result, out, split)
+    paths = write_evaluation(result, out or Run.of(run).eval_dir(split), split)
     typer.echo(f"{cfg.name} ({cfg.model.family.value}, width {cfg.model.width}) on {split}: {len(result.ids)} images")
+    _echo_scores(result, split)
+    typer.echo("wrote " + ", ".join(str(p) for p in paths.values()))
+
+
+def _echo_scores(result, split: str) -> None:
+    """The table of an :class:`~equiseg.evaluation.evaluate.Evaluation`, with where its context came
+    from and why the official points file was skipped, if it was."""
+    from equiseg.evaluation.evaluate import SCORE_ROWS
+
     if result.context_line:
         typer.echo(f"  {result.context_line}")
     for key, label in SCORE_ROWS:
@@ -289,7 +297,6 @@ def evaluate(
                        f"  {label:<16} {round(result.scores[key], 5)} (official rule: 4-decimal F1s averaged)")
     if result.json_refusal():
         typer.echo(f"  {result.json_refusal()}; the cells are in cells-{split}.csv")
-    typer.echo("wrote " + ", ".join(str(p) for p in paths.values()))
 
 
 @app.command()

@@ -22,7 +22,7 @@ from equiseg.evaluation.evaluate import evaluate_model, write_evaluation
 from equiseg.models import count_parameters
 from equiseg.presets import preset_path
 from equiseg.report.plots import best_and_worst, fmt, machine_line, markdown_table, plot_cases, plot_loss_curves
-from equiseg.runs import load_model
+from equiseg.runs import Run, load_model
 from equiseg.runtime import Runtime
 from equiseg.training.fit import generate_synthetic, train_or_reuse
 
@@ -53,7 +53,7 @@ def run_demo(out: Path, epochs: int | None = None, say: Callable[[str], None] = 
     root = generate_synthetic(out / "data", syn)
     configs = {label: Config.from_dict({**config.to_dict(), "data": {**config.to_dict()["data"], "root": str(root)}})
                for label, config in configs.items()}
-    runs, results, evaluations = {}, {}, {}
+    runs = {}
     for label, config in configs.items():
         say(f"\n== training {label} (width {config.model.width}) ==")
         run_dir = out / "runs" / config.name
@@ -63,45 +63,58 @@ def run_demo(out: Path, epochs: int | None = None, say: Callable[[str], None] = 
     report = out / "report"
     report.mkdir(exist_ok=True)
     test = OcelotFolder(root, "test")
-    cases = []
+    results, cases = {}, []
     for label, run_dir in runs.items():
         say(f"\n== evaluating {label} on the test split ==")
-        model, config = load_model(run_dir, runtime.device)
-        kept: dict[int, np.ndarray] = {}
-
-        def keep(i: int, sample_id: str, probs, kept: dict = kept) -> None:
-            kept[i] = probs.numpy()
-
-        evaluation = evaluate_model(model, config, root, "test", keep=keep, runtime=runtime)
-        write_evaluation(evaluation, run_dir / "eval-test", "test")
-        evaluations[label] = evaluation
-        results[label] = {"family": config.model.family.value, "width": config.model.width,
-                          "augment": augment_label(config),
-                          "parameters": count_parameters(model), **evaluation.scores}
-        for kind, i in best_and_worst(evaluation.per_image, [len(test[i].cells) > 0 for i in range(len(test))]):
-            sample, dice = test[i], evaluation.per_image[i]["dice/mean"]
-            cases.append({"title": f"{label}: {kind} ({test.ids[i]}, Dice {dice:.2f})", "image": sample.cell_image,
-                          "probs": kept[i], "points": evaluation.points[i], "gt": sample.cells})
+        results[label], picked = _evaluate(label, run_dir, root, test, runtime)
+        cases += picked
     plot_loss_curves({label: run for label, run in runs.items()}, report / "loss_curves.png")
     plot_cases(cases, report / "cases.png")
+    minutes = (time.time() - started) / 60
+    table = _write_report(report, results, minutes, f"{len(test)} images of {syn.size} px")
+    say("\n" + table)
+    say(f"\nreport: {report} ({minutes:.1f} min)")
+    return report
+
+
+def _evaluate(label: str, run_dir: Path, root: Path, test: OcelotFolder, runtime: Runtime) -> tuple[dict, list[dict]]:
+    """One model's row of the results table (family, width, augmentation, parameters, scores),
+    with its evaluation written to ``run_dir/eval-test``, and its best and worst test images."""
+    model, config = load_model(run_dir, runtime.device)
+    kept: dict[int, np.ndarray] = {}
+
+    def keep(i: int, sample_id: str, probs) -> None:
+        kept[i] = probs.numpy()
+
+    evaluation = evaluate_model(model, config, root, "test", keep=keep, runtime=runtime)
+    write_evaluation(evaluation, Run(run_dir).eval_dir("test"), "test")
+    row = {"family": config.model.family.value, "width": config.model.width, "augment": augment_label(config),
+           "parameters": count_parameters(model), **evaluation.scores}
+    cases = []
+    for kind, i in best_and_worst(evaluation.per_image, [len(test[i].cells) > 0 for i in range(len(test))]):
+        sample, dice = test[i], evaluation.per_image[i]["dice/mean"]
+        cases.append({"title": f"{label}: {kind} ({test.ids[i]}, Dice {dice:.2f})", "image": sample.cell_image,
+                      "probs": kept[i], "points": evaluation.points[i], "gt": sample.cells})
+    return row, cases
+
+
+def _write_report(report: Path, results: dict[str, dict], minutes: float, test_images: str) -> str:
+    """``results.json`` and ``README.md`` (the table and the pictures) in ``report``; returns the table."""
     header = ["model", "family", "width", "params", "augment", "loss", "Dice", "Dice BC", "Dice TC", "mIoU", "mF1"]
     rows = [[label, r["family"], str(r["width"]), f"{r['parameters']:,}", r["augment"], fmt(r["loss"]),
              fmt(r["dice/mean"]), fmt(r["dice/BC"]), fmt(r["dice/TC"]), fmt(r["miou"]), fmt(r["mf1"])]
             for label, r in results.items()]
     table = markdown_table(header, rows)
-    minutes = (time.time() - started) / 60
     machine = machine_line()
     (report / "results.json").write_text(json.dumps({"results": results, "minutes": minutes, "machine": machine,
                                                      "date": time.strftime("%Y-%m-%d")}, indent=1,
                                                     default=lambda v: None) + "\n")
     (report / "README.md").write_text(
         f"# equiseg demo report\n\n{time.strftime('%Y-%m-%d %H:%M')}, {machine}, {minutes:.1f} min in all.\n\n"
-        f"Test split of the synthetic data ({len(test)} images of {syn.size} px). Loss: Dice + cross-entropy; "
+        f"Test split of the synthetic data ({test_images}). Loss: Dice + cross-entropy; "
         "Dice and mIoU over background, BC and TC disks; mF1: OCELOT detection score (15 px).\n\n"
         f"{table}\n\n![loss curves](loss_curves.png)\n\n![good and bad cases](cases.png)\n")
-    say("\n" + table)
-    say(f"\nreport: {report} ({minutes:.1f} min)")
-    return report
+    return table
 
 
 def augment_label(config: Config) -> str:

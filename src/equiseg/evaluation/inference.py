@@ -184,32 +184,41 @@ def stream_blocks(model: nn.Module, read: WindowReader, height: int, width: int,
     results = window_probabilities(model, read, [window for block in blocks for window in block.windows], runtime)
     pieces: list[_Piece] = []  # from earlier blocks
     for block in blocks:
-        out = total = None
-        waiting = sorted(pieces, key=lambda piece: piece.order)
-        done = 0
-        for (row, col, h, w), probs in itertools.islice(results, len(block.windows)):
-            if out is None:
-                out = torch.zeros(probs.shape[0], block.bottom - block.top, block.right - block.left)
-                total = torch.zeros(block.bottom - block.top, block.right - block.left)
-            # the pieces of windows before this one (row-major) go first: that is each pixel's order of sums
-            while done < len(waiting) and waiting[done].order < (row, col):
-                _add_part(out, total, block, weight, waiting[done])
-                done += 1
-            terms = probs * weight[:h, :w]
-            _add_part(out, total, block, weight, _Piece((row, col), row, col, terms))
-            # what lies right of the region (in its rows), then below it: disjoint, so each term is summed once
-            inside = min(row + h, block.bottom) - row
-            if col + w > block.right:
-                pieces.append(_Piece((row, col), row, block.right, terms[:, :inside, block.right - col:].clone()))
-            if row + h > block.bottom:
-                pieces.append(_Piece((row, col), block.bottom, col, terms[:, inside:].clone()))
-        for piece in waiting[done:]:
-            _add_part(out, total, block, weight, piece)
-        yield block.top, block.left, out / total
+        probs = _finish_block(block, itertools.islice(results, len(block.windows)), pieces, weight)
+        yield block.top, block.left, probs
         # finished now: every row above this block's bottom, up to its right edge; a piece is
         # dropped once all of it lies there
         pieces = [piece for piece in pieces if piece.top + piece.terms.shape[1] > block.bottom
                   or piece.left + piece.terms.shape[2] > block.right]
+
+
+def _finish_block(block: WindowBlock, results: Iterator[tuple[tuple[int, int, int, int], torch.Tensor]],
+                  pieces: list[_Piece], weight: torch.Tensor) -> torch.Tensor:
+    """The probabilities (C, h, w) over ``block``'s region from its windows' ``results`` and the
+    ``pieces`` earlier blocks left in it, each pixel summing its windows in row-major order.
+    The parts of this block's windows that reach beyond its region are appended to ``pieces``."""
+    out = total = None
+    waiting = sorted(pieces, key=lambda piece: piece.order)
+    done = 0
+    for (row, col, h, w), probs in results:
+        if out is None:
+            out = torch.zeros(probs.shape[0], block.bottom - block.top, block.right - block.left)
+            total = torch.zeros(block.bottom - block.top, block.right - block.left)
+        # the pieces of windows before this one (row-major) go first: that is each pixel's order of sums
+        while done < len(waiting) and waiting[done].order < (row, col):
+            _add_part(out, total, block, weight, waiting[done])
+            done += 1
+        terms = probs * weight[:h, :w]
+        _add_part(out, total, block, weight, _Piece((row, col), row, col, terms))
+        # what lies right of the region (in its rows), then below it: disjoint, so each term is summed once
+        inside = min(row + h, block.bottom) - row
+        if col + w > block.right:
+            pieces.append(_Piece((row, col), row, block.right, terms[:, :inside, block.right - col:].clone()))
+        if row + h > block.bottom:
+            pieces.append(_Piece((row, col), block.bottom, col, terms[:, inside:].clone()))
+    for piece in waiting[done:]:
+        _add_part(out, total, block, weight, piece)
+    return out / total
 
 
 def _add_part(out: torch.Tensor, total: torch.Tensor, block: WindowBlock, weight: torch.Tensor,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from torchmetrics.functional.classification import multiclass_confusion_matrix
 
 from equiseg.data.targets import IGNORE_INDEX
 
@@ -17,15 +18,18 @@ def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
                      ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """(C, C) int64 counts, rows = target class, columns = predicted class; ``ignore_index`` skipped.
 
-    ``pred`` and ``target`` are class-index tensors of the same shape.
+    ``pred`` and ``target`` are class-index tensors of the same shape. Counted by torchmetrics
+    (``multiclass_confusion_matrix``); training keeps the
+    same counts in a :class:`~torchmetrics.classification.MulticlassConfusionMatrix`, which
+    the library sums across DDP processes.
     """
     if pred.shape != target.shape:
         raise ValueError(f"prediction {tuple(pred.shape)} and target {tuple(target.shape)} differ in shape")
-    keep = target != ignore_index
-    t, p = target[keep].long(), pred[keep].long()
-    if t.numel() and (t.max() >= num_classes or t.min() < 0):
+    kept = target[target != ignore_index]
+    if kept.numel() and (kept.max() >= num_classes or kept.min() < 0):  # torchmetrics would fail obscurely
         raise ValueError(f"target classes outside 0..{num_classes - 1} (other than {ignore_index})")
-    return torch.bincount(t * num_classes + p, minlength=num_classes**2).reshape(num_classes, num_classes).cpu()
+    return multiclass_confusion_matrix(pred.long(), target.long(), num_classes, ignore_index=ignore_index,
+                                       validate_args=True).long().cpu()
 
 
 def dice_per_class(cm: torch.Tensor | np.ndarray) -> np.ndarray:

@@ -11,7 +11,12 @@ import shutil
 import warnings
 from pathlib import Path
 
+import lightning as L
+from lightning.pytorch import loggers
+from lightning.pytorch.callbacks import ModelCheckpoint
+
 from equiseg.config import Config, ConfigError, SyntheticConfig
+from equiseg.data.context import ContextFn
 from equiseg.data.datamodule import SegmentationDataModule
 from equiseg.data.ocelot import DatasetError
 from equiseg.data.synthetic import generate_dataset
@@ -103,7 +108,7 @@ def check_data(root: Path) -> None:
 
 def build_loggers(config: Config, run_dir: Path) -> list:
     """CSV and TensorBoard always available; Comet (offline without a key) and MLflow when installed."""
-    from lightning.pytorch import loggers
+
 
     result = []
     for name in config.train.loggers:
@@ -150,10 +155,6 @@ def fit(config: Config | None, runs: Path | str = "runs", resume: Path | str | N
     ``resume`` continues the run in that folder from its last checkpoint (the config is the
     one stored there; pass ``config=None``). ``callbacks`` are extra Lightning callbacks.
     """
-    import lightning as L
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
-
     ckpt_path = None
     if resume is not None:
         run_dir = Path(resume)
@@ -161,43 +162,13 @@ def fit(config: Config | None, runs: Path | str = "runs", resume: Path | str | N
         if not ckpt_path.is_file():
             raise FileNotFoundError(f"{ckpt_path}: no last checkpoint to resume from")
         config = Run(run_dir).config()
-    synthetic = None if config.data.root else config.data.synthetic
-    if synthetic is not None and config.data.require_real:
-        raise ConfigError(REQUIRE_REAL)  # before generating data or any output of the run
-    rank_zero = int(os.environ.get("LOCAL_RANK", "0")) == 0
-    if synthetic is not None and rank_zero:
-        log.warning(synthetic_notice(synthetic))
-    root = data_root(config)
-    check_data(root)  # before any output of the run exists
-    try:  # a missing or wrong tissue model stops here too
-        context = run_context(config.data)
-    except (FileNotFoundError, ValueError) as error:
-        raise ConfigError(f"data.tissue_model: {error}") from None
-    # DDP re-launches this command once per extra process: they must join rank 0's folder
-    launched = os.environ.get(_RUN_DIR_ENV) if int(os.environ.get("LOCAL_RANK", "0")) > 0 else None
-    if launched:
-        run_dir = Path(launched)
-    else:
-        if run_dir is None:
-            run_dir = Run.create(runs, config.name).path
-        else:
-            run_dir = Path(run_dir)
-            run_dir.mkdir(parents=True, exist_ok=resume is not None)
-        Run(run_dir).record_start(config, root, synthetic and (synthetic_record(synthetic), synthetic_notice(synthetic)))
-        os.environ[_RUN_DIR_ENV] = str(run_dir.resolve())
-        if resume is not None:
-            _set_aside_metrics(run_dir)
-
+    root, context = _checked_inputs(config)
+    run_dir = _run_folder(config, root, runs, run_dir, resuming=resume is not None)
     L.seed_everything(config.train.seed, workers=True, verbose=False)
     data = SegmentationDataModule(root, config.task, config.data.radius, config.data.crop_size,
                                   config.data.train_fraction, config.data.batch_size, config.data.num_workers,
                                   config.train.seed, context=context)
     module = SegmentationModule(config.to_dict())
-    best = ModelCheckpoint(dirpath=Run(run_dir).checkpoints, filename="best", monitor="val/loss", mode="min",
-                           save_top_k=1, enable_version_counter=False)
-    # Lightning's save_last only writes when a best checkpoint is written; this one writes every epoch
-    last = ModelCheckpoint(dirpath=Run(run_dir).checkpoints, filename="last", monitor=None, save_top_k=1,
-                           enable_version_counter=False)
     # without progress output (studies, tests), Lightning's notices (devices, tips) stay quiet too
     with _lightning_notices(progress), warnings.catch_warnings():
         # Lightning's own deprecations and a notice about our GPU-side augmentation hook
@@ -205,27 +176,67 @@ def fit(config: Config | None, runs: Path | str = "runs", resume: Path | str | N
         warnings.filterwarnings("ignore", message=".*overridden `on_after_batch_transfer`.*")
         warnings.filterwarnings("ignore", message=".*exists and is not empty.*")  # resuming writes into it
         warnings.filterwarnings("ignore", message=".*all_gather is deprecated.*")
-        trainer = L.Trainer(
-            default_root_dir=run_dir,
-            max_epochs=config.train.epochs,
-            accelerator=config.train.accelerator,
-            devices=config.train.devices,
-            strategy=config.train.strategy,
-            precision=config.train.precision,
-            logger=build_loggers(config, run_dir),
-            callbacks=[best, last, *(callbacks or [])],
-            log_every_n_steps=1,
-            enable_progress_bar=progress,
-            enable_model_summary=progress,
-            limit_train_batches=config.train.limit_train_batches,
-            deterministic=False,
-        )
+        trainer = _trainer(config, run_dir, progress, callbacks or [])
         try:
             trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
         finally:
             if trainer.is_global_zero:
                 merge_metrics(run_dir)
     return run_dir
+
+
+def _checked_inputs(config: Config) -> tuple[Path, ContextFn | None]:
+    """The dataset folder (checked whole) and the tissue context of a run, before any output.
+
+    Refuses built-in synthetic data for ``data.require_real`` and otherwise says loudly that
+    it is used; a missing or wrong tissue model is a :class:`ConfigError`.
+    """
+    synthetic = None if config.data.root else config.data.synthetic
+    if synthetic is not None and config.data.require_real:
+        raise ConfigError(REQUIRE_REAL)  # before generating data or any output of the run
+    if synthetic is not None and int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        log.warning(synthetic_notice(synthetic))
+    root = data_root(config)
+    check_data(root)
+    try:
+        context = run_context(config.data)
+    except (FileNotFoundError, ValueError) as error:
+        raise ConfigError(f"data.tissue_model: {error}") from None
+    return root, context
+
+
+def _run_folder(config: Config, root: Path, runs: Path | str, run_dir: Path | str | None, resuming: bool) -> Path:
+    """The run folder, made and started (config, dataset, synthetic origin) by rank 0; DDP's other
+    processes, which re-launch this command, join rank 0's folder."""
+    launched = os.environ.get(_RUN_DIR_ENV) if int(os.environ.get("LOCAL_RANK", "0")) > 0 else None
+    if launched:
+        return Path(launched)
+    if run_dir is None:
+        run_dir = Run.create(runs, config.name).path
+    else:
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=resuming)
+    synthetic = None if config.data.root else config.data.synthetic
+    Run(run_dir).record_start(config, root, synthetic and (synthetic_record(synthetic), synthetic_notice(synthetic)))
+    os.environ[_RUN_DIR_ENV] = str(run_dir.resolve())
+    if resuming:
+        _set_aside_metrics(run_dir)
+    return run_dir
+
+
+def _trainer(config: Config, run_dir: Path, progress: bool, callbacks: list) -> L.Trainer:
+    """Lightning's Trainer for a run: its config's devices and precision, the run's loggers, and
+    two checkpoints (best by val/loss, and the last epoch)."""
+    best = ModelCheckpoint(dirpath=Run(run_dir).checkpoints, filename="best", monitor="val/loss", mode="min",
+                           save_top_k=1, enable_version_counter=False)
+    # Lightning's save_last only writes when a best checkpoint is written; this one writes every epoch
+    last = ModelCheckpoint(dirpath=Run(run_dir).checkpoints, filename="last", monitor=None, save_top_k=1,
+                           enable_version_counter=False)
+    return L.Trainer(default_root_dir=run_dir, max_epochs=config.train.epochs, accelerator=config.train.accelerator,
+                     devices=config.train.devices, strategy=config.train.strategy, precision=config.train.precision,
+                     logger=build_loggers(config, run_dir), callbacks=[best, last, *callbacks], log_every_n_steps=1,
+                     enable_progress_bar=progress, enable_model_summary=progress,
+                     limit_train_batches=config.train.limit_train_batches, deterministic=False)
 
 
 @contextlib.contextmanager

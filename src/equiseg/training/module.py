@@ -6,11 +6,13 @@ from typing import Any
 
 import lightning as L
 import torch
+from torchmetrics.classification import MulticlassConfusionMatrix
 
 from equiseg.config import Config
 from equiseg.data.augment import Augment, AugmentConfig
+from equiseg.data.targets import IGNORE_INDEX
 from equiseg.evaluation.losses import DiceCELoss
-from equiseg.evaluation.metrics import confusion_matrix, segmentation_scores
+from equiseg.evaluation.metrics import segmentation_scores
 
 
 class SegmentationModule(L.LightningModule):
@@ -32,7 +34,8 @@ class SegmentationModule(L.LightningModule):
         self.model = cfg.build_model()
         self.loss = DiceCELoss(cfg.train.dice_weight, cfg.train.ce_weight)
         self.augment = None if cfg.data.augment == AugmentConfig.none() else Augment(cfg.data.augment)
-        self._val_cm: torch.Tensor | None = None
+        # summed over the epoch and, under DDP, over processes by torchmetrics
+        self.val_confusion = MulticlassConfusionMatrix(len(self.class_names), ignore_index=IGNORE_INDEX)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return self.model(image)
@@ -49,20 +52,15 @@ class SegmentationModule(L.LightningModule):
                  sync_dist=True)
         return loss
 
-    def on_validation_epoch_start(self) -> None:
-        self._val_cm = torch.zeros(len(self.class_names), len(self.class_names), dtype=torch.long)
-
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         logits = self(batch["image"])
         loss = self.loss(logits, batch["target"])
         self.log("val/loss", loss, on_epoch=True, prog_bar=True, batch_size=len(batch["image"]), sync_dist=True)
-        self._val_cm += confusion_matrix(logits.argmax(1), batch["target"], len(self.class_names))
+        self.val_confusion.update(logits.argmax(1), batch["target"])
 
     def on_validation_epoch_end(self) -> None:
-        cm = self._val_cm.to(self.device)
-        if self.trainer.world_size > 1:
-            cm = self.all_gather(cm).sum(0)
-        scores = segmentation_scores(cm.cpu(), self.class_names)
+        scores = segmentation_scores(self.val_confusion.compute().cpu(), self.class_names)
+        self.val_confusion.reset()
         # every process holds the same summed matrix, so syncing averages equal values
         self.log("val/dice_mean", scores["dice/mean"], prog_bar=True, sync_dist=True)
         self.log("val/miou", scores["miou"], sync_dist=True)
