@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -200,8 +201,8 @@ def _from_plain(cls: type, data: Any, where: str) -> Any:
     unknown = set(data) - set(fields)
     if unknown:
         raise ConfigError(f"unknown key(s) {sorted(unknown)} in {where or 'config'}; known: {sorted(fields)}")
+    hints = typing.get_type_hints(cls)
     kwargs = {}
-    hints = {name: f.type for name, f in fields.items()}
     for name, raw in data.items():
         key = f"{where}.{name}" if where else name
         default = getattr(cls(), name) if _has_defaults(cls) else None
@@ -217,36 +218,41 @@ def _has_defaults(cls: type) -> bool:
                for f in dataclasses.fields(cls))
 
 
-def _convert(default: Any, raw: Any, key: str, hint: str) -> Any:
+def _convert(default: Any, raw: Any, key: str, hint: Any) -> Any:
+    """``raw`` (a YAML value) as the field's type ``hint`` (``int``, ``float | None``, an enum, a
+    nested dataclass, ...); the default tells augmentation presets and nested sections apart."""
+    args = typing.get_args(hint)
+    optional = type(None) in args
+    kind = next((a for a in args if a is not type(None)), hint) if args and typing.get_origin(hint) is not tuple else hint
     try:
         if isinstance(default, AugmentConfig):
             return AugmentConfig.preset(raw) if isinstance(raw, str) else AugmentConfig.from_dict(raw)
         if dataclasses.is_dataclass(default):
             return _from_plain(type(default), raw, key)
-        if isinstance(default, enum.Enum):
-            choices = [member.value for member in type(default)]
-            if raw not in choices:
-                raise ConfigError(f"{key}: {raw!r} is not one of {', '.join(map(str, choices))}")
-            return type(default)(raw)
-        if isinstance(default, tuple):
-            return tuple(raw) if isinstance(raw, (list, tuple)) else (raw,)
         if raw is None:
-            if "None" not in str(hint):
+            if not optional:
                 raise ConfigError(f"{key}: may not be empty")
             return None
-        if isinstance(default, bool) or "bool" in str(hint) and not isinstance(default, (int, float)):
+        if isinstance(kind, type) and issubclass(kind, enum.Enum):
+            choices = [member.value for member in kind]
+            if raw not in choices:
+                raise ConfigError(f"{key}: {raw!r} is not one of {', '.join(map(str, choices))}")
+            return kind(raw)
+        if typing.get_origin(kind) is tuple:
+            return tuple(raw) if isinstance(raw, (list, tuple)) else (raw,)
+        if kind is bool:
             if not isinstance(raw, bool):
                 raise ConfigError(f"{key}: expected true or false, got {raw!r}")
             return raw
-        if isinstance(default, float) or "float" in str(hint):
+        if kind is float:
             if isinstance(raw, bool) or not isinstance(raw, (int, float)):
                 raise ConfigError(f"{key}: expected a number, got {raw!r}")
-            return float(raw) if "int" not in str(hint) or isinstance(raw, float) else raw
-        if isinstance(default, int) or "int" in str(hint):
+            return float(raw)
+        if kind is int:
             if isinstance(raw, bool) or not isinstance(raw, int):
                 raise ConfigError(f"{key}: expected an integer, got {raw!r}")
             return raw
-        if isinstance(default, str) or "str" in str(hint):
+        if kind is str:
             return str(raw)
         return raw
     except ConfigError:

@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 
 from equiseg.config import DetectConfig
+from equiseg.data.ocelot import CELL_CLASSES
 
-CLASS_NAMES = {1: "BC", 2: "TC"}
 DISTANCE_CUTOFF = 15.0
 IMAGE_SIDE = 1024  # the official format holds 1024 x 1024 patches: x and y in 0..1023
 
@@ -352,7 +352,7 @@ def detection_scores(preds: list[np.ndarray], gts: list[np.ndarray], cutoff: flo
         raise ValueError(f"{len(preds)} predicted images but {len(gts)} ground-truth images")
     scores: dict[str, float] = {}
     unrounded: dict[str, float] = {}
-    for cls, name in CLASS_NAMES.items():
+    for cls, name in CELL_CLASSES.items():
         tp = fp = n_gt = 0
         for pred, gt in zip(preds, gts):
             a, b, c = match_counts(pred, gt, cls, cutoff, order)
@@ -440,7 +440,7 @@ def read_points_json(path: Path | str, num_images: int | None = None) -> list[np
             raise PointsFormatError(f"{where}: point must be [x, y, class] with ints")
         if not (0 <= point[0] < IMAGE_SIDE and 0 <= point[1] < IMAGE_SIDE):
             raise PointsFormatError(f"{where}: x and y must lie in 0..{IMAGE_SIDE - 1}")
-        if point[2] not in CLASS_NAMES:
+        if point[2] not in CELL_CLASSES:
             raise PointsFormatError(f"{where}: class must be 1 (BC) or 2 (TC)")
         if type(cell["probability"]) is not float or not 0.0 <= cell["probability"] <= 1.0:
             raise PointsFormatError(f"{where}: probability must be a float in [0, 1]")
