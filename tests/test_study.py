@@ -1,11 +1,18 @@
 """A study end to end, shrunk to seconds, and its resume."""
 
+import dataclasses
 import json
+import math
 
 import pytest
 import yaml
 
-from equiseg.study import StudyConfig, run_study
+import equiseg.runs
+import equiseg.study
+from equiseg.models import ConvFamily
+from equiseg.report.results import RunResult, StudyResult, from_json, load_cases, to_json
+from equiseg.report.study_report import write_report
+from equiseg.study import StudyConfig, evaluate_run, run_study
 
 TINY_BASE = {"model": {"family": "plain", "width": 4, "depth": 2},
              "data": {"synthetic": {"train": 4, "val": 1, "test": 2, "size": 64, "seed": 1}, "crop_size": 32,
@@ -23,7 +30,7 @@ def tiny_study(tmp_path, name, variants, fractions, **extra):
     return StudyConfig.from_yaml(path)
 
 
-def test_study_runs_reports_and_resumes_without_training(tmp_path):
+def test_study_runs_reports_and_resumes_without_training(tmp_path, monkeypatch):
     study = tiny_study(tmp_path, "tiny", {"plain": {"family": "plain"},
                                           "plain+heavy": {"family": "plain", "augment": "heavy"},
                                           "p4m": {"family": "p4m"}}, [0.5, 1.0])
@@ -35,17 +42,35 @@ def test_study_runs_reports_and_resumes_without_training(tmp_path):
     assert "data:image/png;base64," in html and "Reading" in html
     summary = (report.parent / "summary.md").read_text()
     assert "| p4m |" in summary and "±" in summary
-    results = json.loads((tmp_path / "out/results.json").read_text())["results"]
+    results = from_json(StudyResult, (tmp_path / "out/results.json").read_text()).results
     assert len(results) == 12
-    p4m = [r for r in results if r["variant"] == "p4m"]
-    assert all(r["certificate"]["test"]["group"] < 1e-5 for r in p4m)
-    plain = [r for r in results if r["variant"] == "plain"]
-    assert all("tta" in r for r in plain) and not any("tta" in r for r in p4m)
-    assert all(len(r["robustness"]) == 9 for r in results)  # 8 elements of D4 and 45 degrees
+    p4m = [r for r in results if r.variant == "p4m"]
+    assert all(r.certificate.test["group"] < 1e-5 for r in p4m)
+    plain = [r for r in results if r.variant == "plain"]
+    assert all(r.tta is not None for r in plain) and not any(r.tta is not None for r in p4m)
+    assert all(len(r.robustness) == 9 and sum(t.d4 for t in r.robustness) == 8 for r in results)  # D4 and 45°
     # the equivariant model scores the same under every D4 element
     for r in p4m:
-        d4 = [s["mf1"] for name, s in r["robustness"].items() if name != "rot45"]
+        d4 = [t.scores["mf1"] for t in r.robustness if t.d4]
         assert max(d4) - min(d4) < 1e-6
+    # the case figure's pictures were kept for each variant's first seed at the full fraction, and only there
+    first = [r for r in results if r.fraction == 1.0 and r.seed == 0]
+    assert sorted(r.variant for r in first) == ["p4m", "plain", "plain+heavy"]
+    assert all(r.cases_file and [c.kind for c in r.cases] == ["best", "worst"] for r in first)
+    assert not any(r.cases for r in results if r not in first)
+    pictures = first[0].case_pictures()
+    assert pictures[0][1].probs.shape == (3, 64, 64) and pictures[0][1].image.shape == (64, 64, 3)
+    assert load_cases(tmp_path / "out/runs/plain/f1/s0/cases.npz")["best"].probs.dtype.name == "float32"
+    # the report is a function of the results: it loads no model
+    def no_model(*args, **kwargs):
+        raise AssertionError("the report loaded a model")
+
+    monkeypatch.setattr(equiseg.study, "load_model", no_model)
+    monkeypatch.setattr(equiseg.runs, "load_model", no_model)
+    summary = from_json(StudyResult, (tmp_path / "out/results.json").read_text())
+    again = write_report(summary, tmp_path / "again")
+    assert (tmp_path / "again/cases.png").is_file() and "| p4m |" in (again.parent / "summary.md").read_text()
+    monkeypatch.undo()
     lines.clear()
     run_study(study, tmp_path / "out", say=lines.append)
     assert sum("reused" in line for line in lines) == 12 and not any("trained" in line for line in lines)
@@ -58,13 +83,13 @@ def test_study_with_tissue_context_trains_the_tissue_model_once_and_compares(tmp
     lines = []
     report = run_study(study, tmp_path / "out", say=lines.append)
     assert any(line.startswith("tissue model (p4m, width 2): trained") for line in lines)
-    data = json.loads((tmp_path / "out/results.json").read_text())
-    assert data["tissue"]["run_dir"] == str(tmp_path / "out/runs/_tissue") and "miou" in data["tissue"]["scores"]
-    with_context = [r for r in data["results"] if r["variant"] == "p4m+ctx"]
-    assert len(with_context) == 2 and all(r["context"] == "model" and "mf1" in r["oracle"] for r in with_context)
-    assert not any("oracle" in r for r in data["results"] if r["variant"] == "p4m")
+    data = from_json(StudyResult, (tmp_path / "out/results.json").read_text())
+    assert data.tissue.run_dir == str(tmp_path / "out/runs/_tissue") and "miou" in data.tissue.scores
+    with_context = [r for r in data.results if r.variant == "p4m+ctx"]
+    assert len(with_context) == 2 and all(r.context.value == "model" and "mf1" in r.oracle for r in with_context)
+    assert not any(r.oracle is not None for r in data.results if r.variant == "p4m")
     # the context model is exact too: the pair turns together, so its context channels turn with the image
-    assert all(r["certificate"]["test"]["group"] < 1e-5 for r in with_context)
+    assert all(r.certificate.test["group"] < 1e-5 for r in with_context)
     config = yaml.safe_load((tmp_path / "out/runs/p4m+ctx/f1/s0/config.yaml").read_text())
     assert config["data"]["tissue_model"] == str(tmp_path / "out/runs/_tissue")
     summary = (report.parent / "summary.md").read_text()
@@ -116,3 +141,38 @@ def test_a_study_on_a_real_data_base_refuses_synthetic_data_before_writing(tmp_p
     assert not (tmp_path / "out").exists()
     # the packaged GPU study asks for the synthetic world explicitly
     assert StudyConfig.from_yaml("study-gpu").base["data"]["require_real"] is False
+
+
+def test_a_run_result_survives_json_and_nan_is_null(tmp_path):
+    study = tiny_study(tmp_path, "json", {"plain": {"family": "plain"}}, [1.0], seeds=[0])
+    run_study(study, tmp_path / "out", say=lambda _: None)
+    text = (tmp_path / "out/runs/plain/f1/s0/study.json").read_text()
+    result = from_json(RunResult, text)
+    assert result.family is ConvFamily.PLAIN and result.tta is not None and result.oracle is None
+    scores = {k: v for k, v in result.scores.items() if not math.isnan(v)}
+    clean = dataclasses.replace(result, scores=scores, per_image=(), robustness=result.robustness[:1],
+                                cases=result.cases[:1])
+    clean = dataclasses.replace(clean, robustness=tuple(dataclasses.replace(t, scores={"mf1": 0.5})
+                                                        for t in clean.robustness))
+    assert from_json(RunResult, to_json(clean)) == clean
+    with_nan = dataclasses.replace(clean, scores={**scores, "mf1": math.nan})
+    written = to_json(with_nan)
+    assert json.loads(written)["scores"]["mf1"] is None and "NaN" not in written
+    assert math.isnan(from_json(RunResult, written).scores["mf1"])
+
+
+def test_an_old_cache_is_recomputed(tmp_path, monkeypatch):
+    study = tiny_study(tmp_path, "old", {"plain": {"family": "plain"}}, [1.0], seeds=[0])
+    run_study(study, tmp_path / "out", say=lambda _: None)
+    run_dir = tmp_path / "out/runs/plain/f1/s0"
+    old = {"parameters": 1, "family": "plain", "width": 4, "context": "none", "seconds": 0.1,
+           "scores": {"mf1": 0.5}, "per_image": [], "robustness": {"rot0": {"mf1": 0.5}},
+           "certificate": {"test": {"group": 0.1}, "group": "D4"}}
+    (run_dir / "study.json").write_text(json.dumps(old))
+    variant = study.variants[0]
+    result = evaluate_run(run_dir, tmp_path / "out/data", study, (variant, 1.0, 0), [])
+    assert result.variant == "plain" and len(result.robustness) == 9 and result.parameters > 1
+    assert (run_dir / "study.json").read_text() == to_json(result)  # as JSON: NaN scores are not equal to themselves
+    # and the new cache is read, not recomputed
+    monkeypatch.setattr(equiseg.study, "load_model", lambda *a, **k: pytest.fail("recomputed a current cache"))
+    assert to_json(evaluate_run(run_dir, tmp_path / "out/data", study, (variant, 1.0, 0), [])) == to_json(result)

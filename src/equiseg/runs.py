@@ -11,6 +11,7 @@
       metrics.csv             epoch and step metrics (earlier attempts of a resumed run folded in)
       tensorboard/            TensorBoard events
       study.json              a study's evaluation of this run (a cache)
+      cases.npz               a study's best and worst test image of this run, with probabilities
       eval-SPLIT/             what ``equiseg evaluate`` wrote
 
 Training (:func:`equiseg.training.fit.fit`) creates and fills it; every command that reads a
@@ -84,6 +85,11 @@ class Run:
     @property
     def study_cache(self) -> Path:
         return self.path / "study.json"
+
+    @property
+    def study_cases(self) -> Path:
+        """A study's best and worst test image of this run, with its probabilities (``cases.npz``)."""
+        return self.path / "cases.npz"
 
     @property
     def synthetic_file(self) -> Path:

@@ -40,12 +40,11 @@ with the tissue model's predictions, and also with the ground-truth tissue mask 
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -57,12 +56,28 @@ from equiseg.data.context import ContextFn, ContextKind, cached, truth_context
 from equiseg.data.datamodule import model_input
 from equiseg.data.ocelot import GrandChallengeInput, OcelotFolder
 from equiseg.evaluation.equivariance import GroupTTA, certificate
-from equiseg.evaluation.evaluate import evaluate_model
+from equiseg.evaluation.evaluate import Evaluation, evaluate_model
 from equiseg.evaluation.robustness import standard_transforms
 from equiseg.evaluation.tissue_context import run_context
 from equiseg.groups import D4
 from equiseg.models import ConvFamily, count_parameters, match_width, parameter_count
 from equiseg.presets import preset_path
+from equiseg.report.plots import best_and_worst
+from equiseg.report.results import (
+    Case,
+    CasePicture,
+    Certificate,
+    Result,
+    ResultFormatError,
+    RunResult,
+    StudyResult,
+    TissueResult,
+    TransformScores,
+    TTAResult,
+    from_json,
+    save_cases,
+    to_json,
+)
 from equiseg.report.study_report import write_report
 from equiseg.runs import Run, load_model
 from equiseg.runtime import Runtime
@@ -171,62 +186,122 @@ def matched_widths(study: StudyConfig) -> dict[str, int]:
     return {v.label: v.width or match_width(v.family, reference, depth) for v in study.variants}
 
 
-def _json_default(value):
-    if isinstance(value, float | np.floating) and math.isnan(value):
-        return None
-    if isinstance(value, np.integer | np.floating):
-        return value.item()
-    return None
+"""The pictures of a run's best and worst test image, beside its study.json."""
 
 
-def evaluate_run(run_dir: Path, root: Path, study: StudyConfig, gc_samples: list,
-                 contexts: dict[str, ContextFn] | None = None, runtime: Runtime | None = None) -> dict:
-    """Scores, robustness, certificate and (plain models) TTA of one trained run; cached in study.json.
+def evaluate_run(run_dir: Path, root: Path, study: StudyConfig, cell: tuple[Variant, float, int], gc_samples: list,
+                 contexts: dict[str, ContextFn] | None = None, runtime: Runtime | None = None,
+                 with_cases: bool = False) -> RunResult:
+    """Scores, robustness, certificate and (plain models) TTA of the trained run of ``cell``
+    (variant, fraction, seed); cached in the run's study.json.
 
     A model with tissue context is scored with its tissue model's predictions and, as
     ``oracle``, with the ground-truth tissue mask. ``contexts`` holds context functions shared
     between runs (keyed by tissue model, and "truth"), so each tissue map is computed once.
     ``runtime``: where and how the model runs (default: the CPU, batch 1, float32); the
-    certificate is always measured in float32 with TF32 off.
+    certificate is always measured in float32 with TF32 off. ``with_cases``: keep the best and
+    worst test image's pictures for the report (a cache without them is recomputed); until the
+    test split is done every image's probabilities are held as float16, C x H x W x 2 bytes each.
+    A cache that is not this version's (an older equiseg's) is recomputed too.
     """
 
     cache = Run(run_dir).study_cache
-    if cache.is_file():
-        return json.loads(cache.read_text())
+    known = _read_cache(cache, RunResult)
+    if known is not None and (not with_cases or (known.cases_file and (run_dir / known.cases_file).is_file())):
+        return known
     contexts = {} if contexts is None else contexts
     runtime = runtime or Runtime()
     model, config = load_model(run_dir, runtime.device)
     context = _study_context(config, contexts, runtime.device)
-    result: dict = {"parameters": count_parameters(model), "family": config.model.family.value,
-                    "width": config.model.width, "context": config.data.context.value}
+    # every test image's probabilities (float16, on the CPU) until the best and worst are known
+    kept: dict[int, np.ndarray] = {}
+
+    def keep(i: int, _: str, probs: torch.Tensor) -> None:
+        kept[i] = probs.half().cpu().numpy()
+
     start = time.perf_counter()
-    plain_eval = evaluate_model(model, config, root, "test", tile=None, context=context, runtime=runtime)
-    result["seconds"] = time.perf_counter() - start
-    result["scores"] = plain_eval.scores
-    result["per_image"] = plain_eval.per_image
+    plain_eval = evaluate_model(model, config, root, "test", tile=None, context=context, runtime=runtime,
+                                keep=keep if with_cases else None)
+    seconds = time.perf_counter() - start
+    oracle = None
     if context is not None:
         truth = contexts.setdefault("truth", cached(truth_context))
-        result["oracle"] = evaluate_model(model, config, root, "test", tile=None, context=truth, oracle=True,
-                                          runtime=runtime).scores
-    result["robustness"] = {t.name: evaluate_model(model, config, root, "test", tile=None, transform=t,
-                                                   context=context, runtime=runtime).scores
-                            for t in standard_transforms(study.angles)}
+        oracle = evaluate_model(model, config, root, "test", tile=None, context=truth, oracle=True,
+                                runtime=runtime).scores
+    variant, fraction, seed = cell
+    result = RunResult(
+        variant=variant.label, augment=variant.augment, fraction=fraction, seed=seed, run_dir=str(run_dir),
+        reused=False, parameters=count_parameters(model), family=config.model.family, width=config.model.width,
+        context=config.data.context, scores=plain_eval.scores, per_image=tuple(plain_eval.per_image),
+        seconds=seconds, oracle=oracle, robustness=_robustness(model, config, root, study, context, runtime),
+        certificate=_certificate(model, config, root, gc_samples, context),
+        tta=_tta(model, config, root, context, runtime))
+    if with_cases:
+        cases = _save_cases(Run(run_dir).study_cases, root, plain_eval, kept)
+        result = replace(result, cases=cases, cases_file=Run(run_dir).study_cases.name)
+    cache.write_text(to_json(result))
+    return result
+
+
+def _read_cache(path: Path, kind: type[Result]) -> Result | None:
+    """The result cached at ``path``; None when there is none or it is not this version's form."""
+    if not path.is_file():
+        return None
+    try:
+        return from_json(kind, path.read_text())
+    except ResultFormatError:
+        return None
+
+
+def _robustness(model: torch.nn.Module, config: Config, root: Path, study: StudyConfig, context: ContextFn | None,
+                runtime: Runtime) -> tuple[TransformScores, ...]:
+    """Test scores under each D4 element and each rotation by ``study.angles``."""
+    out = []
+    for t in standard_transforms(study.angles):
+        scores = evaluate_model(model, config, root, "test", tile=None, transform=t, context=context,
+                                runtime=runtime).scores
+        g = t.element
+        out.append(TransformScores(t.name, d4=g is not None, flip=g is not None and g.flip,
+                                   degrees=t.degrees if g is None else 90.0 * g.rotation, scores=scores))
+    return tuple(out)
+
+
+def _certificate(model: torch.nn.Module, config: Config, root: Path, gc_samples: list,
+                 context: ContextFn | None) -> Certificate:
+    """The equivariance certificate on (up to) four test images and, if given, the real patch(es)."""
     test = OcelotFolder(root, "test")
     samples = [test[i] for i in range(min(len(test), 4))]
     images = [model_input(s.cell_image, context and context(s)) for s in samples]
     group = config.model.family.group or D4
-    result["certificate"] = {"test": certificate(model, images, group), "group": group.name}
+    real = None
     if gc_samples:
         # the real patch, cropped to 512 px to keep it cheap; its context from the whole tissue patch
-        real = [model_input(s.cell_image, context and context(s))[:, 256:768, 256:768] for s in gc_samples]
-        result["certificate"]["real"] = certificate(model, real, group)
-    if config.model.family is ConvFamily.PLAIN:
-        tta = GroupTTA(model, D4)
-        start = time.perf_counter()
-        tta_eval = evaluate_model(tta, config, root, "test", tile=None, context=context, runtime=runtime)
-        result["tta"] = {"scores": tta_eval.scores, "seconds": time.perf_counter() - start}
-    cache.write_text(json.dumps(result, indent=1, default=_json_default) + "\n")
-    return result
+        crops = [model_input(s.cell_image, context and context(s))[:, 256:768, 256:768] for s in gc_samples]
+        real = certificate(model, crops, group)
+    return Certificate(group.name, certificate(model, images, group), real)
+
+
+def _tta(model: torch.nn.Module, config: Config, root: Path, context: ContextFn | None,
+         runtime: Runtime) -> TTAResult | None:
+    """D4 test-time augmentation of a plain model (None for the others: they are invariant already)."""
+    if config.model.family is not ConvFamily.PLAIN:
+        return None
+    start = time.perf_counter()
+    scores = evaluate_model(GroupTTA(model, D4), config, root, "test", tile=None, context=context,
+                            runtime=runtime).scores
+    return TTAResult(scores, time.perf_counter() - start)
+
+
+def _save_cases(path: Path, root: Path, evaluation: Evaluation, probs: dict[int, np.ndarray]) -> tuple[Case, ...]:
+    """Keep the best and worst test image (by Dice, among images with cells) and their pictures at ``path``."""
+    test = OcelotFolder(root, "test")
+    samples = [test[i] for i in range(len(test))]
+    chosen = best_and_worst(evaluation.per_image, [len(s.cells) > 0 for s in samples])
+    cases = tuple(Case(kind, i, evaluation.ids[i], evaluation.per_image[i]["dice/mean"]) for kind, i in chosen)
+    save_cases(path, {c.kind: CasePicture(samples[c.index].cell_image, probs[c.index],
+                                          np.asarray(evaluation.points[c.index]), np.asarray(samples[c.index].cells))
+                      for c in cases})
+    return cases
 
 
 def _study_context(config: Config, contexts: dict[str, ContextFn], device: torch.device | None = None
@@ -242,7 +317,7 @@ def _study_context(config: Config, contexts: dict[str, ContextFn], device: torch
 
 def run_study(study: StudyConfig, out: Path, say: Callable[[str], None] = print,
               runtime: Runtime | None = None) -> Path:
-    """Train and evaluate the whole matrix (reusing what is finished) and write the report.
+    """Train and evaluate the whole matrix (reusing what is finished), write results.json and the report.
 
     Training follows each run config's ``train.accelerator``; evaluation runs on ``runtime``
     (default: this machine's GPU when there is one, batch 1, float32).
@@ -263,47 +338,53 @@ def run_study(study: StudyConfig, out: Path, say: Callable[[str], None] = print,
     cells = [(v, f, s) for v in study.variants for f in study.fractions for s in study.seeds]
     say(f"study {study.name}: {len(study.variants)} variants x {len(study.fractions)} fractions x "
         f"{len(study.seeds)} seeds = {len(cells)} runs; widths {widths}")
-    results = []
     started = time.time()
-    tissue, contexts = None, {}
-    if study.uses_context:
-        tissue_dir = out / "runs" / "_tissue"
-        reused = train_or_reuse(study.tissue_config(str(root)), tissue_dir, progress=False)
-        tissue = evaluate_tissue(tissue_dir, root, runtime)
-        say(f"tissue model ({tissue['family']}, width {tissue['width']}): {'reused' if reused else 'trained'}; "
-            f"test Dice {tissue['scores']['dice/mean']:.3f}, mIoU {tissue['scores']['miou']:.3f}")
+    contexts: dict[str, ContextFn] = {}
+    tissue = _tissue_model(study, out, root, runtime, say) if study.uses_context else None
+    results = []
     for k, (variant, fraction, seed) in enumerate(cells, start=1):
         config = study.run_config(variant, fraction, seed, widths[variant.label], str(root),
-                                  tissue and tissue["run_dir"])
+                                  tissue and tissue.run_dir)
         run_dir = out / "runs" / variant.label / f"f{fraction:g}" / f"s{seed}"
         reused = train_or_reuse(config, run_dir, progress=False)
-        result = evaluate_run(run_dir, root, study, gc_samples, contexts, runtime)
-        results.append({"variant": variant.label, "augment": variant.augment, "fraction": fraction, "seed": seed,
-                        "run_dir": str(run_dir), "reused": reused, **result})
-        elapsed = (time.time() - started) / 60
+        # the report's case figure shows each variant's first seed at the full fraction
+        with_cases = fraction == max(study.fractions) and seed == study.seeds[0]
+        result = evaluate_run(run_dir, root, study, (variant, fraction, seed), gc_samples, contexts, runtime,
+                              with_cases)
+        results.append(replace(result, reused=reused))
         say(f"[{k}/{len(cells)}] {variant.label} f={fraction:g} s={seed}: "
-            f"{'reused' if reused else 'trained'}; mF1 {result['scores'].get('mf1', float('nan')):.3f}, "
-            f"Dice {result['scores']['dice/mean']:.3f} ({elapsed:.1f} min so far)")
-    (out / "results.json").write_text(json.dumps({"study": study.name, "results": results, "tissue": tissue},
-                                                 indent=1, default=_json_default) + "\n")
-    return write_report(study, results, root, out / "report", minutes=(time.time() - started) / 60, tissue=tissue,
-                        reused=sum(r["reused"] for r in results),
-                        context_for=lambda config: _study_context(config, contexts, runtime.device),
-                        runtime=runtime)
+            f"{'reused' if reused else 'trained'}; mF1 {result.scores.get('mf1', math.nan):.3f}, "
+            f"Dice {result.scores['dice/mean']:.3f} ({(time.time() - started) / 60:.1f} min so far)")
+    summary = StudyResult(study.name, tuple(results), len(OcelotFolder(root, "train")),
+                          len(OcelotFolder(root, "test")), minutes=(time.time() - started) / 60,
+                          reused=sum(r.reused for r in results), tissue=tissue)
+    (out / "results.json").write_text(to_json(summary))
+    return write_report(summary, out / "report")
 
 
-def evaluate_tissue(run_dir: Path, root: Path, runtime: Runtime | None = None) -> dict:
+def _tissue_model(study: StudyConfig, out: Path, root: Path, runtime: Runtime,
+                  say: Callable[[str], None]) -> TissueResult:
+    """Train (or reuse) and evaluate the study's tissue model in ``out/runs/_tissue``."""
+    tissue_dir = out / "runs" / "_tissue"
+    reused = train_or_reuse(study.tissue_config(str(root)), tissue_dir, progress=False)
+    tissue = evaluate_tissue(tissue_dir, root, runtime)
+    say(f"tissue model ({tissue.family.value}, width {tissue.width}): {'reused' if reused else 'trained'}; "
+        f"test Dice {tissue.scores['dice/mean']:.3f}, mIoU {tissue.scores['miou']:.3f}")
+    return tissue
+
+
+def evaluate_tissue(run_dir: Path, root: Path, runtime: Runtime | None = None) -> TissueResult:
     """The tissue model's test scores (Dice, mIoU), cached in study.json beside it."""
 
     cache = Run(run_dir).study_cache
-    if cache.is_file():
-        return json.loads(cache.read_text())
+    known = _read_cache(cache, TissueResult)
+    if known is not None:
+        return known
     runtime = runtime or Runtime()
     model, config = load_model(run_dir, runtime.device)
-    result = {"run_dir": str(run_dir), "family": config.model.family.value, "width": config.model.width,
-              "parameters": count_parameters(model),
-              "scores": evaluate_model(model, config, root, "test", tile=None, runtime=runtime).scores}
-    cache.write_text(json.dumps(result, indent=1, default=_json_default) + "\n")
+    result = TissueResult(str(run_dir), config.model.family, config.model.width, count_parameters(model),
+                          evaluate_model(model, config, root, "test", tile=None, runtime=runtime).scores)
+    cache.write_text(to_json(result))
     return result
 
 

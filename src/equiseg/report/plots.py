@@ -34,7 +34,15 @@ def read_epoch_metrics(run_dir: Path | str) -> dict[str, dict[int, float]]:
 
 
 def plot_loss_curves(runs: dict[str, Path], path: Path | str) -> Path:
-    """Training and validation loss per epoch, one colour per run (solid: train, dashed: val)."""
+    """Training and validation loss per epoch, one colour per run (solid: train, dashed: val), saved at ``path``."""
+    fig = loss_curves_figure(runs)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def loss_curves_figure(runs: dict[str, Path]) -> plt.Figure:
+    """The figure of :func:`plot_loss_curves`, not yet saved (the caller closes it)."""
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for k, (label, run_dir) in enumerate(runs.items()):
         metrics = read_epoch_metrics(run_dir)
@@ -50,17 +58,23 @@ def plot_loss_curves(runs: dict[str, Path], path: Path | str) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return fig
 
 
 def plot_cases(cases: list[dict], path: Path | str) -> Path:
-    """One row per case: image with ground truth, prediction overlay, probability map.
+    """One row per case: image with ground truth, prediction overlay, probability map; saved at ``path``.
 
     Each case is a dict with ``title``, ``image`` (H, W, 3) uint8, ``probs`` (C, H, W),
     ``points`` (N, 4) and ``gt`` (M, 3).
     """
+    fig = cases_figure(cases)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
+def cases_figure(cases: list[dict]) -> plt.Figure:
+    """The figure of :func:`plot_cases`, not yet saved (the caller closes it)."""
     rows = len(cases)
     fig, axes = plt.subplots(rows, 3, figsize=(10.5, 3.6 * rows), squeeze=False)
     for row, case in zip(axes, cases):
@@ -77,9 +91,7 @@ def plot_cases(cases: list[dict], path: Path | str) -> Path:
         row[0].text(-0.04, 0.5, case["title"], transform=row[0].transAxes, rotation=90, va="center", ha="right",
                     fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
+    return fig
 
 
 def fmt(value: float | None, digits: int = 3) -> str:
@@ -93,8 +105,6 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
-
-
 
 
 def best_and_worst(per_image: list[dict], has_cells: list[bool]) -> list[tuple[str, int]]:

@@ -1,0 +1,294 @@
+"""What a study measured, as typed results, and their one JSON form.
+
+A study (:mod:`equiseg.study`) evaluates each trained run into a :class:`RunResult`, caches it
+beside the run (``study.json``), and collects all of them with the tissue model's
+:class:`TissueResult` into a :class:`StudyResult` (``results.json``), which is all the study
+report (:mod:`equiseg.report.study_report`) reads. These types live in ``report/`` because the
+report sits below the study.
+
+JSON has no NaN: :func:`to_json` writes NaN as ``null`` and :func:`from_json` reads a ``null``
+score back as NaN; nowhere else converts. Scores are ``{name: value}`` as
+:func:`~equiseg.evaluation.evaluate.evaluate_model` gives them (``dice/mean``, ``mf1``, ...).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+
+from equiseg.data.context import ContextKind
+from equiseg.models import ConvFamily
+
+Scores = dict[str, float]
+
+FORMAT = 2
+"""The version of the JSON form; a file of another version is not read (a cache is recomputed)."""
+
+
+class ResultFormatError(ValueError):
+    """A results file that is not this version's JSON form (e.g. a cache written by an older equiseg)."""
+
+
+@dataclass(frozen=True)
+class TransformScores:
+    """Test scores with every test image (and its labels) transformed, see :mod:`equiseg.evaluation.robustness`.
+
+    ``d4``: the transform is an element of D4, an exact permutation of the pixels (a model exact
+    for D4 scores the same under all of them); else a resampled rotation. ``degrees``: its
+    rotation, counter-clockwise as shown; ``flip``: mirrored left-right first.
+    """
+
+    name: str
+    d4: bool
+    flip: bool
+    degrees: float
+    scores: Scores
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TransformScores:
+        return cls(str(d["name"]), bool(d["d4"]), bool(d["flip"]), float(d["degrees"]), _scores(d["scores"]))
+
+
+@dataclass(frozen=True)
+class Certificate:
+    """Measured equivariance (:func:`~equiseg.evaluation.equivariance.certificate`): ``{"group": ...,
+    "rot45": ...}`` relative errors for ``group`` (the family's, D4 for plain models) on the test
+    images and, when a Grand Challenge input was given, on the real patch (else None)."""
+
+    group: str
+    test: Scores
+    real: Scores | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Certificate:
+        return cls(str(d["group"]), _scores(d["test"]), None if d["real"] is None else _scores(d["real"]))
+
+
+@dataclass(frozen=True)
+class TTAResult:
+    """Test scores of a model averaged over D4 at test time, and the seconds the test set took."""
+
+    scores: Scores
+    seconds: float
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TTAResult:
+        return cls(_scores(d["scores"]), float(d["seconds"]))
+
+
+@dataclass(frozen=True)
+class Case:
+    """One test image kept for the report's case figure: the ``kind`` of case ("best" or "worst"
+    by per-image Dice, see :func:`~equiseg.report.plots.best_and_worst`), which image and its
+    Dice. Its pictures are in the run's cases file (:func:`save_cases`)."""
+
+    kind: str
+    index: int
+    image_id: str
+    dice: float
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Case:
+        return cls(str(d["kind"]), int(d["index"]), str(d["image_id"]), _float(d["dice"]))
+
+
+@dataclass(frozen=True)
+class CasePicture:
+    """What the case figure draws of one :class:`Case`: the cell image (H, W, 3) uint8, the
+    model's probabilities (C, H, W) (stored as float16), its points (N, 4: x, y, class,
+    probability) and the true cells (M, 3: x, y, class); px, (x, y) = (column, row)."""
+
+    image: np.ndarray
+    probs: np.ndarray
+    points: np.ndarray
+    gt: np.ndarray
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """One cell of the study matrix (variant, training fraction, seed), evaluated on the test split.
+
+    ``reused``: the run was trained by an earlier invocation. ``seconds``: the test set's
+    inference time. ``oracle``: scores with the ground-truth tissue mask as context (context
+    variants only, else None). ``tta``: D4 test-time augmentation (plain models only, else
+    None). ``cases``: the best and worst test image, kept for the first seed at the full
+    fraction (else empty), their pictures in ``run_dir / cases_file``.
+    """
+
+    variant: str
+    augment: str
+    fraction: float
+    seed: int
+    run_dir: str
+    reused: bool
+    parameters: int
+    family: ConvFamily
+    width: int
+    context: ContextKind
+    scores: Scores
+    per_image: tuple[Scores, ...]
+    seconds: float
+    robustness: tuple[TransformScores, ...]
+    certificate: Certificate
+    oracle: Scores | None = None
+    tta: TTAResult | None = None
+    cases: tuple[Case, ...] = ()
+    cases_file: str | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RunResult:
+        return cls(
+            variant=str(d["variant"]), augment=str(d["augment"]), fraction=float(d["fraction"]), seed=int(d["seed"]),
+            run_dir=str(d["run_dir"]), reused=bool(d["reused"]), parameters=int(d["parameters"]),
+            family=ConvFamily(d["family"]), width=int(d["width"]), context=ContextKind(d["context"]),
+            scores=_scores(d["scores"]), per_image=tuple(_scores(p) for p in d["per_image"]),
+            seconds=float(d["seconds"]), robustness=tuple(TransformScores.from_dict(t) for t in d["robustness"]),
+            certificate=Certificate.from_dict(d["certificate"]),
+            oracle=None if d["oracle"] is None else _scores(d["oracle"]),
+            tta=None if d["tta"] is None else TTAResult.from_dict(d["tta"]),
+            cases=tuple(Case.from_dict(c) for c in d["cases"]), cases_file=d["cases_file"])
+
+    def case_pictures(self) -> list[tuple[Case, CasePicture]]:
+        """Each kept case with its pictures, read from the cases file."""
+        if self.cases_file is None:
+            return []
+        pictures = load_cases(Path(self.run_dir) / self.cases_file)
+        return [(case, pictures[case.kind]) for case in self.cases]
+
+
+@dataclass(frozen=True)
+class TissueResult:
+    """The tissue model that gives the context variants their tissue maps, and its test scores."""
+
+    run_dir: str
+    family: ConvFamily
+    width: int
+    parameters: int
+    scores: Scores
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TissueResult:
+        return cls(str(d["run_dir"]), ConvFamily(d["family"]), int(d["width"]), int(d["parameters"]),
+                   _scores(d["scores"]))
+
+
+@dataclass(frozen=True)
+class StudyResult:
+    """A whole study: every run's result in matrix order (variant, fraction, seed), the tissue
+    model (None without context variants), the dataset's split sizes, and the ``minutes`` of
+    the invocation that made it, of which ``reused`` runs had been trained before."""
+
+    study: str
+    results: tuple[RunResult, ...]
+    train_images: int
+    test_images: int
+    minutes: float
+    reused: int
+    tissue: TissueResult | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict) -> StudyResult:
+        return cls(str(d["study"]), tuple(RunResult.from_dict(r) for r in d["results"]), int(d["train_images"]),
+                   int(d["test_images"]), float(d["minutes"]), int(d["reused"]),
+                   None if d["tissue"] is None else TissueResult.from_dict(d["tissue"]))
+
+    @property
+    def variants(self) -> list[str]:
+        """Variant labels in study order."""
+        return list(dict.fromkeys(r.variant for r in self.results))
+
+    @property
+    def fractions(self) -> list[float]:
+        return sorted({r.fraction for r in self.results})
+
+    @property
+    def seeds(self) -> list[int]:
+        return sorted({r.seed for r in self.results})
+
+    @property
+    def full(self) -> float:
+        """The largest training fraction, at which robustness, certificate and TTA are compared."""
+        return max(self.fractions)
+
+    def runs(self, variant: str, fraction: float) -> list[RunResult]:
+        """The runs (one per seed) of ``variant`` at ``fraction``."""
+        return [r for r in self.results if r.variant == variant and r.fraction == fraction]
+
+
+Result = TypeVar("Result", RunResult, TissueResult, StudyResult)
+
+
+def to_json(result: RunResult | TissueResult | StudyResult) -> str:
+    """The JSON form of a result (with its format version); NaN is written as null."""
+    return json.dumps({"format": FORMAT, **_plain(result)}, indent=1, allow_nan=False) + "\n"
+
+
+def from_json(kind: type[Result], text: str) -> Result:
+    """Read a result of type ``kind`` written by :func:`to_json`; null scores come back as NaN.
+
+    Raises:
+        ResultFormatError: ``text`` is not this version's form of ``kind``.
+    """
+    try:
+        data = json.loads(text)
+        if data.get("format") != FORMAT:
+            raise ResultFormatError(f"format {data.get('format')!r}, not {FORMAT}")
+        return kind.from_dict(data)
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        raise ResultFormatError(f"not a {kind.__name__} of format {FORMAT}: {error!r}") from error
+
+
+def save_cases(path: Path, pictures: dict[str, CasePicture]) -> Path:
+    """Write the pictures of a run's cases (keyed by case kind) to ``path`` (.npz); probabilities
+    as float16, which is plenty for a picture and halves the file."""
+    arrays = {}
+    for kind, picture in pictures.items():
+        arrays |= {f"{kind}.image": picture.image, f"{kind}.probs": picture.probs.astype(np.float16),
+                   f"{kind}.points": picture.points, f"{kind}.gt": picture.gt}
+    np.savez_compressed(path, **arrays)
+    return path
+
+
+def load_cases(path: Path) -> dict[str, CasePicture]:
+    """The pictures :func:`save_cases` wrote, keyed by case kind; probabilities as float32."""
+    with np.load(path) as data:
+        kinds = dict.fromkeys(name.split(".")[0] for name in data.files)
+        return {kind: CasePicture(data[f"{kind}.image"], data[f"{kind}.probs"].astype(np.float32),
+                                  data[f"{kind}.points"], data[f"{kind}.gt"]) for kind in kinds}
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as JSON values: dataclasses as dicts, enums by value, NaN as None (the only place)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, bool | np.bool_):
+        return bool(value)
+    if isinstance(value, int | np.integer):
+        return int(value)
+    if isinstance(value, float | np.floating):
+        return None if math.isnan(value) else float(value)
+    return value
+
+
+def _float(value: float | None) -> float:
+    return math.nan if value is None else float(value)
+
+
+def _scores(d: dict) -> Scores:
+    # counts (tp/BC, ...) stay ints, so that a result reads back exactly as it was written
+    return {str(k): v if isinstance(v, int) else _float(v) for k, v in d.items()}
