@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 
 from equiseg.config import Config
-from equiseg.data.augment import AugmentConfig
 from equiseg.data.ocelot import OcelotFolder
 from equiseg.evaluation.evaluate import evaluate_model, write_evaluation
 from equiseg.models import count_parameters
@@ -47,7 +46,7 @@ def run_demo(out: Path, epochs: int | None = None, say: Callable[[str], None] = 
     say(f"equiseg demo: the seed's comparison, small, on 2 CPU cores (expected: about 12 minutes).\n"
         f"  1. synthetic data: {syn.train} train / {syn.val} val / {syn.test} test pairs of {syn.size}x{syn.size} px\n"
         f"  2. train isotropic U-Net width {iso.model.width} (no augmentation) and plain U-Net width "
-        f"{plain.model.width} ({augment_label(plain)} augmentation), matched parameter counts, {iso.train.epochs} epochs each on {iso.data.crop_size} px crops\n"
+        f"{plain.model.width} ({plain.data.augment.preset_name} augmentation), matched parameter counts, {iso.train.epochs} epochs each on {iso.data.crop_size} px crops\n"
         f"  3. evaluate both on the test split (loss, Dice, mIoU, OCELOT mF1) and write {out / 'report'}")
     out.mkdir(parents=True, exist_ok=True)
     root = generate_synthetic(out / "data", syn)
@@ -88,7 +87,7 @@ def _evaluate(label: str, run_dir: Path, root: Path, test: OcelotFolder, runtime
 
     evaluation = evaluate_model(model, config, root, "test", keep=keep, runtime=runtime)
     write_evaluation(evaluation, Run(run_dir).eval_dir("test"), "test")
-    row = {"family": config.model.family.value, "width": config.model.width, "augment": augment_label(config),
+    row = {"family": config.model.family.value, "width": config.model.width, "augment": config.data.augment.preset_name,
            "parameters": count_parameters(model), **evaluation.scores}
     cases = []
     for kind, i in best_and_worst(evaluation.per_image, [len(test[i].cells) > 0 for i in range(len(test))]):
@@ -116,11 +115,3 @@ def _write_report(report: Path, results: dict[str, dict], minutes: float, test_i
         f"{table}\n\n![loss curves](loss_curves.png)\n\n![good and bad cases](cases.png)\n")
     return table
 
-
-def augment_label(config: Config) -> str:
-    """The preset name of a config's augmentation, or "custom"."""
-
-    for name in ("none", "heavy", "non_symmetry"):
-        if config.data.augment == AugmentConfig.preset(name):
-            return name
-    return "custom"

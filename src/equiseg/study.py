@@ -52,6 +52,7 @@ import torch
 import yaml
 
 from equiseg.config import Config, ConfigError, apply_overrides
+from equiseg.data.augment import AugmentPreset
 from equiseg.data.context import ContextFn, ContextKind, cached, truth_context
 from equiseg.data.datamodule import model_input
 from equiseg.data.ocelot import GrandChallengeInput, OcelotFolder
@@ -93,7 +94,7 @@ class Variant:
 
     label: str
     family: ConvFamily
-    augment: str = "none"
+    augment: AugmentPreset = AugmentPreset.NONE
     width: int | None = None
     context: ContextKind = ContextKind.NONE
 
@@ -137,9 +138,10 @@ class StudyConfig:
                                   "'context'")
             try:
                 family, context = ConvFamily(spec["family"]), ContextKind(spec.get("context", "none"))
+                augment = AugmentPreset(spec.get("augment", "none"))
             except ValueError as error:
                 raise ConfigError(f"{path}: variant {label!r}: {error}") from None
-            variants.append(Variant(label, family, spec.get("augment", "none"), spec.get("width"), context))
+            variants.append(Variant(label, family, augment, spec.get("width"), context))
         if not variants:
             raise ConfigError(f"{path}: no variants")
         fractions = tuple(float(f) for f in data.get("fractions", (0.25, 1.0)))
@@ -169,7 +171,7 @@ class StudyConfig:
         if self.equal_steps:
             epochs = max(1, round(epochs / fraction))
         overrides = [f"name={variant.label}-f{fraction:g}-s{seed}", f"model.family={variant.family.value}",
-                     f"model.width={width}", f"data.augment={variant.augment}", f"data.train_fraction={fraction}",
+                     f"model.width={width}", f"data.augment={variant.augment.value}", f"data.train_fraction={fraction}",
                      f"train.seed={seed}", f"train.epochs={epochs}", f"data.root={data_root}"]
         if variant.context is not ContextKind.NONE:
             if tissue_model is None:
@@ -230,7 +232,7 @@ def evaluate_run(run_dir: Path, root: Path, study: StudyConfig, cell: tuple[Vari
                                 runtime=runtime).scores
     variant, fraction, seed = cell
     result = RunResult(
-        variant=variant.label, augment=variant.augment, fraction=fraction, seed=seed, run_dir=str(run_dir),
+        variant=variant.label, augment=variant.augment.value, fraction=fraction, seed=seed, run_dir=str(run_dir),
         reused=False, parameters=count_parameters(model), family=config.model.family, width=config.model.width,
         context=config.data.context, scores=plain_eval.scores, per_image=tuple(plain_eval.per_image),
         seconds=seconds, oracle=oracle, robustness=_robustness(model, config, root, study, context, runtime),

@@ -347,3 +347,11 @@ def test_heavy_runs_on_a_realistic_batch():
     for name, m in masks.items():
         assert out_masks[name].shape == m.shape and out_masks[name].dtype == m.dtype
         assert set(out_masks[name].unique().tolist()) <= set(m.unique().tolist()) | {IGNORE_INDEX}
+
+
+def test_a_config_knows_which_preset_it_is():
+    from equiseg.data.augment import AugmentPreset
+
+    for preset in AugmentPreset:
+        assert AugmentConfig.preset(preset).preset_name == preset.value == AugmentConfig.preset(preset.value).preset_name
+    assert AugmentConfig.from_dict({"noise": {"p": 1.0, "std": 0.1}}).preset_name == "custom"

@@ -32,6 +32,7 @@ mask stays one, since nearest sampling only copies values.
 
 from __future__ import annotations
 
+import enum
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
@@ -200,6 +201,15 @@ class StainJitter:
         return self.p > 0 and (self.sigma > 0 or self.bias > 0)
 
 
+class AugmentPreset(enum.Enum):
+    """The named augmentations (``data.augment: heavy``): none, the baseline's heavy pipeline,
+    and the heavy pipeline without the symmetries an equivariant model already has."""
+
+    NONE = "none"
+    HEAVY = "heavy"
+    NON_SYMMETRY = "non_symmetry"
+
+
 @dataclass(frozen=True)
 class AugmentConfig:
     """Which augmentations run, how often and how strongly; all off by default.
@@ -247,12 +257,25 @@ class AugmentConfig:
         return replace(cls.heavy(), dihedral=Dihedral(), rotation=Rotation())
 
     @classmethod
-    def preset(cls, name: str) -> AugmentConfig:
-        """The preset called ``name``: ``"none"``, ``"heavy"`` or ``"non_symmetry"``."""
-        presets = {"none": cls.none, "heavy": cls.heavy, "non_symmetry": cls.non_symmetry}
-        if name not in presets:
-            raise ValueError(f"unknown augmentation preset {name!r}; choose from {sorted(presets)}")
-        return presets[name]()
+    def preset(cls, name: AugmentPreset | str) -> AugmentConfig:
+        """The preset called ``name`` (an :class:`AugmentPreset` or its value)."""
+        try:
+            preset = AugmentPreset(name)
+        except ValueError:
+            raise ValueError(f"unknown augmentation preset {name!r}; choose from "
+                             f"{[p.value for p in AugmentPreset]}") from None
+        match preset:
+            case AugmentPreset.NONE:
+                return cls.none()
+            case AugmentPreset.HEAVY:
+                return cls.heavy()
+            case AugmentPreset.NON_SYMMETRY:
+                return cls.non_symmetry()
+
+    @property
+    def preset_name(self) -> str:
+        """The name of the preset this config equals, or ``"custom"``."""
+        return next((p.value for p in AugmentPreset if self == AugmentConfig.preset(p)), "custom")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Mapping[str, float]]) -> AugmentConfig:
