@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from equiseg import build_model
 from equiseg.cli import app
-from equiseg.data.ocelot import image_to_tensor
+from equiseg.data.ocelot import as_rgb, image_to_tensor, read_rgb
 from equiseg.evaluation import inference, predict
 from equiseg.evaluation.detection import BlockDetector, detect_cells, find_cells, peak_candidates, read_points_json
 from equiseg.evaluation.inference import (
@@ -21,7 +21,7 @@ from equiseg.evaluation.inference import (
     window_blocks,
     window_probabilities,
 )
-from equiseg.evaluation.predict import ImageReading, RgbFile, predict_file, predict_files, read_rgb
+from equiseg.evaluation.predict import ImageReading, RgbFile, predict_file, predict_files
 from equiseg.report.pictures import prediction_overlay, probability_picture
 from equiseg.runs import save_model
 from equiseg.runtime import Runtime
@@ -248,7 +248,7 @@ def test_cli_no_probs_writes_no_probability_maps_and_says_why_no_json(tmp_path):
 
 def test_uint16_scaling_matches_round_of_v_over_257():
     values = np.arange(65536, dtype=np.uint16).reshape(256, 256)
-    np.testing.assert_array_equal(predict._as_rgb(values)[..., 0], (values / 257).round().astype(np.uint8))
+    np.testing.assert_array_equal(as_rgb(values)[..., 0], (values / 257).round().astype(np.uint8))
 
 
 @pytest.mark.parametrize(("options", "reading"), [

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import tifffile
 import torch
 from PIL import Image
 
@@ -148,14 +149,44 @@ def read_metadata(path: Path | str) -> dict[str, PairMeta]:
     return {sid: parse_pair(sid, record, path) for sid, record in data["sample_pairs"].items()}
 
 
+def read_rgb(path: Path | str) -> np.ndarray:
+    """An image file (JPEG, PNG, TIFF) as (H, W, 3) uint8, decoded whole: the one decoder of RGB
+    images (dataset readers and ``equiseg predict`` alike). Grey and RGBA are converted, 16-bit
+    TIFF scaled (round(v / 257)); TIFF through tifffile, everything else through Pillow."""
+    path = Path(path)
+    if path.suffix.lower() in (".tif", ".tiff"):
+        array = tifffile.imread(path)
+        if array.ndim == 4 and array.shape[0] == 1:
+            array = array[0]
+        if array.ndim == 3 and array.shape[0] in (3, 4) and array.shape[-1] not in (3, 4):
+            array = np.moveaxis(array, 0, -1)  # channels first -> last
+        if array.dtype not in (np.uint8, np.uint16) or not (
+                array.ndim == 2 or (array.ndim == 3 and array.shape[-1] in (3, 4))):
+            raise ValueError(f"{path}: expected an RGB image, got shape {array.shape} {array.dtype}")
+        return as_rgb(array)
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def as_rgb(array: np.ndarray) -> np.ndarray:
+    """Pixels as RGB uint8: (h, w), (h, w, 1), (h, w, 3) or (h, w, 4) uint8 or uint16 -> (h, w, 3) uint8."""
+    if array.dtype == np.uint16:
+        # round(v / 257) in integers: v / 257 never ends in .5 (257 is odd), and no float copy
+        array = ((array.astype(np.uint32) + 128) // 257).astype(np.uint8)
+    if array.ndim == 2:
+        array = array[..., None]
+    if array.shape[-1] == 1:
+        array = np.repeat(array, 3, axis=-1)
+    return np.ascontiguousarray(array[..., :3])
+
+
 def read_image(path: Path, shape: tuple[int, int] | None = None) -> np.ndarray:
-    """An RGB image as (H, W, 3) uint8; ``shape`` (H, W) is checked when given."""
+    """An RGB image of a dataset (:func:`read_rgb`); ``shape`` (H, W) is checked when given."""
     if not path.is_file():
         raise DatasetError(path, "missing")
     try:
-        with Image.open(path) as image:
-            array = np.asarray(image.convert("RGB") if image.mode != "RGB" else image)
-    except (OSError, SyntaxError, ValueError) as error:
+        array = read_rgb(path)
+    except (OSError, SyntaxError, ValueError, tifffile.TiffFileError) as error:
         raise DatasetError(path, f"unreadable or truncated image ({error})") from None
     if shape is not None and array.shape[:2] != tuple(shape):
         raise DatasetError(path, f"size {array.shape[1]}x{array.shape[0]}, expected {shape[1]}x{shape[0]}")
@@ -285,8 +316,6 @@ class GrandChallengeInput(Sequence[Sample]):
     """
 
     def __init__(self, root: Path | str) -> None:
-        import tifffile
-
         self.root = Path(root)
         data = _load_json(self.root / "metadata.json")
         if not isinstance(data, list):
@@ -379,8 +408,6 @@ def write_pair(root: Path | str, split: str, sample_id: str, cell_image: np.ndar
 
 def write_grand_challenge(root: Path | str, samples: Sequence[Sample]) -> Path:
     """Write samples as a Grand Challenge input folder (stacked TIFFs, list metadata)."""
-    import tifffile
-
     root = Path(root)
     for kind, attr in (("cell_patches", "cell_image"), ("tissue_patches", "tissue_image")):
         (root / "images" / kind).mkdir(parents=True, exist_ok=True)

@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 from equiseg.config import Config
-from equiseg.data.ocelot import image_to_tensor
+from equiseg.data.ocelot import as_rgb, image_to_tensor, read_rgb
 from equiseg.data.targets import Task
 from equiseg.evaluation.detection import BlockDetector, official_format_refusal, write_points_json
 from equiseg.evaluation.inference import model_runtime, stream_blocks
@@ -34,36 +34,6 @@ from equiseg.runtime import Runtime
 PICTURE_SIDE = 4096  # px: the pictures of a larger image keep every k-th row and column
 JSON_NAME = "cell_classification.json"
 SEGMENT_CACHE_BYTES = 64 * 2**20  # decoded TIFF tiles or strips that RgbFile keeps for the next windows
-
-
-def read_rgb(path: Path | str) -> np.ndarray:
-    """An image file (JPEG, PNG, TIFF) as (H, W, 3) uint8, decoded whole; grey and RGBA are
-    converted, 16-bit scaled (round(v / 257))."""
-    path = Path(path)
-    if path.suffix.lower() in (".tif", ".tiff"):
-        array = tifffile.imread(path)
-        if array.ndim == 4 and array.shape[0] == 1:
-            array = array[0]
-        if array.ndim == 3 and array.shape[0] in (3, 4) and array.shape[-1] not in (3, 4):
-            array = np.moveaxis(array, 0, -1)  # channels first -> last
-        if array.dtype not in (np.uint8, np.uint16) or not (
-                array.ndim == 2 or (array.ndim == 3 and array.shape[-1] in (3, 4))):
-            raise ValueError(f"{path}: expected an RGB image, got shape {array.shape} {array.dtype}")
-        return _as_rgb(array)
-    with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"))
-
-
-def _as_rgb(array: np.ndarray) -> np.ndarray:
-    """(h, w), (h, w, 1), (h, w, 3) or (h, w, 4) uint8 or uint16 -> (h, w, 3) uint8."""
-    if array.dtype == np.uint16:
-        # round(v / 257) in integers: v / 257 never ends in .5 (257 is odd), and no float copy
-        array = ((array.astype(np.uint32) + 128) // 257).astype(np.uint8)
-    if array.ndim == 2:
-        array = array[..., None]
-    if array.shape[-1] == 1:
-        array = np.repeat(array, 3, axis=-1)
-    return np.ascontiguousarray(array[..., :3])
 
 
 class ImageReading(enum.Enum):
@@ -85,7 +55,7 @@ class RgbFile:
     which ``tifffile.imread(aszarr=True)`` needs, is not a dependency). A strip spans the whole
     width, so a wide stripped TIFF decodes each strip once per block column that needs it.
     Anything else is decoded whole into (H, W, 3) uint8, never float. Conversion as
-    :func:`read_rgb`. :meth:`close` it after use.
+    :func:`~equiseg.data.ocelot.read_rgb`. :meth:`close` it after use.
 
     Attributes:
         path: the file.
@@ -153,7 +123,7 @@ class RgbFile:
                     handle.seek(start + i * self.width * pixel_bytes)
                     raw[i * (right - left) * samples:(i + 1) * (right - left) * samples] = np.frombuffer(
                         handle.read(length), dtype)
-            return _as_rgb(raw.reshape(bottom - top, right - left, samples))
+            return as_rgb(raw.reshape(bottom - top, right - left, samples))
         seg_height, seg_width = (page.tilelength, page.tilewidth) if page.is_tiled else (page.rowsperstrip, self.width)
         across = -(-self.width // seg_width)
         raw = np.zeros((bottom - top, right - left, samples), dtype)  # empty segments are zeros, as in tifffile
@@ -166,7 +136,7 @@ class RgbFile:
                 a, b = max(y, top), min(y + segment.shape[0], bottom)
                 c, d = max(x, left), min(x + segment.shape[1], right)
                 raw[a - top:b - top, c - left:d - left] = segment[a - y:b - y, c - x:d - x]
-        return _as_rgb(raw)
+        return as_rgb(raw)
 
     def _segment(self, index: int) -> np.ndarray | None:
         """Tile or strip ``index`` decoded, (h, w, samples) cropped to the image, or None when empty."""
