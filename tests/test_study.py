@@ -176,3 +176,21 @@ def test_an_old_cache_is_recomputed(tmp_path, monkeypatch):
     # and the new cache is read, not recomputed
     monkeypatch.setattr(equiseg.study, "load_model", lambda *a, **k: pytest.fail("recomputed a current cache"))
     assert to_json(evaluate_run(run_dir, tmp_path / "out/data", study, (variant, 1.0, 0), [])) == to_json(result)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"colour": 1}, r"unknown key\(s\) \['colour'\]"),
+    ({"variants": {"x": {"family": "p8"}}}, r"variants\.x\.family: 'p8' is not one of plain, isotropic, p4, p4m"),
+    ({"variants": {"x": {"augment": "heavy"}}}, r"variants\.x: needs family \("),
+    ({"variants": {"x": {"family": "plain", "colour": 1}}}, r"unknown key\(s\) \['colour'\] in .*variants\.x"),
+    ({"variants": {}}, "no variants"),
+    ({"fractions": [0.5, 1.5]}, r"fractions must lie in \(0, 1\]"),
+    ({"seeds": ["a"]}, r"seeds\[0\]: expected an integer"),
+])
+def test_a_bad_study_config_is_one_error_naming_the_key(tmp_path, change, message):
+    from equiseg.config import ConfigError
+
+    spec = {"name": "bad", "base": TINY_BASE, "variants": {"plain": {"family": "plain"}}, **change}
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(spec))
+    with pytest.raises(ConfigError, match=message):
+        StudyConfig.from_yaml(tmp_path / "study.yaml")

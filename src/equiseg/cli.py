@@ -28,6 +28,11 @@ PrecisionOption = Annotated[str, typer.Option(
                         "always measured in float32 with TF32 off.")]
 
 
+TissueModelOption = Annotated[Path | None, typer.Option(
+    help="For a cell model trained with tissue context: the tissue model (run folder or checkpoint) that gives it; "
+         "default: the one its config names.")]
+
+
 def _runtime(device: str, batch: int, precision: str):
     """The Runtime of the device options, or a one-line error (exit 2)."""
     from equiseg.runtime import Runtime
@@ -233,9 +238,7 @@ def evaluate(
     data: Annotated[Path | None, typer.Option(help="Dataset folder; default: the one the run trained on.")] = None,
     split: Annotated[str, typer.Option(help="train, val or test.")] = "test",
     out: Annotated[Path | None, typer.Option(help="Output folder; default: RUN/eval-SPLIT.")] = None,
-    tissue_model: Annotated[Path | None, typer.Option(
-        help="For a cell model with tissue context: the tissue model giving it (default: the one its config "
-             "names).")] = None,
+    tissue_model: TissueModelOption = None,
     oracle_context: Annotated[bool, typer.Option(
         help="For a cell model with tissue context: feed it the ground-truth tissue mask instead (an upper bound; "
              "the output says oracle).")] = False,
@@ -458,9 +461,7 @@ def challenge(
     input_dir: Annotated[Path, typer.Argument(help="Grand Challenge input: images/{cell,tissue}_patches/*.tif, metadata.json.")],
     output_dir: Annotated[Path, typer.Argument(help="Where cell_classification.json goes.")],
     cell_model: Annotated[Path, typer.Option(help="Cell model: run folder or checkpoint.")],
-    tissue_model: Annotated[Path | None, typer.Option(
-        help="Tissue model (run folder or checkpoint) for a cell model trained with tissue context; "
-             "default: the one named in the cell model's config.")] = None,
+    tissue_model: TissueModelOption = None,
     device: DeviceOption = "auto",
     batch: BatchOption = 1,
     precision: PrecisionOption = "32",

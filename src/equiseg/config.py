@@ -148,15 +148,29 @@ class Config:
 
     @classmethod
     def from_yaml(cls, path: Path | str, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-        try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
-        except yaml.YAMLError as error:
-            raise ConfigError(f"{path}: not valid YAML ({error})") from None
-        return cls.from_dict(apply_overrides(data, overrides))
+        return cls.from_dict(apply_overrides(read_yaml(path), overrides))
 
 
 class ConfigError(ValueError):
     """A bad config value or key; the message names it."""
+
+
+def read_yaml(path: Path | str) -> dict[str, Any]:
+    """A YAML file's mapping ({} for an empty file); not YAML, or not a mapping, is a ConfigError."""
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML ({error})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys to values")
+    return data
+
+
+def from_plain(cls: type, data: Any, where: str = "") -> Any:
+    """An instance of the dataclass ``cls`` from builtin values (as YAML gives them), each field
+    converted to its annotated type (nested dataclasses, enums, optional and tuple fields); an
+    unknown key, a missing field or a wrong value is a :class:`ConfigError` naming it."""
+    return _from_plain(cls, data, where)
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
@@ -209,7 +223,11 @@ def _from_plain(cls: type, data: Any, where: str) -> Any:
         kwargs[name] = _convert(default, raw, key, hints[name])
     try:
         return cls(**kwargs)
-    except (TypeError, ValueError) as error:
+    except TypeError as error:  # a field without default missing
+        missing = [f.name for f in fields.values() if f.name not in kwargs and f.default is dataclasses.MISSING
+                   and f.default_factory is dataclasses.MISSING]
+        raise ConfigError(f"{where or 'config'}: needs {', '.join(missing)} ({error})") from None
+    except ValueError as error:
         raise ConfigError(f"{where or 'config'}: {error}") from None
 
 
@@ -238,8 +256,10 @@ def _convert(default: Any, raw: Any, key: str, hint: Any) -> Any:
             if raw not in choices:
                 raise ConfigError(f"{key}: {raw!r} is not one of {', '.join(map(str, choices))}")
             return kind(raw)
-        if typing.get_origin(kind) is tuple:
-            return tuple(raw) if isinstance(raw, (list, tuple)) else (raw,)
+        if typing.get_origin(kind) is tuple:  # tuple[X, ...]: each item as an X
+            item = typing.get_args(kind)[0]
+            items = raw if isinstance(raw, (list, tuple)) else (raw,)
+            return tuple(_convert(None, value, f"{key}[{i}]", item) for i, value in enumerate(items))
         if kind is bool:
             if not isinstance(raw, bool):
                 raise ConfigError(f"{key}: expected true or false, got {raw!r}")

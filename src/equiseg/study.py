@@ -44,14 +44,13 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
-from equiseg.config import Config, ConfigError, apply_overrides
+from equiseg.config import Config, ConfigError, apply_overrides, from_plain, read_yaml
 from equiseg.data.augment import AugmentPreset
 from equiseg.data.context import ContextFn, ContextKind, cached, truth_context
 from equiseg.data.datamodule import model_input
@@ -111,48 +110,35 @@ class StudyConfig:
     angles: tuple[float, ...] = (15.0, 30.0, 45.0)
     gc_input: str | None = None
     tissue: tuple[str, ...] = ()
-    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.variants:
+            raise ValueError("no variants")
+        if any(not 0 < f <= 1 for f in self.fractions):
+            raise ValueError("fractions must lie in (0, 1]")
 
     @classmethod
     def from_yaml(cls, path: Path | str) -> StudyConfig:
-        """Read a study config: ``path`` is a YAML file or a preset name (``study-small``)."""
+        """Read a study config: ``path`` is a YAML file or a preset name (``study-small``).
+
+        Parsed as run configs are (:func:`equiseg.config.from_plain`); ``base`` (a mapping, a
+        preset name or a file beside the study config) gets the ``overrides`` and is checked as
+        a run config, and ``variants`` maps labels to :class:`Variant` fields.
+        """
         path = preset_path(path)
-        data = yaml.safe_load(path.read_text()) or {}
-        known = {"name", "base", "overrides", "reference_width", "variants", "fractions", "seeds", "equal_steps",
-                 "angles", "gc_input", "tissue"}
-        unknown = set(data) - known
-        if unknown:
-            raise ConfigError(f"{path}: unknown key(s) {sorted(unknown)}; known: {sorted(known)}")
-        base = data.get("base", {})
+        data = read_yaml(path)
+        base = data.pop("base", {})
         if isinstance(base, str):
             beside = path.parent / base
-            base = yaml.safe_load((beside if beside.is_file() else preset_path(base)).read_text()) or {}
-        base = apply_overrides(base, data.get("overrides", []))
+            base = read_yaml(beside if beside.is_file() else preset_path(base))
+        base = apply_overrides(base, data.pop("overrides", []))
         Config.from_dict(base)  # validate early
-        variants = []
-        for label, spec in (data.get("variants") or {}).items():
-            spec = dict(spec or {})
-            extra = set(spec) - {"family", "augment", "width", "context"}
-            if extra or "family" not in spec:
-                raise ConfigError(f"{path}: variant {label!r} needs 'family' and may have 'augment', 'width' and "
-                                  "'context'")
-            try:
-                family, context = ConvFamily(spec["family"]), ContextKind(spec.get("context", "none"))
-                augment = AugmentPreset(spec.get("augment", "none"))
-            except ValueError as error:
-                raise ConfigError(f"{path}: variant {label!r}: {error}") from None
-            variants.append(Variant(label, family, augment, spec.get("width"), context))
-        if not variants:
-            raise ConfigError(f"{path}: no variants")
-        fractions = tuple(float(f) for f in data.get("fractions", (0.25, 1.0)))
-        if any(not 0 < f <= 1 for f in fractions):
-            raise ConfigError(f"{path}: fractions must lie in (0, 1]")
-        return cls(name=str(data.get("name", path.stem)), base=base, variants=tuple(variants),
-                   reference_width=int(data.get("reference_width", 16)), fractions=fractions,
-                   seeds=tuple(int(s) for s in data.get("seeds", (0, 1, 2))),
-                   equal_steps=bool(data.get("equal_steps", True)),
-                   angles=tuple(float(a) for a in data.get("angles", (15, 30, 45))),
-                   gc_input=data.get("gc_input"), tissue=tuple(str(t) for t in data.get("tissue") or ()))
+        variants = data.pop("variants", None) or {}
+        if not isinstance(variants, dict):
+            raise ConfigError(f"{path}: variants must map labels to their family, augment, width and context")
+        data["variants"] = tuple(from_plain(Variant, {"label": label, **(spec or {})}, f"{path}: variants.{label}")
+                                 for label, spec in variants.items())
+        return from_plain(cls, {"name": path.stem, **data, "base": base}, str(path))
 
     @property
     def uses_context(self) -> bool:
