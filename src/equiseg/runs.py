@@ -31,6 +31,16 @@ import torch
 from equiseg.config import Config
 
 
+class _InRun:
+    """A file or folder at a fixed place in a run folder, read as an attribute of a :class:`Run`."""
+
+    def __init__(self, *parts: str) -> None:
+        self.parts = parts
+
+    def __get__(self, run: Run | None, owner: type) -> Path:
+        return Path(*self.parts) if run is None else run.path.joinpath(*self.parts)
+
+
 @dataclass(frozen=True)
 class Run:
     """The run folder at ``path`` (see the module docstring for its layout)."""
@@ -60,40 +70,16 @@ class Run:
         path = Path(path)
         return cls(path if path.is_dir() or path.suffix != ".ckpt" else path.parent.parent)
 
-    @property
-    def config_file(self) -> Path:
-        return self.path / "config.yaml"
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.path / "checkpoints"
-
-    @property
-    def best(self) -> Path:
-        """The checkpoint with the lowest validation loss."""
-        return self.checkpoints / "best.ckpt"
-
-    @property
-    def last(self) -> Path:
-        """The checkpoint of the last finished epoch."""
-        return self.checkpoints / "last.ckpt"
-
-    @property
-    def metrics(self) -> Path:
-        return self.path / "metrics.csv"
-
-    @property
-    def study_cache(self) -> Path:
-        return self.path / "study.json"
-
-    @property
-    def study_cases(self) -> Path:
-        """A study's best and worst test image of this run, with its probabilities (``cases.npz``)."""
-        return self.path / "cases.npz"
-
-    @property
-    def synthetic_file(self) -> Path:
-        return self.path / "synthetic.txt"
+    # the layout, one line a path (see the module docstring)
+    config_file = _InRun("config.yaml")
+    data_file = _InRun("data.txt")
+    synthetic_file = _InRun("synthetic.txt")
+    checkpoints = _InRun("checkpoints")
+    best = _InRun("checkpoints", "best.ckpt")      # lowest validation loss
+    last = _InRun("checkpoints", "last.ckpt")      # the last finished epoch
+    metrics = _InRun("metrics.csv")
+    study_cache = _InRun("study.json")
+    study_cases = _InRun("cases.npz")              # a study's best and worst test image, with probabilities
 
     def eval_dir(self, split: str) -> Path:
         """Where ``equiseg evaluate`` writes its output for ``split`` by default."""
@@ -105,8 +91,7 @@ class Run:
 
     def data_root(self) -> Path | None:
         """The dataset folder the run trained on, if recorded."""
-        marker = self.path / "data.txt"
-        return Path(marker.read_text().strip()) if marker.is_file() else None
+        return Path(self.data_file.read_text().strip()) if self.data_file.is_file() else None
 
     def synthetic(self) -> str | None:
         """The settings of the built-in synthetic dataset the run trained on (``train=16 val=4 ...``);
@@ -119,7 +104,7 @@ class Run:
         """Write what a training starts with: the config, the dataset folder and, for the built-in
         synthetic data, ``synthetic`` = (its settings on one line, the warning given)."""
         config.to_yaml(self.config_file)
-        (self.path / "data.txt").write_text(f"{Path(root).resolve()}\n")
+        self.data_file.write_text(f"{Path(root).resolve()}\n")
         if synthetic is not None:
             record, notice = synthetic
             self.synthetic_file.write_text(f"synthetic: {record}\n{notice}\n")

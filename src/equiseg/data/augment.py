@@ -35,7 +35,8 @@ from __future__ import annotations
 import enum
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -81,10 +82,25 @@ def _check_numbers(group: object) -> None:
         raise ValueError(f"{type(group).__name__}.p is a probability and must be in [0, 1], got {group.p}")
 
 
-def _check_at_most(group: object, name: str, bound: float, why: str) -> None:
-    value = getattr(group, name)
-    if value > bound:
-        raise ValueError(f"{type(group).__name__}.{name} must be <= {bound} ({why}), got {value}")
+def _strength(at_most: float | None = None, why: str = "") -> Any:
+    """A field that sets how strongly a transform acts: 0 (the default) leaves it off, and
+    ``at_most`` (with the reason ``why``) bounds it."""
+    return field(default=0.0, metadata={"strength": True, "at_most": at_most, "why": why})
+
+
+def _check_transform(group: object) -> None:
+    """A transform's config: numbers as :func:`_check_numbers` wants them, strengths within their bounds."""
+    _check_numbers(group)
+    for f in fields(group):
+        bound, value = f.metadata.get("at_most"), getattr(group, f.name)
+        if bound is not None and value > bound:
+            raise ValueError(f"{type(group).__name__}.{f.name} must be <= {bound} ({f.metadata['why']}), got {value}")
+
+
+def _enabled(group: object) -> bool:
+    """Whether a transform runs: ``p`` > 0 and, if it has strengths, one of them > 0."""
+    strengths = [getattr(group, f.name) for f in fields(group) if f.metadata.get("strength")]
+    return group.p > 0 and (not strengths or any(value > 0 for value in strengths))
 
 
 @dataclass(frozen=True)
@@ -92,13 +108,8 @@ class Dihedral:
     """Flips and quarter turns: with probability ``p`` a uniform element of D4, else the identity."""
 
     p: float = 0.0
-
-    def __post_init__(self) -> None:
-        _check_numbers(self)
-
-    @property
-    def enabled(self) -> bool:
-        return self.p > 0
+    __post_init__ = _check_transform
+    enabled = property(_enabled)
 
 
 @dataclass(frozen=True)
@@ -106,15 +117,9 @@ class Rotation:
     """With probability ``p``, a rotation by an angle uniform in [-max_degrees, max_degrees] (degrees)."""
 
     p: float = 0.0
-    max_degrees: float = 0.0
-
-    def __post_init__(self) -> None:
-        _check_numbers(self)
-        _check_at_most(self, "max_degrees", 180.0, "180 already covers every angle")
-
-    @property
-    def enabled(self) -> bool:
-        return self.p > 0 and self.max_degrees > 0
+    max_degrees: float = _strength(180.0, "180 already covers every angle")
+    __post_init__ = _check_transform
+    enabled = property(_enabled)
 
 
 @dataclass(frozen=True)
@@ -131,17 +136,14 @@ class Elastic:
     """
 
     p: float = 0.0
-    alpha: float = 0.0
-    sigma: float = 10.0
+    alpha: float = _strength()
+    sigma: float = 10.0  # the smoothness, not a strength
+    enabled = property(_enabled)
 
     def __post_init__(self) -> None:
-        _check_numbers(self)
+        _check_transform(self)
         if self.sigma == 0:
             raise ValueError("Elastic.sigma must be > 0 (px), got 0")
-
-    @property
-    def enabled(self) -> bool:
-        return self.p > 0 and self.alpha > 0
 
 
 @dataclass(frozen=True)
@@ -149,14 +151,9 @@ class Noise:
     """With probability ``p``, add Gaussian noise of std ``std`` (intensity units, image in [0, 1])."""
 
     p: float = 0.0
-    std: float = 0.0
-
-    def __post_init__(self) -> None:
-        _check_numbers(self)
-
-    @property
-    def enabled(self) -> bool:
-        return self.p > 0 and self.std > 0
+    std: float = _strength()
+    __post_init__ = _check_transform
+    enabled = property(_enabled)
 
 
 @dataclass(frozen=True)
@@ -168,16 +165,10 @@ class BrightnessContrast:
     """
 
     p: float = 0.0
-    brightness: float = 0.0
-    contrast: float = 0.0
-
-    def __post_init__(self) -> None:
-        _check_numbers(self)
-        _check_at_most(self, "contrast", 1.0, "a negative contrast factor would invert the image")
-
-    @property
-    def enabled(self) -> bool:
-        return self.p > 0 and (self.brightness > 0 or self.contrast > 0)
+    brightness: float = _strength()
+    contrast: float = _strength(1.0, "a negative contrast factor would invert the image")
+    __post_init__ = _check_transform
+    enabled = property(_enabled)
 
 
 @dataclass(frozen=True)
@@ -189,16 +180,10 @@ class StainJitter:
     """
 
     p: float = 0.0
-    sigma: float = 0.0
-    bias: float = 0.0
-
-    def __post_init__(self) -> None:
-        _check_numbers(self)
-        _check_at_most(self, "sigma", 1.0, "a negative stain scale is not a stain")
-
-    @property
-    def enabled(self) -> bool:
-        return self.p > 0 and (self.sigma > 0 or self.bias > 0)
+    sigma: float = _strength(1.0, "a negative stain scale is not a stain")
+    bias: float = _strength()
+    __post_init__ = _check_transform
+    enabled = property(_enabled)
 
 
 class AugmentPreset(enum.Enum):
