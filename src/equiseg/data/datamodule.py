@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from equiseg.data.context import ContextFn
-from equiseg.data.ocelot import OcelotFolder, Sample, image_to_tensor
+from equiseg.data.ocelot import OcelotFolder, Sample, Split, image_to_tensor
 from equiseg.data.targets import Task, cell_class_mask, tissue_class_mask
 
 
@@ -90,14 +90,15 @@ class SegmentationDataModule(L.LightningDataModule):
         self.root, self.task, self.radius, self.crop_size = Path(root), task, radius, crop_size
         self.context = context
         self.train_fraction, self.batch_size, self.num_workers, self.seed = train_fraction, batch_size, num_workers, seed
-        self.datasets: dict[str, SegmentationDataset] = {}
+        self.datasets: dict[Split, SegmentationDataset] = {}
 
-    def dataset(self, split: str) -> SegmentationDataset:
+    def dataset(self, split: Split | str) -> SegmentationDataset:
+        split = Split(split)
         if split not in self.datasets:
             folder = OcelotFolder(self.root, split)
             if not len(folder):
-                raise ValueError(f"{self.root}: the {split} split is empty")
-            train = split == "train"
+                raise ValueError(f"{self.root}: the {split.value} split is empty")
+            train = split is Split.TRAIN
             indices = training_subset(len(folder), self.train_fraction, self.seed) if train else None
             self.datasets[split] = SegmentationDataset(folder, self.task, self.radius,
                                                        self.crop_size if train else None, indices, self.context)
@@ -105,19 +106,19 @@ class SegmentationDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit"):
-            self.dataset("train"), self.dataset("val")
+            self.dataset(Split.TRAIN), self.dataset(Split.VAL)
         if stage in (None, "test"):
-            self.dataset("test")
+            self.dataset(Split.TEST)
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        return DataLoader(self.dataset(split), batch_size=self.batch_size if split == "train" else 1,
+    def _loader(self, split: Split, shuffle: bool) -> DataLoader:
+        return DataLoader(self.dataset(split), batch_size=self.batch_size if split is Split.TRAIN else 1,
                           shuffle=shuffle, num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        return self._loader(Split.TRAIN, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
+        return self._loader(Split.VAL, shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+        return self._loader(Split.TEST, shuffle=False)

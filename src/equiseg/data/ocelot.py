@@ -19,6 +19,7 @@ Every problem with a file raises :class:`DatasetError` naming the file (and line
 
 from __future__ import annotations
 
+import enum
 import json
 import math
 from collections.abc import Iterator, Sequence
@@ -30,7 +31,14 @@ import tifffile
 import torch
 from PIL import Image
 
-SPLITS = ("train", "val", "test")
+
+class Split(enum.Enum):
+    """A split of the dataset; its value names its folders and is the ``subset`` in metadata.json."""
+
+    TRAIN = "train"
+    VAL = "val"
+    TEST = "test"
+
 CELL_CLASSES = {1: "BC", 2: "TC"}
 TISSUE_BACKGROUND, TISSUE_CANCER, TISSUE_UNKNOWN = 1, 2, 255
 TISSUE_VALUES = (TISSUE_BACKGROUND, TISSUE_CANCER, TISSUE_UNKNOWN)
@@ -265,14 +273,16 @@ class OcelotFolder(Sequence[Sample]):
     :class:`DatasetError` on the first problem. ``labels=False`` skips the annotations.
     """
 
-    def __init__(self, root: Path | str, split: str, labels: bool = True) -> None:
-        if split not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    def __init__(self, root: Path | str, split: Split | str, labels: bool = True) -> None:
+        try:
+            split = Split(split)
+        except ValueError:
+            raise ValueError(f"split must be one of {', '.join(s.value for s in Split)}, got {split!r}") from None
         self.root, self.split, self.labels = Path(root), split, labels
         if not self.root.is_dir():
             raise DatasetError(self.root, "no such dataset folder")
         self.metadata = read_metadata(self.root / "metadata.json")
-        self.ids = sorted(sid for sid, meta in self.metadata.items() if meta.subset == split)
+        self.ids = sorted(sid for sid, meta in self.metadata.items() if meta.subset == split.value)
 
     def paths(self, sample_id: str) -> dict[str, Path]:
         """The four files of a sample: cell_image, tissue_image, cells, tissue_mask."""
@@ -298,8 +308,9 @@ class OcelotFolder(Sequence[Sample]):
         return (self[i] for i in range(len(self)))
 
 
-def pair_paths(root: Path, split: str, sample_id: str) -> dict[str, Path]:
+def pair_paths(root: Path, split: Split | str, sample_id: str) -> dict[str, Path]:
     """Where the Zenodo layout keeps the files of one sample."""
+    split = Split(split).value
     return {
         "cell_image": root / "images" / split / "cell" / f"{sample_id}.jpg",
         "tissue_image": root / "images" / split / "tissue" / f"{sample_id}.jpg",

@@ -41,10 +41,10 @@ from scipy.spatial import cKDTree
 from scipy.special import ndtri
 
 from equiseg.data.ocelot import (
-    SPLITS,
     TISSUE_BACKGROUND,
     TISSUE_CANCER,
     TISSUE_UNKNOWN,
+    Split,
     pair_record,
     write_metadata,
     write_pair,
@@ -603,15 +603,15 @@ def generate_dataset(out_dir: Path | str, counts: Mapping[str, int] = DEFAULT_CO
         FileExistsError: ``out_dir`` exists and is not an empty folder.
     """
     check_size(size)
-    unknown = set(counts) - set(SPLITS)
+    unknown = set(counts) - {split.value for split in Split}
     if unknown:
-        raise ValueError(f"unknown splits {sorted(unknown)}; expected some of {SPLITS}")
+        raise ValueError(f"unknown splits {sorted(unknown)}; expected some of {[split.value for split in Split]}")
     if any(int(n) < 0 for n in counts.values()):
         raise ValueError(f"sample counts must be >= 0, got {dict(counts)}")
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out} exists and is not an empty folder; refusing to mix datasets")
-    splits = [split for split in SPLITS for _ in range(int(counts.get(split, 0)))]
+    splits = [split.value for split in Split for _ in range(int(counts.get(split.value, 0)))]
     width = max(3, len(str(len(splits))))
     records = {}
     for k, split in enumerate(splits):

@@ -6,9 +6,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from equiseg.data.ocelot import (
-    SPLITS,
     DatasetError,
     PairMeta,
+    Split,
     pair_paths,
     parse_cells,
     read_image,
@@ -22,6 +22,8 @@ _KINDS = {  # file kind -> (folder under the root, suffix)
     "cells": ("annotations/{split}/cell", ".csv"),
     "tissue_mask": ("annotations/{split}/tissue", ".png"),
 }
+
+SPLIT_NAMES = tuple(split.value for split in Split)  # as metadata.json and the folders name them
 
 
 def verify_dataset(root: Path | str, on_sample: Callable[[int, int], None] | None = None) -> list[DatasetError]:
@@ -43,10 +45,10 @@ def verify_dataset(root: Path | str, on_sample: Callable[[int, int], None] | Non
         return [error]
     problems: list[DatasetError] = []
     for sample_id, meta in sorted(metadata.items()):
-        if meta.subset not in SPLITS:
+        if meta.subset not in SPLIT_NAMES:
             problems.append(DatasetError(root / "metadata.json",
-                                         f"sample {sample_id}: subset {meta.subset!r} is not one of {SPLITS}"))
-    for split in SPLITS:
+                                         f"sample {sample_id}: subset {meta.subset!r} is not one of {SPLIT_NAMES}"))
+    for split in SPLIT_NAMES:
         ids = {sid for sid, meta in metadata.items() if meta.subset == split}
         for folder, suffix in _KINDS.values():
             directory = root / folder.format(split=split)
@@ -59,7 +61,7 @@ def verify_dataset(root: Path | str, on_sample: Callable[[int, int], None] | Non
                     problems.append(DatasetError(path, f"extra file: no {split} sample {path.stem!r} "
                                                        f"in metadata.json" if path.suffix == suffix else
                                                        f"extra file: expected only *{suffix} here"))
-    todo = sorted((meta.subset, sid) for sid, meta in metadata.items() if meta.subset in SPLITS)
+    todo = sorted((meta.subset, sid) for sid, meta in metadata.items() if meta.subset in SPLIT_NAMES)
     for done, (split, sample_id) in enumerate(todo, start=1):
         problems.extend(_verify_sample(root, split, metadata[sample_id]))
         if on_sample is not None:
