@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import json
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 from equiseg.data.augment import AugmentConfig
@@ -134,7 +137,7 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain builtin types only (safe for YAML and for ``torch.load(weights_only=True)``)."""
-        return _to_plain(self)
+        return plain(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Config:
@@ -196,16 +199,35 @@ def _deep_copy(value: Any) -> Any:
     return value
 
 
-def _to_plain(value: Any) -> Any:
+def plain(value: Any) -> Any:
+    """``value`` as builtin values that YAML, JSON and ``torch.load(weights_only=True)`` take:
+    dataclasses as dicts (augmentation as its own dict form), tuples as lists, enums by value,
+    paths as strings, numpy scalars as Python numbers, and NaN as None (the one place NaN
+    becomes null; readers turn it back)."""
     if isinstance(value, AugmentConfig):
         return value.to_dict()
-    if dataclasses.is_dataclass(value):
-        return {f.name: _to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [plain(v) for v in value]
     if isinstance(value, enum.Enum):
         return value.value
-    if isinstance(value, tuple):
-        return [_to_plain(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, bool | np.bool_):
+        return bool(value)
+    if isinstance(value, int | np.integer):
+        return int(value)
+    if isinstance(value, float | np.floating):
+        return None if math.isnan(value) else float(value)
     return value
+
+
+def json_text(value: Any) -> str:
+    """``value`` (see :func:`plain`) as indented JSON text with a final newline; never a NaN token."""
+    return json.dumps(plain(value), indent=1, allow_nan=False) + "\n"
 
 
 def _from_plain(cls: type, data: Any, where: str) -> Any:

@@ -8,14 +8,13 @@ evaluates both on the test split and writes a report folder.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-from equiseg.config import Config
+from equiseg.config import Config, json_text
 from equiseg.data.ocelot import OcelotFolder
 from equiseg.evaluation.evaluate import evaluate_model, write_evaluation
 from equiseg.models import count_parameters
@@ -105,9 +104,8 @@ def _write_report(report: Path, results: dict[str, dict], minutes: float, test_i
             for label, r in results.items()]
     table = markdown_table(header, rows)
     machine = machine_line()
-    (report / "results.json").write_text(json.dumps({"results": results, "minutes": minutes, "machine": machine,
-                                                     "date": time.strftime("%Y-%m-%d")}, indent=1,
-                                                    default=lambda v: None) + "\n")
+    (report / "results.json").write_text(json_text({"results": results, "minutes": minutes, "machine": machine,
+                                                    "date": time.strftime("%Y-%m-%d")}))
     (report / "README.md").write_text(
         f"# equiseg demo report\n\n{time.strftime('%Y-%m-%d %H:%M')}, {machine}, {minutes:.1f} min in all.\n\n"
         f"Test split of the synthetic data ({test_images}). Loss: Dice + cross-entropy; "

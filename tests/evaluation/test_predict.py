@@ -1,4 +1,5 @@
 import contextlib
+import json
 
 import numpy as np
 import pytest
@@ -295,8 +296,11 @@ def test_evaluation_of_larger_images_keeps_true_coordinates_in_a_csv(tmp_path):
     from equiseg.evaluation.evaluate import Evaluation, write_evaluation
 
     points = [np.array([[1030.0, 5.0, 2.0, 0.75]]), np.zeros((0, 4))]
-    evaluation = Evaluation({"loss": 1.0}, ["001", "002"], points, [{}, {}], shapes=[(40, 1100), (40, 40)])
+    evaluation = Evaluation({"loss": 1.0, "dice/TC": float("nan")}, ["001", "002"], points, [{}, {}],
+                            shapes=[(40, 1100), (40, 40)])
     paths = write_evaluation(evaluation, tmp_path, "test")
+    saved = json.loads(paths["scores"].read_text())  # strict JSON: NaN is null, the context by name
+    assert saved["scores"] == {"loss": 1.0, "dice/TC": None} and saved["context"] == "none"
     assert "points" not in paths and not (tmp_path / "cell_classification.json").exists()
     assert evaluation.json_refusal().endswith("image_0 (001) is 1100x40")
     assert paths["cells"].read_text().splitlines() == ["image,id,x,y,class,probability", "0,001,1030,5,2,0.7500"]

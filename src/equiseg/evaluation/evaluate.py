@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import enum
-import json
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from equiseg.config import Config
+from equiseg.config import Config, json_text
 from equiseg.data.context import ContextFn, ContextKind, truth_context
 from equiseg.data.datamodule import model_input, sample_target
 from equiseg.data.ocelot import OcelotFolder
@@ -153,9 +151,8 @@ def write_evaluation(evaluation: Evaluation, out_dir: Path | str, split: str) ->
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"scores": out_dir / f"scores-{split}.json"}
-    clean = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in evaluation.scores.items()}
-    paths["scores"].write_text(json.dumps({"split": split, "context": evaluation.context.value, "ids": evaluation.ids,
-                                           "scores": clean, "per_image": evaluation.per_image}, indent=1) + "\n")
+    paths["scores"].write_text(json_text({"split": split, "context": evaluation.context, "ids": evaluation.ids,
+                                          "scores": evaluation.scores, "per_image": evaluation.per_image}))
     if evaluation.points and evaluation.json_refusal() is None:
         paths["points"] = write_points_json(out_dir / "cell_classification.json", evaluation.points)
     elif evaluation.points:  # the true coordinates, unmoved

@@ -13,16 +13,15 @@ score back as NaN; nowhere else converts. Scores are ``{name: value}`` as
 
 from __future__ import annotations
 
-import dataclasses
-import enum
 import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import numpy as np
 
+from equiseg.config import json_text, plain
 from equiseg.data.context import ContextKind
 from equiseg.models import ConvFamily
 
@@ -227,7 +226,7 @@ Result = TypeVar("Result", RunResult, TissueResult, StudyResult)
 
 def to_json(result: RunResult | TissueResult | StudyResult) -> str:
     """The JSON form of a result (with its format version); NaN is written as null."""
-    return json.dumps({"format": FORMAT, **_plain(result)}, indent=1, allow_nan=False) + "\n"
+    return json_text({"format": FORMAT, **plain(result)})
 
 
 def from_json(kind: type[Result], text: str) -> Result:
@@ -262,27 +261,6 @@ def load_cases(path: Path) -> dict[str, CasePicture]:
         kinds = dict.fromkeys(name.split(".")[0] for name in data.files)
         return {kind: CasePicture(data[f"{kind}.image"], data[f"{kind}.probs"].astype(np.float32),
                                   data[f"{kind}.points"], data[f"{kind}.gt"]) for kind in kinds}
-
-
-def _plain(value: Any) -> Any:
-    """``value`` as JSON values: dataclasses as dicts, enums by value, NaN as None (the only place)."""
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    if isinstance(value, enum.Enum):
-        return value.value
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, bool | np.bool_):
-        return bool(value)
-    if isinstance(value, int | np.integer):
-        return int(value)
-    if isinstance(value, float | np.floating):
-        return None if math.isnan(value) else float(value)
-    return value
 
 
 def _float(value: float | None) -> float:
