@@ -181,7 +181,8 @@ def test_training_on_the_tissue_models_context(synthetic_small, tissue_run, tmp_
 def test_train_with_a_wrong_tissue_model_stops_before_any_output(synthetic_small, trained, tmp_path):
     for wrong, message in ((tmp_path / "nowhere", "no checkpoint"), (trained, "not a tissue model")):
         result = runner.invoke(app, ["train", "--data", str(synthetic_small), "--runs", str(tmp_path / "runs"),
-                                     "data.context=model", f"data.tissue_model={wrong}", "train.epochs=1"])
+                                     "data.context=model", f"data.tissue_model={wrong}", "train.epochs=1",
+                                     "data.crop_size=32"])
         assert result.exit_code == 2 and message in result.output, result.output
     assert not (tmp_path / "runs").exists()
 

@@ -100,7 +100,7 @@ def _progress(description: str):
 
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
-                        console=Console(stderr=True), transient=False)
+                        console=Console(stderr=True), transient=True)
     task = progress.add_task(description, total=None)
 
     def update(done: int, total: int) -> None:
@@ -213,7 +213,7 @@ def train(
             cfg = (Config.from_yaml(preset_path(config), overrides) if config
                    else Config.from_dict(apply_overrides({}, overrides)))
         run_dir = fit(cfg, runs=runs, resume=resume)
-    except (ConfigError, DatasetError, FileNotFoundError) as error:
+    except (ConfigError, DatasetError, FileNotFoundError, ValueError) as error:
         raise _fail(str(error)) from None
     typer.echo(f"run folder: {run_dir}")
     synthetic = Run(run_dir).synthetic()

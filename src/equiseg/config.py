@@ -25,6 +25,17 @@ from equiseg.data.targets import Task
 from equiseg.models import build_model
 from equiseg.models.unet import ConvFamily
 
+LOGGERS = ("csv", "tensorboard", "comet", "mlflow")
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
+
+
+def _at_least(section: object, prefix: str, **bounds: float) -> None:
+    """Each named field of ``section`` is at least its bound (None passes); else a ValueError naming it."""
+    for name, bound in bounds.items():
+        value = getattr(section, name)
+        if value is not None and value < bound:
+            raise ValueError(f"{prefix}.{name} must be at least {bound}, got {value}")
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -33,6 +44,9 @@ class ModelConfig:
     family: ConvFamily = ConvFamily.ISOTROPIC
     width: int = 110
     depth: int = 4
+
+    def __post_init__(self) -> None:
+        _at_least(self, "model", width=1, depth=1)
 
 
 @dataclass(frozen=True)
@@ -44,6 +58,9 @@ class SyntheticConfig:
     test: int = 4
     size: int = 512
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        _at_least(self, "data.synthetic", train=1, val=1, test=0, size=32)
 
 
 @dataclass(frozen=True)
@@ -76,6 +93,9 @@ class DataConfig:
     tissue_model: str | None = None
 
     def __post_init__(self) -> None:
+        _at_least(self, "data", crop_size=1, radius=1, batch_size=1, num_workers=0)
+        if not 0 < self.train_fraction <= 1:
+            raise ValueError(f"data.train_fraction must lie in (0, 1], got {self.train_fraction}")
         if self.context is ContextKind.MODEL and not self.tissue_model:
             raise ValueError("data.context=model needs data.tissue_model (a tissue run folder or checkpoint)")
 
@@ -85,6 +105,7 @@ class TrainConfig:
     """Optimisation and the Lightning trainer.
 
     ``loggers``: any of csv, tensorboard, comet, mlflow (comet and mlflow when installed).
+    ``accelerator``: as Lightning names them; a GPU asked for must be there when training starts.
     """
 
     epochs: int = 20
@@ -98,6 +119,16 @@ class TrainConfig:
     precision: str = "32-true"
     loggers: tuple[str, ...] = ("csv", "tensorboard")
     limit_train_batches: float | None = None
+
+    def __post_init__(self) -> None:
+        _at_least(self, "train", epochs=1, devices=1, dice_weight=0, ce_weight=0)
+        if not self.lr > 0:
+            raise ValueError(f"train.lr must be > 0, got {self.lr}")
+        unknown = [name for name in self.loggers if name not in LOGGERS]
+        if unknown:
+            raise ValueError(f"train.loggers: unknown {', '.join(unknown)}; choose from {', '.join(LOGGERS)}")
+        if self.accelerator not in ACCELERATORS:
+            raise ValueError(f"train.accelerator must be one of {', '.join(ACCELERATORS)}, got {self.accelerator!r}")
 
 
 @dataclass(frozen=True)
@@ -249,8 +280,9 @@ def _from_plain(cls: type, data: Any, where: str) -> Any:
         missing = [f.name for f in fields.values() if f.name not in kwargs and f.default is dataclasses.MISSING
                    and f.default_factory is dataclasses.MISSING]
         raise ConfigError(f"{where or 'config'}: needs {', '.join(missing)} ({error})") from None
-    except ValueError as error:
-        raise ConfigError(f"{where or 'config'}: {error}") from None
+    except ValueError as error:  # the section's own checks name the key already
+        named = where and str(error).startswith(f"{where}.")
+        raise ConfigError(str(error) if named else f"{where or 'config'}: {error}") from None
 
 
 def _has_defaults(cls: type) -> bool:

@@ -22,6 +22,7 @@ builtin types only, no code runs from the file.
 
 from __future__ import annotations
 
+import pickle
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,15 +121,21 @@ class Run:
 def load_model(checkpoint: Path | str, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Config]:
     """The trained U-Net (eval mode, on ``device``) and its config from a checkpoint or a run folder.
 
-    A run folder gives its best checkpoint. Loading uses ``torch.load(weights_only=True)``.
+    A run folder gives its best checkpoint. Loading uses ``torch.load(weights_only=True)``: a
+    file that needs more (a pickle asking for code) or holds no equiseg config is a
+    ``ValueError`` naming it, never a retry without ``weights_only``.
     """
     path = Path(checkpoint)
     if path.is_dir():
         path = Run(path).best
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no checkpoint there")
-    state = torch.load(path, map_location=device, weights_only=True)
-    config = Config.from_dict(state["hyper_parameters"]["config"])
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+        config = Config.from_dict(state["hyper_parameters"]["config"])
+    except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, TypeError, ValueError) as error:
+        # a pickle that asks for code, a file that is no checkpoint, or one of another program
+        raise ValueError(f"{path}: not a safe equiseg checkpoint ({type(error).__name__})") from None
     model = config.build_model()
     prefix = "model."
     model.load_state_dict({k[len(prefix):]: v for k, v in state["state_dict"].items() if k.startswith(prefix)})

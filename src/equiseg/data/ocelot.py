@@ -160,7 +160,8 @@ def read_metadata(path: Path | str) -> dict[str, PairMeta]:
 def read_rgb(path: Path | str) -> np.ndarray:
     """An image file (JPEG, PNG, TIFF) as (H, W, 3) uint8, decoded whole: the one decoder of RGB
     images (dataset readers and ``equiseg predict`` alike). Grey and RGBA are converted, 16-bit
-    TIFF scaled (round(v / 257)); TIFF through tifffile, everything else through Pillow."""
+    TIFF scaled (round(v / 257)); TIFF through tifffile, everything else through Pillow, which
+    refuses images over its decompression-bomb limit (about 179 Mpx): a ValueError naming the file."""
     path = Path(path)
     if path.suffix.lower() in (".tif", ".tiff"):
         array = tifffile.imread(path)
@@ -172,8 +173,11 @@ def read_rgb(path: Path | str) -> np.ndarray:
                 array.ndim == 2 or (array.ndim == 3 and array.shape[-1] in (3, 4))):
             raise ValueError(f"{path}: expected an RGB image, got shape {array.shape} {array.dtype}")
         return as_rgb(array)
-    with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"))
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"))
+    except Image.DecompressionBombError as error:  # a few KB on disk that would decode to gigabytes
+        raise ValueError(f"{path}: refused, more pixels than Pillow's decompression-bomb limit ({error})") from None
 
 
 def as_rgb(array: np.ndarray) -> np.ndarray:

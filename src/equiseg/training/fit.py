@@ -12,17 +12,19 @@ import warnings
 from pathlib import Path
 
 import lightning as L
+import torch
 from lightning.pytorch import loggers
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from equiseg.config import Config, ConfigError, SyntheticConfig
 from equiseg.data.context import ContextFn
 from equiseg.data.datamodule import SegmentationDataModule
-from equiseg.data.ocelot import DatasetError
+from equiseg.data.ocelot import DatasetError, OcelotFolder, Split
 from equiseg.data.synthetic import generate_dataset
+from equiseg.data.targets import Task
 from equiseg.data.verify import verify_dataset
 from equiseg.evaluation.tissue_context import run_context
-from equiseg.runs import Run
+from equiseg.runs import Run, load_model
 from equiseg.training.module import SegmentationModule
 
 _RUN_DIR_ENV = "EQUISEG_RUN_DIR"
@@ -161,6 +163,7 @@ def fit(config: Config | None, runs: Path | str = "runs", resume: Path | str | N
         ckpt_path = Run(run_dir).last
         if not ckpt_path.is_file():
             raise FileNotFoundError(f"{ckpt_path}: no last checkpoint to resume from")
+        load_model(ckpt_path)  # a hostile or foreign file is refused here, naming it
         config = Run(run_dir).config()
     root, context = _checked_inputs(config)
     run_dir = _run_folder(config, root, runs, run_dir, resuming=resume is not None)
@@ -196,13 +199,32 @@ def _checked_inputs(config: Config) -> tuple[Path, ContextFn | None]:
         raise ConfigError(REQUIRE_REAL)  # before generating data or any output of the run
     if synthetic is not None and int(os.environ.get("LOCAL_RANK", "0")) == 0:
         log.warning(synthetic_notice(synthetic))
+    if config.train.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"train.accelerator={config.train.accelerator}: PyTorch sees no GPU here (use auto or cpu)")
     root = data_root(config)
     check_data(root)
+    _check_fits(config, root)
     try:
         context = run_context(config.data)
     except (FileNotFoundError, ValueError) as error:
         raise ConfigError(f"data.tissue_model: {error}") from None
     return root, context
+
+
+def _check_fits(config: Config, root: Path) -> None:
+    """The dataset can train this config: training and validation splits not empty, and random
+    crops no larger than the smallest training image (from the metadata's patch sizes)."""
+    for split in (Split.TRAIN, Split.VAL):
+        if not len(OcelotFolder(root, split, labels=False)):
+            raise ConfigError(f"{root}: the {split.value} split is empty; training needs it")
+    crop = config.data.crop_size
+    train = OcelotFolder(root, Split.TRAIN, labels=False)
+    sizes = [meta.cell_size if config.task is Task.CELLS else meta.tissue_size
+             for meta in (train.metadata[sid] for sid in train.ids)]
+    smallest = min((s for s in sizes if s is not None), default=None)
+    if crop is not None and smallest is not None and crop > smallest:
+        raise ConfigError(f"data.crop_size={crop} is larger than the smallest training image of {root} "
+                          f"({smallest} px): use data.crop_size={smallest} or less, or null for whole images")
 
 
 def _run_folder(config: Config, root: Path, runs: Path | str, run_dir: Path | str | None, resuming: bool) -> Path:

@@ -1,0 +1,102 @@
+"""User mistakes and hostile files: one line on stderr naming the key or file, exit code 2,
+nothing written, no code run."""
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from equiseg import build_model
+from equiseg.cli import app
+from equiseg.runs import save_model
+from tests_support import tiny_config, tiny_dataset_with_cells
+
+runner = CliRunner()
+
+
+def assert_one_line_refusal(result, *words):
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    assert "Traceback" not in result.output
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+
+
+@pytest.mark.parametrize("override, words", [
+    ("model.width=0", ["model.width", "at least 1"]),
+    ("model.width=-3", ["model.width"]),
+    ("data.batch_size=0", ["data.batch_size"]),
+    ("train.epochs=0", ["train.epochs"]),
+    ("train.epochs=-1", ["train.epochs"]),
+    ("train.loggers=[wandb]", ["train.loggers", "wandb"]),
+    ("train.accelerator=quantum", ["train.accelerator", "quantum"]),
+    ("data.train_fraction=0", ["data.train_fraction"]),
+    ("data.crop_size=128", ["data.crop_size=128", "64 px"]),
+])
+def test_a_config_mistake_is_one_line_and_no_run_folder(synthetic_small, tmp_path, override, words):
+    result = runner.invoke(app, ["train", "--data", str(synthetic_small), "--runs", str(tmp_path / "runs"),
+                                 "model.family=plain", "model.width=4", "model.depth=2", "train.loggers=[csv]",
+                                 override])
+    assert_one_line_refusal(result, *words)
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_a_gpu_accelerator_without_a_gpu_is_refused_before_the_run_folder(synthetic_small, tmp_path):
+    result = runner.invoke(app, ["train", "--data", str(synthetic_small), "--runs", str(tmp_path / "runs"),
+                                 "train.accelerator=gpu"])
+    assert_one_line_refusal(result, "train.accelerator=gpu", "no GPU")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_dataset_without_a_training_split_is_refused_before_the_run_folder(tmp_path):
+    root = tiny_dataset_with_cells(tmp_path)  # a test split only
+    result = runner.invoke(app, ["train", "--data", str(root), "--runs", str(tmp_path / "runs")])
+    assert_one_line_refusal(result, "train split is empty")
+    assert not (tmp_path / "runs").exists()
+
+
+class Payload:
+    """Unpickling this would run code: it must never happen."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+@pytest.mark.parametrize("kind", ["payload", "garbage", "foreign"])
+@pytest.mark.parametrize("command", ["evaluate", "predict"])
+def test_a_hostile_or_foreign_checkpoint_is_refused_in_one_line(tmp_path, kind, command):
+    marker = tmp_path / "pwned"
+    checkpoint = tmp_path / "model.ckpt"
+    match kind:
+        case "payload":
+            torch.save({"state_dict": {}, "hyper_parameters": Payload(marker)}, checkpoint)
+        case "garbage":
+            checkpoint.write_bytes(pickle.dumps("not a checkpoint")[:5] + b"\x00" * 64)
+        case "foreign":
+            torch.save({"weights": torch.zeros(3)}, checkpoint)
+    image = tmp_path / "a.png"
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(image)
+    args = [command, str(checkpoint), *([str(image)] if command == "predict" else []), "--out", str(tmp_path / "out")]
+    result = runner.invoke(app, args)
+    assert_one_line_refusal(result, str(checkpoint), "not a safe equiseg checkpoint")
+    assert "weights_only=False" not in result.output
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+def test_a_decompression_bomb_is_refused_naming_the_file(tmp_path, monkeypatch):
+    config = tiny_config(tmp_path)
+    checkpoint = save_model(build_model("plain", width=4, depth=2), config, tmp_path / "tiny.ckpt")
+    bomb = tmp_path / "bomb.png"
+    Image.fromarray(np.zeros((100, 100), np.uint8)).save(bomb)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 10,000 px is then over twice the limit
+    result = runner.invoke(app, ["predict", str(checkpoint), str(bomb), "--out", str(tmp_path / "out")])
+    assert_one_line_refusal(result, str(bomb), "decompression-bomb limit")
