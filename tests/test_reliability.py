@@ -100,3 +100,28 @@ def test_a_decompression_bomb_is_refused_naming_the_file(tmp_path, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 10,000 px is then over twice the limit
     result = runner.invoke(app, ["predict", str(checkpoint), str(bomb), "--out", str(tmp_path / "out")])
     assert_one_line_refusal(result, str(bomb), "decompression-bomb limit")
+
+
+def test_a_duplicate_sample_id_is_refused_naming_the_file(tmp_path):
+    root = tiny_dataset_with_cells(tmp_path)
+    metadata = root / "metadata.json"
+    text = metadata.read_text()
+    first = text.index('"001"')
+    end = text.index('"002"')  # the record of 001 again, as a second entry with the same id
+    metadata.write_text(text[:end] + text[first:end] + text[end:])
+    result = runner.invoke(app, ["verify", str(root)])
+    assert result.exit_code == 1 and str(metadata) in result.output and "appears twice" in result.output
+
+
+def test_16_bit_images_are_scaled_the_same_way_whatever_their_format(tmp_path):
+    import tifffile
+
+    from equiseg.data.ocelot import read_rgb
+
+    values = (np.arange(48 * 40).reshape(48, 40) * 34).astype(np.uint16)
+    Image.fromarray(values).save(tmp_path / "grey.png")
+    tifffile.imwrite(tmp_path / "grey.tif", values)
+    png, tif = read_rgb(tmp_path / "grey.png"), read_rgb(tmp_path / "grey.tif")
+    np.testing.assert_array_equal(png, tif)
+    np.testing.assert_array_equal(png[..., 1], np.round(values / 257).astype(np.uint8))
+    assert png.dtype == np.uint8 and png.max() < 255  # not saturated

@@ -141,12 +141,12 @@ def test_pictures_of_large_images_keep_every_kth_pixel(tmp_path, monkeypatch, bl
     image = random_image(70, 53, seed=2)
     Image.fromarray(image).save(tmp_path / "big.png")
     model, config = tiny_model(), tiny_config(tmp_path)
-    result = predict_files(model, config, [tmp_path / "big.png"], tmp_path, tile=32, overlap=8)
+    result = predict_files(model, config, [tmp_path / "big.png"], tmp_path / "out", tile=32, overlap=8)
     assert result.images[0].picture_step == 3
     probs = predict_probabilities(model, image_to_tensor(image), 32, 8).numpy()
-    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "big_probs.png")),
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "out" / "big_probs.png")),
                                   probability_picture(probs[:, ::3, ::3]))
-    assert np.asarray(Image.open(tmp_path / "big_overlay.png")).shape == (24, 18, 3)
+    assert np.asarray(Image.open(tmp_path / "out" / "big_overlay.png")).shape == (24, 18, 3)
     assert "big.png (53x70): pictures at 1/3 scale, 18x24 (one px in 3 along each side)" in result.notes()
 
 
@@ -205,25 +205,49 @@ def test_peak_candidates_refuses_a_core_without_its_halo():
 
 def test_json_is_skipped_for_other_sizes_and_cells_keep_their_coordinates(tmp_path):
     Image.fromarray(disks(60, 1100, [(200, 30), (1050, 30)])).save(tmp_path / "wide.png")
-    (tmp_path / "cell_classification.json").write_text("{}")  # an earlier run's
-    result = predict_files(RedIsCell(), tiny_config(tmp_path), [tmp_path / "wide.png"], tmp_path, tile=256,
-                           overlap=32)
-    assert result.json_path is None and not (tmp_path / "cell_classification.json").exists()
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "images.txt").write_text("image_0\told.png\n")  # an earlier prediction, replaced whole
+    (out / "cell_classification.json").write_text("{}")
+    result = predict_files(RedIsCell(), tiny_config(tmp_path), [tmp_path / "wide.png"], out, tile=256, overlap=32)
+    assert result.json_path is None and not (out / "cell_classification.json").exists()
     assert result.json_skipped == ("cell_classification.json skipped: the official format holds patches of at most "
                                    "1024x1024 px; image_0 (wide.png) is 1100x60; the cells are in the *_cells.csv "
                                    "files")
     assert result.json_skipped in result.notes() and result.cell_counts == (2,)
-    rows = (tmp_path / "wide_cells.csv").read_text().splitlines()
+    rows = (out / "wide_cells.csv").read_text().splitlines()
     assert rows[0] == "x,y,class,probability"
     assert sorted(r.rsplit(",", 1)[0] for r in rows[1:]) == ["1050,30,1", "200,30,1"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "wide.png"]  # no partial folder left
+
+
+def test_an_output_folder_of_other_files_is_refused_and_kept(tmp_path):
+    Image.fromarray(disks(40, 40, [(20, 20)])).save(tmp_path / "a.png")
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="holds other files"):
+        predict_files(RedIsCell(), tiny_config(tmp_path), [tmp_path / "a.png"], tmp_path, tile=32, overlap=8)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "notes.txt"]
+
+
+def test_a_failed_prediction_leaves_the_earlier_one_whole(tmp_path):
+    Image.fromarray(disks(40, 40, [(20, 20)])).save(tmp_path / "a.png")
+    out = tmp_path / "out"
+    first = predict_files(RedIsCell(), tiny_config(tmp_path), [tmp_path / "a.png"], out, tile=32, overlap=8)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(OSError):
+        predict_files(RedIsCell(), tiny_config(tmp_path), [tmp_path / "a.png", tmp_path / "broken.png"], out,
+                      tile=32, overlap=8)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before and first.json_path.is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "broken.png", "out"]
 
 
 def test_json_is_written_for_1024_images(tmp_path):
     centres = [(20, 1000), (512, 512), (1003, 17)]
     Image.fromarray(disks(1024, 1024, centres)).save(tmp_path / "patch.png")
-    result = predict_files(RedIsCell(), tiny_config(tmp_path), [tmp_path / "patch.png"], tmp_path, tile=512,
+    result = predict_files(RedIsCell(), tiny_config(tmp_path), [tmp_path / "patch.png"], tmp_path / "out", tile=512,
                            overlap=64, probs=False)
-    assert result.json_skipped is None and result.json_path == tmp_path / "cell_classification.json"
+    assert result.json_skipped is None and result.json_path == tmp_path / "out" / "cell_classification.json"
     (points,) = read_points_json(result.json_path)
     assert sorted(map(tuple, points[:, :3].astype(int))) == sorted((x, y, 1) for x, y in centres)
 

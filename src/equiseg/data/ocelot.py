@@ -143,9 +143,20 @@ def _load_json(path: Path) -> object:
     if not path.is_file():
         raise DatasetError(path, "missing")
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(), object_pairs_hook=lambda pairs: _unique_keys(path, pairs))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise DatasetError(path, f"not valid JSON ({error})") from None
+
+
+def _unique_keys(path: Path, pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """A JSON object whose keys are unique: JSON itself lets the last of two equal keys win,
+    which would drop a sample of metadata.json without a word."""
+    seen: dict[str, object] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise DatasetError(path, f"key {key!r} appears twice in one object (a duplicate sample id?)")
+        seen[key] = value
+    return seen
 
 
 def read_metadata(path: Path | str) -> dict[str, PairMeta]:
@@ -159,8 +170,9 @@ def read_metadata(path: Path | str) -> dict[str, PairMeta]:
 
 def read_rgb(path: Path | str) -> np.ndarray:
     """An image file (JPEG, PNG, TIFF) as (H, W, 3) uint8, decoded whole: the one decoder of RGB
-    images (dataset readers and ``equiseg predict`` alike). Grey and RGBA are converted, 16-bit
-    TIFF scaled (round(v / 257)); TIFF through tifffile, everything else through Pillow, which
+    images (dataset readers and ``equiseg predict`` alike). Grey is repeated into three
+    channels, alpha is dropped, 16-bit images (TIFF or PNG) are scaled by round(v / 257), the
+    same everywhere; TIFF through tifffile, everything else through Pillow, which
     refuses images over its decompression-bomb limit (about 179 Mpx): a ValueError naming the file."""
     path = Path(path)
     if path.suffix.lower() in (".tif", ".tiff"):
@@ -175,6 +187,8 @@ def read_rgb(path: Path | str) -> np.ndarray:
         return as_rgb(array)
     try:
         with Image.open(path) as image:
+            if image.mode.startswith("I"):  # 16-bit grey ("I;16", or "I" as Pillow opens 16-bit PNG)
+                return as_rgb(np.asarray(image).astype(np.uint16))
             return np.asarray(image.convert("RGB"))
     except Image.DecompressionBombError as error:  # a few KB on disk that would decode to gigabytes
         raise ValueError(f"{path}: refused, more pixels than Pillow's decompression-bomb limit ({error})") from None

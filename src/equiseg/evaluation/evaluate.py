@@ -21,6 +21,7 @@ from equiseg.evaluation.inference import predict_probabilities
 from equiseg.evaluation.losses import DiceCELoss
 from equiseg.evaluation.metrics import confusion_matrix, segmentation_scores
 from equiseg.evaluation.tissue_context import run_context
+from equiseg.runs import replaced_whole
 from equiseg.runtime import Runtime
 
 
@@ -146,22 +147,26 @@ def write_evaluation(evaluation: Evaluation, out_dir: Path | str, split: str) ->
 
     The official format holds patches of at most 1024 x 1024 px: with a larger image the JSON
     is not written (its points would have to move; :meth:`Evaluation.json_refusal` says why)
-    and the cells go to ``cells-<split>.csv`` (image,id,x,y,class,probability) instead.
+    and the cells go to ``cells-<split>.csv`` (image,id,x,y,class,probability) instead. The
+    files are written beside ``out_dir`` and moved into place together
+    (:func:`equiseg.runs.replaced_whole`): an earlier evaluation there is replaced whole, never
+    left beside the new one; a folder of other files is refused.
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"scores": out_dir / f"scores-{split}.json"}
-    paths["scores"].write_text(json_text({"split": split, "context": evaluation.context, "ids": evaluation.ids,
-                                          "scores": evaluation.scores, "per_image": evaluation.per_image}))
-    if evaluation.points and evaluation.json_refusal() is None:
-        paths["points"] = write_points_json(out_dir / "cell_classification.json", evaluation.points)
-    elif evaluation.points:  # the true coordinates, unmoved
-        paths["cells"] = out_dir / f"cells-{split}.csv"
-        lines = ["image,id,x,y,class,probability"] + [
-            f"{i},{sid},{int(x)},{int(y)},{int(c)},{q:.4f}"
-            for i, (sid, rows) in enumerate(zip(evaluation.ids, evaluation.points)) for x, y, c, q in rows]
-        paths["cells"].write_text("\n".join(lines) + "\n")
-    return paths
+    names = {"scores": f"scores-{split}.json"}
+    with replaced_whole(out_dir, "scores-*.json") as partial:
+        (partial / names["scores"]).write_text(json_text({
+            "split": split, "context": evaluation.context, "ids": evaluation.ids, "scores": evaluation.scores,
+            "per_image": evaluation.per_image}))
+        if evaluation.points and evaluation.json_refusal() is None:
+            names["points"] = write_points_json(partial / "cell_classification.json", evaluation.points).name
+        elif evaluation.points:  # the true coordinates, unmoved
+            names["cells"] = f"cells-{split}.csv"
+            lines = ["image,id,x,y,class,probability"] + [
+                f"{i},{sid},{int(x)},{int(y)},{int(c)},{q:.4f}"
+                for i, (sid, rows) in enumerate(zip(evaluation.ids, evaluation.points)) for x, y, c, q in rows]
+            (partial / names["cells"]).write_text("\n".join(lines) + "\n")
+    return {key: out_dir / name for key, name in names.items()}
 
 
 SCORE_ROWS = [("loss", "Dice-CE loss"), ("dice/mean", "Dice (mean)"), ("dice/BC", "Dice BC"), ("dice/TC", "Dice TC"),

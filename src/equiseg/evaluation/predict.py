@@ -29,6 +29,7 @@ from equiseg.data.targets import Task
 from equiseg.evaluation.detection import BlockDetector, official_format_refusal, write_points_json
 from equiseg.evaluation.inference import model_runtime, stream_blocks
 from equiseg.report.pictures import class_overlay, draw_points, probability_picture
+from equiseg.runs import replaced_whole
 from equiseg.runtime import Runtime
 
 PICTURE_SIDE = 4096  # px: the pictures of a larger image keep every k-th row and column
@@ -352,26 +353,28 @@ def predict_files(model: torch.nn.Module, config: Config, paths: list[Path], out
 
     ``cell_classification.json`` (the official format, image_i = the i-th file) is written only
     when every image fits that format (:func:`~equiseg.evaluation.detection.official_format_refusal`:
-    no side over 1024 px, so no point moves); otherwise it is skipped (an earlier run's file
-    there is removed) and :attr:`Predictions.json_skipped` says why, naming the first larger image. The cells are in the CSV files either way.
+    no side over 1024 px, so no point moves); otherwise :attr:`Predictions.json_skipped` says
+    why, naming the first larger image. The cells are in the CSV files either way. All of it
+    is written beside ``out_dir`` and moved into place at the end (:func:`equiseg.runs.replaced_whole`):
+    an earlier prediction there is replaced whole, a folder of other files is refused.
     ``on_image(done, total)`` is called after each image.
     """
-    out_dir.mkdir(parents=True, exist_ok=True)
     stems = [p.stem for p in paths]
     if len(set(stems)) != len(stems):
         raise ValueError("two input files share a name; their outputs would overwrite each other")
     runtime = runtime or model_runtime(model)
     model = runtime.place(model)
     images = []
-    for i, path in enumerate(paths):
-        images.append(predict_file(model, config, path, out_dir, tile, overlap, probs, runtime))
-        if on_image is not None:
-            on_image(i + 1, len(paths))
-    (out_dir / "images.txt").write_text("".join(f"image_{i}\t{p}\n" for i, p in enumerate(paths)))
-    json_path = out_dir / JSON_NAME
-    refusal = official_format_refusal([(image.height, image.width) for image in images],
-                                      [image.path.name for image in images])
+    with replaced_whole(out_dir, "images.txt") as partial:
+        for i, path in enumerate(paths):
+            images.append(predict_file(model, config, path, partial, tile, overlap, probs, runtime))
+            if on_image is not None:
+                on_image(i + 1, len(paths))
+        (partial / "images.txt").write_text("".join(f"image_{i}\t{p}\n" for i, p in enumerate(paths)))
+        refusal = official_format_refusal([(image.height, image.width) for image in images],
+                                          [image.path.name for image in images])
+        if refusal is None:
+            write_points_json(partial / JSON_NAME, [image.points for image in images])
     if refusal is None:
-        return Predictions(tuple(images), write_points_json(json_path, [image.points for image in images]), None)
-    json_path.unlink(missing_ok=True)  # an earlier run's file would describe other images
+        return Predictions(tuple(images), out_dir / JSON_NAME, None)
     return Predictions(tuple(images), None, f"{refusal}; the cells are in the *_cells.csv files")
