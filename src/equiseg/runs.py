@@ -164,7 +164,7 @@ def replaced_whole(dest: Path | str, marker: str) -> Iterator[Path]:
     A ``dest`` that holds files but no ``marker`` (a glob naming the command's own output, such
     as ``images.txt``) belongs to someone else and is refused with a ``ValueError``.
     """
-    dest = Path(dest)
+    dest = Path(dest).resolve()  # "." has no name to put a sibling beside
     if dest.is_dir() and any(dest.iterdir()) and not any(dest.glob(marker)):
         raise ValueError(f"{dest}: exists and holds other files; give a new or empty output folder")
     if dest.exists() and not dest.is_dir():
