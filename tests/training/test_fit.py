@@ -201,3 +201,15 @@ def test_require_real_refuses_the_synthetic_data_before_any_output(tmp_path, mon
     with pytest.raises(ConfigError, match=r"meant for real OCELOT data \(data.require_real=true\): pass --data DIR"):
         fit(_synthetic_config(require_real=True), runs=tmp_path / "runs", progress=False)
     assert not (tmp_path / "runs").exists() and not (tmp_path / "cache").exists()  # no data generated either
+
+
+def test_a_resumed_run_ends_bitwise_where_the_uninterrupted_one_does(synthetic_small, tmp_path):
+    """Crop, shuffle and augmentation randomness continue from the checkpoint, not from the seed."""
+    config = tiny_config(synthetic_small, train={"epochs": 3}, data={"augment": "heavy"})
+    whole = fit(config, run_dir=tmp_path / "whole", progress=False)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        fit(config, run_dir=tmp_path / "cut", progress=False, callbacks=[_Crash()])
+    fit(None, resume=tmp_path / "cut", progress=False)
+    a = torch.load(whole / "checkpoints/last.ckpt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "cut/checkpoints/last.ckpt", weights_only=True)["state_dict"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from equiseg.data.context import ContextFn
 from equiseg.data.ocelot import OcelotFolder, Sample, Split, image_to_tensor
@@ -80,6 +81,24 @@ def training_subset(n: int, fraction: float, seed: int) -> list[int]:
     return sorted(order[: max(1, round(fraction * n))].tolist())
 
 
+class EpochShuffle(Sampler[int]):
+    """A random order of ``length`` items that depends only on ``seed`` and the epoch
+    (:meth:`set_epoch`, which Lightning calls before each epoch)."""
+
+    def __init__(self, length: int, seed: int) -> None:
+        self.length, self.seed, self.epoch = length, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.length, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.length
+
+
 class SegmentationDataModule(L.LightningDataModule):
     """Train, val and test loaders over a Zenodo-layout folder for one task."""
 
@@ -111,8 +130,13 @@ class SegmentationDataModule(L.LightningDataModule):
             self.dataset(Split.TEST)
 
     def _loader(self, split: Split, shuffle: bool) -> DataLoader:
-        return DataLoader(self.dataset(split), batch_size=self.batch_size if split is Split.TRAIN else 1,
-                          shuffle=shuffle, num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+        dataset = self.dataset(split)
+        # the order comes from (seed, epoch) and the loader has its own generator, so making an
+        # iterator draws nothing from torch's global one: a resumed run sees the same batches
+        sampler = EpochShuffle(len(dataset), self.seed) if shuffle else None
+        return DataLoader(dataset, batch_size=self.batch_size if split is Split.TRAIN else 1, sampler=sampler,
+                          generator=torch.Generator().manual_seed(self.seed), num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(Split.TRAIN, shuffle=True)

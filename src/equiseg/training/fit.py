@@ -246,6 +246,22 @@ def _run_folder(config: Config, root: Path, runs: Path | str, run_dir: Path | st
     return run_dir
 
 
+class EpochSeed(L.Callback):
+    """Seeds every random generator from (seed, epoch) as each training epoch starts.
+
+    So the crops, the shuffled order and the augmentation of an epoch depend only on the seed and
+    the epoch, not on what ran before it in this process: a run resumed from the checkpoint of
+    epoch k (which ran its own sanity check and validation in between) draws exactly what the
+    uninterrupted run draws from epoch k + 1 on (tested bitwise on the CPU).
+    """
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+
+    def on_train_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        L.seed_everything(self.seed * 100_003 + trainer.current_epoch, workers=True, verbose=False)
+
+
 def _trainer(config: Config, run_dir: Path, progress: bool, callbacks: list) -> L.Trainer:
     """Lightning's Trainer for a run: its config's devices and precision, the run's loggers, and
     two checkpoints (best by val/loss, and the last epoch)."""
@@ -256,7 +272,8 @@ def _trainer(config: Config, run_dir: Path, progress: bool, callbacks: list) -> 
                            enable_version_counter=False)
     return L.Trainer(default_root_dir=run_dir, max_epochs=config.train.epochs, accelerator=config.train.accelerator,
                      devices=config.train.devices, strategy=config.train.strategy, precision=config.train.precision,
-                     logger=build_loggers(config, run_dir), callbacks=[best, last, *callbacks], log_every_n_steps=1,
+                     logger=build_loggers(config, run_dir), callbacks=[EpochSeed(config.train.seed), best, last, *callbacks],
+                     log_every_n_steps=1,
                      enable_progress_bar=progress, enable_model_summary=progress,
                      limit_train_batches=config.train.limit_train_batches, deterministic=False)
 
