@@ -89,7 +89,7 @@ def _evaluate(label: str, run_dir: Path, root: Path, test: OcelotFolder, runtime
     row = {"family": config.model.family.value, "width": config.model.width, "augment": config.data.augment.preset_name,
            "parameters": count_parameters(model), **evaluation.scores}
     cases = []
-    for kind, i in best_and_worst(evaluation.per_image, [len(test[i].cells) > 0 for i in range(len(test))]):
+    for kind, i in best_and_worst(evaluation.per_image, [len(test.cells(i)) > 0 for i in range(len(test))]):
         sample, dice = test[i], evaluation.per_image[i]["dice/mean"]
         cases.append({"title": f"{label}: {kind} ({test.ids[i]}, Dice {dice:.2f})", "image": sample.cell_image,
                       "probs": kept[i], "points": evaluation.points[i], "gt": sample.cells})

@@ -283,9 +283,9 @@ def _tta(model: torch.nn.Module, config: Config, root: Path, context: ContextFn 
 def _save_cases(path: Path, root: Path, evaluation: Evaluation, probs: dict[int, np.ndarray]) -> tuple[Case, ...]:
     """Keep the best and worst test image (by Dice, among images with cells) and their pictures at ``path``."""
     test = OcelotFolder(root, "test")
-    samples = [test[i] for i in range(len(test))]
-    chosen = best_and_worst(evaluation.per_image, [len(s.cells) > 0 for s in samples])
+    chosen = best_and_worst(evaluation.per_image, [len(test.cells(i)) > 0 for i in range(len(test))])
     cases = tuple(Case(kind, i, evaluation.ids[i], evaluation.per_image[i]["dice/mean"]) for kind, i in chosen)
+    samples = {c.index: test[c.index] for c in cases}  # only the two pictured images are decoded
     save_cases(path, {c.kind: CasePicture(samples[c.index].cell_image, probs[c.index],
                                           np.asarray(evaluation.points[c.index]), np.asarray(samples[c.index].cells))
                       for c in cases})

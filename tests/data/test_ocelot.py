@@ -124,3 +124,14 @@ def test_grand_challenge_count_mismatch(tiny_dataset, tmp_path):
     (root / "metadata.json").write_text(json.dumps(json.loads((root / "metadata.json").read_text())[:1]))
     with pytest.raises(DatasetError, match="2 patches but 1 metadata entries"):
         GrandChallengeInput(root)
+
+
+def test_cells_are_read_without_decoding_the_images(tmp_path, monkeypatch):
+    from equiseg.data import ocelot
+    from tests_support import tiny_dataset_with_cells
+
+    folder = ocelot.OcelotFolder(tiny_dataset_with_cells(tmp_path), "test")
+    expected = [folder[i].cells for i in range(len(folder))]
+    monkeypatch.setattr(ocelot, "read_image", lambda *a, **k: (_ for _ in ()).throw(AssertionError("decoded")))
+    for i, cells in enumerate(expected):
+        np.testing.assert_array_equal(folder.cells(i), cells)

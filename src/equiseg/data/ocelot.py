@@ -306,6 +306,12 @@ class OcelotFolder(Sequence[Sample]):
         """The four files of a sample: cell_image, tissue_image, cells, tissue_mask."""
         return pair_paths(self.root, self.split, sample_id)
 
+    def cells(self, index: int) -> np.ndarray:
+        """The cell points of the ``index``-th sample (checked as in ``self[index]``), its images not decoded."""
+        meta = self.metadata[self.ids[index]]
+        shape = None if meta.cell_size is None else (meta.cell_size, meta.cell_size)
+        return read_cells(self.paths(self.ids[index])["cells"], shape)
+
     def __len__(self) -> int:
         return len(self.ids)
 

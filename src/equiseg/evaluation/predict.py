@@ -28,7 +28,7 @@ from equiseg.data.ocelot import as_rgb, image_to_tensor, read_rgb
 from equiseg.data.targets import Task
 from equiseg.evaluation.detection import BlockDetector, official_format_refusal, write_points_json
 from equiseg.evaluation.inference import model_runtime, stream_blocks
-from equiseg.report.pictures import class_overlay, draw_points, probability_picture
+from equiseg.report.pictures import class_overlay, dot_radius, draw_points, probability_picture
 from equiseg.runs import replaced_whole
 from equiseg.runtime import Runtime
 
@@ -96,10 +96,6 @@ class RgbFile:
             return page
         tiff.close()
         return None
-
-    def rows(self, top: int, bottom: int) -> np.ndarray:
-        """Rows top .. bottom - 1: (bottom - top, W, 3) uint8."""
-        return self.region(top, bottom, 0, self.width)
 
     def region(self, top: int, bottom: int, left: int, right: int) -> np.ndarray:
         """Rows top .. bottom - 1 and columns left .. right - 1: (bottom - top, right - left, 3) uint8."""
@@ -232,8 +228,7 @@ class _Pictures:
         """Write the pictures, with ``points`` (N, 4 image px) as dots on the overlay."""
         scaled = np.array(points, dtype=np.float64).reshape(-1, 4)
         scaled[:, :2] /= self.step
-        # dots sized as prediction_overlay sizes them
-        overlay = draw_points(self.overlay, scaled, radius=max(4, self.overlay.shape[0] // 150), filled=True)
+        overlay = draw_points(self.overlay, scaled, radius=dot_radius(self.overlay.shape[0]), filled=True)
         Image.fromarray(overlay).save(f"{stem}_overlay.png")
         if self.probs is not None:
             Image.fromarray(self.probs).save(f"{stem}_probs.png")

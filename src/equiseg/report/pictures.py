@@ -35,11 +35,16 @@ def draw_points(image: np.ndarray, points: np.ndarray, radius: int = 6, filled: 
     return np.asarray(picture)
 
 
+def dot_radius(height: int) -> int:
+    """The radius, px, of the dots that mark cells on a picture ``height`` px tall."""
+    return max(4, height // 150)
+
+
 def prediction_overlay(image: np.ndarray, probs: np.ndarray, points: np.ndarray | None = None,
                        gt_points: np.ndarray | None = None) -> np.ndarray:
     """The image with the predicted classes tinted, predicted cells as dots, ground truth as rings."""
     out = class_overlay(image, probs.argmax(0))
-    size = max(4, image.shape[0] // 150)
+    size = dot_radius(image.shape[0])
     if gt_points is not None:
         out = draw_points(out, gt_points, radius=size + 4, filled=False)
     if points is not None:
