@@ -125,3 +125,25 @@ def test_16_bit_images_are_scaled_the_same_way_whatever_their_format(tmp_path):
     np.testing.assert_array_equal(png, tif)
     np.testing.assert_array_equal(png[..., 1], np.round(values / 257).astype(np.uint8))
     assert png.dtype == np.uint8 and png.max() < 255  # not saturated
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_a_bug_is_one_line_with_exit_1_and_its_traceback_only_with_debug(monkeypatch, capsys, debug):
+    from equiseg import cli
+    from equiseg.evaluation import model_table
+
+    def broken(**_):
+        raise RuntimeError("a planted bug")
+
+    monkeypatch.setattr(model_table, "model_table", broken)
+    monkeypatch.setattr("sys.argv", ["equiseg", *(["--debug"] if debug else []), "models"])
+    if debug:
+        with pytest.raises(RuntimeError, match="a planted bug"):
+            cli.run()
+        return
+    with pytest.raises(SystemExit) as exited:
+        cli.run()
+    assert exited.value.code == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: unexpected RuntimeError: a planted bug")
+    assert "--debug" in lines[0]

@@ -43,9 +43,37 @@ def _runtime(device: str, batch: int, precision: str):
         raise _fail(str(error)) from None
 
 
+_debug = {"on": False}  # set by --debug (or EQUISEG_DEBUG=1) before a command runs
+
+
 @app.callback()
-def main() -> None:
-    """equiseg: build, train and compare rotation-equivariant U-Nets against a plain U-Net."""
+def main(
+    debug: Annotated[bool, typer.Option(
+        "--debug", envvar="EQUISEG_DEBUG",
+        help="Show the full traceback of an unexpected error (a bug) instead of one line.")] = False,
+) -> None:
+    """equiseg: build, train and compare rotation-equivariant U-Nets against a plain U-Net.
+
+    Mistakes in what a command is given (a config key, a file, a device) are one line on stderr
+    starting with "error:", exit status 2, and nothing written. Anything else is a bug: one line
+    too, exit status 1, and `equiseg --debug COMMAND ...` shows its traceback.
+    """
+    _debug["on"] = debug
+
+
+def run() -> None:
+    """The ``equiseg`` program: :data:`app`, with an unexpected exception turned into one line
+    (exit 1) unless ``--debug`` asked for its traceback."""
+    import sys
+
+    try:
+        app()
+    except Exception as error:  # SystemExit and KeyboardInterrupt pass
+        if _debug["on"]:
+            raise
+        typer.echo(f"error: unexpected {type(error).__name__}: {error} (a bug in equiseg or a case it does not "
+                   "handle yet; `equiseg --debug ...` shows the traceback)", err=True)
+        sys.exit(1)
 
 
 @app.command()
@@ -156,19 +184,29 @@ def verify(
     Looks for missing and extra files, metadata ids without files, unreadable or truncated
     images, wrong sizes, CSV lines that are not 'x,y,class' with integers, points outside the
     image, unknown classes and mask values outside {1, 2, 255}. Exit status 0 only when clean.
+
+    Images that are not 8-bit RGB are read by one rule everywhere (grey repeated into R, G
+    and B; alpha dropped, not blended; 16-bit scaled by round(v / 257)): each such image is
+    listed as a note ("note: FILE: read as RGB by rule: ..."), which does not make the dataset
+    unclean.
     """
     from equiseg.data.verify import verify_dataset
 
     progress, update = _progress("checking pairs")
+    notes: list = []
     with progress:
-        problems = verify_dataset(data_dir, on_sample=update)
+        problems = verify_dataset(data_dir, on_sample=update, notes=notes)
     if as_json:
-        typer.echo(json.dumps([{"path": str(p.path), "line": p.line, "message": p.message} for p in problems],
+        typer.echo(json.dumps([{"path": str(p.path), "line": p.line, "message": p.message, "kind": kind}
+                               for kind, found in (("problem", problems), ("note", notes)) for p in found],
                               indent=2))
     else:
         for problem in problems:
             typer.echo(str(problem))
-        typer.echo(f"{data_dir}: {'clean' if not problems else f'{len(problems)} problem(s)'}", err=True)
+        for note in notes:
+            typer.echo(f"note: {note}")
+        noted = f" ({len(notes)} image(s) converted, see the notes)" if notes else ""
+        typer.echo(f"{data_dir}: {'clean' if not problems else f'{len(problems)} problem(s)'}{noted}", err=True)
     raise typer.Exit(1 if problems else 0)
 
 
@@ -486,4 +524,4 @@ def challenge(
 
 
 if __name__ == "__main__":
-    app()
+    run()

@@ -106,6 +106,9 @@ class TrainConfig:
 
     ``loggers``: any of csv, tensorboard, comet, mlflow (comet and mlflow when installed).
     ``accelerator``: as Lightning names them; a GPU asked for must be there when training starts.
+    ``checkpoint_every_n_steps``: also write ``last.ckpt`` every N training steps (a kill then
+    loses at most N steps; resuming from such a checkpoint continues mid-epoch exactly); null:
+    at the end of each epoch only.
     """
 
     epochs: int = 20
@@ -119,9 +122,10 @@ class TrainConfig:
     precision: str = "32-true"
     loggers: tuple[str, ...] = ("csv", "tensorboard")
     limit_train_batches: float | None = None
+    checkpoint_every_n_steps: int | None = None
 
     def __post_init__(self) -> None:
-        _at_least(self, "train", epochs=1, devices=1, dice_weight=0, ce_weight=0)
+        _at_least(self, "train", epochs=1, devices=1, dice_weight=0, ce_weight=0, checkpoint_every_n_steps=1)
         if not self.lr > 0:
             raise ValueError(f"train.lr must be > 0, got {self.lr}")
         unknown = [name for name in self.loggers if name not in LOGGERS]

@@ -7,7 +7,7 @@
       data.txt                the dataset folder it trained on (absolute path)
       synthetic.txt           only for the built-in synthetic data: its settings, then the warning given
       checkpoints/best.ckpt   lowest val/loss
-      checkpoints/last.ckpt   the last finished epoch (resume starts here)
+      checkpoints/last.ckpt   the last finished epoch, or step (train.checkpoint_every_n_steps); resume starts here
       metrics.csv             epoch and step metrics (earlier attempts of a resumed run folded in)
       tensorboard/            TensorBoard events
       study.json              a study's evaluation of this run (a cache)
@@ -81,7 +81,7 @@ class Run:
     synthetic_file = _InRun("synthetic.txt")
     checkpoints = _InRun("checkpoints")
     best = _InRun("checkpoints", "best.ckpt")      # lowest validation loss
-    last = _InRun("checkpoints", "last.ckpt")      # the last finished epoch
+    last = _InRun("checkpoints", "last.ckpt")      # the last finished epoch (or step)
     metrics = _InRun("metrics.csv")
     study_cache = _InRun("study.json")
     study_cases = _InRun("cases.npz")              # a study's best and worst test image, with probabilities
@@ -119,7 +119,8 @@ class Run:
         if not self.last.is_file():
             return False
         state = torch.load(self.last, map_location="cpu", weights_only=True)
-        return state["epoch"] + 1 >= config.train.epochs and state["hyper_parameters"]["config"] == config.to_dict()
+        epochs_done = state["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"]
+        return epochs_done >= config.train.epochs and Config.from_dict(state["hyper_parameters"]["config"]) == config
 
 
 def load_model(checkpoint: Path | str, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Config]:

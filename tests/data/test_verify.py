@@ -72,4 +72,23 @@ def test_cli_exit_status_and_json(tiny_dataset):
     assert result.exit_code == 1
     listed = json.loads(result.stdout)
     assert listed == [{"path": str(tiny_dataset / "annotations/train/cell/001.csv"), "line": 1,
-                       "message": "expected 'x,y,class' with integers, got '1,2'"}]
+                       "message": "expected 'x,y,class' with integers, got '1,2'", "kind": "problem"}]
+
+
+def test_images_that_are_not_8_bit_rgb_are_clean_but_noted_with_the_rule_applied(tiny_dataset):
+    """RGBA (alpha dropped), grey (repeated) and 16-bit grey (scaled) files pass, each named with
+    what reading does to it; a plain RGB file gets no note."""
+    cell = tiny_dataset / "images/train/cell/001.jpg"
+    tissue = tiny_dataset / "images/train/tissue/001.jpg"
+    rgb = np.asarray(Image.open(cell).convert("RGB"))
+    alpha = np.full(rgb.shape[:2] + (1,), 7, np.uint8)
+    Image.fromarray(np.concatenate([rgb, alpha], -1), "RGBA").save(cell, format="PNG")  # the name stays .jpg
+    grey = np.asarray(Image.open(tissue).convert("L"))
+    Image.fromarray(grey.astype(np.uint16) * 257).save(tissue, format="PNG")
+    result = runner.invoke(app, ["verify", str(tiny_dataset)])
+    assert result.exit_code == 0, result.output
+    notes = [line for line in result.stdout.splitlines() if line.startswith("note: ")]
+    assert notes == [f"note: {cell}: read as RGB by rule: RGBA: alpha dropped (not blended)",
+                     (f"note: {tissue}: read as RGB by rule: 16-bit grey: 16-bit scaled to 8 by round(v / 257), "
+                      "grey repeated into R, G and B")]
+    assert "clean (2 image(s) converted" in result.stderr

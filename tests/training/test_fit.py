@@ -1,4 +1,5 @@
 import csv
+import os
 import subprocess
 import sys
 
@@ -213,3 +214,64 @@ def test_a_resumed_run_ends_bitwise_where_the_uninterrupted_one_does(synthetic_s
     a = torch.load(whole / "checkpoints/last.ckpt", weights_only=True)["state_dict"]
     b = torch.load(tmp_path / "cut/checkpoints/last.ckpt", weights_only=True)["state_dict"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+_KILLED_RUN = """
+import json, os, signal, sys
+import lightning as L
+import torch
+from equiseg.config import Config
+from equiseg.training.fit import fit
+
+torch.set_num_threads(int(sys.argv[4]))  # float sums depend on the thread count: the parent's
+
+class KillNine(L.Callback):
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if trainer.global_step == int(sys.argv[3]):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+fit(Config.from_dict(json.loads(sys.argv[1])), run_dir=sys.argv[2], progress=False, callbacks=[KillNine()])
+"""
+
+
+def test_a_run_killed_mid_epoch_resumes_bitwise_from_its_step_checkpoint(synthetic_small, tmp_path):
+    """kill -9 in a subprocess after step 3 of 6 (the first batch of epoch 1 of 3, two batches
+    an epoch), checkpoints every step: the resumed run skips the batch it had trained and ends
+    with the uninterrupted run's weights, bit for bit."""
+    import json
+
+    config = tiny_config(synthetic_small, train={"epochs": 3, "checkpoint_every_n_steps": 1},
+                         data={"augment": "heavy"})
+    whole = fit(config, run_dir=tmp_path / "whole", progress=False)
+    cut = tmp_path / "cut"
+    killed = subprocess.run([sys.executable, "-c", _KILLED_RUN, json.dumps(config.to_dict()), str(cut), "3",
+                             str(torch.get_num_threads())],
+                            check=False, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -9, killed.stderr
+    saved = torch.load(cut / "checkpoints/last.ckpt", weights_only=True)
+    assert (saved["epoch"], saved["global_step"]) == (1, 3)  # mid-epoch
+    assert not Run(cut).finished(config)
+    fit(None, resume=cut, progress=False)
+    a = torch.load(whole / "checkpoints/last.ckpt", weights_only=True)
+    b = torch.load(cut / "checkpoints/last.ckpt", weights_only=True)
+    assert b["global_step"] == a["global_step"] == 6
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    assert Run(cut).finished(config)
+    assert not list(cut.rglob(".*partial*"))
+
+
+def test_partial_checkpoints_of_killed_writers_are_removed_when_a_run_starts(tmp_path):
+    from equiseg.training.fit import AtomicCheckpointIO, remove_stale_partials
+
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], check=True, capture_output=True,
+                          text=True)
+    stale = folder / f".last.ckpt.partial-{dead.stdout.strip()}"
+    stale.write_bytes(b"half a checkpoint")
+    live = folder / f".best.ckpt.partial-{os.getpid()}"  # a writer still at work is left alone
+    live.write_bytes(b"being written")
+    assert remove_stale_partials(folder) == [stale] and live.exists()
+    AtomicCheckpointIO().save_checkpoint({"weights": torch.ones(2)}, folder / "last.ckpt")
+    assert torch.equal(torch.load(folder / "last.ckpt", weights_only=True)["weights"], torch.ones(2))
+    assert sorted(p.name for p in folder.iterdir()) == sorted([live.name, "last.ckpt"])

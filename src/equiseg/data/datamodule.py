@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -59,18 +60,19 @@ class SegmentationDataset(Dataset):
     def __len__(self) -> int:
         return len(self._items)
 
-    def __getitem__(self, k: int) -> dict[str, torch.Tensor | int]:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, torch.Tensor | int]:
+        k, draw = (key, -1) if isinstance(key, int) else key
         (image, target), context = self._items[k], self._context[k]
         if self.crop_size is not None:
             h, w = target.shape
-            # torch's generator: Lightning seeds it per worker (seed_everything(workers=True))
-            top = int(torch.randint(0, h - self.crop_size + 1, ()))
-            left = int(torch.randint(0, w - self.crop_size + 1, ()))
+            generator = None if draw < 0 else torch.Generator().manual_seed(draw)
+            top = int(torch.randint(0, h - self.crop_size + 1, (), generator=generator))
+            left = int(torch.randint(0, w - self.crop_size + 1, (), generator=generator))
             rows, cols = slice(top, top + self.crop_size), slice(left, left + self.crop_size)
             image, target = image[rows, cols], target[rows, cols]
             context = None if context is None else context[:, rows, cols]
         return {"image": model_input(image, context), "target": torch.from_numpy(target.astype(np.int64)),
-                "index": k}
+                "index": k, "draw": draw}
 
 
 def training_subset(n: int, fraction: float, seed: int) -> list[int]:
@@ -81,22 +83,68 @@ def training_subset(n: int, fraction: float, seed: int) -> list[int]:
     return sorted(order[: max(1, round(fraction * n))].tolist())
 
 
-class EpochShuffle(Sampler[int]):
-    """A random order of ``length`` items that depends only on ``seed`` and the epoch
-    (:meth:`set_epoch`, which Lightning calls before each epoch)."""
+def position_seed(*key: int) -> int:
+    """A 63-bit seed that depends only on ``key`` (e.g. seed, epoch, position): numpy's SeedSequence hash."""
+    high, low = np.random.SeedSequence(list(key)).generate_state(2)
+    return (int(high) << 32 | int(low)) >> 1
 
-    def __init__(self, length: int, seed: int) -> None:
+
+class EpochShuffle(Sampler[tuple[int, int]]):
+    """A random order of ``length`` items that depends only on ``seed`` and the epoch
+    (:meth:`set_epoch`, which Lightning calls before each epoch), each item given as
+    ``(index, draw)`` with ``draw`` = :func:`position_seed` of (seed, epoch, position).
+
+    So every random choice of an epoch (the order, each crop and, through the batch's draws,
+    the augmentation) is a function of where it happens, and a run resumed mid-epoch continues
+    by skipping the items already trained on (:meth:`resume_at`) instead of drawing anew.
+
+    Under DDP process ``rank`` of ``replicas`` takes every ``replicas``-th item of the order
+    (padded with its first items to a multiple of ``replicas``, as torch's DistributedSampler
+    does), so the processes together train on one draw of the epoch.
+    """
+
+    def __init__(self, length: int, seed: int, rank: int = 0, replicas: int = 1) -> None:
         self.length, self.seed, self.epoch = length, seed, 0
+        self.rank, self.replicas = rank, replicas
+        self._resume: tuple[int, int] | None = None  # (epoch, items to skip)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def __iter__(self) -> Iterator[int]:
+    def resume_at(self, epoch: int, items: int) -> None:
+        """Start the next pass over ``epoch`` after its first ``items`` items (other epochs start at 0)."""
+        self._resume = (epoch, items)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return iter(torch.randperm(self.length, generator=generator).tolist())
+        order = torch.randperm(self.length, generator=generator).tolist()
+        order += order[: len(self) * self.replicas - self.length]
+        start = 0
+        if self._resume is not None and self._resume[0] == self.epoch:
+            start = self._resume[1]
+        self._resume = None
+        mine = list(enumerate(order))[self.rank::self.replicas][start:]
+        return iter([(index, position_seed(self.seed, self.epoch, position)) for position, index in mine])
 
     def __len__(self) -> int:
-        return self.length
+        return (self.length + self.replicas - 1) // self.replicas
+
+
+class ResumableLoader(DataLoader):
+    """The training loader, with the ``state_dict``/``load_state_dict`` pair that Lightning saves
+    in each checkpoint and gives back on resume: the epoch and how many batches of it were
+    trained (``batches_done``, read from Lightning's own progress when it saves), so a run
+    resumed from a checkpoint taken mid-epoch skips exactly those batches."""
+
+    def __init__(self, *args: Any, batches_done: Callable[[], int], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._batches_done = batches_done
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.sampler.epoch, "batches_done": self._batches_done()}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.sampler.resume_at(state["epoch"], state["batches_done"] * self.batch_size)
 
 
 class SegmentationDataModule(L.LightningDataModule):
@@ -131,12 +179,24 @@ class SegmentationDataModule(L.LightningDataModule):
 
     def _loader(self, split: Split, shuffle: bool) -> DataLoader:
         dataset = self.dataset(split)
-        # the order comes from (seed, epoch) and the loader has its own generator, so making an
-        # iterator draws nothing from torch's global one: a resumed run sees the same batches
-        sampler = EpochShuffle(len(dataset), self.seed) if shuffle else None
-        return DataLoader(dataset, batch_size=self.batch_size if split is Split.TRAIN else 1, sampler=sampler,
-                          generator=torch.Generator().manual_seed(self.seed), num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0)
+        # the order and every draw come from (seed, epoch, position) and the loader has its own
+        # generator, so making an iterator draws nothing from torch's global one: a resumed run
+        # sees the same batches
+        options = {"generator": torch.Generator().manual_seed(self.seed), "num_workers": self.num_workers,
+                   "persistent_workers": self.num_workers > 0}
+        if not shuffle:
+            return DataLoader(dataset, batch_size=1, **options)
+        # Lightning is told not to put its DistributedSampler in (use_distributed_sampler=False)
+        trainer = self.trainer
+        rank, replicas = (0, 1) if trainer is None else (trainer.global_rank, trainer.world_size)
+        sampler = EpochShuffle(len(dataset), self.seed, rank, replicas)
+        return ResumableLoader(dataset, batch_size=self.batch_size, sampler=sampler,
+                               batches_done=self._batches_done, **options)
+
+    def _batches_done(self) -> int:
+        """Training batches finished in the current epoch (Lightning's count; 0 outside a fit)."""
+        trainer = self.trainer
+        return 0 if trainer is None else trainer.fit_loop.epoch_loop.batch_progress.current.processed
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(Split.TRAIN, shuffle=True)

@@ -194,6 +194,35 @@ def read_rgb(path: Path | str) -> np.ndarray:
         raise ValueError(f"{path}: refused, more pixels than Pillow's decompression-bomb limit ({error})") from None
 
 
+def rgb_conversion(path: Path | str) -> str | None:
+    """What :func:`read_rgb` does to this file to make it 8-bit RGB, in words, from the file's
+    header alone (no decoding); None for a file that is 8-bit RGB already."""
+    path = Path(path)
+    if path.suffix.lower() in (".tif", ".tiff"):
+        with tifffile.TiffFile(path) as tiff:
+            page = tiff.pages[0]
+            shape, dtype = page.shape, page.dtype
+        channels = 1 if len(shape) == 2 else min(shape[0], shape[-1]) if 3 in shape or 4 in shape else shape[-1]
+        mode = {1: "grey", 3: "RGB", 4: "RGBA"}.get(channels, f"{channels} channels")
+        depth = "16-bit " if dtype == np.uint16 else ""
+    else:
+        with Image.open(path) as image:
+            pillow = image.mode
+        depth = "16-bit " if pillow.startswith("I") else ""
+        mode = {"L": "grey", "I;16": "grey", "I": "grey", "LA": "grey + alpha", "RGB": "RGB", "RGBA": "RGBA",
+                "P": "palette"}.get(pillow, f"mode {pillow}")
+    steps = []
+    if depth:
+        steps.append("16-bit scaled to 8 by round(v / 257)")
+    if "alpha" in mode or mode == "RGBA":
+        steps.append("alpha dropped (not blended)")
+    if mode.startswith("grey"):
+        steps.append("grey repeated into R, G and B")
+    if mode == "palette" or mode.startswith("mode "):
+        steps.append("converted to RGB by Pillow")
+    return f"{depth}{mode}: {', '.join(steps)}" if steps else None
+
+
 def as_rgb(array: np.ndarray) -> np.ndarray:
     """Pixels as RGB uint8: (h, w), (h, w, 1), (h, w, 3) or (h, w, 4) uint8 or uint16 -> (h, w, 3) uint8."""
     if array.dtype == np.uint16:

@@ -14,6 +14,7 @@ from equiseg.data.ocelot import (
     read_image,
     read_metadata,
     read_tissue_mask,
+    rgb_conversion,
 )
 
 _KINDS = {  # file kind -> (folder under the root, suffix)
@@ -26,7 +27,8 @@ _KINDS = {  # file kind -> (folder under the root, suffix)
 SPLIT_NAMES = tuple(split.value for split in Split)  # as metadata.json and the folders name them
 
 
-def verify_dataset(root: Path | str, on_sample: Callable[[int, int], None] | None = None) -> list[DatasetError]:
+def verify_dataset(root: Path | str, on_sample: Callable[[int, int], None] | None = None,
+                   notes: list[DatasetError] | None = None) -> list[DatasetError]:
     """Every problem in the dataset at ``root``, in a stable order; an empty list means clean.
 
     Checks: metadata.json parses with ``sample_pairs``; every pair's subset is a known split;
@@ -35,6 +37,11 @@ def verify_dataset(root: Path | str, on_sample: Callable[[int, int], None] | Non
     implies; masks have one channel, the tissue image's size and values in {1, 2, 255}; every
     CSV line is ``x,y,class`` with integers, the class is 1 or 2 and the point lies inside the
     cell image. ``on_sample(done, total)`` reports progress.
+
+    Images that are not 8-bit RGB are read by one documented rule
+    (:func:`~equiseg.data.ocelot.read_rgb`: grey repeated, alpha dropped, 16-bit scaled by
+    round(v / 257)); they are not problems, but each is appended to ``notes`` (when given) with
+    what the rule does to it.
     """
     root = Path(root)
     if not root.is_dir():
@@ -63,13 +70,13 @@ def verify_dataset(root: Path | str, on_sample: Callable[[int, int], None] | Non
                                                        f"extra file: expected only *{suffix} here"))
     todo = sorted((meta.subset, sid) for sid, meta in metadata.items() if meta.subset in SPLIT_NAMES)
     for done, (split, sample_id) in enumerate(todo, start=1):
-        problems.extend(_verify_sample(root, split, metadata[sample_id]))
+        problems.extend(_verify_sample(root, split, metadata[sample_id], notes))
         if on_sample is not None:
             on_sample(done, len(todo))
     return problems
 
 
-def _verify_sample(root: Path, split: str, meta: PairMeta) -> list[DatasetError]:
+def _verify_sample(root: Path, split: str, meta: PairMeta, notes: list[DatasetError] | None) -> list[DatasetError]:
     paths = pair_paths(root, split, meta.sample_id)
     problems = []
     shapes = {}  # the size the metadata implies, else the size the image has
@@ -77,6 +84,9 @@ def _verify_sample(root: Path, split: str, meta: PairMeta) -> list[DatasetError]
         expected = None if size is None else (size, size)
         try:
             shapes[kind] = read_image(paths[kind], expected).shape[:2]
+            conversion = None if notes is None else rgb_conversion(paths[kind])
+            if conversion:
+                notes.append(DatasetError(paths[kind], f"read as RGB by rule: {conversion}"))
         except DatasetError as error:
             problems.append(error)
             shapes[kind] = expected

@@ -15,6 +15,7 @@ import lightning as L
 import torch
 from lightning.pytorch import loggers
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from equiseg.config import Config, ConfigError, SyntheticConfig
 from equiseg.data.context import ContextFn
@@ -249,10 +250,11 @@ def _run_folder(config: Config, root: Path, runs: Path | str, run_dir: Path | st
 class EpochSeed(L.Callback):
     """Seeds every random generator from (seed, epoch) as each training epoch starts.
 
-    So the crops, the shuffled order and the augmentation of an epoch depend only on the seed and
-    the epoch, not on what ran before it in this process: a run resumed from the checkpoint of
-    epoch k (which ran its own sanity check and validation in between) draws exactly what the
-    uninterrupted run draws from epoch k + 1 on (tested bitwise on the CPU).
+    The training draws themselves (order, crops, augmentation) are keyed by (seed, epoch,
+    position) in :class:`~equiseg.data.datamodule.EpochShuffle`; this keeps anything else that
+    draws from the global generators (a user's callback, a model with dropout) a function of the
+    epoch too, not of what ran before it in this process (a resumed run ran its own sanity check
+    and validation in between).
     """
 
     def __init__(self, seed: int) -> None:
@@ -262,17 +264,71 @@ class EpochSeed(L.Callback):
         L.seed_everything(self.seed * 100_003 + trainer.current_epoch, workers=True, verbose=False)
 
 
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written whole or not at all, with the partial file in the checkpoint's own folder.
+
+    The bytes go to ``.NAME.partial-PID`` beside the destination, are flushed to disk and then
+    renamed over it (one atomic step on a local file system). Lightning's own writer keeps its
+    partial file in the system temp folder, where a kill leaves it behind unseen.
+    :func:`remove_stale_partials` clears those of killed processes when a run starts or resumes.
+    """
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+        try:
+            with partial.open("wb") as handle:
+                torch.save(checkpoint, handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            partial.replace(path)
+        finally:
+            partial.unlink(missing_ok=True)
+
+
+def remove_stale_partials(folder: Path) -> list[Path]:
+    """Remove the partial checkpoint files that killed processes left in ``folder``; returns them."""
+    stale = [p for p in folder.glob(".*.partial-*") if not _alive(p.name.rsplit("-", 1)[-1])]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
+def _alive(pid: str) -> bool:
+    """Whether a process with this id runs here (a partial file of a living writer is left alone)."""
+    if not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def _trainer(config: Config, run_dir: Path, progress: bool, callbacks: list) -> L.Trainer:
     """Lightning's Trainer for a run: its config's devices and precision, the run's loggers, and
-    two checkpoints (best by val/loss, and the last epoch)."""
-    best = ModelCheckpoint(dirpath=Run(run_dir).checkpoints, filename="best", monitor="val/loss", mode="min",
+    two checkpoints (best by val/loss, and the last epoch, also every
+    ``train.checkpoint_every_n_steps`` steps), written atomically by :class:`AtomicCheckpointIO`."""
+    folder = Run(run_dir).checkpoints
+    remove_stale_partials(folder)
+    best = ModelCheckpoint(dirpath=folder, filename="best", monitor="val/loss", mode="min",
                            save_top_k=1, enable_version_counter=False)
-    # Lightning's save_last only writes when a best checkpoint is written; this one writes every epoch
-    last = ModelCheckpoint(dirpath=Run(run_dir).checkpoints, filename="last", monitor=None, save_top_k=1,
-                           enable_version_counter=False)
+    # Lightning's save_last only writes when a best checkpoint is written; these write every epoch
+    # (and every N steps)
+    lasts = [ModelCheckpoint(dirpath=folder, filename="last", monitor=None, save_top_k=1,
+                             enable_version_counter=False)]
+    if config.train.checkpoint_every_n_steps:
+        lasts.append(ModelCheckpoint(dirpath=folder, filename="last", monitor=None, save_top_k=1,
+                                     enable_version_counter=False,
+                                     every_n_train_steps=config.train.checkpoint_every_n_steps))
     return L.Trainer(default_root_dir=run_dir, max_epochs=config.train.epochs, accelerator=config.train.accelerator,
                      devices=config.train.devices, strategy=config.train.strategy, precision=config.train.precision,
-                     logger=build_loggers(config, run_dir), callbacks=[EpochSeed(config.train.seed), best, last, *callbacks],
+                     logger=build_loggers(config, run_dir),
+                     callbacks=[EpochSeed(config.train.seed), best, *lasts, *callbacks],
+                     plugins=[AtomicCheckpointIO()], use_distributed_sampler=False,
                      log_every_n_steps=1,
                      enable_progress_bar=progress, enable_model_summary=progress,
                      limit_train_batches=config.train.limit_train_batches, deterministic=False)

@@ -10,6 +10,7 @@ from torchmetrics.classification import MulticlassConfusionMatrix
 
 from equiseg.config import Config
 from equiseg.data.augment import Augment, AugmentConfig
+from equiseg.data.datamodule import position_seed
 from equiseg.data.targets import IGNORE_INDEX
 from equiseg.evaluation.losses import DiceCELoss
 from equiseg.evaluation.metrics import segmentation_scores
@@ -42,9 +43,20 @@ class SegmentationModule(L.LightningModule):
 
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         if self.trainer is not None and self.trainer.training and self.augment is not None:
-            image, masks = self.augment(batch["image"], {"target": batch["target"]})
+            image, masks = self.augment(batch["image"], {"target": batch["target"]}, self._batch_generator(batch))
             batch = {**batch, "image": image, "target": masks["target"]}
         return batch
+
+    @staticmethod
+    def _batch_generator(batch: dict) -> torch.Generator | None:
+        """The augmentation's generator for a batch: seeded by its items' draws (see
+        :class:`~equiseg.data.datamodule.EpochShuffle`), on the batch's device, so a batch is
+        augmented the same way whenever and wherever it is trained; None (torch's global
+        generator) for items asked for by bare index."""
+        draws = [int(d) for d in batch.get("draw", [-1])]
+        if min(draws) < 0:
+            return None
+        return torch.Generator(batch["image"].device).manual_seed(position_seed(*draws))
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.loss(self(batch["image"]), batch["target"])
