@@ -64,7 +64,7 @@ def test_a_paper_preset_trains_on_synthetic_data_when_asked_and_says_so(tmp_path
     assert result.exit_code == 0, result.output
     assert any("training on the built-in SYNTHETIC dataset" in r.getMessage() for r in caplog.records)
     assert result.stdout.strip().splitlines()[-1] == (
-        "trained on synthetic data (train=2 val=1 test=1 size=64 seed=0), not OCELOT: pass --data DIR to train on "
+        "trained on synthetic data (train=2 val=1 test=1 size=64 seed=0 crowding=0), not OCELOT: pass --data DIR to train on "
         "real data")
     (run,) = (tmp_path / "runs").iterdir()
     assert (run / "synthetic.txt").is_file()

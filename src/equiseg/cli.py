@@ -150,6 +150,10 @@ def synth(
     test: Annotated[int, typer.Option(help="Test pairs.")] = 4,
     size: Annotated[int, typer.Option(help="Side of the cell and tissue patches in px (multiple of 32).")] = 1024,
     seed: Annotated[int, typer.Option(help="Seed; the same seed gives the same bytes.")] = 0,
+    crowding: Annotated[float, typer.Option(
+        min=0, max=1, help="0: the sparse world (about 14 cells per 512 px patch); 1: crowded tissue, tumour nests "
+                           "of touching nuclei 50-65 px apart and dense lymphocyte clusters (about 50-400 cells per "
+                           "1024 px patch).")] = 1.0,
 ) -> None:
     """Write a synthetic H&E-like dataset in the OCELOT 2023 Zenodo layout.
 
@@ -167,7 +171,7 @@ def synth(
     progress, update = _progress("rendering pairs")
     try:
         with progress:
-            generate_dataset(out_dir, counts, size=size, seed=seed, on_sample=update)
+            generate_dataset(out_dir, counts, size=size, seed=seed, on_sample=update, crowding=crowding)
     except (ValueError, FileExistsError) as error:
         raise _fail(str(error)) from None
     typer.echo(f"wrote {sum(counts.values())} pairs ({train} train, {val} val, {test} test) of {size}x{size} px "
@@ -323,6 +327,44 @@ def evaluate(
     typer.echo(f"{cfg.name} ({cfg.model.family.value}, width {cfg.model.width}) on {split}: {len(result.ids)} images")
     _echo_scores(result, split)
     typer.echo("wrote " + ", ".join(str(p) for p in paths.values()))
+
+
+@app.command("tune-detect")
+def tune_detect(
+    run: Annotated[Path, typer.Argument(help="A cell model's run folder.")],
+    split: Annotated[str, typer.Option(help="The split to tune on (never the test split you report).")] = "val",
+    device: DeviceOption = "auto",
+    batch: BatchOption = 1,
+    precision: PrecisionOption = "32",
+) -> None:
+    """Choose the run's detection settings (detect.peaks, sigma, min_distance, threshold) on the validation split.
+
+    Runs the model once over the split, keeps its probability maps and scores a grid of 210
+    settings on them by the OCELOT rules (no retraining). The best by mF1 goes into
+    RUN/detect.yaml, which every later evaluate, predict, challenge and study of the run uses;
+    RUN/detect-tuning.csv lists all settings with their scores.
+    """
+    from equiseg.data.ocelot import DatasetError
+    from equiseg.evaluation.tune_detect import tune_detection
+    from equiseg.runs import Run
+
+    if split == "test":
+        raise _fail("tune-detect on the test split would report tuned-on-test scores; tune on val (or train)")
+    runtime = _runtime(device, batch, precision)
+    try:
+        progress, update = _progress(f"probability maps of {split} ({runtime})")
+        with progress:
+            chosen, rows = tune_detection(run, split, runtime, on_image=update)
+    except (DatasetError, FileNotFoundError, ValueError) as error:
+        raise _fail(str(error)) from None
+    ranked = sorted(rows, key=lambda row: -row["mf1"])[:5]
+    typer.echo(f"{'peaks':<10} {'sigma':>5} {'min_dist':>8} {'thresh':>6} {'mF1':>7} {'prec':>6} {'recall':>6}")
+    for row in ranked:
+        typer.echo(f"{row['peaks']:<10} {row['sigma']:>5g} {row['min_distance']:>8} {row['threshold']:>6g} "
+                   f"{row['mf1']:>7.4f} {row['precision']:>6.3f} {row['recall']:>6.3f}")
+    typer.echo(f"chosen: detect.peaks={chosen.peaks} detect.sigma={chosen.sigma:g} "
+               f"detect.min_distance={chosen.min_distance} detect.threshold={chosen.threshold:g}")
+    typer.echo(f"wrote {Run.of(run).detect_file} and {Run.of(run).tuning_file}")
 
 
 def _echo_scores(result, split: str) -> None:

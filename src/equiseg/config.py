@@ -21,12 +21,13 @@ import yaml
 
 from equiseg.data.augment import AugmentConfig
 from equiseg.data.context import CONTEXT_CHANNELS, ContextKind
-from equiseg.data.targets import Task
+from equiseg.data.targets import DEFAULT_SIGMA, CellTarget, TargetKind, Task
 from equiseg.models import build_model
 from equiseg.models.unet import ConvFamily
 
 LOGGERS = ("csv", "tensorboard", "comet", "mlflow")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
+PEAK_RULES = ("foreground", "per-class")
 
 
 def _at_least(section: object, prefix: str, **bounds: float) -> None:
@@ -51,16 +52,25 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class SyntheticConfig:
-    """The built-in synthetic dataset used when ``data.root`` is empty."""
+    """The built-in synthetic dataset used when ``data.root`` is empty.
+
+    ``crowding``: 0 for the sparse world (about 14 cells per 512 px patch, tumour nuclei 80-110
+    px apart), 1 for crowded tissue (tumour nests of touching nuclei 50-65 px apart, dense
+    lymphocyte clusters: about 50-400 cells per 1024 px patch); see
+    :func:`equiseg.data.synthetic.render_pair`.
+    """
 
     train: int = 16
     val: int = 4
     test: int = 4
     size: int = 512
     seed: int = 0
+    crowding: float = 0.0
 
     def __post_init__(self) -> None:
         _at_least(self, "data.synthetic", train=1, val=1, test=0, size=32)
+        if not 0 <= self.crowding <= 1:
+            raise ValueError(f"data.synthetic.crowding must lie in [0, 1], got {self.crowding}")
 
 
 @dataclass(frozen=True)
@@ -72,7 +82,9 @@ class DataConfig:
     announces as a warning and records in the run folder. ``require_real``: refuse to train on
     the built-in synthetic data (for configs meant for real OCELOT data, such as the paper
     presets); ``data.require_real=false`` trains on it anyway. ``crop_size``: random
-    square crops for training, px (empty: whole images). ``radius``: the cell disk radius, px.
+    square crops for training, px (empty: whole images). ``target``: what the cell model learns
+    (:mod:`equiseg.data.targets`): ``disks`` of ``radius`` px (the seed's) or ``centres``,
+    Gaussians of ``sigma`` px on each cell centre, which keep touching cells apart.
     ``train_fraction``: the share of the training split used (a seeded subset).
     ``context`` (cell task): tissue context as two extra input channels (see
     :mod:`equiseg.data.context`): ``none``, ``truth`` (the ground-truth tissue mask) or
@@ -84,7 +96,9 @@ class DataConfig:
     require_real: bool = False
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     crop_size: int | None = 256
+    target: TargetKind = TargetKind.DISKS
     radius: float = 30.0
+    sigma: float = DEFAULT_SIGMA
     train_fraction: float = 1.0
     augment: AugmentConfig = field(default_factory=AugmentConfig.none)
     batch_size: int = 4
@@ -94,10 +108,16 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _at_least(self, "data", crop_size=1, radius=1, batch_size=1, num_workers=0)
+        self.cell_target  # noqa: B018 (range checks of sigma)
         if not 0 < self.train_fraction <= 1:
             raise ValueError(f"data.train_fraction must lie in (0, 1], got {self.train_fraction}")
         if self.context is ContextKind.MODEL and not self.tissue_model:
             raise ValueError("data.context=model needs data.tissue_model (a tissue run folder or checkpoint)")
+
+    @property
+    def cell_target(self) -> CellTarget:
+        """The cell task's target design (ignored by the tissue task, whose targets are its mask's classes)."""
+        return CellTarget(self.target, self.radius, self.sigma)
 
 
 @dataclass(frozen=True)
@@ -137,11 +157,26 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class DetectConfig:
-    """Reading cells off probability maps (``equiseg.evaluation.detection.detect_cells``)."""
+    """Reading cells off probability maps (``equiseg.evaluation.detection.detect_cells``).
+
+    ``peaks``: ``foreground`` (local maxima of the smoothed 1 - p(background), the rule for
+    disks) or ``per-class`` (local maxima of each cell class's smoothed probability, the rule
+    for centre targets). ``equiseg tune-detect RUN`` chooses all four on the validation split.
+    """
 
     sigma: float = 8.0
     min_distance: int = 15
     threshold: float = 0.5
+    peaks: str = "foreground"
+
+    def __post_init__(self) -> None:
+        _at_least(self, "detect", sigma=0, min_distance=1)
+        if self.peaks not in PEAK_RULES:
+            raise ValueError(f"detect.peaks must be one of {', '.join(PEAK_RULES)}, got {self.peaks!r}")
+
+    @property
+    def per_class(self) -> bool:
+        return self.peaks == "per-class"
 
 
 @dataclass(frozen=True)

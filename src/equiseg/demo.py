@@ -17,6 +17,7 @@ import numpy as np
 from equiseg.config import Config, json_text
 from equiseg.data.ocelot import OcelotFolder
 from equiseg.evaluation.evaluate import evaluate_model, write_evaluation
+from equiseg.evaluation.tune_detect import tune_detection
 from equiseg.models import count_parameters
 from equiseg.presets import preset_path
 from equiseg.report.plots import best_and_worst, fmt, machine_line, markdown_table, plot_cases, plot_loss_curves
@@ -42,10 +43,16 @@ def run_demo(out: Path, epochs: int | None = None, say: Callable[[str], None] = 
     configs = {label: Config.from_yaml(preset_path(name), overrides) for label, name in PRESETS.items()}
     iso, plain = configs["isotropic"], configs["plain"]
     syn = iso.data.synthetic
+    world = "crowded" if syn.crowding == 1 else "sparse" if syn.crowding == 0 else f"crowding {syn.crowding:g}"
+    target = iso.data.target.value + (f" (sigma {iso.data.sigma:g} px)" if iso.data.target.value == "centres" else
+                                      f" (radius {iso.data.radius:g} px)")
     say(f"equiseg demo: the seed's comparison, small, on 2 CPU cores (expected: about 12 minutes).\n"
-        f"  1. synthetic data: {syn.train} train / {syn.val} val / {syn.test} test pairs of {syn.size}x{syn.size} px\n"
+        f"  1. synthetic data ({world} tissue): {syn.train} train / {syn.val} val / {syn.test} test pairs of "
+        f"{syn.size}x{syn.size} px; targets: {target}\n"
         f"  2. train isotropic U-Net width {iso.model.width} (no augmentation) and plain U-Net width "
-        f"{plain.model.width} ({plain.data.augment.preset_name} augmentation), matched parameter counts, {iso.train.epochs} epochs each on {iso.data.crop_size} px crops\n"
+        f"{plain.model.width} ({plain.data.augment.preset_name} augmentation), matched parameter counts, "
+        f"{iso.train.epochs} epochs each on {iso.data.crop_size} px crops; choose each one's detection settings on "
+        f"the validation split (as equiseg tune-detect)\n"
         f"  3. evaluate both on the test split (loss, Dice, mIoU, OCELOT mF1) and write {out / 'report'}")
     out.mkdir(parents=True, exist_ok=True)
     root = generate_synthetic(out / "data", syn)
@@ -57,6 +64,9 @@ def run_demo(out: Path, epochs: int | None = None, say: Callable[[str], None] = 
         run_dir = out / "runs" / config.name
         if train_or_reuse(config, run_dir):
             say(f"   reusing the finished run in {run_dir}")
+        chosen, _ = tune_detection(run_dir, "val", runtime)
+        say(f"   detection chosen on val: peaks {chosen.peaks}, sigma {chosen.sigma:g}, min_distance "
+            f"{chosen.min_distance}, threshold {chosen.threshold:g}")
         runs[label] = run_dir
     report = out / "report"
     report.mkdir(exist_ok=True)
@@ -108,8 +118,10 @@ def _write_report(report: Path, results: dict[str, dict], minutes: float, test_i
                                                     "date": time.strftime("%Y-%m-%d")}))
     (report / "README.md").write_text(
         f"# equiseg demo report\n\n{time.strftime('%Y-%m-%d %H:%M')}, {machine}, {minutes:.1f} min in all.\n\n"
-        f"Test split of the synthetic data ({test_images}). Loss: Dice + cross-entropy; "
-        "Dice and mIoU over background, BC and TC disks; mF1: OCELOT detection score (15 px).\n\n"
+        f"Test split of the synthetic data ({test_images}). Loss: Dice + cross-entropy on each model's "
+        "target; Dice and mIoU over background, BC and TC on that target (disks, or the cores of the "
+        "centre Gaussians); mF1: OCELOT detection score (15 px), with detection settings chosen on the "
+        "validation split.\n\n"
         f"{table}\n\n![loss curves](loss_curves.png)\n\n![good and bad cases](cases.png)\n")
     return table
 

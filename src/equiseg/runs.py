@@ -9,6 +9,9 @@
       checkpoints/best.ckpt   lowest val/loss
       checkpoints/last.ckpt   the last finished epoch, or step (train.checkpoint_every_n_steps); resume starts here
       metrics.csv             epoch and step metrics (earlier attempts of a resumed run folded in)
+      detect.yaml             detection settings chosen on the validation split (equiseg tune-detect);
+                              every command that loads the run's model uses them
+      detect-tuning.csv       every setting tune-detect tried, with its validation scores
       tensorboard/            TensorBoard events
       study.json              a study's evaluation of this run (a cache)
       cases.npz               a study's best and worst test image of this run, with probabilities
@@ -33,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from equiseg.config import Config
+from equiseg.config import Config, read_yaml
 
 
 class _InRun:
@@ -85,6 +88,8 @@ class Run:
     metrics = _InRun("metrics.csv")
     study_cache = _InRun("study.json")
     study_cases = _InRun("cases.npz")              # a study's best and worst test image, with probabilities
+    detect_file = _InRun("detect.yaml")            # tuned detection settings, override the config's
+    tuning_file = _InRun("detect-tuning.csv")
 
     def eval_dir(self, split: str) -> Path:
         """Where ``equiseg evaluate`` writes its output for ``split`` by default."""
@@ -126,7 +131,9 @@ class Run:
 def load_model(checkpoint: Path | str, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Config]:
     """The trained U-Net (eval mode, on ``device``) and its config from a checkpoint or a run folder.
 
-    A run folder gives its best checkpoint. Loading uses ``torch.load(weights_only=True)``: a
+    A run folder gives its best checkpoint. A checkpoint of a run folder whose detection
+    settings were tuned (``detect.yaml``, see ``equiseg tune-detect``) gets those as
+    ``config.detect``. Loading uses ``torch.load(weights_only=True)``: a
     file that needs more (a pickle asking for code) or holds no equiseg config is a
     ``ValueError`` naming it, never a retry without ``weights_only``.
     """
@@ -141,6 +148,9 @@ def load_model(checkpoint: Path | str, device: str | torch.device = "cpu") -> tu
     except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, TypeError, ValueError) as error:
         # a pickle that asks for code, a file that is no checkpoint, or one of another program
         raise ValueError(f"{path}: not a safe equiseg checkpoint ({type(error).__name__})") from None
+    tuned = Run.of(path).detect_file if path.parent.name == "checkpoints" else None
+    if tuned is not None and tuned.is_file():
+        config = Config.from_dict({**config.to_dict(), "detect": read_yaml(tuned)})
     model = config.build_model()
     prefix = "model."
     model.load_state_dict({k[len(prefix):]: v for k, v in state["state_dict"].items() if k.startswith(prefix)})

@@ -15,7 +15,7 @@ runner = CliRunner()
 def test_synth_output_passes_verify_and_reads_back(tmp_path):
     out = tmp_path / "synthetic"
     result = runner.invoke(app, ["synth", str(out), "--train", "3", "--val", "1", "--test", "1", "--size", "256",
-                                 "--seed", "5"])
+                                 "--seed", "5", "--crowding", "0"])
     assert result.exit_code == 0, result.output
     assert "wrote 5 pairs" in result.stdout
     verified = runner.invoke(app, ["verify", str(out)])

@@ -196,3 +196,26 @@ def test_unknown_splits_and_negative_counts_are_refused(tmp_path):
         generate_dataset(tmp_path / "a", {"training": 1}, size=64)
     with pytest.raises(ValueError, match=">= 0"):
         generate_dataset(tmp_path / "b", {"train": -1}, size=64)
+
+
+def test_the_crowded_world_packs_touching_nuclei_and_crowding_0_is_the_sparse_world():
+    """Same seeds at 512 px: crowding 0 is byte for byte the default (sparse) world; crowding 1
+    has several times its cells, with most nearest neighbours closer than 60 px, so that
+    disks of radius 30 overlap (about 50-400 cells per 1024 px patch, i.e. a quarter per 512)."""
+    from scipy.spatial import cKDTree
+
+    sparse, crowded, close = [], [], []
+    for k in range(3):
+        seq = np.random.SeedSequence([0, k])
+        default, zero = render_pair(seq, 256), render_pair(seq, 256, crowding=0.0)
+        assert np.array_equal(default.cell_image, zero.cell_image) and np.array_equal(default.cells, zero.cells)
+        sparse.append(len(render_pair(seq, 512).cells))
+        cells = render_pair(seq, 512, crowding=1.0).cells
+        crowded.append(len(cells))
+        distances, _ = cKDTree(cells[:, :2]).query(cells[:, :2], k=2)
+        close.append(np.mean(distances[:, 1] < 60))
+    assert sum(crowded) > 3 * sum(sparse), (crowded, sparse)
+    assert all(10 <= n <= 120 for n in crowded), crowded
+    assert np.mean(close) > 0.6, close
+    with pytest.raises(ValueError, match="crowding"):
+        render_pair(0, 64, crowding=1.5)

@@ -69,3 +69,63 @@ def test_tissue_crop_fills_outside():
     tissue = torch.ones(1, 1, 8, 8)
     crop = tissue_crop(tissue, torch.tensor([[-8.0, 0.0, 8.0, 8.0]]), (8, 8), mode="nearest", fill=IGNORE_INDEX)
     assert (crop[..., :4] == IGNORE_INDEX).all() and (crop[..., 4:] == 1).all()
+
+
+# --- target designs: disks and centres ----------------------------------------------------------------------------
+
+from equiseg.data.targets import CellTarget, TargetKind
+from equiseg.evaluation.robustness import transform_points_d4
+from equiseg.groups import D4
+
+
+def _turned(array, g):
+    return D4.act_on_image(g, torch.as_tensor(array)[None]).numpy()[0]
+
+
+@pytest.mark.parametrize("target", [CellTarget(TargetKind.DISKS, radius=6), CellTarget(TargetKind.CENTRES, sigma=2.0)])
+def test_a_target_of_turned_points_is_the_turned_target_even_at_exact_ties(target):
+    """Equidistant centres of different classes (a tie on a whole row and column of pixels)
+    and a random crowd: the code map commutes with all eight D4 elements."""
+    rng = np.random.default_rng(0)
+    crowd = np.stack([rng.integers(0, 31, 40), rng.integers(0, 25, 40), rng.integers(1, 3, 40)], 1)
+    ties = np.array([[8, 8, 1], [14, 8, 2], [8, 14, 2], [14, 14, 1]])
+    for cells, (h, w) in ((ties, (23, 23)), (crowd, (25, 31))):
+        codes = target.encode(cells, (h, w))
+        for g in D4.elements:
+            turned_cells = transform_points_d4(cells, g, h, w)
+            hh, ww = (h, w) if g.rotation % 2 == 0 else (w, h)
+            np.testing.assert_array_equal(target.encode(turned_cells, (hh, ww)), _turned(codes, g), err_msg=str(g))
+
+
+def test_overlapping_disks_of_different_classes_tie_to_the_higher_class():
+    mask = cell_class_mask(np.array([[4, 5, 2], [10, 5, 1]]), (11, 15), radius=5)
+    assert mask[5, 7] == 2 and mask[3, 7] == 2  # equidistant column: TC (2) over BC (1), in any order
+    assert np.array_equal(mask, cell_class_mask(np.array([[10, 5, 1], [4, 5, 2]]), (11, 15), radius=5))
+
+
+def test_centre_codes_by_hand():
+    """sigma 1: reach 4, distances 0..3 coded; two cells of different classes 5 px apart."""
+    target = CellTarget(TargetKind.CENTRES, sigma=1.0)
+    codes = target.encode(np.array([[2, 2, 1], [7, 2, 2]]), (5, 10))
+    assert target.reach == 4
+    assert codes[2, 2] == 1 and codes[2, 3] == 2 and codes[2, 4] == 3  # BC at distances 0, 1, 2
+    assert codes[2, 7] == 1 + 4 and codes[2, 5] == 1 + 4 + 2  # TC at 0 and 2 (column 5 is 3 from BC)
+    assert codes[0, 0] == 1 + round(math.sqrt(8)) and codes[4, 9] == 1 + 4 + round(math.sqrt(8))
+    soft = target.soft(torch.as_tensor(codes)[None], 3)[0]
+    assert torch.allclose(soft.sum(0), torch.ones(5, 10))
+    assert soft[1, 2, 2] == 1 and soft[2, 2, 7] == 1
+    assert torch.isclose(soft[1, 2, 3], torch.tensor(math.exp(-0.5)))
+    hard = target.classes(torch.as_tensor(codes))
+    assert hard[2, 2] == 1 and hard[2, 3] == 1 and hard[2, 4] == 0 and hard[2, 7] == 2  # g >= 1/2 out to 1.18 px
+    ignored = torch.as_tensor(codes).clone()
+    ignored[0] = IGNORE_INDEX
+    assert (target.classes(ignored)[0] == IGNORE_INDEX).all() and (target.soft(ignored[None], 3)[0, :, 0] == 0).all()
+
+
+def test_touching_cells_keep_separate_peaks_in_the_centre_target_but_merge_in_disks():
+    cells = np.array([[20, 20, 2], [44, 20, 2]])  # 24 px apart: radius-30 disks overlap into one region
+    disks = CellTarget(TargetKind.DISKS, radius=30).encode(cells, (40, 64))
+    assert (disks[20, 20:45] == 2).all()
+    soft = CellTarget(TargetKind.CENTRES, sigma=4.0).soft(
+        torch.as_tensor(CellTarget(TargetKind.CENTRES, sigma=4.0).encode(cells, (40, 64)))[None], 3)[0, 2, 20]
+    assert soft[20] == 1 and soft[44] == 1 and soft[32] < 0.05

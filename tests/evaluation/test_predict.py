@@ -164,20 +164,22 @@ def plateau_map(height: int, width: int, seed: int, peak_rows: list[int]) -> tor
     return torch.from_numpy(np.stack([1 - foreground, foreground * share, foreground * (1 - share)])).float()
 
 
+@pytest.mark.parametrize("per_class", [False, True])
 @pytest.mark.parametrize(("height", "width", "sigma", "min_distance"), [
     (37, 53, 2.0, 4), (64, 64, 0.0, 3), (101, 77, 1.5, 5), (90, 31, 2.0, 4), (5, 60, 1.0, 2),
 ])
-def test_block_detection_equals_detect_cells_bit_for_bit(height, width, sigma, min_distance):
+def test_block_detection_equals_detect_cells_bit_for_bit(height, width, sigma, min_distance, per_class):
     rng = np.random.default_rng(height)
     rows = sorted({int(c) for c in rng.integers(1, height, 6)} | {height // 2})
     columns = sorted({int(c) for c in rng.integers(1, width, 6)} | {width // 2})
     probs = plateau_map(height, width, seed=width, peak_rows=rows)
-    expected = detect_cells(probs, sigma, min_distance, threshold=0.3)
+    expected = detect_cells(probs, sigma, min_distance, threshold=0.3, per_class=per_class)
     assert len(expected)
     for row_cuts, column_cuts in [([], []), (rows, columns), (rows, []), ([], columns),
                                   (list(range(1, height)), list(range(3, width, 7)))]:  # tiny blocks
         for chunk in (1024, 9) if len(row_cuts) < 20 else (1024,):  # 9: cores searched in parts
-            detector = BlockDetector(height, width, sigma, min_distance, threshold=0.3, chunk=chunk)
+            detector = BlockDetector(height, width, sigma, min_distance, threshold=0.3, chunk=chunk,
+                                     per_class=per_class)
             for top, bottom in zip([0] + row_cuts, row_cuts + [height]):
                 for left, right in zip([0] + column_cuts, column_cuts + [width]):
                     detector.add(top, left, probs[:, top:bottom, left:right])

@@ -181,10 +181,10 @@ def test_training_on_the_built_in_synthetic_data_says_so_and_records_it(tmp_path
     with caplog.at_level("WARNING", logger="equiseg"):
         run = fit(_synthetic_config(), run_dir=tmp_path / "run", progress=False)
     warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "SYNTHETIC" in r.getMessage()]
-    assert warned == [("no data.root: training on the built-in SYNTHETIC dataset (2 train images of 64 px, seed 5), "
+    assert warned == [("no data.root: training on the built-in SYNTHETIC dataset (2 train images of 64 px, seed 5, sparse), "
                        "not OCELOT; pass --data DIR for real data")]
-    assert Run(run).synthetic_file.read_text().splitlines() == ["synthetic: train=2 val=1 test=1 size=64 seed=5", warned[0]]
-    assert Run(run).synthetic() == "train=2 val=1 test=1 size=64 seed=5"
+    assert Run(run).synthetic_file.read_text().splitlines() == ["synthetic: train=2 val=1 test=1 size=64 seed=5 crowding=0", warned[0]]
+    assert Run(run).synthetic() == "train=2 val=1 test=1 size=64 seed=5 crowding=0"
 
 
 def test_a_run_on_a_dataset_folder_has_no_synthetic_marker(synthetic_small, tmp_path, caplog):

@@ -13,13 +13,13 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from equiseg.data.context import ContextFn
 from equiseg.data.ocelot import OcelotFolder, Sample, Split, image_to_tensor
-from equiseg.data.targets import Task, cell_class_mask, tissue_class_mask
+from equiseg.data.targets import SEED_TARGET, CellTarget, Task, tissue_class_mask
 
 
-def sample_target(sample: Sample, task: Task, radius: float) -> tuple[np.ndarray, np.ndarray]:
+def sample_target(sample: Sample, task: Task, target: CellTarget) -> tuple[np.ndarray, np.ndarray]:
     """The (image, class-index target) pair of a sample for ``task``."""
     if task is Task.CELLS:
-        return sample.cell_image, cell_class_mask(sample.cells, sample.cell_image.shape[:2], radius)
+        return sample.cell_image, target.encode(sample.cells, sample.cell_image.shape[:2])
     return sample.tissue_image, tissue_class_mask(sample.tissue_mask)
 
 
@@ -40,7 +40,7 @@ class SegmentationDataset(Dataset):
     sample and kept as float16 (2 x 2 bytes per pixel).
     """
 
-    def __init__(self, folder: OcelotFolder, task: Task, radius: float = 30.0, crop_size: int | None = None,
+    def __init__(self, folder: OcelotFolder, task: Task, target: CellTarget = SEED_TARGET, crop_size: int | None = None,
                  indices: list[int] | None = None, context: ContextFn | None = None) -> None:
         if context is not None and task is not Task.CELLS:
             raise ValueError("tissue context is for the cell task")
@@ -50,7 +50,7 @@ class SegmentationDataset(Dataset):
         self._items, self._context = [], []
         for i in self.indices:
             sample = folder[i]
-            self._items.append(sample_target(sample, task, radius))
+            self._items.append(sample_target(sample, task, target))
             self._context.append(None if context is None else context(sample).half())
         if crop_size is not None:
             small = [self.ids[k] for k, (image, _) in enumerate(self._items) if min(image.shape[:2]) < crop_size]
@@ -150,11 +150,12 @@ class ResumableLoader(DataLoader):
 class SegmentationDataModule(L.LightningDataModule):
     """Train, val and test loaders over a Zenodo-layout folder for one task."""
 
-    def __init__(self, root: Path | str, task: Task = Task.CELLS, radius: float = 30.0, crop_size: int | None = 256,
+    def __init__(self, root: Path | str, task: Task = Task.CELLS, target: CellTarget = SEED_TARGET,
+                 crop_size: int | None = 256,
                  train_fraction: float = 1.0, batch_size: int = 4, num_workers: int = 0, seed: int = 0,
                  context: ContextFn | None = None) -> None:
         super().__init__()
-        self.root, self.task, self.radius, self.crop_size = Path(root), task, radius, crop_size
+        self.root, self.task, self.target, self.crop_size = Path(root), task, target, crop_size
         self.context = context
         self.train_fraction, self.batch_size, self.num_workers, self.seed = train_fraction, batch_size, num_workers, seed
         self.datasets: dict[Split, SegmentationDataset] = {}
@@ -167,7 +168,7 @@ class SegmentationDataModule(L.LightningDataModule):
                 raise ValueError(f"{self.root}: the {split.value} split is empty")
             train = split is Split.TRAIN
             indices = training_subset(len(folder), self.train_fraction, self.seed) if train else None
-            self.datasets[split] = SegmentationDataset(folder, self.task, self.radius,
+            self.datasets[split] = SegmentationDataset(folder, self.task, self.target,
                                                        self.crop_size if train else None, indices, self.context)
         return self.datasets[split]
 

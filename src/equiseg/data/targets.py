@@ -1,12 +1,27 @@
-"""Training targets: cell points -> class disks; tissue masks -> class indices; tissue crops.
+"""Training targets: cell points -> class disks or centre maps; tissue masks -> class indices; tissue crops.
 
 Class indices: cells 0 background, 1 BC, 2 TC; tissue 0 background, 1 cancer area;
 ``IGNORE_INDEX`` (255) marks pixels that no loss or metric counts.
+
+A target is stored as one (H, W) uint8 *code map*, so that crops and augmentation move it as
+they move any label mask (nearest sampling copies codes, never mixes them), and a
+:class:`CellTarget` reads it back as hard classes (for Dice, IoU and the confusion matrix) or
+as soft class probabilities (for the loss):
+
+* ``disks`` (the seed's): codes are classes; a disk of ``radius`` px around each cell.
+* ``centres``: a Gaussian of ``sigma`` px on each cell centre, as soft targets: a pixel at
+  distance d (rounded to whole px) from its nearest centre, of class k, has probability
+  g = exp(-d² / 2 sigma²) of k and 1 - g of background, out to d = 3 sigma. Neighbouring cells
+  keep separate peaks however crowded they are, where touching disks merge into one plateau.
+  Code: 0 background, else 1 + (k - 1) * reach + d with reach = ceil(3 sigma) + 1. The hard
+  class is k where g >= 1/2.
 """
 
 from __future__ import annotations
 
 import enum
+import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -29,13 +44,110 @@ class Task(enum.Enum):
         return ["background", "BC", "TC"] if self is Task.CELLS else ["background", "cancer"]
 
 
+class TargetKind(enum.Enum):
+    """How cell points become a training target (see the module docstring)."""
+
+    DISKS = "disks"
+    CENTRES = "centres"
+
+
+DEFAULT_SIGMA = 5.0
+
+
+@dataclass(frozen=True)
+class CellTarget:
+    """One target design: encodes cell points as a code map and reads code maps back.
+
+    ``radius`` (px) is the disks' radius; ``sigma`` (px) the centre Gaussians' width. Tissue
+    targets and disks are their own codes (:meth:`classes` is the identity).
+    """
+
+    kind: TargetKind = TargetKind.DISKS
+    radius: float = DEFAULT_RADIUS
+    sigma: float = DEFAULT_SIGMA
+
+    def __post_init__(self) -> None:
+        if self.kind is TargetKind.CENTRES and not 0 < self.sigma <= 40:
+            raise ValueError(f"data.sigma must be in (0, 40] px (codes must fit a byte), got {self.sigma}")
+
+    @property
+    def reach(self) -> int:
+        """Distances 0 .. reach - 1 px from a centre are coded (centres only)."""
+        return math.ceil(3 * self.sigma) + 1
+
+    def encode(self, cells: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+        """(H, W) uint8 codes of the cells (N, 3) rows (x, y, class) on an image of ``shape``."""
+        if self.kind is TargetKind.DISKS:
+            return cell_class_mask(cells, shape, self.radius)
+        labels, distance = _nearest_centres(cells, shape, self.reach - 1)
+        codes = np.zeros(shape, np.uint8)
+        near = labels > 0
+        codes[near] = 1 + (labels[near].astype(np.int64) - 1) * self.reach + np.rint(np.sqrt(distance[near])).astype(
+            np.int64)
+        return codes
+
+    def _decode(self, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(class, g) of a centre code map: class 0 where background or ignored."""
+        codes = codes.long()
+        near = (codes > 0) & (codes != IGNORE_INDEX)
+        k = torch.where(near, (codes - 1) // self.reach + 1, 0)
+        d = torch.where(near, (codes - 1) % self.reach, 0).float()
+        g = torch.where(near, torch.exp(-(d * d) / (2 * self.sigma**2)), 0.0)
+        return k, g
+
+    def classes(self, codes: torch.Tensor) -> torch.Tensor:
+        """Hard class indices (long, same shape), ``IGNORE_INDEX`` kept."""
+        if self.kind is TargetKind.DISKS:
+            return codes.long()
+        k, g = self._decode(codes)
+        hard = torch.where(g >= 0.5, k, 0)
+        return torch.where(codes.long() == IGNORE_INDEX, IGNORE_INDEX, hard)
+
+    def soft(self, codes: torch.Tensor, num_classes: int) -> torch.Tensor:
+        """Class probabilities (B, C, H, W) float32 of codes (B, H, W); ignored pixels all 0."""
+        keep = codes.long() != IGNORE_INDEX
+        if self.kind is TargetKind.DISKS:
+            onehot = F.one_hot(torch.where(keep, codes.long(), 0), num_classes).permute(0, 3, 1, 2).float()
+            return onehot * keep[:, None]
+        k, g = self._decode(codes)
+        soft = F.one_hot(k, num_classes).permute(0, 3, 1, 2).float() * g[:, None]
+        soft[:, 0] = 1 - g
+        return soft * keep[:, None]
+
+
+SEED_TARGET = CellTarget()  # the seed's disks of radius 30 px
+
+
+def _nearest_centres(cells: np.ndarray, shape: tuple[int, int], reach: float) -> tuple[np.ndarray, np.ndarray]:
+    """For each pixel, the class (0: none) and squared distance of its nearest cell within
+    ``reach`` px. Exact ties between cells of different classes go to the higher class, a rule
+    that does not depend on coordinates, so the result turns with the image (and does not
+    depend on the order of the points)."""
+    height, width = shape
+    labels = np.zeros(shape, np.uint8)
+    best = np.full(shape, np.inf)
+    r = int(np.floor(reach))
+    for x, y, cls in np.asarray(cells, dtype=np.int64).reshape(-1, 3).tolist():
+        y0, y1, x0, x1 = max(y - r, 0), min(y + r + 1, height), max(x - r, 0), min(x + r + 1, width)
+        if y0 >= y1 or x0 >= x1:
+            continue
+        rows, cols = np.ogrid[y0:y1, x0:x1]
+        d2 = (rows - y) ** 2 + (cols - x) ** 2
+        here, label = best[y0:y1, x0:x1], labels[y0:y1, x0:x1]
+        win = (d2 <= reach * reach) & ((d2 < here) | ((d2 == here) & (cls > label)))
+        here[win] = d2[win]
+        label[win] = cls
+    return labels, best
+
+
 def cell_class_mask(cells: np.ndarray, shape: tuple[int, int], radius: float = DEFAULT_RADIUS) -> np.ndarray:
     """Paint a disk of ``radius`` px around each cell point with its class.
 
     A pixel (row i, column j) belongs to the disk of point (x, y) when
     (j - x)^2 + (i - y)^2 <= radius^2. Where disks overlap, the nearest centre wins; exact
-    ties go to the smallest (x, y, class), so the result does not depend on the order of the
-    points.
+    ties between centres of different classes go to the higher class (a rule that does not
+    depend on coordinates, so the mask of turned points is the turned mask), and the result
+    does not depend on the order of the points.
 
     Args:
         cells: (N, 3) rows (x, y, class), x = column, y = row, class 1 (BC) or 2 (TC).
@@ -47,20 +159,7 @@ def cell_class_mask(cells: np.ndarray, shape: tuple[int, int], radius: float = D
     """
     if radius <= 0:
         raise ValueError(f"radius must be positive, got {radius}")
-    height, width = shape
-    labels = np.zeros(shape, np.uint8)
-    best = np.full(shape, np.inf)
-    r = int(np.floor(radius))
-    for x, y, cls in sorted(map(tuple, np.asarray(cells, dtype=np.int64).reshape(-1, 3).tolist())):
-        y0, y1, x0, x1 = max(y - r, 0), min(y + r + 1, height), max(x - r, 0), min(x + r + 1, width)
-        if y0 >= y1 or x0 >= x1:
-            continue
-        rows, cols = np.ogrid[y0:y1, x0:x1]
-        d2 = (rows - y) ** 2 + (cols - x) ** 2
-        win = (d2 <= radius * radius) & (d2 < best[y0:y1, x0:x1])  # strict: an exact tie keeps the earlier point
-        best[y0:y1, x0:x1][win] = d2[win]
-        labels[y0:y1, x0:x1][win] = cls
-    return labels
+    return _nearest_centres(cells, shape, radius)[0]
 
 
 def tissue_class_mask(mask: np.ndarray) -> np.ndarray:

@@ -48,13 +48,18 @@ class MatchOrder(enum.Enum):
 
 
 def detect_cells(probs: torch.Tensor, sigma: float = 8.0, min_distance: int = 15,
-                 threshold: float = 0.5) -> np.ndarray:
+                 threshold: float = 0.5, per_class: bool = False) -> np.ndarray:
     """Cell points from one class-probability map.
 
     The foreground probability 1 - p(background) is smoothed with a Gaussian of ``sigma`` px;
     its local maxima above ``threshold`` are kept greedily from the highest down, dropping any
     within ``min_distance`` px of one already kept. Each point takes the cell class with the
     larger (smoothed) probability there, and that probability.
+
+    ``per_class=True`` (the rule for centre targets) looks for the local maxima of each cell
+    class's smoothed probability instead, each a candidate of its class scored by that
+    probability; the greedy suppression then runs over the candidates of all classes together,
+    so one cell seen by two class maps is reported once, by the stronger.
 
     The model is trained on disks of radius r around each cell (30 px by default), whose
     softmax saturates into plateaus; smoothing with ``sigma`` about r / 4 turns each disk
@@ -76,13 +81,13 @@ def detect_cells(probs: torch.Tensor, sigma: float = 8.0, min_distance: int = 15
         raise ValueError(f"expected (C, H, W) probabilities with C >= 2, got {tuple(probs.shape)}")
     _, height, width = probs.shape
     candidates = peak_candidates(probs, (0, 0), (height, width), (0, height, 0, width), sigma, min_distance,
-                                 threshold)
+                                 threshold, per_class)
     return suppress_peaks(candidates, min_distance)
 
 
 def find_cells(probs: torch.Tensor, settings: DetectConfig) -> np.ndarray:
     """:func:`detect_cells` with a run's detection settings (``config.detect``)."""
-    return detect_cells(probs, settings.sigma, settings.min_distance, settings.threshold)
+    return detect_cells(probs, settings.sigma, settings.min_distance, settings.threshold, settings.per_class)
 
 
 def detection_halo(sigma: float, min_distance: int) -> int:
@@ -93,7 +98,7 @@ def detection_halo(sigma: float, min_distance: int) -> int:
 
 def peak_candidates(block: torch.Tensor, origin: tuple[int, int], image_size: tuple[int, int],
                     core: tuple[int, int, int, int], sigma: float = 8.0, min_distance: int = 15,
-                    threshold: float = 0.5) -> np.ndarray:
+                    threshold: float = 0.5, per_class: bool = False) -> np.ndarray:
     """The candidate cells of :func:`detect_cells` in the core of one block of a probability map.
 
     A candidate is a pixel whose smoothed foreground f = 1 - p(background) is above
@@ -110,12 +115,13 @@ def peak_candidates(block: torch.Tensor, origin: tuple[int, int], image_size: tu
         image_size: (H, W) of the whole map.
         core: (top, bottom, left, right): the rows top .. bottom - 1 and columns left ..
             right - 1 whose candidates are wanted, in image px.
-        sigma, min_distance, threshold: as in :func:`detect_cells`.
+        sigma, min_distance, threshold, per_class: as in :func:`detect_cells`.
 
     Returns:
         (N, 5) float64 rows (x, y, f, class, class probability) in row-major order: image px
         (x = column, y = row), the smoothed foreground, the cell class (1 .. C-1) with the larger
-        smoothed probability there, and that probability (not clipped).
+        smoothed probability there, and that probability (not clipped). With ``per_class`` the
+        rows of class 1 come first, then class 2 ..., and f is the class's smoothed probability.
 
     Raises:
         ValueError: the block lies outside the map, or lacks the halo around the core.
@@ -141,12 +147,24 @@ def peak_candidates(block: torch.Tensor, origin: tuple[int, int], image_size: tu
         probs = _gaussian_blur(probs, sigma, edges)
     # the blurred block lost `radius` px on each side that is not the image's edge
     y0, x0 = row + (0 if edges[0] else radius), col + (0 if edges[2] else radius)
-    foreground = 1 - probs[0, 0]
     window = 2 * min_distance + 1
-    peaks = (foreground == F.max_pool2d(foreground[None, None], window, 1, min_distance)[0, 0]) & (
-        foreground > threshold)
-    ys, xs = torch.nonzero(peaks[top - y0:bottom - y0, left - x0:right - x0], as_tuple=True)
-    ys, xs = ys + (top - y0), xs + (left - x0)  # block coordinates
+
+    def maxima(score: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block coordinates (ys, xs) of the core's local maxima of ``score`` above the threshold."""
+        peaks = (score == F.max_pool2d(score[None, None], window, 1, min_distance)[0, 0]) & (score > threshold)
+        ys, xs = torch.nonzero(peaks[top - y0:bottom - y0, left - x0:right - x0], as_tuple=True)
+        return ys + (top - y0), xs + (left - x0)
+
+    if per_class:
+        rows = []
+        for c in range(1, probs.shape[1]):
+            ys, xs = maxima(probs[0, c])
+            score = probs[0, c, ys, xs].double()
+            rows.append(torch.stack([(xs + x0).double(), (ys + y0).double(), score,
+                                     torch.full_like(score, c), score], 1))
+        return torch.cat(rows).numpy()
+    foreground = 1 - probs[0, 0]
+    ys, xs = maxima(foreground)
     best, cls = probs[0, 1:, ys, xs].max(dim=0)  # (C-1, N) -> (N,)
     return torch.stack([(xs + x0).double(), (ys + y0).double(), foreground[ys, xs].double(), (cls + 1).double(),
                         best.double()], 1).numpy()
@@ -155,8 +173,8 @@ def peak_candidates(block: torch.Tensor, origin: tuple[int, int], image_size: tu
 def suppress_peaks(candidates: np.ndarray, min_distance: int) -> np.ndarray:
     """The cells of :func:`detect_cells` from all candidates of one image (:func:`peak_candidates`).
 
-    Candidates are visited by descending smoothed foreground, ties by row and then column (the
-    order in which :func:`detect_cells` has always met them), whatever order they come in; each
+    Candidates are visited by descending smoothed foreground, ties by row, then column, then
+    class (the order in which :func:`detect_cells` has always met them), whatever order they come in; each
     is kept unless it lies closer than ``min_distance`` px to one kept before it.
 
     Args:
@@ -170,7 +188,7 @@ def suppress_peaks(candidates: np.ndarray, min_distance: int) -> np.ndarray:
     candidates = np.asarray(candidates, dtype=np.float64).reshape(-1, 5)
     if not len(candidates):
         return np.zeros((0, 4))
-    order = np.lexsort((candidates[:, 0], candidates[:, 1], -candidates[:, 2]))
+    order = np.lexsort((candidates[:, 3], candidates[:, 0], candidates[:, 1], -candidates[:, 2]))
     # A k-d tree is asked only about the points kept (a few thousand at most), not about every
     # candidate: a flat plateau of a saturated softmax makes every one of its pixels a
     # candidate, each with hundreds of neighbours.
@@ -210,9 +228,9 @@ class BlockDetector:
     """
 
     def __init__(self, height: int, width: int, sigma: float = 8.0, min_distance: int = 15,
-                 threshold: float = 0.5, chunk: int = 1024) -> None:
+                 threshold: float = 0.5, chunk: int = 1024, per_class: bool = False) -> None:
         self.height, self.width = height, width
-        self.sigma, self.min_distance, self.threshold = sigma, min_distance, threshold
+        self.sigma, self.min_distance, self.threshold, self.per_class = sigma, min_distance, threshold, per_class
         self.chunk = chunk
         self.halo = detection_halo(sigma, min_distance)
         self._top = self._bottom = 0  # the current block row's rows; 0, 0 before the first block
@@ -265,7 +283,8 @@ class BlockDetector:
                 x0, x1 = max(0, part[2] - self.halo), min(right, part[3] + self.halo)
                 self._candidates.append(peak_candidates(
                     whole[:, y0 - first:y1 - first, x0 - (left - m):x1 - (left - m)], (y0, x0),
-                    (self.height, self.width), part, self.sigma, self.min_distance, self.threshold))
+                    (self.height, self.width), part, self.sigma, self.min_distance, self.threshold,
+                    self.per_class))
         rows = self._next_above.shape[1]
         self._next_above[:, :, left:right] = whole[:, whole.shape[1] - rows:, m:]
         # a copy, so that the block handed in is not held by its last columns

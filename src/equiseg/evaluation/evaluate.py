@@ -85,14 +85,15 @@ def evaluate_model(model: nn.Module, config: Config, root: Path | str, split: st
     task = config.task
     folder = OcelotFolder(root, split)
     names = config.task.class_names
-    loss_fn = DiceCELoss(config.train.dice_weight, config.train.ce_weight)
+    cell_target = config.data.cell_target if task is Task.CELLS else None
+    loss_fn = DiceCELoss(config.train.dice_weight, config.train.ce_weight, target=cell_target)
     cm = torch.zeros(len(names), len(names), dtype=torch.long)
     points, gts, per_image, shapes = [], [], [], []
     context, source = evaluation_context(config, context, oracle, runtime.device if runtime is not None else None)
     model.eval()
     for i in range(len(folder)):
         sample = folder[i]
-        image, target = sample_target(sample, task, config.data.radius)
+        image, target = sample_target(sample, task, config.data.cell_target)
         image = model_input(image, None if context is None else context(sample))
         target = torch.from_numpy(target.astype(np.int64))
         shapes.append(tuple(target.shape))
@@ -103,7 +104,8 @@ def evaluate_model(model: nn.Module, config: Config, root: Path | str, split: st
         probs = predict_probabilities(model, image, tile=tile, runtime=runtime)
         logits = probs.clamp_min(1e-12).log()  # softmax is shift-invariant: log p are valid logits
         loss = float(loss_fn(logits[None], target[None]))
-        image_cm = confusion_matrix(probs.argmax(0), target, len(names))
+        classes = target if cell_target is None else cell_target.classes(target)
+        image_cm = confusion_matrix(probs.argmax(0), classes, len(names))
         cm += image_cm
         per_image.append({"loss": loss, "dice/mean": segmentation_scores(image_cm, names)["dice/mean"]})
         if task is Task.CELLS:

@@ -1,4 +1,5 @@
-"""The seed's loss: soft Dice + cross-entropy, with an ignore value excluded from both."""
+"""Dice + cross-entropy, on hard class targets (the seed's loss) or on the soft targets of
+centre maps, with an ignore value excluded from both."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from equiseg.data.targets import IGNORE_INDEX
+from equiseg.data.targets import IGNORE_INDEX, CellTarget, TargetKind
 
 
 class DiceCELoss(nn.Module):
@@ -17,15 +18,20 @@ class DiceCELoss(nn.Module):
     cross-entropy over kept pixels. Pixels whose target is ``ignore_index`` count in neither
     term. ``eps`` (1e-5) makes a class absent from both prediction and target score Dice 1.
 
-    Shapes: logits (B, C, H, W), target (B, H, W) long -> scalar.
+    With a centre ``target`` (:class:`~equiseg.data.targets.CellTarget`) the code map is read as
+    soft class probabilities y (a Gaussian per cell): the same Dice with y in place of the
+    one-hot, and the cross-entropy -sum_c y_c log p_c. Disk targets take the hard path above.
+
+    Shapes: logits (B, C, H, W), target (B, H, W) long codes -> scalar.
     """
 
     def __init__(self, dice_weight: float = 1.0, ce_weight: float = 1.0, ignore_index: int = IGNORE_INDEX,
-                 eps: float = 1e-5) -> None:
+                 eps: float = 1e-5, target: CellTarget | None = None) -> None:
         super().__init__()
         if dice_weight < 0 or ce_weight < 0 or dice_weight + ce_weight == 0:
             raise ValueError("loss weights must be >= 0 and not both 0")
         self.dice_weight, self.ce_weight, self.ignore_index, self.eps = dice_weight, ce_weight, ignore_index, eps
+        self.target = target if target is not None and target.kind is TargetKind.CENTRES else None
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return self.components(logits, target)["loss"]
@@ -34,14 +40,16 @@ class DiceCELoss(nn.Module):
         """``{"loss", "dice_loss", "ce"}`` for logging."""
         num_classes = logits.shape[1]
         keep = target != self.ignore_index  # (B, H, W)
-        safe = torch.where(keep, target, 0).long()
         logits = logits.float()
-        if keep.any():
-            ce = F.cross_entropy(logits, safe, reduction="none")[keep].mean()
+        if self.target is not None:
+            onehot = self.target.soft(target, num_classes).to(logits.device)  # soft, 0 where ignored
+            ce_map = -(onehot * logits.log_softmax(dim=1)).sum(1)
         else:
-            ce = logits.sum() * 0.0
+            safe = torch.where(keep, target, 0).long()
+            onehot = F.one_hot(safe, num_classes).permute(0, 3, 1, 2).to(logits.dtype) * keep[:, None]
+            ce_map = F.cross_entropy(logits, safe, reduction="none")
+        ce = ce_map[keep].mean() if keep.any() else logits.sum() * 0.0
         probs = logits.softmax(dim=1) * keep[:, None]
-        onehot = F.one_hot(safe, num_classes).permute(0, 3, 1, 2).to(probs.dtype) * keep[:, None]
         dims = (0, 2, 3)
         dice = (2 * (probs * onehot).sum(dims) + self.eps) / (probs.sum(dims) + onehot.sum(dims) + self.eps)
         dice_loss = 1 - dice.mean()

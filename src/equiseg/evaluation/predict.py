@@ -324,7 +324,8 @@ def predict_file(model: torch.nn.Module, config: Config, path: Path, out_dir: Pa
         height, width = image.height, image.width
         step = picture_step(height, width)
         pictures = _Pictures(height, width, step, probs)
-        detector = (BlockDetector(height, width, detect.sigma, detect.min_distance, detect.threshold)
+        detector = (BlockDetector(height, width, detect.sigma, detect.min_distance, detect.threshold,
+                                  per_class=detect.per_class)
                     if config.task is Task.CELLS else None)
         for top, left, block in stream_blocks(model, image.window, height, width, tile, overlap, runtime):
             if probs and npy is None:

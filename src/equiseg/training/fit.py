@@ -52,7 +52,7 @@ def generate_synthetic(root: Path, spec: SyntheticConfig) -> Path:
         if partial.exists():
             shutil.rmtree(partial)
         generate_dataset(partial, {"train": spec.train, "val": spec.val, "test": spec.test}, size=spec.size,
-                         seed=spec.seed)
+                         seed=spec.seed, crowding=spec.crowding)
         if root.exists():
             shutil.rmtree(root)  # an incomplete dataset from an older interrupted run
         partial.rename(root)
@@ -61,8 +61,10 @@ def generate_synthetic(root: Path, spec: SyntheticConfig) -> Path:
 
 def synthetic_root(spec: SyntheticConfig) -> Path:
     """The built-in synthetic dataset for ``spec`` in the cache folder, generated on first use."""
-    key = json.dumps({"train": spec.train, "val": spec.val, "test": spec.test, "size": spec.size, "seed": spec.seed},
-                     sort_keys=True)
+    fields = {"train": spec.train, "val": spec.val, "test": spec.test, "size": spec.size, "seed": spec.seed}
+    if spec.crowding:  # the sparse world keeps the cache folders it always had
+        fields["crowding"] = spec.crowding
+    key = json.dumps(fields, sort_keys=True)
     return generate_synthetic(cache_dir() / "synthetic" / hashlib.sha1(key.encode()).hexdigest()[:12], spec)
 
 
@@ -72,14 +74,16 @@ def data_root(config: Config) -> Path:
 
 
 def synthetic_record(spec: SyntheticConfig) -> str:
-    """The settings of a built-in synthetic dataset on one line: ``train=16 val=4 test=4 size=512 seed=0``."""
-    return f"train={spec.train} val={spec.val} test={spec.test} size={spec.size} seed={spec.seed}"
+    """The settings of a built-in synthetic dataset on one line: ``train=16 val=4 test=4 size=512 seed=0 crowding=1``."""
+    return (f"train={spec.train} val={spec.val} test={spec.test} size={spec.size} seed={spec.seed} "
+            f"crowding={spec.crowding:g}")
 
 
 def synthetic_notice(spec: SyntheticConfig) -> str:
     """The warning a training on the built-in synthetic data starts with."""
+    world = "crowded" if spec.crowding == 1 else "sparse" if spec.crowding == 0 else f"crowding {spec.crowding:g}"
     return (f"no data.root: training on the built-in SYNTHETIC dataset ({spec.train} train images of "
-            f"{spec.size} px, seed {spec.seed}), not OCELOT; pass --data DIR for real data")
+            f"{spec.size} px, seed {spec.seed}, {world}), not OCELOT; pass --data DIR for real data")
 
 
 _VERIFIED: set[tuple] = set()  # fingerprints of datasets this process found clean
@@ -169,7 +173,7 @@ def fit(config: Config | None, runs: Path | str = "runs", resume: Path | str | N
     root, context = _checked_inputs(config)
     run_dir = _run_folder(config, root, runs, run_dir, resuming=resume is not None)
     L.seed_everything(config.train.seed, workers=True, verbose=False)
-    data = SegmentationDataModule(root, config.task, config.data.radius, config.data.crop_size,
+    data = SegmentationDataModule(root, config.task, config.data.cell_target, config.data.crop_size,
                                   config.data.train_fraction, config.data.batch_size, config.data.num_workers,
                                   config.train.seed, context=context)
     module = SegmentationModule(config.to_dict())

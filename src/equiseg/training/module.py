@@ -11,7 +11,7 @@ from torchmetrics.classification import MulticlassConfusionMatrix
 from equiseg.config import Config
 from equiseg.data.augment import Augment, AugmentConfig
 from equiseg.data.datamodule import position_seed
-from equiseg.data.targets import IGNORE_INDEX
+from equiseg.data.targets import IGNORE_INDEX, Task
 from equiseg.evaluation.losses import DiceCELoss
 from equiseg.evaluation.metrics import segmentation_scores
 
@@ -33,7 +33,8 @@ class SegmentationModule(L.LightningModule):
         cfg = self.config
         self.class_names = cfg.task.class_names
         self.model = cfg.build_model()
-        self.loss = DiceCELoss(cfg.train.dice_weight, cfg.train.ce_weight)
+        self.target = cfg.data.cell_target if cfg.task is Task.CELLS else None
+        self.loss = DiceCELoss(cfg.train.dice_weight, cfg.train.ce_weight, target=self.target)
         self.augment = None if cfg.data.augment == AugmentConfig.none() else Augment(cfg.data.augment)
         # summed over the epoch and, under DDP, over processes by torchmetrics
         self.val_confusion = MulticlassConfusionMatrix(len(self.class_names), ignore_index=IGNORE_INDEX)
@@ -68,7 +69,8 @@ class SegmentationModule(L.LightningModule):
         logits = self(batch["image"])
         loss = self.loss(logits, batch["target"])
         self.log("val/loss", loss, on_epoch=True, prog_bar=True, batch_size=len(batch["image"]), sync_dist=True)
-        self.val_confusion.update(logits.argmax(1), batch["target"])
+        target = batch["target"] if self.target is None else self.target.classes(batch["target"])
+        self.val_confusion.update(logits.argmax(1), target)
 
     def on_validation_epoch_end(self) -> None:
         scores = segmentation_scores(self.val_confusion.compute().cpu(), self.class_names)

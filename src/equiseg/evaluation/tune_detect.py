@@ -1,0 +1,102 @@
+"""``equiseg tune-detect``: choose a run's detection settings on its validation split.
+
+The model runs once over the validation images; the probability maps are kept and every
+combination of a small grid of detection settings (:data:`GRID`) is scored on them by the
+OCELOT rules, without retraining. For each (peaks, sigma, min_distance) the candidates are
+found once with no threshold; each threshold then keeps the candidates above it before the
+greedy suppression, which is what detection with that threshold does (the threshold only
+filters candidates), so the grid costs a few detections per image, not one per setting.
+
+The best setting by validation mF1 (ties: the first in grid order) is written into the run
+(``detect.yaml``, read by :func:`equiseg.runs.load_model`, so evaluate, predict, challenge and
+the study use it), with every setting's scores in ``detect-tuning.csv``.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from equiseg.config import PEAK_RULES, DetectConfig
+from equiseg.data.ocelot import OcelotFolder
+from equiseg.evaluation.detection import detection_scores, peak_candidates, suppress_peaks
+from equiseg.evaluation.evaluate import evaluate_model
+from equiseg.runs import Run, load_model
+from equiseg.runtime import Runtime
+
+GRID = {
+    "peaks": PEAK_RULES,
+    "sigma": (0.0, 1.0, 2.0, 4.0, 8.0),
+    "min_distance": (6, 10, 15),
+    "threshold": (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7),
+}
+
+
+def score_settings(maps: list[torch.Tensor], truths: list[np.ndarray],
+                   grid: dict[str, tuple] = GRID) -> list[dict]:
+    """Every setting of ``grid`` scored on probability maps (C, H, W) with their true cells:
+    rows of the settings and ``mf1``, ``f1/BC``, ``f1/TC``, ``precision``, ``recall`` (all
+    classes together), in grid order."""
+    rows = []
+    for peaks, sigma, min_distance in itertools.product(grid["peaks"], grid["sigma"], grid["min_distance"]):
+        per_class = peaks == "per-class"
+        found = []
+        for probs in maps:
+            _, h, w = probs.shape
+            found.append(peak_candidates(probs, (0, 0), (h, w), (0, h, 0, w), sigma, min_distance, -np.inf,
+                                         per_class))
+        for threshold in grid["threshold"]:
+            points = [suppress_peaks(c[c[:, 2] > threshold], min_distance) for c in found]
+            scores = detection_scores(points, truths)
+            tp = sum(scores[f"tp/{name}"] for name in ("BC", "TC"))
+            fp = sum(scores[f"fp/{name}"] for name in ("BC", "TC"))
+            gt = sum(scores[f"gt/{name}"] for name in ("BC", "TC"))
+            rows.append({"peaks": peaks, "sigma": sigma, "min_distance": min_distance, "threshold": threshold,
+                         "mf1": scores["mf1"], "f1/BC": scores["f1/BC"], "f1/TC": scores["f1/TC"],
+                         "precision": tp / max(tp + fp, 1), "recall": tp / max(gt, 1)})
+    return rows
+
+
+def tune_detection(run: Path | str, split: str = "val", runtime: Runtime | None = None,
+                   on_image: Callable[[int, int], None] | None = None,
+                   grid: dict[str, tuple] = GRID) -> tuple[DetectConfig, list[dict]]:
+    """Choose the detection settings of the run at ``run`` on ``split`` of its dataset and write
+    them into the run (``detect.yaml``, ``detect-tuning.csv``); returns them and all rows.
+
+    Raises:
+        ValueError: the run is not a cell model, or has no recorded dataset.
+    """
+    folder = Run.of(run)
+    checkpoint = folder.best
+    model, config = load_model(checkpoint, runtime.device if runtime is not None else "cpu")
+    if config.task.value != "cells":
+        raise ValueError(f"{folder.path}: a {config.task.value} model has no cells to detect")
+    root = folder.data_root()
+    if root is None:
+        raise ValueError(f"{folder.path}: no data.txt naming the dataset it trained on")
+    maps: list[torch.Tensor] = []
+    evaluate_model(model, config, root, split, on_image=on_image, runtime=runtime,
+                   keep=lambda i, sample_id, probs: maps.append(probs.cpu()))
+    data = OcelotFolder(root, split, labels=False)
+    truths = [data.cells(i) for i in range(len(data))]
+    rows = score_settings(maps, truths, grid)
+    best = max(rows, key=lambda row: row["mf1"])  # max keeps the first of equals: grid order
+    chosen = DetectConfig(sigma=float(best["sigma"]), min_distance=int(best["min_distance"]),
+                          threshold=float(best["threshold"]), peaks=str(best["peaks"]))
+    with folder.tuning_file.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    partial = folder.detect_file.with_name(folder.detect_file.name + ".partial")
+    partial.write_text(f"# chosen by equiseg tune-detect on the {split} split: mF1 {best['mf1']:.4f} "
+                       f"({len(rows)} settings tried, see {folder.tuning_file.name})\n"
+                       + yaml.safe_dump(asdict(chosen), sort_keys=False))
+    partial.replace(folder.detect_file)
+    return chosen, rows
