@@ -23,6 +23,10 @@ DeviceOption = Annotated[str, typer.Option(
                      "cuda:N.")]
 BatchOption = Annotated[int, typer.Option(
     "--batch", min=1, help="Tiles of one image per forward pass (an image within one tile goes through whole).")]
+OptimizeOption = Annotated[bool, typer.Option(
+    "--optimize/--no-optimize", help="Run the model optimized for inference (equivariant convs expanded once, batch "
+                                     "norm folded into the convs, channels-last memory; the same function to float "
+                                     "rounding) or as trained, for comparison.")]
 PrecisionOption = Annotated[str, typer.Option(
     "--precision", help="Inference precision: 32 (float32), bf16 or 16 (autocast). Equivariance certificates are "
                         "always measured in float32 with TF32 off.")]
@@ -33,12 +37,12 @@ TissueModelOption = Annotated[Path | None, typer.Option(
          "default: the one its config names.")]
 
 
-def _runtime(device: str, batch: int, precision: str):
+def _runtime(device: str, batch: int, precision: str, optimize: bool = True):
     """The Runtime of the device options, or a one-line error (exit 2)."""
     from equiseg.runtime import Runtime
 
     try:
-        return Runtime.of(device, batch, precision)
+        return Runtime.of(device, batch, precision, optimize)
     except ValueError as error:
         raise _fail(str(error)) from None
 
@@ -287,6 +291,7 @@ def evaluate(
     device: DeviceOption = "auto",
     batch: BatchOption = 1,
     precision: PrecisionOption = "32",
+    optimize: OptimizeOption = True,
 ) -> None:
     """Score a trained model on a split: loss, Dice, IoU, mIoU and the OCELOT detection score (mF1).
 
@@ -304,7 +309,7 @@ def evaluate(
     from equiseg.runs import Run, load_model
     from equiseg.training.fit import data_root
 
-    runtime = _runtime(device, batch, precision)
+    runtime = _runtime(device, batch, precision, optimize)
     try:
         model, cfg = load_model(run, runtime.device)
         if (tissue_model or oracle_context) and cfg.data.context is ContextKind.NONE:
@@ -336,6 +341,7 @@ def tune_detect(
     device: DeviceOption = "auto",
     batch: BatchOption = 1,
     precision: PrecisionOption = "32",
+    optimize: OptimizeOption = True,
 ) -> None:
     """Choose the run's detection settings (detect.peaks, sigma, min_distance, threshold) on the validation split.
 
@@ -350,7 +356,7 @@ def tune_detect(
 
     if split == "test":
         raise _fail("tune-detect on the test split would report tuned-on-test scores; tune on val (or train)")
-    runtime = _runtime(device, batch, precision)
+    runtime = _runtime(device, batch, precision, optimize)
     try:
         progress, update = _progress(f"probability maps of {split} ({runtime})")
         with progress:
@@ -365,6 +371,38 @@ def tune_detect(
     typer.echo(f"chosen: detect.peaks={chosen.peaks} detect.sigma={chosen.sigma:g} "
                f"detect.min_distance={chosen.min_distance} detect.threshold={chosen.threshold:g}")
     typer.echo(f"wrote {Run.of(run).detect_file} and {Run.of(run).tuning_file}")
+
+
+@app.command("export")
+def export_(
+    run: Annotated[Path, typer.Argument(help="A run folder (its best checkpoint) or a .ckpt file.")],
+    format: Annotated[str, typer.Option("--format", help="onnx, torchscript or pt2.")] = "onnx",
+    out: Annotated[Path, typer.Option(help="The file to write.")] = Path("model.onnx"),
+) -> None:
+    """Write a trained model as one standard file that runs without equiseg.
+
+    The file holds the model optimized for inference (equivariant convs expanded, batch norm
+    folded). Input "image": float32 (N, C, H, W), H and W multiples of 2**depth, RGB as
+    uint8 / 255 (plus 2 tissue-context channels for context models); output "logits"
+    (N, classes, H, W). The same description travels in the file (ONNX metadata, or the
+    extra file equiseg.json). onnx needs the export extra: pip install 'equiseg[export]'.
+    """
+    from equiseg.export import ExportFormat, export_model
+
+    try:
+        fmt = ExportFormat(format)
+    except ValueError:
+        raise _fail(f"--format {format!r}: use onnx, torchscript or pt2") from None
+    try:
+        path = export_model(run, fmt, out)
+    except (FileNotFoundError, ValueError) as error:
+        raise _fail(str(error)) from None
+    typer.echo(f"wrote {path}")
+    if fmt is ExportFormat.ONNX:
+        typer.echo("run it without equiseg:\n"
+                   "  import onnxruntime, numpy as np\n"
+                   f"  session = onnxruntime.InferenceSession('{path}')\n"
+                   "  logits = session.run(None, {'image': rgb[None].transpose(0, 3, 1, 2).astype(np.float32) / 255})[0]")
 
 
 def _echo_scores(result, split: str) -> None:
@@ -452,6 +490,7 @@ def predict(
     device: DeviceOption = "auto",
     batch: BatchOption = 1,
     precision: PrecisionOption = "32",
+    optimize: OptimizeOption = True,
 ) -> None:
     """Predict images: probability maps (.npy and .png), an overlay, and the cells (CSV and official JSON).
 
@@ -469,7 +508,7 @@ def predict(
     missing = [str(p) for p in images if not p.is_file()]
     if missing:
         raise _fail(f"no such file(s): {', '.join(missing)}")
-    runtime = _runtime(device, batch, precision)
+    runtime = _runtime(device, batch, precision, optimize)
     try:
         model, cfg = load_model(checkpoint, runtime.device)
         if cfg.data.context is not ContextKind.NONE:
@@ -495,6 +534,7 @@ def demo(
     device: DeviceOption = "auto",
     batch: BatchOption = 1,
     precision: PrecisionOption = "32",
+    optimize: OptimizeOption = True,
 ) -> None:
     """The seed's experiment, small: synthetic data, isotropic vs plain U-Net at matched parameters, a report.
 
@@ -505,7 +545,7 @@ def demo(
     """
     from equiseg.demo import run_demo
 
-    run_demo(out, epochs=epochs, say=typer.echo, runtime=_runtime(device, batch, precision))
+    run_demo(out, epochs=epochs, say=typer.echo, runtime=_runtime(device, batch, precision, optimize))
 
 
 @app.command()
@@ -515,6 +555,7 @@ def study(
     device: DeviceOption = "auto",
     batch: BatchOption = 1,
     precision: PrecisionOption = "32",
+    optimize: OptimizeOption = True,
 ) -> None:
     """Run a study: variants x training fractions x seeds, then one report (HTML and Markdown).
 
@@ -530,7 +571,7 @@ def study(
     try:
         spec = StudyConfig.from_yaml(config)
         report = run_study(spec, out or Path("studies") / spec.name, say=typer.echo,
-                           runtime=_runtime(device, batch, precision))
+                           runtime=_runtime(device, batch, precision, optimize))
     except (ConfigError, DatasetError, FileNotFoundError) as error:
         raise _fail(str(error)) from None
     typer.echo(f"report: {report}")
@@ -545,6 +586,7 @@ def challenge(
     device: DeviceOption = "auto",
     batch: BatchOption = 1,
     precision: PrecisionOption = "32",
+    optimize: OptimizeOption = True,
 ) -> None:
     """Run a trained cell model as an OCELOT challenge algorithm on a Grand Challenge input folder.
 
@@ -555,7 +597,7 @@ def challenge(
     from equiseg.challenge import run_challenge
     from equiseg.data.ocelot import DatasetError
 
-    runtime = _runtime(device, batch, precision)
+    runtime = _runtime(device, batch, precision, optimize)
     try:
         progress, update = _progress(f"predicting pairs ({runtime})")
         with progress:

@@ -63,11 +63,14 @@ def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
 
 @dataclass(frozen=True)
 class Runtime:
-    """How inference runs: on ``device``, ``batch`` tiles per forward pass, at ``precision``."""
+    """How inference runs: on ``device``, ``batch`` tiles per forward pass, at ``precision``, with
+    the model optimized for inference (``optimize``, see
+    :func:`equiseg.models.optimize.optimize_for_inference`) or as trained."""
 
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     batch: int = 1
     precision: Precision = Precision.FP32
+    optimize: bool = True
 
     def __post_init__(self) -> None:
         if self.batch < 1:
@@ -75,14 +78,14 @@ class Runtime:
 
     @classmethod
     def of(cls, device: str | torch.device | None = "auto", batch: int = 1,
-           precision: str | Precision = Precision.FP32) -> Runtime:
+           precision: str | Precision = Precision.FP32, optimize: bool = True) -> Runtime:
         """From the CLI's words: ``device`` as :func:`resolve_device`, ``precision`` 32, bf16 or 16."""
         if not isinstance(precision, Precision):
             try:
                 precision = Precision(str(precision).strip().lower())
             except ValueError:
                 raise ValueError(f"precision {precision!r}: use 32, bf16 or 16") from None
-        return cls(resolve_device(device), batch, precision)
+        return cls(resolve_device(device), batch, precision, optimize)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """Autocast to the chosen precision on this device; nothing for float32."""
@@ -90,12 +93,22 @@ class Runtime:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.precision.dtype)
 
+    def kernels(self) -> contextlib.AbstractContextManager:
+        """On a CUDA device, cuDNN's benchmark mode for the block: tiles have one size, so the
+        fastest algorithm is searched once and reused (TF32 and determinism settings kept)."""
+        if self.device.type != "cuda":
+            return contextlib.nullcontext()
+        cudnn = torch.backends.cudnn
+        return cudnn.flags(enabled=True, benchmark=True, deterministic=cudnn.deterministic,
+                           allow_tf32=cudnn.allow_tf32)
+
     def place(self, model: torch.nn.Module) -> torch.nn.Module:
         """``model`` moved to this device, in eval mode."""
         return model.to(self.device).eval()
 
     def __str__(self) -> str:
-        return f"{self.device}, batch {self.batch}, precision {self.precision.value}"
+        return (f"{self.device}, batch {self.batch}, precision {self.precision.value}"
+                + ("" if self.optimize else ", not optimized"))
 
 
 @contextlib.contextmanager

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import itertools
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from equiseg.models.optimize import optimize_for_inference
 from equiseg.runtime import Runtime
 
 WindowReader = Callable[[int, int, int, int], torch.Tensor]  # (top, left, height, width) -> (C, h, w) float
@@ -48,15 +50,32 @@ def window_probabilities(model: nn.Module, read: WindowReader, windows: list[tup
     """Each window with its softmax probabilities (classes, h, w), float32 on the CPU.
 
     Windows go through ``model`` (already on ``runtime.device``, eval mode) ``runtime.batch`` at
-    a time, under ``runtime.autocast()``; only one batch of windows is held at once.
+    a time, under ``runtime.autocast()``; only one batch of windows is held at once. With
+    ``runtime.optimize`` they go through :func:`inference_model` of it instead.
     """
+    model = inference_model(model) if runtime.optimize else model
     for k in range(0, len(windows), runtime.batch):
         chunk = windows[k:k + runtime.batch]
         x = torch.stack([read(*w) for w in chunk]).to(runtime.device, torch.float32, non_blocking=True)
-        with runtime.autocast():
+        with runtime.kernels(), runtime.autocast():
             probs = model(x).float().softmax(1)
         probs = probs.cpu()
         yield from zip(chunk, probs)
+
+
+_OPTIMIZED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def inference_model(model: nn.Module) -> nn.Module:
+    """:func:`~equiseg.models.optimize.optimize_for_inference` of ``model``, made once and kept while
+    ``model`` lives and its parameters and buffers are unchanged (an optimiser step, a load or a
+    move makes a new one)."""
+    key = tuple((t._version, t.data_ptr()) for t in (*model.parameters(), *model.buffers()))
+    cached = _OPTIMIZED.get(model)
+    if cached is None or cached[0] != key:
+        cached = (key, optimize_for_inference(model))
+        _OPTIMIZED[model] = cached
+    return cached[1]
 
 
 def model_runtime(model: nn.Module) -> Runtime:

@@ -1,7 +1,8 @@
 """U-Nets over the conv families, and their builders."""
 
 from equiseg.models.build import SEED_WIDTHS, build_model, count_macs, count_parameters, match_width, parameter_count
+from equiseg.models.optimize import optimize_for_inference
 from equiseg.models.unet import ConvFamily, UNet, conv_block
 
 __all__ = ["SEED_WIDTHS", "ConvFamily", "UNet", "build_model", "conv_block", "count_macs", "count_parameters",
-           "match_width", "parameter_count"]
+           "match_width", "optimize_for_inference", "parameter_count"]

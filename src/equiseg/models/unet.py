@@ -105,7 +105,13 @@ class UNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         height, width = x.shape[-2:]
-        x, crop = self._pad(x)
+        x, (top, left) = self._pad(x)
+        logits = self.unpadded(x)
+        return logits[..., top:top + height, left:left + width]
+
+    def unpadded(self, x: torch.Tensor) -> torch.Tensor:
+        """The network itself, for H and W multiples of 2**depth (no padding, no crop): what an
+        exported file holds."""
         # encoder: level 0 at full size, each further level after a 2x2 pooling
         skips = []
         for level, block in enumerate(self.encoder):
@@ -117,9 +123,7 @@ class UNet(nn.Module):
             x = self.decoder[level](torch.cat([_up(x), skips[level]], dim=1))
         if self.family.channels_per_unit > 1:
             x = pool_over_group(x, self.family.group, GroupPool.MAX)  # (B, C*|G|, H, W) -> (B, C, H, W)
-        logits = self.head(x)
-        top, left = crop
-        return logits[..., top:top + height, left:left + width]
+        return self.head(x)
 
     def _pad(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         multiple = 2**self.depth

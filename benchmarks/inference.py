@@ -1,0 +1,113 @@
+"""Inference speed of each family at paper size: eager vs optimized vs ONNX Runtime.
+
+    python benchmarks/inference.py [--sizes 512] [--repeats 3] [--modes eager optimized onnxruntime]
+
+For each family at the paper's matched widths (plain 64, isotropic 110, p4 32, p4m 23; depth 4,
+fresh weights with warmed batch norm) and each image side, one child process per mode times
+the forward pass of one image (eval mode, no gradients), alternating each timing with a
+reference: one large ``Conv2d(256, 256, 3)`` on 1 x 256 x 128 x 128, the best case for this
+machine's convolution kernels. GFLOP/s counts 2 x the model's multiply-adds (``count_macs``)
+per second; "of ref" is that rate as a fraction of the reference's, measured in the same
+process a few milliseconds apart, so machine load moves both alike. Peak RSS is the child's
+maximum resident memory (``ru_maxrss``). Modes: ``eager`` (the trained U-Net as it is),
+``optimized`` (``equiseg.optimize_for_inference``) and ``onnxruntime`` (the optimized model
+exported to ONNX, run by onnxruntime's CPU provider with its default threads).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+FAMILIES = {"plain": 64, "isotropic": 110, "p4": 32, "p4m": 23}
+
+
+def child(family: str, width: int, side: int, mode: str, repeats: int) -> dict:
+    import resource
+    import statistics
+    import tempfile
+
+    import torch
+
+    from equiseg import build_model, optimize_for_inference
+    from equiseg.models import count_macs
+
+    torch.manual_seed(0)
+    model = build_model(family, width, depth=4).train()
+    with torch.no_grad():
+        model(torch.rand(1, 3, 64, 64))
+    model.eval()
+    x = torch.rand(1, 3, side, side)
+    macs = count_macs(model, side, side)
+    if mode == "eager":
+        run = model
+    else:
+        run = optimize_for_inference(model)
+        if mode == "onnxruntime":
+            import onnxruntime
+
+            path = os.path.join(tempfile.mkdtemp(), "m.onnx")
+            plain = optimize_for_inference(model, channels_last=False)
+            torch.onnx.export(plain, (x,), path, input_names=["image"], output_names=["logits"], dynamo=True,
+                              verbose=False)
+            session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+            feed = {"image": x.numpy()}
+            run = lambda _: session.run(None, feed)
+    reference = torch.nn.Conv2d(256, 256, 3, padding=1, bias=False).eval()
+    ref_x = torch.rand(1, 256, 128, 128)
+    ref_macs = 256 * 256 * 9 * 128 * 128
+
+    def timed(fn, arg) -> float:
+        start = time.perf_counter()
+        fn(arg)
+        return time.perf_counter() - start
+
+    with torch.no_grad():
+        run(x), reference(ref_x)  # warm up (oneDNN primitive caches, ORT session)
+        model_s, ref_s = [], []
+        for _ in range(repeats):
+            ref_s.append(timed(reference, ref_x))
+            model_s.append(timed(run, x))
+    model_rate = 2 * macs / statistics.median(model_s) / 1e9
+    ref_rate = 2 * ref_macs / statistics.median(ref_s) / 1e9
+    return {"family": family, "width": width, "side": side, "mode": mode, "seconds": statistics.median(model_s),
+            "gflops": model_rate, "ref_gflops": ref_rate, "of_ref": model_rate / ref_rate,
+            "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[512])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--modes", nargs="+", default=["eager", "optimized", "onnxruntime"])
+    parser.add_argument("--families", nargs="+", default=list(FAMILIES))
+    parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        family, width, side, mode, repeats = args.child
+        print(json.dumps(child(family, int(width), int(side), mode, int(repeats))))
+        return
+    import torch
+
+    print(f"torch {torch.__version__}, {os.cpu_count()} cores, {torch.get_num_threads()} threads")
+    print(f"{'family':<10} {'width':>5} {'side':>5} {'mode':<12} {'s/image':>8} {'GFLOP/s':>8} {'ref':>7} "
+          f"{'of ref':>7} {'peak RSS':>9}")
+    for side in args.sizes:
+        for family in args.families:
+            for mode in args.modes:
+                out = subprocess.run([sys.executable, __file__, "--child", family, str(FAMILIES[family]), str(side),
+                                      mode, str(args.repeats)], capture_output=True, text=True, check=False)
+                if out.returncode:
+                    print(f"{family} {mode}: failed\n{out.stderr[-2000:]}")
+                    continue
+                r = json.loads(out.stdout.strip().splitlines()[-1])
+                print(f"{family:<10} {r['width']:>5} {side:>5} {mode:<12} {r['seconds']:>8.2f} {r['gflops']:>8.1f} "
+                      f"{r['ref_gflops']:>7.1f} {r['of_ref']:>6.0%} {r['peak_mb']:>7.0f} MB", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""``equiseg export``: a trained model as one standard file that runs without equiseg.
+
+The file holds the model optimized for inference (:func:`~equiseg.models.optimize_for_inference`:
+equivariant convs expanded, batch norm folded) without the U-Net's padding: its input is
+(N, C, H, W) float32 with H and W multiples of 2**depth (any such size; pad other images
+yourself), its output the logits (N, classes, H, W); softmax over axis 1 gives probabilities.
+C = 3 (RGB in [0, 1], i.e. uint8 / 255, no mean or std), plus 2 tissue-context channels
+(background, cancer probabilities on the cell patch's grid) for models trained with context.
+
+Formats: ``onnx`` (``torch.onnx.export`` with dynamic batch, height and width; needs the
+``export`` extra: onnx, onnxscript, onnxruntime to check it), ``torchscript`` (``torch.jit.trace``;
+loads with ``torch.jit.load``; PyTorch 2.13 marks TorchScript deprecated, so prefer pt2) and ``pt2``
+(``torch.export``; loads with ``torch.export.load``).
+Every file carries the same description (:func:`model_card`): in ONNX as metadata properties,
+in TorchScript and pt2 as an extra file ``equiseg.json``.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import os
+import warnings
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from equiseg.config import Config
+from equiseg.models import optimize_for_inference
+from equiseg.runs import load_model
+
+
+class ExportFormat(enum.Enum):
+    ONNX = "onnx"
+    TORCHSCRIPT = "torchscript"
+    PT2 = "pt2"
+
+
+class _Unpadded(nn.Module):
+    """The optimized U-Net's :meth:`~equiseg.models.UNet.unpadded` as a module's forward."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.model.unpadded(image)
+
+
+def model_card(config: Config, checkpoint: Path) -> dict[str, Any]:
+    """What a user of the file needs to know: input, output, normalisation, classes, origin."""
+    multiple = 2 ** config.model.depth
+    context = config.in_channels > 3
+    return {
+        "producer": f"equiseg {version('equiseg')}",
+        "source_checkpoint": str(checkpoint),
+        "task": config.task.value,
+        "family": config.model.family.value,
+        "width": config.model.width,
+        "depth": config.model.depth,
+        "input": f"image: float32 (N, {config.in_channels}, H, W), H and W multiples of {multiple}",
+        "input_channels": ["R", "G", "B", *(["tissue background", "tissue cancer"] if context else [])],
+        "normalisation": "RGB as uint8 / 255 (values in [0, 1]); no mean or std"
+                         + ("; tissue channels are probabilities on the cell patch's grid" if context else ""),
+        "output": "logits: float32 (N, classes, H, W); softmax over axis 1 gives class probabilities",
+        "classes": config.task.class_names,
+        "size_multiple": multiple,
+        "detect": config.detect.__dict__ if config.task.value == "cells" else None,
+        "cell_mpp_of_training_data": "the run's dataset (OCELOT: about 0.2 µm/px)",
+    }
+
+
+def export_model(run: Path | str, fmt: ExportFormat, out: Path | str, example_size: int | None = None) -> Path:
+    """Write the run's model (best checkpoint) as ``fmt`` to ``out``; returns ``out``.
+
+    The file is written beside ``out`` and renamed into place, so ``out`` holds a whole file or
+    stays as it was.
+    """
+    model, config = load_model(run)
+    checkpoint = Path(run)
+    unpadded = _Unpadded(optimize_for_inference(model, channels_last=False)).eval()
+    side = example_size or 2 * 2 ** config.model.depth
+    example = torch.rand(2, config.in_channels, side, side)
+    card = model_card(config, checkpoint)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    try:
+        match fmt:
+            case ExportFormat.ONNX:
+                _onnx(unpadded, example, partial, card)
+            case ExportFormat.TORCHSCRIPT:
+                with torch.no_grad(), warnings.catch_warnings():
+                    # shape checks in the layers become constants: the sizes they check are the file's rule
+                    warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                    warnings.filterwarnings("ignore", message=".*torch.jit.*deprecated.*")
+                    traced = torch.jit.trace(unpadded, example)
+                    torch.jit.save(traced, str(partial), _extra_files={"equiseg.json": json.dumps(card)})
+            case ExportFormat.PT2:
+                program = torch.export.export(unpadded, (example,), dynamic_shapes=_dynamic(config.model.depth))
+                torch.export.save(program, partial, extra_files={"equiseg.json": json.dumps(card)})
+        partial.replace(out)
+    finally:
+        partial.unlink(missing_ok=True)
+    return out
+
+
+def _dynamic(depth: int) -> dict:
+    """Batch, height and width free; height and width multiples of 2**depth."""
+    multiple = 2**depth
+    rows, cols = torch.export.Dim("rows", min=1, max=4096), torch.export.Dim("cols", min=1, max=4096)
+    return {"image": {0: torch.export.Dim("batch", min=1, max=4096), 2: multiple * rows, 3: multiple * cols}}
+
+
+def _onnx(model: nn.Module, example: torch.Tensor, path: Path, card: dict) -> None:
+    try:
+        import onnx
+    except ImportError:
+        raise ValueError("ONNX export needs the export extra: pip install 'equiseg[export]'") from None
+    torch.onnx.export(model, (example,), str(path), input_names=["image"], output_names=["logits"],
+                      dynamic_shapes=_dynamic(card["depth"]), dynamo=True, verbose=False, external_data=False)
+    proto = onnx.load(str(path))
+    for key, value in card.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value if isinstance(value, str) else json.dumps(value)
+    onnx.save(proto, str(path))

@@ -1,0 +1,66 @@
+"""optimize_for_inference: the same function (every family, odd sizes), exact equivariance kept, no norms left."""
+
+import pytest
+import torch
+from tests.models.test_unet import EXACT, TOL, small, warm_batch_norm
+from torch import nn
+
+from equiseg import optimize_for_inference
+from equiseg.evaluation.equivariance import equivariance_errors
+from equiseg.models import ConvFamily
+from equiseg.nn import ExpandedConv2d, GroupBatchNorm2d
+
+
+@pytest.mark.parametrize("family", list(ConvFamily), ids=lambda f: f.value)
+@pytest.mark.parametrize("size", [(64, 64), (45, 71)])  # 45 x 71: padded to multiples of 16 and cropped back
+def test_the_optimized_model_computes_the_same_function(family, size):
+    x = torch.randn(2, 3, *size)
+    model = warm_batch_norm(small(family), torch.randn(2, 3, 64, 64))
+    optimized = optimize_for_inference(model)
+    layers = list(optimized.modules())
+    assert not any(isinstance(m, (ExpandedConv2d, nn.BatchNorm2d, GroupBatchNorm2d)) for m in layers)
+    assert all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in layers if isinstance(m, nn.Conv2d))
+    assert not any(p.requires_grad for p in optimized.parameters()) and not optimized.training
+    with torch.no_grad():
+        expected, got = model(x), optimized(x)
+    assert got.shape == expected.shape
+    assert float((got - expected).abs().max() / expected.abs().max()) <= TOL
+    assert any(isinstance(m, (nn.BatchNorm2d, GroupBatchNorm2d)) for m in model.modules())  # the model is untouched
+
+
+@pytest.mark.parametrize("family", EXACT, ids=lambda f: f.value)
+def test_the_optimized_model_keeps_exact_equivariance(family):
+    x = torch.randn(1, 3, 96, 64)
+    optimized = optimize_for_inference(warm_batch_norm(small(family), torch.randn(2, 3, 64, 64)))
+    errors = equivariance_errors(optimized, x, family.group.elements)
+    assert max(errors.values()) <= TOL, errors
+
+
+def test_a_batch_norm_folds_by_hand():
+    """conv (weight 2, bias 1) then norm (mean 3, var 4 - eps, weight 5, bias 6):
+    y = 5 (2x + 1 - 3) / 2 + 6 = 5x + 1, one conv of weight 5 and bias 1."""
+    conv = nn.Conv2d(1, 1, 1)
+    norm = nn.BatchNorm2d(1)
+    with torch.no_grad():
+        conv.weight.fill_(2.0), conv.bias.fill_(1.0)
+        norm.running_mean.fill_(3.0), norm.running_var.fill_(4.0 - norm.eps)
+        norm.weight.fill_(5.0), norm.bias.fill_(6.0)
+    folded = optimize_for_inference(nn.Sequential(conv, norm, nn.ReLU()).eval(), channels_last=False)
+    assert len(folded) == 2 and isinstance(folded[1], nn.ReLU)
+    assert folded[0].weight.item() == pytest.approx(5.0) and folded[0].bias.item() == pytest.approx(1.0)
+
+
+def test_inference_uses_one_optimized_copy_until_the_model_changes():
+    from equiseg.evaluation.inference import inference_model, predict_probabilities
+    from equiseg.runtime import Runtime
+
+    model = warm_batch_norm(small(ConvFamily.P4M, depth=2), torch.randn(2, 3, 32, 32))
+    first = inference_model(model)
+    assert inference_model(model) is first and first is not model
+    image = torch.rand(3, 40, 56)
+    optimized = predict_probabilities(model, image, tile=None, runtime=Runtime())
+    as_trained = predict_probabilities(model, image, tile=None, runtime=Runtime(optimize=False))
+    assert float((optimized - as_trained).abs().max()) <= TOL
+    with torch.no_grad():
+        next(model.parameters()).mul_(2)  # as an optimiser step would
+    assert inference_model(model) is not first
