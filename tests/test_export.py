@@ -53,6 +53,7 @@ def test_onnx_runs_in_onnxruntime_and_matches_pytorch(checkpoint, tmp_path):
     assert not list(tmp_path.glob(".*partial*"))
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated")
 @pytest.mark.parametrize("fmt", ["torchscript", "pt2"])
 def test_torchscript_and_pt2_match_pytorch_and_carry_the_card(checkpoint, tmp_path, fmt):
     out = tmp_path / f"model.{fmt}"

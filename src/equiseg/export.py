@@ -120,8 +120,10 @@ def _onnx(model: nn.Module, example: torch.Tensor, path: Path, card: dict) -> No
         import onnx
     except ImportError:
         raise ValueError("ONNX export needs the export extra: pip install 'equiseg[export]'") from None
-    torch.onnx.export(model, (example,), str(path), input_names=["image"], output_names=["logits"],
-                      dynamic_shapes=_dynamic(card["depth"]), dynamo=True, verbose=False, external_data=False)
+    with warnings.catch_warnings():  # torch's own exporter trips over a pytree deprecation of its own
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+        torch.onnx.export(model, (example,), str(path), input_names=["image"], output_names=["logits"],
+                          dynamic_shapes=_dynamic(card["depth"]), dynamo=True, verbose=False, external_data=False)
     proto = onnx.load(str(path))
     for key, value in card.items():
         entry = proto.metadata_props.add()
