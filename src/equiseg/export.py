@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import enum
 import json
-import os
 import warnings
 from importlib.metadata import version
 from pathlib import Path
@@ -30,7 +29,7 @@ from torch import nn
 
 from equiseg.config import Config
 from equiseg.models import optimize_for_inference
-from equiseg.runs import load_model
+from equiseg.runs import load_model, written_whole
 
 
 class ExportFormat(enum.Enum):
@@ -73,7 +72,7 @@ def model_card(config: Config, checkpoint: Path) -> dict[str, Any]:
     }
 
 
-def export_model(run: Path | str, fmt: ExportFormat, out: Path | str, example_size: int | None = None) -> Path:
+def export_model(run: Path | str, fmt: ExportFormat, out: Path | str) -> Path:
     """Write the run's model (best checkpoint) as ``fmt`` to ``out``; returns ``out``.
 
     The file is written beside ``out`` and renamed into place, so ``out`` holds a whole file or
@@ -82,13 +81,10 @@ def export_model(run: Path | str, fmt: ExportFormat, out: Path | str, example_si
     model, config = load_model(run)
     checkpoint = Path(run)
     unpadded = _Unpadded(optimize_for_inference(model, channels_last=False)).eval()
-    side = example_size or 2 * 2 ** config.model.depth
+    side = 2 * 2**config.model.depth  # the example's size; the file takes any multiple of 2**depth
     example = torch.rand(2, config.in_channels, side, side)
     card = model_card(config, checkpoint)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    try:
+    with written_whole(out) as partial:
         match fmt:
             case ExportFormat.ONNX:
                 _onnx(unpadded, example, partial, card)
@@ -102,10 +98,7 @@ def export_model(run: Path | str, fmt: ExportFormat, out: Path | str, example_si
             case ExportFormat.PT2:
                 program = torch.export.export(unpadded, (example,), dynamic_shapes=_dynamic(config.model.depth))
                 torch.export.save(program, partial, extra_files={"equiseg.json": json.dumps(card)})
-        partial.replace(out)
-    finally:
-        partial.unlink(missing_ok=True)
-    return out
+    return Path(out)
 
 
 def _dynamic(depth: int) -> dict:

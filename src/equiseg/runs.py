@@ -167,6 +167,21 @@ def save_model(model: torch.nn.Module, config: Config, path: Path | str) -> Path
 
 
 @contextlib.contextmanager
+def written_whole(dest: Path | str) -> Iterator[Path]:
+    """A partial file ``.NAME.partial-PID`` beside ``dest`` to write, renamed over ``dest`` when the
+    block completes (one atomic step on a local file system) and removed if it fails: ``dest``
+    holds a whole file or what it held before. The one-file twin of :func:`replaced_whole`."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    partial = dest.with_name(f".{dest.name}.partial-{os.getpid()}")
+    try:
+        yield partial
+        partial.replace(dest)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
 def replaced_whole(dest: Path | str, marker: str) -> Iterator[Path]:
     """A temporary folder beside ``dest`` for a command's outputs, which becomes ``dest`` only
     when the block completes: an earlier output there is replaced whole, never mixed with the

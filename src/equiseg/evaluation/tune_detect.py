@@ -28,7 +28,7 @@ from equiseg.config import PEAK_RULES, DetectConfig
 from equiseg.data.ocelot import OcelotFolder
 from equiseg.evaluation.detection import detection_scores, peak_candidates, suppress_peaks
 from equiseg.evaluation.evaluate import evaluate_model
-from equiseg.runs import Run, load_model
+from equiseg.runs import Run, load_model, written_whole
 from equiseg.runtime import Runtime
 
 GRID = {
@@ -90,13 +90,12 @@ def tune_detection(run: Path | str, split: str = "val", runtime: Runtime | None 
     best = max(rows, key=lambda row: row["mf1"])  # max keeps the first of equals: grid order
     chosen = DetectConfig(sigma=float(best["sigma"]), min_distance=int(best["min_distance"]),
                           threshold=float(best["threshold"]), peaks=str(best["peaks"]))
-    with folder.tuning_file.open("w", newline="") as handle:
+    with written_whole(folder.tuning_file) as partial, partial.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    partial = folder.detect_file.with_name(folder.detect_file.name + ".partial")
-    partial.write_text(f"# chosen by equiseg tune-detect on the {split} split: mF1 {best['mf1']:.4f} "
-                       f"({len(rows)} settings tried, see {folder.tuning_file.name})\n"
-                       + yaml.safe_dump(asdict(chosen), sort_keys=False))
-    partial.replace(folder.detect_file)
+    with written_whole(folder.detect_file) as partial:
+        partial.write_text(f"# chosen by equiseg tune-detect on the {split} split: mF1 {best['mf1']:.4f} "
+                           f"({len(rows)} settings tried, see {folder.tuning_file.name})\n"
+                           + yaml.safe_dump(asdict(chosen), sort_keys=False))
     return chosen, rows

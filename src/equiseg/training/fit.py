@@ -25,7 +25,7 @@ from equiseg.data.synthetic import generate_dataset
 from equiseg.data.targets import Task
 from equiseg.data.verify import verify_dataset
 from equiseg.evaluation.tissue_context import run_context
-from equiseg.runs import Run, load_model
+from equiseg.runs import Run, load_model, written_whole
 from equiseg.training.module import SegmentationModule
 
 _RUN_DIR_ENV = "EQUISEG_RUN_DIR"
@@ -278,17 +278,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """
 
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
-        try:
-            with partial.open("wb") as handle:
-                torch.save(checkpoint, handle)
-                handle.flush()
-                os.fsync(handle.fileno())
-            partial.replace(path)
-        finally:
-            partial.unlink(missing_ok=True)
+        with written_whole(path) as partial, partial.open("wb") as handle:
+            torch.save(checkpoint, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
 
 
 def remove_stale_partials(folder: Path) -> list[Path]:
@@ -308,7 +301,7 @@ def _alive(pid: str) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:  # another user's process
-        return True
+        pass
     return True
 
 
@@ -379,12 +372,10 @@ def merge_metrics(run_dir: Path) -> None:
             attempt = [r for r in attempt if int(r["step"]) < resumed_at]
         rows.extend(attempt)
     fields = list(dict.fromkeys(key for attempt in attempts for row in attempt for key in row))
-    tmp = metrics.with_suffix(".csv.tmp")
-    with tmp.open("w", newline="") as handle:
+    with written_whole(metrics) as partial, partial.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
-    tmp.replace(metrics)
     for part in parts:
         part.unlink()
 
