@@ -22,7 +22,7 @@ LAYERS = [
     ("equiseg.evaluation",),
     ("equiseg.training",),
     ("equiseg.report",),
-    ("equiseg.study", "equiseg.demo", "equiseg.challenge", "equiseg.export"),
+    ("equiseg.study", "equiseg.demo", "equiseg.challenge", "equiseg.export", "equiseg.slide"),
     ("equiseg.cli", "equiseg"),
 ]
 DEFERRED_IMPORTS_ALLOWED = {"equiseg.cli"}  # start-up time of the command

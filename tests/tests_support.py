@@ -33,3 +33,32 @@ def tiny_config(root, **sections):
     for key, value in sections.items():
         data.setdefault(key, {}).update(value)
     return Config.from_dict(data)
+
+
+def write_pyramid(path: Path, image: np.ndarray, mpp: float, tile: int = 128, factor: int = 4) -> Path:
+    """A tiled pyramidal TIFF as OpenSlide reads it (generic TIFF): ``image`` as level 0 at ``mpp``
+    µm/px (resolution tags in cm), then levels ``factor`` x smaller (area means) down to 512 px,
+    each a reduced-resolution page."""
+    import tifffile
+
+    levels = [image]
+    while max(levels[-1].shape[:2]) > 512:
+        last = levels[-1]
+        h, w = last.shape[0] // factor * factor, last.shape[1] // factor * factor
+        levels.append(last[:h, :w].reshape(h // factor, factor, w // factor, factor, 3).mean(axis=(1, 3))
+                      .round().astype(np.uint8))
+    with tifffile.TiffWriter(path) as tif:
+        for k, level in enumerate(levels):
+            resolution = 1e4 / (mpp * factor ** k)
+            tif.write(level, tile=(tile, tile), photometric="rgb", compression="zlib", subfiletype=1 if k else 0,
+                      resolution=(resolution, resolution), resolutionunit="CENTIMETER")
+    return path
+
+
+def tissue_on_glass(height: int, width: int, patches: dict[tuple[int, int], np.ndarray], seed: int = 0) -> np.ndarray:
+    """Pale noisy glass (H, W, 3) uint8 with ``patches`` pasted at their (row, column) corners."""
+    rng = np.random.default_rng(seed)
+    image = (236 + rng.integers(0, 5, (height, width, 3))).astype(np.uint8)
+    for (row, col), patch in patches.items():
+        image[row:row + patch.shape[0], col:col + patch.shape[1]] = patch
+    return image

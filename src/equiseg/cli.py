@@ -528,6 +528,80 @@ def predict(
 
 
 @app.command()
+def slide(
+    slides: Annotated[list[Path], typer.Argument(help="Whole-slide images (SVS, NDPI, MRXS, SCN, tiled TIFF, ... "
+                                                      "anything OpenSlide opens).")],
+    cell_model: Annotated[Path, typer.Option(help="The cell model: a run folder (its best checkpoint) or a .ckpt.")],
+    out: Annotated[Path, typer.Option(help="Output folder: STEM.cells.geojson, .cells.csv, .thumbnail.png, "
+                                           ".summary.json (and .tissue.geojson) per slide.")] = Path("slides"),
+    tissue_model: Annotated[Path | None, typer.Option(
+        help="A tissue model: its cancer areas go into STEM.tissue.geojson, and a cell model trained with tissue "
+             "context takes its context from it (default: the one the cell model's config names).")] = None,
+    region: Annotated[str | None, typer.Option(help="Only this box, x,y,w,h in level-0 pixels.")] = None,
+    mpp: Annotated[float | None, typer.Option(
+        help="Microns per level-0 pixel, for a slide whose file does not say (or says wrong).")] = None,
+    cell_mpp: Annotated[float | None, typer.Option(
+        help="Run the cell model at this resolution (µm/px) instead of its training data's "
+                                   "(recorded in its run folder).")] = None,
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="Skip slides whose outputs are complete and continue an interrupted one from its last "
+                         "saved block row.")] = False,
+    tile: Annotated[int, typer.Option(help="Tile side in px at the model's resolution.")] = 1024,
+    overlap: Annotated[int, typer.Option(help="Overlap of neighbouring tiles, px.")] = 128,
+    device: DeviceOption = "auto",
+    batch: BatchOption = 1,
+    precision: PrecisionOption = "32",
+    optimize: OptimizeOption = True,
+) -> None:
+    """Find and classify the cells on whole slides, as files to open in QuPath.
+
+    Each slide is read with OpenSlide (`pip install 'equiseg[slide]'`) at the resolution the
+    model trained at (resampled from the best pyramid level); glass is found on a
+    low-resolution read and skipped; the model runs over the tissue in overlapping tiles,
+    blended and read for cells as `equiseg predict` does, in memory bounded by a block of
+    tiles, not by the slide. Coordinates are level-0 pixels. To review: open the slide in
+    QuPath and drag STEM.cells.geojson (and STEM.tissue.geojson) onto it.
+    """
+    from equiseg.data.ocelot import Resolution
+    from equiseg.runs import Run
+    from equiseg.slide import SlideModel, analyse_slides, check_slides, parse_region
+
+    missing = [str(p) for p in slides if not p.is_file()]
+    if missing:
+        raise _fail(f"no such file(s): {', '.join(missing)}")
+    runtime = _runtime(device, batch, precision, optimize)
+    try:
+        box = parse_region(region) if region is not None else None
+        check_slides(slides, out, resume, box, mpp)
+        resolution = None
+        if cell_mpp is not None and not cell_mpp > 0:
+            raise ValueError(f"--cell-mpp must be positive, got {cell_mpp}")
+        if cell_mpp is not None:
+            recorded = Run.of(cell_model).resolution()
+            resolution = Resolution(cell_mpp, recorded.tissue_mpp if recorded else 4 * cell_mpp)
+        cells = SlideModel.load(cell_model, runtime.device, resolution)
+        tissue_source = tissue_model or cells.config.data.tissue_model
+        tissue = SlideModel.load(tissue_source, runtime.device) if tissue_source else None
+        progress, _ = _progress("slides")
+
+        def step(stage: str, done: int, total: int) -> None:
+            progress.update(progress.task_ids[0], description=f"{stage}", completed=done, total=total)
+
+        def finished(done: int, total: int, result) -> None:
+            counts = result.summary["cells"]
+            progress.console.print(f"{result.slide.name}: {sum(counts.values())} cells "
+                                   f"({', '.join(f'{k} {v}' for k, v in counts.items())}), "
+                                   f"{result.summary['tissue_mm2']:.2f} mm² of tissue")
+
+        with progress:
+            results = analyse_slides(slides, cells, out, tissue, on_slide=finished, region=box, mpp=mpp,
+                                     tile=tile, overlap=overlap, runtime=runtime, resume=resume, progress=step)
+    except (FileNotFoundError, ModuleNotFoundError, ValueError, OSError) as error:
+        raise _fail(str(error)) from None
+    typer.echo(f"wrote {len(results)} slide(s) to {out}: {sum(len(r.points) for r in results)} cell(s)")
+
+
+@app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="Folder for the data, runs and report.")] = Path("demo"),
     epochs: Annotated[int | None, typer.Option(help="Override the presets' epochs (for a quicker look).")] = None,

@@ -5,6 +5,7 @@
     runs/isotropic-small-20261127-101610/
       config.yaml             the resolved run config
       data.txt                the dataset folder it trained on (absolute path)
+      resolution.yaml         that dataset's µm per pixel (cell and tissue patches): where equiseg slide runs the model
       synthetic.txt           only for the built-in synthetic data: its settings, then the warning given
       checkpoints/best.ckpt   lowest val/loss
       checkpoints/last.ckpt   the last finished epoch, or step (train.checkpoint_every_n_steps); resume starts here
@@ -35,8 +36,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import yaml
 
 from equiseg.config import Config, read_yaml
+from equiseg.data.ocelot import Resolution, read_metadata
 
 
 class _InRun:
@@ -81,6 +84,7 @@ class Run:
     # the layout, one line a path (see the module docstring)
     config_file = _InRun("config.yaml")
     data_file = _InRun("data.txt")
+    resolution_file = _InRun("resolution.yaml")
     synthetic_file = _InRun("synthetic.txt")
     checkpoints = _InRun("checkpoints")
     best = _InRun("checkpoints", "best.ckpt")      # lowest validation loss
@@ -103,6 +107,17 @@ class Run:
         """The dataset folder the run trained on, if recorded."""
         return Path(self.data_file.read_text().strip()) if self.data_file.is_file() else None
 
+    def resolution(self) -> Resolution | None:
+        """The µm per pixel of the data the run trained on: ``resolution.yaml``, or for runs made
+        before it was recorded, the median of the dataset's ``metadata.json`` where that folder
+        is still there; None when neither is."""
+        if self.resolution_file.is_file():
+            return Resolution(**{k: float(v) for k, v in read_yaml(self.resolution_file).items()})
+        root = self.data_root()
+        if root is not None and (root / "metadata.json").is_file():
+            return Resolution.of(read_metadata(root / "metadata.json").values())
+        return None
+
     def synthetic(self) -> str | None:
         """The settings of the built-in synthetic dataset the run trained on (``train=16 val=4 ...``);
         None for a run on a dataset folder."""
@@ -115,6 +130,9 @@ class Run:
         synthetic data, ``synthetic`` = (its settings on one line, the warning given)."""
         config.to_yaml(self.config_file)
         self.data_file.write_text(f"{Path(root).resolve()}\n")
+        if (Path(root) / "metadata.json").is_file():
+            resolution = Resolution.of(read_metadata(Path(root) / "metadata.json").values())
+            self.resolution_file.write_text(yaml.safe_dump(resolution.to_dict(), sort_keys=False))
         if synthetic is not None:
             record, notice = synthetic
             self.synthetic_file.write_text(f"synthetic: {record}\n{notice}\n")

@@ -22,7 +22,7 @@ from __future__ import annotations
 import enum
 import json
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -166,6 +166,29 @@ def read_metadata(path: Path | str) -> dict[str, PairMeta]:
     if not isinstance(data, dict) or not isinstance(data.get("sample_pairs"), dict):
         raise DatasetError(path, "expected an object with 'sample_pairs' (the Zenodo metadata.json)")
     return {sid: parse_pair(sid, record, path) for sid, record in data["sample_pairs"].items()}
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """The resolution of a dataset's patches: µm per pixel of the cell and the tissue patches.
+
+    A model runs at the resolution it was trained at: ``equiseg slide`` resamples a slide to
+    ``cell_mpp`` for the cell model and to ``tissue_mpp`` for the tissue model.
+    """
+
+    cell_mpp: float
+    tissue_mpp: float
+
+    @classmethod
+    def of(cls, metas: Iterable[PairMeta]) -> Resolution:
+        """The median over a dataset's pairs (OCELOT's vary by a few percent around 0.2 and 0.8 µm/px)."""
+        metas = list(metas)
+        if not metas:
+            raise ValueError("no pairs, so no resolution")
+        return cls(float(np.median([m.cell_mpp for m in metas])), float(np.median([m.tissue_mpp for m in metas])))
+
+    def to_dict(self) -> dict[str, float]:
+        return {"cell_mpp": self.cell_mpp, "tissue_mpp": self.tissue_mpp}
 
 
 def read_rgb(path: Path | str) -> np.ndarray:

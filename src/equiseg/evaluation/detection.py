@@ -291,6 +291,20 @@ class BlockDetector:
         self._beside = whole[:, whole.shape[1] - h:, max(0, whole.shape[2] - context):].clone()
         self._left = right
 
+    def state_dict(self) -> dict:
+        """What the detector holds after the blocks added so far (tensors and ints: ``torch.save``
+        writes it and ``torch.load(weights_only=True)`` reads it), for :meth:`load_state_dict`."""
+        return {"rows": (self._top, self._bottom, self._left), "above": self._above, "next_above": self._next_above,
+                "beside": self._beside,
+                "candidates": torch.from_numpy(np.concatenate(self._candidates) if self._candidates
+                                               else np.zeros((0, 5)))}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from :meth:`state_dict` of a detector of the same map and settings."""
+        self._top, self._bottom, self._left = state["rows"]
+        self._above, self._next_above, self._beside = state["above"], state["next_above"], state["beside"]
+        self._candidates = [state["candidates"].numpy()]
+
     def points(self) -> np.ndarray:
         """The cells, once every block is in: as :func:`detect_cells` returns them."""
         if self._bottom != self.height or self._left != self.width:

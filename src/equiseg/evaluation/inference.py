@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import weakref
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -44,20 +44,46 @@ def tile_weight(tile: int, overlap: int) -> torch.Tensor:
     return (ramp[:, None] * ramp[None, :]) / (overlap + 1) ** 2
 
 
+@dataclass(frozen=True)
+class Skip:
+    """Windows that need not go through the model (glass on a slide): ``where(window)`` is True
+    for them, and each gets probability 1 for class 0 (background) of ``classes``."""
+
+    where: Callable[[tuple[int, int, int, int]], bool]
+    classes: int
+
+    def background(self, height: int, width: int) -> torch.Tensor:
+        """(classes, height, width): all background."""
+        probs = torch.zeros(self.classes, height, width)
+        probs[0] = 1
+        return probs
+
+
 @torch.no_grad()
 def window_probabilities(model: nn.Module, read: WindowReader, windows: list[tuple[int, int, int, int]],
-                         runtime: Runtime) -> Iterator[tuple[tuple[int, int, int, int], torch.Tensor]]:
-    """Each window with its softmax probabilities (classes, h, w), float32 on the CPU.
+                         runtime: Runtime, skip: Skip | None = None,
+                         ) -> Iterator[tuple[tuple[int, int, int, int], torch.Tensor]]:
+    """Each window with its softmax probabilities (classes, h, w), float32 on the CPU, in order.
 
     Windows go through ``model`` (already on ``runtime.device``, eval mode) ``runtime.batch`` at
     a time, under ``runtime.autocast()``; only one batch of windows is held at once. With
-    ``runtime.optimize`` they go through :func:`inference_model` of it instead.
+    ``runtime.optimize`` they go through :func:`inference_model` of it instead. Windows that
+    ``skip`` names are not read and get its background; the others are batched as if they
+    were alone.
     """
+    skipped = {w for w in windows if skip.where(w)} if skip is not None else set()
+    computed = _batched(model, read, [w for w in windows if w not in skipped], runtime)
+    for w in windows:
+        yield (w, skip.background(w[2], w[3])) if w in skipped else next(computed)
+
+
+def _batched(model: nn.Module, read: WindowReader, windows: list[tuple[int, int, int, int]],
+             runtime: Runtime) -> Iterator[tuple[tuple[int, int, int, int], torch.Tensor]]:
     model = inference_model(model) if runtime.optimize else model
     for k in range(0, len(windows), runtime.batch):
         chunk = windows[k:k + runtime.batch]
         x = torch.stack([read(*w) for w in chunk]).to(runtime.device, torch.float32, non_blocking=True)
-        with runtime.kernels(), runtime.autocast():
+        with torch.no_grad(), runtime.kernels(), runtime.autocast():
             probs = model(x).float().softmax(1)
         probs = probs.cpu()
         yield from zip(chunk, probs)
@@ -161,9 +187,31 @@ class _Piece:
     terms: torch.Tensor  # (C, h, w): probabilities x tile weight, rows top.., columns left..
 
 
+@dataclass
+class StreamState:
+    """Where :func:`stream_blocks` stands: the blocks yielded so far and the pieces they left
+    for later blocks. Given to it, it is kept up to date as each block is yielded; saved
+    (:meth:`state_dict`) and given to a new call over the same image, that call continues with
+    the next block, and the blocks equal the uninterrupted stream's bit for bit (with batch 1:
+    batches that ran across the cut are formed anew)."""
+
+    blocks_done: int = 0
+    pieces: list[_Piece] = field(default_factory=list)
+
+    def state_dict(self) -> dict:
+        """Ints, tuples and tensors only (``torch.load(weights_only=True)`` reads them)."""
+        return {"blocks_done": self.blocks_done,
+                "pieces": [(p.order, p.top, p.left, p.terms) for p in self.pieces]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.blocks_done = state["blocks_done"]
+        self.pieces = [_Piece(tuple(order), top, left, terms) for order, top, left, terms in state["pieces"]]
+
+
 def stream_blocks(model: nn.Module, read: WindowReader, height: int, width: int, tile: int | None = 1024,
-                  overlap: int = 128, runtime: Runtime | None = None,
-                  block_side: int | None = None) -> Iterator[tuple[int, int, torch.Tensor]]:
+                  overlap: int = 128, runtime: Runtime | None = None, block_side: int | None = None,
+                  skip: Skip | None = None, state: StreamState | None = None,
+                  ) -> Iterator[tuple[int, int, torch.Tensor]]:
     """The probabilities of an H x W image, a finished block at a time, row-major.
 
     Yields ``(top, left, probs)``: probs (classes, h, w), float32 on the CPU, are rows top ..
@@ -190,25 +238,35 @@ def stream_blocks(model: nn.Module, read: WindowReader, height: int, width: int,
         runtime: default: the model's device, batch 1, float32.
         block_side: about the side of a block, px (at least one window step; default
             :data:`BLOCK_SIDE`).
+        skip: windows not to run (:func:`window_probabilities`); they still take part in the
+            blend, as background.
+        state: continue from, and keep up to date, this :class:`StreamState`.
     """
     runtime = runtime or model_runtime(model)
+    state = state if state is not None else StreamState()
     if tile is None or (height <= tile and width <= tile):
-        (_, probs), = window_probabilities(model, read, [(0, 0, height, width)], runtime)
-        yield 0, 0, probs
+        if state.blocks_done == 0:
+            (_, probs), = window_probabilities(model, read, [(0, 0, height, width)], runtime, skip)
+            state.blocks_done = 1
+            yield 0, 0, probs
         return
     weight = tile_weight(tile, overlap)
     blocks = window_blocks(height, width, tile, overlap, BLOCK_SIDE if block_side is None else block_side)
+    start = state.blocks_done
     # one stream of windows, so that batches run on across blocks (a window's output can depend
     # on its batch's size in the last bit: predict_probabilities batches them the same way)
-    results = window_probabilities(model, read, [window for block in blocks for window in block.windows], runtime)
-    pieces: list[_Piece] = []  # from earlier blocks
-    for block in blocks:
+    results = window_probabilities(model, read, [window for block in blocks[start:] for window in block.windows],
+                                   runtime, skip)
+    pieces = state.pieces  # from earlier blocks
+    for k in range(start, len(blocks)):
+        block = blocks[k]
         probs = _finish_block(block, itertools.islice(results, len(block.windows)), pieces, weight)
-        yield block.top, block.left, probs
         # finished now: every row above this block's bottom, up to its right edge; a piece is
         # dropped once all of it lies there
         pieces = [piece for piece in pieces if piece.top + piece.terms.shape[1] > block.bottom
                   or piece.left + piece.terms.shape[2] > block.right]
+        state.pieces, state.blocks_done = pieces, k + 1
+        yield block.top, block.left, probs
 
 
 def _finish_block(block: WindowBlock, results: Iterator[tuple[tuple[int, int, int, int], torch.Tensor]],

@@ -167,18 +167,19 @@ class RgbFile:
         self._segments.clear()
 
 
-class _NpyBlocks:
-    """A (C, H, W) float16 ``.npy`` file (the format ``np.save`` writes) filled a block at a
-    time. Plain writes rather than ``np.lib.format.open_memmap``: pages written through a
-    memory map stay resident, and count in the process's memory, until the map is closed."""
+class NpyBlocks:
+    """A (C, H, W) ``.npy`` file (the format ``np.save`` writes; float16 unless ``dtype`` says
+    otherwise) filled a block at a time. Plain writes rather than ``np.lib.format.open_memmap``:
+    pages written through a memory map stay resident, and count in the process's memory, until
+    the map is closed."""
 
-    def __init__(self, path: Path | str, shape: tuple[int, int, int]) -> None:
-        self.path, self.shape = Path(path), shape
+    def __init__(self, path: Path | str, shape: tuple[int, int, int], dtype: np.dtype = np.float16) -> None:
+        self.path, self.shape, self.dtype = Path(path), shape, np.dtype(dtype)
         with open(self.path, "wb") as file:
             np.lib.format.write_array_header_1_0(file, {
-                "descr": np.lib.format.dtype_to_descr(np.dtype(np.float16)), "fortran_order": False, "shape": shape})
+                "descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": shape})
             self._offset = file.tell()
-            file.truncate(self._offset + 2 * int(np.prod(shape)))
+            file.truncate(self._offset + self.dtype.itemsize * int(np.prod(shape)))
 
     def write(self, top: int, left: int, block: torch.Tensor) -> None:
         """Rows top .. top + h - 1 and columns left .. left + w - 1 of every channel, from
@@ -186,15 +187,16 @@ class _NpyBlocks:
         spans whole rows)."""
         channels, height, width = self.shape
         _, rows, columns = block.shape
-        values = block.numpy().astype(np.float16)
+        values = block.numpy().astype(self.dtype)
+        size = self.dtype.itemsize
         with open(self.path, "r+b") as file:
             for c in range(channels):
                 if columns == width:
-                    file.seek(self._offset + 2 * (c * height + top) * width)
+                    file.seek(self._offset + size * (c * height + top) * width)
                     file.write(np.ascontiguousarray(values[c]).data)
                     continue
                 for i in range(rows):
-                    file.seek(self._offset + 2 * ((c * height + top + i) * width + left))
+                    file.seek(self._offset + size * ((c * height + top + i) * width + left))
                     file.write(np.ascontiguousarray(values[c, i]).data)
 
 
@@ -329,7 +331,7 @@ def predict_file(model: torch.nn.Module, config: Config, path: Path, out_dir: Pa
                     if config.task is Task.CELLS else None)
         for top, left, block in stream_blocks(model, image.window, height, width, tile, overlap, runtime):
             if probs and npy is None:
-                npy = _NpyBlocks(f"{stem}_probs.npy", (block.shape[0], height, width))
+                npy = NpyBlocks(f"{stem}_probs.npy", (block.shape[0], height, width))
             if npy is not None:
                 npy.write(top, left, block)
             if detector is not None:
