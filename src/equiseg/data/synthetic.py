@@ -28,6 +28,7 @@ Tissue mask values: 1 background, 2 cancer area, 255 unknown.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -342,7 +343,7 @@ class _World:
     stroma: _Noise
     warp: _Noise
     segments: _Noise
-    chromatin: _Noise
+    chromatin: _Noise | None  # None in a slide's world, whose renderer supplies a window of an unbounded field
     holes: _Noise | None
     hole_level: float
     unknown: _Noise | None
@@ -388,9 +389,10 @@ class _World:
         return np.arctan2(gy, gx) + np.pi / 2
 
 
-def _child(seq: np.random.SeedSequence, i: int) -> np.random.Generator:
-    """Generator for the i-th independent stream of ``seq``, without mutating ``seq``."""
-    return np.random.default_rng(np.random.SeedSequence(seq.entropy, spawn_key=(*seq.spawn_key, i),
+def _child(seq: np.random.SeedSequence, *key: int) -> np.random.Generator:
+    """Generator for the independent stream of ``seq`` named by the non-negative integers ``key``
+    (``seq``'s spawn key extended by them), without mutating ``seq``."""
+    return np.random.default_rng(np.random.SeedSequence(seq.entropy, spawn_key=(*seq.spawn_key, *key),
                                                         pool_size=seq.pool_size))
 
 
@@ -400,12 +402,30 @@ def _make_world(seq: np.random.SeedSequence, size: int, crowding: float = 0.0) -
     side = size * cell_mpp * SCALE  # µm of the tissue patch
     offset = tuple(float(v) for v in rng.integers(2, 15, 2) / 16)  # centre on a 1/16 grid in [1/8, 7/8]
     lo, hi = -_MARGIN, side + _MARGIN
+    cell_view_x0 = offset[0] * side - size * cell_mpp / 2
+    cell_view_y0 = offset[1] * side - size * cell_mpp / 2
+    # the fine chromatin field is only seen in the cell view: it covers that and 4 µm around it
+    chromatin = (cell_view_x0 - 4, cell_view_x0 + size * cell_mpp + 4, cell_view_y0 - 4)
+    world = _World(size=size, cell_mpp=cell_mpp, offset=offset, nuclei=(),
+                   **_world_fields(rng, lo, hi, crowding, chromatin))
+    # nuclei are placed by context, so they are drawn against the world's fields
+    # crowding draws from its own stream, so that crowding 0 leaves the sparse world as it was
+    nuclei = _place_nuclei(rng, world, lo, hi, crowding, _child(seq, 3))
+    return dataclasses.replace(world, nuclei=nuclei)
+
+
+def _world_fields(rng: np.random.Generator, lo: float, hi: float, crowding: float,
+                  chromatin: tuple[float, float, float] | None) -> dict:
+    """Everything random about a world but its extent and its nuclei, as :class:`_World`'s keyword arguments:
+    the smooth fields over µm [lo, hi]² and their levels, the style, the stains, the optics.
+
+    ``chromatin`` = µm (x_start, x_stop, y_start) of the square that the 0.8 µm chromatin field
+    covers; None draws none (a slide's renderer supplies windows of an unbounded field).
+    """
     cancer_spacing = rng.uniform(60, 110)
     cancer = (_Noise.random(rng, lo, hi, cancer_spacing), _Noise.random(rng, lo, hi, cancer_spacing / 2.5))
     # a few samples have (almost) no cancer; the field is a sum with std ~ sqrt(1 + 0.35²)
     cancer_level = 1.06 * (_level(rng, 0.0, 0.04) if rng.uniform() < 0.15 else _level(rng, 0.2, 0.7))
-    cell_view_x0 = offset[0] * side - size * cell_mpp / 2
-    cell_view_y0 = offset[1] * side - size * cell_mpp / 2
     holes = _Noise.random(rng, lo, hi, rng.uniform(15, 30)) if rng.uniform() < 0.4 else None
     unknown = _Noise.random(rng, lo, hi, rng.uniform(100, 180)) if rng.uniform() < 0.25 else None
     style = {
@@ -426,12 +446,12 @@ def _make_world(seq: np.random.SeedSequence, size: int, crowding: float = 0.0) -
     h_scale, e_scale = rng.uniform(0.75, 1.25), rng.uniform(0.7, 1.3)
     stain_h = np.array([0.60, 0.75, 0.30]) + rng.normal(0, 0.04, 3)
     stain_e = np.array([0.15, 0.88, 0.45]) + rng.normal(0, 0.04, 3)
-    world = {
-        "size": size, "cell_mpp": cell_mpp, "offset": offset, "cancer": cancer, "cancer_level": cancer_level,
+    return {
+        "cancer": cancer, "cancer_level": cancer_level,
         "stroma": _Noise.random(rng, lo, hi, 30.0),
         "warp": _Noise.random(rng, lo, hi, rng.uniform(40, 80)),
         "segments": _Noise.random(rng, lo, hi, rng.uniform(10, 20)),
-        "chromatin": _Noise.random(rng, cell_view_x0 - 4, cell_view_x0 + size * cell_mpp + 4, 0.8, cell_view_y0 - 4),
+        "chromatin": None if chromatin is None else _Noise.random(rng, chromatin[0], chromatin[1], 0.8, chromatin[2]),
         "holes": holes, "hole_level": _level(rng, 0.01, 0.05),
         "unknown": unknown, "unknown_level": _level(rng, 0.05, 0.3), "unknown_fade": float(rng.choice([0.03, 0.3])),
         "fibre_angle": (fibre_angle, fibre_angle + rng.choice([-1, 1]) * rng.uniform(0.3, 1.2)),
@@ -442,10 +462,6 @@ def _make_world(seq: np.random.SeedSequence, size: int, crowding: float = 0.0) -
         "illumination": (255 - rng.uniform(0, 12, 3)).astype(np.float32),
         "style": style, "blur": rng.uniform(0.05, 0.5), "noise": rng.uniform(1.0, 4.0),
     }
-    # nuclei are placed by context, so they are drawn against the world's fields
-    # crowding draws from its own stream, so that crowding 0 leaves the sparse world as it was
-    nuclei = _place_nuclei(rng, _World(nuclei=(), **world), lo, hi, crowding, _child(seq, 3))
-    return _World(nuclei=nuclei, **world)
 
 
 def _place_nuclei(rng: np.random.Generator, world: _World, lo: float, hi: float, crowding: float = 0.0,
@@ -523,8 +539,13 @@ def _place_nuclei(rng: np.random.Generator, world: _World, lo: float, hi: float,
     return tuple(groups)
 
 
-def _render(world: _World, view: _View, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """RGB (size, size, 3) uint8 of ``view`` and the cancer field minus its level (size, size) float32."""
+def _render(world: _World, view: _View, rng: np.random.Generator,
+            stain: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """RGB (size, size, 3) uint8 of ``view`` and the cancer field minus its level (size, size) float32.
+
+    ``stain``: (size, size) float32 in [0, 1], the fraction of all stain kept per pixel (0 = bare
+    glass, used by slides around the tissue section); None keeps all of it.
+    """
     style, size, blur = world.style, view.size, world.blur
     cancer = world.cancer[0].on(view) + 0.35 * world.cancer[1].on(view) - world.cancer_level
     in_cancer = np.clip(cancer / 0.08 + 0.5, 0, 1)
@@ -558,21 +579,27 @@ def _render(world: _World, view: _View, rng: np.random.Generator) -> tuple[np.nd
     hema = hema + uniform + textured
     eosin = eosin * (1 - 0.65 * np.minimum(cover, 1)) + 0.08 * cover
 
-    tissue = np.ones(shape, np.float32)  # fraction of stain left: lumens and the unknown region are pale
+    # fraction of stain left: lumens and the unknown region are pale, glass has none
+    tissue = np.ones(shape, np.float32) if stain is None else np.array(stain, np.float32)
     if world.holes is not None:
         tissue *= 1 - 0.92 * np.clip((world.holes.on(view) - world.hole_level) / 0.15 + 0.5, 0, 1)
     if world.unknown is not None:
         unknown = np.clip((world.unknown.on(view) - world.unknown_level) / 0.05 + 0.5, 0, 1)
         tissue *= 1 - (1 - world.unknown_fade) * unknown
-    hema, eosin = hema * tissue, eosin * tissue
-    rgb = np.empty((size, size, 3), np.uint8)
+    return _colour(world, hema * tissue, eosin * tissue, rng), cancer
+
+
+def _colour(world: _World, hema: np.ndarray, eosin: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Beer-Lambert RGB (H, W, 3) uint8 of hematoxylin and eosin densities (H, W) float32, with uniform
+    pixel noise of std ``world.noise`` grey levels drawn from ``rng`` (H * W values per channel)."""
+    rgb = np.empty((*hema.shape, 3), np.uint8)
     half_width = np.float32(world.noise * math.sqrt(3))  # uniform pixel noise with std ``noise``
     for channel in range(3):
         od = hema * world.stain_h[channel] + eosin * world.stain_e[channel] + world.od0[channel]
         grey = world.illumination[channel] * np.exp(-od)
-        grey += (rng.random((size, size), dtype=np.float32) * 2 - 1) * half_width
+        grey += (rng.random(hema.shape, dtype=np.float32) * 2 - 1) * half_width
         rgb[..., channel] = np.clip(np.rint(grey), 0, 255)
-    return rgb, cancer
+    return rgb
 
 
 def _cell_points(world: _World) -> np.ndarray:
