@@ -137,7 +137,9 @@ def test_polygons_outline_a_square_with_a_hole():
 # --- cells -------------------------------------------------------------------------------------------------------
 
 
-def test_cells_in_a_region_equal_predict_on_the_region_cut_out(slide_path, cell_run, tmp_path):
+@pytest.mark.parametrize("stripe", [16384, 150])  # the region in one stripe, or cut into three
+def test_cells_in_a_region_equal_predict_on_the_region_cut_out(slide_path, cell_run, tmp_path, monkeypatch, stripe):
+    monkeypatch.setattr(slide_module, "STRIPE_SIDE", stripe)
     region = (800, 40, 448, 920)  # inside the two right-hand patches: tissue under every window
     result = analyse_slide(slide_path, SlideModel.load(cell_run), tmp_path / "out", region=region, tile=TILE,
                            overlap=OVERLAP)
@@ -194,11 +196,12 @@ def test_a_crashed_slide_resumes_to_the_same_cells(slide_path, cell_run, tmp_pat
     model = SlideModel.load(cell_run)
     whole = analyse_slide(slide_path, model, tmp_path / "whole", tile=TILE, overlap=OVERLAP)
     monkeypatch.setattr(slide_module, "SAVE_EVERY_S", 0.0)  # save the state after every block row
+    monkeypatch.setattr(slide_module, "STRIPE_SIDE", 600)  # three stripes: the crash is in the second
     seen = []
 
     def crash(stage, done, total):
         seen.append(done)
-        if done == 3:
+        if done == 4:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
@@ -207,7 +210,7 @@ def test_a_crashed_slide_resumes_to_the_same_cells(slide_path, cell_run, tmp_pat
     seen.clear()
     resumed = analyse_slide(slide_path, model, tmp_path / "out", tile=TILE, overlap=OVERLAP, resume=True,
                             progress=lambda stage, done, total: seen.append(done))
-    assert seen[0] > 1  # it went on from a saved block row, not from the start
+    assert seen[0] == 4  # it went on from a saved block row of the second stripe, not from the start
     np.testing.assert_array_equal(resumed.points, whole.points)
     # finished: a second --resume does nothing; without it, the outputs are not overwritten
     seen.clear()
@@ -300,3 +303,25 @@ def test_a_run_records_its_datas_resolution(tmp_path):
     save_model(build_model("plain", 4, 2), cell_config(), tmp_path / "lone.ckpt")
     with pytest.raises(ValueError, match="does not record the resolution"):
         SlideModel.load(tmp_path / "lone.ckpt")
+
+
+def test_synth_slide_cli_and_the_tissue_rule_against_the_true_section(tmp_path, cell_run):
+    from equiseg.data.synthetic_slide import SyntheticSlide
+
+    path = tmp_path / "synthetic.tif"
+    result = CliRunner().invoke(app, ["synth-slide", str(path), "--size", "2048", "--seed", "3"])
+    assert result.exit_code == 0, result.output
+    assert "wrote" in result.output and (tmp_path / "synthetic.cells.csv").is_file()
+    truth_cells = np.loadtxt(tmp_path / "synthetic.cells.csv", delimiter=",", skiprows=1, ndmin=2)
+    with Slide(path) as slide:
+        mask = find_tissue(slide)
+        assert slide.mpp == pytest.approx(0.2)
+    # the rule against the section drawn: most of it found, little glass taken for tissue
+    step = mask.scale
+    truth = SyntheticSlide(path, path, 2048, 2048, 0.2, (), np.zeros((0, 3)), 3, 1.0).tissue_mask(int(step))
+    found = mask.mask[:truth.shape[0], :truth.shape[1]]
+    assert (found & truth).sum() / (found | truth).sum() > 0.75
+    assert mask.at(truth_cells[:, 0], truth_cells[:, 1]).mean() > 0.95  # the true cells are on the mask
+    result = CliRunner().invoke(app, ["synth-slide", str(tmp_path / "bad.tif"), "--size", "1000"])
+    assert result.exit_code == 2 and result.output.startswith("error: size must be a multiple of 16")
+    assert not (tmp_path / "bad.tif").exists()

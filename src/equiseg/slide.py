@@ -47,7 +47,7 @@ from equiseg.data.context import ContextKind
 from equiseg.data.ocelot import CELL_CLASSES, Resolution
 from equiseg.data.targets import Task, tissue_crop
 from equiseg.data.wsi import ScaledView, Slide, TissueMask, find_tissue
-from equiseg.evaluation.detection import BlockDetector
+from equiseg.evaluation.detection import BlockDetector, detection_halo, suppress_peaks
 from equiseg.evaluation.inference import Skip, StreamState, model_runtime, stream_blocks, window_blocks
 from equiseg.evaluation.predict import NpyBlocks
 from equiseg.report.pictures import CELL_COLOURS, TISSUE_COLOURS, dot_radius, draw_points
@@ -60,6 +60,7 @@ TISSUE_NAMES = {1: "Cancer area"}
 TISSUE_CONTEXT_UM = 300.0  # µm of tissue the tissue model sees beyond a --region on each side
 THUMBNAIL_SIDE = 2048  # px: the thumbnail's longer side at most
 TISSUE_MAP_DTYPE = np.float16  # the tissue probabilities on disk: 4 bytes a tissue-model pixel
+STRIPE_SIDE = 16384  # px of the cell model's view: the slide goes through in stripes about this wide
 SAVE_EVERY_S = 60.0  # the cell pass saves its state at the end of a block row once this long has passed
 _UUID_NAMESPACE = uuid.UUID("4f1c3a52-8e0b-4b7e-9a51-3d2f6c0e7b19")  # equiseg's: cell ids repeat across runs
 
@@ -310,11 +311,32 @@ def _polygons(mask: np.ndarray) -> list[list[list[tuple[float, float]]]]:
     return polygons
 
 
+def stripes(width: int, tile: int, overlap: int, side: int) -> list[tuple[int, int]]:
+    """Column ranges (c0, c1) that cut a view ``width`` px wide into stripes of at most about
+    ``side`` px, each cut through the middle of a window where it overlaps no other (so that
+    the two stripes share one column of windows)."""
+    count = max(1, math.ceil(width / side))
+    step = tile - overlap
+    cuts = [0]
+    for k in range(1, count):
+        cut = round((k * width / count - tile / 2) / step) * step + tile // 2
+        if cuts[-1] < cut < width:
+            cuts.append(cut)
+    return list(itertools.pairwise([*cuts, width]))
+
+
 def _cell_pass(model: SlideModel, view: ScaledView, tissue: TissueMask, tissue_map: TissueMap | None,
                tile: int, overlap: int, runtime: Runtime, state_path: Path,
                progress: Progress | None) -> np.ndarray:
     """The cells of ``view`` as (N, 4) rows (x, y, class, probability) in view px; resumable from
-    ``state_path`` (saved at the end of a block row when :data:`SAVE_EVERY_S` have passed)."""
+    ``state_path`` (saved at the end of a block row when :data:`SAVE_EVERY_S` have passed).
+
+    The view goes through in stripes of :data:`STRIPE_SIDE` px (:func:`stripes`), each
+    streamed in blocks (:func:`~equiseg.evaluation.inference.stream_blocks` with ``columns``)
+    with the detection halo on each side, so that memory follows the stripe's width, not the
+    slide's. Each stripe keeps the candidates of its own columns; suppression runs over all
+    of them at the end: the cells equal those of the whole view in one stream.
+    """
     detect = model.config.detect
     classes = len(model.config.task.class_names)
     if tissue_map is not None:
@@ -322,25 +344,41 @@ def _cell_pass(model: SlideModel, view: ScaledView, tissue: TissueMask, tissue_m
             return torch.cat([view.window(top, left, h, w), tissue_map.context(view, (top, left, h, w))])
     else:
         read = view.window
-    detector = BlockDetector(view.height, view.width, detect.sigma, detect.min_distance, detect.threshold,
-                             per_class=detect.per_class)
-    state = StreamState()
-    if state_path.is_file():
-        saved = torch.load(state_path, weights_only=True)
-        state.load_state_dict(saved["stream"])
-        detector.load_state_dict(saved["detector"])
-    total = len(window_blocks(view.height, view.width, tile, overlap)) if max(view.height, view.width) > tile else 1
+    halo = detection_halo(detect.sigma, detect.min_distance)
+    plan = [(c0, c1, max(0, c0 - halo), min(view.width, c1 + halo))
+            for c0, c1 in stripes(view.width, tile, overlap, STRIPE_SIDE)]
+    whole = max(view.height, view.width) <= tile
+    total = sum(1 if whole else len(window_blocks(view.height, view.width, tile, overlap, columns=(m0, m1)))
+                for _, _, m0, m1 in plan)
+    stripe, kept, done = 0, [np.zeros((0, 5))], 0
+    saved = torch.load(state_path, weights_only=True) if state_path.is_file() else None
+    if saved is not None:
+        stripe, kept, done = saved["stripe"], [saved["kept"].numpy()], saved["done"]
     saved_at = time.monotonic()
-    for top, left, block in stream_blocks(model.model, read, view.height, view.width, tile, overlap, runtime,
-                                          skip=_glass(view, tissue, classes), state=state):
-        detector.add(top, left, block)
-        if progress is not None:
-            progress("cells", state.blocks_done, total)
-        if left + block.shape[2] == view.width and time.monotonic() - saved_at >= SAVE_EVERY_S:  # a row is done
-            with written_whole(state_path) as partial:
-                torch.save({"stream": state.state_dict(), "detector": detector.state_dict()}, partial)
-            saved_at = time.monotonic()
-    return detector.points()
+    for k in range(stripe, len(plan)):
+        c0, c1, m0, m1 = plan[k]
+        detector = BlockDetector(view.height, m1 - m0, detect.sigma, detect.min_distance, detect.threshold,
+                                 per_class=detect.per_class)
+        state = StreamState()
+        if saved is not None and k == stripe:
+            state.load_state_dict(saved["stream"])
+            detector.load_state_dict(saved["detector"])
+        first = done - state.blocks_done  # blocks of the earlier stripes
+        for top, left, block in stream_blocks(model.model, read, view.height, view.width, tile, overlap, runtime,
+                                              skip=_glass(view, tissue, classes), state=state, columns=(m0, m1)):
+            detector.add(top, left - m0, block)
+            done = first + state.blocks_done
+            if progress is not None:
+                progress("cells", done, total)
+            if left + block.shape[2] == m1 and time.monotonic() - saved_at >= SAVE_EVERY_S:  # a block row is done
+                with written_whole(state_path) as partial:
+                    torch.save({"stripe": k, "done": done, "kept": torch.from_numpy(np.concatenate(kept)),
+                                "stream": state.state_dict(), "detector": detector.state_dict()}, partial)
+                saved_at = time.monotonic()
+        candidates = detector.candidates()
+        candidates[:, 0] += m0
+        kept.append(candidates[(candidates[:, 0] >= c0) & (candidates[:, 0] < c1)])
+    return suppress_peaks(np.concatenate(kept), detect.min_distance)
 
 
 def _feature(slide_id: str, x: float, y: float, cls: int, probability: float) -> dict:

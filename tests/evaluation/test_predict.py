@@ -1,4 +1,5 @@
 import contextlib
+import itertools
 import json
 
 import numpy as np
@@ -99,6 +100,30 @@ def test_streamed_blocks_equal_the_whole_image_bit_for_bit(height, width, tile, 
         assert torch.equal(streamed, whole)
         if max(height, width) > tile:
             assert torch.equal(streamed, row_major_blend(model, image, tile, overlap, runtime, block_side))
+
+
+@pytest.mark.parametrize(("height", "width", "tile", "overlap"), [(70, 200, 16, 4), (61, 177, 16, 9), (50, 30, 64, 8)])
+def test_stripes_of_columns_equal_the_whole_image_bit_for_bit(height, width, tile, overlap):
+    """Each stripe runs the windows that reach into it, so its probabilities are the whole
+    image's there; memory then follows the stripe's width (the pieces kept never reach past it)."""
+    model, image = tiny_model(), image_to_tensor(random_image(height, width))
+    runtime = Runtime()
+    read = lambda top, left, h, w: image[:, top:top + h, left:left + w]
+    whole = predict_probabilities(model, image, tile, overlap, runtime)
+    for cuts in ([0, 5, 6, width // 2, width // 2 + 1, width], [0, width // 3, width], [0, width]):  # 1 px too
+        streamed = torch.full_like(whole, torch.nan)
+        for m0, m1 in itertools.pairwise(cuts):
+            state = inference.StreamState()
+            for top, left, probs in stream_blocks(model, read, height, width, tile, overlap, runtime, 2 * tile,
+                                                  state=state, columns=(m0, m1)):
+                assert m0 <= left and left + probs.shape[2] <= m1
+                region = streamed[:, top:top + probs.shape[1], left:left + probs.shape[2]]
+                assert region.isnan().all()
+                region.copy_(probs)
+                assert all(piece.left + piece.terms.shape[2] <= m1 for piece in state.pieces)
+        assert torch.equal(streamed, whole)
+    with pytest.raises(ValueError, match="not within"):
+        window_blocks(height, width, tile, overlap, columns=(5, width + 1))
 
 
 def test_blocks_group_the_tile_grid_row_major():

@@ -183,7 +183,7 @@ def write_synthetic_slide(path: Path | str, size: int = 12000, seed: int = 0, cr
     Raises:
         ValueError: an argument out of its range, or ``path`` an existing folder.
     """
-    _check(size, seed, crowding, mpp, tile)
+    check_arguments(size, seed, crowding, mpp, tile)
     dest = Path(path)
     if dest.is_dir():
         raise ValueError(f"{dest}: is a folder; give the path of the .tif to write")
@@ -201,7 +201,8 @@ def write_synthetic_slide(path: Path | str, size: int = 12000, seed: int = 0, cr
                           cells, int(seed), float(crowding))
 
 
-def _check(size: int, seed: int, crowding: float, mpp: float, tile: int) -> None:
+def check_arguments(size: int, seed: int, crowding: float, mpp: float, tile: int = 256) -> None:
+    """Refuse arguments :func:`write_synthetic_slide` cannot use, with a ValueError saying which."""
     def integer(value: object) -> bool:
         return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 

@@ -32,7 +32,7 @@ from equiseg.data.ocelot import image_to_tensor
 SLIDE_EXTRA = "pip install 'equiseg[slide]'"
 SNAP = 0.02  # a requested resolution within 2 % of a level's own is read at the level's, unresampled
 READ_TILE = 512  # px of a view: it reads and resamples the slide in squares of this side
-CACHE_BYTES = 96 * 2**20  # resampled squares a view keeps for the next rectangles
+CACHE_BYTES = 32 * 2**20  # resampled squares a view keeps for the next rectangles (a window's nine and more)
 MASK_MPP = 8.0  # µm per pixel of the tissue mask
 SATURATION_BOUNDS = (0.04, 0.10)  # Otsu's threshold on saturation is kept within these (glass: below 0.04)
 MIN_TISSUE_MM2 = 0.01  # smaller specks of "tissue" are dropped (dust, pen)

@@ -305,13 +305,18 @@ class BlockDetector:
         self._above, self._next_above, self._beside = state["above"], state["next_above"], state["beside"]
         self._candidates = [state["candidates"].numpy()]
 
-    def points(self) -> np.ndarray:
-        """The cells, once every block is in: as :func:`detect_cells` returns them."""
+    def candidates(self) -> np.ndarray:
+        """All candidates (:func:`peak_candidates` rows), once every block is in: what
+        :meth:`points` suppresses. Those of a stripe of a wider map that lie at least the halo
+        from the stripe's inner edges are the wider map's there."""
         if self._bottom != self.height or self._left != self.width:
             raise ValueError(f"blocks up to row {self._bottom} and column {self._left} of the "
                              f"{self.height}x{self.width} map were added")
-        return suppress_peaks(np.concatenate(self._candidates) if self._candidates else np.zeros((0, 5)),
-                              self.min_distance)
+        return np.concatenate(self._candidates) if self._candidates else np.zeros((0, 5))
+
+    def points(self) -> np.ndarray:
+        """The cells, once every block is in: as :func:`detect_cells` returns them."""
+        return suppress_peaks(self.candidates(), self.min_distance)
 
 
 def _blur_radius(sigma: float) -> int:

@@ -160,19 +160,29 @@ class WindowBlock:
     windows: tuple[tuple[int, int, int, int], ...]
 
 
-def window_blocks(height: int, width: int, tile: int, overlap: int,
-                  block_side: int = BLOCK_SIDE) -> list[WindowBlock]:
+def window_blocks(height: int, width: int, tile: int, overlap: int, block_side: int = BLOCK_SIDE,
+                  columns: tuple[int, int] | None = None) -> list[WindowBlock]:
     """The windows of :func:`tile_grid` in blocks of K x K, K = max(1, block_side // (tile - overlap)),
-    row-major; the blocks' regions tile the H x W image."""
+    row-major; the blocks' regions tile the H x W image.
+
+    With ``columns`` = (m0, m1), only the windows that reach into columns m0 .. m1 - 1, and
+    regions that tile that stripe of the image: the first block column also holds the windows
+    that start left of m0, and the last one's region ends at m1.
+    """
     step = tile - overlap
     group = max(1, block_side // step)
-    rows, cols = _starts(height, tile, step), _starts(width, tile, step)
+    m0, m1 = columns if columns is not None else (0, width)
+    if not 0 <= m0 < m1 <= width:
+        raise ValueError(f"columns {m0}..{m1 - 1} are not within the image's {width}")
     h, w = min(tile, height), min(tile, width)
+    rows = _starts(height, tile, step)
+    cols = [c for c in _starts(width, tile, step) if c < m1 and c + w > m0]
     row_cuts = rows[::group] + [height]
-    col_cuts = cols[::group] + [width]
+    col_cuts = [m0] + [c for c in cols[group::group] if c > m0] + [m1]
+    col_groups = [[c for c in cols if (j == 0 or c >= col_cuts[j]) and c < col_cuts[j + 1]]
+                  for j in range(len(col_cuts) - 1)]
     return [WindowBlock(row_cuts[i], row_cuts[i + 1], col_cuts[j], col_cuts[j + 1],
-                        tuple((top, left, h, w) for top in rows[i * group:(i + 1) * group]
-                              for left in cols[j * group:(j + 1) * group]))
+                        tuple((top, left, h, w) for top in rows[i * group:(i + 1) * group] for left in col_groups[j]))
             for i in range(len(row_cuts) - 1) for j in range(len(col_cuts) - 1)]
 
 
@@ -211,7 +221,7 @@ class StreamState:
 def stream_blocks(model: nn.Module, read: WindowReader, height: int, width: int, tile: int | None = 1024,
                   overlap: int = 128, runtime: Runtime | None = None, block_side: int | None = None,
                   skip: Skip | None = None, state: StreamState | None = None,
-                  ) -> Iterator[tuple[int, int, torch.Tensor]]:
+                  columns: tuple[int, int] | None = None) -> Iterator[tuple[int, int, torch.Tensor]]:
     """The probabilities of an H x W image, a finished block at a time, row-major.
 
     Yields ``(top, left, probs)``: probs (classes, h, w), float32 on the CPU, are rows top ..
@@ -241,17 +251,23 @@ def stream_blocks(model: nn.Module, read: WindowReader, height: int, width: int,
         skip: windows not to run (:func:`window_probabilities`); they still take part in the
             blend, as background.
         state: continue from, and keep up to date, this :class:`StreamState`.
+        columns: (m0, m1): only the stripe of columns m0 .. m1 - 1, its blocks
+            (:func:`window_blocks`) yielded with their image coordinates. Its probabilities equal
+            the whole image's there, bit for bit: the stripe runs every window that reaches
+            into it, so neighbouring stripes both run the windows across their seam. Memory
+            then grows with the stripe's width, not the image's.
     """
     runtime = runtime or model_runtime(model)
     state = state if state is not None else StreamState()
+    m0, m1 = columns if columns is not None else (0, width)
     if tile is None or (height <= tile and width <= tile):
         if state.blocks_done == 0:
             (_, probs), = window_probabilities(model, read, [(0, 0, height, width)], runtime, skip)
             state.blocks_done = 1
-            yield 0, 0, probs
+            yield 0, m0, probs[:, :, m0:m1]
         return
     weight = tile_weight(tile, overlap)
-    blocks = window_blocks(height, width, tile, overlap, BLOCK_SIDE if block_side is None else block_side)
+    blocks = window_blocks(height, width, tile, overlap, BLOCK_SIDE if block_side is None else block_side, columns)
     start = state.blocks_done
     # one stream of windows, so that batches run on across blocks (a window's output can depend
     # on its batch's size in the last bit: predict_probabilities batches them the same way)
@@ -260,7 +276,7 @@ def stream_blocks(model: nn.Module, read: WindowReader, height: int, width: int,
     pieces = state.pieces  # from earlier blocks
     for k in range(start, len(blocks)):
         block = blocks[k]
-        probs = _finish_block(block, itertools.islice(results, len(block.windows)), pieces, weight)
+        probs = _finish_block(block, itertools.islice(results, len(block.windows)), pieces, weight, m1)
         # finished now: every row above this block's bottom, up to its right edge; a piece is
         # dropped once all of it lies there
         pieces = [piece for piece in pieces if piece.top + piece.terms.shape[1] > block.bottom
@@ -270,10 +286,11 @@ def stream_blocks(model: nn.Module, read: WindowReader, height: int, width: int,
 
 
 def _finish_block(block: WindowBlock, results: Iterator[tuple[tuple[int, int, int, int], torch.Tensor]],
-                  pieces: list[_Piece], weight: torch.Tensor) -> torch.Tensor:
+                  pieces: list[_Piece], weight: torch.Tensor, right_edge: int) -> torch.Tensor:
     """The probabilities (C, h, w) over ``block``'s region from its windows' ``results`` and the
     ``pieces`` earlier blocks left in it, each pixel summing its windows in row-major order.
-    The parts of this block's windows that reach beyond its region are appended to ``pieces``."""
+    The parts of this block's windows that reach beyond its region, up to column
+    ``right_edge`` (the image's, or its stripe's, right edge), are appended to ``pieces``."""
     out = total = None
     waiting = sorted(pieces, key=lambda piece: piece.order)
     done = 0
@@ -289,10 +306,11 @@ def _finish_block(block: WindowBlock, results: Iterator[tuple[tuple[int, int, in
         _add_part(out, total, block, weight, _Piece((row, col), row, col, terms))
         # what lies right of the region (in its rows), then below it: disjoint, so each term is summed once
         inside = min(row + h, block.bottom) - row
-        if col + w > block.right:
-            pieces.append(_Piece((row, col), row, block.right, terms[:, :inside, block.right - col:].clone()))
+        if col + w > block.right < right_edge:
+            pieces.append(_Piece((row, col), row, block.right,
+                                 terms[:, :inside, block.right - col:right_edge - col].clone()))
         if row + h > block.bottom:
-            pieces.append(_Piece((row, col), block.bottom, col, terms[:, inside:].clone()))
+            pieces.append(_Piece((row, col), block.bottom, col, terms[:, inside:, :right_edge - col].clone()))
     for piece in waiting[done:]:
         _add_part(out, total, block, weight, piece)
     return out / total
