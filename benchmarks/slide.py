@@ -8,8 +8,9 @@ whose peak resident memory is its own ``ru_maxrss`` (from ``os.wait4``). Without
 ``--cell-model`` the model is an untrained U-Net of the plain-small preset's shape (width 16,
 depth 4: the time per pixel is the architecture's; its cells are not meaningful, so cells/s
 then measures detection on noise). The table gives the tissue area analysed, wall seconds,
-megapixels of tissue per second at the model's resolution, cells per second, peak RSS and its
-growth over the first size. What grows with the slide: strips across the analysed box's width
+megapixels of tissue per second at the model's resolution, cells per second, the mF1 of the
+cells against the slide's true ones (OCELOT's rule: 15 px at level 0), peak RSS and its growth
+over the first size. What grows with the slide: strips across the analysed box's width
 (about ``overlap`` rows of window terms and twice the detection halo of final rows, C float32
 each: ~2 KB per px of width), the tissue mask (1 byte per 8 µm pixel) and the cells found.
 """
@@ -25,6 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 
@@ -59,6 +61,15 @@ def child(command: list[str]) -> tuple[float, float, str]:
     return seconds, usage.ru_maxrss / 1024, output
 
 
+def score(found: Path, truth: Path, mpp: float) -> float:
+    """The OCELOT mF1 of the cells found against the slide's true cells (one image, 15 px at level 0)."""
+    from equiseg.evaluation.detection import detection_scores
+
+    points = np.loadtxt(found, delimiter=",", skiprows=1, usecols=(2, 3, 4, 6), ndmin=2)
+    points[:, :2] /= mpp  # the continuous centre in level-0 px
+    return detection_scores([points], [np.loadtxt(truth, delimiter=",", skiprows=1, ndmin=2)])["mf1"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[12000, 48000])
@@ -75,7 +86,7 @@ def main() -> None:
         model = args.cell_model or write_untrained_run(work / "untrained-plain-small")
         print(f"model: {model}")
         print(f"{'size':>6} {'synth s':>7} {'tissue mm²':>10} {'tissue Mpx':>10} {'wall s':>7} {'Mpx/s':>6} "
-              f"{'cells':>7} {'cells/s':>7} {'peak RSS MB':>11} {'RSS above first':>15}")
+              f"{'cells':>7} {'cells/s':>7} {'mF1':>5} {'peak RSS MB':>11} {'RSS above first':>15}")
         first = None
         for size in args.sizes:
             slide = work / f"synthetic-{size}.tif"
@@ -93,8 +104,9 @@ def main() -> None:
             mpx = summary["tissue_mm2"] / (summary["cell_view"]["mpp"] ** 2)  # mm² / (µm/px)² = Mpx
             model_seconds = summary["seconds"]["cell model"]
             first = rss if first is None else first
+            mf1 = score(out / f"{slide.stem}.cells.csv", slide.with_suffix(".cells.csv"), summary["slide"]["mpp"])
             print(f"{size:>6} {synth_seconds:>7.0f} {summary['tissue_mm2']:>10.2f} {mpx:>10.0f} {seconds:>7.0f} "
-                  f"{mpx / model_seconds:>6.2f} {cells:>7} {cells / model_seconds:>7.0f} {rss:>11.0f} "
+                  f"{mpx / model_seconds:>6.2f} {cells:>7} {cells / model_seconds:>7.0f} {mf1:>5.3f} {rss:>11.0f} "
                   f"{rss - first:>+15.0f}", flush=True)
             print(f"{'':>8}| stages (s): {summary['seconds']}")
 

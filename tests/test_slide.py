@@ -2,6 +2,8 @@
 
 import json
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -325,3 +327,21 @@ def test_synth_slide_cli_and_the_tissue_rule_against_the_true_section(tmp_path, 
     result = CliRunner().invoke(app, ["synth-slide", str(tmp_path / "bad.tif"), "--size", "1000"])
     assert result.exit_code == 2 and result.output.startswith("error: size must be a multiple of 16")
     assert not (tmp_path / "bad.tif").exists()
+
+
+def test_slides_spread_over_two_processes_give_the_same_files(tmp_path, cell_run):
+    """Lightning's DDP (two CPU processes over gloo): each slide once, the same cells as one process."""
+    from equiseg.data.synthetic_slide import write_synthetic_slide
+    from equiseg.slide import analyse_slides
+
+    paths = [write_synthetic_slide(tmp_path / f"s{k}.tif", size=1024, seed=k).path for k in range(3)]
+    analyse_slides(paths, SlideModel.load(cell_run), tmp_path / "one", tile=256, overlap=32)
+    command = [sys.executable, "-m", "equiseg.cli", "slide", *map(str, paths), "--cell-model", str(cell_run),
+               "--out", str(tmp_path / "two"), "--tile", "256", "--overlap", "32", "--device", "cpu", "--devices", "2"]
+    result = subprocess.run(command, check=False, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    assert "wrote 3 slide(s)" in result.stdout and result.stdout.count("wrote 3 slide(s)") == 1  # rank 0 only
+    for path in paths:
+        assert (tmp_path / "two" / f"{path.stem}.cells.csv").read_text() == \
+            (tmp_path / "one" / f"{path.stem}.cells.csv").read_text()
+    assert not list((tmp_path / "two").glob(".*"))  # no work folders or partial files left

@@ -585,6 +585,12 @@ def slide(
                          "saved block row.")] = False,
     tile: Annotated[int, typer.Option(help="Tile side in px at the model's resolution.")] = 1024,
     overlap: Annotated[int, typer.Option(help="Overlap of neighbouring tiles, px.")] = 128,
+    devices: Annotated[int, typer.Option(
+        min=1, help="Spread the slides over this many processes with Lightning's DDP: one per GPU (--device cuda), "
+                    "or CPU processes (--device cpu). Each slide goes to one process.")] = 1,
+    nodes: Annotated[int, typer.Option(
+        min=1, help="Machines for --devices (run the same command on each, with MASTER_ADDR, MASTER_PORT and "
+                    "NODE_RANK set; the output folder shared).")] = 1,
     device: DeviceOption = "auto",
     batch: BatchOption = 1,
     precision: PrecisionOption = "32",
@@ -601,7 +607,7 @@ def slide(
     """
     from equiseg.data.ocelot import Resolution
     from equiseg.runs import Run
-    from equiseg.slide import SlideModel, analyse_slides, check_slides, parse_region
+    from equiseg.slide import SlideModel, analyse_slides, analyse_slides_distributed, check_slides, parse_region
 
     missing = [str(p) for p in slides if not p.is_file()]
     if missing:
@@ -630,9 +636,20 @@ def slide(
                                    f"({', '.join(f'{k} {v}' for k, v in counts.items())}), "
                                    f"{result.summary['tissue_mm2']:.2f} mm² of tissue")
 
+        options = {"region": box, "mpp": mpp, "tile": tile, "overlap": overlap, "resume": resume}
+        if devices > 1 or nodes > 1:
+            rank, _ = analyse_slides_distributed(slides, cells, out, tissue, devices, nodes, runtime, **options)
+            if rank != 0:
+                return
+            summaries = [json.loads((out / f"{p.stem}.summary.json").read_text()) for p in slides]
+            for path, summary in zip(slides, summaries):
+                typer.echo(f"{path.name}: {sum(summary['cells'].values())} cells")
+            typer.echo(f"wrote {len(slides)} slide(s) to {out} with {devices * nodes} processes: "
+                       f"{sum(sum(s['cells'].values()) for s in summaries)} cell(s)")
+            return
         with progress:
-            results = analyse_slides(slides, cells, out, tissue, on_slide=finished, region=box, mpp=mpp,
-                                     tile=tile, overlap=overlap, runtime=runtime, resume=resume, progress=step)
+            results = analyse_slides(slides, cells, out, tissue, on_slide=finished, runtime=runtime, progress=step,
+                                     **options)
     except (FileNotFoundError, ModuleNotFoundError, ValueError, OSError) as error:
         raise _fail(str(error)) from None
     typer.echo(f"wrote {len(results)} slide(s) to {out}: {sum(len(r.points) for r in results)} cell(s)")
