@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+import shapely.geometry
 import tifffile
 import torch
 import yaml
@@ -119,21 +120,21 @@ def test_tissue_mask_of_a_real_ocelot_patch_finds_its_glass(tmp_path):
         assert not find_tissue(slide).mask.any()
 
 
-def test_polygons_outline_a_square_with_a_hole():
-    mask = np.zeros((12, 12), bool)
+def test_polygons_outline_regions_with_holes():
+    mask = np.zeros((12, 14), bool)
     mask[2:10, 2:10] = True
     mask[5:7, 5:7] = False
-    (polygon,) = _polygons(mask)
-    outer, hole = polygon
-    assert outer[0] == outer[-1] and hole[0] == hole[-1]
-
-    def area(ring):
-        x, y = np.array(ring).T
-        return abs(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1))) / 2
-
-    # contours at 0.5 between pixel centres: 8 px wide squares have 7.x px sides
-    assert 7 ** 2 <= area(outer) <= 8 ** 2 and 1 <= area(hole) <= 2 ** 2
-    assert all(1.5 <= x <= 9.5 for x, _ in outer)
+    mask[0:3, 12:14] = True  # a second region, on the border
+    polygons = sorted(_polygons(mask), key=len, reverse=True)
+    assert len(polygons) == 2
+    outer, hole = polygons[0]
+    shape = shapely.geometry.Polygon(outer, [hole])
+    assert shape.is_valid
+    # contours at 0.5 between pixel centres: an 8 px square is about 7.x px a side, less its 2 px hole
+    assert 7 ** 2 - 2 ** 2 <= shape.area <= 8 ** 2 - 1 and 1 <= shapely.geometry.Polygon(hole).area <= 2 ** 2
+    assert shape.bounds[0] >= 1.5 and shape.bounds[2] <= 9.5
+    (border,) = polygons[1]
+    assert shapely.geometry.Polygon(border).is_valid and max(x for x, _ in border) <= 13.5
 
 
 # --- cells -------------------------------------------------------------------------------------------------------
@@ -179,6 +180,8 @@ def test_whole_slide_cells_are_on_tissue_once_each_and_files_are_qupath_geojson(
 
     collection = json.loads(result.outputs.cells_geojson.read_text())
     assert collection["type"] == "FeatureCollection" and len(collection["features"]) == len(points)
+    geometries = [shapely.geometry.shape(f["geometry"]) for f in collection["features"]]  # RFC 7946 geometries
+    assert all(g.geom_type == "Point" and g.is_valid for g in geometries)
     for feature, (x, y, cls, p) in zip(collection["features"], points):
         assert feature["type"] == "Feature" and feature["geometry"] == {"type": "Point",
                                                                         "coordinates": [round(x, 2), round(y, 2)]}
@@ -264,6 +267,8 @@ def test_context_model_on_a_slide_agrees_with_the_pair_chain_evaluate_uses(slide
     assert "Tissue" in names
     for feature in tissue_json["features"]:
         assert feature["properties"]["objectType"] == "annotation"
+        polygon = shapely.geometry.shape(feature["geometry"])
+        assert polygon.geom_type == "Polygon" and polygon.is_valid and polygon.area > 0
         for ring in feature["geometry"]["coordinates"]:
             assert ring[0] == ring[-1] and len(ring) >= 4
             assert all(0 <= x <= 1536 and 0 <= y <= 1280 for x, y in ring)

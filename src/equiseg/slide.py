@@ -109,7 +109,11 @@ class SlideOutputs:
     - ``STEM.cells.geojson``: a FeatureCollection of Point detections that QuPath (0.4 and
       later) imports by drag and drop onto the open slide: ``properties.objectType``
       "detection", ``classification`` {name, color}, ``measurements`` {"Probability": p};
-      coordinates in level-0 px, continuous (a pixel's centre is i + 0.5).
+      coordinates in level-0 px, continuous (a pixel's centre is i + 0.5), used by QuPath as
+      they are. Checked against QuPath's reader (qupath-core ``QuPathTypeAdapters.java`` and
+      ``GsonTools.java`` at commit e7662d8, 0.8.0-SNAPSHOT, the same since v0.4.0): a
+      classification object without ``color`` is refused, ``measurements`` may be a plain
+      object of numbers, an ``id`` must be a UUID, unknown properties are ignored.
     - ``STEM.cells.csv``: x, y (the level-0 pixel holding the cell's centre), x_um, y_um (its
       centre from the slide's top-left corner, µm), class (1 BC, 2 TC), name, probability.
     - ``STEM.tissue.geojson`` (with a tissue model): the tissue found (annotation "Tissue")
@@ -551,11 +555,16 @@ def check_slides(paths: list[Path], out_dir: Path | str, resume: bool = False,
 def analyse_slides(paths: list[Path], cell_model: SlideModel, out_dir: Path | str,
                    tissue_model: SlideModel | None = None, on_slide: Callable[[int, int, SlideCells], None] | None = None,
                    **options) -> list[SlideCells]:
-    """:func:`analyse_slide` for each slide into ``out_dir``; ``on_slide(done, total, result)`` after each."""
+    """:func:`analyse_slide` for each slide into ``out_dir``; ``on_slide(done, total, result)`` after
+    each; a ``progress`` in ``options`` gets stages named "k/n NAME: stage"."""
     check_slides(paths, out_dir, options.get("resume", False), options.get("region"), options.get("mpp"))
+    progress = options.pop("progress", None)
     results = []
     for k, path in enumerate(paths):
-        results.append(analyse_slide(path, cell_model, out_dir, tissue_model, **options))
+        named = (None if progress is None else
+                 lambda stage, done, total, k=k, name=Path(path).name: progress(f"{k + 1}/{len(paths)} {name}: {stage}",
+                                                                               done, total))
+        results.append(analyse_slide(path, cell_model, out_dir, tissue_model, progress=named, **options))
         if on_slide is not None:
             on_slide(k + 1, len(paths), results[-1])
     return results
