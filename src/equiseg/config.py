@@ -120,6 +120,14 @@ class DataConfig:
         return CellTarget(self.target, self.radius, self.sigma)
 
 
+class Schedule(enum.Enum):
+    """The learning rate over a run's epochs (``train.schedule``, see :class:`TrainConfig`)."""
+
+    CONSTANT = "constant"
+    PLATEAU = "plateau"
+    COSINE = "cosine"
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Optimisation and the Lightning trainer.
@@ -129,6 +137,14 @@ class TrainConfig:
     ``checkpoint_every_n_steps``: also write ``last.ckpt`` every N training steps (a kill then
     loses at most N steps; resuming from such a checkpoint continues mid-epoch exactly); null:
     at the end of each epoch only.
+    ``schedule``: the learning rate over epochs: ``constant``, ``cosine`` (from ``lr`` down
+    to ``lr / 100`` at ``epochs``), both after a linear warm-up of ``warmup_epochs``, or
+    ``plateau`` (halved when val/loss has not improved for ``plateau_patience`` epochs).
+    ``early_stopping``: stop when val/loss has not improved for this many validations (null:
+    train all ``epochs``); ``epochs`` is then the budget, and the checkpoint kept is the best
+    one's. ``val_every``: validate every N epochs (a study with few training images has short
+    epochs: it validates after the same number of steps at every training-set size); the
+    plateau schedule then steps with the validations.
     """
 
     epochs: int = 20
@@ -143,11 +159,19 @@ class TrainConfig:
     loggers: tuple[str, ...] = ("csv", "tensorboard")
     limit_train_batches: float | None = None
     checkpoint_every_n_steps: int | None = None
+    schedule: Schedule = Schedule.CONSTANT
+    warmup_epochs: int = 0
+    plateau_patience: int = 5
+    early_stopping: int | None = None
+    val_every: int = 1
 
     def __post_init__(self) -> None:
-        _at_least(self, "train", epochs=1, devices=1, dice_weight=0, ce_weight=0, checkpoint_every_n_steps=1)
+        _at_least(self, "train", epochs=1, devices=1, dice_weight=0, ce_weight=0, checkpoint_every_n_steps=1,
+                  warmup_epochs=0, plateau_patience=1, early_stopping=1, val_every=1)
         if not self.lr > 0:
             raise ValueError(f"train.lr must be > 0, got {self.lr}")
+        if self.schedule is Schedule.PLATEAU and self.warmup_epochs:
+            raise ValueError("train.warmup_epochs is for the constant and cosine schedules, not plateau")
         unknown = [name for name in self.loggers if name not in LOGGERS]
         if unknown:
             raise ValueError(f"train.loggers: unknown {', '.join(unknown)}; choose from {', '.join(LOGGERS)}")

@@ -27,6 +27,7 @@ builtin types only, no code runs from the file.
 from __future__ import annotations
 
 import contextlib
+import csv
 import os
 import pickle
 import shutil
@@ -138,12 +139,39 @@ class Run:
             self.synthetic_file.write_text(f"synthetic: {record}\n{notice}\n")
 
     def finished(self, config: Config) -> bool:
-        """Whether this folder holds a run of exactly ``config`` that trained all its epochs."""
+        """Whether this folder holds a run of exactly ``config`` that trained all its epochs, or
+        stopped early by its ``train.early_stopping`` rule."""
         if not self.last.is_file():
             return False
         state = torch.load(self.last, map_location="cpu", weights_only=True)
         epochs_done = state["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"]
-        return epochs_done >= config.train.epochs and Config.from_dict(state["hyper_parameters"]["config"]) == config
+        stopped = any(key.startswith("EarlyStopping") and value.get("stopped_epoch", 0) > 0
+                      for key, value in state.get("callbacks", {}).items())
+        return ((epochs_done >= config.train.epochs or stopped)
+                and Config.from_dict(state["hyper_parameters"]["config"]) == config)
+
+    def _validation(self) -> list[dict[str, str]]:
+        """The rows of metrics.csv with a validation loss."""
+        if not self.metrics.is_file():
+            return []
+        with self.metrics.open() as handle:
+            return [r for r in csv.DictReader(handle) if r.get("val/loss")]
+
+    def best_epoch(self) -> tuple[int, int] | None:
+        """(the epoch of the lowest val/loss, the epochs trained), from metrics.csv; None without one."""
+        rows = self._validation()
+        if not rows:
+            return None
+        best = min(rows, key=lambda r: float(r["val/loss"]))
+        return int(best["epoch"]), max(int(r["epoch"]) for r in rows) + 1
+
+    def best_validation(self) -> tuple[float, int] | None:
+        """(the lowest val/loss, its epoch), from metrics.csv; None without one."""
+        rows = self._validation()
+        if not rows:
+            return None
+        best = min(rows, key=lambda r: float(r["val/loss"]))
+        return float(best["val/loss"]), int(best["epoch"])
 
 
 def load_model(checkpoint: Path | str, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Config]:

@@ -18,8 +18,12 @@ Study config (YAML)::
       isotropic+ctx: {family: isotropic, context: model}   # + tissue context (see below)
     tissue: [model.family=p4m, model.width=4]  # overrides of the base for the tissue model
     fractions: [0.25, 1.0]
+    train_images: [2, 8, 32]                # instead of fractions: that many training images
     seeds: [0, 1, 2]
     equal_steps: true                       # epochs / fraction, so every fraction gets the same steps
+    lr_search: [3.0e-4, 1.0e-3, 3.0e-3]     # each variant's learning rate, chosen on the validation split
+    baseline: plain+heavy                   # every other variant against it, paired, with bootstrap intervals
+    robustness: true                        # rotation robustness and TTA (false: scores and certificate only)
     angles: [15, 30, 45]
     gc_input: /data/ocelot/gc_input         # optional: a real Grand Challenge input folder
 
@@ -30,6 +34,17 @@ The equivariance certificate is also measured on a real OCELOT patch when a Gran
 input folder (``images/{cell,tissue}_patches``, ``metadata.json``) is given: by the study
 config's ``gc_input`` key, else by the environment variable ``EQUISEG_GC_INPUT``; a folder
 given that is not there is an error. Without either the certificate covers the test images only.
+
+Fairness and convergence: with ``lr_search``, each variant first trains once per rate (the
+largest training set, the first seed, into ``runs/_lr``) and takes the rate whose best
+validation loss is lowest, for all its runs; the base's ``train.early_stopping`` and
+``train.schedule`` (see the run config) stop each run at its plateau, within ``epochs`` (times
+1 / fraction with ``equal_steps``). The report gives each run's best epoch and flags runs
+whose best epoch was their last (not converged).
+
+Statistics: every variant is compared with ``baseline`` at each training set, paired (same
+seed, same data subset, same test images), by a bootstrap over seeds and test images
+(:mod:`equiseg.evaluation.bootstrap`); a verdict only where the 95 % interval excludes 0.
 
 Variants with ``context`` (``truth`` or ``model``, as ``data.context``) get the tissue-class
 maps of one tissue model as extra input; that model is trained first (``task: tissue``, the
@@ -53,7 +68,7 @@ import torch
 from equiseg.config import Config, ConfigError, apply_overrides, from_plain, read_yaml
 from equiseg.data.augment import AugmentPreset
 from equiseg.data.context import ContextFn, ContextKind, cached, truth_context
-from equiseg.data.datamodule import model_input
+from equiseg.data.datamodule import model_input, training_subset
 from equiseg.data.ocelot import GrandChallengeInput, OcelotFolder
 from equiseg.evaluation.equivariance import GroupTTA, certificate
 from equiseg.evaluation.evaluate import Evaluation, evaluate_model
@@ -67,6 +82,7 @@ from equiseg.report.results import (
     Case,
     CasePicture,
     Certificate,
+    LRTrial,
     Result,
     ResultFormatError,
     RunResult,
@@ -110,12 +126,37 @@ class StudyConfig:
     angles: tuple[float, ...] = (15.0, 30.0, 45.0)
     gc_input: str | None = None
     tissue: tuple[str, ...] = ()
+    train_images: tuple[int, ...] = ()
+    lr_search: tuple[float, ...] = ()
+    baseline: str | None = None
+    robustness: bool = True
+    bootstrap: int = 2000
 
     def __post_init__(self) -> None:
         if not self.variants:
             raise ValueError("no variants")
         if any(not 0 < f <= 1 for f in self.fractions):
             raise ValueError("fractions must lie in (0, 1]")
+        if any(n < 1 for n in self.train_images):
+            raise ValueError("train_images must be at least 1 each")
+        if any(not lr > 0 for lr in self.lr_search):
+            raise ValueError("lr_search rates must be > 0")
+        if self.baseline is not None and self.baseline not in {v.label for v in self.variants}:
+            raise ValueError(f"baseline {self.baseline!r} is not a variant ({', '.join(v.label for v in self.variants)})")
+
+    def training_fractions(self, available: int) -> tuple[float, ...]:
+        """The fractions of the training split the study trains on: ``train_images`` of the
+        ``available`` images when given, else ``fractions``.
+
+        Raises:
+            ConfigError: more training images asked for than there are.
+        """
+        if not self.train_images:
+            return self.fractions
+        if max(self.train_images) > available:
+            raise ConfigError(f"train_images asks for {max(self.train_images)} images; the training split has "
+                              f"{available}")
+        return tuple(n / available for n in sorted(self.train_images))
 
     @classmethod
     def from_yaml(cls, path: Path | str) -> StudyConfig:
@@ -150,15 +191,20 @@ class StudyConfig:
         return Config.from_dict(apply_overrides(self.base, overrides))
 
     def run_config(self, variant: Variant, fraction: float, seed: int, width: int, data_root: str,
-                   tissue_model: str | None = None) -> Config:
-        """The full run config of one cell of the matrix (``tissue_model``: for context variants)."""
+                   tissue_model: str | None = None, lr: float | None = None) -> Config:
+        """The full run config of one cell of the matrix (``tissue_model``: for context variants;
+        ``lr``: the variant's learning rate, else the base's)."""
         base = Config.from_dict(self.base)
-        epochs = base.train.epochs
+        epochs, val_every = base.train.epochs, base.train.val_every
         if self.equal_steps:
-            epochs = max(1, round(epochs / fraction))
+            # the same steps, and a validation after the same number of steps, at every fraction
+            epochs, val_every = max(1, round(epochs / fraction)), max(1, round(val_every / fraction))
         overrides = [f"name={variant.label}-f{fraction:g}-s{seed}", f"model.family={variant.family.value}",
                      f"model.width={width}", f"data.augment={variant.augment.value}", f"data.train_fraction={fraction}",
-                     f"train.seed={seed}", f"train.epochs={epochs}", f"data.root={data_root}"]
+                     f"train.seed={seed}", f"train.epochs={epochs}", f"train.val_every={val_every}",
+                     f"data.root={data_root}"]
+        if lr is not None:
+            overrides.append(f"train.lr={lr}")
         if variant.context is not ContextKind.NONE:
             if tissue_model is None:
                 raise ValueError(f"variant {variant.label} takes tissue context: a tissue model is needed")
@@ -217,13 +263,17 @@ def evaluate_run(run_dir: Path, root: Path, study: StudyConfig, cell: tuple[Vari
         oracle = evaluate_model(model, config, root, "test", tile=None, context=truth, oracle=True,
                                 runtime=runtime).scores
     variant, fraction, seed = cell
+    best_epoch, epochs_trained = Run(run_dir).best_epoch() or (-1, -1)
     result = RunResult(
         variant=variant.label, augment=variant.augment.value, fraction=fraction, seed=seed, run_dir=str(run_dir),
         reused=False, parameters=count_parameters(model), family=config.model.family, width=config.model.width,
         context=config.data.context, scores=plain_eval.scores, per_image=tuple(plain_eval.per_image),
-        seconds=seconds, oracle=oracle, robustness=_robustness(model, config, root, study, context, runtime),
+        seconds=seconds, oracle=oracle,
+        robustness=_robustness(model, config, root, study, context, runtime) if study.robustness else (),
         certificate=_certificate(model, config, root, gc_samples, context),
-        tta=_tta(model, config, root, context, runtime))
+        tta=_tta(model, config, root, context, runtime) if study.robustness else None,
+        lr=config.train.lr, train_count=len(training_subset(len(OcelotFolder(root, "train")), fraction, seed)),
+        best_epoch=best_epoch, epochs_trained=epochs_trained)
     if with_cases:
         cases = _save_cases(Run(run_dir).study_cases, root, plain_eval, kept)
         result = replace(result, cases=cases, cases_file=Run(run_dir).study_cases.name)
@@ -323,31 +373,59 @@ def run_study(study: StudyConfig, out: Path, say: Callable[[str], None] = print,
         root = generate_synthetic(out / "data", base.data.synthetic)
     widths = matched_widths(study)
     gc_samples = real_samples(study)
-    cells = [(v, f, s) for v in study.variants for f in study.fractions for s in study.seeds]
-    say(f"study {study.name}: {len(study.variants)} variants x {len(study.fractions)} fractions x "
+    available = len(OcelotFolder(root, "train"))
+    fractions = study.training_fractions(available)
+    cells = [(v, f, s) for v in study.variants for f in fractions for s in study.seeds]
+    say(f"study {study.name}: {len(study.variants)} variants x {len(fractions)} training sets x "
         f"{len(study.seeds)} seeds = {len(cells)} runs; widths {widths}")
     started = time.time()
     contexts: dict[str, ContextFn] = {}
     tissue = _tissue_model(study, out, root, runtime, say) if study.uses_context else None
+    trials = _lr_search(study, out, root, widths, max(fractions), tissue, say)
+    rates = {t.variant: t.lr for t in trials if t.chosen}
     results = []
     for k, (variant, fraction, seed) in enumerate(cells, start=1):
         config = study.run_config(variant, fraction, seed, widths[variant.label], str(root),
-                                  tissue and tissue.run_dir)
+                                  tissue and tissue.run_dir, rates.get(variant.label))
         run_dir = out / "runs" / variant.label / f"f{fraction:g}" / f"s{seed}"
         reused = train_or_reuse(config, run_dir, progress=False)
         # the report's case figure shows each variant's first seed at the full fraction
-        with_cases = fraction == max(study.fractions) and seed == study.seeds[0]
+        with_cases = fraction == max(fractions) and seed == study.seeds[0]
         result = evaluate_run(run_dir, root, study, (variant, fraction, seed), gc_samples, contexts, runtime,
                               with_cases)
         results.append(replace(result, reused=reused))
-        say(f"[{k}/{len(cells)}] {variant.label} f={fraction:g} s={seed}: "
-            f"{'reused' if reused else 'trained'}; mF1 {result.scores.get('mf1', math.nan):.3f}, "
-            f"Dice {result.scores['dice/mean']:.3f} ({(time.time() - started) / 60:.1f} min so far)")
-    summary = StudyResult(study.name, tuple(results), len(OcelotFolder(root, "train")),
+        say(f"[{k}/{len(cells)}] {variant.label} n={result.train_count} s={seed}: "
+            f"{'reused' if reused else 'trained'} (best epoch {result.best_epoch + 1} of {result.epochs_trained}); "
+            f"mF1 {result.scores.get('mf1', math.nan):.3f}, Dice {result.scores['dice/mean']:.3f} "
+            f"({(time.time() - started) / 60:.1f} min so far)")
+    summary = StudyResult(study.name, tuple(results), available,
                           len(OcelotFolder(root, "test")), minutes=(time.time() - started) / 60,
-                          reused=sum(r.reused for r in results), tissue=tissue)
+                          reused=sum(r.reused for r in results), tissue=tissue, baseline=study.baseline,
+                          lr_trials=trials, bootstrap=study.bootstrap)
     (out / "results.json").write_text(to_json(summary))
     return write_report(summary, out / "report")
+
+
+def _lr_search(study: StudyConfig, out: Path, root: Path, widths: dict[str, int], fraction: float,
+               tissue: TissueResult | None, say: Callable[[str], None]) -> tuple[LRTrial, ...]:
+    """Each variant trained once per rate of ``study.lr_search`` (the largest training set, the
+    first seed, into ``out/runs/_lr``); the rate with the lowest validation loss is chosen
+    (ties: the smaller rate). Nothing without ``lr_search``."""
+    trials = []
+    for variant in study.variants if study.lr_search else ():
+        found = []
+        for lr in sorted(study.lr_search):
+            config = study.run_config(variant, fraction, study.seeds[0], widths[variant.label], str(root),
+                                      tissue and tissue.run_dir, lr)
+            run_dir = out / "runs" / "_lr" / variant.label / f"lr{lr:g}"
+            train_or_reuse(config, run_dir, progress=False)
+            best = Run(run_dir).best_validation()
+            found.append((lr, *best) if best is not None else (lr, math.nan, -1))
+        chosen = min(found, key=lambda t: (math.inf if math.isnan(t[1]) else t[1], t[0]))[0]
+        trials += [LRTrial(variant.label, lr, loss, epoch, lr == chosen) for lr, loss, epoch in found]
+        say(f"learning rate of {variant.label}: {chosen:g} (validation loss "
+            + ", ".join(f"{loss:.4f} at {lr:g}" for lr, loss, _ in found) + ")")
+    return tuple(trials)
 
 
 def _tissue_model(study: StudyConfig, out: Path, root: Path, runtime: Runtime,

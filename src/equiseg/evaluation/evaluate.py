@@ -14,9 +14,15 @@ from torch import nn
 from equiseg.config import Config, json_text
 from equiseg.data.context import ContextFn, ContextKind, truth_context
 from equiseg.data.datamodule import model_input, sample_target
-from equiseg.data.ocelot import OcelotFolder
+from equiseg.data.ocelot import CELL_CLASSES, OcelotFolder
 from equiseg.data.targets import IGNORE_INDEX, Task
-from equiseg.evaluation.detection import detection_scores, find_cells, official_format_refusal, write_points_json
+from equiseg.evaluation.detection import (
+    detection_scores,
+    find_cells,
+    match_counts,
+    official_format_refusal,
+    write_points_json,
+)
 from equiseg.evaluation.inference import predict_probabilities
 from equiseg.evaluation.losses import DiceCELoss
 from equiseg.evaluation.metrics import confusion_matrix, segmentation_scores
@@ -40,7 +46,7 @@ class Evaluation:
     scores: dict[str, float]
     ids: list[str]
     points: list[np.ndarray]            # per image (N, 4): x, y, class, probability
-    per_image: list[dict[str, float]]   # per image: loss, dice/mean
+    per_image: list[dict[str, float]]   # per image: loss, dice/mean; cells: tp/BC, fp/BC, gt/BC, the same for TC
     context: ContextSource = ContextSource.NONE  # where the model's tissue context came from
     shapes: list[tuple[int, int]] = field(default_factory=list)  # per image (H, W), px
 
@@ -114,6 +120,10 @@ def evaluate_model(model: nn.Module, config: Config, root: Path | str, split: st
                 found = found[valid[found[:, 1].astype(int), found[:, 0].astype(int)].numpy()]
             points.append(found)
             gts.append(cells)
+            # each image's matches, so that scores can be resampled over images (a bootstrap)
+            for cls, name in CELL_CLASSES.items():
+                tp, fp, n_gt = match_counts(found, cells, cls)
+                per_image[-1] |= {f"tp/{name}": tp, f"fp/{name}": fp, f"gt/{name}": n_gt}
         if keep is not None:
             keep(i, folder.ids[i], probs)
         if on_image is not None:

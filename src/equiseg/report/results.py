@@ -27,7 +27,7 @@ from equiseg.models import ConvFamily
 
 Scores = dict[str, float]
 
-FORMAT = 2
+FORMAT = 3
 """The version of the JSON form; a file of another version is not read (a cache is recomputed)."""
 
 
@@ -140,6 +140,15 @@ class RunResult:
     tta: TTAResult | None = None
     cases: tuple[Case, ...] = ()
     cases_file: str | None = None
+    lr: float = math.nan
+    train_count: int = 0
+    best_epoch: int = -1
+    epochs_trained: int = -1
+
+    @property
+    def converged(self) -> bool:
+        """Whether the lowest validation loss came before the last epoch trained (unknown: True)."""
+        return self.best_epoch < 0 or self.best_epoch < self.epochs_trained - 1
 
     @classmethod
     def from_dict(cls, d: dict) -> RunResult:
@@ -152,7 +161,8 @@ class RunResult:
             certificate=Certificate.from_dict(d["certificate"]),
             oracle=None if d["oracle"] is None else _scores(d["oracle"]),
             tta=None if d["tta"] is None else TTAResult.from_dict(d["tta"]),
-            cases=tuple(Case.from_dict(c) for c in d["cases"]), cases_file=d["cases_file"])
+            cases=tuple(Case.from_dict(c) for c in d["cases"]), cases_file=d["cases_file"], lr=_float(d["lr"]),
+            train_count=int(d["train_count"]), best_epoch=int(d["best_epoch"]), epochs_trained=int(d["epochs_trained"]))
 
     def case_pictures(self) -> list[tuple[Case, CasePicture]]:
         """Each kept case with its pictures, read from the cases file."""
@@ -179,6 +189,22 @@ class TissueResult:
 
 
 @dataclass(frozen=True)
+class LRTrial:
+    """One run of a study's learning-rate search: a variant at ``lr``, its lowest validation loss
+    and that epoch, and whether the variant took this rate."""
+
+    variant: str
+    lr: float
+    val_loss: float
+    best_epoch: int
+    chosen: bool
+
+    @classmethod
+    def from_dict(cls, d: dict) -> LRTrial:
+        return cls(str(d["variant"]), float(d["lr"]), _float(d["val_loss"]), int(d["best_epoch"]), bool(d["chosen"]))
+
+
+@dataclass(frozen=True)
 class StudyResult:
     """A whole study: every run's result in matrix order (variant, fraction, seed), the tissue
     model (None without context variants), the dataset's split sizes, and the ``minutes`` of
@@ -191,12 +217,21 @@ class StudyResult:
     minutes: float
     reused: int
     tissue: TissueResult | None = None
+    baseline: str | None = None
+    lr_trials: tuple[LRTrial, ...] = ()
+    bootstrap: int = 2000
 
     @classmethod
     def from_dict(cls, d: dict) -> StudyResult:
         return cls(str(d["study"]), tuple(RunResult.from_dict(r) for r in d["results"]), int(d["train_images"]),
                    int(d["test_images"]), float(d["minutes"]), int(d["reused"]),
-                   None if d["tissue"] is None else TissueResult.from_dict(d["tissue"]))
+                   None if d["tissue"] is None else TissueResult.from_dict(d["tissue"]),
+                   d["baseline"], tuple(LRTrial.from_dict(t) for t in d["lr_trials"]), int(d["bootstrap"]))
+
+    def train_count(self, fraction: float) -> int:
+        """The number of training images at ``fraction`` (as its runs recorded it)."""
+        counts = {r.train_count for r in self.results if r.fraction == fraction}
+        return max(counts) if counts else 0
 
     @property
     def variants(self) -> list[str]:

@@ -23,6 +23,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from equiseg.data.context import ContextKind
+from equiseg.evaluation.bootstrap import Interval, counts_array, paired_difference, score_intervals
 from equiseg.models import ConvFamily
 from equiseg.report.plots import cases_figure, loss_curves_figure, machine_line, markdown_table
 from equiseg.report.results import RunResult, StudyResult, TissueResult
@@ -98,17 +99,28 @@ def write_report(result: StudyResult, out: Path) -> Path:
 def build_report(result: StudyResult) -> Report:
     """The report's sections, built from the results."""
     comparisons = context_comparisons(result)
+    paired = baseline_comparisons(result)
     full = result.full
-    sections = [
-        Section("Reading", tuple(reading(result, comparisons))),
-        Section("Test scores (mean ± std over seeds)", table=results_table(result),
-                figures=(efficiency_figure(result),)),
-        Section(f"Rotation robustness (training fraction {full:g})", table=robustness_table(result),
-                figures=(robustness_figure(result),)),
-        Section("Equivariance certificate (max over seeds; relative error of probabilities)", (CERTIFICATE_NOTE,),
-                certificate_table(result)),
-        Section("Test-time augmentation", table=tta_table(result)),
-    ]
+    sections = [Section("Reading", tuple(reading(result, comparisons) + paired_reading(result, paired)))]
+    if paired:
+        sections.append(Section(f"Against {result.baseline}: paired differences with 95 % intervals",
+                                (PAIRED_NOTE.format(draws=result.bootstrap, seeds=len(result.seeds),
+                                                    images=result.test_images),),
+                                paired_table(result, paired), (paired_figure(result, paired),)))
+    sections.append(Section("Test scores (mean ± std over seeds)", table=results_table(result),
+                            figures=(efficiency_figure(result),)))
+    if any(r.best_epoch >= 0 for r in result.results):
+        sections.append(Section("Convergence", (CONVERGENCE_NOTE,), convergence_table(result)))
+    if result.lr_trials:
+        sections.append(Section("Learning rate of each variant (chosen on the validation split)", (LR_NOTE,),
+                                lr_table(result)))
+    if all(r.robustness for r in result.results):
+        sections.append(Section(f"Rotation robustness (training fraction {full:g})", table=robustness_table(result),
+                                figures=(robustness_figure(result),)))
+    sections.append(Section("Equivariance certificate (max over seeds; relative error of probabilities)",
+                            (CERTIFICATE_NOTE,), certificate_table(result)))
+    if any(r.tta is not None for r in result.results):
+        sections.append(Section("Test-time augmentation", table=tta_table(result)))
     if comparisons:
         sections.append(Section("Tissue context", (context_intro(result.tissue),), context_table(comparisons),
                                 (context_figure(comparisons, result.fractions),)))
@@ -138,13 +150,14 @@ def reading(result: StudyResult, comparisons: list[ContextComparison]) -> list[s
               "with so few seeds and images, a difference smaller than about two standard deviations is not "
               "evidence of a difference.")]
     lines += [_leaders(result, f) for f in result.fractions]
-    spreads = {v: np.mean([_range(_mf1s(r.robustness)) for r in result.runs(v, result.full)])
-               for v in result.variants}
-    steady, shaky = min(spreads, key=spreads.get), max(spreads, key=spreads.get)
-    angles = [t.degrees for t in result.results[0].robustness if not t.d4]
-    which = "D4" + (" and " + ", ".join(f"{a:g}°" for a in angles) if angles else "")
-    lines.append(f"Under rotation of the test images ({which}) the mF1 of {steady} varies least "
-                 f"(mean range {spreads[steady]:.3f}) and that of {shaky} most ({spreads[shaky]:.3f}).")
+    if all(r.robustness for r in result.results):
+        spreads = {v: np.mean([_range(_mf1s(r.robustness)) for r in result.runs(v, result.full)])
+                   for v in result.variants}
+        steady, shaky = min(spreads, key=spreads.get), max(spreads, key=spreads.get)
+        angles = [t.degrees for t in result.results[0].robustness if not t.d4]
+        which = "D4" + (" and " + ", ".join(f"{a:g}°" for a in angles) if angles else "")
+        lines.append(f"Under rotation of the test images ({which}) the mF1 of {steady} varies least "
+                     f"(mean range {spreads[steady]:.3f}) and that of {shaky} most ({spreads[shaky]:.3f}).")
     lines.append("These are synthetic images from one generator: they say how the families compare on a task "
                  "whose classes are decided by appearance and context, not how they rank on real OCELOT slides.")
     verdicts = [_context_verdict(c) for c in comparisons if c.paired]
@@ -158,7 +171,7 @@ def _leaders(result: StudyResult, fraction: float) -> str:
     stats = {v: _stats([r.scores.get("mf1") for r in result.runs(v, fraction)]) for v in result.variants}
     ranked = sorted(result.variants, key=lambda v: -stats[v][0])
     best, mb, sb = ranked[0], *stats[ranked[0]]
-    text = (f"At training fraction {fraction:g} ({round(fraction * result.train_images)} images) the highest mean "
+    text = (f"At training fraction {fraction:g} ({result.train_count(fraction)} images) the highest mean "
             f"mF1 is {best} ({mb:.3f} ± {sb:.3f})")
     if len(ranked) > 1:
         second, (ms, ss) = ranked[1], stats[ranked[1]]
@@ -200,7 +213,7 @@ def results_table(result: StudyResult) -> Table:
         for f in result.fractions:
             runs = result.runs(v, f)
             rows.append([v, runs[0].augment, f"{runs[0].parameters:,}",
-                         f"{f:g} ({round(f * result.train_images)} images)"]
+                         f"{f:g} ({result.train_count(f)} images)"]
                         + [_pm([r.scores.get(key) for r in runs]) for key, _ in METRICS])
     return Table(["variant", "augment", "params", "train fraction"] + [label for _, label in METRICS], rows)
 
@@ -402,6 +415,161 @@ def _html_table(table: Table) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in table.header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in table.rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+# --- paired comparisons with a baseline ---------------------------------------------------------
+
+PAIRED_NOTE = ("Each variant against the baseline trained with the same seeds on the same training images and "
+               "tested on the same images. Intervals: 95 % percentile intervals of a bootstrap that resamples seeds "
+               "and test images together ({draws} draws over {seeds} seeds and {images} test images; "
+               "equiseg.evaluation.bootstrap). A verdict only where the interval of the difference excludes 0; "
+               "'resolves' is half the interval's width: differences smaller than it cannot be told from none "
+               "with this design.")
+CONVERGENCE_NOTE = ("Each run trains until its validation loss stops improving (train.early_stopping) or its epoch "
+                    "budget ends; the checkpoint scored is the one of its lowest validation loss. A run whose best "
+                    "epoch was its last may have stopped too early: those are counted.")
+LR_NOTE = ("Each variant trained once per rate on the largest training set (first seed); the rate with the lowest "
+           "validation loss is used for all its runs.")
+
+
+@dataclass(frozen=True)
+class PairedComparison:
+    """A variant against the study's baseline at one training set: each one's mF1 and per-class
+    F1 with intervals, and their paired difference (variant minus baseline)."""
+
+    variant: str
+    fraction: float
+    images: int
+    scores: dict[str, Interval]
+    baseline: dict[str, Interval]
+    difference: dict[str, Interval]
+
+
+def _counts(runs: list[RunResult]) -> np.ndarray | None:
+    """(seeds, images, classes, 3) counts of ``runs`` in seed order; None if a run lacks them."""
+    try:
+        return counts_array([list(r.per_image) for r in sorted(runs, key=lambda r: r.seed)])
+    except KeyError:
+        return None
+
+
+def baseline_comparisons(result: StudyResult) -> list[PairedComparison]:
+    """Every variant against ``result.baseline`` at every training set, over their common seeds."""
+    if result.baseline is None or result.baseline not in result.variants:
+        return []
+    out = []
+    for f in result.fractions:
+        base_runs = {r.seed: r for r in result.runs(result.baseline, f)}
+        for v in result.variants:
+            if v == result.baseline:
+                continue
+            runs = {r.seed: r for r in result.runs(v, f) if r.seed in base_runs}
+            a, b = _counts(list(runs.values())), _counts([base_runs[seed] for seed in runs])
+            if a is None or b is None or not len(a):
+                continue
+            out.append(PairedComparison(v, f, result.train_count(f), score_intervals(a, result.bootstrap),
+                                        score_intervals(b, result.bootstrap),
+                                        paired_difference(a, b, result.bootstrap)))
+    return out
+
+
+def _interval(i: Interval, signed: bool = False) -> str:
+    sign = "+" if signed else ""
+    return f"{i.estimate:{sign}.3f} [{i.low:{sign}.3f}, {i.high:{sign}.3f}]"
+
+
+def paired_table(result: StudyResult, paired: list[PairedComparison]) -> Table:
+    rows = [[str(c.images), c.variant, _interval(c.scores["mf1"]), _interval(c.baseline["mf1"]),
+             _interval(c.difference["mf1"], signed=True), c.difference["mf1"].verdict(),
+             f"± {c.difference['mf1'].half_width:.3f}", _interval(c.difference["f1/BC"], signed=True),
+             _interval(c.difference["f1/TC"], signed=True)] for c in paired]
+    return Table(["training images", "variant", "mF1", f"mF1 of {result.baseline}", "Δ mF1", "verdict", "resolves",
+                  "Δ F1 BC", "Δ F1 TC"], rows)
+
+
+def paired_reading(result: StudyResult, paired: list[PairedComparison], target: float = 0.05) -> list[str]:
+    """What the paired comparisons say, and whether the design resolves ``target`` mF1."""
+    if not paired:
+        return []
+    lines = []
+    for f in result.fractions:
+        here = [c for c in paired if c.fraction == f]
+        if not here:
+            continue
+        resolved = [c for c in here if c.difference["mf1"].verdict() != "not resolved"]
+        parts = [f"{c.variant} {c.difference['mf1'].verdict()} by {abs(c.difference['mf1'].estimate):.3f} "
+                 f"[{c.difference['mf1'].low:+.3f}, {c.difference['mf1'].high:+.3f}]" for c in resolved]
+        text = f"With {here[0].images} training images, against {result.baseline}: "
+        text += ("; ".join(parts) + "." if parts else "no difference in mF1 is resolved.")
+        unresolved = [c for c in here if c not in resolved]
+        if unresolved:
+            text += (f" Not resolved: {', '.join(c.variant for c in unresolved)} (the design resolves about "
+                     f"± {np.mean([c.difference['mf1'].half_width for c in unresolved]):.3f} here).")
+        lines.append(text)
+    widest = max(c.difference["mf1"].half_width for c in paired)
+    narrowest = min(c.difference["mf1"].half_width for c in paired)
+    lines.append(f"The design resolves mF1 differences of {narrowest:.3f} to {widest:.3f} (half-widths of the paired "
+                 f"intervals): " + (f"a difference of {target:g} is resolved everywhere." if widest <= target else
+                                    f"a difference of {target:g} is resolved where the half-width is below it, "
+                                    f"which holds for {sum(c.difference['mf1'].half_width <= target for c in paired)}"
+                                    f" of {len(paired)} comparisons."))
+    return lines
+
+
+def paired_figure(result: StudyResult, paired: list[PairedComparison]) -> Figure:
+    """mF1 of every variant against the number of training images (95 % intervals), and each
+    variant's paired difference to the baseline."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    variants = [result.baseline, *dict.fromkeys(c.variant for c in paired)]
+    for k, v in enumerate(variants):
+        own = [c for c in paired if c.variant == v] if v != result.baseline else []
+        if v == result.baseline:
+            points = {c.images: c.baseline["mf1"] for c in paired}
+        else:
+            points = {c.images: c.scores["mf1"] for c in own}
+        xs = sorted(points)
+        axes[0].plot(xs, [points[x].estimate for x in xs], marker="o", color=f"C{k}", label=v)
+        axes[0].fill_between(xs, [points[x].low for x in xs], [points[x].high for x in xs], color=f"C{k}", alpha=0.15)
+        if own:
+            diffs = {c.images: c.difference["mf1"] for c in own}
+            xs = sorted(diffs)
+            axes[1].errorbar(xs, [diffs[x].estimate for x in xs],
+                             yerr=[[diffs[x].estimate - diffs[x].low for x in xs],
+                                   [diffs[x].high - diffs[x].estimate for x in xs]],
+                             marker="o", capsize=3, color=f"C{k}", label=v)
+    axes[1].axhline(0, color="black", lw=0.8)
+    for ax, label in zip(axes, ("OCELOT mF1 (mean over seeds)", f"Δ mF1 against {result.baseline} (paired)")):
+        ax.set_xscale("log", base=2)
+        ticks = sorted({c.images for c in paired})
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.minorticks_off()
+        ax.set_xlabel("training images")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"Data scarcity: 95 % bootstrap intervals over {len(result.seeds)} seeds and "
+                 f"{result.test_images} test images")
+    fig.tight_layout()
+    return Figure("scarcity.png", "mF1 against training images, with intervals", _png(fig))
+
+
+def convergence_table(result: StudyResult) -> Table:
+    rows = []
+    for v in result.variants:
+        for f in result.fractions:
+            runs = result.runs(v, f)
+            rows.append([v, str(result.train_count(f)), f"{runs[0].lr:g}",
+                         ", ".join(str(r.best_epoch + 1) for r in runs),
+                         ", ".join(str(r.epochs_trained) for r in runs),
+                         f"{sum(not r.converged for r in runs)} of {len(runs)}"])
+    return Table(["variant", "training images", "lr", "best epoch (per seed)", "epochs trained",
+                  "best epoch = last"], rows)
+
+
+def lr_table(result: StudyResult) -> Table:
+    rows = [[t.variant, f"{t.lr:g}", f"{t.val_loss:.4f}", str(t.best_epoch + 1), "chosen" if t.chosen else ""]
+            for t in result.lr_trials]
+    return Table(["variant", "lr", "lowest validation loss", "at epoch", ""], rows)
 
 
 # --- numbers ------------------------------------------------------------------------------------

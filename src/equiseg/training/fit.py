@@ -14,7 +14,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch import loggers
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from equiseg.config import Config, ConfigError, SyntheticConfig
@@ -315,18 +315,23 @@ def _trainer(config: Config, run_dir: Path, progress: bool, callbacks: list) -> 
                            save_top_k=1, enable_version_counter=False)
     # Lightning's save_last only writes when a best checkpoint is written; these write every epoch
     # (and every N steps)
+    # at the end of every training epoch, also where it is not validated (train.val_every > 1)
     lasts = [ModelCheckpoint(dirpath=folder, filename="last", monitor=None, save_top_k=1,
-                             enable_version_counter=False)]
+                             enable_version_counter=False, save_on_train_epoch_end=True)]
     if config.train.checkpoint_every_n_steps:
         lasts.append(ModelCheckpoint(dirpath=folder, filename="last", monitor=None, save_top_k=1,
                                      enable_version_counter=False,
                                      every_n_train_steps=config.train.checkpoint_every_n_steps))
+    stopping = ([EarlyStopping(monitor="val/loss", mode="min", patience=config.train.early_stopping)]
+                if config.train.early_stopping else [])
     return L.Trainer(default_root_dir=run_dir, max_epochs=config.train.epochs, accelerator=config.train.accelerator,
                      devices=config.train.devices, strategy=config.train.strategy, precision=config.train.precision,
                      logger=build_loggers(config, run_dir),
-                     callbacks=[EpochSeed(config.train.seed), best, *lasts, *callbacks],
+                     callbacks=[EpochSeed(config.train.seed), *stopping,
+                                *([LearningRateMonitor("epoch")] if config.train.loggers else []), best, *lasts,
+                                *callbacks],
                      plugins=[AtomicCheckpointIO()], use_distributed_sampler=False,
-                     log_every_n_steps=1,
+                     log_every_n_steps=1, check_val_every_n_epoch=config.train.val_every,
                      enable_progress_bar=progress, enable_model_summary=progress,
                      limit_train_batches=config.train.limit_train_batches, deterministic=False)
 

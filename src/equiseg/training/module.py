@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import lightning as L
 import torch
 from torchmetrics.classification import MulticlassConfusionMatrix
 
-from equiseg.config import Config
+from equiseg.config import Config, Schedule, TrainConfig
 from equiseg.data.augment import Augment, AugmentConfig
 from equiseg.data.datamodule import position_seed
 from equiseg.data.targets import IGNORE_INDEX, Task
@@ -81,5 +82,34 @@ class SegmentationModule(L.LightningModule):
         for name in self.class_names[1:]:
             self.log(f"val/dice_{name}", scores[f"dice/{name}"], sync_dist=True)
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.parameters(), lr=self.config.train.lr)
+    def configure_optimizers(self) -> dict:
+        """Adam at ``train.lr`` with ``train.schedule`` per epoch (see :func:`lr_schedule`)."""
+        train = self.config.train
+        optimizer = torch.optim.Adam(self.parameters(), lr=train.lr)
+        return {"optimizer": optimizer, "lr_scheduler": lr_schedule(optimizer, train)}
+
+
+def lr_schedule(optimizer: torch.optim.Optimizer, train: TrainConfig) -> dict:
+    """Lightning's scheduler entry for ``train.schedule``, stepped once per epoch.
+
+    ``constant`` and ``cosine`` start with a linear warm-up over ``warmup_epochs`` (lr x (e + 1)
+    / (w + 1) in epoch e < w); then ``constant`` keeps lr and ``cosine`` gives lr x (0.01 + 0.99
+    (1 + cos(pi t)) / 2), t the fraction of the remaining epochs done. ``plateau``: lr halved
+    when val/loss has not improved for ``plateau_patience`` validations (torch's ReduceLROnPlateau,
+    stepped after each validation: every ``val_every`` epochs).
+    """
+    warmup, epochs = train.warmup_epochs, train.epochs
+
+    def factor(epoch: int) -> float:
+        if epoch < warmup:
+            return (epoch + 1) / (warmup + 1)
+        if train.schedule is Schedule.COSINE:
+            t = min(1.0, (epoch - warmup) / max(1, epochs - warmup))
+            return 0.01 + 0.99 * (1 + math.cos(math.pi * t)) / 2
+        return 1.0
+
+    if train.schedule is Schedule.PLATEAU:
+        plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.5,
+                                                             patience=train.plateau_patience)
+        return {"scheduler": plateau, "monitor": "val/loss", "interval": "epoch", "frequency": train.val_every}
+    return {"scheduler": torch.optim.lr_scheduler.LambdaLR(optimizer, factor), "interval": "epoch"}
