@@ -18,11 +18,11 @@ LAYERS = [
     ("equiseg.models",),
     ("equiseg.data",),
     ("equiseg.config",),
-    ("equiseg.runs", "equiseg.presets", "equiseg.report.pictures"),
+    ("equiseg.runs", "equiseg.presets", "equiseg.report.pictures", "equiseg.scale"),
     ("equiseg.evaluation",),
     ("equiseg.training",),
     ("equiseg.report",),
-    ("equiseg.study", "equiseg.demo", "equiseg.challenge", "equiseg.export", "equiseg.slide"),
+    ("equiseg.study", "equiseg.demo", "equiseg.challenge", "equiseg.export", "equiseg.slide", "equiseg.tune"),
     ("equiseg.cli", "equiseg"),
 ]
 DEFERRED_IMPORTS_ALLOWED = {"equiseg.cli"}  # start-up time of the command

@@ -676,33 +676,106 @@ def demo(
     run_demo(out, epochs=epochs, say=typer.echo, runtime=_runtime(device, batch, precision, optimize))
 
 
+ExecutorOption = Annotated[str, typer.Option(
+    "--executor", help="Where the runs go: local (one after another in this process) or ray (Ray tasks on this "
+                       "machine's cores and GPUs, or on a cluster with --address; pip install 'equiseg[scale]').")]
+AddressOption = Annotated[str | None, typer.Option(
+    "--address", help="A running Ray cluster: auto, or HOST:PORT (default: start one on this machine for the call).")]
+CpusOption = Annotated[float, typer.Option("--cpus-per-run", help="CPUs Ray gives each run (its torch threads).")]
+GpusOption = Annotated[float, typer.Option("--gpus-per-run", help="GPUs Ray gives each run (0.5: two share one).")]
+
+
+def _executor(kind: str, address: str | None, cpus: float, gpus: float):
+    """The executor of the --executor options, or a one-line error (exit 2)."""
+    from equiseg.scale import executor
+
+    try:
+        return executor(kind, address, cpus, gpus)
+    except (ValueError, ModuleNotFoundError) as error:
+        raise _fail(str(error)) from None
+
+
 @app.command()
 def study(
     config: Annotated[Path, typer.Option("--config", "-c", help="A study preset (e.g. study-small; see `equiseg presets`) or a study config file (YAML).")],
     out: Annotated[Path | None, typer.Option(help="Study folder; default: studies/NAME.")] = None,
+    executor: ExecutorOption = "local",
+    address: AddressOption = None,
+    cpus_per_run: CpusOption = 1.0,
+    gpus_per_run: GpusOption = 0.0,
     device: DeviceOption = "auto",
     batch: BatchOption = 1,
     precision: PrecisionOption = "32",
     optimize: OptimizeOption = True,
 ) -> None:
-    """Run a study: variants x training fractions x seeds, then one report (HTML and Markdown).
+    """Run a study: variants x training sets x seeds, then one report (HTML and Markdown).
 
-    Every trained model is scored on the test split (loss, Dice, mIoU, mF1), on the test
-    images turned by every element of D4 and by 15, 30 and 45 degrees, for its measured
-    equivariance error, and (plain variants) with D4 test-time augmentation. Finished runs and
-    evaluations are reused, so an interrupted study resumes where it stopped.
+    Every trained model is scored on the test split (loss, Dice, mIoU, mF1), against the
+    study's baseline with paired bootstrap intervals, on the test images turned by every
+    element of D4 and by 15, 30 and 45 degrees, for its measured equivariance error, and
+    (plain variants) with D4 test-time augmentation. Finished runs and evaluations are reused,
+    so an interrupted study resumes where it stopped, under either executor.
     """
     from equiseg.config import ConfigError
     from equiseg.data.ocelot import DatasetError
     from equiseg.study import StudyConfig, run_study
 
+    jobs = _executor(executor, address, cpus_per_run, gpus_per_run)
     try:
         spec = StudyConfig.from_yaml(config)
         report = run_study(spec, out or Path("studies") / spec.name, say=typer.echo,
-                           runtime=_runtime(device, batch, precision, optimize))
+                           runtime=_runtime(device, batch, precision, optimize), executor=jobs)
     except (ConfigError, DatasetError, FileNotFoundError) as error:
         raise _fail(str(error)) from None
     typer.echo(f"report: {report}")
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def tune(
+    ctx: typer.Context,
+    space: Annotated[Path, typer.Option(help="Search space (YAML): config keys to ranges {low, high[, log][, int]} "
+                                             "or lists of choices.")],
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="The base run config: a preset name or a "
+                                                                       "YAML file.")] = None,
+    data: Annotated[Path | None, typer.Option(help="Dataset folder (Zenodo layout); default: the config's.")] = None,
+    trials: Annotated[int, typer.Option(min=1, help="Trials to finish (a search in OUT continues up to it).")] = 20,
+    metric: Annotated[str, typer.Option(help="val/loss (minimised) or val/mF1 (maximised; pruning still follows "
+                                             "the validation loss).")] = "val/loss",
+    out: Annotated[Path | None, typer.Option(help="Search folder; default: tune/NAME.")] = None,
+    executor: ExecutorOption = "local",
+    address: AddressOption = None,
+    cpus_per_run: CpusOption = 1.0,
+    gpus_per_run: GpusOption = 0.0,
+) -> None:
+    """Search hyper-parameters with Optuna (TPE proposals, poor trials stopped early), here or on Ray.
+
+    Each trial trains the base config (extra KEY=VALUE arguments override it) with the values
+    Optuna proposes for the keys of --space. Writes OUT/best.yaml (ready for `equiseg train
+    -c`), OUT/trials.csv, OUT/history.png and OUT/importance.png. Interrupted, the same command
+    continues: the local search keeps its trials in OUT/optuna.db, Ray Tune in OUT/ray.
+    Needs `pip install 'equiseg[scale]'` (Ray and Optuna).
+    """
+    from equiseg.config import Config, ConfigError, apply_overrides
+    from equiseg.data.ocelot import DatasetError
+    from equiseg.presets import preset_path
+    from equiseg.scale import require
+    from equiseg.tune import Metric, read_space
+    from equiseg.tune import tune as run_tune
+
+    jobs = _executor(executor, address, cpus_per_run, gpus_per_run)
+    overrides = list(ctx.args) + ([f"data.root={data}"] if data is not None else [])
+    try:
+        require("optuna")
+        chosen = Metric(metric) if metric in {m.value for m in Metric} else None
+        if chosen is None:
+            raise ValueError(f"--metric {metric!r}: use {' or '.join(m.value for m in Metric)}")
+        base = (Config.from_yaml(preset_path(config), overrides) if config
+                else Config.from_dict(apply_overrides({}, overrides)))
+        result = run_tune(base, read_space(space), trials, out or Path("tune") / base.name, chosen, jobs,
+                          say=typer.echo)
+    except (ConfigError, DatasetError, FileNotFoundError, ModuleNotFoundError, ValueError) as error:
+        raise _fail(str(error)) from None
+    typer.echo(f"best config: {result.best_config} (equiseg train -c {result.best_config})")
 
 
 @app.command()

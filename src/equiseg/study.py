@@ -97,6 +97,7 @@ from equiseg.report.results import (
 from equiseg.report.study_report import write_report
 from equiseg.runs import Run, load_model
 from equiseg.runtime import Runtime
+from equiseg.scale import Executor, LocalExecutor
 from equiseg.training.fit import REQUIRE_REAL, generate_synthetic, synthetic_notice, train_or_reuse
 
 GC_INPUT_ENV = "EQUISEG_GC_INPUT"
@@ -354,17 +355,21 @@ def _study_context(config: Config, contexts: dict[str, ContextFn], device: torch
 
 
 def run_study(study: StudyConfig, out: Path, say: Callable[[str], None] = print,
-              runtime: Runtime | None = None) -> Path:
+              runtime: Runtime | None = None, executor: Executor | None = None) -> Path:
     """Train and evaluate the whole matrix (reusing what is finished), write results.json and the report.
 
     Training follows each run config's ``train.accelerator``; evaluation runs on ``runtime``
-    (default: this machine's GPU when there is one, batch 1, float32).
+    (default: this machine's GPU when there is one, batch 1, float32). ``executor`` runs the
+    trainings and their evaluations (:mod:`equiseg.scale`: one after another here by default,
+    or as Ray tasks, each on the device Ray gives it); the tissue model, the data and the
+    report stay in this process.
     """
 
     base = Config.from_dict(study.base)
     if not base.data.root and base.data.require_real:
         raise ConfigError(f"study {study.name}: {REQUIRE_REAL}")  # before anything is written
     runtime = runtime or Runtime.of("auto")
+    executor = executor or LocalExecutor()
     out.mkdir(parents=True, exist_ok=True)
     if base.data.root:
         root = Path(base.data.root)
@@ -379,25 +384,33 @@ def run_study(study: StudyConfig, out: Path, say: Callable[[str], None] = print,
     say(f"study {study.name}: {len(study.variants)} variants x {len(fractions)} training sets x "
         f"{len(study.seeds)} seeds = {len(cells)} runs; widths {widths}")
     started = time.time()
-    contexts: dict[str, ContextFn] = {}
     tissue = _tissue_model(study, out, root, runtime, say) if study.uses_context else None
-    trials = _lr_search(study, out, root, widths, max(fractions), tissue, say)
+    trials = _lr_search(study, out, root, widths, max(fractions), tissue, say, executor)
     rates = {t.variant: t.lr for t in trials if t.chosen}
-    results = []
-    for k, (variant, fraction, seed) in enumerate(cells, start=1):
+    # a local executor shares one context cache between runs (each tissue map computed once);
+    # remote jobs make their own
+    contexts: dict[str, ContextFn] | None = {} if isinstance(executor, LocalExecutor) else None
+    job_runtime = runtime if isinstance(executor, LocalExecutor) else _remote_runtime(runtime, executor)
+    jobs = []
+    for variant, fraction, seed in cells:
         config = study.run_config(variant, fraction, seed, widths[variant.label], str(root),
                                   tissue and tissue.run_dir, rates.get(variant.label))
         run_dir = out / "runs" / variant.label / f"f{fraction:g}" / f"s{seed}"
-        reused = train_or_reuse(config, run_dir, progress=False)
         # the report's case figure shows each variant's first seed at the full fraction
         with_cases = fraction == max(fractions) and seed == study.seeds[0]
-        result = evaluate_run(run_dir, root, study, (variant, fraction, seed), gc_samples, contexts, runtime,
-                              with_cases)
-        results.append(replace(result, reused=reused))
-        say(f"[{k}/{len(cells)}] {variant.label} n={result.train_count} s={seed}: "
-            f"{'reused' if reused else 'trained'} (best epoch {result.best_epoch + 1} of {result.epochs_trained}); "
-            f"mF1 {result.scores.get('mf1', math.nan):.3f}, Dice {result.scores['dice/mean']:.3f} "
-            f"({(time.time() - started) / 60:.1f} min so far)")
+        jobs.append((config, run_dir, root, study, (variant, fraction, seed), gc_samples, contexts, job_runtime,
+                     with_cases))
+    finished = [0]
+
+    def report(k: int, result: RunResult) -> None:
+        finished[0] += 1
+        variant, _, seed = cells[k]
+        say(f"[{finished[0]}/{len(cells)}] {variant.label} n={result.train_count} s={seed}: "
+            f"{'reused' if result.reused else 'trained'} (best epoch {result.best_epoch + 1} of "
+            f"{result.epochs_trained}); mF1 {result.scores.get('mf1', math.nan):.3f}, Dice "
+            f"{result.scores['dice/mean']:.3f} ({(time.time() - started) / 60:.1f} min so far)")
+
+    results = executor.map(train_and_evaluate, jobs, report)
     summary = StudyResult(study.name, tuple(results), available,
                           len(OcelotFolder(root, "test")), minutes=(time.time() - started) / 60,
                           reused=sum(r.reused for r in results), tissue=tissue, baseline=study.baseline,
@@ -406,25 +419,47 @@ def run_study(study: StudyConfig, out: Path, say: Callable[[str], None] = print,
     return write_report(summary, out / "report")
 
 
+def train_and_evaluate(config: Config, run_dir: Path, root: Path, study: StudyConfig,
+                       cell: tuple[Variant, float, int], gc_samples: list, contexts: dict[str, ContextFn] | None,
+                       runtime: Runtime, with_cases: bool) -> RunResult:
+    """One job of a study: train ``config`` into ``run_dir`` (or reuse it) and evaluate it
+    (:func:`evaluate_run`); a plain function of picklable arguments, for any executor."""
+    reused = train_or_reuse(config, run_dir, progress=False)
+    result = evaluate_run(run_dir, root, study, cell, gc_samples, contexts, runtime, with_cases)
+    return replace(result, reused=reused)
+
+
+def _remote_runtime(runtime: Runtime, executor: Executor) -> Runtime:
+    """The runtime of a job on a Ray worker: the GPU Ray gives it, or its CPUs."""
+    device = torch.device("cuda") if getattr(executor, "gpus_per_run", 0) > 0 else torch.device("cpu")
+    return replace(runtime, device=device)
+
+
+def _train_job(config: Config, run_dir: Path) -> tuple[float, int] | None:
+    """Train (or reuse) one run; its lowest validation loss and that epoch."""
+    train_or_reuse(config, run_dir, progress=False)
+    return Run(run_dir).best_validation()
+
+
 def _lr_search(study: StudyConfig, out: Path, root: Path, widths: dict[str, int], fraction: float,
-               tissue: TissueResult | None, say: Callable[[str], None]) -> tuple[LRTrial, ...]:
+               tissue: TissueResult | None, say: Callable[[str], None],
+               executor: Executor | None = None) -> tuple[LRTrial, ...]:
     """Each variant trained once per rate of ``study.lr_search`` (the largest training set, the
     first seed, into ``out/runs/_lr``); the rate with the lowest validation loss is chosen
     (ties: the smaller rate). Nothing without ``lr_search``."""
+    grid = [(variant, lr) for variant in study.variants for lr in sorted(study.lr_search)]
+    jobs = [(study.run_config(variant, fraction, study.seeds[0], widths[variant.label], str(root),
+                              tissue and tissue.run_dir, lr), out / "runs" / "_lr" / variant.label / f"lr{lr:g}")
+            for variant, lr in grid]
+    found = (executor or LocalExecutor()).map(_train_job, jobs)
     trials = []
     for variant in study.variants if study.lr_search else ():
-        found = []
-        for lr in sorted(study.lr_search):
-            config = study.run_config(variant, fraction, study.seeds[0], widths[variant.label], str(root),
-                                      tissue and tissue.run_dir, lr)
-            run_dir = out / "runs" / "_lr" / variant.label / f"lr{lr:g}"
-            train_or_reuse(config, run_dir, progress=False)
-            best = Run(run_dir).best_validation()
-            found.append((lr, *best) if best is not None else (lr, math.nan, -1))
-        chosen = min(found, key=lambda t: (math.inf if math.isnan(t[1]) else t[1], t[0]))[0]
-        trials += [LRTrial(variant.label, lr, loss, epoch, lr == chosen) for lr, loss, epoch in found]
+        rows = [(lr, *(best if best is not None else (math.nan, -1)))
+                for (v, lr), best in zip(grid, found) if v is variant]
+        chosen = min(rows, key=lambda t: (math.inf if math.isnan(t[1]) else t[1], t[0]))[0]
+        trials += [LRTrial(variant.label, lr, loss, epoch, lr == chosen) for lr, loss, epoch in rows]
         say(f"learning rate of {variant.label}: {chosen:g} (validation loss "
-            + ", ".join(f"{loss:.4f} at {lr:g}" for lr, loss, _ in found) + ")")
+            + ", ".join(f"{loss:.4f} at {lr:g}" for lr, loss, _ in rows) + ")")
     return tuple(trials)
 
 
