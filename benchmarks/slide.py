@@ -1,6 +1,7 @@
 """Speed and peak memory of ``equiseg slide`` on synthetic slides: does memory stay flat as slides grow?
 
-    python benchmarks/slide.py [--sizes 12000 48000] [--cell-model RUN] [--work DIR] [--device cpu] [--batch N]
+    python benchmarks/slide.py [--sizes 12000 48000] [--band SIZE:HEIGHT ...] [--cell-model RUN] [--work DIR]
+                               [--device cpu] [--batch N]
 
 For each size S: a synthetic pyramidal slide of S x S px at 0.2 µm/px (``equiseg synth-slide``,
 kept in the work folder for the next run), then ``equiseg slide`` on it in a child process,
@@ -61,13 +62,17 @@ def child(command: list[str]) -> tuple[float, float, str]:
     return seconds, usage.ru_maxrss / 1024, output
 
 
-def score(found: Path, truth: Path, mpp: float) -> float:
-    """The OCELOT mF1 of the cells found against the slide's true cells (one image, 15 px at level 0)."""
+def score(found: Path, truth: Path, mpp: float, region: dict) -> float:
+    """The OCELOT mF1 of the cells found against the slide's true cells in the analysed region
+    (one image, 15 px at level 0)."""
     from equiseg.evaluation.detection import detection_scores
 
     points = np.loadtxt(found, delimiter=",", skiprows=1, usecols=(2, 3, 4, 6), ndmin=2)
     points[:, :2] /= mpp  # the continuous centre in level-0 px
-    return detection_scores([points], [np.loadtxt(truth, delimiter=",", skiprows=1, ndmin=2)])["mf1"]
+    true = np.loadtxt(truth, delimiter=",", skiprows=1, ndmin=2)
+    x, y, w, h = region["x"], region["y"], region["width"], region["height"]
+    true = true[(true[:, 0] >= x) & (true[:, 0] < x + w) & (true[:, 1] >= y) & (true[:, 1] < y + h)]
+    return detection_scores([points], [true])["mf1"]
 
 
 def main() -> None:
@@ -75,6 +80,8 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[12000, 48000])
     parser.add_argument("--cell-model", type=Path, help="A trained cell run (default: untrained, plain-small shape).")
     parser.add_argument("--work", type=Path, help="Folder for slides and outputs (default: a temporary one).")
+    parser.add_argument("--band", nargs="*", default=[], metavar="SIZE:HEIGHT",
+                        help="Analyse only a full-width band of HEIGHT px of the SIZE slide.")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch", type=int, default=1)
     args = parser.parse_args()
@@ -94,17 +101,22 @@ def main() -> None:
             if not slide.is_file():
                 synth_seconds, _, _ = child([sys.executable, "-m", "equiseg.cli", "synth-slide", str(slide),
                                              "--size", str(size)])
-            out = work / f"out-{size}"
+            bands = {int(a): int(b) for a, b in (band.split(":") for band in args.band)}
+            region = []
+            if size in bands:
+                region = ["--region", f"0,{(size - bands[size]) // 2},{size},{bands[size]}"]
+            out = work / (f"out-{size}" + ("" if not region else f"-band{bands[size]}"))
             seconds, rss, _ = child([sys.executable, "-m", "equiseg.cli", "slide", str(slide), "--cell-model",
                                      str(model), "--out", str(out), "--device", args.device, "--batch",
-                                     str(args.batch), *(["--resume"] if (out / f"{slide.stem}.summary.json").is_file()
-                                                        else [])])
+                                     str(args.batch), *region,
+                                     *(["--resume"] if (out / f"{slide.stem}.summary.json").is_file() else [])])
             summary = json.loads((out / f"{slide.stem}.summary.json").read_text())
             cells = sum(summary["cells"].values())
             mpx = summary["tissue_mm2"] / (summary["cell_view"]["mpp"] ** 2)  # mm² / (µm/px)² = Mpx
             model_seconds = summary["seconds"]["cell model"]
             first = rss if first is None else first
-            mf1 = score(out / f"{slide.stem}.cells.csv", slide.with_suffix(".cells.csv"), summary["slide"]["mpp"])
+            mf1 = score(out / f"{slide.stem}.cells.csv", slide.with_suffix(".cells.csv"), summary["slide"]["mpp"],
+                        summary["region"])
             print(f"{size:>6} {synth_seconds:>7.0f} {summary['tissue_mm2']:>10.2f} {mpx:>10.0f} {seconds:>7.0f} "
                   f"{mpx / model_seconds:>6.2f} {cells:>7} {cells / model_seconds:>7.0f} {mf1:>5.3f} {rss:>11.0f} "
                   f"{rss - first:>+15.0f}", flush=True)
