@@ -105,17 +105,22 @@ def models(
         typer.echo(json.dumps(rows, indent=2))
         return
     header = f"{'family':<10} {'width':>5}  {'sized as':<8} {'params':>11} {'GMACs':>8}  {'exact for':<9} " \
-             f"{'err own G':>9} {'err D4':>8}"
+             f"{'err own G':>9} {'err D4':>8} {'err 45°':>8}"
     typer.echo(f"U-Net families, depth {depth}; multiply-adds (GMACs) at {size}x{size} px")
     typer.echo(header)
     typer.echo("-" * len(header))
     for row in rows:
         own = "-" if row["error_own_group"] is None else f"{row['error_own_group']:.1e}"
         typer.echo(f"{row['family']:<10} {row['width']:>5}  {row['sized_as']:<8} {row['parameters']:>11,} "
-                   f"{row['macs'] / 1e9:>8.1f}  {row['exact_group'] or '-':<9} {own:>9} {row['error_d4']:>8.1e}")
+                   f"{row['macs'] / 1e9:>8.1f}  {row['exact_group'] or '-':<9} {own:>9} {row['error_d4']:>8.1e} "
+                   f"{row['error_45']:>8.1e}")
     typer.echo("matched: the width whose parameter count is closest to plain width 64.\n"
                f"err: max over g of max|f(T_g x) - T_g f(x)| / max|f(x)|, eval mode, random {probe_size}x{probe_size} "
-               "input; float32 rounding gives ~1e-6 where exact.")
+               "input; float32 rounding gives ~1e-6 where exact.\n"
+               "err 45°: ||R_-45 f(R_45 x) - f(x)|| / ||f(x) - mean|| of the logits on the central disk (a quarter of "
+               "the side across) of band-limited noise, quintic-spline rotations; the identity network (resampling "
+               "alone) scores "
+               f"{rows[0]['floor_45']:.1e}.")
 
 
 def _progress(description: str):

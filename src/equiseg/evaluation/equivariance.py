@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 
 import torch
@@ -92,6 +93,64 @@ def rotation_error(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, d
     radius = min(height, width) / 2 - 2
     disk = ((xx - (width - 1) / 2) ** 2 + (yy - (height - 1) / 2) ** 2) <= radius**2
     return relative_error(lhs[..., disk], rhs[..., disk])
+
+
+SPLINE_ORDER = 5  # the interpolator of the arbitrary-angle measure: quintic B-splines (scipy.ndimage)
+
+
+def rotate_image(x: torch.Tensor, degrees: float) -> torch.Tensor:
+    """(..., H, W) turned by ``degrees`` counter-clockwise as shown, about the image centre, with
+    quintic spline interpolation (``scipy.ndimage.rotate``, order 5, zeros outside); float64 on
+    the CPU inside, ``x``'s dtype out."""
+    from scipy import ndimage
+
+    array = x.detach().cpu().double().numpy()
+    # ndimage.rotate turns the (row, column) plane; rows grow downwards, so a positive angle turns
+    # the picture counter-clockwise as shown, as torch.rot90(k=1) does
+    turned = ndimage.rotate(array, degrees, axes=(-1, -2), reshape=False, order=SPLINE_ORDER, mode="constant",
+                            prefilter=True)
+    return torch.from_numpy(turned).to(x.dtype)
+
+
+def band_limited_noise(size: int, channels: int = 3, sigma: float = 3.0, seed: int = 0) -> torch.Tensor:
+    """(1, channels, size, size) Gaussian noise smoothed by a Gaussian of ``sigma`` px and
+    scaled to [0, 1]: an input whose rotation interpolators reproduce well (few frequencies near
+    the grid's limit)."""
+    from scipy import ndimage
+
+    rng = torch.Generator().manual_seed(seed)
+    noise = torch.randn(channels, size, size, generator=rng, dtype=torch.float64).numpy()
+    smooth = ndimage.gaussian_filter(noise, (0, sigma, sigma), mode="wrap")
+    smooth = (smooth - smooth.min()) / (smooth.max() - smooth.min())
+    return torch.from_numpy(smooth).float()[None]
+
+
+def arbitrary_angle_error(f: Callable[[torch.Tensor], torch.Tensor] | None, x: torch.Tensor, degrees: float,
+                          disk: float = 0.25) -> float:
+    """How far f is from commuting with a rotation by ``degrees``, separated from resampling.
+
+    e = ||R_-θ f(R_θ x) - f(x)|| / ||f(x) - mean f(x)|| (L2 over the channels and the central disk
+    of radius ``disk`` x side, each channel's mean over the disk taken out of both sides), with R_θ
+    the quintic-spline rotation :func:`rotate_image`; NaN for a map without any pattern there. The round trip
+    puts both sides on x's own grid; ``f=None`` measures the identity network, R_-θ R_θ x
+    against x: the resampling floor, below which no network's error can be told apart. The disk
+    keeps the comparison away from the corners that a rotation fills with zeros (and from
+    what a network sees of them), so ``x`` should be a few times the model's reach across.
+    ``x``: (1, C, H, W), band-limited (:func:`band_limited_noise`, or smoothed tissue).
+    """
+    f = f or (lambda t: t)
+    with torch.no_grad():
+        reference = f(x)
+        back = rotate_image(f(rotate_image(x, degrees)), -degrees)
+    height, width = x.shape[-2:]
+    yy, xx = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    inside = ((xx - (width - 1) / 2) ** 2 + (yy - (height - 1) / 2) ** 2) <= (disk * min(height, width)) ** 2
+    a, b = back[..., inside].double(), reference[..., inside].double()
+    # each channel's mean over the disk removed from both: a constant offset (a logit bias, the
+    # mean of a probability) would hide how the pattern turns; a map without pattern has no error
+    a, b = a - b.mean(dim=-1, keepdim=True), b - b.mean(dim=-1, keepdim=True)
+    scale = b.norm()
+    return float((a - b).norm() / scale) if scale > 1e-9 * max(1.0, float(reference.abs().max())) else math.nan
 
 
 def certificate(model: nn.Module, images: list[torch.Tensor], group: Group = D4,

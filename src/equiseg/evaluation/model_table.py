@@ -4,16 +4,23 @@ from __future__ import annotations
 
 import torch
 
-from equiseg.evaluation.equivariance import equivariance_errors
+from equiseg.evaluation.equivariance import arbitrary_angle_error, band_limited_noise, equivariance_errors
 from equiseg.groups import D4
 from equiseg.models.build import SEED_WIDTHS, build_model, count_macs, count_parameters, match_width, parameter_count
 from equiseg.models.unet import ConvFamily
 
+ANGLE = 45.0  # the arbitrary-angle measure's rotation
+ANGLE_PROBE = 128  # px of its band-limited probe (the central disk compared is a quarter of it across)
 
-def model_table(depth: int = 4, size: int = 1024, probe_size: int = 32, seed: int = 0) -> list[dict]:
+
+def model_table(depth: int = 4, size: int = 1024, probe_size: int = 32, seed: int = 0,
+                angle_probe: int = ANGLE_PROBE) -> list[dict]:
     """One dict per (family, width): parameters, MACs at size x size, exact group, measured errors.
 
     "matched" widths are those whose parameter count is closest to plain width 64 at this depth.
+    ``error_45``: :func:`~equiseg.evaluation.equivariance.arbitrary_angle_error` of the
+    logits at 45° on band-limited noise of ``angle_probe`` px; ``floor_45`` (the same for every
+    row): the identity network's, the resampling floor.
     """
     reference = parameter_count(ConvFamily.PLAIN, SEED_WIDTHS[ConvFamily.PLAIN], depth)
     plan = [(ConvFamily.PLAIN, SEED_WIDTHS[ConvFamily.PLAIN], "seed"),
@@ -22,6 +29,8 @@ def model_table(depth: int = 4, size: int = 1024, probe_size: int = 32, seed: in
              if family is not ConvFamily.PLAIN]
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(1, 3, probe_size, probe_size, generator=generator)
+    smooth = band_limited_noise(angle_probe, seed=seed)
+    floor = arbitrary_angle_error(None, smooth, ANGLE)
     rows = []
     for family, width, sized_as in plan:
         torch.manual_seed(seed)
@@ -37,5 +46,7 @@ def model_table(depth: int = 4, size: int = 1024, probe_size: int = 32, seed: in
             "exact_group": None if group is None else group.name,
             "error_own_group": None if group is None else max(errors[str(g)] for g in group.elements),
             "error_d4": max(errors.values()),
+            "error_45": arbitrary_angle_error(model, smooth, ANGLE),
+            "floor_45": floor,
         })
     return rows

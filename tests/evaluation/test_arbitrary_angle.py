@@ -1,0 +1,60 @@
+"""The arbitrary-angle equivariance measure: rotations by quintic splines, the resampling floor."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from equiseg import build_model
+from equiseg.evaluation.equivariance import arbitrary_angle_error, band_limited_noise, rotate_image
+
+
+def test_spline_rotation_turns_as_rot90_and_is_exact_on_quarter_turns():
+    x = band_limited_noise(48, seed=1)
+    assert torch.allclose(rotate_image(x, 90), torch.rot90(x, 1, dims=(-2, -1)), atol=1e-6)
+    assert torch.allclose(rotate_image(x, -90), torch.rot90(x, -1, dims=(-2, -1)), atol=1e-6)
+
+
+def test_the_floor_is_small_on_band_limited_input_and_not_on_white_noise():
+    smooth = band_limited_noise(96)
+    floor = arbitrary_angle_error(None, smooth, 45)
+    white = arbitrary_angle_error(None, torch.rand(1, 3, 96, 96, generator=torch.Generator().manual_seed(0)), 45)
+    assert floor < 1e-4 < 1e-2 < white  # resampling alone: why the probe must be band-limited
+
+
+def gaussian_blur(x, sigma=2.0):
+    radius = int(3 * sigma)
+    t = torch.arange(-radius, radius + 1, dtype=x.dtype)
+    k = torch.exp(-t**2 / (2 * sigma**2))
+    k = (k[:, None] * k[None, :]) / k.sum() ** 2
+    return F.conv2d(x, k.expand(x.shape[1], 1, -1, -1).contiguous(), padding=radius, groups=x.shape[1])
+
+
+def sideways(x):
+    """A horizontal derivative: it does not turn with the image."""
+    k = torch.tensor([[[-1.0, 0.0, 1.0]]]).expand(x.shape[1], 1, 1, 3).contiguous()
+    return F.conv2d(x, k, padding=(0, 1), groups=x.shape[1])
+
+
+def test_a_rotation_invariant_filter_is_near_the_floor_and_a_directional_one_is_not():
+    x = band_limited_noise(96, seed=2)
+    blur = arbitrary_angle_error(gaussian_blur, x, 45)
+    assert blur < 1e-2
+    assert arbitrary_angle_error(sideways, x, 45) > 0.5
+    # a quarter turn is exact for the isotropic U-Net (to float rounding), not 45 degrees
+    torch.manual_seed(0)
+    model = build_model("isotropic", 4, 2).eval()
+    assert arbitrary_angle_error(model, x, 90) < 1e-5
+    assert arbitrary_angle_error(model, x, 45) > 1e-3
+
+
+def test_a_map_without_pattern_has_no_error_to_report():
+    assert math.isnan(arbitrary_angle_error(lambda t: torch.ones_like(t), band_limited_noise(32), 30))
+
+
+@pytest.mark.parametrize("degrees", [22.5, 45])
+def test_the_measure_is_symmetric_in_direction_for_an_isotropic_filter(degrees):
+    x = band_limited_noise(64, seed=3)
+    assert abs(arbitrary_angle_error(gaussian_blur, x, degrees) - arbitrary_angle_error(gaussian_blur, x, -degrees)) \
+        < 5e-3
