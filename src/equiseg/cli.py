@@ -87,6 +87,9 @@ def models(
     size: Annotated[int, typer.Option(help="Image side for counting multiply-adds, in px.")] = 1024,
     probe_size: Annotated[int, typer.Option(help="Side of the random input used to measure equivariance error.")] = 32,
     seed: Annotated[int, typer.Option(help="Seed for weights and the probe input.")] = 0,
+    tissue: Annotated[Path | None, typer.Option(
+        help="A real H&E image (e.g. ../shared/ocelot/gc_input/images/cell_patches/000.tif): also measure the 45° "
+             "error on its smoothed centre.")] = None,
 ) -> None:
     """List the model families: parameters, multiply-adds, exact group, measured equivariance error.
 
@@ -99,13 +102,24 @@ def models(
 
     from equiseg.evaluation.model_table import model_table
 
+    image = None
+    if tissue is not None:
+        from equiseg.data.ocelot import DatasetError, read_rgb
+
+        try:
+            image = read_rgb(tissue)
+        except (FileNotFoundError, OSError, ValueError, DatasetError) as error:
+            raise _fail(f"{tissue}: {error}") from None
     with Console(stderr=True).status("building the models and measuring their equivariance error ..."):
-        rows = model_table(depth=depth, size=size, probe_size=probe_size, seed=seed)
+        try:
+            rows = model_table(depth=depth, size=size, probe_size=probe_size, seed=seed, tissue=image)
+        except ValueError as error:
+            raise _fail(str(error)) from None
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
     header = f"{'family':<10} {'width':>5}  {'sized as':<8} {'params':>11} {'GMACs':>8}  {'exact for':<9} " \
-             f"{'err own G':>9} {'err D4':>8} {'err 45°':>8}"
+             f"{'err own G':>9} {'err D4':>8} {'err 45°':>8}" + (f" {'45° tissue':>10}" if image is not None else "")
     typer.echo(f"U-Net families, depth {depth}; multiply-adds (GMACs) at {size}x{size} px")
     typer.echo(header)
     typer.echo("-" * len(header))
@@ -113,14 +127,15 @@ def models(
         own = "-" if row["error_own_group"] is None else f"{row['error_own_group']:.1e}"
         typer.echo(f"{row['family']:<10} {row['width']:>5}  {row['sized_as']:<8} {row['parameters']:>11,} "
                    f"{row['macs'] / 1e9:>8.1f}  {row['exact_group'] or '-':<9} {own:>9} {row['error_d4']:>8.1e} "
-                   f"{row['error_45']:>8.1e}")
+                   f"{row['error_45']:>8.1e}" + (f" {row['error_45_tissue']:>10.1e}" if image is not None else ""))
     typer.echo("matched: the width whose parameter count is closest to plain width 64.\n"
                f"err: max over g of max|f(T_g x) - T_g f(x)| / max|f(x)|, eval mode, random {probe_size}x{probe_size} "
                "input; float32 rounding gives ~1e-6 where exact.\n"
                "err 45°: ||R_-45 f(R_45 x) - f(x)|| / ||f(x) - mean|| of the logits on the central disk (a quarter of "
                "the side across) of band-limited noise, quintic-spline rotations; the identity network (resampling "
                "alone) scores "
-               f"{rows[0]['floor_45']:.1e}.")
+               f"{rows[0]['floor_45']:.1e}"
+               + (f" (on the tissue, smoothed by 1.5 px: {rows[0]['floor_45_tissue']:.1e})." if image is not None else "."))
 
 
 def _progress(description: str):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+from scipy import ndimage
 
 from equiseg.evaluation.equivariance import arbitrary_angle_error, band_limited_noise, equivariance_errors
 from equiseg.groups import D4
@@ -13,14 +15,28 @@ ANGLE = 45.0  # the arbitrary-angle measure's rotation
 ANGLE_PROBE = 128  # px of its band-limited probe (the central disk compared is a quarter of it across)
 
 
+def tissue_probe(image: np.ndarray, side: int = ANGLE_PROBE, sigma: float = 1.5) -> torch.Tensor:
+    """The central ``side`` px of a real H&E image (H, W, 3) uint8, smoothed by a Gaussian of
+    ``sigma`` px so that rotating it resamples little: (1, 3, side, side) in [0, 1]."""
+    height, width = image.shape[:2]
+    if min(height, width) < side:
+        raise ValueError(f"the tissue image is {width}x{height} px; the probe needs {side} px a side")
+    top, left = (height - side) // 2, (width - side) // 2
+    crop = image[top:top + side, left:left + side].astype(np.float64) / 255
+    smooth = ndimage.gaussian_filter(crop, (sigma, sigma, 0), mode="reflect")
+    return torch.from_numpy(smooth).permute(2, 0, 1).float()[None]
+
+
 def model_table(depth: int = 4, size: int = 1024, probe_size: int = 32, seed: int = 0,
-                angle_probe: int = ANGLE_PROBE) -> list[dict]:
+                angle_probe: int = ANGLE_PROBE, tissue: np.ndarray | None = None) -> list[dict]:
     """One dict per (family, width): parameters, MACs at size x size, exact group, measured errors.
 
     "matched" widths are those whose parameter count is closest to plain width 64 at this depth.
     ``error_45``: :func:`~equiseg.evaluation.equivariance.arbitrary_angle_error` of the
     logits at 45° on band-limited noise of ``angle_probe`` px; ``floor_45`` (the same for every
-    row): the identity network's, the resampling floor.
+    row): the identity network's, the resampling floor. With ``tissue`` (a real H&E image),
+    ``error_45_tissue`` and ``floor_45_tissue`` measure the same on its smoothed centre
+    (:func:`tissue_probe`).
     """
     reference = parameter_count(ConvFamily.PLAIN, SEED_WIDTHS[ConvFamily.PLAIN], depth)
     plan = [(ConvFamily.PLAIN, SEED_WIDTHS[ConvFamily.PLAIN], "seed"),
@@ -31,6 +47,8 @@ def model_table(depth: int = 4, size: int = 1024, probe_size: int = 32, seed: in
     x = torch.randn(1, 3, probe_size, probe_size, generator=generator)
     smooth = band_limited_noise(angle_probe, seed=seed)
     floor = arbitrary_angle_error(None, smooth, ANGLE)
+    real = tissue_probe(tissue, angle_probe) if tissue is not None else None
+    real_floor = arbitrary_angle_error(None, real, ANGLE) if real is not None else None
     rows = []
     for family, width, sized_as in plan:
         torch.manual_seed(seed)
@@ -48,5 +66,7 @@ def model_table(depth: int = 4, size: int = 1024, probe_size: int = 32, seed: in
             "error_d4": max(errors.values()),
             "error_45": arbitrary_angle_error(model, smooth, ANGLE),
             "floor_45": floor,
+            **({} if real is None else {"error_45_tissue": arbitrary_angle_error(model, real, ANGLE),
+                                        "floor_45_tissue": real_floor}),
         })
     return rows
