@@ -13,7 +13,7 @@ import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 LAYERS = [
-    ("equiseg.runtime", "equiseg.groups"),
+    ("equiseg.runtime", "equiseg.groups", "equiseg.files"),
     ("equiseg.nn",),
     ("equiseg.models",),
     ("equiseg.data",),

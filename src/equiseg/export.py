@@ -28,8 +28,9 @@ import torch
 from torch import nn
 
 from equiseg.config import Config
+from equiseg.files import written_whole
 from equiseg.models import optimize_for_inference
-from equiseg.runs import load_model, written_whole
+from equiseg.runs import load_model
 
 
 class ExportFormat(enum.Enum):

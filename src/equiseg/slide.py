@@ -52,8 +52,9 @@ from equiseg.data.wsi import ScaledView, Slide, TissueMask, find_tissue
 from equiseg.evaluation.detection import BlockDetector, detection_halo, suppress_peaks
 from equiseg.evaluation.inference import Skip, StreamState, model_runtime, stream_blocks, window_blocks
 from equiseg.evaluation.predict import NpyBlocks
+from equiseg.files import written_whole
 from equiseg.report.pictures import CELL_COLOURS, TISSUE_COLOURS, dot_radius, draw_points
-from equiseg.runs import Run, load_model, written_whole
+from equiseg.runs import Run, load_model
 from equiseg.runtime import Runtime
 
 # QuPath's names for the two OCELOT cell classes (BC, TC), and the colours of equiseg's pictures

@@ -31,9 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
@@ -57,6 +55,7 @@ from equiseg.data.synthetic import (
     _World,
     _world_fields,
 )
+from equiseg.files import written_whole
 
 BLOCK = 1024  # px of level 0 rendered at once (a square view), and the height of a band of rows
 MIN_SIZE = 1024  # px: at least one whole render block
@@ -194,7 +193,7 @@ def write_synthetic_slide(path: Path | str, size: int = 12000, seed: int = 0, cr
     levels = _level_sides(size)
     description = (f"{_DESCRIPTION}: seed {seed}, {size} x {size} px at {mpp:g} um/px, "
                    f"crowding {crowding:g}, {len(cells)} cells")
-    with _written_whole(dest) as tif_partial, _written_whole(cells_dest) as cells_partial:
+    with written_whole(dest) as tif_partial, written_whole(cells_dest) as cells_partial:
         _write_tiff(tif_partial, slide, levels, tile, description, on_progress)
         _write_cells(cells_partial, cells)
     return SyntheticSlide(dest, cells_dest, size, size, float(mpp), tuple((side, side) for side in levels),
@@ -526,18 +525,6 @@ class _Slide:
 
 
 # --- writing -------------------------------------------------------------------------------------------------------
-
-
-@contextmanager
-def _written_whole(dest: Path) -> Iterator[Path]:
-    """A partial file ``.NAME.partial-PID`` beside ``dest`` to write, renamed over ``dest`` when the
-    block completes and removed if it fails (as :func:`equiseg.runs.written_whole`, a layer above)."""
-    partial = dest.with_name(f".{dest.name}.partial-{os.getpid()}")
-    try:
-        yield partial
-        partial.replace(dest)
-    finally:
-        partial.unlink(missing_ok=True)
 
 
 def _write_tiff(path: Path, slide: _Slide, sides: list[int], tile: int, description: str,

@@ -27,7 +27,7 @@ from equiseg.evaluation.inference import predict_probabilities
 from equiseg.evaluation.losses import DiceCELoss
 from equiseg.evaluation.metrics import confusion_matrix, segmentation_scores
 from equiseg.evaluation.tissue_context import run_context
-from equiseg.runs import replaced_whole
+from equiseg.files import replaced_whole
 from equiseg.runtime import Runtime
 
 
@@ -161,7 +161,7 @@ def write_evaluation(evaluation: Evaluation, out_dir: Path | str, split: str) ->
     is not written (its points would have to move; :meth:`Evaluation.json_refusal` says why)
     and the cells go to ``cells-<split>.csv`` (image,id,x,y,class,probability) instead. The
     files are written beside ``out_dir`` and moved into place together
-    (:func:`equiseg.runs.replaced_whole`): an earlier evaluation there is replaced whole, never
+    (:func:`equiseg.files.replaced_whole`): an earlier evaluation there is replaced whole, never
     left beside the new one; a folder of other files is refused.
     """
     out_dir = Path(out_dir)

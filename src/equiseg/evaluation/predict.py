@@ -28,8 +28,8 @@ from equiseg.data.ocelot import as_rgb, image_to_tensor, read_rgb
 from equiseg.data.targets import Task
 from equiseg.evaluation.detection import BlockDetector, official_format_refusal, write_points_json
 from equiseg.evaluation.inference import model_runtime, stream_blocks
+from equiseg.files import replaced_whole
 from equiseg.report.pictures import class_overlay, dot_radius, draw_points, probability_picture
-from equiseg.runs import replaced_whole
 from equiseg.runtime import Runtime
 
 PICTURE_SIDE = 4096  # px: the pictures of a larger image keep every k-th row and column
@@ -353,7 +353,7 @@ def predict_files(model: torch.nn.Module, config: Config, paths: list[Path], out
     when every image fits that format (:func:`~equiseg.evaluation.detection.official_format_refusal`:
     no side over 1024 px, so no point moves); otherwise :attr:`Predictions.json_skipped` says
     why, naming the first larger image. The cells are in the CSV files either way. All of it
-    is written beside ``out_dir`` and moved into place at the end (:func:`equiseg.runs.replaced_whole`):
+    is written beside ``out_dir`` and moved into place at the end (:func:`equiseg.files.replaced_whole`):
     an earlier prediction there is replaced whole, a folder of other files is refused.
     ``on_image(done, total)`` is called after each image.
     """

@@ -28,7 +28,8 @@ from equiseg.config import PEAK_RULES, DetectConfig
 from equiseg.data.ocelot import OcelotFolder
 from equiseg.evaluation.detection import detection_scores, peak_candidates, suppress_peaks
 from equiseg.evaluation.evaluate import evaluate_model
-from equiseg.runs import Run, load_model, written_whole
+from equiseg.files import written_whole
+from equiseg.runs import Run, load_model
 from equiseg.runtime import Runtime
 
 GRID = {

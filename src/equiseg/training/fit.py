@@ -25,7 +25,8 @@ from equiseg.data.synthetic import generate_dataset
 from equiseg.data.targets import Task
 from equiseg.data.verify import verify_dataset
 from equiseg.evaluation.tissue_context import run_context
-from equiseg.runs import Run, load_model, written_whole
+from equiseg.files import written_whole
+from equiseg.runs import Run, load_model
 from equiseg.training.module import SegmentationModule
 
 _RUN_DIR_ENV = "EQUISEG_RUN_DIR"
