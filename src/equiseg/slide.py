@@ -50,7 +50,7 @@ from equiseg.data.ocelot import CELL_CLASSES, Resolution
 from equiseg.data.targets import Task, tissue_crop
 from equiseg.data.wsi import ScaledView, Slide, TissueMask, find_tissue
 from equiseg.evaluation.detection import BlockDetector, detection_halo, suppress_peaks
-from equiseg.evaluation.inference import Skip, StreamState, model_runtime, stream_blocks, window_blocks
+from equiseg.evaluation.inference import Skip, StreamState, block_count, model_runtime, stream_blocks
 from equiseg.evaluation.predict import NpyBlocks
 from equiseg.files import written_whole
 from equiseg.report.pictures import CELL_COLOURS, TISSUE_COLOURS, dot_radius, draw_points
@@ -256,13 +256,13 @@ def _tissue_pass(model: SlideModel, slide: Slide, box: tuple[int, int, int, int]
     """Run the tissue model over ``box`` at its resolution into ``path`` (float16 .npy)."""
     view = ScaledView(slide, model.resolution.tissue_mpp, box)
     classes = len(model.config.task.class_names)
-    blocks = window_blocks(view.height, view.width, tile, overlap) if max(view.height, view.width) > tile else [0]
+    total = block_count(view.height, view.width, tile, overlap)
     npy = NpyBlocks(path, (classes, view.height, view.width), TISSUE_MAP_DTYPE)
     for k, (top, left, block) in enumerate(stream_blocks(model.model, view.window, view.height, view.width, tile,
                                                          overlap, runtime, skip=_glass(view, tissue, classes))):
         npy.write(top, left, block)
         if progress is not None:
-            progress("tissue", k + 1, len(blocks))
+            progress("tissue", k + 1, total)
     return TissueMap(path, view)
 
 
@@ -354,9 +354,7 @@ def _cell_pass(model: SlideModel, view: ScaledView, tissue: TissueMask, tissue_m
     halo = detection_halo(detect.sigma, detect.min_distance)
     plan = [(c0, c1, max(0, c0 - halo), min(view.width, c1 + halo))
             for c0, c1 in stripes(view.width, tile, overlap, STRIPE_SIDE)]
-    whole = max(view.height, view.width) <= tile
-    total = sum(1 if whole else len(window_blocks(view.height, view.width, tile, overlap, columns=(m0, m1)))
-                for _, _, m0, m1 in plan)
+    total = sum(block_count(view.height, view.width, tile, overlap, columns=(m0, m1)) for _, _, m0, m1 in plan)
     stripe, kept, done = 0, [np.zeros((0, 5))], 0
     saved = torch.load(state_path, weights_only=True) if state_path.is_file() else None
     if saved is not None:

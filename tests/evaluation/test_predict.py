@@ -114,13 +114,16 @@ def test_stripes_of_columns_equal_the_whole_image_bit_for_bit(height, width, til
         streamed = torch.full_like(whole, torch.nan)
         for m0, m1 in itertools.pairwise(cuts):
             state = inference.StreamState()
+            yielded = 0
             for top, left, probs in stream_blocks(model, read, height, width, tile, overlap, runtime, 2 * tile,
                                                   state=state, columns=(m0, m1)):
+                yielded += 1
                 assert m0 <= left and left + probs.shape[2] <= m1
                 region = streamed[:, top:top + probs.shape[1], left:left + probs.shape[2]]
                 assert region.isnan().all()
                 region.copy_(probs)
                 assert all(piece.left + piece.terms.shape[2] <= m1 for piece in state.pieces)
+            assert yielded == inference.block_count(height, width, tile, overlap, 2 * tile, (m0, m1))
         assert torch.equal(streamed, whole)
     with pytest.raises(ValueError, match="not within"):
         window_blocks(height, width, tile, overlap, columns=(5, width + 1))

@@ -186,6 +186,14 @@ def window_blocks(height: int, width: int, tile: int, overlap: int, block_side: 
             for i in range(len(row_cuts) - 1) for j in range(len(col_cuts) - 1)]
 
 
+def block_count(height: int, width: int, tile: int | None, overlap: int, block_side: int | None = None,
+                columns: tuple[int, int] | None = None) -> int:
+    """How many blocks :func:`stream_blocks` yields for these arguments (for a progress bar)."""
+    if tile is None or (height <= tile and width <= tile):
+        return 1
+    return len(window_blocks(height, width, tile, overlap, BLOCK_SIDE if block_side is None else block_side, columns))
+
+
 @dataclass
 class _Piece:
     """The weighted probabilities of one window over a rectangle outside its own block's region,
