@@ -16,8 +16,9 @@ same bits.
 
 from __future__ import annotations
 
+import contextlib
 import enum
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,15 +76,25 @@ class RayExecutor:
         if not self.cpus_per_run > 0 or self.gpus_per_run < 0:
             raise ValueError(f"a run needs CPUs > 0 and GPUs >= 0, got {self.cpus_per_run} and {self.gpus_per_run}")
 
-    def map(self, fn: Callable, jobs: Sequence[tuple], on_done: Done | None = None) -> list:
-        if not jobs:
-            return []
+    @contextlib.contextmanager
+    def cluster(self) -> Iterator[Any]:
+        """The ``ray`` module, connected for the block: to the Ray this process already runs, to
+        ``address``, or to a local cluster started here and stopped after the block."""
         ray = require("ray")
         started = not ray.is_initialized()
         if started:
             ray.init(address=self.address, num_cpus=self.num_cpus if self.address is None else None,
                      include_dashboard=False, configure_logging=False, log_to_driver=True)
         try:
+            yield ray
+        finally:
+            if started:
+                ray.shutdown()
+
+    def map(self, fn: Callable, jobs: Sequence[tuple], on_done: Done | None = None) -> list:
+        if not jobs:
+            return []
+        with self.cluster() as ray:
             remote = ray.remote(fn).options(num_cpus=self.cpus_per_run, num_gpus=self.gpus_per_run,
                                             max_retries=0)
             refs = [remote.remote(*job) for job in jobs]
@@ -97,9 +108,6 @@ class RayExecutor:
                 if on_done is not None:
                     on_done(k, results[k])
             return results
-        finally:
-            if started:
-                ray.shutdown()
 
 
 Executor = LocalExecutor | RayExecutor

@@ -234,17 +234,13 @@ def _ray_trainable(values: dict[str, Any], base: Config, out: Path, metric: Metr
 
 def _tune_ray(base: Config, space: tuple[Param, ...], trials: int, out: Path, metric: Metric,
               executor: RayExecutor, say: Callable[[str], None]) -> list[dict[str, Any]]:
-    ray = require("ray")
+    require("ray")
     require("optuna")
     from ray import tune as ray_tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address=executor.address, num_cpus=executor.num_cpus if executor.address is None else None,
-                 include_dashboard=False, configure_logging=False)
-    try:
+    with executor.cluster():
         trainable = ray_tune.with_resources(
             ray_tune.with_parameters(_ray_trainable, base=base, out=out.resolve(), metric=metric),
             {"cpu": executor.cpus_per_run, "gpu": executor.gpus_per_run})
@@ -260,9 +256,6 @@ def _tune_ray(base: Config, space: tuple[Param, ...], trials: int, out: Path, me
                     scheduler=ASHAScheduler(metric="val_loss", mode="min", time_attr="epoch", grace_period=1)),
                 run_config=ray_tune.RunConfig(name="ray", storage_path=str(storage), verbose=0))
         grid = tuner.fit()
-    finally:
-        if started:
-            ray.shutdown()
     rows = []
     for k, result in enumerate(grid):
         finished = result.error is None and result.metrics.get("done_training") == 1
