@@ -178,6 +178,9 @@ def synth(
         min=0, max=1, help="0: the sparse world (about 14 cells per 512 px patch); 1: crowded tissue, tumour nests "
                            "of touching nuclei 50-65 px apart and dense lymphocyte clusters (about 50-400 cells per "
                            "1024 px patch).")] = 1.0,
+    rotated: Annotated[bool, typer.Option(
+        "--rotated", help="Make every pair a crop at a random angle: cells cut by the crop border at every "
+                          "orientation, bare glass in the corners (the tissue patch turned alike).")] = False,
 ) -> None:
     """Write a synthetic H&E-like dataset in the OCELOT 2023 Zenodo layout.
 
@@ -195,7 +198,8 @@ def synth(
     progress, update = _progress("rendering pairs")
     try:
         with progress:
-            generate_dataset(out_dir, counts, size=size, seed=seed, on_sample=update, crowding=crowding)
+            generate_dataset(out_dir, counts, size=size, seed=seed, on_sample=update, crowding=crowding,
+                             rotated=rotated)
     except (ValueError, FileExistsError) as error:
         raise _fail(str(error)) from None
     typer.echo(f"wrote {sum(counts.values())} pairs ({train} train, {val} val, {test} test) of {size}x{size} px "

@@ -57,7 +57,9 @@ class SyntheticConfig:
     ``crowding``: 0 for the sparse world (about 14 cells per 512 px patch, tumour nuclei 80-110
     px apart), 1 for crowded tissue (tumour nests of touching nuclei 50-65 px apart, dense
     lymphocyte clusters: about 50-400 cells per 1024 px patch); see
-    :func:`equiseg.data.synthetic.render_pair`.
+    :func:`equiseg.data.synthetic.render_pair`. ``rotated``: every pair is a crop at a random
+    angle (cells cut by the crop border at every orientation, glass in the corners), a setting
+    where no orientation of the image frame is special.
     """
 
     train: int = 16
@@ -66,6 +68,7 @@ class SyntheticConfig:
     size: int = 512
     seed: int = 0
     crowding: float = 0.0
+    rotated: bool = False
 
     def __post_init__(self) -> None:
         _at_least(self, "data.synthetic", train=1, val=1, test=0, size=32)

@@ -1,5 +1,6 @@
 """The synthetic world through the command line: synth -> verify -> reader -> targets."""
 
+import json
 import math
 
 import numpy as np
@@ -43,3 +44,16 @@ def test_synth_refuses_a_bad_size_and_an_occupied_folder(tmp_path):
     (tmp_path / "b" / "keep.txt").write_text("mine")
     result = runner.invoke(app, ["synth", str(tmp_path / "b"), "--size", "64"])
     assert result.exit_code == 2 and (tmp_path / "b" / "keep.txt").read_text() == "mine"
+
+
+def test_synth_rotated_writes_crops_at_angles_that_verify_reads_back(tmp_path):
+    """``--rotated``: the metadata says so, offsets leave the 1/16 grid (they turn with the crop), verify passes."""
+    out = tmp_path / "rotated"
+    result = runner.invoke(app, ["synth", str(out), "--train", "3", "--val", "1", "--test", "0", "--size", "128",
+                                 "--rotated"])
+    assert result.exit_code == 0, result.output
+    assert runner.invoke(app, ["verify", str(out)]).exit_code == 0
+    metadata = json.loads((out / "metadata.json").read_text())
+    assert "random angles" in metadata["general_info"]["description"]
+    offsets = [meta["patch_x_offset"] for meta in metadata["sample_pairs"].values()]
+    assert any(not (16 * x).is_integer() for x in offsets), offsets

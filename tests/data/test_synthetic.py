@@ -219,3 +219,63 @@ def test_the_crowded_world_packs_touching_nuclei_and_crowding_0_is_the_sparse_wo
     assert np.mean(close) > 0.6, close
     with pytest.raises(ValueError, match="crowding"):
         render_pair(0, 64, crowding=1.5)
+
+
+def test_a_quarter_turn_of_an_image_is_rot90_exactly():
+    """The crop turner at 90°: the whole frame stays covered and equals ``np.rot90`` (clockwise on screen, x
+    towards y) for RGB and labels alike; the fill is never used."""
+    from equiseg.data.synthetic import _turned_image
+
+    rng = np.random.default_rng(0)
+    image, labels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8), rng.integers(0, 3, (32, 32), dtype=np.uint8)
+    turned, cover = _turned_image(image, (16, 16), np.pi / 2, 1, np.zeros_like(image))
+    np.testing.assert_array_equal(turned, np.rot90(image, k=-1))
+    assert np.all(cover == 1)
+    turned, _ = _turned_image(labels, (16, 16), np.pi / 2, 0, np.full_like(labels, 9))
+    np.testing.assert_array_equal(turned, np.rot90(labels, k=-1))
+
+
+def test_rotated_crops_turn_the_same_world_keep_the_cell_block_and_show_glass_in_the_corners():
+    """``rotated=True``: the same world as unrotated, seen through crops at random angles. The angle is read
+    back from how the cell block's offset moved about the tissue patch's centre; the cells are the unrotated
+    cells turned by it (to 1 px, the floor of a turned pixel centre), the cell patch is still the fine view
+    of its (moved) tissue block, off-axis crops have glass corners, and the angles cover all quadrants."""
+    angles, size = [], SIZE
+    for k in range(12):
+        seq = np.random.SeedSequence([SEED, k])
+        flat, turned = render_pair(seq, size, 1.0), render_pair(seq, size, 1.0, rotated=True)
+        assert turned.cell_image.shape == flat.cell_image.shape and turned.cell_image.dtype == np.uint8
+        before = np.array([flat.patch_x_offset, flat.patch_y_offset]) - 0.5
+        after = np.array([turned.patch_x_offset, turned.patch_y_offset]) - 0.5
+        assert np.all(np.abs(after) <= 0.375 + 1e-9)  # the cell block stays inside the tissue patch
+        assert np.linalg.norm(after) == pytest.approx(np.linalg.norm(before), abs=1e-9)
+        if np.linalg.norm(before) < 0.1:
+            continue  # the offset barely moves: the angle cannot be read back
+        angle = np.arctan2(after[1], after[0]) - np.arctan2(before[1], before[0])
+        angles.append(angle % (2 * np.pi))
+        # cells: the unrotated ones turned about the patch centre, those still in the frame
+        c, s = np.cos(angle), np.sin(angle)
+        d = flat.cells[:, :2] + 0.5 - size / 2
+        moved = size / 2 + np.stack([c * d[:, 0] - s * d[:, 1], s * d[:, 0] + c * d[:, 1]], axis=1)
+        kept = np.all((moved >= 1) & (moved < size - 1), axis=1)  # clear of the frame by a px of rounding
+        assert len(turned.cells) <= len(flat.cells)
+        for (x, y), cls in zip(moved[kept], flat.cells[kept, 2]):
+            near = np.abs(turned.cells[:, 0] + 0.5 - x) + np.abs(turned.cells[:, 1] + 0.5 - y) <= 2
+            assert np.any(near & (turned.cells[:, 2] == cls)), (k, x, y, cls)
+        # the cell patch is still the 4x view of its block: compare inside the disk every crop covers
+        side = size // 4
+        pooled = grey(turned.cell_image).reshape(side, 4, side, 4).mean(axis=(1, 3))
+        x0, y0 = ((after + 0.5) * size - side / 2).round().astype(int)
+        rows, cols = np.mgrid[0:side, 0:side] + 0.5 - side / 2
+        disk = rows ** 2 + cols ** 2 < (side / 2 - 2) ** 2
+        tissue = grey(turned.tissue_image)[y0:y0 + side, x0:x0 + side]
+        assert np.corrcoef(pooled[disk], tissue[disk])[0, 1] > 0.7, k
+        # glass in the corners when the crop is off the axes by more than 10°
+        off_axis = min(angle % (np.pi / 2), np.pi / 2 - angle % (np.pi / 2)) > np.radians(10)
+        corners = [turned.cell_image[:3, :3], turned.cell_image[:3, -3:], turned.cell_image[-3:, :3],
+                   turned.cell_image[-3:, -3:]]
+        if off_axis:
+            for corner in corners:
+                assert corner.min() > 200 and np.ptp(corner.astype(int).mean(axis=(0, 1))) < 25, k
+    quadrants = {int(a // (np.pi / 2)) for a in angles}
+    assert len(angles) >= 6 and len(quadrants) >= 3, angles

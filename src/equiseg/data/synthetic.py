@@ -614,13 +614,89 @@ def _cell_points(world: _World) -> np.ndarray:
     return cells[np.lexsort((cells[:, 0], cells[:, 1]))]
 
 
-def render_pair(seed: int | np.random.SeedSequence, size: int = 1024, crowding: float = 0.0) -> SyntheticPair:
+def _turn(points: np.ndarray, centre: np.ndarray, angle: float) -> np.ndarray:
+    """(N, 2) points (x, y) turned by ``angle`` rad about ``centre`` (x towards y: clockwise on screen)."""
+    c, s = math.cos(angle), math.sin(angle)
+    d = points - centre
+    return centre + np.stack([c * d[:, 0] - s * d[:, 1], s * d[:, 0] + c * d[:, 1]], axis=1)
+
+
+def _turned_image(image: np.ndarray, centre: tuple[float, float], angle: float, order: int,
+                  fill: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``image`` (H, W[, C]) turned by ``angle`` about the px point ``centre`` (x, y), in its own frame:
+    output pixel p shows the source at ``centre + R(-angle) (p - centre)`` (spline ``order``); where that
+    point lies outside the source, ``fill`` (same shape as ``image``) shows instead, blended over one px
+    of anti-aliased edge. Returns the image (same dtype) and the covered fraction (H, W) float32."""
+    h, w = image.shape[:2]
+    ys, xs = np.mgrid[0:h, 0:w].astype(np.float64) + 0.5
+    source = _turn(np.stack([xs.ravel(), ys.ravel()], axis=1), np.array(centre), -angle)
+    sx, sy = source[:, 0].reshape(h, w), source[:, 1].reshape(h, w)
+    cover = np.clip(np.minimum.reduce([sx, w - sx, sy, h - sy]) + 0.5, 0, 1).astype(np.float32)
+    coords = np.stack([sy - 0.5, sx - 0.5])
+    channels = image[..., None] if image.ndim == 2 else image
+    out = np.empty(channels.shape, np.float32)
+    for k in range(channels.shape[2]):
+        out[..., k] = ndimage.map_coordinates(channels[..., k].astype(np.float32), coords, order=order,
+                                              mode="nearest", prefilter=order > 1)
+    out = out.reshape(image.shape)
+    weight = cover if image.ndim == 2 else cover[..., None]
+    if order == 0:  # labels: no blending, the source where more than half a pixel is covered
+        out = np.where(weight > 0.5, out, fill)
+    else:
+        out = weight * out + (1 - weight) * fill.astype(np.float32)
+    info = np.iinfo(image.dtype)
+    return np.clip(np.rint(out), info.min, info.max).astype(image.dtype), cover
+
+
+def _crop_angle(offset: tuple[float, float], rng: np.random.Generator) -> tuple[float, tuple[float, float]]:
+    """An angle (rad) uniform over those that keep the cell block inside the tissue patch once both turn
+    about the tissue patch's centre, and the cell patch's centre offset after the turn."""
+    for _ in range(1000):  # at least a quarter of all angles qualify for any offset in [1/8, 7/8]²
+        angle = float(rng.uniform(0, 2 * np.pi))
+        moved = _turn(np.array([offset]), np.array([0.5, 0.5]), angle)[0]
+        if np.all((moved >= 0.125 - 1e-9) & (moved <= 0.875 + 1e-9)):
+            return angle, (float(moved[0]), float(moved[1]))
+    return 0.0, offset
+
+
+def _rotated_crop(pair: SyntheticPair, world: _World, rng: np.random.Generator) -> SyntheticPair:
+    """``pair`` seen through crops turned by a random angle: the cell patch turned about its centre and shown
+    in an axis-aligned frame whose corners outside the crop are bare glass; the tissue patch turned by the same
+    angle about its own centre (glass in its corners too), its cell block offset moved with the turn so the
+    cell block relation of :meth:`~equiseg.data.ocelot.PairMeta.cell_block` still holds exactly.
+
+    Cells are cut by the crop's border at the angle of the turn; points move with the exact turn of their
+    pixel centres and those that leave the frame are dropped; outside the tissue crop the mask is background.
+    The tissue patch keeps the tissue around the cell crop (context reaches beyond a crop).
+    """
+    size = pair.cell_image.shape[0]
+    angle, offset = _crop_angle((pair.patch_x_offset, pair.patch_y_offset), rng)
+    glass = np.zeros((size, size), np.float32)
+    centre = (size / 2, size / 2)
+    cell_image, _ = _turned_image(pair.cell_image, centre, angle, 1, _colour(world, glass, glass, rng))
+    tissue_image, _ = _turned_image(pair.tissue_image, centre, angle, 1, _colour(world, glass, glass, rng))
+    mask, _ = _turned_image(pair.tissue_mask, centre, angle, 0,
+                            np.full(pair.tissue_mask.shape, TISSUE_BACKGROUND, np.uint8))
+    moved = np.floor(_turn(pair.cells[:, :2] + 0.5, np.array(centre), angle)).astype(np.int64)
+    inside = np.all((moved >= 0) & (moved < size), axis=1)
+    cells = np.concatenate([moved[inside], pair.cells[inside, 2:]], axis=1).reshape(-1, 3)
+    cells = cells[np.lexsort((cells[:, 0], cells[:, 1]))]
+    return dataclasses.replace(pair, cell_image=cell_image, tissue_image=tissue_image, cells=cells,
+                               tissue_mask=mask, patch_x_offset=offset[0], patch_y_offset=offset[1])
+
+
+def render_pair(seed: int | np.random.SeedSequence, size: int = 1024, crowding: float = 0.0,
+                rotated: bool = False) -> SyntheticPair:
     """Draw one world from ``seed`` and render its cell and tissue patches, ``size`` x ``size`` px each.
 
     The same seed gives identical arrays. The tissue patch covers ``size * tissue_mpp`` µm; the
     cell patch is the block ``PairMeta.cell_block`` of it at 4x the resolution, rendered from the
     world (nuclear detail included), not upsampled. ``size`` must be a positive multiple of 32.
     ``crowding`` in [0, 1]: 0 the sparse world, 1 crowded tissue (see :func:`_place_nuclei`).
+    ``rotated``: the pair is seen through crops turned by a random angle (its own stream, so the
+    world is the same as unrotated): cells cut by the crop's border at every orientation, glass in
+    the corners, the offsets moved with the turn (see :func:`_rotated_crop`); pixels are resampled
+    bilinearly once.
     """
     check_size(size)
     if not 0 <= crowding <= 1:
@@ -632,19 +708,22 @@ def render_pair(seed: int | np.random.SeedSequence, size: int = 1024, crowding: 
     mask = np.where(cancer > 0, TISSUE_CANCER, TISSUE_BACKGROUND).astype(np.uint8)
     if world.unknown is not None:
         mask[world.unknown.on(world.tissue_view) > world.unknown_level] = TISSUE_UNKNOWN
-    return SyntheticPair(cell_image, tissue_image, _cell_points(world), mask, world.cell_mpp, world.tissue_mpp,
+    pair = SyntheticPair(cell_image, tissue_image, _cell_points(world), mask, world.cell_mpp, world.tissue_mpp,
                          world.offset[0], world.offset[1])
+    if rotated:
+        pair = _rotated_crop(pair, world, _child(seq, 4))
+    return pair
 
 
 def generate_dataset(out_dir: Path | str, counts: Mapping[str, int] = DEFAULT_COUNTS, size: int = 1024,
                      seed: int = 0, on_sample: Callable[[int, int], None] | None = None,
-                     crowding: float = 0.0) -> Path:
+                     crowding: float = 0.0, rotated: bool = False) -> Path:
     """Write a synthetic dataset in the OCELOT Zenodo layout; returns ``out_dir``.
 
     Sample ids are "001", "002", ... consecutive across the splits in the order train, val, test
     (as in the real data). Sample ``k`` (0-based over all splits) is ``render_pair(SeedSequence([seed, k]))``,
     so asking for more samples leaves the earlier ones byte-identical. ``on_sample(done, total)``
-    is called after each pair is written.
+    is called after each pair is written. ``crowding`` and ``rotated``: see :func:`render_pair`.
 
     Raises:
         ValueError: ``size`` not a positive multiple of 32, an unknown split or a negative count.
@@ -663,7 +742,7 @@ def generate_dataset(out_dir: Path | str, counts: Mapping[str, int] = DEFAULT_CO
     width = max(3, len(str(len(splits))))
     records = {}
     for k, split in enumerate(splits):
-        pair = render_pair(np.random.SeedSequence([seed, k]), size, crowding)
+        pair = render_pair(np.random.SeedSequence([seed, k]), size, crowding, rotated)
         sample_id = f"{k + 1:0{width}d}"
         write_pair(out, split, sample_id, pair.cell_image, pair.tissue_image, pair.cells, pair.tissue_mask)
         # level 0 of each synthetic slide is at cell resolution, so the slide boxes are whole pixels
@@ -674,6 +753,7 @@ def generate_dataset(out_dir: Path | str, counts: Mapping[str, int] = DEFAULT_CO
         if on_sample is not None:
             on_sample(k + 1, len(splits))
     crowded = f", crowding {crowding:g}" if crowding else ""
+    turned = ", crops at random angles" if rotated else ""
     write_metadata(out, records,
-                   description=f"Synthetic H&E-like pairs from equiseg (seed {seed}, {size} px{crowded}).")
+                   description=f"Synthetic H&E-like pairs from equiseg (seed {seed}, {size} px{crowded}{turned}).")
     return out

@@ -53,7 +53,7 @@ def generate_synthetic(root: Path, spec: SyntheticConfig) -> Path:
         if partial.exists():
             shutil.rmtree(partial)
         generate_dataset(partial, {"train": spec.train, "val": spec.val, "test": spec.test}, size=spec.size,
-                         seed=spec.seed, crowding=spec.crowding)
+                         seed=spec.seed, crowding=spec.crowding, rotated=spec.rotated)
         if root.exists():
             shutil.rmtree(root)  # an incomplete dataset from an older interrupted run
         partial.rename(root)
@@ -65,6 +65,8 @@ def synthetic_root(spec: SyntheticConfig) -> Path:
     fields = {"train": spec.train, "val": spec.val, "test": spec.test, "size": spec.size, "seed": spec.seed}
     if spec.crowding:  # the sparse world keeps the cache folders it always had
         fields["crowding"] = spec.crowding
+    if spec.rotated:
+        fields["rotated"] = True
     key = json.dumps(fields, sort_keys=True)
     return generate_synthetic(cache_dir() / "synthetic" / hashlib.sha1(key.encode()).hexdigest()[:12], spec)
 
@@ -77,12 +79,13 @@ def data_root(config: Config) -> Path:
 def synthetic_record(spec: SyntheticConfig) -> str:
     """The settings of a built-in synthetic dataset on one line: ``train=16 val=4 test=4 size=512 seed=0 crowding=1``."""
     return (f"train={spec.train} val={spec.val} test={spec.test} size={spec.size} seed={spec.seed} "
-            f"crowding={spec.crowding:g}")
+            f"crowding={spec.crowding:g}" + (" rotated" if spec.rotated else ""))
 
 
 def synthetic_notice(spec: SyntheticConfig) -> str:
     """The warning a training on the built-in synthetic data starts with."""
     world = "crowded" if spec.crowding == 1 else "sparse" if spec.crowding == 0 else f"crowding {spec.crowding:g}"
+    world += ", crops at random angles" if spec.rotated else ""
     return (f"no data.root: training on the built-in SYNTHETIC dataset ({spec.train} train images of "
             f"{spec.size} px, seed {spec.seed}, {world}), not OCELOT; pass --data DIR for real data")
 
