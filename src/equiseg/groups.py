@@ -1,4 +1,4 @@
-"""The symmetry groups of the square pixel grid: C4 and D4.
+"""The symmetry groups of the square pixel grid, C4 and D4, and the finer rotation groups C8, C16 and D8.
 
 C4 holds the four rotations by multiples of 90 degrees; D4 adds the four reflections.
 Semidirect with the translations of Z2 they give the wallpaper groups p4 = Z2 x| C4 and
@@ -27,9 +27,11 @@ which is how the outputs of lifting and group convolutions transform (see ``equi
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import cached_property
 
+import numpy as np
 import torch
 
 
@@ -130,8 +132,84 @@ def fold_group(x: torch.Tensor) -> torch.Tensor:
     return x.flatten(1, 2)
 
 
-def unfold_group(x: torch.Tensor, group: Group) -> torch.Tensor:
+def unfold_group(x: torch.Tensor, group: Group | PlaneGroup) -> torch.Tensor:
     """(B, C*|G|, H, W) -> (B, C, |G|, H, W); the inverse of :func:`fold_group`."""
     if x.shape[1] % group.order:
         raise ValueError(f"{x.shape[1]} channels do not fold into fields of {group.name} (|G| = {group.order})")
     return x.unflatten(1, (-1, group.order))
+
+
+@dataclass(frozen=True)
+class PlaneGroup:
+    """C_N or D_N as a group of the plane: ``n`` rotations by 2 pi r / n, and with ``flips`` their mirror images.
+
+    The steerable families' point groups (see :mod:`equiseg.nn.steerable`). Elements are indexed
+    ``n * m + r``: mirror left-right if ``m``, then turn by ``r / n`` of a full turn counter-clockwise
+    as an image is shown, the conventions of C4 and D4 above, which are the subgroup of every
+    ``n`` divisible by 4 that acts on the pixel grid exactly: D4's element ``(r, m)`` is ``(n // 4 * r, m)``.
+    Regular features carry a group axis of length ``order`` and transform as for C4 and D4.
+    """
+
+    name: str
+    n: int
+    flips: bool
+
+    @property
+    def order(self) -> int:
+        """|G|: n, or 2n with flips."""
+        return self.n * (2 if self.flips else 1)
+
+    @cached_property
+    def matrices(self) -> np.ndarray:
+        """(|G|, 2, 2) float64: how each element moves a point (x right, y down) of the plane."""
+        mats = []
+        for m in ((0, 1) if self.flips else (0,)):
+            for r in range(self.n):
+                angle = 2 * math.pi * r / self.n
+                c, s = (round(v) if abs(v - round(v)) < 1e-12 else v for v in (math.cos(angle), math.sin(angle)))
+                turn = np.array([[c, s], [-s, c]])  # counter-clockwise on screen (y down); quarter turns exact
+                mats.append(turn @ np.diag([-1.0 if m else 1.0, 1.0]))
+        return np.stack(mats)
+
+    @cached_property
+    def cayley(self) -> torch.Tensor:
+        """``cayley[i, j]``: the index of element i times element j (j first); shape (|G|, |G|)."""
+        mats = self.matrices
+        products = np.einsum("iab,jbc->ijac", mats, mats)  # (|G|, |G|, 2, 2)
+        distance = np.abs(products[:, :, None] - mats[None, None]).reshape(self.order, self.order, self.order, 4)
+        return torch.tensor(distance.max(axis=-1).argmin(axis=-1), dtype=torch.long, device="cpu")
+
+    @cached_property
+    def inverses(self) -> torch.Tensor:
+        """``inverses[i]``: the index of element i's inverse; shape (|G|,)."""
+        return torch.tensor(np.argmin(self.cayley.numpy(), axis=1), dtype=torch.long, device="cpu")
+
+    @cached_property
+    def left_regular(self) -> torch.Tensor:
+        """``left_regular[g, h] = index(g^-1 h)``: the regular action's permutation of a group axis, row by element."""
+        return self.cayley[self.inverses]
+
+    def index(self, g: GroupElement) -> int:
+        """The index of a D4 element (quarter turns, flips) in this group."""
+        if self.n % 4 or (g.flip and not self.flips):
+            raise ValueError(f"{g} is not an element of {self.name}")
+        return self.n * int(g.flip) + self.n // 4 * (g.rotation % 4)
+
+    def act_on_regular(self, g: GroupElement, x: torch.Tensor) -> torch.Tensor:
+        """``T_g`` for a D4 element on regular features (..., |G|, H, W): turn the plane, permute the axis."""
+        if x.shape[-3] != self.order:
+            raise ValueError(f"expected a group axis of {self.order} at dim -3, got shape {tuple(x.shape)}")
+        return Group.act_on_image(g, x[..., self.left_regular[self.index(g)].to(x.device), :, :])
+
+    def __str__(self) -> str:
+        return self.name
+
+
+C8 = PlaneGroup("C8", 8, flips=False)
+"""Rotations by multiples of 45 degrees (exact on the pixel grid for its C4)."""
+
+C16 = PlaneGroup("C16", 16, flips=False)
+"""Rotations by multiples of 22.5 degrees (exact on the pixel grid for its C4)."""
+
+D8 = PlaneGroup("D8", 8, flips=True)
+"""C8 and eight reflections (exact on the pixel grid for its D4)."""

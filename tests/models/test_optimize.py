@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from tests.models.test_unet import EXACT, TOL, small, warm_batch_norm
+from tests.models.test_unet import EXACT, STEERABLE, TOL, small, warm_batch_norm
 from torch import nn
 
 from equiseg import optimize_for_inference
@@ -28,7 +28,7 @@ def test_the_optimized_model_computes_the_same_function(family, size):
     assert any(isinstance(m, (nn.BatchNorm2d, GroupBatchNorm2d)) for m in model.modules())  # the model is untouched
 
 
-@pytest.mark.parametrize("family", EXACT, ids=lambda f: f.value)
+@pytest.mark.parametrize("family", EXACT + STEERABLE, ids=lambda f: f.value)
 def test_the_optimized_model_keeps_exact_equivariance(family):
     x = torch.randn(1, 3, 96, 64)
     optimized = optimize_for_inference(warm_batch_norm(small(family), torch.randn(2, 3, 64, 64)))

@@ -11,7 +11,9 @@ from equiseg.nn import ExpandedConv2d, fold_to_conv2d
 
 TOL = 1e-5
 EXACT = [ConvFamily.ISOTROPIC, ConvFamily.P4, ConvFamily.P4M]
-SMALL_WIDTH = {ConvFamily.PLAIN: 6, ConvFamily.ISOTROPIC: 6, ConvFamily.P4: 2, ConvFamily.P4M: 2}
+STEERABLE = [ConvFamily.C8, ConvFamily.C16, ConvFamily.D8]  # exact for the quarter turns (and flips) they hold
+SMALL_WIDTH = {ConvFamily.PLAIN: 6, ConvFamily.ISOTROPIC: 6, ConvFamily.P4: 2, ConvFamily.P4M: 2,
+               ConvFamily.C8: 1, ConvFamily.C16: 1, ConvFamily.D8: 1}
 
 
 def small(family, depth=4, **kwargs):
@@ -35,6 +37,19 @@ def test_exact_families_are_equivariant_for_their_group(family, size):
     errors = equivariance_errors(model, x, family.group.elements)
     assert len(errors) == family.group.order
     assert max(errors.values()) <= TOL, errors
+
+
+@pytest.mark.parametrize("family", STEERABLE, ids=lambda f: f.value)
+@pytest.mark.parametrize("size", [(64, 64), (48, 80)])
+def test_steerable_families_are_exact_for_the_grid_part_of_their_group(family, size):
+    """c8 and c16: C4 exactly, not the flips; d8: D4 exactly (smaller images than above: 16 channels a field)."""
+    x = torch.randn(1, 3, *size)
+    model = warm_batch_norm(small(family, depth=3), x)
+    errors = equivariance_errors(model, x, D4.elements)
+    assert max(errors[str(g)] for g in family.group.elements) <= TOL, errors
+    assert family.field_group.order == family.channels_per_unit == {"c8": 8, "c16": 16, "d8": 16}[family.value]
+    if family.group is C4:
+        assert min(errors[str(g)] for g in D4.elements[4:]) > 1e-3, errors
 
 
 def test_plain_family_measurably_fails():
@@ -62,7 +77,7 @@ def test_forward_backward_reaches_every_parameter(family):
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
-@pytest.mark.parametrize("family", EXACT, ids=lambda f: f.value)
+@pytest.mark.parametrize("family", EXACT + STEERABLE, ids=lambda f: f.value)
 def test_folded_model_matches(family):
     x = torch.randn(1, 3, 64, 64)
     model = warm_batch_norm(small(family), x)

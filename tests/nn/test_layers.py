@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from equiseg.evaluation.equivariance import equivariance_errors
-from equiseg.groups import C4, D4, fold_group, unfold_group
+from equiseg.groups import C4, C8, D4, D8, fold_group, unfold_group
 from equiseg.nn import (
     ExpandedConv2d,
     GroupBatchNorm2d,
@@ -14,6 +14,8 @@ from equiseg.nn import (
     GroupPool,
     IsotropicConv2d,
     LiftingConv2d,
+    SteerableGroupConv2d,
+    SteerableLiftingConv2d,
     fold_to_conv2d,
     pool_over_group,
 )
@@ -150,6 +152,8 @@ EXPANDED = {
     "lifting-p4m": (lambda: LiftingConv2d(3, 2, D4), 3),
     "group-p4": (lambda: GroupConv2d(2, 3, C4), 2 * 4),
     "group-p4m": (lambda: GroupConv2d(2, 3, D4, bias=False), 2 * 8),
+    "lifting-c8": (lambda: SteerableLiftingConv2d(3, 2, C8), 3),
+    "group-d8": (lambda: SteerableGroupConv2d(2, 3, D8, bias=False), 2 * 16),
 }
 
 

@@ -1,4 +1,4 @@
-"""One U-Net over four conv families: plain, isotropic, p4 and p4m."""
+"""One U-Net over seven conv families: plain, isotropic, p4, p4m and the steerable c8, c16 and d8."""
 
 from __future__ import annotations
 
@@ -8,27 +8,52 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from equiseg.groups import C4, D4, Group
-from equiseg.nn import GroupBatchNorm2d, GroupConv2d, GroupPool, IsotropicConv2d, LiftingConv2d, pool_over_group
+from equiseg.groups import C4, C8, C16, D4, D8, Group, PlaneGroup
+from equiseg.nn import (
+    GroupBatchNorm2d,
+    GroupConv2d,
+    GroupPool,
+    IsotropicConv2d,
+    LiftingConv2d,
+    SteerableGroupConv2d,
+    SteerableLiftingConv2d,
+    pool_over_group,
+)
 
 
 class ConvFamily(enum.Enum):
-    """The convolution a U-Net is built from, and the symmetry it is exact for."""
+    """The convolution a U-Net is built from, and the symmetry it is exact for.
+
+    ``c8``, ``c16`` and ``d8`` carry regular fields over finer rotation groups (C8, C16, D8) with
+    steerable filters (:mod:`equiseg.nn.steerable`); on the pixel grid they are exact for the
+    quarter turns (c8, c16) and flips (d8) they contain, and close to equivariant for the rest.
+    """
 
     PLAIN = "plain"
     ISOTROPIC = "isotropic"
     P4 = "p4"
     P4M = "p4m"
+    C8 = "c8"
+    C16 = "c16"
+    D8 = "d8"
 
     @property
     def group(self) -> Group | None:
         """The group G with f(T_g x) = T_g f(x) exactly for g in G; None for plain convs."""
-        return {ConvFamily.PLAIN: None, ConvFamily.ISOTROPIC: D4, ConvFamily.P4: C4, ConvFamily.P4M: D4}[self]
+        exact = {ConvFamily.PLAIN: None, ConvFamily.ISOTROPIC: D4, ConvFamily.P4: C4, ConvFamily.P4M: D4,
+                 ConvFamily.C8: C4, ConvFamily.C16: C4, ConvFamily.D8: D4}
+        return exact[self]
+
+    @property
+    def field_group(self) -> Group | PlaneGroup | None:
+        """The group over which features are regular fields (their group axis); None for scalar features."""
+        fields = {ConvFamily.P4: C4, ConvFamily.P4M: D4, ConvFamily.C8: C8, ConvFamily.C16: C16, ConvFamily.D8: D8}
+        return fields.get(self)
 
     @property
     def channels_per_unit(self) -> int:
         """Conv channels per unit of width: |G| for regular group features, else 1."""
-        return 1 if self in (ConvFamily.PLAIN, ConvFamily.ISOTROPIC) else self.group.order
+        return 1 if self.field_group is None else self.field_group.order
 
 
 def conv_block(family: ConvFamily, in_width: int, out_width: int, lifting: bool = False) -> nn.Sequential:
@@ -46,6 +71,10 @@ def conv_block(family: ConvFamily, in_width: int, out_width: int, lifting: bool 
             layer = LiftingConv2d if lifting else GroupConv2d
             conv = layer(in_width, out_width, family.group, 3, bias=False)
             norm = GroupBatchNorm2d(out_width, family.group)
+        case ConvFamily.C8 | ConvFamily.C16 | ConvFamily.D8:
+            layer = SteerableLiftingConv2d if lifting else SteerableGroupConv2d
+            conv = layer(in_width, out_width, family.field_group, 3, bias=False)
+            norm = GroupBatchNorm2d(out_width, family.field_group)
     return nn.Sequential(conv, norm, nn.ReLU(inplace=True))
 
 
@@ -78,7 +107,7 @@ class UNet(nn.Module):
 
     Args:
         family: the conv family.
-        width: units at level 0 (channels for plain/isotropic, fields of |G| channels for p4/p4m).
+        width: units at level 0 (channels for plain/isotropic, fields of |G| channels for the group families).
         depth: number of 2x2 poolings.
         in_channels: image channels.
         num_classes: logit channels (default 3: background, BC, TC).
@@ -122,7 +151,7 @@ class UNet(nn.Module):
         for level in reversed(range(self.depth)):
             x = self.decoder[level](torch.cat([_up(x), skips[level]], dim=1))
         if self.family.channels_per_unit > 1:
-            x = pool_over_group(x, self.family.group, GroupPool.MAX)  # (B, C*|G|, H, W) -> (B, C, H, W)
+            x = pool_over_group(x, self.family.field_group, GroupPool.MAX)  # (B, C*|G|, H, W) -> (B, C, H, W)
         return self.head(x)
 
     def _pad(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
