@@ -22,6 +22,7 @@ Study config (YAML)::
     seeds: [0, 1, 2]
     equal_steps: true                       # epochs / fraction, so every fraction gets the same steps
     lr_search: [3.0e-4, 1.0e-3, 3.0e-3]     # each variant's learning rate, chosen on the validation split
+                                            # (or a variant's own ``lr: 0.01``, a rate fixed by a stated rule)
     baseline: plain+heavy                   # every other variant against it, paired, with bootstrap intervals
     robustness: true                        # rotation robustness and TTA (false: scores and certificate only)
     angles: [15, 30, 45]
@@ -105,14 +106,15 @@ GC_INPUT_ENV = "EQUISEG_GC_INPUT"
 
 @dataclass(frozen=True)
 class Variant:
-    """One row of the study: a conv family, an augmentation preset, a width (None: matched) and
-    the tissue context it takes."""
+    """One row of the study: a conv family, an augmentation preset, a width (None: matched), the
+    tissue context it takes and a learning rate of its own (None: the base's, or the search's)."""
 
     label: str
     family: ConvFamily
     augment: AugmentPreset = AugmentPreset.NONE
     width: int | None = None
     context: ContextKind = ContextKind.NONE
+    lr: float | None = None
 
 
 @dataclass(frozen=True)
@@ -271,7 +273,7 @@ def evaluate_run(run_dir: Path, root: Path, study: StudyConfig, cell: tuple[Vari
         context=config.data.context, scores=plain_eval.scores, per_image=tuple(plain_eval.per_image),
         seconds=seconds, oracle=oracle,
         robustness=_robustness(model, config, root, study, context, runtime) if study.robustness else (),
-        certificate=_certificate(model, config, root, gc_samples, context),
+        certificate=_certificate(model, config, root, gc_samples, context, study.angles),
         tta=_tta(model, config, root, context, runtime) if study.robustness else None,
         lr=config.train.lr, train_count=len(training_subset(len(OcelotFolder(root, "train")), fraction, seed)),
         best_epoch=best_epoch, epochs_trained=epochs_trained)
@@ -306,8 +308,9 @@ def _robustness(model: torch.nn.Module, config: Config, root: Path, study: Study
 
 
 def _certificate(model: torch.nn.Module, config: Config, root: Path, gc_samples: list,
-                 context: ContextFn | None) -> Certificate:
-    """The equivariance certificate on (up to) four test images and, if given, the real patch(es)."""
+                 context: ContextFn | None, study_angles: tuple[float, ...]) -> Certificate:
+    """The equivariance certificate on (up to) four test images and, if given, the real patch(es), at the
+    study's angles."""
     test = OcelotFolder(root, "test")
     samples = [test[i] for i in range(min(len(test), 4))]
     images = [model_input(s.cell_image, context and context(s)) for s in samples]
@@ -316,8 +319,8 @@ def _certificate(model: torch.nn.Module, config: Config, root: Path, gc_samples:
     if gc_samples:
         # the real patch, cropped to 512 px to keep it cheap; its context from the whole tissue patch
         crops = [model_input(s.cell_image, context and context(s))[:, 256:768, 256:768] for s in gc_samples]
-        real = certificate(model, crops, group)
-    return Certificate(group.name, certificate(model, images, group), real)
+        real = certificate(model, crops, group, study_angles)
+    return Certificate(group.name, certificate(model, images, group, study_angles), real)
 
 
 def _tta(model: torch.nn.Module, config: Config, root: Path, context: ContextFn | None,
@@ -386,7 +389,7 @@ def run_study(study: StudyConfig, out: Path, say: Callable[[str], None] = print,
     started = time.time()
     tissue = _tissue_model(study, out, root, runtime, say) if study.uses_context else None
     trials = _lr_search(study, out, root, widths, max(fractions), tissue, say, executor)
-    rates = {t.variant: t.lr for t in trials if t.chosen}
+    rates = {v.label: v.lr for v in study.variants if v.lr is not None} | {t.variant: t.lr for t in trials if t.chosen}
     # a local executor shares one context cache between runs (each tissue map computed once);
     # remote jobs make their own
     contexts: dict[str, ContextFn] | None = {} if isinstance(executor, LocalExecutor) else None

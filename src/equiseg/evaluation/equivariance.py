@@ -5,7 +5,9 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 
+import numpy as np
 import torch
+from scipy import ndimage
 from torch import nn
 
 from equiseg.data.augment import sampling_grid
@@ -102,8 +104,6 @@ def rotate_image(x: torch.Tensor, degrees: float) -> torch.Tensor:
     """(..., H, W) turned by ``degrees`` counter-clockwise as shown, about the image centre, with
     quintic spline interpolation (``scipy.ndimage.rotate``, order 5, zeros outside); float64 on
     the CPU inside, ``x``'s dtype out."""
-    from scipy import ndimage
-
     array = x.detach().cpu().double().numpy()
     # ndimage.rotate turns the (row, column) plane; rows grow downwards, so a positive angle turns
     # the picture counter-clockwise as shown, as torch.rot90(k=1) does
@@ -116,8 +116,6 @@ def band_limited_noise(size: int, channels: int = 3, sigma: float = 3.0, seed: i
     """(1, channels, size, size) Gaussian noise smoothed by a Gaussian of ``sigma`` px and
     scaled to [0, 1]: an input whose rotation interpolators reproduce well (few frequencies near
     the grid's limit)."""
-    from scipy import ndimage
-
     rng = torch.Generator().manual_seed(seed)
     noise = torch.randn(channels, size, size, generator=rng, dtype=torch.float64).numpy()
     smooth = ndimage.gaussian_filter(noise, (0, sigma, sigma), mode="wrap")
@@ -153,15 +151,26 @@ def arbitrary_angle_error(f: Callable[[torch.Tensor], torch.Tensor] | None, x: t
     return float((a - b).norm() / scale) if scale > 1e-9 * max(1.0, float(reference.abs().max())) else math.nan
 
 
+def smoothed(x: torch.Tensor, sigma: float = 1.5) -> torch.Tensor:
+    """``x`` (..., H, W) blurred in the plane by a Gaussian of ``sigma`` px (reflecting edges), float32: a
+    band-limited probe made from a real image, so that rotating it resamples little."""
+    array = x.detach().cpu().double().numpy()
+    blurred = ndimage.gaussian_filter(array, [0] * (array.ndim - 2) + [sigma, sigma], mode="reflect")
+    return torch.from_numpy(blurred).float()
+
+
 def certificate(model: nn.Module, images: list[torch.Tensor], group: Group = D4,
                 angles: tuple[float, ...] = (45.0,)) -> dict[str, float]:
     """Measured equivariance of a model's probabilities on real inputs, in eval mode.
 
-    ``{"group": max over images and g of relative_error(f(T_g x), T_g f(x)), "rot45": ...}``:
-    the first is ~1e-6 for a model exact for ``group``; the angle entries measure how far the
-    model is from equivariance under rotations it is not built for (interpolation included).
-    Runs on the model's device, always in float32 with TF32 off (:func:`equiseg.runtime.exact_float32`),
-    whatever precision the rest of an evaluation uses.
+    ``{"group": max over images and g of relative_error(f(T_g x), T_g f(x)), "rot45": ...,
+    "arb45": ..., "floor45": ...}``: the first is ~1e-6 for a model exact for ``group``; ``rot{a}``
+    measure how far the model is from equivariance under rotations it is not built for (bilinear
+    interpolation of both sides included, max over images); ``arb{a}`` is
+    :func:`arbitrary_angle_error` on the images smoothed by :func:`smoothed` (mean over images), and
+    ``floor{a}`` the same for the identity network: the resampling floor below which no model's
+    ``arb{a}`` can be told apart. Runs on the model's device, always in float32 with TF32 off
+    (:func:`equiseg.runtime.exact_float32`), whatever precision the rest of an evaluation uses.
     """
     was_training = model.training
     model.eval()
@@ -181,6 +190,9 @@ def _certificate(probs: Callable[[torch.Tensor], torch.Tensor], images: list[tor
                  angles: tuple[float, ...]) -> dict[str, float]:
     batched = [x[None] if x.ndim == 3 else x for x in images]
     result = {"group": max(max(equivariance_errors(probs, x, group.elements).values()) for x in batched)}
+    probes = [smoothed(x) for x in batched]
     for angle in angles:
         result[f"rot{angle:g}"] = max(rotation_error(probs, x, angle) for x in batched)
+        result[f"arb{angle:g}"] = float(np.nanmean([arbitrary_angle_error(probs, x, angle) for x in probes]))
+        result[f"floor{angle:g}"] = float(np.mean([arbitrary_angle_error(None, x, angle) for x in probes]))
     return result

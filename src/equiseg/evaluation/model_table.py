@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from scipy import ndimage
 
-from equiseg.evaluation.equivariance import arbitrary_angle_error, band_limited_noise, equivariance_errors
+from equiseg.evaluation.equivariance import arbitrary_angle_error, band_limited_noise, equivariance_errors, smoothed
 from equiseg.groups import D4
 from equiseg.models.build import SEED_WIDTHS, build_model, count_macs, count_parameters, match_width, parameter_count
 from equiseg.models.unet import ConvFamily
@@ -22,9 +21,8 @@ def tissue_probe(image: np.ndarray, side: int = ANGLE_PROBE, sigma: float = 1.5)
     if min(height, width) < side:
         raise ValueError(f"the tissue image is {width}x{height} px; the probe needs {side} px a side")
     top, left = (height - side) // 2, (width - side) // 2
-    crop = image[top:top + side, left:left + side].astype(np.float64) / 255
-    smooth = ndimage.gaussian_filter(crop, (sigma, sigma, 0), mode="reflect")
-    return torch.from_numpy(smooth).permute(2, 0, 1).float()[None]
+    crop = torch.from_numpy(image[top:top + side, left:left + side].astype(np.float32) / 255).permute(2, 0, 1)
+    return smoothed(crop[None], sigma)
 
 
 def model_table(depth: int = 4, size: int = 1024, probe_size: int = 32, seed: int = 0,

@@ -30,7 +30,9 @@ from equiseg.report.results import RunResult, StudyResult, TissueResult
 
 METRICS = [("loss", "loss"), ("dice/mean", "Dice"), ("miou", "mIoU"), ("mf1", "mF1")]
 
-CERTIFICATE_NOTE = "Max over seeds of max|f(Tx) - T f(x)| / max|f(x)| on the probabilities."
+CERTIFICATE_NOTE = ("Max over seeds of max|f(Tx) - T f(x)| / max|f(x)| on the probabilities. The round-trip columns: "
+                    "||R_-45 f(R_45 x) - f(x)|| / ||f(x)|| on the smoothed test images (quintic-spline rotations, "
+                    "central disk), and the same for the identity network, below which no model can be told apart.")
 
 CONTEXT_HEADER = ["variant", "trained with", "compared with", "train fraction", "mF1 without", "mF1 with",
                   "Δ mF1 (paired)", "F1 TC without", "F1 TC with", "Dice without", "Dice with", "mF1 with oracle mask"]
@@ -239,9 +241,10 @@ def certificate_table(result: StudyResult) -> Table:
         reals = [r.certificate.real or {} for r in runs]
         exact = "- (D4 measured)" if runs[0].family is ConvFamily.PLAIN else runs[0].certificate.group
         rows.append([v, exact, _max([t.get("group") for t in tests]), _max([x.get("group") for x in reals]),
-                     _max([t.get("rot45") for t in tests]), _max([x.get("rot45") for x in reals])])
+                     _max([t.get("rot45") for t in tests]), _max([x.get("rot45") for x in reals]),
+                     _max([t.get("arb45") for t in tests]), _max([t.get("floor45") for t in tests])])
     return Table(["variant", "exact for", "test images, group", "real image, group", "test images, 45°",
-                  "real image, 45°"], rows)
+                  "real image, 45°", "45° round trip (L2)", "its resampling floor"], rows)
 
 
 def tta_table(result: StudyResult) -> Table:
@@ -317,19 +320,40 @@ def efficiency_figure(result: StudyResult) -> Figure:
 
 
 def robustness_figure(result: StudyResult) -> Figure:
-    """mF1 and Dice against the rotation of the test images (no flips), full fraction, mean over seeds."""
+    """mF1 and Dice against the rotation of the test images (no flips), full fraction, mean over seeds; and,
+    where the certificates hold it, the arbitrary-angle equivariance error of the probabilities against the
+    angle, with the resampling floor (the identity network's error on the same smoothed test images)."""
     turns = sorted((t for t in result.results[0].robustness if not t.flip), key=lambda t: t.degrees)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    full = [r for v in result.variants for r in result.runs(v, result.full)]
+    angles = sorted({t.degrees for t in turns if not t.d4 and all(f"arb{t.degrees:g}" in r.certificate.test
+                                                                   for r in full)})
+    if any(not t.d4 for t in turns):  # a curve over free angles: up to the first quarter turn (the rest is D4's)
+        turns = [t for t in turns if t.degrees <= 90]
+    fig, axes = plt.subplots(1, 3 if angles else 2, figsize=(15 if angles else 10, 4))
     for k, v in enumerate(result.variants):
         runs = [{t.name: t.scores for t in r.robustness} for r in result.runs(v, result.full)]
         for ax, key in zip(axes, ("mf1", "dice/mean")):
             means = [_stats([scores[t.name].get(key) for scores in runs])[0] for t in turns]
             ax.plot([t.degrees for t in turns], means, marker="o", color=f"C{k}", label=v)
+        if angles:
+            tests = [r.certificate.test for r in result.runs(v, result.full)]
+            axes[2].plot(angles, [_stats([t[f"arb{a:g}"] for t in tests])[0] for a in angles], marker="o",
+                         color=f"C{k}", label=v)
     for ax, label in zip(axes, ("OCELOT mF1", "Dice")):
         ax.set_xlabel("rotation of the test images (degrees, counter-clockwise)")
         ax.set_ylabel(label)
-        ax.set_xticks([t.degrees for t in turns])
+        ax.set_xticks([t.degrees for t in turns], [f"{t.degrees:g}" for t in turns])
+        ax.tick_params(axis="x", labelsize=7)
         ax.grid(alpha=0.3)
+    if angles:
+        floor = [_stats([r.certificate.test[f"floor{a:g}"] for r in full])[0] for a in angles]
+        axes[2].plot(angles, floor, linestyle="--", color="black", label="resampling floor (identity)")
+        axes[2].set_yscale("log")
+        axes[2].set_xlabel("rotation (degrees)")
+        axes[2].set_ylabel("relative L2 error of the probabilities")
+        axes[2].set_title("R_-θ f(R_θ x) against f(x), smoothed test images", fontsize=9)
+        axes[2].grid(alpha=0.3)
+        axes[2].legend(fontsize=7)
     axes[0].legend(fontsize=7)
     fig.suptitle(f"Rotation robustness (training fraction {result.full:g}, mean over {len(result.seeds)} seeds)")
     fig.tight_layout()
