@@ -2,7 +2,8 @@
 
     python benchmarks/inference.py [--sizes 512] [--repeats 3] [--modes eager optimized onnxruntime]
 
-For each family at the paper's matched widths (plain 64, isotropic 110, p4 32, p4m 23; depth 4,
+For each family at the paper's matched widths (plain 64, isotropic 110, p4 32, p4m 23, and the
+steerable c8 28, c16 20, d8 20, each closest to plain 64's 15.7 M parameters; depth 4,
 fresh weights with warmed batch norm) and each image side, one child process per mode times
 the forward pass of one image (eval mode, no gradients), alternating each timing with a
 reference: one large ``Conv2d(256, 256, 3)`` on 1 x 256 x 128 x 128, the best case for this
@@ -11,7 +12,9 @@ per second; "of ref" is that rate as a fraction of the reference's, measured in 
 process a few milliseconds apart, so machine load moves both alike. Peak RSS is the child's
 maximum resident memory (``ru_maxrss``). Modes: ``eager`` (the trained U-Net as it is),
 ``optimized`` (``equiseg.optimize_for_inference``) and ``onnxruntime`` (the optimized model
-exported to ONNX, run by onnxruntime's CPU provider with its default threads).
+exported to ONNX, run by onnxruntime's CPU provider with its default threads). "x plain" is the
+family's time over plain's at the same side and mode, each first divided by its own reference
+timing (so load between the two child processes cancels); blank until plain has run.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import subprocess
 import sys
 import time
 
-FAMILIES = {"plain": 64, "isotropic": 110, "p4": 32, "p4m": 23}
+FAMILIES = {"plain": 64, "isotropic": 110, "p4": 32, "p4m": 23, "c8": 28, "c16": 20, "d8": 20}
 
 
 def child(family: str, width: int, side: int, mode: str, repeats: int) -> dict:
@@ -75,6 +78,7 @@ def child(family: str, width: int, side: int, mode: str, repeats: int) -> dict:
     model_rate = 2 * macs / statistics.median(model_s) / 1e9
     ref_rate = 2 * ref_macs / statistics.median(ref_s) / 1e9
     return {"family": family, "width": width, "side": side, "mode": mode, "seconds": statistics.median(model_s),
+            "ref_seconds": statistics.median(ref_s),
             "gflops": model_rate, "ref_gflops": ref_rate, "of_ref": model_rate / ref_rate,
             "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
@@ -95,7 +99,8 @@ def main() -> None:
 
     print(f"torch {torch.__version__}, {os.cpu_count()} cores, {torch.get_num_threads()} threads")
     print(f"{'family':<10} {'width':>5} {'side':>5} {'mode':<12} {'s/image':>8} {'GFLOP/s':>8} {'ref':>7} "
-          f"{'of ref':>7} {'peak RSS':>9}")
+          f"{'of ref':>7} {'peak RSS':>9} {'x plain':>7}")
+    plain: dict[tuple[int, str], float] = {}  # (side, mode) -> plain's seconds in units of its reference
     for side in args.sizes:
         for family in args.families:
             for mode in args.modes:
@@ -105,8 +110,12 @@ def main() -> None:
                     print(f"{family} {mode}: failed\n{out.stderr[-2000:]}")
                     continue
                 r = json.loads(out.stdout.strip().splitlines()[-1])
+                relative = r["seconds"] / r["ref_seconds"]
+                if family == "plain":
+                    plain[side, mode] = relative
+                ratio = f"{relative / plain[side, mode]:>6.1f}x" if (side, mode) in plain else ""
                 print(f"{family:<10} {r['width']:>5} {side:>5} {mode:<12} {r['seconds']:>8.2f} {r['gflops']:>8.1f} "
-                      f"{r['ref_gflops']:>7.1f} {r['of_ref']:>6.0%} {r['peak_mb']:>7.0f} MB", flush=True)
+                      f"{r['ref_gflops']:>7.1f} {r['of_ref']:>6.0%} {r['peak_mb']:>7.0f} MB {ratio:>7}", flush=True)
 
 
 if __name__ == "__main__":

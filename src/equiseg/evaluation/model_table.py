@@ -11,6 +11,7 @@ from equiseg.models.build import SEED_WIDTHS, build_model, count_macs, count_par
 from equiseg.models.unet import ConvFamily
 
 ANGLE = 45.0  # the arbitrary-angle measure's rotation
+HALF_ANGLE = 22.5  # and the one C16 holds that C8 does not
 ANGLE_PROBE = 128  # px of its band-limited probe (the central disk compared is a quarter of it across)
 
 
@@ -32,7 +33,8 @@ def model_table(depth: int = 4, size: int = 1024, probe_size: int = 32, seed: in
     "matched" widths are those whose parameter count is closest to plain width 64 at this depth.
     ``error_45``: :func:`~equiseg.evaluation.equivariance.arbitrary_angle_error` of the
     logits at 45° on band-limited noise of ``angle_probe`` px; ``floor_45`` (the same for every
-    row): the identity network's, the resampling floor. With ``tissue`` (a real H&E image),
+    row): the identity network's, the resampling floor; ``error_22.5`` and ``floor_22.5`` the same
+    at 22.5° (an element of C16, not of C8). With ``tissue`` (a real H&E image),
     ``error_45_tissue`` and ``floor_45_tissue`` measure the same on its smoothed centre
     (:func:`tissue_probe`).
     """
@@ -45,6 +47,7 @@ def model_table(depth: int = 4, size: int = 1024, probe_size: int = 32, seed: in
     x = torch.randn(1, 3, probe_size, probe_size, generator=generator)
     smooth = band_limited_noise(angle_probe, seed=seed)
     floor = arbitrary_angle_error(None, smooth, ANGLE)
+    half_floor = arbitrary_angle_error(None, smooth, HALF_ANGLE)
     real = tissue_probe(tissue, angle_probe) if tissue is not None else None
     real_floor = arbitrary_angle_error(None, real, ANGLE) if real is not None else None
     rows = []
@@ -64,6 +67,8 @@ def model_table(depth: int = 4, size: int = 1024, probe_size: int = 32, seed: in
             "error_d4": max(errors.values()),
             "error_45": arbitrary_angle_error(model, smooth, ANGLE),
             "floor_45": floor,
+            "error_22.5": arbitrary_angle_error(model, smooth, HALF_ANGLE),
+            "floor_22.5": half_floor,
             **({} if real is None else {"error_45_tissue": arbitrary_angle_error(model, real, ANGLE),
                                         "floor_45_tissue": real_floor}),
         })
