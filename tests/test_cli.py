@@ -3,28 +3,35 @@ import json
 from typer.testing import CliRunner
 
 from equiseg.cli import app
+from equiseg.models import parameter_count
 
 runner = CliRunner()
 
 
 def test_models_json_reports_every_family_with_measured_errors():
-    result = runner.invoke(app, ["models", "--json", "--depth", "2", "--probe-size", "16", "--size", "64"])
+    result = runner.invoke(app, ["models", "--json", "--depth", "2", "--probe-size", "16", "--size", "64",
+                                 "--angle-probe", "32", "--reference-width", "16"])
     assert result.exit_code == 0, result.output
     rows = {(r["family"], r["sized_as"]): r for r in json.loads(result.stdout)}
-    assert set(rows) == {("plain", "seed"), ("isotropic", "seed"), ("isotropic", "matched"),
-                         ("p4", "matched"), ("p4m", "matched")}
+    matched = ["isotropic", "p4", "p4m", "c8", "c16", "d8"]
+    assert set(rows) == {("plain", "seed"), ("isotropic", "seed")} | {(f, "matched") for f in matched}
     plain = rows["plain", "seed"]
     assert plain["width"] == 64 and plain["exact_group"] is None and plain["error_d4"] > 1e-3
-    for key in [("isotropic", "seed"), ("isotropic", "matched"), ("p4", "matched"), ("p4m", "matched")]:
+    for key in [("isotropic", "seed"), *((f, "matched") for f in matched)]:
         assert rows[key]["error_own_group"] <= 1e-5, key
-        assert rows[key]["macs"] > 0
-    assert rows["p4", "matched"]["exact_group"] == "C4" and rows["p4", "matched"]["error_d4"] > 1e-3
-    for key in [("isotropic", "matched"), ("p4", "matched"), ("p4m", "matched")]:
-        assert abs(rows[key]["parameters"] - plain["parameters"]) / plain["parameters"] < 0.1, key
+        assert rows[key]["macs"] > 0 and rows[key]["error_22.5"] > 0, key
+    for family, group in [("p4", "C4"), ("c8", "C4"), ("c16", "C4"), ("d8", "D4")]:
+        assert rows[family, "matched"]["exact_group"] == group, family
+    for family in ("p4", "c8", "c16"):  # exact for rotations, not for flips
+        assert rows[family, "matched"]["error_d4"] > 1e-3, family
+    reference = parameter_count("plain", 16, depth=2)
+    for family in matched:
+        assert abs(rows[family, "matched"]["parameters"] - reference) / reference < 0.15, family
 
 
 def test_models_table_prints():
-    result = runner.invoke(app, ["models", "--depth", "1", "--probe-size", "8", "--size", "32"])
+    result = runner.invoke(app, ["models", "--depth", "1", "--probe-size", "8", "--size", "32", "--angle-probe", "16",
+                                 "--reference-width", "8"])
     assert result.exit_code == 0, result.output
     assert "p4m" in result.stdout and "isotropic" in result.stdout
 

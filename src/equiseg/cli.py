@@ -86,7 +86,12 @@ def models(
     depth: Annotated[int, typer.Option(help="U-Net depth (number of 2x2 poolings).")] = 4,
     size: Annotated[int, typer.Option(help="Image side for counting multiply-adds, in px.")] = 1024,
     probe_size: Annotated[int, typer.Option(help="Side of the random input used to measure equivariance error.")] = 32,
+    angle_probe: Annotated[int, typer.Option(
+        min=16, help="Side of the band-limited probe of the 45° and 22.5° errors (the disk compared is a quarter of "
+                     "it across).")] = 128,
     seed: Annotated[int, typer.Option(help="Seed for weights and the probe input.")] = 0,
+    reference_width: Annotated[int, typer.Option(
+        min=1, help="Match each family's parameters to the plain U-Net of this width (64: the seed's).")] = 64,
     tissue: Annotated[Path | None, typer.Option(
         help="A real H&E image (e.g. ../shared/ocelot/gc_input/images/cell_patches/000.tif): also measure the 45° "
              "error on its smoothed centre.")] = None,
@@ -94,7 +99,7 @@ def models(
     """List the model families: parameters, multiply-adds, exact group, measured equivariance error.
 
     Rows: the seed's pair (plain width 64, isotropic width 110), then each equivariant family
-    at the width whose parameter count is closest to plain width 64 ("matched"). The error is max over the 8 elements g
+    at the width whose parameter count is closest to plain width --reference-width ("matched"). The error is max over the 8 elements g
     of D4 of max|f(T_g x) - T_g f(x)| / max|f(x)|, in eval mode with freshly initialised weights
     and a random input of probe-size px; float32 rounding leaves ~1e-6 where the model is exact.
     c8, c16 and d8 are steerable over C8, C16 and D8: exact on the pixel grid for the quarter turns
@@ -115,7 +120,8 @@ def models(
             raise _fail(f"{tissue}: {error}") from None
     with Console(stderr=True).status("building the models and measuring their equivariance error ..."):
         try:
-            rows = model_table(depth=depth, size=size, probe_size=probe_size, seed=seed, tissue=image)
+            rows = model_table(depth=depth, size=size, probe_size=probe_size, seed=seed, angle_probe=angle_probe,
+                               tissue=image, reference_width=reference_width)
         except ValueError as error:
             raise _fail(str(error)) from None
     if as_json:
@@ -133,7 +139,7 @@ def models(
                    f"{row['macs'] / 1e9:>8.1f}  {row['exact_group'] or '-':<9} {own:>9} {row['error_d4']:>8.1e} "
                    f"{row['error_45']:>8.1e} {row['error_22.5']:>9.1e}"
                    + (f" {row['error_45_tissue']:>10.1e}" if image is not None else ""))
-    typer.echo("matched: the width whose parameter count is closest to plain width 64.\n"
+    typer.echo(f"matched: the width whose parameter count is closest to plain width {reference_width}.\n"
                f"err: max over g of max|f(T_g x) - T_g f(x)| / max|f(x)|, eval mode, random {probe_size}x{probe_size} "
                "input; float32 rounding gives ~1e-6 where exact.\n"
                "err 45°: ||R_-45 f(R_45 x) - f(x)|| / ||f(x) - mean|| of the logits on the central disk (a quarter of "

@@ -27,10 +27,12 @@ def tissue_probe(image: np.ndarray, side: int = ANGLE_PROBE, sigma: float = 1.5)
 
 
 def model_table(depth: int = 4, size: int = 1024, probe_size: int = 32, seed: int = 0,
-                angle_probe: int = ANGLE_PROBE, tissue: np.ndarray | None = None) -> list[dict]:
+                angle_probe: int = ANGLE_PROBE, tissue: np.ndarray | None = None,
+                reference_width: int = SEED_WIDTHS[ConvFamily.PLAIN]) -> list[dict]:
     """One dict per (family, width): parameters, MACs at size x size, exact group, measured errors.
 
-    "matched" widths are those whose parameter count is closest to plain width 64 at this depth.
+    "matched" widths are those whose parameter count is closest to plain width ``reference_width``
+    (default 64, the seed's) at this depth.
     ``error_45``: :func:`~equiseg.evaluation.equivariance.arbitrary_angle_error` of the
     logits at 45° on band-limited noise of ``angle_probe`` px; ``floor_45`` (the same for every
     row): the identity network's, the resampling floor; ``error_22.5`` and ``floor_22.5`` the same
@@ -38,7 +40,7 @@ def model_table(depth: int = 4, size: int = 1024, probe_size: int = 32, seed: in
     ``error_45_tissue`` and ``floor_45_tissue`` measure the same on its smoothed centre
     (:func:`tissue_probe`).
     """
-    reference = parameter_count(ConvFamily.PLAIN, SEED_WIDTHS[ConvFamily.PLAIN], depth)
+    reference = parameter_count(ConvFamily.PLAIN, reference_width, depth)
     plan = [(ConvFamily.PLAIN, SEED_WIDTHS[ConvFamily.PLAIN], "seed"),
             (ConvFamily.ISOTROPIC, SEED_WIDTHS[ConvFamily.ISOTROPIC], "seed")]
     plan += [(family, match_width(family, reference, depth), "matched") for family in ConvFamily
