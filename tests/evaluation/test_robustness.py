@@ -60,7 +60,9 @@ def test_certificate_passes_exact_models_and_fails_plain():
     exact = certificate(build_model("isotropic", 4, depth=2), images)
     plain = certificate(build_model("plain", 4, depth=2), images)
     assert exact["group"] < 1e-5 and plain["group"] > 1e-3
-    assert set(exact) == {"group", "rot45"} and exact["rot45"] > 0
+    assert set(exact) == {"group", "rot45", "arb45", "floor45"} and exact["rot45"] > 0
+    # the round trip on the smoothed image: the model far above the resampling floor, which is small
+    assert exact["arb45"] > 10 * exact["floor45"] and 0 < exact["floor45"] < 1e-3
     assert certificate(build_model("p4", 2, depth=2), images, group=C4)["group"] < 1e-5
 
 
