@@ -100,6 +100,11 @@ class ExpandedConv2d(nn.Module, metaclass=abc.ABCMeta):
         weight, bias = self.filter_bank()
         return F.conv2d(x, weight, bias, padding=self.kernel_size // 2)
 
+    def extra_repr(self) -> str:
+        group = getattr(self, "group", None)  # the group layers' point group
+        return (f"{self.in_channels}, {self.out_channels}, " + ("" if group is None else f"group={group}, ")
+                + f"kernel_size={self.kernel_size}")
+
     def to_conv2d(self) -> nn.Conv2d:
         """An ``nn.Conv2d`` (zero padding, stride 1) computing the same function; a copy, not shared by later training."""
         with torch.no_grad():

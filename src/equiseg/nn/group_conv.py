@@ -64,9 +64,6 @@ class LiftingConv2d(ExpandedConv2d):
         bias = None if self.bias is None else self.bias.repeat_interleave(self.group.order)
         return bank, bias
 
-    def extra_repr(self) -> str:
-        return f"{self.in_channels}, {self.out_channels}, group={self.group}, kernel_size={self.kernel_size}"
-
 
 class GroupConv2d(ExpandedConv2d):
     """G -> G: correlate regular features with the transformed copies of each filter.
@@ -105,6 +102,3 @@ class GroupConv2d(ExpandedConv2d):
         bank = bank.transpose(1, 2).reshape(-1, self.in_channels * order, k, k)
         bias = None if self.bias is None else self.bias.repeat_interleave(self.group.order)
         return bank, bias
-
-    def extra_repr(self) -> str:
-        return f"{self.in_channels}, {self.out_channels}, group={self.group}, kernel_size={self.kernel_size}"

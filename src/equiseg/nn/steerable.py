@@ -97,9 +97,6 @@ class SteerableLiftingConv2d(ExpandedConv2d):
         bias = None if self.bias is None else self.bias.repeat_interleave(self.group.order)
         return bank.reshape(-1, self.in_channels, k, k), bias
 
-    def extra_repr(self) -> str:
-        return f"{self.in_channels}, {self.out_channels}, group={self.group}, kernel_size={self.kernel_size}"
-
 
 class SteerableGroupConv2d(ExpandedConv2d):
     """G -> G for G = C_N or D_N: regular fields correlated with the moved copies of steerable filters.
@@ -138,6 +135,3 @@ class SteerableGroupConv2d(ExpandedConv2d):
         bank = torch.einsum("cibgh,gbxy->cgihxy", turned, self.basis.to(self.weight.dtype))
         bias = None if self.bias is None else self.bias.repeat_interleave(order)
         return bank.reshape(-1, self.in_channels * order, k, k), bias
-
-    def extra_repr(self) -> str:
-        return f"{self.in_channels}, {self.out_channels}, group={self.group}, kernel_size={self.kernel_size}"
