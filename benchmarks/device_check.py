@@ -4,6 +4,10 @@ CPU's, and the speed of tile batching and lower precision. One prepared script f
     python benchmarks/device_check.py                  # needs CUDA; about 2-3 minutes on an H100
     python benchmarks/device_check.py --device cpu     # the same steps on the CPU (a dry run, slow)
 
+0. Group batch norm on CUDA kernels: ``GroupBatchNorm2d``'s training path (PyTorch's
+   batch-norm kernels over fields) against its definition (``BatchNorm2d`` over the view):
+   output, gradients of input, weight and bias, running statistics; float32 asserted ≤ 1e-4,
+   bf16 autocast reported.
 1. Placement: a synthetic test split (4 pairs of 1024 px) is scored through ``evaluate_model``
    with ``Runtime(device)`` for a plain and a p4m model (random weights, saved and loaded as
    checkpoints): every parameter on the device, and Dice/mF1 on the device in float32 (TF32
@@ -14,6 +18,10 @@ CPU's, and the speed of tile batching and lower precision. One prepared script f
    tiles), plain width 64 and isotropic width 110 (the paper's sizes), batch 1 / 4 / 8 at
    precision 32 and bf16: seconds (median of 3 after a warm-up) and the ratio to batch 1 float32
    of the same model, all in one run.
+4. Training on the GPU (``fit``, Lightning, 3 epochs of a p4m width 4 on 4 pairs of 512 px,
+   precision 32 and bf16-mixed): the run trains; a run stopped by an exception in epoch 1 and
+   resumed ends at the uninterrupted run's weights to float tolerance (max |difference| printed;
+   cuDNN's algorithm choice is not bitwise repeatable).
 """
 
 from __future__ import annotations
@@ -38,12 +46,12 @@ def main() -> None:
     from equiseg.data.synthetic import generate_dataset
     from equiseg.evaluation.equivariance import certificate
     from equiseg.evaluation.evaluate import evaluate_model
-    from equiseg.evaluation.inference import predict_probabilities
     from equiseg.runs import load_model, save_model
     from equiseg.runtime import Precision, Runtime, exact_float32, resolve_device
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--no-train", dest="train", action="store_false", help="skip step 4 (training)")
     parser.add_argument("--size", type=int, default=4096, help="side of the speed test's image, px (0: skip it)")
     args = parser.parse_args()
     device = resolve_device(args.device)
@@ -51,6 +59,8 @@ def main() -> None:
     print(f"device {device} ({name}), torch {torch.__version__}")
     torch.backends.cudnn.benchmark = True  # fixed tile sizes
 
+    if device.type == "cuda":
+        check_group_norm(device)
     with tempfile.TemporaryDirectory() as tmp:
         root = generate_dataset(Path(tmp) / "data", {"train": 0, "val": 0, "test": 4}, size=1024, seed=0)
         print("\n1. placement and scores (4 test pairs of 1024 px; random weights)")
@@ -75,32 +85,110 @@ def main() -> None:
                     error = certificate(model, images, angles=())["group"]
                     print(f"2. certificate of p4m on {device}: {error:.1e} ({'ok' if error < 1e-5 else 'FAILED'})")
 
-        if not args.size:
-            return
-        print(f"\n3. predict_probabilities of a {args.size}x{args.size} image, 1024 px tiles, overlap 128")
-        image = torch.rand(3, args.size, args.size)
-        for family, width in (("plain", 64), ("isotropic", 110)):
-            torch.manual_seed(0)
-            model = Config.from_dict({"model": {"family": family, "width": width}}).build_model().to(device).eval()
-            base = None
-            for precision in (Precision.FP32, Precision.BF16):
-                for batch in (1, 4, 8):
-                    runtime = Runtime(device, batch, precision)
-                    times = []
-                    for k in range(4):
-                        sync(device)
-                        start = time.perf_counter()
-                        predict_probabilities(model, image, tile=1024, overlap=128, runtime=runtime)
-                        sync(device)
-                        if k:
-                            times.append(time.perf_counter() - start)
-                    seconds = statistics.median(times)
-                    base = base or seconds
-                    print(f"   {family:<9} {width:>3}  precision {precision.value:<4} batch {batch}: "
-                          f"{seconds:7.2f} s = {seconds / base:.3f}x")
-            del model
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+        if args.size:
+            check_speed(device, args.size)
+        if args.train:
+            check_training(device, Path(tmp))
+
+
+def check_speed(device: torch.device, size: int) -> None:
+    from equiseg.config import Config
+    from equiseg.evaluation.inference import predict_probabilities
+    from equiseg.runtime import Precision, Runtime
+
+    print(f"\n3. predict_probabilities of a {size}x{size} image, 1024 px tiles, overlap 128")
+    image = torch.rand(3, size, size)
+    for family, width in (("plain", 64), ("isotropic", 110)):
+        torch.manual_seed(0)
+        model = Config.from_dict({"model": {"family": family, "width": width}}).build_model().to(device).eval()
+        base = None
+        for precision in (Precision.FP32, Precision.BF16):
+            for batch in (1, 4, 8):
+                runtime = Runtime(device, batch, precision)
+                times = []
+                for k in range(4):
+                    sync(device)
+                    start = time.perf_counter()
+                    predict_probabilities(model, image, tile=1024, overlap=128, runtime=runtime)
+                    sync(device)
+                    if k:
+                        times.append(time.perf_counter() - start)
+                seconds = statistics.median(times)
+                base = base or seconds
+                print(f"   {family:<9} {width:>3}  precision {precision.value:<4} batch {batch}: "
+                      f"{seconds:7.2f} s = {seconds / base:.3f}x")
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def check_group_norm(device: torch.device) -> None:
+    from equiseg.groups import D4
+    from equiseg.nn import GroupBatchNorm2d
+
+    print("\n0. group batch norm: CUDA kernels against the definition (BatchNorm2d over the view)")
+    torch.backends.cudnn.allow_tf32 = False
+    for shape, dtype in (((4, 8 * 8, 256, 256), torch.float32), ((2, 3 * 8, 37, 41), torch.float32),
+                         ((4, 8 * 8, 256, 256), torch.bfloat16)):
+        norms = {path: GroupBatchNorm2d(shape[1] // 8, D4).to(device).train() for path in ("view", "fields")}
+        with torch.no_grad():
+            norms["view"].norm.weight.uniform_(0.5, 2.0)
+            norms["view"].norm.bias.uniform_(-1.0, 1.0)
+        norms["fields"].load_state_dict(norms["view"].state_dict())
+        x = torch.randn(shape, device=device) * 3 + 1
+        grad = torch.randn(shape, device=device)
+        results = {}
+        for path, norm in norms.items():
+            GroupBatchNorm2d.TRAINING_PATH = path
+            xi = x.clone().to(dtype).requires_grad_()
+            out = norm(xi)
+            out.float().backward(grad)
+            results[path] = (out.float(), xi.grad.float(), norm.norm.weight.grad, norm.norm.bias.grad,
+                             norm.norm.running_mean, norm.norm.running_var)
+        GroupBatchNorm2d.TRAINING_PATH = "fields"
+        errors = [((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+                  for a, b in zip(results["fields"], results["view"], strict=True)]
+        names = ("out", "dx", "dw", "db", "running mean", "running var")
+        ok = dtype != torch.float32 or max(errors) < 1e-4
+        print(f"   {tuple(shape)} {dtype!s:<14} " + ", ".join(f"{n} {e:.1e}" for n, e in zip(names, errors))
+              + ("" if dtype != torch.float32 else (" ok" if ok else " FAILED")))
+    torch.backends.cudnn.allow_tf32 = True
+
+
+def check_training(device: torch.device, tmp: Path) -> None:
+    import lightning as L
+
+    from equiseg.config import Config
+    from equiseg.data.synthetic import generate_dataset
+    from equiseg.training.fit import fit
+
+    class Crash(L.Callback):
+        def on_train_epoch_start(self, trainer, module):
+            if trainer.current_epoch == 1:
+                raise RuntimeError("simulated crash")
+
+    print("\n4. training on the device: 3 epochs, p4m width 4, 4 pairs of 512 px; stopped in epoch 1 and resumed")
+    root = generate_dataset(tmp / "train-data", {"train": 4, "val": 2, "test": 0}, size=512, seed=0)
+    for precision in ("32", "bf16-mixed"):
+        config = Config.from_dict({
+            "name": "gpu", "model": {"family": "p4m", "width": 4, "depth": 3},
+            "data": {"root": str(root), "crop_size": 256, "batch_size": 4, "augment": "heavy"},
+            "train": {"epochs": 3, "lr": 1e-3, "loggers": ["csv"], "accelerator": device.type,
+                      "precision": precision}})
+        start = time.perf_counter()
+        whole = fit(config, run_dir=tmp / f"whole-{precision}", progress=False)
+        seconds = time.perf_counter() - start
+        try:
+            fit(config, run_dir=tmp / f"cut-{precision}", progress=False, callbacks=[Crash()])
+        except RuntimeError:
+            pass
+        fit(None, resume=tmp / f"cut-{precision}", progress=False)
+        a = torch.load(whole / "checkpoints/last.ckpt", weights_only=True)["state_dict"]
+        b = torch.load(tmp / f"cut-{precision}/checkpoints/last.ckpt", weights_only=True)["state_dict"]
+        diff = max((a[k].float() - b[k].float()).abs().max().item() for k in a if a[k].is_floating_point())
+        scale = max(a[k].float().abs().max().item() for k in a if a[k].is_floating_point())
+        print(f"   precision {precision:<10} 3 epochs in {seconds:5.1f} s; resumed against whole: "
+              f"max |diff| {diff:.1e} (largest weight {scale:.2f})")
 
 
 if __name__ == "__main__":

@@ -2,8 +2,8 @@
 
     python benchmarks/gpu.py            # needs CUDA
 
-1. Each family at the paper's matched widths (plain 64, isotropic 110, p4 32, p4m 23), eval
-   mode, one random 512x512 input: max over the family's group (C4 for p4, D4 otherwise) of
+1. Each family at the paper's matched widths (plain 64, isotropic 110, p4 32, p4m 23, c8 28, c16 20, d8 20), eval
+   mode, one random 512x512 input: max over the family's exact group (C4 for p4, c8, c16; D4 otherwise) of
    max|f(T x) - T f(x)| / max|f(x)|, with TF32 convolutions off (true float32) and on
    (PyTorch's default for cuDNN convolutions on Ampere and later).
 2. Inference of one 1024x1024 image, eval mode without gradients, PyTorch's default settings
@@ -22,7 +22,7 @@ from equiseg.evaluation.equivariance import equivariance_errors
 from equiseg.groups import D4
 from equiseg.models import ConvFamily, build_model
 
-WIDTHS = {"plain": 64, "isotropic": 110, "p4": 32, "p4m": 23}
+WIDTHS = {"plain": 64, "isotropic": 110, "p4": 32, "p4m": 23, "c8": 28, "c16": 20, "d8": 20}
 
 
 def main() -> None:

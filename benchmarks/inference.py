@@ -1,6 +1,7 @@
 """Inference speed of each family at paper size: eager vs optimized vs ONNX Runtime.
 
     python benchmarks/inference.py [--sizes 512] [--repeats 3] [--modes eager optimized onnxruntime]
+    python benchmarks/inference.py --device cuda --sizes 512 1024 --repeats 10 --modes eager optimized compiled
 
 For each family at the paper's matched widths (plain 64, isotropic 110, p4 32, p4m 23, and the
 steerable c8 28, c16 20, d8 20, each closest to plain 64's 15.7 M parameters; depth 4,
@@ -15,6 +16,12 @@ maximum resident memory (``ru_maxrss``). Modes: ``eager`` (the trained U-Net as 
 exported to ONNX, run by onnxruntime's CPU provider with its default threads). "x plain" is the
 family's time over plain's at the same side and mode, each first divided by its own reference
 timing (so load between the two child processes cancels); blank until plain has run.
+
+With ``--device cuda`` every mode runs in this process (no child processes: CUDA starts once),
+timed with synchronisation, after cuDNN's benchmark-mode search; the reference is the same conv
+on a batch of 16 (one image would not fill a GPU); peak memory is PyTorch's peak allocated GPU
+memory; ``compiled`` is the optimized model under ``torch.compile`` (compiled before timing).
+TF32 stays as PyTorch leaves it for cuDNN convolutions (on).
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ import time
 FAMILIES = {"plain": 64, "isotropic": 110, "p4": 32, "p4m": 23, "c8": 28, "c16": 20, "d8": 20}
 
 
-def child(family: str, width: int, side: int, mode: str, repeats: int) -> dict:
+def child(family: str, width: int, side: int, mode: str, repeats: int, device: str = "cpu") -> dict:
     import resource
     import statistics
     import tempfile
@@ -39,17 +46,22 @@ def child(family: str, width: int, side: int, mode: str, repeats: int) -> dict:
     from equiseg import build_model, optimize_for_inference
     from equiseg.models import count_macs
 
+    cuda = device.startswith("cuda")
     torch.manual_seed(0)
     model = build_model(family, width, depth=4).train()
     with torch.no_grad():
         model(torch.rand(1, 3, 64, 64))
     model.eval()
-    x = torch.rand(1, 3, side, side)
     macs = count_macs(model, side, side)
+    model = model.to(device)
+    x = torch.rand(1, 3, side, side, device=device)
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+        torch.cuda.reset_peak_memory_stats()
     if mode == "eager":
         run = model
     else:
-        run = optimize_for_inference(model)
+        run = optimize_for_inference(model, compile=mode == "compiled")
         if mode == "onnxruntime":
             import onnxruntime
 
@@ -60,17 +72,23 @@ def child(family: str, width: int, side: int, mode: str, repeats: int) -> dict:
             session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
             feed = {"image": x.numpy()}
             run = lambda _: session.run(None, feed)
-    reference = torch.nn.Conv2d(256, 256, 3, padding=1, bias=False).eval()
-    ref_x = torch.rand(1, 256, 128, 128)
-    ref_macs = 256 * 256 * 9 * 128 * 128
+    ref_batch = 16 if cuda else 1
+    reference = torch.nn.Conv2d(256, 256, 3, padding=1, bias=False, device=device).eval()
+    ref_x = torch.rand(ref_batch, 256, 128, 128, device=device)
+    ref_macs = ref_batch * 256 * 256 * 9 * 128 * 128
 
     def timed(fn, arg) -> float:
+        if cuda:
+            torch.cuda.synchronize()
         start = time.perf_counter()
         fn(arg)
+        if cuda:
+            torch.cuda.synchronize()
         return time.perf_counter() - start
 
     with torch.no_grad():
-        run(x), reference(ref_x)  # warm up (oneDNN primitive caches, ORT session)
+        for _ in range(3 if cuda else 1):  # warm up (oneDNN primitive caches, ORT session, cuDNN search, compile)
+            run(x), reference(ref_x)
         model_s, ref_s = [], []
         for _ in range(repeats):
             ref_s.append(timed(reference, ref_x))
@@ -80,7 +98,8 @@ def child(family: str, width: int, side: int, mode: str, repeats: int) -> dict:
     return {"family": family, "width": width, "side": side, "mode": mode, "seconds": statistics.median(model_s),
             "ref_seconds": statistics.median(ref_s),
             "gflops": model_rate, "ref_gflops": ref_rate, "of_ref": model_rate / ref_rate,
-            "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_mb": (torch.cuda.max_memory_allocated() / 2**20 if cuda
+                        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
 
 
 def main() -> None:
@@ -89,6 +108,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--modes", nargs="+", default=["eager", "optimized", "onnxruntime"])
     parser.add_argument("--families", nargs="+", default=list(FAMILIES))
+    parser.add_argument("--device", default="cpu", help="cpu (each mode in a child process) or cuda[:N] (in process)")
     parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -97,19 +117,32 @@ def main() -> None:
         return
     import torch
 
-    print(f"torch {torch.__version__}, {os.cpu_count()} cores, {torch.get_num_threads()} threads")
+    cuda = args.device.startswith("cuda")
+    where = (torch.cuda.get_device_name(args.device) if cuda
+             else f"{os.cpu_count()} cores, {torch.get_num_threads()} threads")
+    print(f"torch {torch.__version__}, {where}")
     print(f"{'family':<10} {'width':>5} {'side':>5} {'mode':<12} {'s/image':>8} {'GFLOP/s':>8} {'ref':>7} "
-          f"{'of ref':>7} {'peak RSS':>9} {'x plain':>7}")
+          f"{'of ref':>7} {'peak GPU' if cuda else 'peak RSS':>9} {'x plain':>7}")
     plain: dict[tuple[int, str], float] = {}  # (side, mode) -> plain's seconds in units of its reference
     for side in args.sizes:
         for family in args.families:
             for mode in args.modes:
-                out = subprocess.run([sys.executable, __file__, "--child", family, str(FAMILIES[family]), str(side),
-                                      mode, str(args.repeats)], capture_output=True, text=True, check=False)
-                if out.returncode:
-                    print(f"{family} {mode}: failed\n{out.stderr[-2000:]}")
-                    continue
-                r = json.loads(out.stdout.strip().splitlines()[-1])
+                if cuda:
+                    try:
+                        r = child(family, FAMILIES[family], side, mode, args.repeats, args.device)
+                    except Exception as error:  # noqa: BLE001 (one failed family or mode must not stop the table)
+                        print(f"{family} {mode}: failed: {error!r}"[:2000])
+                        continue
+                    finally:
+                        torch.cuda.empty_cache()
+                else:
+                    out = subprocess.run([sys.executable, __file__, "--child", family, str(FAMILIES[family]),
+                                          str(side), mode, str(args.repeats)], capture_output=True, text=True,
+                                         check=False)
+                    if out.returncode:
+                        print(f"{family} {mode}: failed\n{out.stderr[-2000:]}")
+                        continue
+                    r = json.loads(out.stdout.strip().splitlines()[-1])
                 relative = r["seconds"] / r["ref_seconds"]
                 if family == "plain":
                     plain[side, mode] = relative

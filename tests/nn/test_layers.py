@@ -118,29 +118,48 @@ def test_group_batch_norm_is_equivariant_and_shares_statistics(group, training):
 
 @pytest.mark.parametrize("group", GROUPS, ids=str)
 @pytest.mark.parametrize("momentum", [0.1, None])
-def test_group_batch_norm_from_channel_statistics_equals_the_fused_one(group, momentum):
-    """The GPU path (per-channel statistics combined per field) computes what BatchNorm2d does."""
-    fused, split = GroupBatchNorm2d(3, group, momentum=momentum), GroupBatchNorm2d(3, group, momentum=momentum)
-    with torch.no_grad():
-        fused.norm.weight.uniform_(0.5, 2.0)
-        fused.norm.bias.uniform_(-1.0, 1.0)
-    split.load_state_dict(fused.state_dict())
-    for step in range(3):  # running statistics over several steps
-        x = (torch.randn(4, 3 * group.order, 6, 6) * 3 + step).requires_grad_()
-        x2 = x.detach().clone().requires_grad_()
-        out, out2 = fused.train()(x), split.train().from_channel_stats(x2)
-        assert torch.allclose(out, out2, atol=1e-5)
-        grad = torch.randn_like(out)
+@pytest.mark.parametrize("affine", [True, False])
+def test_group_batch_norm_computes_its_definition(group, momentum, affine, monkeypatch):
+    """The per-channel passes (training) and the repeated running statistics (evaluation) give
+    what BatchNorm2d over the (B, C, |G|*H, W) view gives: outputs, input and parameter
+    gradients, running statistics over several steps."""
+    view, fields = (GroupBatchNorm2d(3, group, momentum=momentum) for _ in range(2))
+    for norm in (view, fields):
+        norm.norm.affine = affine
+        if not affine:
+            norm.norm.weight = norm.norm.bias = None
+    if affine:
+        with torch.no_grad():
+            view.norm.weight.uniform_(0.5, 2.0)
+            view.norm.bias.uniform_(-1.0, 1.0)
+    fields.load_state_dict(view.state_dict())
+
+    def run(norm, path, x, grad):
+        monkeypatch.setattr(GroupBatchNorm2d, "TRAINING_PATH", path)
+        x = x.clone().requires_grad_()
+        out = norm(x)
         out.backward(grad)
-        out2.backward(grad)
-        assert torch.allclose(x.grad, x2.grad, atol=1e-5)
-        assert torch.allclose(fused.norm.weight.grad, split.norm.weight.grad, atol=1e-4)
-        assert torch.allclose(fused.norm.bias.grad, split.norm.bias.grad, atol=1e-4)
+        return out, x.grad
+
+    for step in range(3):  # running statistics over several steps
+        x = torch.randn(4, 3 * group.order, 6, 5) * 3 + step
+        grad = torch.randn_like(x)
+        (out, dx), (out2, dx2) = run(view.train(), "view", x, grad), run(fields.train(), "fields", x, grad)
+        torch.testing.assert_close(out2, out, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(dx2, dx, atol=1e-5, rtol=1e-5)
+        if affine:
+            torch.testing.assert_close(fields.norm.weight.grad, view.norm.weight.grad, atol=1e-4, rtol=1e-5)
+            torch.testing.assert_close(fields.norm.bias.grad, view.norm.bias.grad, atol=1e-4, rtol=1e-5)
     for name in ("running_mean", "running_var", "num_batches_tracked"):
-        assert torch.allclose(getattr(fused.norm, name).float(), getattr(split.norm, name).float(), atol=1e-6), name
-    # and it commutes with the group like the fused path
+        torch.testing.assert_close(getattr(fields.norm, name), getattr(view.norm, name), atol=1e-6, rtol=1e-6)
+    assert view.norm.num_batches_tracked == 3
+    x = torch.randn(2, 3 * group.order, 6, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(fields.eval()(x), view.eval().norm(x.reshape(2, 3, -1, 5)).reshape(x.shape),
+                                   atol=1e-6, rtol=1e-6)
+    # and it commutes with the group like the definition
     act = regular_out(group)
-    assert_equivariant(equivariance_errors(split.from_channel_stats, torch.randn(2, 3 * group.order, 6, 6),
+    assert_equivariant(equivariance_errors(fields.train(), torch.randn(2, 3 * group.order, 6, 6),
                                            group.elements, act_out=act, act_in=act))
 
 

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Every GPU check of benchmarks/ in one prepared run for a lent GPU (about 6 minutes on an H100).
+#
+#     OUT=logs bash benchmarks/device_all.sh      # logs under $OUT, one file per step
+#
+# Each step has its own time limit and log, so a failing or slow step leaves the others' numbers.
+# Expects a Python with torch (CUDA), lightning, torchmetrics, tifffile, scipy, matplotlib and
+# typer; kornia may come as wheels in .whl/ (installed to /tmp/site when present).
+set -u
+OUT=${OUT:-device-logs}
+mkdir -p "$OUT"
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/00-gpu.txt"
+step() {  # step NAME SECONDS COMMAND...
+  local name=$1 limit=$2; shift 2
+  echo "== $name: $*"
+  local start=$SECONDS
+  timeout "$limit" "$@" >"$OUT/$name.txt" 2>&1
+  local rc=$?
+  tail -n 40 "$OUT/$name.txt"
+  echo "== $name: exit $rc after $((SECONDS - start)) s"
+}
+step 10-unet-step-b4 60 python3 benchmarks/unet_step.py --batch 4 --steps 30 --profile "$OUT/10-profile-b4.txt"
+step 11-unet-step-b16 60 python3 benchmarks/unet_step.py --batch 16 --steps 30 --profile "$OUT/11-profile-b16.txt"
+step 12-unet-step-b16-view 45 python3 benchmarks/unet_step.py --batch 16 --steps 30 --norm view
+step 20-device-check 120 python3 benchmarks/device_check.py
+step 30-gpu 60 python3 benchmarks/gpu.py
+step 40-inference 75 python3 benchmarks/inference.py --device cuda --sizes 512 1024 --repeats 10 --modes eager optimized
+step 41-inference-compiled 75 python3 benchmarks/inference.py --device cuda --sizes 1024 --repeats 10 --families plain p4m --modes compiled
