@@ -14,14 +14,15 @@ CPU's, and the speed of tile batching and lower precision. One prepared script f
    off) against the CPU's (equal up to float rounding of borderline pixels), in bf16 against
    float32 (differences reported, not asserted).
 2. Certificate on the device: max D4 error of the p4m model < 1e-5 (float32, TF32 off).
-3. Speed: ``predict_probabilities`` of a 4096x4096 image in 1024 px tiles (overlap 128, 25
-   tiles), plain width 64 and isotropic width 110 (the paper's sizes), batch 1 / 4 / 8 at
-   precision 32 and bf16: seconds (median of 3 after a warm-up) and the ratio to batch 1 float32
-   of the same model, all in one run.
-4. Training on the GPU (``fit``, Lightning, 3 epochs of a p4m width 4 on 4 pairs of 512 px,
+3. Training on the GPU (``fit``, Lightning, 3 epochs of a p4m width 4 on 4 pairs of 512 px,
    precision 32 and bf16-mixed): the run trains; a run stopped by an exception in epoch 1 and
    resumed ends at the uninterrupted run's weights to float tolerance (max |difference| printed;
    cuDNN's algorithm choice is not bitwise repeatable).
+4. Speed: ``predict_probabilities`` of a 4096x4096 image in 1024 px tiles (overlap 128, 25
+   tiles), plain width 64 and isotropic width 110 (the paper's sizes), batch 1 / 4 / 8 at
+   precision 32 and bf16: seconds (median of 2 after a warm-up) and the ratio to batch 1 float32
+   of the same model, all in one run; and the model's forward alone on a batch of random 1024 px
+   tiles on the device, per tile (so the pipeline's share shows).
 """
 
 from __future__ import annotations
@@ -85,10 +86,10 @@ def main() -> None:
                     error = certificate(model, images, angles=())["group"]
                     print(f"2. certificate of p4m on {device}: {error:.1e} ({'ok' if error < 1e-5 else 'FAILED'})")
 
-        if args.size:
-            check_speed(device, args.size)
         if args.train:
             check_training(device, Path(tmp))
+        if args.size:
+            check_speed(device, args.size)
 
 
 def check_speed(device: torch.device, size: int) -> None:
@@ -96,7 +97,8 @@ def check_speed(device: torch.device, size: int) -> None:
     from equiseg.evaluation.inference import predict_probabilities
     from equiseg.runtime import Precision, Runtime
 
-    print(f"\n3. predict_probabilities of a {size}x{size} image, 1024 px tiles, overlap 128")
+    print(f"\n4. predict_probabilities of a {size}x{size} image, 1024 px tiles, overlap 128; and the model's "
+          "forward alone on a batch of 1024 px tiles (per tile)")
     image = torch.rand(3, size, size)
     for family, width in (("plain", 64), ("isotropic", 110)):
         torch.manual_seed(0)
@@ -105,18 +107,25 @@ def check_speed(device: torch.device, size: int) -> None:
         for precision in (Precision.FP32, Precision.BF16):
             for batch in (1, 4, 8):
                 runtime = Runtime(device, batch, precision)
-                times = []
-                for k in range(4):
+                times, forward = [], []
+                tiles = torch.rand(batch, 3, 1024, 1024, device=device)
+                for k in range(3):
                     sync(device)
                     start = time.perf_counter()
                     predict_probabilities(model, image, tile=1024, overlap=128, runtime=runtime)
                     sync(device)
+                    middle = time.perf_counter()
+                    with torch.no_grad(), torch.autocast(device.type, torch.bfloat16,
+                                                         enabled=precision is Precision.BF16):
+                        model(tiles)
+                    sync(device)
                     if k:
-                        times.append(time.perf_counter() - start)
+                        times.append(middle - start)
+                        forward.append((time.perf_counter() - middle) / batch)
                 seconds = statistics.median(times)
                 base = base or seconds
                 print(f"   {family:<9} {width:>3}  precision {precision.value:<4} batch {batch}: "
-                      f"{seconds:7.2f} s = {seconds / base:.3f}x")
+                      f"{seconds:7.2f} s = {seconds / base:.3f}x; forward {statistics.median(forward) * 1e3:6.1f} ms/tile")
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -167,7 +176,7 @@ def check_training(device: torch.device, tmp: Path) -> None:
             if trainer.current_epoch == 1:
                 raise RuntimeError("simulated crash")
 
-    print("\n4. training on the device: 3 epochs, p4m width 4, 4 pairs of 512 px; stopped in epoch 1 and resumed")
+    print("\n3. training on the device: 3 epochs, p4m width 4, 4 pairs of 512 px; stopped in epoch 1 and resumed")
     root = generate_dataset(tmp / "train-data", {"train": 4, "val": 2, "test": 0}, size=512, seed=0)
     for precision in ("32", "bf16-mixed"):
         config = Config.from_dict({

@@ -163,6 +163,24 @@ def test_group_batch_norm_computes_its_definition(group, momentum, affine, monke
                                            group.elements, act_out=act, act_in=act))
 
 
+def test_group_batch_norm_keeps_its_channel_buffers_only_while_they_hold():
+    """Evaluation repeats the running statistics per channel once, and again after any of them changes."""
+    norm = GroupBatchNorm2d(2, D4).eval()
+    x = torch.randn(1, 2 * D4.order, 4, 4)
+    reference = lambda: norm.norm(x.reshape(1, 2, -1, 4)).reshape(x.shape)  # the definition, on the view
+    with torch.no_grad():
+        first = norm(x)
+        torch.testing.assert_close(first, reference())
+        norm.norm.running_mean.add_(1.0)  # in place: the cache must notice
+        torch.testing.assert_close(norm(x), reference())
+        assert not torch.allclose(norm(x), first)
+        norm.load_state_dict({**norm.state_dict(), "norm.weight": torch.full((2,), 3.0)})
+        torch.testing.assert_close(norm(x), reference())
+    out = norm(x.requires_grad_())  # with gradients nothing is cached, and the weight gets its gradient
+    out.sum().backward()
+    assert norm.norm.weight.grad is not None and norm.__dict__["_channel_cache"] is None
+
+
 # every ExpandedConv2d subclass, with the channels its input has
 EXPANDED = {
     "isotropic": (lambda: IsotropicConv2d(3, 4), 3),

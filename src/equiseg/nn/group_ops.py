@@ -72,24 +72,32 @@ class GroupBatchNorm2d(nn.Module):
         if batch_stats and self.TRAINING_PATH == "view":
             b, _, h, w = x.shape  # (B, C*|G|, H, W) -> (B, C, |G|*H, W): the group axis joins the plane
             return self.norm(x.reshape(b, -1, order * h, w)).reshape(b, -1, h, w)
-        weight = None if norm.weight is None else norm.weight.repeat_interleave(order)
-        bias = None if norm.bias is None else norm.bias.repeat_interleave(order)
         if not batch_stats:
-            return F.batch_norm(x, norm.running_mean.repeat_interleave(order), norm.running_var.repeat_interleave(order),
-                                weight, bias, False, 0.0, norm.eps)
-        y, mean, var = FieldBatchNorm.apply(x, weight, bias, order, norm.eps)
-        if self.training and norm.track_running_stats:
-            self._update_running_stats(mean, var, x.numel() // norm.num_features)
-        return y
-
-    def _update_running_stats(self, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
-        """As ``BatchNorm2d`` updates them: unbiased variance; ``momentum``, or a cumulative average when it is None."""
-        norm = self.norm
-        with torch.no_grad():
-            norm.num_batches_tracked += 1
+            return F.batch_norm(x, *self._channel_buffers(), False, 0.0, norm.eps)
+        update = self.training and norm.track_running_stats
+        momentum = 0.0
+        if update:
+            norm.num_batches_tracked.add_(1)
             momentum = norm.momentum if norm.momentum is not None else 1.0 / float(norm.num_batches_tracked)
-            norm.running_mean.lerp_(mean.to(norm.running_mean.dtype), momentum)
-            norm.running_var.lerp_((var * (count / max(count - 1, 1))).to(norm.running_var.dtype), momentum)
+        return FieldBatchNorm.apply(x, norm.weight, norm.bias, norm.running_mean if update else None,
+                                    norm.running_var if update else None, momentum, order, norm.eps)
+
+    def _channel_buffers(self) -> tuple[torch.Tensor, ...]:
+        """Running mean and variance, weight and bias repeated per channel (weight/bias None without affine).
+
+        Kept while evaluating without gradients and rebuilt when one of them changes (as
+        ``ExpandedConv2d`` keeps its bank): one batch-norm kernel a forward, nothing more.
+        """
+        norm, order = self.norm, self.group.order
+        tensors = (norm.running_mean, norm.running_var, norm.weight, norm.bias)
+        grad = torch.is_grad_enabled()
+        key = None if grad else tuple(None if t is None else (t._version, t.data_ptr()) for t in tensors)
+        cache = self.__dict__.get("_channel_cache")
+        if cache is not None and cache[0] == key and key is not None:
+            return cache[1]
+        repeated = tuple(None if t is None else t.repeat_interleave(order) for t in tensors)
+        self.__dict__["_channel_cache"] = None if grad else (key, repeated)
+        return repeated
 
     def extra_repr(self) -> str:
         return f"group={self.group}"
@@ -98,71 +106,83 @@ class GroupBatchNorm2d(nn.Module):
 class FieldBatchNorm(torch.autograd.Function):
     """Training-mode batch norm over fields of ``order`` consecutive channels, from per-channel passes.
 
-    ``apply(x, weight, bias, order, eps) -> (y, mean, var)``: ``weight`` and ``bias`` per
-    channel (one value repeated over each field's channels; or None), ``mean`` and biased
-    ``var`` per field (not differentiable). A field's mean is the mean of its channels' means;
-    its variance the mean of their variances plus the variance of their means (equal counts).
-    Backward: with n values per field, per-channel sums of dy and of dy (x - mean) added up per
-    field give S1 and S2, and
+    ``apply(x, weight, bias, running_mean, running_var, momentum, order, eps) -> y``: ``weight``,
+    ``bias`` (or None) and the running statistics (None: not updated) per field, as in
+    ``BatchNorm2d``; the running variance is updated with the unbiased variance. A field's mean
+    is the mean of its channels' means, its (biased) variance the mean of their variances plus
+    the variance of their means (equal counts). Backward: with n values per field and S1, S2 the
+    sums of dy and of dy (x - mean) over the field,
 
         dx = w / sigma * (dy - S1 / n - (x - mean) / sigma**2 * S2 / n),
-        dweight = S2 / sigma,  dbias = S1   (per field, summed over its channels).
+        dweight = S2 / sigma,  dbias = S1.
 
-    On CUDA the passes are PyTorch's batch-norm kernels (``batch_norm_stats``,
-    ``batch_norm_elemt``, ``batch_norm_backward_reduce``, ``batch_norm_backward_elemt``);
-    elsewhere the same formulas in tensor operations.
+    On CUDA each pass is one of PyTorch's batch-norm kernels (``batch_norm_stats``,
+    ``batch_norm_gather_stats_with_counts`` for the merge and the running statistics,
+    ``batch_norm_elemt``, ``batch_norm_backward_reduce``, ``batch_norm_backward_elemt``), about
+    seven kernels each way, few enough that a small batch is not held up by launches; elsewhere
+    the same formulas in tensor operations.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, order, eps):
+    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, order, eps):
         channels = x.shape[1]
+        per_channel = x.numel() // channels
         if x.is_cuda:
             mean_c, invstd_c = torch.batch_norm_stats(x, eps)
-            var_c = invstd_c.reciprocal().square() - eps
+            # the |G| channels of a field in the place of SyncBatchNorm's replicas: (|G|, C) each
+            counts = torch.full((order,), per_channel, dtype=mean_c.dtype, device=x.device)
+            mean, invstd = torch.batch_norm_gather_stats_with_counts(
+                x, mean_c.view(-1, order).t(), invstd_c.view(-1, order).t(), running_mean, running_var,
+                momentum, eps, counts)
         else:
             var_c, mean_c = torch.var_mean(x.float(), dim=(0, 2, 3), unbiased=False)
-        mean_c, var_c = mean_c.view(-1, order), var_c.view(-1, order)
-        mean = mean_c.mean(dim=1)
-        var = (var_c + (mean_c - mean[:, None]).square()).mean(dim=1)
-        invstd = torch.rsqrt(var + eps)
+            mean_c, var_c = mean_c.view(-1, order), var_c.view(-1, order)
+            mean = mean_c.mean(dim=1)
+            var = (var_c + (mean_c - mean[:, None]).square()).mean(dim=1)
+            invstd = torch.rsqrt(var + eps)
+            if running_mean is not None:
+                n = per_channel * order
+                running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+                running_var.lerp_((var * (n / max(n - 1, 1))).to(running_var.dtype), momentum)
         mean_r, invstd_r = mean.repeat_interleave(order), invstd.repeat_interleave(order)
+        weight_r = None if weight is None else weight.repeat_interleave(order)
         if x.is_cuda:
-            y = torch.batch_norm_elemt(x, weight, bias, mean_r, invstd_r, eps)
+            y = torch.batch_norm_elemt(x, weight_r, None if bias is None else bias.repeat_interleave(order),
+                                       mean_r, invstd_r, eps)
         else:
-            scale = invstd_r if weight is None else invstd_r * weight
-            shift = -mean_r * scale + (0 if bias is None else bias)
+            scale = invstd_r if weight_r is None else invstd_r * weight_r
+            shift = -mean_r * scale + (0 if bias is None else bias.repeat_interleave(order))
             y = torch.addcmul(shift.view(1, channels, 1, 1).to(x.dtype), x, scale.view(1, channels, 1, 1).to(x.dtype))
-        ctx.save_for_backward(x, weight, mean_r, invstd_r)
+        ctx.save_for_backward(x, weight_r, mean_r, invstd_r)
         ctx.order = order
-        ctx.mark_non_differentiable(mean, var)
-        return y, mean, var
+        return y
 
     @staticmethod
-    def backward(ctx, dy, _mean, _var):
-        x, weight, mean_r, invstd_r = ctx.saved_tensors
+    def backward(ctx, dy):
+        x, weight_r, mean_r, invstd_r = ctx.saved_tensors
         order, channels = ctx.order, x.shape[1]
         count = x.numel() // channels * order  # values per field
-        dy = dy.contiguous()
+        dy = dy.contiguous(memory_format=torch.channels_last if x.is_contiguous(memory_format=torch.channels_last)
+                           else torch.contiguous_format)
         if x.is_cuda:
-            sum_dy_c, sum_dy_xmu_c, _, _ = torch.batch_norm_backward_reduce(dy, x, mean_r, invstd_r, weight,
+            sum_dy_c, sum_dy_xmu_c, _, _ = torch.batch_norm_backward_reduce(dy, x, mean_r, invstd_r, weight_r,
                                                                             True, False, False)
         else:
             sum_dy_c = dy.sum(dim=(0, 2, 3), dtype=torch.float32)
             sum_dy_xmu_c = (dy * x).sum(dim=(0, 2, 3), dtype=torch.float32) - mean_r * sum_dy_c
         s1, s2 = sum_dy_c.view(-1, order).sum(dim=1), sum_dy_xmu_c.view(-1, order).sum(dim=1)
-        # per channel; repeat_interleave's backward adds them up per field
-        dweight = sum_dy_xmu_c * invstd_r if ctx.needs_input_grad[1] else None
-        dbias = sum_dy_c if ctx.needs_input_grad[2] else None
-        s1_r, s2_r = s1.repeat_interleave(order), s2.repeat_interleave(order)
+        dweight = s2 * invstd_r[::order] if ctx.needs_input_grad[1] else None
+        dbias = s1 if ctx.needs_input_grad[2] else None
         dx = None
         if ctx.needs_input_grad[0]:
+            s1_r, s2_r = s1.repeat_interleave(order), s2.repeat_interleave(order)
             if x.is_cuda:
-                dx = torch.batch_norm_backward_elemt(dy, x, mean_r, invstd_r, weight, s1_r, s2_r,
+                dx = torch.batch_norm_backward_elemt(dy, x, mean_r, invstd_r, weight_r, s1_r, s2_r,
                                                      torch.full((1,), count, dtype=torch.int32, device=x.device))
             else:
-                a = invstd_r if weight is None else invstd_r * weight
+                a = invstd_r if weight_r is None else invstd_r * weight_r
                 k = a * invstd_r.square() * s2_r / count
                 c = (k * mean_r - a * s1_r / count).view(1, channels, 1, 1)
                 dx = torch.addcmul(torch.addcmul(c, x, -k.view(1, channels, 1, 1)), dy, a.view(1, channels, 1, 1))
                 dx = dx.to(x.dtype)
-        return dx, dweight, dbias, None, None
+        return dx, dweight, dbias, None, None, None, None, None
