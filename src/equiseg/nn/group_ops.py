@@ -129,8 +129,11 @@ class FieldBatchNorm(torch.autograd.Function):
         per_channel = x.numel() // channels
         if x.is_cuda:
             mean_c, invstd_c = torch.batch_norm_stats(x, eps)
-            # the |G| channels of a field in the place of SyncBatchNorm's replicas: (|G|, C) each
-            counts = torch.full((order,), per_channel, dtype=mean_c.dtype, device=x.device)
+            # the |G| channels of a field in the place of SyncBatchNorm's replicas: (|G|, C) views,
+            # which the kernel reads through their strides; counts in the type it dispatches on
+            # (the running statistics', else the input's; PyTorch's Normalization.cu, 2.11-2.13)
+            counts = torch.full((order,), per_channel, device=x.device,
+                                dtype=x.dtype if running_mean is None else running_mean.dtype)
             mean, invstd = torch.batch_norm_gather_stats_with_counts(
                 x, mean_c.view(-1, order).t(), invstd_c.view(-1, order).t(), running_mean, running_var,
                 momentum, eps, counts)
