@@ -152,7 +152,7 @@ def main() -> None:
                 if family == "plain":
                     plain[side, mode] = relative
                 ratio = f"{relative / plain[side, mode]:>6.1f}x" if (side, mode) in plain else ""
-                print(f"{family:<10} {r['width']:>5} {side:>5} {mode:<12} {r['seconds']:>8.2f} {r['gflops']:>8.1f} "
+                print(f"{family:<10} {r['width']:>5} {side:>5} {mode:<12} {r['seconds']:>8.4f} {r['gflops']:>8.1f} "
                       f"{r['ref_gflops']:>7.1f} {r['of_ref']:>6.0%} {r['peak_mb']:>7.0f} MB {ratio:>7}", flush=True)
 
 
