@@ -199,7 +199,7 @@ def test_a_bad_study_config_is_one_error_naming_the_key(tmp_path, change, messag
 def test_study_by_training_images_with_lr_search_and_paired_intervals(tmp_path):
     base = {**TINY_BASE, "train": {**TINY_BASE["train"], "epochs": 3, "early_stopping": 1}}
     spec = {"name": "tiny-paired", "base": base, "reference_width": 4, "seeds": [0, 1], "angles": [45],
-            "variants": {"plain+heavy": {"family": "plain", "augment": "heavy"}, "p4m": {"family": "p4m"}},
+            "variants": {"plain+heavy": {"family": "plain", "augment": "heavy", "lr": 3.0e-3}, "p4m": {"family": "p4m"}},
             "train_images": [2, 4], "lr_search": [1.0e-3, 3.0e-2], "baseline": "plain+heavy", "robustness": False,
             "bootstrap": 200}
     (tmp_path / "study.yaml").write_text(yaml.safe_dump(spec))
@@ -207,11 +207,13 @@ def test_study_by_training_images_with_lr_search_and_paired_intervals(tmp_path):
     lines = []
     report = run_study(study, tmp_path / "out", say=lines.append)
     result = from_json(StudyResult, (tmp_path / "out/results.json").read_text())
-    # the search: two rates per variant on the largest training set, one chosen, used by every run of the variant
-    assert len(result.lr_trials) == 4 and sum(t.chosen for t in result.lr_trials) == 2
-    chosen = {t.variant: t.lr for t in result.lr_trials if t.chosen}
+    # the search: two rates for p4m on the largest training set, one chosen, used by every run of it;
+    # plain+heavy states its own rate and is not searched
+    assert len(result.lr_trials) == 2 and sum(t.chosen for t in result.lr_trials) == 1
+    chosen = {t.variant: t.lr for t in result.lr_trials if t.chosen} | {"plain+heavy": 3.0e-3}
+    assert {t.variant for t in result.lr_trials} == {"p4m"}
     assert all(r.lr == chosen[r.variant] for r in result.results)
-    assert (tmp_path / "out/runs/_lr/p4m/lr0.03").is_dir()
+    assert (tmp_path / "out/runs/_lr/p4m/lr0.03").is_dir() and not (tmp_path / "out/runs/_lr/plain+heavy").exists()
     assert sorted({r.train_count for r in result.results}) == [2, 4]
     assert all(0 <= r.best_epoch < r.epochs_trained for r in result.results)
     assert all(not r.robustness and r.tta is None for r in result.results)
@@ -219,6 +221,7 @@ def test_study_by_training_images_with_lr_search_and_paired_intervals(tmp_path):
     summary = (report.parent / "summary.md").read_text()
     assert "## Against plain+heavy: paired differences with 95 % intervals" in summary
     assert "## Convergence" in summary and "## Learning rate of each variant" in summary
+    assert "| plain+heavy | 0.003 |  |  | stated (not searched) |" in summary
     assert "With 2 training images, against plain+heavy" in summary and "resolves" in summary
     assert (report.parent / "scarcity.png").is_file() and "Rotation robustness" not in summary
     with pytest.raises(Exception, match="train_images asks for 9 images; the training split has 4"):

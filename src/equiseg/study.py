@@ -36,9 +36,10 @@ input folder (``images/{cell,tissue}_patches``, ``metadata.json``) is given: by 
 config's ``gc_input`` key, else by the environment variable ``EQUISEG_GC_INPUT``; a folder
 given that is not there is an error. Without either the certificate covers the test images only.
 
-Fairness and convergence: with ``lr_search``, each variant first trains once per rate (the
-largest training set, the first seed, into ``runs/_lr``) and takes the rate whose best
-validation loss is lowest, for all its runs; the base's ``train.early_stopping`` and
+Fairness and convergence: with ``lr_search``, each variant without a rate of its own (``lr``)
+first trains once per rate (the largest training set, the first seed, into ``runs/_lr``) and
+takes the rate whose best validation loss is lowest, for all its runs (a variant's own ``lr``
+is used as stated, not searched); the base's ``train.early_stopping`` and
 ``train.schedule`` (see the run config) stop each run at its plateau, within ``epochs`` (times
 1 / fraction with ``equal_steps``). The report gives each run's best epoch and flags runs
 whose best epoch was their last (not converged).
@@ -447,16 +448,16 @@ def _train_job(config: Config, run_dir: Path) -> tuple[float, int] | None:
 def _lr_search(study: StudyConfig, out: Path, root: Path, widths: dict[str, int], fraction: float,
                tissue: TissueResult | None, say: Callable[[str], None],
                executor: Executor | None = None) -> tuple[LRTrial, ...]:
-    """Each variant trained once per rate of ``study.lr_search`` (the largest training set, the
-    first seed, into ``out/runs/_lr``); the rate with the lowest validation loss is chosen
-    (ties: the smaller rate). Nothing without ``lr_search``."""
-    grid = [(variant, lr) for variant in study.variants for lr in sorted(study.lr_search)]
+    """Each variant without a rate of its own trained once per rate of ``study.lr_search`` (the
+    largest training set, the first seed, into ``out/runs/_lr``); the rate with the lowest
+    validation loss is chosen (ties: the smaller rate). Nothing without ``lr_search``."""
+    grid = [(variant, lr) for variant in study.variants if variant.lr is None for lr in sorted(study.lr_search)]
     jobs = [(study.run_config(variant, fraction, study.seeds[0], widths[variant.label], str(root),
                               tissue and tissue.run_dir, lr), out / "runs" / "_lr" / variant.label / f"lr{lr:g}")
             for variant, lr in grid]
     found = (executor or LocalExecutor()).map(_train_job, jobs)
     trials = []
-    for variant in study.variants if study.lr_search else ():
+    for variant in [v for v in study.variants if v.lr is None] if study.lr_search else ():
         rows = [(lr, *(best if best is not None else (math.nan, -1)))
                 for (v, lr), best in zip(grid, found) if v is variant]
         chosen = min(rows, key=lambda t: (math.inf if math.isnan(t[1]) else t[1], t[0]))[0]

@@ -452,8 +452,8 @@ PAIRED_NOTE = ("Each variant against the baseline trained with the same seeds on
 CONVERGENCE_NOTE = ("Each run trains until its validation loss stops improving (train.early_stopping) or its epoch "
                     "budget ends; the checkpoint scored is the one of its lowest validation loss. A run whose best "
                     "epoch was its last may have stopped too early: those are counted.")
-LR_NOTE = ("Each variant trained once per rate on the largest training set (first seed); the rate with the lowest "
-           "validation loss is used for all its runs.")
+LR_NOTE = ("Each variant without a stated rate trained once per rate on the largest training set (first seed); the "
+           "rate with the lowest validation loss is used for all its runs. A stated rate is used as it is.")
 
 
 @dataclass(frozen=True)
@@ -593,6 +593,9 @@ def convergence_table(result: StudyResult) -> Table:
 def lr_table(result: StudyResult) -> Table:
     rows = [[t.variant, f"{t.lr:g}", f"{t.val_loss:.4f}", str(t.best_epoch + 1), "chosen" if t.chosen else ""]
             for t in result.lr_trials]
+    searched = {t.variant for t in result.lr_trials}
+    stated = {r.variant: r.lr for r in result.results if r.variant not in searched}
+    rows += [[variant, f"{lr:g}", "", "", "stated (not searched)"] for variant, lr in stated.items()]
     return Table(["variant", "lr", "lowest validation loss", "at epoch", ""], rows)
 
 
