@@ -33,7 +33,18 @@ def test_models_table_prints():
     result = runner.invoke(app, ["models", "--depth", "1", "--probe-size", "8", "--size", "32", "--angle-probe", "16",
                                  "--reference-width", "8"])
     assert result.exit_code == 0, result.output
-    assert "p4m" in result.stdout and "isotropic" in result.stdout
+    assert "p4m" in result.stdout and "isotropic" in result.stdout and "max pooling" in result.stdout
+
+
+def test_models_with_blur_pooling_stay_exact_and_a_bad_pool_is_one_line():
+    args = ["models", "--json", "--depth", "1", "--probe-size", "8", "--size", "32", "--angle-probe", "16",
+            "--reference-width", "8"]
+    result = runner.invoke(app, [*args, "--pool", "blur"])
+    assert result.exit_code == 0, result.output
+    rows = [r for r in json.loads(result.stdout) if r["family"] != "plain"]
+    assert all(r["error_own_group"] <= 1e-5 for r in rows), rows
+    bad = runner.invoke(app, [*args, "--pool", "avg"])
+    assert bad.exit_code == 2 and bad.output.strip().splitlines()[-1] == "error: --pool must be one of max, blur, got 'avg'"
 
 
 def test_presets_lists_the_packaged_presets_with_their_descriptions():

@@ -110,6 +110,15 @@ def test_the_base_is_a_preset_name_or_a_file_beside_the_study(tmp_path):
     assert StudyConfig.from_yaml(tmp_path / "beside.yaml").base["model"]["width"] == 4
 
 
+def test_a_variant_may_pool_otherwise_than_the_base(tmp_path):
+    spec = {"name": "s", "base": TINY_BASE, "variants": {"c8": {"family": "c8"}, "c8+blur": {"family": "c8", "pool": "blur"}}}
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(spec))
+    study = StudyConfig.from_yaml(tmp_path / "study.yaml")
+    pools = {v.label: study.run_config(v, 1.0, 0, 2, str(tmp_path)).model.pool.value for v in study.variants}
+    assert pools == {"c8": "max", "c8+blur": "blur"}
+    assert study.run_config(study.variants[1], 1.0, 0, 2, str(tmp_path)).build_model().pool.value == "blur"
+
+
 def test_the_real_grand_challenge_input_comes_from_the_key_or_the_environment(tmp_path, monkeypatch):
     from pathlib import Path
 
@@ -186,6 +195,7 @@ def test_an_old_cache_is_recomputed(tmp_path, monkeypatch):
     ({"variants": {}}, "no variants"),
     ({"fractions": [0.5, 1.5]}, r"fractions must lie in \(0, 1\]"),
     ({"seeds": ["a"]}, r"seeds\[0\]: expected an integer"),
+    ({"variants": {"x": {"family": "c8", "pool": "avg"}}}, r"variants\.x\.pool: 'avg' is not one of max, blur"),
 ])
 def test_a_bad_study_config_is_one_error_naming_the_key(tmp_path, change, message):
     from equiseg.config import ConfigError

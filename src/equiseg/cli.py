@@ -95,6 +95,9 @@ def models(
     tissue: Annotated[Path | None, typer.Option(
         help="A real H&E image (e.g. ../shared/ocelot/gc_input/images/cell_patches/000.tif): also measure the 45° "
              "error on its smoothed centre.")] = None,
+    pool: Annotated[str, typer.Option(
+        help="How the U-Nets go down a level: max (2x2 max pooling) or blur (anti-aliased: a binomial low-pass at "
+             "stride 2).")] = "max",
 ) -> None:
     """List the model families: parameters, multiply-adds, exact group, measured equivariance error.
 
@@ -121,7 +124,7 @@ def models(
     with Console(stderr=True).status("building the models and measuring their equivariance error ..."):
         try:
             rows = model_table(depth=depth, size=size, probe_size=probe_size, seed=seed, angle_probe=angle_probe,
-                               tissue=image, reference_width=reference_width)
+                               tissue=image, reference_width=reference_width, pool=pool)
         except ValueError as error:
             raise _fail(str(error)) from None
     if as_json:
@@ -130,7 +133,7 @@ def models(
     header = f"{'family':<10} {'width':>5}  {'sized as':<8} {'params':>11} {'GMACs':>8}  {'exact for':<9} " \
              f"{'err own G':>9} {'err D4':>8} {'err 45°':>8} {'err 22.5°':>9}" + \
              (f" {'45° tissue':>10}" if image is not None else "")
-    typer.echo(f"U-Net families, depth {depth}; multiply-adds (GMACs) at {size}x{size} px")
+    typer.echo(f"U-Net families, depth {depth}, {pool} pooling; multiply-adds (GMACs) at {size}x{size} px")
     typer.echo(header)
     typer.echo("-" * len(header))
     for row in rows:

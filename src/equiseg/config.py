@@ -23,7 +23,7 @@ from equiseg.data.augment import AugmentConfig
 from equiseg.data.context import CONTEXT_CHANNELS, ContextKind
 from equiseg.data.targets import DEFAULT_SIGMA, CellTarget, TargetKind, Task
 from equiseg.models import build_model
-from equiseg.models.unet import ConvFamily
+from equiseg.models.unet import ConvFamily, Pooling
 
 LOGGERS = ("csv", "tensorboard", "comet", "mlflow")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
@@ -40,11 +40,14 @@ def _at_least(section: object, prefix: str, **bounds: float) -> None:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The U-Net: conv family, width (channels, or fields of |G| channels for p4/p4m), depth."""
+    """The U-Net: conv family, width (channels, or fields of |G| channels for the group families),
+    depth, and how it goes down a level (``pool``: ``max``, or ``blur`` for anti-aliased
+    downsampling; see :class:`equiseg.models.Pooling`)."""
 
     family: ConvFamily = ConvFamily.ISOTROPIC
     width: int = 110
     depth: int = 4
+    pool: Pooling = Pooling.MAX
 
     def __post_init__(self) -> None:
         _at_least(self, "model", width=1, depth=1)
@@ -230,7 +233,8 @@ class Config:
         """The U-Net this config trains (fresh weights): its family, width, depth, input channels, classes."""
 
         m = self.model
-        return build_model(m.family, m.width, m.depth, self.in_channels, num_classes=len(self.task.class_names))
+        return build_model(m.family, m.width, m.depth, self.in_channels, num_classes=len(self.task.class_names),
+                           pool=m.pool)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain builtin types only (safe for YAML and for ``torch.load(weights_only=True)``)."""

@@ -16,6 +16,7 @@ Study config (YAML)::
       plain+heavy: {family: plain, augment: heavy}
       isotropic: {family: isotropic}
       isotropic+ctx: {family: isotropic, context: model}   # + tissue context (see below)
+      c8+blur: {family: c8, pool: blur}       # anti-aliased downsampling (model.pool)
     tissue: [model.family=p4m, model.width=4]  # overrides of the base for the tissue model
     fractions: [0.25, 1.0]
     train_images: [2, 8, 32]                # instead of fractions: that many training images
@@ -77,7 +78,7 @@ from equiseg.evaluation.evaluate import Evaluation, evaluate_model
 from equiseg.evaluation.robustness import standard_transforms
 from equiseg.evaluation.tissue_context import run_context
 from equiseg.groups import D4
-from equiseg.models import ConvFamily, count_parameters, match_width, parameter_count
+from equiseg.models import ConvFamily, Pooling, count_parameters, match_width, parameter_count
 from equiseg.presets import preset_path
 from equiseg.report.plots import best_and_worst
 from equiseg.report.results import (
@@ -108,7 +109,8 @@ GC_INPUT_ENV = "EQUISEG_GC_INPUT"
 @dataclass(frozen=True)
 class Variant:
     """One row of the study: a conv family, an augmentation preset, a width (None: matched), the
-    tissue context it takes and a learning rate of its own (None: the base's, or the search's)."""
+    tissue context it takes, a learning rate of its own (None: the base's, or the search's) and
+    its downsampling (``pool``: None, the base's ``model.pool``; or ``max`` / ``blur``)."""
 
     label: str
     family: ConvFamily
@@ -116,6 +118,7 @@ class Variant:
     width: int | None = None
     context: ContextKind = ContextKind.NONE
     lr: float | None = None
+    pool: Pooling | None = None
 
 
 @dataclass(frozen=True)
@@ -209,6 +212,8 @@ class StudyConfig:
                      f"data.root={data_root}"]
         if lr is not None:
             overrides.append(f"train.lr={lr}")
+        if variant.pool is not None:
+            overrides.append(f"model.pool={variant.pool.value}")
         if variant.context is not ContextKind.NONE:
             if tissue_model is None:
                 raise ValueError(f"variant {variant.label} takes tissue context: a tissue model is needed")

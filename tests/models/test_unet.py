@@ -6,7 +6,17 @@ import torch
 from equiseg import build_model
 from equiseg.evaluation.equivariance import equivariance_errors, model_equivariance_error
 from equiseg.groups import C4, D4
-from equiseg.models import ConvFamily, UNet, count_macs, count_parameters, match_width, parameter_count
+from equiseg.models import (
+    BlurPool2d,
+    ConvFamily,
+    Pooling,
+    UNet,
+    count_macs,
+    count_parameters,
+    match_width,
+    optimize_for_inference,
+    parameter_count,
+)
 from equiseg.nn import ExpandedConv2d, fold_to_conv2d
 
 TOL = 1e-5
@@ -50,6 +60,31 @@ def test_steerable_families_are_exact_for_the_grid_part_of_their_group(family, s
     assert family.field_group.order == family.channels_per_unit == {"c8": 8, "c16": 16, "d8": 16}[family.value]
     if family.group is C4:
         assert min(errors[str(g)] for g in D4.elements[4:]) > 1e-3, errors
+
+
+def test_blur_pool_by_hand():
+    """Output pixel (i, j) is the [1, 3, 3, 1]/8 (x) [1, 3, 3, 1]/8 average of input rows 2i-1..2i+2 and
+    columns 2j-1..2j+2, zeros outside."""
+    x = torch.zeros(1, 1, 4, 4)
+    x[0, 0, 1, 1] = 64.0  # row 1 lies in the windows of output rows 0 (weight 3) and 1 (weight 1)
+    torch.testing.assert_close(BlurPool2d()(x)[0, 0], torch.tensor([[9.0, 3.0], [3.0, 1.0]]))
+    x = torch.randn(2, 5, 6, 10)
+    assert BlurPool2d()(x).shape == (2, 5, 3, 5)
+    torch.testing.assert_close(BlurPool2d()(torch.ones(1, 1, 8, 8))[0, 0, 1:3, 1:3], torch.ones(2, 2))  # a low-pass
+
+
+@pytest.mark.parametrize("family", [ConvFamily.ISOTROPIC, ConvFamily.P4M, ConvFamily.C8], ids=lambda f: f.value)
+def test_blur_pooling_keeps_each_family_exact_for_its_group(family):
+    x = torch.randn(1, 3, 48, 80)
+    model = warm_batch_norm(small(family, depth=3, pool="blur"), x)
+    assert model.pool is Pooling.BLUR and isinstance(model.down, BlurPool2d)
+    errors = equivariance_errors(model, x, family.group.elements)
+    assert max(errors.values()) <= TOL, errors
+    plain = warm_batch_norm(small(family, depth=3), x)
+    plain.load_state_dict(model.state_dict())  # the same weights: pooling holds no parameters
+    assert not torch.allclose(plain(x), model(x))  # and the two really pool differently
+    with torch.no_grad():  # deployment keeps it: the fold, and the optimized copy
+        torch.testing.assert_close(optimize_for_inference(model)(x), model(x), rtol=1e-4, atol=1e-5)
 
 
 def test_plain_family_measurably_fails():

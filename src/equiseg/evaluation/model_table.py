@@ -8,7 +8,7 @@ import torch
 from equiseg.evaluation.equivariance import arbitrary_angle_error, band_limited_noise, equivariance_errors, smoothed
 from equiseg.groups import D4
 from equiseg.models.build import SEED_WIDTHS, build_model, count_macs, count_parameters, match_width, parameter_count
-from equiseg.models.unet import ConvFamily
+from equiseg.models.unet import ConvFamily, Pooling
 
 ANGLE = 45.0  # the arbitrary-angle measure's rotation
 HALF_ANGLE = 22.5  # and the one C16 holds that C8 does not
@@ -28,7 +28,7 @@ def tissue_probe(image: np.ndarray, side: int = ANGLE_PROBE, sigma: float = 1.5)
 
 def model_table(depth: int = 4, size: int = 1024, probe_size: int = 32, seed: int = 0,
                 angle_probe: int = ANGLE_PROBE, tissue: np.ndarray | None = None,
-                reference_width: int = SEED_WIDTHS[ConvFamily.PLAIN]) -> list[dict]:
+                reference_width: int = SEED_WIDTHS[ConvFamily.PLAIN], pool: str = "max") -> list[dict]:
     """One dict per (family, width): parameters, MACs at size x size, exact group, measured errors.
 
     "matched" widths are those whose parameter count is closest to plain width ``reference_width``
@@ -38,8 +38,11 @@ def model_table(depth: int = 4, size: int = 1024, probe_size: int = 32, seed: in
     row): the identity network's, the resampling floor; ``error_22.5`` and ``floor_22.5`` the same
     at 22.5° (an element of C16, not of C8). With ``tissue`` (a real H&E image),
     ``error_45_tissue`` and ``floor_45_tissue`` measure the same on its smoothed centre
-    (:func:`tissue_probe`).
+    (:func:`tissue_probe`). ``pool``: every U-Net's downsampling (``max`` or ``blur``).
+    Raises ValueError for another ``pool``.
     """
+    if pool not in {p.value for p in Pooling}:
+        raise ValueError(f"--pool must be one of {', '.join(p.value for p in Pooling)}, got {pool!r}")
     reference = parameter_count(ConvFamily.PLAIN, reference_width, depth)
     plan = [(ConvFamily.PLAIN, SEED_WIDTHS[ConvFamily.PLAIN], "seed"),
             (ConvFamily.ISOTROPIC, SEED_WIDTHS[ConvFamily.ISOTROPIC], "seed")]
@@ -55,7 +58,7 @@ def model_table(depth: int = 4, size: int = 1024, probe_size: int = 32, seed: in
     rows = []
     for family, width, sized_as in plan:
         torch.manual_seed(seed)
-        model = build_model(family, width, depth).eval()
+        model = build_model(family, width, depth, pool=Pooling(pool)).eval()
         group = family.group
         errors = equivariance_errors(model, x, D4.elements)
         rows.append({

@@ -7,7 +7,7 @@ import copy
 import torch
 from torch import nn
 
-from equiseg.models.unet import ConvFamily, UNet
+from equiseg.models.unet import ConvFamily, Pooling, UNet
 from equiseg.nn import ExpandedConv2d
 
 SEED_WIDTHS = {ConvFamily.PLAIN: 64, ConvFamily.ISOTROPIC: 110}
@@ -15,12 +15,14 @@ SEED_WIDTHS = {ConvFamily.PLAIN: 64, ConvFamily.ISOTROPIC: 110}
 
 
 def build_model(family: ConvFamily | str, width: int, depth: int = 4, in_channels: int = 3,
-                num_classes: int = 3) -> UNet:
-    """A U-Net of the given conv family (``"plain"``, ``"isotropic"``, ``"p4"`` or ``"p4m"``).
+                num_classes: int = 3, pool: Pooling | str = Pooling.MAX) -> UNet:
+    """A U-Net of the given conv family (``"plain"``, ``"isotropic"``, ``"p4"``, ``"p4m"``, ``"c8"``,
+    ``"c16"`` or ``"d8"``), going down by ``pool`` (``"max"`` or ``"blur"``).
 
     >>> model = build_model("isotropic", width=110)
     """
-    return UNet(ConvFamily(family), width, depth=depth, in_channels=in_channels, num_classes=num_classes)
+    return UNet(ConvFamily(family), width, depth=depth, in_channels=in_channels, num_classes=num_classes,
+                pool=Pooling(pool))
 
 
 def count_parameters(model: nn.Module) -> int:

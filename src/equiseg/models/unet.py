@@ -78,8 +78,47 @@ def conv_block(family: ConvFamily, in_width: int, out_width: int, lifting: bool 
     return nn.Sequential(conv, norm, nn.ReLU(inplace=True))
 
 
-def _down(x: torch.Tensor) -> torch.Tensor:
-    return F.max_pool2d(x, 2)
+class Pooling(enum.Enum):
+    """How a U-Net goes down a level (both halve each side and keep the guarantee below).
+
+    ``max``: 2x2 max pooling. ``blur``: a binomial low-pass, [1, 3, 3, 1] / 8 in each direction,
+    taken at stride 2 (``BlurPool2d``), so that less of what the next level cannot represent
+    folds back into it (aliasing), which is what a turn by an angle off the grid brings out.
+    """
+
+    MAX = "max"
+    BLUR = "blur"
+
+
+class BlurPool2d(nn.Module):
+    """Anti-aliased 2x downsampling: each channel convolved with the 4x4 binomial
+    [1, 3, 3, 1] (x) [1, 3, 3, 1] / 64 at stride 2, zero padding 1.
+
+    Output pixel (i, j) is centred on the 2x2 cell {2i, 2i+1} x {2j, 2j+1} of the input, as
+    2x2 max pooling is, and the kernel has the square's symmetries, so for an input whose sides
+    are even the layer commutes with every quarter turn and flip of the plane (each cell lands
+    on a cell), channel by channel, hence with any regular group features too. A low-pass before
+    subsampling, after Zhang, "Making Convolutional Networks Shift-Invariant Again" (ICML 2019),
+    here without the max: measured (``equiseg models --pool``) it is the version that kept the
+    U-Nets closest to equivariant at 45°.
+
+    Shapes: (B, C, H, W) -> (B, C, H // 2, W // 2), H and W even.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        taps = torch.tensor([1.0, 3.0, 3.0, 1.0])
+        self.register_buffer("kernel", (taps[:, None] * taps[None, :] / 64).view(1, 1, 4, 4), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        channels = x.shape[1]
+        kernel = self.kernel.to(x.dtype).expand(channels, 1, 4, 4)
+        return F.conv2d(x, kernel, stride=2, padding=1, groups=channels)
+
+
+class _MaxPool(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.max_pool2d(x, 2)
 
 
 def _up(x: torch.Tensor) -> torch.Tensor:
@@ -90,7 +129,8 @@ class UNet(nn.Module):
     """A U-Net with one conv (+ norm + ReLU) per level, parameterised by its conv family.
 
     Encoder level l (l = 0..depth) has ``width * 2**l`` units, the last being the bottleneck;
-    2x2 max pooling goes down, nearest-neighbour x2 upsampling goes up (no transposed convs),
+    2x2 max pooling (or, with ``pool=Pooling.BLUR``, a binomial low-pass at stride 2: ``BlurPool2d``)
+    goes down, nearest-neighbour x2 upsampling goes up (no transposed convs),
     and each decoder level concatenates the skip of its encoder level. Group families pool
     over the group (max) before a 1x1 head, so every family returns plain logits.
 
@@ -112,16 +152,18 @@ class UNet(nn.Module):
         in_channels: image channels.
         num_classes: logit channels (default 3: background, BC, TC).
         pad_input: pad sizes that are not multiples of 2**depth rather than refuse them.
+        pool: how to go down a level (:class:`Pooling`).
 
     Shapes: (B, in_channels, H, W) -> (B, num_classes, H, W).
     """
 
     def __init__(self, family: ConvFamily, width: int, depth: int = 4, in_channels: int = 3, num_classes: int = 3,
-                 pad_input: bool = True) -> None:
+                 pad_input: bool = True, pool: Pooling = Pooling.MAX) -> None:
         super().__init__()
         if width < 1 or depth < 0:
             raise ValueError(f"need width >= 1 and depth >= 0, got width={width}, depth={depth}")
-        self.family, self.width, self.depth, self.pad_input = family, width, depth, pad_input
+        self.family, self.width, self.depth, self.pad_input, self.pool = family, width, depth, pad_input, Pooling(pool)
+        self.down = BlurPool2d() if self.pool is Pooling.BLUR else _MaxPool()
         widths = [width * 2**level for level in range(depth + 1)]
         self.encoder = nn.ModuleList(
             [conv_block(family, in_channels, widths[0], lifting=True)]
@@ -144,7 +186,7 @@ class UNet(nn.Module):
         # encoder: level 0 at full size, each further level after a 2x2 pooling
         skips = []
         for level, block in enumerate(self.encoder):
-            x = block(x if level == 0 else _down(x))
+            x = block(x if level == 0 else self.down(x))
             skips.append(x)
         # decoder: from just above the bottleneck back to level 0
         x = skips.pop()
@@ -170,4 +212,5 @@ class UNet(nn.Module):
         return F.pad(x, (left, pad_w - left, top, pad_h - top)), (top, left)
 
     def extra_repr(self) -> str:
-        return f"family={self.family.value}, width={self.width}, depth={self.depth}"
+        return (f"family={self.family.value}, width={self.width}, depth={self.depth}"
+                + ("" if self.pool is Pooling.MAX else f", pool={self.pool.value}"))
