@@ -90,6 +90,22 @@ def test_lifting_bank_holds_rotated_copies():
 
 
 @pytest.mark.parametrize("group", GROUPS, ids=str)
+def test_banks_place_every_transformed_filter_by_field_and_element(group):
+    """With several channels: bank row (c_out, g) and input block c_in hold T_g of filter (c_out, c_in),
+    T_g the group's action on the plane (lifting) or its regular action on the filter's group axis and
+    plane (group conv): the layout the single gather builds."""
+    lifting, conv = LiftingConv2d(3, 2, group, bias=False), GroupConv2d(3, 2, group, bias=False)
+    lifted, bank = lifting.expand()[0], conv.expand()[0]
+    order = group.order
+    for c_out in range(2):
+        for c_in in range(3):
+            for k, g in enumerate(group.elements):
+                assert torch.equal(lifted[c_out * order + k, c_in], group.act_on_image(g, lifting.weight[c_out, c_in]))
+                expected = group.act_on_regular(g, conv.weight[c_out, c_in])  # (|G|, k, k)
+                assert torch.equal(bank[c_out * order + k, c_in * order:(c_in + 1) * order], expected)
+
+
+@pytest.mark.parametrize("group", GROUPS, ids=str)
 @pytest.mark.parametrize("mode", list(GroupPool))
 def test_pool_over_group_is_invariant_on_the_group_axis(group, mode):
     x = torch.randn(2, 3 * group.order, 8, 10)
