@@ -238,3 +238,23 @@ def test_study_by_training_images_with_lr_search_and_paired_intervals(tmp_path):
         run_study(dataclasses.replace(study, train_images=(9,)), tmp_path / "out2")
     with pytest.raises(ValueError, match="baseline 'plain' is not a variant"):
         dataclasses.replace(study, baseline="plain")
+
+
+def test_the_reading_leaves_runs_that_found_no_cell_out_of_the_robustness_comparison():
+    """study-steerable's real results: c16 and d8 found no cell with seed 0 (mF1 0 at every angle, so
+    their range is 0); the sentence must not take that flatness for robustness, and must say so."""
+    from pathlib import Path
+
+    from equiseg.report.study_report import reading
+
+    result = from_json(StudyResult, (Path(__file__).parents[1] / "docs/study-steerable/results.json").read_text())
+    failed = {(r.variant, r.seed) for r in result.results if r.scores["mf1"] == 0}
+    assert failed == {("c16", 0), ("d8", 0)}
+    lines = reading(result, [])
+    assert "left out of that comparison: c16 seed 0, d8 seed 0." in " ".join(lines)
+    sentence = next(line for line in lines if line.startswith("Under rotation"))
+    # d8's range is the mean over its two seeds that learnt (with the flat seed 0 it would be a third lower)
+    ranges = [max(t.scores["mf1"] for t in r.robustness) - min(t.scores["mf1"] for t in r.robustness)
+              for r in result.results if r.variant == "d8" and r.seed != 0]
+    assert f"the mF1 of d8 varies least (mean range {sum(ranges) / 2:.3f})" in sentence
+    assert f"{sum(ranges) / 3:.3f}" not in sentence

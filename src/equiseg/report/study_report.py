@@ -153,13 +153,20 @@ def reading(result: StudyResult, comparisons: list[ContextComparison]) -> list[s
               "evidence of a difference.")]
     lines += [_leaders(result, f) for f in result.fractions]
     if all(r.robustness for r in result.results):
-        spreads = {v: np.mean([_range(_mf1s(r.robustness)) for r in result.runs(v, result.full)])
-                   for v in result.variants}
-        steady, shaky = min(spreads, key=spreads.get), max(spreads, key=spreads.get)
+        # a run that found no cell scores 0 at every angle: flat, but not robust; it is left out
+        runs = {v: [r for r in result.runs(v, result.full) if not _found_nothing(r)] for v in result.variants}
+        spreads = {v: float(np.mean([_range(_mf1s(r.robustness)) for r in rs])) for v, rs in runs.items() if rs}
         angles = [t.degrees for t in result.results[0].robustness if not t.d4]
         which = "D4" + (" and " + ", ".join(f"{a:g}°" for a in angles) if angles else "")
-        lines.append(f"Under rotation of the test images ({which}) the mF1 of {steady} varies least "
-                     f"(mean range {spreads[steady]:.3f}) and that of {shaky} most ({spreads[shaky]:.3f}).")
+        if spreads:
+            steady, shaky = min(spreads, key=spreads.get), max(spreads, key=spreads.get)
+            lines.append(f"Under rotation of the test images ({which}) the mF1 of {steady} varies least "
+                         f"(mean range {spreads[steady]:.3f}) and that of {shaky} most ({spreads[shaky]:.3f}).")
+        failed = [f"{r.variant} seed {r.seed}" for r in result.results
+                  if r.fraction == result.full and _found_nothing(r)]
+        if failed:
+            lines.append(f"Runs that found no cell at all (mF1 0; they did not learn the task) are left out of that "
+                         f"comparison: {', '.join(failed)}.")
     lines.append("These are synthetic images from one generator: they say how the families compare on a task "
                  "whose classes are decided by appearance and context, not how they rank on real OCELOT slides.")
     verdicts = [_context_verdict(c) for c in comparisons if c.paired]
@@ -623,6 +630,12 @@ def _pm(values, signed: bool = False) -> str:
 def _mean_pm(runs: list[RunResult], key: str) -> str:
     """Score ``key`` over ``runs`` as mean ± std; '-' without runs."""
     return _pm([r.scores.get(key) for r in runs]) if runs else "-"
+
+
+def _found_nothing(run: RunResult) -> bool:
+    """The run's test mF1 is exactly 0: it detected no cell, or none right."""
+    mf1 = run.scores.get("mf1")
+    return mf1 is not None and not math.isnan(mf1) and mf1 == 0
 
 
 def _mf1s(transforms) -> list[float]:
