@@ -224,6 +224,14 @@ def test_study_by_training_images_with_lr_search_and_paired_intervals(tmp_path):
     assert {t.variant for t in result.lr_trials} == {"p4m"}
     assert all(r.lr == chosen[r.variant] for r in result.results)
     assert (tmp_path / "out/runs/_lr/p4m/lr0.03").is_dir() and not (tmp_path / "out/runs/_lr/plain+heavy").exists()
+    # the search's run at the chosen rate is the study's first cell of p4m (4 images, seed 0): copied, not retrained
+    cell = next(r for r in result.results if r.variant == "p4m" and r.train_count == 4 and r.seed == 0)
+    source = tmp_path / f"out/runs/_lr/p4m/lr{chosen['p4m']:g}"
+    copied = [line for line in lines if "the learning-rate search's run at this rate" in line]
+    assert len(copied) == 1 and str(source) in copied[0]
+    assert cell.reused and sum(r.reused for r in result.results) == 1
+    best = "checkpoints/best.ckpt"
+    assert (source / best).read_bytes() == (tmp_path / "out" / cell.run_dir.split("/out/", 1)[1] / best).read_bytes()
     assert sorted({r.train_count for r in result.results}) == [2, 4]
     assert all(0 <= r.best_epoch < r.epochs_trained for r in result.results)
     assert all(not r.robustness and r.tta is None for r in result.results)

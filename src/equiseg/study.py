@@ -40,7 +40,8 @@ given that is not there is an error. Without either the certificate covers the t
 Fairness and convergence: with ``lr_search``, each variant without a rate of its own (``lr``)
 first trains once per rate (the largest training set, the first seed, into ``runs/_lr``) and
 takes the rate whose best validation loss is lowest, for all its runs (a variant's own ``lr``
-is used as stated, not searched); the base's ``train.early_stopping`` and
+is used as stated, not searched; the search's run at the chosen rate is the same config as the
+variant's cell at the largest training set and first seed, and is copied there, not trained again); the base's ``train.early_stopping`` and
 ``train.schedule`` (see the run config) stop each run at its plateau, within ``epochs`` (times
 1 / fraction with ``equal_steps``). The report gives each run's best epoch and flags runs
 whose best epoch was their last (not converged).
@@ -60,6 +61,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -396,6 +398,8 @@ def run_study(study: StudyConfig, out: Path, say: Callable[[str], None] = print,
     tissue = _tissue_model(study, out, root, runtime, say) if study.uses_context else None
     trials = _lr_search(study, out, root, widths, max(fractions), tissue, say, executor)
     rates = {v.label: v.lr for v in study.variants if v.lr is not None} | {t.variant: t.lr for t in trials if t.chosen}
+    # the search trained each searched variant's first cell at its chosen rate already
+    searched = {t.variant: out / "runs" / "_lr" / t.variant / f"lr{t.lr:g}" for t in trials if t.chosen}
     # a local executor shares one context cache between runs (each tissue map computed once);
     # remote jobs make their own
     contexts: dict[str, ContextFn] | None = {} if isinstance(executor, LocalExecutor) else None
@@ -405,6 +409,8 @@ def run_study(study: StudyConfig, out: Path, say: Callable[[str], None] = print,
         config = study.run_config(variant, fraction, seed, widths[variant.label], str(root),
                                   tissue and tissue.run_dir, rates.get(variant.label))
         run_dir = out / "runs" / variant.label / f"f{fraction:g}" / f"s{seed}"
+        if fraction == max(fractions) and seed == study.seeds[0] and variant.label in searched:
+            _take_search_run(searched[variant.label], run_dir, config, say)
         # the report's case figure shows each variant's first seed at the full fraction
         with_cases = fraction == max(fractions) and seed == study.seeds[0]
         jobs.append((config, run_dir, root, study, (variant, fraction, seed), gc_samples, contexts, job_runtime,
@@ -442,6 +448,18 @@ def _remote_runtime(runtime: Runtime, executor: Executor) -> Runtime:
     """The runtime of a job on a Ray worker: the GPU Ray gives it, or its CPUs."""
     device = torch.device("cuda") if getattr(executor, "gpus_per_run", 0) > 0 else torch.device("cpu")
     return replace(runtime, device=device)
+
+
+def _take_search_run(source: Path, run_dir: Path, config: Config, say: Callable[[str], None]) -> None:
+    """Copy the learning-rate search's run at the chosen rate into the study's cell it equals
+    (the largest training set, the first seed), unless that cell holds a finished run already:
+    the same config trained twice would give the same run (training is seeded), so once is enough."""
+    if Run(run_dir).finished(config) or not Run(source).finished(config):
+        return
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    shutil.copytree(source, run_dir)
+    say(f"{config.name}: the learning-rate search's run at this rate, copied from {source}")
 
 
 def _train_job(config: Config, run_dir: Path) -> tuple[float, int] | None:
