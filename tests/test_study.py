@@ -240,6 +240,7 @@ def test_study_by_training_images_with_lr_search_and_paired_intervals(tmp_path):
     assert "## Against plain+heavy: paired differences with 95 % intervals" in summary
     assert "## Convergence" in summary and "## Learning rate of each variant" in summary
     assert "| plain+heavy | 0.003 |  |  | stated (not searched) |" in summary
+    assert "(1 of 8 runs were not trained in their turn but reused" in summary  # the copied search run
     assert "With 2 training images, against plain+heavy" in summary and "resolves" in summary
     assert (report.parent / "scarcity.png").is_file() and "Rotation robustness" not in summary
     with pytest.raises(Exception, match="train_images asks for 9 images; the training split has 4"):

@@ -142,8 +142,9 @@ def intro(result: StudyResult) -> str:
             f"{len(result.seeds)} seeds, {result.train_images} training and {result.test_images} test images of the "
             f"synthetic world. {time.strftime('%Y-%m-%d %H:%M')}, {machine_line()}, {result.minutes:.1f} min for "
             "this invocation of the study"
-            + (f" ({result.reused} of {n_runs} runs were finished earlier and reused; their training is not in "
-               "that time)." if result.reused else ", training and evaluation of every run."))
+            + (f" ({result.reused} of {n_runs} runs were not trained in their turn but reused: finished by an "
+               "earlier invocation, whose training is not in that time, or by this one's learning-rate search)."
+               if result.reused else ", training and evaluation of every run."))
 
 
 def reading(result: StudyResult, comparisons: list[ContextComparison]) -> list[str]:
