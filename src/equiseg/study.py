@@ -41,9 +41,9 @@ Fairness and convergence: with ``lr_search``, each variant without a rate of its
 first trains once per rate (the largest training set, the first seed, into ``runs/_lr``) and
 takes the rate whose best validation loss is lowest, for all its runs (a variant's own ``lr``
 is used as stated, not searched; the search's run at the chosen rate is the same config as the
-variant's cell at the largest training set and first seed, and is copied there, not trained again); the base's ``train.early_stopping`` and
-``train.schedule`` (see the run config) stop each run at its plateau, within ``epochs`` (times
-1 / fraction with ``equal_steps``). The report gives each run's best epoch and flags runs
+variant's cell at the largest training set and first seed, and is copied there, not trained
+again); the base's ``train.early_stopping`` and ``train.schedule`` (see the run config) stop
+each run at its plateau, within ``epochs`` (times 1 / fraction with ``equal_steps``). The report gives each run's best epoch and flags runs
 whose best epoch was their last (not converged).
 
 Statistics: every variant is compared with ``baseline`` at each training set, paired (same
@@ -399,7 +399,7 @@ def run_study(study: StudyConfig, out: Path, say: Callable[[str], None] = print,
     trials = _lr_search(study, out, root, widths, max(fractions), tissue, say, executor)
     rates = {v.label: v.lr for v in study.variants if v.lr is not None} | {t.variant: t.lr for t in trials if t.chosen}
     # the search trained each searched variant's first cell at its chosen rate already
-    searched = {t.variant: out / "runs" / "_lr" / t.variant / f"lr{t.lr:g}" for t in trials if t.chosen}
+    searched = {t.variant: _search_dir(out, t.variant, t.lr) for t in trials if t.chosen}
     # a local executor shares one context cache between runs (each tissue map computed once);
     # remote jobs make their own
     contexts: dict[str, ContextFn] | None = {} if isinstance(executor, LocalExecutor) else None
@@ -409,12 +409,13 @@ def run_study(study: StudyConfig, out: Path, say: Callable[[str], None] = print,
         config = study.run_config(variant, fraction, seed, widths[variant.label], str(root),
                                   tissue and tissue.run_dir, rates.get(variant.label))
         run_dir = out / "runs" / variant.label / f"f{fraction:g}" / f"s{seed}"
-        if fraction == max(fractions) and seed == study.seeds[0] and variant.label in searched:
+        # a variant's first cell: its first seed at the full fraction, where the search ran and
+        # whose cases the report's figure shows
+        first_cell = fraction == max(fractions) and seed == study.seeds[0]
+        if first_cell and variant.label in searched:
             _take_search_run(searched[variant.label], run_dir, config, say)
-        # the report's case figure shows each variant's first seed at the full fraction
-        with_cases = fraction == max(fractions) and seed == study.seeds[0]
         jobs.append((config, run_dir, root, study, (variant, fraction, seed), gc_samples, contexts, job_runtime,
-                     with_cases))
+                     first_cell))
     finished = [0]
 
     def report(k: int, result: RunResult) -> None:
@@ -450,6 +451,11 @@ def _remote_runtime(runtime: Runtime, executor: Executor) -> Runtime:
     return replace(runtime, device=device)
 
 
+def _search_dir(out: Path, label: str, lr: float) -> Path:
+    """Where the learning-rate search trains ``label`` at ``lr``."""
+    return out / "runs" / "_lr" / label / f"lr{lr:g}"
+
+
 def _take_search_run(source: Path, run_dir: Path, config: Config, say: Callable[[str], None]) -> None:
     """Copy the learning-rate search's run at the chosen rate into the study's cell it equals
     (the largest training set, the first seed), unless that cell holds a finished run already:
@@ -474,13 +480,14 @@ def _lr_search(study: StudyConfig, out: Path, root: Path, widths: dict[str, int]
     """Each variant without a rate of its own trained once per rate of ``study.lr_search`` (the
     largest training set, the first seed, into ``out/runs/_lr``); the rate with the lowest
     validation loss is chosen (ties: the smaller rate). Nothing without ``lr_search``."""
-    grid = [(variant, lr) for variant in study.variants if variant.lr is None for lr in sorted(study.lr_search)]
+    searched = [v for v in study.variants if v.lr is None] if study.lr_search else []
+    grid = [(variant, lr) for variant in searched for lr in sorted(study.lr_search)]
     jobs = [(study.run_config(variant, fraction, study.seeds[0], widths[variant.label], str(root),
-                              tissue and tissue.run_dir, lr), out / "runs" / "_lr" / variant.label / f"lr{lr:g}")
+                              tissue and tissue.run_dir, lr), _search_dir(out, variant.label, lr))
             for variant, lr in grid]
     found = (executor or LocalExecutor()).map(_train_job, jobs)
     trials = []
-    for variant in [v for v in study.variants if v.lr is None] if study.lr_search else ():
+    for variant in searched:
         rows = [(lr, *(best if best is not None else (math.nan, -1)))
                 for (v, lr), best in zip(grid, found) if v is variant]
         chosen = min(rows, key=lambda t: (math.inf if math.isnan(t[1]) else t[1], t[0]))[0]

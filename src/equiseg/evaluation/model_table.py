@@ -41,8 +41,10 @@ def model_table(depth: int = 4, size: int = 1024, probe_size: int = 32, seed: in
     (:func:`tissue_probe`). ``pool``: every U-Net's downsampling (``max`` or ``blur``).
     Raises ValueError for another ``pool``.
     """
-    if pool not in {p.value for p in Pooling}:
-        raise ValueError(f"--pool must be one of {', '.join(p.value for p in Pooling)}, got {pool!r}")
+    try:
+        pooling = Pooling(pool)
+    except ValueError:
+        raise ValueError(f"--pool must be one of {', '.join(p.value for p in Pooling)}, got {pool!r}") from None
     reference = parameter_count(ConvFamily.PLAIN, reference_width, depth)
     plan = [(ConvFamily.PLAIN, SEED_WIDTHS[ConvFamily.PLAIN], "seed"),
             (ConvFamily.ISOTROPIC, SEED_WIDTHS[ConvFamily.ISOTROPIC], "seed")]
@@ -58,7 +60,7 @@ def model_table(depth: int = 4, size: int = 1024, probe_size: int = 32, seed: in
     rows = []
     for family, width, sized_as in plan:
         torch.manual_seed(seed)
-        model = build_model(family, width, depth, pool=Pooling(pool)).eval()
+        model = build_model(family, width, depth, pool=pooling).eval()
         group = family.group
         errors = equivariance_errors(model, x, D4.elements)
         rows.append({

@@ -116,10 +116,6 @@ class BlurPool2d(nn.Module):
         return F.conv2d(x, kernel, stride=2, padding=1, groups=channels)
 
 
-class _MaxPool(nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.max_pool2d(x, 2)
-
 
 def _up(x: torch.Tensor) -> torch.Tensor:
     return F.interpolate(x, scale_factor=2.0, mode="nearest")
@@ -163,7 +159,7 @@ class UNet(nn.Module):
         if width < 1 or depth < 0:
             raise ValueError(f"need width >= 1 and depth >= 0, got width={width}, depth={depth}")
         self.family, self.width, self.depth, self.pad_input, self.pool = family, width, depth, pad_input, Pooling(pool)
-        self.down = BlurPool2d() if self.pool is Pooling.BLUR else _MaxPool()
+        self.down = BlurPool2d() if self.pool is Pooling.BLUR else nn.MaxPool2d(2)
         widths = [width * 2**level for level in range(depth + 1)]
         self.encoder = nn.ModuleList(
             [conv_block(family, in_channels, widths[0], lifting=True)]
