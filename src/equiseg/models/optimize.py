@@ -73,18 +73,18 @@ def _fold_norms(block: nn.Sequential) -> None:
 
 def _norm_affine(norm: nn.Module | None) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Per output channel (scale, shift) of a batch norm on running statistics, or None if it is not one."""
-    group_order = 1
-    if isinstance(norm, GroupBatchNorm2d):
-        norm, group_order = norm.norm, norm.group.order
-    if not isinstance(norm, nn.BatchNorm2d) or not norm.track_running_stats or norm.running_mean is None:
+    inner = norm.norm if isinstance(norm, GroupBatchNorm2d) else norm
+    if not isinstance(inner, nn.BatchNorm2d) or not inner.track_running_stats or inner.running_mean is None:
         return None
     with torch.no_grad():
-        scale = torch.rsqrt(norm.running_var + norm.eps)
-        if norm.affine:
-            scale = scale * norm.weight
-        shift = -norm.running_mean * scale + (norm.bias if norm.affine else 0)
-    # a group norm has one value per field, shared by its |G| consecutive channels
-    return scale.repeat_interleave(group_order), shift.repeat_interleave(group_order)
+        # a group norm has one value per field, shared by its |G| consecutive channels: its per-channel form
+        mean, var, weight, bias = (norm.channel_buffers() if isinstance(norm, GroupBatchNorm2d) else
+                                   (inner.running_mean, inner.running_var, inner.weight, inner.bias))
+        scale = torch.rsqrt(var + inner.eps)
+        if weight is not None:
+            scale = scale * weight
+        shift = -mean * scale + (0 if bias is None else bias)
+    return scale, shift
 
 
 def _conv_with_affine(conv: nn.Conv2d, scale: torch.Tensor, shift: torch.Tensor) -> nn.Conv2d:

@@ -73,7 +73,7 @@ class GroupBatchNorm2d(nn.Module):
             b, _, h, w = x.shape  # (B, C*|G|, H, W) -> (B, C, |G|*H, W): the group axis joins the plane
             return self.norm(x.reshape(b, -1, order * h, w)).reshape(b, -1, h, w)
         if not batch_stats:
-            return F.batch_norm(x, *self._channel_buffers(), False, 0.0, norm.eps)
+            return F.batch_norm(x, *self.channel_buffers(), False, 0.0, norm.eps)
         update = self.training and norm.track_running_stats
         momentum = 0.0
         if update:
@@ -82,8 +82,9 @@ class GroupBatchNorm2d(nn.Module):
         return FieldBatchNorm.apply(x, norm.weight, norm.bias, norm.running_mean if update else None,
                                     norm.running_var if update else None, momentum, order, norm.eps)
 
-    def _channel_buffers(self) -> tuple[torch.Tensor, ...]:
-        """Running mean and variance, weight and bias repeated per channel (weight/bias None without affine).
+    def channel_buffers(self) -> tuple[torch.Tensor | None, ...]:
+        """Running mean and variance, weight and bias repeated per channel (weight/bias None without
+        affine): the per-channel ``BatchNorm2d`` this layer is in evaluation.
 
         Kept while evaluating without gradients and rebuilt when one of them changes (as
         ``ExpandedConv2d`` keeps its bank): one batch-norm kernel a forward, nothing more.
@@ -116,76 +117,107 @@ class FieldBatchNorm(torch.autograd.Function):
         dx = w / sigma * (dy - S1 / n - (x - mean) / sigma**2 * S2 / n),
         dweight = S2 / sigma,  dbias = S1.
 
-    On CUDA each pass is one of PyTorch's batch-norm kernels (``batch_norm_stats``,
-    ``batch_norm_gather_stats_with_counts`` for the merge and the running statistics,
-    ``batch_norm_elemt``, ``batch_norm_backward_reduce``, ``batch_norm_backward_elemt``), about
-    seven kernels each way, few enough that a small batch is not held up by launches; elsewhere
-    the same formulas in tensor operations.
+    Two backends compute the four passes (moments, normalise, gradient sums, input gradient):
+    :class:`_CudaKernels`, PyTorch's own batch-norm kernels, about seven kernels each way, few
+    enough that a small batch is not held up by launches (eager CUDA); and :class:`_Formulas`,
+    the same formulas in tensor operations (every other device, and any code ``torch.compile``
+    traces: the kernels have no fake implementation to trace through, and the compiler fuses
+    the formulas itself).
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, momentum, order, eps):
-        channels = x.shape[1]
-        per_channel = x.numel() // channels
-        if x.is_cuda:
-            mean_c, invstd_c = torch.batch_norm_stats(x, eps)
-            # the |G| channels of a field in the place of SyncBatchNorm's replicas: (|G|, C) views,
-            # which the kernel reads through their strides; counts in the type it dispatches on
-            # (the running statistics', else the input's; PyTorch's Normalization.cu, 2.11-2.13)
-            counts = torch.full((order,), per_channel, device=x.device,
-                                dtype=x.dtype if running_mean is None else running_mean.dtype)
-            mean, invstd = torch.batch_norm_gather_stats_with_counts(
-                x, mean_c.view(-1, order).t(), invstd_c.view(-1, order).t(), running_mean, running_var,
-                momentum, eps, counts)
-        else:
-            var_c, mean_c = torch.var_mean(x.float(), dim=(0, 2, 3), unbiased=False)
-            mean_c, var_c = mean_c.view(-1, order), var_c.view(-1, order)
-            mean = mean_c.mean(dim=1)
-            var = (var_c + (mean_c - mean[:, None]).square()).mean(dim=1)
-            invstd = torch.rsqrt(var + eps)
-            if running_mean is not None:
-                n = per_channel * order
-                running_mean.lerp_(mean.to(running_mean.dtype), momentum)
-                running_var.lerp_((var * (n / max(n - 1, 1))).to(running_var.dtype), momentum)
+        backend = _CudaKernels if x.is_cuda and not torch.compiler.is_compiling() else _Formulas
+        mean, invstd = backend.moments(x, order, running_mean, running_var, momentum, eps)
         mean_r, invstd_r = mean.repeat_interleave(order), invstd.repeat_interleave(order)
         weight_r = None if weight is None else weight.repeat_interleave(order)
-        if x.is_cuda:
-            y = torch.batch_norm_elemt(x, weight_r, None if bias is None else bias.repeat_interleave(order),
-                                       mean_r, invstd_r, eps)
-        else:
-            scale = invstd_r if weight_r is None else invstd_r * weight_r
-            shift = -mean_r * scale + (0 if bias is None else bias.repeat_interleave(order))
-            y = torch.addcmul(shift.view(1, channels, 1, 1).to(x.dtype), x, scale.view(1, channels, 1, 1).to(x.dtype))
+        bias_r = None if bias is None else bias.repeat_interleave(order)
+        y = backend.normalise(x, weight_r, bias_r, mean_r, invstd_r, eps)
         ctx.save_for_backward(x, weight_r, mean_r, invstd_r)
-        ctx.order = order
+        ctx.order, ctx.backend = order, backend
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x, weight_r, mean_r, invstd_r = ctx.saved_tensors
-        order, channels = ctx.order, x.shape[1]
-        count = x.numel() // channels * order  # values per field
+        order, backend = ctx.order, ctx.backend
+        count = x.numel() // x.shape[1] * order  # values per field
         dy = dy.contiguous(memory_format=torch.channels_last if x.is_contiguous(memory_format=torch.channels_last)
                            else torch.contiguous_format)
-        if x.is_cuda:
-            sum_dy_c, sum_dy_xmu_c, _, _ = torch.batch_norm_backward_reduce(dy, x, mean_r, invstd_r, weight_r,
-                                                                            True, False, False)
-        else:
-            sum_dy_c = dy.sum(dim=(0, 2, 3), dtype=torch.float32)
-            sum_dy_xmu_c = (dy * x).sum(dim=(0, 2, 3), dtype=torch.float32) - mean_r * sum_dy_c
+        sum_dy_c, sum_dy_xmu_c = backend.gradient_sums(dy, x, mean_r, invstd_r, weight_r)
         s1, s2 = sum_dy_c.view(-1, order).sum(dim=1), sum_dy_xmu_c.view(-1, order).sum(dim=1)
         dweight = s2 * invstd_r[::order] if ctx.needs_input_grad[1] else None
         dbias = s1 if ctx.needs_input_grad[2] else None
         dx = None
         if ctx.needs_input_grad[0]:
-            s1_r, s2_r = s1.repeat_interleave(order), s2.repeat_interleave(order)
-            if x.is_cuda:
-                dx = torch.batch_norm_backward_elemt(dy, x, mean_r, invstd_r, weight_r, s1_r, s2_r,
-                                                     torch.full((1,), count, dtype=torch.int32, device=x.device))
-            else:
-                a = invstd_r if weight_r is None else invstd_r * weight_r
-                k = a * invstd_r.square() * s2_r / count
-                c = (k * mean_r - a * s1_r / count).view(1, channels, 1, 1)
-                dx = torch.addcmul(torch.addcmul(c, x, -k.view(1, channels, 1, 1)), dy, a.view(1, channels, 1, 1))
-                dx = dx.to(x.dtype)
+            dx = backend.input_gradient(dy, x, mean_r, invstd_r, weight_r, s1.repeat_interleave(order),
+                                        s2.repeat_interleave(order), count)
         return dx, dweight, dbias, None, None, None, None, None
+
+
+class _CudaKernels:
+    """:class:`FieldBatchNorm`'s passes as PyTorch's CUDA batch-norm kernels (those ``SyncBatchNorm`` runs)."""
+
+    @staticmethod
+    def moments(x, order, running_mean, running_var, momentum, eps):
+        """Per-field mean and 1/sigma; the running statistics updated in the same kernel."""
+        mean_c, invstd_c = torch.batch_norm_stats(x, eps)
+        # the |G| channels of a field in the place of SyncBatchNorm's replicas: (|G|, C) views,
+        # which the kernel reads through their strides; counts in the type it dispatches on
+        # (the running statistics', else the input's; PyTorch's Normalization.cu, 2.11-2.13)
+        counts = torch.full((order,), x.numel() // x.shape[1], device=x.device,
+                            dtype=x.dtype if running_mean is None else running_mean.dtype)
+        return torch.batch_norm_gather_stats_with_counts(x, mean_c.view(-1, order).t(), invstd_c.view(-1, order).t(),
+                                                         running_mean, running_var, momentum, eps, counts)
+
+    @staticmethod
+    def normalise(x, weight_r, bias_r, mean_r, invstd_r, eps):
+        return torch.batch_norm_elemt(x, weight_r, bias_r, mean_r, invstd_r, eps)
+
+    @staticmethod
+    def gradient_sums(dy, x, mean_r, invstd_r, weight_r):
+        """Per channel: the sum of dy and of dy (x - mean)."""
+        sum_dy, sum_dy_xmu, _, _ = torch.batch_norm_backward_reduce(dy, x, mean_r, invstd_r, weight_r,
+                                                                    True, False, False)
+        return sum_dy, sum_dy_xmu
+
+    @staticmethod
+    def input_gradient(dy, x, mean_r, invstd_r, weight_r, s1_r, s2_r, count):
+        return torch.batch_norm_backward_elemt(dy, x, mean_r, invstd_r, weight_r, s1_r, s2_r,
+                                               torch.full((1,), count, dtype=torch.int32, device=x.device))
+
+
+class _Formulas:
+    """:class:`FieldBatchNorm`'s passes as tensor operations (statistics in float32)."""
+
+    @staticmethod
+    def moments(x, order, running_mean, running_var, momentum, eps):
+        var_c, mean_c = torch.var_mean(x.float(), dim=(0, 2, 3), unbiased=False)
+        mean_c, var_c = mean_c.view(-1, order), var_c.view(-1, order)
+        mean = mean_c.mean(dim=1)
+        var = (var_c + (mean_c - mean[:, None]).square()).mean(dim=1)
+        if running_mean is not None:
+            n = x.numel() // x.shape[1] * order
+            running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+            running_var.lerp_((var * (n / max(n - 1, 1))).to(running_var.dtype), momentum)
+        return mean, torch.rsqrt(var + eps)
+
+    @staticmethod
+    def normalise(x, weight_r, bias_r, mean_r, invstd_r, eps):
+        shape = (1, x.shape[1], 1, 1)
+        scale = invstd_r if weight_r is None else invstd_r * weight_r
+        shift = -mean_r * scale + (0 if bias_r is None else bias_r)
+        return torch.addcmul(shift.view(shape).to(x.dtype), x, scale.view(shape).to(x.dtype))
+
+    @staticmethod
+    def gradient_sums(dy, x, mean_r, invstd_r, weight_r):
+        sum_dy = dy.sum(dim=(0, 2, 3), dtype=torch.float32)
+        return sum_dy, (dy * x).sum(dim=(0, 2, 3), dtype=torch.float32) - mean_r * sum_dy
+
+    @staticmethod
+    def input_gradient(dy, x, mean_r, invstd_r, weight_r, s1_r, s2_r, count):
+        shape = (1, x.shape[1], 1, 1)
+        a = invstd_r if weight_r is None else invstd_r * weight_r
+        k = a * invstd_r.square() * s2_r / count
+        c = (k * mean_r - a * s1_r / count).view(shape)
+        return torch.addcmul(torch.addcmul(c, x, -k.view(shape)), dy, a.view(shape)).to(x.dtype)
