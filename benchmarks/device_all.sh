@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU check of benchmarks/ in one prepared run for a lent GPU (about 7 minutes on an H100; the steps in order of need).
+# Every GPU check of benchmarks/ in one prepared run for a lent GPU (about 8-9 minutes on an H100; the steps in order of need).
 #
 #     OUT=logs bash benchmarks/device_all.sh      # logs under $OUT, one file per step
 #
@@ -26,8 +26,8 @@ step() {  # step NAME SECONDS COMMAND...
 }
 step 10-unet-step-b4 50 python3 benchmarks/unet_step.py --batch 4 --steps 30 --profile "$OUT/10-profile-b4.txt"
 step 11-unet-step-b16 50 python3 benchmarks/unet_step.py --batch 16 --steps 30
-step 20-device-check 130 python3 benchmarks/device_check.py
-step 40-inference 100 python3 benchmarks/inference.py --device cuda --sizes 512 1024 --repeats 5 --modes eager optimized
+step 13-unet-step-b4-compiled 120 python3 benchmarks/unet_step.py --batch 4 --steps 20 --compile reduce-overhead
+step 20-device-check 180 python3 benchmarks/device_check.py
+step 40-inference 90 python3 benchmarks/inference.py --device cuda --sizes 512 1024 --repeats 5 --modes eager optimized
 step 30-gpu 40 python3 benchmarks/gpu.py
 step 41-inference-compiled 45 python3 benchmarks/inference.py --device cuda --sizes 1024 --repeats 5 --families plain p4m --modes compiled
-step 12-unet-step-b16-view 45 python3 benchmarks/unet_step.py --batch 16 --steps 30 --norm view

@@ -5,9 +5,10 @@ CPU's, and the speed of tile batching and lower precision. One prepared script f
     python benchmarks/device_check.py --device cpu     # the same steps on the CPU (a dry run, slow)
 
 0. Group batch norm on CUDA kernels: ``GroupBatchNorm2d``'s training path (PyTorch's
-   batch-norm kernels over fields) against its definition (``BatchNorm2d`` over the view):
-   output, gradients of input, weight and bias, running statistics; float32 asserted ≤ 1e-4,
-   bf16 autocast reported.
+   batch-norm kernels over fields), and the same layer under ``torch.compile`` (its formula
+   backend in the compiled graph), against its definition (``BatchNorm2d`` over the view):
+   output, gradients of input, weight and bias, running statistics; float32 checked ≤ 1e-4,
+   bf16 reported.
 1. Placement: a synthetic test split (4 pairs of 1024 px) is scored through ``evaluate_model``
    with ``Runtime(device)`` for a plain and a p4m model (random weights, saved and loaded as
    checkpoints): every parameter on the device, and Dice/mF1 on the device in float32 (TF32
@@ -17,7 +18,8 @@ CPU's, and the speed of tile batching and lower precision. One prepared script f
 3. Training on the GPU (``fit``, Lightning, 3 epochs of a p4m width 4 on 4 pairs of 512 px,
    precision 32 and bf16-mixed): the run trains; a run stopped by an exception in epoch 1 and
    resumed ends at the uninterrupted run's weights to float tolerance (max |difference| printed;
-   cuDNN's algorithm choice is not bitwise repeatable).
+   cuDNN's algorithm choice is not bitwise repeatable). Then the float32 run again with
+   ``train.compile=reduce-overhead`` (CUDA graphs): its time, and its weights against eager's.
 4. Speed: ``predict_probabilities`` of a 4096x4096 image in 1024 px tiles (overlap 128, 25
    tiles), plain width 64 and isotropic width 110 (the paper's sizes), batch 1 / 4 / 8 at
    precision 32 and bf16: seconds (median of 2 after a warm-up) and the ratio to batch 1 float32
@@ -139,28 +141,31 @@ def check_group_norm(device: torch.device) -> None:
     torch.backends.cudnn.allow_tf32 = False
     for shape, dtype in (((4, 8 * 8, 256, 256), torch.float32), ((2, 3 * 8, 37, 41), torch.float32),
                          ((4, 8 * 8, 256, 256), torch.bfloat16)):
-        norms = {path: GroupBatchNorm2d(shape[1] // 8, D4).to(device).train() for path in ("view", "fields")}
+        norms = {path: GroupBatchNorm2d(shape[1] // 8, D4).to(device).train() for path in ("view", "fields", "compiled")}
+        norms["compiled"].compile()  # traced: the formula backend inside the graph, not the CUDA kernels
         with torch.no_grad():
             norms["view"].norm.weight.uniform_(0.5, 2.0)
             norms["view"].norm.bias.uniform_(-1.0, 1.0)
         norms["fields"].load_state_dict(norms["view"].state_dict())
+        norms["compiled"].load_state_dict(norms["view"].state_dict())
         x = torch.randn(shape, device=device) * 3 + 1
         grad = torch.randn(shape, device=device)
         results = {}
         for path, norm in norms.items():
-            GroupBatchNorm2d.TRAINING_PATH = path
+            GroupBatchNorm2d.TRAINING_PATH = "view" if path == "view" else "fields"
             xi = x.clone().to(dtype).requires_grad_()
             out = norm(xi)
             out.float().backward(grad)
             results[path] = (out.float(), xi.grad.float(), norm.norm.weight.grad, norm.norm.bias.grad,
                              norm.norm.running_mean, norm.norm.running_var)
         GroupBatchNorm2d.TRAINING_PATH = "fields"
-        errors = [((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
-                  for a, b in zip(results["fields"], results["view"], strict=True)]
         names = ("out", "dx", "dw", "db", "running mean", "running var")
-        ok = dtype != torch.float32 or max(errors) < 1e-4
-        print(f"   {tuple(shape)} {dtype!s:<14} " + ", ".join(f"{n} {e:.1e}" for n, e in zip(names, errors))
-              + ("" if dtype != torch.float32 else (" ok" if ok else " FAILED")))
+        for path in ("fields", "compiled"):
+            errors = [((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+                      for a, b in zip(results[path], results["view"], strict=True)]
+            ok = dtype != torch.float32 or max(errors) < 1e-4
+            print(f"   {path:<8} {tuple(shape)} {dtype!s:<14} " + ", ".join(f"{n} {e:.1e}" for n, e in zip(names, errors))
+                  + ("" if dtype != torch.float32 else (" ok" if ok else " FAILED")))
     torch.backends.cudnn.allow_tf32 = True
 
 
@@ -198,6 +203,18 @@ def check_training(device: torch.device, tmp: Path) -> None:
         scale = max(a[k].float().abs().max().item() for k in a if a[k].is_floating_point())
         print(f"   precision {precision:<10} 3 epochs in {seconds:5.1f} s; resumed against whole: "
               f"max |diff| {diff:.1e} (largest weight {scale:.2f})")
+        if precision == "32":
+            eager_weights = a
+    compiled = Config.from_dict({**config.to_dict(), "train": {**config.to_dict()["train"], "precision": "32",
+                                                               "compile": "reduce-overhead"}})
+    start = time.perf_counter()
+    run = fit(compiled, run_dir=tmp / "compiled", progress=False)
+    seconds = time.perf_counter() - start
+    c = torch.load(run / "checkpoints/last.ckpt", weights_only=True)["state_dict"]
+    assert list(c) == list(eager_weights), "compiled checkpoint keys differ"
+    diff = max((c[k].float() - eager_weights[k].float()).abs().max().item() for k in c if c[k].is_floating_point())
+    print(f"   compile reduce-overhead, precision 32: 3 epochs in {seconds:5.1f} s (compiling included); "
+          f"against eager: max |diff| {diff:.1e}")
 
 
 if __name__ == "__main__":

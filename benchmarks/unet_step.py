@@ -1,6 +1,7 @@
 """A whole U-Net training step and forward pass, each family against the plain U-Net with the same conv shapes.
 
-    python benchmarks/unet_step.py [--batch 4] [--size 256] [--steps 20] [--device cuda] [--norm view] [--profile FILE]
+    python benchmarks/unet_step.py [--batch 4] [--size 256] [--steps 20] [--device cuda] [--norm view]
+                                   [--compile default|reduce-overhead] [--profile FILE]
 
 The layer benchmark (layers.py) times one conv with a synchronisation around it, which exposes
 every kernel launch of the filter expansion. Inside a network the GPU runs ahead of Python, so
@@ -11,6 +12,9 @@ an Adam step on a batch of random crops. Eval: one forward without gradients. Me
 ``steps`` after 3 warm-up steps, the families interleaved, ratios to plain from the same run.
 ``--norm view`` trains the group batch norm through its definition, ``BatchNorm2d`` over the
 (B, C, |G|*H, W) view, instead of per-channel passes (see ``GroupBatchNorm2d``), for comparison.
+``--compile MODE`` runs every U-Net through ``torch.compile`` in that mode, as ``train.compile``
+does, next to the eager ones with the same weights (the warm-up steps compile; "x plain"
+compares a family with plain run the same way, "x eager" the compiled U-Net with the eager one).
 ``--profile FILE`` writes PyTorch's profiler table (kernels by device time) of 5 training steps
 of plain and of each group family to FILE.
 """
@@ -18,6 +22,7 @@ of plain and of each group family to FILE.
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import time
 
@@ -40,6 +45,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--norm", choices=["fields", "view"], default="fields",
                         help="how the group batch norm trains (GroupBatchNorm2d.TRAINING_PATH)")
+    parser.add_argument("--compile", choices=["default", "reduce-overhead", "max-autotune"],
+                        help="torch.compile every U-Net in this mode (as train.compile does)")
     parser.add_argument("--profile", help="write the profiler's kernel table of 5 training steps per family here")
     args = parser.parse_args()
     GroupBatchNorm2d.TRAINING_PATH = args.norm
@@ -50,21 +57,31 @@ def main() -> None:
     x = torch.rand(args.batch, 3, args.size, args.size, device=device)
     target = torch.randint(0, 3, (args.batch, args.size, args.size), device=device)
     loss_fn = DiceCELoss()
-    models = {f: build_model(f, w, args.depth).to(device) for f, w in WIDTHS.items()}
-    optimisers = {f: torch.optim.Adam(m.parameters(), lr=1e-4) for f, m in models.items()}
+    # every family eager, and with --compile also compiled (same weights), timed interleaved
+    models = {}
+    for family, width in WIDTHS.items():
+        eager = build_model(family, width, args.depth).to(device)
+        models[family, "eager"] = eager
+        if args.compile:
+            compiled = copy.deepcopy(eager)
+            compiled.compile(mode=args.compile)
+            models[family, args.compile] = compiled
+    optimisers = {key: torch.optim.Adam(m.parameters(), lr=1e-4) for key, m in models.items()}
 
-    def train_step(family: str) -> float:
-        model, optimiser = models[family].train(), optimisers[family]
+    def train_step(key: tuple[str, str]) -> float:
+        model, optimiser = models[key].train(), optimisers[key]
         sync(device)
         start = time.perf_counter()
+        if key[1] == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()  # a new step: the graphs' earlier outputs are free
         optimiser.zero_grad(set_to_none=True)
         loss_fn(model(x), target).backward()
         optimiser.step()
         sync(device)
         return time.perf_counter() - start
 
-    def eval_step(family: str) -> float:
-        model = models[family].eval()
+    def eval_step(key: tuple[str, str]) -> float:
+        model = models[key].eval()
         with torch.no_grad():
             model(x)  # the bank is rebuilt once after training; steady-state evaluation reuses it
             sync(device)
@@ -73,33 +90,34 @@ def main() -> None:
             sync(device)
         return time.perf_counter() - start
 
-    times = {f: {"train": [], "eval": []} for f in models}
-    for step in range(args.steps + 3):
-        for family in models:
-            t_train, t_eval = train_step(family), eval_step(family)
+    times = {key: {"train": [], "eval": []} for key in models}
+    for step in range(args.steps + 3):  # the first steps compile, when compiling
+        for key in models:
+            t_train, t_eval = train_step(key), eval_step(key)
             if step >= 3:
-                times[family]["train"].append(t_train)
-                times[family]["eval"].append(t_eval)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"U-Net depth {args.depth}, group norm path {args.norm}, batch {args.batch}x3x{args.size}x{args.size}, {name}, torch {torch.__version__}, "
-          f"median of {args.steps} steps")
-    base = {k: statistics.median(times["plain"][k]) for k in ("train", "eval")}
-    print(f"{'family':<10} {'width':>5} {'train step':>12} {'ratio':>6} {'forward':>10} {'ratio':>6}")
-    for family, t in times.items():
-        tr, ev = statistics.median(t["train"]), statistics.median(t["eval"])
-        print(f"{family:<10} {WIDTHS[family]:>5} {tr * 1e3:>9.2f} ms {tr / base['train']:>6.3f} "
-              f"{ev * 1e3:>7.2f} ms {ev / base['eval']:>6.3f}")
+                times[key]["train"].append(t_train)
+                times[key]["eval"].append(t_eval)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"U-Net depth {args.depth}, group norm path {args.norm}, batch {args.batch}x3x{args.size}x{args.size}, "
+          f"{name}, torch {torch.__version__}, median of {args.steps} steps")
+    median = {key: {k: statistics.median(v) for k, v in t.items()} for key, t in times.items()}
+    print(f"{'family':<10} {'width':>5} {'mode':<16} {'train step':>12} {'x plain':>7} {'x eager':>7} "
+          f"{'forward':>10} {'x plain':>7} {'x eager':>7}")
+    for (family, how), t in median.items():
+        plain, eager = median["plain", how], median[family, "eager"]
+        print(f"{family:<10} {WIDTHS[family]:>5} {how:<16} "
+              + " ".join(f"{t[k] * 1e3:>9.2f} ms {t[k] / plain[k]:>7.3f} {t[k] / eager[k]:>7.3f}" for k in ("train", "eval")))
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
         key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
         with open(args.profile, "w") as out:
-            for family in models:
+            for key in models:
                 with profile(activities=activities) as prof:
                     for _ in range(5):
-                        train_step(family)
-                out.write(f"\n## {family}, 5 training steps, batch {args.batch}x3x{args.size}x{args.size}\n")
+                        train_step(key)
+                out.write(f"\n## {' '.join(key)}, 5 training steps, batch {args.batch}x3x{args.size}x{args.size}\n")
                 out.write(prof.key_averages().table(sort_by=key, row_limit=25) + "\n")
 
 

@@ -134,6 +134,15 @@ class Schedule(enum.Enum):
     COSINE = "cosine"
 
 
+class Compile(enum.Enum):
+    """Whether training runs the U-Net through ``torch.compile``, and in which of its modes (``train.compile``)."""
+
+    NONE = "none"
+    DEFAULT = "default"
+    REDUCE_OVERHEAD = "reduce-overhead"
+    MAX_AUTOTUNE = "max-autotune"
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Optimisation and the Lightning trainer.
@@ -151,6 +160,12 @@ class TrainConfig:
     one's. ``val_every``: validate every N epochs (a study with few training images has short
     epochs: it validates after the same number of steps at every training-set size); the
     plateau schedule then steps with the validations.
+    ``compile``: train and validate the U-Net through ``torch.compile``: ``none`` (eager), or
+    one of its modes, ``default`` (kernels fused: fewer passes over memory), ``reduce-overhead``
+    (also CUDA graphs: a whole step launched at once, for small batches on a GPU, where issuing
+    kernels is what takes the time) or ``max-autotune``. The first step of each input size and
+    mode (training, validation) compiles, tens of seconds; checkpoints are the same as eager
+    training writes (the same keys, loaded without compiling).
     """
 
     epochs: int = 20
@@ -170,6 +185,7 @@ class TrainConfig:
     plateau_patience: int = 5
     early_stopping: int | None = None
     val_every: int = 1
+    compile: Compile = Compile.NONE
 
     def __post_init__(self) -> None:
         _at_least(self, "train", epochs=1, devices=1, dice_weight=0, ce_weight=0, checkpoint_every_n_steps=1,

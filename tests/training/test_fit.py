@@ -275,3 +275,35 @@ def test_partial_checkpoints_of_killed_writers_are_removed_when_a_run_starts(tmp
     AtomicCheckpointIO().save_checkpoint({"weights": torch.ones(2)}, folder / "last.ckpt")
     assert torch.equal(torch.load(folder / "last.ckpt", weights_only=True)["weights"], torch.ones(2))
     assert sorted(p.name for p in folder.iterdir()) == sorted([live.name, "last.ckpt"])
+
+
+def test_compiled_training_matches_eager_and_writes_the_same_checkpoint(synthetic_small, tmp_path):
+    """``train.compile``: the compiled U-Net (inductor, the group batch norm's formula path inside
+    the graph) takes the eager step to float rounding, and the run's checkpoint has the eager keys
+    and loads without compiling."""
+    config = tiny_config(synthetic_small, model={"family": "p4m", "width": 1, "depth": 1},
+                         train={"compile": "default"})
+    eager, compiled = (SegmentationModule(tiny_config(synthetic_small, model=config.to_dict()["model"]).to_dict()),
+                       SegmentationModule(config.to_dict()))
+    compiled.load_state_dict(eager.state_dict())
+    assert compiled.model._compiled_call_impl is not None and eager.model._compiled_call_impl is None
+    batch = next(iter(SegmentationDataModule(synthetic_small, crop_size=32, batch_size=2).train_dataloader()))
+    losses = []
+    for module in (eager, compiled):
+        loss = module.loss(module(batch["image"]), batch["target"])
+        loss.backward()
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+    for (name, p), q in zip(eager.named_parameters(), compiled.parameters(), strict=True):
+        scale = p.grad.abs().max().clamp_min(1e-6)
+        assert (q.grad - p.grad).abs().max() <= 1e-4 * scale, name
+    for (name, b), c in zip(eager.named_buffers(), compiled.buffers(), strict=True):
+        torch.testing.assert_close(c, b, rtol=1e-5, atol=1e-6, msg=name)
+
+    run = fit(config, runs=tmp_path, progress=False)
+    saved = torch.load(run / "checkpoints/last.ckpt", weights_only=True)
+    assert saved["hyper_parameters"]["config"]["train"]["compile"] == "default"
+    assert list(saved["state_dict"]) == list(eager.state_dict())
+    model, _ = load_model(run)  # an eager U-Net, as any run's
+    assert getattr(model, "_compiled_call_impl", None) is None
+    torch.testing.assert_close(model.state_dict(), {k.removeprefix("model."): v for k, v in saved["state_dict"].items()})

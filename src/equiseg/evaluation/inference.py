@@ -82,11 +82,28 @@ def _batched(model: nn.Module, read: WindowReader, windows: list[tuple[int, int,
     model = inference_model(model) if runtime.optimize else model
     for k in range(0, len(windows), runtime.batch):
         chunk = windows[k:k + runtime.batch]
-        x = torch.stack([read(*w) for w in chunk]).to(runtime.device, torch.float32, non_blocking=True)
+        x = _load_batch(read, chunk, runtime.device)
         with torch.no_grad(), runtime.kernels(), runtime.autocast():
-            probs = model(x).float().softmax(1)
-        probs = probs.cpu()
-        yield from zip(chunk, probs)
+            logits = model(x)
+        # softmax and the move to the CPU a window at a time: host buffers of one window's size,
+        # which the allocator reuses from batch to batch. A batch-sized one (48 MB for 4 windows
+        # of 1024 px) is above glibc's largest mmap threshold (32 MB): fresh pages each time,
+        # faulted in one by one, which made batches slower than single windows
+        # (benchmarks/tiling.py)
+        for window, window_logits in zip(chunk, logits):
+            yield window, window_logits.float().softmax(0).cpu()
+
+
+def _load_batch(read: WindowReader, chunk: list[tuple[int, int, int, int]], device: torch.device) -> torch.Tensor:
+    """The windows' inputs as one float32 batch on ``device``, each read and copied into its place
+    (``torch.stack`` of the windows would build the batch on the host first: one more pass, over a
+    buffer that is fresh pages from 32 MB up)."""
+    first = read(*chunk[0])
+    x = torch.empty((len(chunk), *first.shape), dtype=torch.float32, device=device)
+    x[0].copy_(first)
+    for i, window in enumerate(chunk[1:], start=1):
+        x[i].copy_(read(*window))
+    return x
 
 
 _OPTIMIZED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

@@ -9,7 +9,7 @@ import lightning as L
 import torch
 from torchmetrics.classification import MulticlassConfusionMatrix
 
-from equiseg.config import Config, Schedule, TrainConfig
+from equiseg.config import Compile, Config, Schedule, TrainConfig
 from equiseg.data.augment import Augment, AugmentConfig
 from equiseg.data.datamodule import position_seed
 from equiseg.data.targets import IGNORE_INDEX, Task
@@ -24,7 +24,8 @@ class SegmentationModule(L.LightningModule):
     it runs on the GPU when there is one. Logged: ``train/loss`` (per step and epoch),
     ``val/loss``, ``val/dice_mean``, ``val/miou`` and per-class Dice (per epoch). The config
     is stored in the checkpoint as plain builtin types, so checkpoints load with
-    ``torch.load(weights_only=True)``.
+    ``torch.load(weights_only=True)``. With ``train.compile`` the U-Net is compiled in place
+    (``nn.Module.compile``): its parameters, and so the checkpoint's keys, are the eager ones.
     """
 
     def __init__(self, config: dict[str, Any]) -> None:
@@ -34,6 +35,8 @@ class SegmentationModule(L.LightningModule):
         cfg = self.config
         self.class_names = cfg.task.class_names
         self.model = cfg.build_model()
+        if cfg.train.compile is not Compile.NONE:
+            self.model.compile(mode=cfg.train.compile.value)
         self.target = cfg.data.cell_target if cfg.task is Task.CELLS else None
         self.loss = DiceCELoss(cfg.train.dice_weight, cfg.train.ce_weight, target=self.target)
         self.augment = None if cfg.data.augment == AugmentConfig.none() else Augment(cfg.data.augment)
