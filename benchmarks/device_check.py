@@ -3,6 +3,7 @@ CPU's, and the speed of tile batching and lower precision. One prepared script f
 
     python benchmarks/device_check.py                  # needs CUDA; about 2-3 minutes on an H100
     python benchmarks/device_check.py --device cpu     # the same steps on the CPU (a dry run, slow)
+    python benchmarks/device_check.py --parts train    # some of the steps (norm, placement, train, speed)
 
 0. Group batch norm on CUDA kernels: ``GroupBatchNorm2d``'s training path (PyTorch's
    batch-norm kernels over fields), and the same layer under ``torch.compile`` (its formula
@@ -44,54 +45,65 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+PARTS = ("norm", "placement", "train", "speed")
+
+
 def main() -> None:
-    from equiseg.config import Config
-    from equiseg.data.synthetic import generate_dataset
-    from equiseg.evaluation.equivariance import certificate
-    from equiseg.evaluation.evaluate import evaluate_model
-    from equiseg.runs import load_model, save_model
-    from equiseg.runtime import Precision, Runtime, exact_float32, resolve_device
+    from equiseg.runtime import resolve_device
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--no-train", dest="train", action="store_false", help="skip step 4 (training)")
-    parser.add_argument("--size", type=int, default=4096, help="side of the speed test's image, px (0: skip it)")
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
+                        help="which steps: norm (0), placement (1, 2), train (3), speed (4); default all")
+    parser.add_argument("--size", type=int, default=4096, help="side of the speed test's image, px")
     args = parser.parse_args()
     device = resolve_device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"device {device} ({name}), torch {torch.__version__}")
     torch.backends.cudnn.benchmark = True  # fixed tile sizes
 
-    if device.type == "cuda":
+    if device.type == "cuda" and "norm" in args.parts:
         check_group_norm(device)
     with tempfile.TemporaryDirectory() as tmp:
-        root = generate_dataset(Path(tmp) / "data", {"train": 0, "val": 0, "test": 4}, size=1024, seed=0)
-        print("\n1. placement and scores (4 test pairs of 1024 px; random weights)")
-        for family, width in (("plain", 16), ("p4m", 4)):
-            torch.manual_seed(0)
-            config = Config.from_dict({"name": family, "model": {"family": family, "width": width},
-                                       "data": {"root": str(root)}})
-            path = save_model(config.build_model(), config, Path(tmp) / f"{family}.ckpt")
-            scores = {}
-            for label, runtime in (("cpu 32", Runtime()), (f"{device.type} 32", Runtime(device)),
-                                   (f"{device.type} bf16", Runtime(device, 2, Precision.BF16))):
-                model, _ = load_model(path, runtime.device)
-                assert all(p.device.type == runtime.device.type for p in model.parameters())
-                with exact_float32() if runtime.precision is Precision.FP32 else contextlib.nullcontext():
-                    scores[label] = evaluate_model(model, config, root, "test", runtime=runtime).scores
-            for label, s in scores.items():
-                print(f"   {family:<6} {label:<10} Dice {s['dice/mean']:.6f}  mF1 {s['mf1']:.4f}  loss {s['loss']:.6f}")
-            if device.type == "cuda":
-                model, _ = load_model(path, device)
-                images = [torch.rand(3, 256, 256) for _ in range(2)]
-                if family == "p4m":
-                    error = certificate(model, images, angles=())["group"]
-                    print(f"2. certificate of p4m on {device}: {error:.1e} ({'ok' if error < 1e-5 else 'FAILED'})")
-
-        if args.train:
+        if "placement" in args.parts:
+            check_placement(device, Path(tmp))
+        if "train" in args.parts:
             check_training(device, Path(tmp))
-        if args.size:
+        if "speed" in args.parts:
             check_speed(device, args.size)
+
+
+def check_placement(device: torch.device, tmp: Path) -> None:
+    from equiseg.config import Config
+    from equiseg.data.synthetic import generate_dataset
+    from equiseg.evaluation.equivariance import certificate
+    from equiseg.evaluation.evaluate import evaluate_model
+    from equiseg.runs import load_model, save_model
+    from equiseg.runtime import Precision, Runtime, exact_float32
+
+    root = generate_dataset(tmp / "data", {"train": 0, "val": 0, "test": 4}, size=1024, seed=0)
+    print("\n1. placement and scores (4 test pairs of 1024 px; random weights)")
+    for family, width in (("plain", 16), ("p4m", 4)):
+        torch.manual_seed(0)
+        config = Config.from_dict({"name": family, "model": {"family": family, "width": width},
+                                   "data": {"root": str(root)}})
+        path = save_model(config.build_model(), config, tmp / f"{family}.ckpt")
+        scores = {}
+        for label, runtime in (("cpu 32", Runtime()), (f"{device.type} 32", Runtime(device)),
+                               (f"{device.type} bf16", Runtime(device, 2, Precision.BF16))):
+            model, _ = load_model(path, runtime.device)
+            assert all(p.device.type == runtime.device.type for p in model.parameters())
+            with exact_float32() if runtime.precision is Precision.FP32 else contextlib.nullcontext():
+                scores[label] = evaluate_model(model, config, root, "test", runtime=runtime).scores
+        for label, s in scores.items():
+            print(f"   {family:<6} {label:<10} Dice {s['dice/mean']:.6f}  mF1 {s['mf1']:.4f}  loss {s['loss']:.6f}")
+        if device.type == "cuda":
+            model, _ = load_model(path, device)
+            images = [torch.rand(3, 256, 256) for _ in range(2)]
+            if family == "p4m":
+                error = certificate(model, images, angles=())["group"]
+                print(f"2. certificate of p4m on {device}: {error:.1e} ({'ok' if error < 1e-5 else 'FAILED'})")
+
 
 
 def check_speed(device: torch.device, size: int) -> None:

@@ -1,7 +1,8 @@
 """A whole U-Net training step and forward pass, each family against the plain U-Net with the same conv shapes.
 
     python benchmarks/unet_step.py [--batch 4] [--size 256] [--steps 20] [--device cuda] [--norm view]
-                                   [--compile default|reduce-overhead] [--profile FILE]
+                                   [--compile default|reduce-overhead] [--families plain p4m] [--train-only]
+                                   [--profile FILE]
 
 The layer benchmark (layers.py) times one conv with a synchronisation around it, which exposes
 every kernel launch of the filter expansion. Inside a network the GPU runs ahead of Python, so
@@ -15,6 +16,8 @@ an Adam step on a batch of random crops. Eval: one forward without gradients. Me
 ``--compile MODE`` runs every U-Net through ``torch.compile`` in that mode, as ``train.compile``
 does, next to the eager ones with the same weights (the warm-up steps compile; "x plain"
 compares a family with plain run the same way, "x eager" the compiled U-Net with the eager one).
+``--families`` times only those (plain is always among them); ``--train-only`` skips the forward
+pass (compiling then builds one graph per U-Net, not two).
 ``--profile FILE`` writes PyTorch's profiler table (kernels by device time) of 5 training steps
 of plain and of each group family to FILE.
 """
@@ -47,6 +50,8 @@ def main() -> None:
                         help="how the group batch norm trains (GroupBatchNorm2d.TRAINING_PATH)")
     parser.add_argument("--compile", choices=["default", "reduce-overhead", "max-autotune"],
                         help="torch.compile every U-Net in this mode (as train.compile does)")
+    parser.add_argument("--families", nargs="+", choices=list(WIDTHS), default=list(WIDTHS))
+    parser.add_argument("--train-only", action="store_true", help="time the training step only")
     parser.add_argument("--profile", help="write the profiler's kernel table of 5 training steps per family here")
     args = parser.parse_args()
     GroupBatchNorm2d.TRAINING_PATH = args.norm
@@ -59,7 +64,8 @@ def main() -> None:
     loss_fn = DiceCELoss()
     # every family eager, and with --compile also compiled (same weights), timed interleaved
     models = {}
-    for family, width in WIDTHS.items():
+    for family in dict.fromkeys(["plain", *args.families]):
+        width = WIDTHS[family]
         eager = build_model(family, width, args.depth).to(device)
         models[family, "eager"] = eager
         if args.compile:
@@ -93,7 +99,7 @@ def main() -> None:
     times = {key: {"train": [], "eval": []} for key in models}
     for step in range(args.steps + 3):  # the first steps compile, when compiling
         for key in models:
-            t_train, t_eval = train_step(key), eval_step(key)
+            t_train, t_eval = train_step(key), (0.0 if args.train_only else eval_step(key))
             if step >= 3:
                 times[key]["train"].append(t_train)
                 times[key]["eval"].append(t_eval)
@@ -106,7 +112,8 @@ def main() -> None:
     for (family, how), t in median.items():
         plain, eager = median["plain", how], median[family, "eager"]
         print(f"{family:<10} {WIDTHS[family]:>5} {how:<16} "
-              + " ".join(f"{t[k] * 1e3:>9.2f} ms {t[k] / plain[k]:>7.3f} {t[k] / eager[k]:>7.3f}" for k in ("train", "eval")))
+              + " ".join(f"{t[k] * 1e3:>9.2f} ms {t[k] / plain[k]:>7.3f} {t[k] / eager[k]:>7.3f}"
+                         for k in ("train", "eval")[:1 if args.train_only else 2]))
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
