@@ -1,12 +1,14 @@
 """The run folder's owner: layout, creation, what a run records, loading."""
 
+import shutil
 import threading
 
 import pytest
 import torch
 
 from equiseg import build_model
-from equiseg.runs import Run, load_model, save_model
+from equiseg.runs import Run, dataset_digest, load_model, save_model
+from equiseg.training.fit import fit
 from tests_support import tiny_config
 
 
@@ -52,3 +54,36 @@ def test_save_and_load_round_trip_from_a_file_or_a_run_folder(tmp_path):
         torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
     with pytest.raises(FileNotFoundError, match="no checkpoint there"):
         load_model(tmp_path / "empty")
+
+
+def test_the_dataset_digest_survives_a_copy_and_sees_labels_and_files_change(synthetic_small, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(synthetic_small, copy, copy_function=shutil.copy)  # new times, same contents
+    digest = dataset_digest(synthetic_small)
+    assert dataset_digest(copy) == digest and len(digest) == 64
+    label = next(p for p in sorted(copy.rglob("*.csv")) if p.read_text().strip())
+    text = label.read_text()
+    label.write_text(text[:-2] + {"1": "2", "2": "1"}[text[-2]] + "\n")  # the last cell's class: same size
+    assert dataset_digest(copy) != digest
+    label.write_text(text)
+    assert dataset_digest(copy) == digest
+    (copy / "extra.txt").write_text("x")
+    assert dataset_digest(copy) != digest
+
+
+def test_a_run_is_still_finished_when_its_dataset_moved_but_not_when_it_changed(synthetic_small, tmp_path):
+    shutil.copytree(synthetic_small, tmp_path / "here")
+    run = Run(fit(tiny_config(tmp_path / "here"), run_dir=tmp_path / "run", progress=False))
+    (tmp_path / "here").rename(tmp_path / "there")
+    moved = tiny_config(tmp_path / "there")
+    assert run.finished(moved)
+    assert not run.finished(tiny_config(tmp_path / "there", train={"lr": 1e-3}))  # another config
+    assert not run.finished(tiny_config(tmp_path / "nowhere"))  # no dataset there
+    label = next((tmp_path / "there").rglob("*.csv"))  # a labels file, with cells or without
+    original = label.read_text()
+    label.write_text(original + "1,1,1\n")
+    assert not run.finished(moved)  # a different dataset at the new place
+    label.write_text(original)
+    assert run.finished(moved)
+    run.data_digest_file.unlink()  # a run recorded before digests: only its own path counts
+    assert not run.finished(moved)

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import math
+import shutil
 
 import pytest
 import yaml
@@ -73,6 +74,11 @@ def test_study_runs_reports_and_resumes_without_training(tmp_path, monkeypatch):
     monkeypatch.undo()
     lines.clear()
     run_study(study, tmp_path / "out", say=lines.append)
+    assert sum("reused" in line for line in lines) == 12 and not any("trained" in line for line in lines)
+    # a copy of the study folder elsewhere (its data inside it) reuses every run too
+    shutil.copytree(tmp_path / "out", tmp_path / "moved")
+    lines.clear()
+    run_study(study, tmp_path / "moved", say=lines.append)
     assert sum("reused" in line for line in lines) == 12 and not any("trained" in line for line in lines)
 
 

@@ -5,6 +5,8 @@
     runs/isotropic-small-20261127-101610/
       config.yaml             the resolved run config
       data.txt                the dataset folder it trained on (absolute path)
+      data.sha256             what that dataset is (its files, their sizes, its labels): a run
+                              whose dataset moved still counts as finished (Run.finished)
       resolution.yaml         that dataset's µm per pixel (cell and tissue patches): where equiseg slide runs the model
       synthetic.txt           only for the built-in synthetic data: its settings, then the warning given
       checkpoints/best.ckpt   lowest val/loss
@@ -27,9 +29,10 @@ builtin types only, no code runs from the file.
 from __future__ import annotations
 
 import csv
+import dataclasses
+import hashlib
 import pickle
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -49,7 +52,7 @@ class _InRun:
         return Path(*self.parts) if run is None else run.path.joinpath(*self.parts)
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Run:
     """The run folder at ``path`` (see the module docstring for its layout)."""
 
@@ -81,6 +84,7 @@ class Run:
     # the layout, one line a path (see the module docstring)
     config_file = _InRun("config.yaml")
     data_file = _InRun("data.txt")
+    data_digest_file = _InRun("data.sha256")
     resolution_file = _InRun("resolution.yaml")
     synthetic_file = _InRun("synthetic.txt")
     checkpoints = _InRun("checkpoints")
@@ -127,6 +131,7 @@ class Run:
         synthetic data, ``synthetic`` = (its settings on one line, the warning given)."""
         config.to_yaml(self.config_file)
         self.data_file.write_text(f"{Path(root).resolve()}\n")
+        self.data_digest_file.write_text(f"{dataset_digest(root)}\n")
         if (Path(root) / "metadata.json").is_file():
             resolution = Resolution.of(read_metadata(Path(root) / "metadata.json").values())
             self.resolution_file.write_text(yaml.safe_dump(resolution.to_dict(), sort_keys=False))
@@ -136,7 +141,12 @@ class Run:
 
     def finished(self, config: Config) -> bool:
         """Whether this folder holds a run of exactly ``config`` that trained all its epochs, or
-        stopped early by its ``train.early_stopping`` rule."""
+        stopped early by its ``train.early_stopping`` rule.
+
+        A run whose dataset folder has moved since (a study folder copied elsewhere, with its
+        data inside it) is still a run of ``config`` when its ``data.root`` is the only
+        difference and the dataset there is the one it trained on (:func:`dataset_digest`).
+        """
         if not self.last.is_file():
             return False
         state = torch.load(self.last, map_location="cpu", weights_only=True)
@@ -144,7 +154,17 @@ class Run:
         stopped = any(key.startswith("EarlyStopping") and value.get("stopped_epoch", 0) > 0
                       for key, value in state.get("callbacks", {}).items())
         return ((epochs_done >= config.train.epochs or stopped)
-                and Config.from_dict(state["hyper_parameters"]["config"]) == config)
+                and self._same_run(Config.from_dict(state["hyper_parameters"]["config"]), config))
+
+    def _same_run(self, trained: Config, config: Config) -> bool:
+        """``trained`` (this run's config) is ``config``, up to where the same dataset now lies."""
+        if trained == config:
+            return True
+        old, new = trained.data.root, config.data.root
+        if old is None or new is None or not self.data_digest_file.is_file() or not Path(new).is_dir():
+            return False
+        moved = dataclasses.replace(trained, data=dataclasses.replace(trained.data, root=new))
+        return moved == config and self.data_digest_file.read_text().strip() == dataset_digest(Path(new))
 
     def _validation(self) -> list[dict[str, str]]:
         """The rows of metrics.csv with a validation loss."""
@@ -168,6 +188,27 @@ class Run:
             return None
         best = min(rows, key=lambda r: float(r["val/loss"]))
         return float(best["val/loss"]), int(best["epoch"])
+
+
+LABEL_SUFFIXES = (".csv", ".json")  # files whose bytes go into a dataset's digest (labels, metadata: small)
+
+
+def dataset_digest(root: Path | str) -> str:
+    """What a dataset folder holds, as a SHA-256: every file's path within it and size, and the
+    bytes of its label and metadata files (``.csv``, ``.json``), in path order.
+
+    The same after the folder is copied or moved (no absolute paths, no times); different when
+    a file is added, removed or resized, or any label changes. Images are taken by size, not
+    read: a changed image of the same size goes unseen, which a compressed image almost never is.
+    """
+    root = Path(root)
+    digest = hashlib.sha256()
+    files = sorted((p.relative_to(root).as_posix(), p) for p in root.rglob("*") if p.is_file())
+    for relative, path in files:
+        digest.update(f"{relative}\0{path.stat().st_size}\0".encode())
+        if path.suffix.lower() in LABEL_SUFFIXES:
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
 
 
 def load_model(checkpoint: Path | str, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Config]:
