@@ -300,3 +300,17 @@ def test_even_kernels_are_refused(kernel_size):
                  lambda: GroupConv2d(1, 1, C4, kernel_size)):
         with pytest.raises(ValueError, match="odd"):
             make()
+
+
+def test_field_values_are_repeated_per_channel_exactly_in_their_own_dtypes():
+    """The group batch norm repeats its per-field values with one stack: each keeps its dtype and
+    its value (no rounding through another type), and None stays None."""
+    from equiseg.nn.group_ops import _per_channel
+
+    values = (torch.rand(3), None, torch.rand(3, dtype=torch.float64) / 3, torch.rand(3).half())
+    repeated = _per_channel(4, *values)
+    assert repeated[1] is None
+    for original, out in zip(values, repeated, strict=True):
+        if original is not None:
+            assert out.dtype == original.dtype and out.is_contiguous()
+            assert torch.equal(out, original.repeat_interleave(4))

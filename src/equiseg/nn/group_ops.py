@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -129,9 +130,7 @@ class FieldBatchNorm(torch.autograd.Function):
     def forward(ctx, x, weight, bias, running_mean, running_var, momentum, order, eps):
         backend = _CudaKernels if x.is_cuda and not torch.compiler.is_compiling() else _Formulas
         mean, invstd = backend.moments(x, order, running_mean, running_var, momentum, eps)
-        mean_r, invstd_r = mean.repeat_interleave(order), invstd.repeat_interleave(order)
-        weight_r = None if weight is None else weight.repeat_interleave(order)
-        bias_r = None if bias is None else bias.repeat_interleave(order)
+        mean_r, invstd_r, weight_r, bias_r = _per_channel(order, mean, invstd, weight, bias)
         y = backend.normalise(x, weight_r, bias_r, mean_r, invstd_r, eps)
         ctx.save_for_backward(x, weight_r, mean_r, invstd_r)
         ctx.order, ctx.backend = order, backend
@@ -150,9 +149,17 @@ class FieldBatchNorm(torch.autograd.Function):
         dbias = s1 if ctx.needs_input_grad[2] else None
         dx = None
         if ctx.needs_input_grad[0]:
-            dx = backend.input_gradient(dy, x, mean_r, invstd_r, weight_r, s1.repeat_interleave(order),
-                                        s2.repeat_interleave(order), count)
+            dx = backend.input_gradient(dy, x, mean_r, invstd_r, weight_r, *_per_channel(order, s1, s2), count)
         return dx, dweight, dbias, None, None, None, None, None
+
+
+def _per_channel(order: int, *per_field: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """Each (C,) tensor repeated to (C * order,), field-major (None stays None), each in its own
+    dtype: one stack and one repeat for them all, not a repeat each (fewer operations to issue)."""
+    present = [t for t in per_field if t is not None]
+    dtype = functools.reduce(torch.promote_types, (t.dtype for t in present))  # exact for each of them
+    rows = iter(torch.stack([t.to(dtype) for t in present]).repeat_interleave(order, dim=1).unbind())
+    return tuple(None if t is None else next(rows).to(t.dtype) for t in per_field)
 
 
 class _CudaKernels:
