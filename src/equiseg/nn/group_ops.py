@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import enum
-import functools
 
 import torch
 import torch.nn.functional as F
@@ -157,7 +156,8 @@ def _per_channel(order: int, *per_field: torch.Tensor | None) -> tuple[torch.Ten
     """Each (C,) tensor repeated to (C * order,), field-major (None stays None), each in its own
     dtype: one stack and one repeat for them all, not a repeat each (fewer operations to issue)."""
     present = [t for t in per_field if t is not None]
-    dtype = functools.reduce(torch.promote_types, (t.dtype for t in present))  # exact for each of them
+    # one dtype that holds each exactly (float64 holds every float type's values)
+    dtype = present[0].dtype if all(t.dtype == present[0].dtype for t in present) else torch.float64
     rows = iter(torch.stack([t.to(dtype) for t in present]).repeat_interleave(order, dim=1).unbind())
     return tuple(None if t is None else next(rows).to(t.dtype) for t in per_field)
 
