@@ -226,6 +226,39 @@ def test_a_crashed_slide_resumes_to_the_same_cells(slide_path, cell_run, tmp_pat
         analyse_slide(slide_path, model, tmp_path / "out", tile=TILE, overlap=OVERLAP)
 
 
+KILL_AT_BLOCK = """
+import os, signal, sys
+from equiseg import slide
+from equiseg.slide import SlideModel, analyse_slide
+
+slide.SAVE_EVERY_S, slide.STRIPE_SIDE = 0.0, 600  # save after every block row; the kill is in the second stripe
+
+def kill(stage, done, total):
+    if done == 4:
+        os.kill(os.getpid(), signal.SIGKILL)  # no handler, no finally: as the power going
+
+analyse_slide(sys.argv[1], SlideModel.load(sys.argv[2]), sys.argv[3], tile=int(sys.argv[4]),
+              overlap=int(sys.argv[5]), progress=kill)
+"""
+
+
+def test_a_slide_killed_hard_resumes_to_the_same_cells(slide_path, cell_run, tmp_path, monkeypatch):
+    """SIGKILL in the middle of the second stripe: nothing is cleaned up, and a resume still
+    continues from the last saved block row to the uninterrupted run's cells."""
+    whole = analyse_slide(slide_path, SlideModel.load(cell_run), tmp_path / "whole", tile=TILE, overlap=OVERLAP)
+    killed = subprocess.run([sys.executable, "-c", KILL_AT_BLOCK, str(slide_path), str(cell_run),
+                             str(tmp_path / "out"), str(TILE), str(OVERLAP)], check=False, capture_output=True,
+                            text=True)
+    assert killed.returncode == -9, killed.stderr
+    assert not (tmp_path / "out" / "slide.summary.json").exists()
+    monkeypatch.setattr(slide_module, "STRIPE_SIDE", 600)
+    seen = []
+    resumed = analyse_slide(slide_path, SlideModel.load(cell_run), tmp_path / "out", tile=TILE, overlap=OVERLAP,
+                            resume=True, progress=lambda stage, done, total: seen.append(done))
+    assert seen[0] == 4  # from the saved block row, not from the start
+    np.testing.assert_array_equal(resumed.points, whole.points)
+
+
 def test_context_model_on_a_slide_agrees_with_the_pair_chain_evaluate_uses(slide_path, tmp_path, monkeypatch):
     """A region whose tissue box fits one tissue tile: the slide's context is the tissue model
     on the tissue box, cut to the region, as ``model_context`` does for an OCELOT pair. Bit for
