@@ -24,8 +24,9 @@ CPU's, and the speed of tile batching and lower precision. One prepared script f
 4. Speed: ``predict_probabilities`` of a 4096x4096 image in 1024 px tiles (overlap 128, 25
    tiles), plain width 64 and isotropic width 110 (the paper's sizes), batch 1 / 4 / 8 at
    precision 32 and bf16: seconds (median of 2 after a warm-up) and the ratio to batch 1 float32
-   of the same model, all in one run; and the model's forward alone on a batch of random 1024 px
-   tiles on the device, per tile (so the pipeline's share shows).
+   of the same model, all in one run; the model's forward alone on a batch of random 1024 px
+   tiles on the device, per tile (so the pipeline's share shows); and the largest difference of
+   each one's probabilities from batch 1's in float32 (TF32 on: a few 1e-3 expected).
 """
 
 from __future__ import annotations
@@ -117,7 +118,7 @@ def check_speed(device: torch.device, size: int) -> None:
     for family, width in (("plain", 64), ("isotropic", 110)):
         torch.manual_seed(0)
         model = Config.from_dict({"model": {"family": family, "width": width}}).build_model().to(device).eval()
-        base = None
+        base = first = None
         for precision in (Precision.FP32, Precision.BF16):
             for batch in (1, 4, 8):
                 runtime = Runtime(device, batch, precision)
@@ -126,7 +127,7 @@ def check_speed(device: torch.device, size: int) -> None:
                 for k in range(3):
                     sync(device)
                     start = time.perf_counter()
-                    predict_probabilities(model, image, tile=1024, overlap=128, runtime=runtime)
+                    probs = predict_probabilities(model, image, tile=1024, overlap=128, runtime=runtime)
                     sync(device)
                     middle = time.perf_counter()
                     with torch.no_grad(), torch.autocast(device.type, torch.bfloat16,
@@ -138,8 +139,10 @@ def check_speed(device: torch.device, size: int) -> None:
                         forward.append((time.perf_counter() - middle) / batch)
                 seconds = statistics.median(times)
                 base = base or seconds
+                first = probs if first is None else first
                 print(f"   {family:<9} {width:>3}  precision {precision.value:<4} batch {batch}: "
-                      f"{seconds:7.2f} s = {seconds / base:.3f}x; forward {statistics.median(forward) * 1e3:6.1f} ms/tile")
+                      f"{seconds:7.2f} s = {seconds / base:.3f}x; forward {statistics.median(forward) * 1e3:6.1f} ms/tile; "
+                      f"max |p - p(batch 1, 32)| {(probs - first).abs().max().item():.1e}")
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -228,8 +228,11 @@ def test_a_crashed_slide_resumes_to_the_same_cells(slide_path, cell_run, tmp_pat
 
 KILL_AT_BLOCK = """
 import os, signal, sys
+import torch
 from equiseg import slide
 from equiseg.slide import SlideModel, analyse_slide
+
+torch.set_num_threads(int(sys.argv[6]))  # the test's: another count can change a conv's last bits
 
 slide.SAVE_EVERY_S, slide.STRIPE_SIDE = 0.0, 600  # save after every block row; the kill is in the second stripe
 
@@ -247,8 +250,8 @@ def test_a_slide_killed_hard_resumes_to_the_same_cells(slide_path, cell_run, tmp
     continues from the last saved block row to the uninterrupted run's cells."""
     whole = analyse_slide(slide_path, SlideModel.load(cell_run), tmp_path / "whole", tile=TILE, overlap=OVERLAP)
     killed = subprocess.run([sys.executable, "-c", KILL_AT_BLOCK, str(slide_path), str(cell_run),
-                             str(tmp_path / "out"), str(TILE), str(OVERLAP)], check=False, capture_output=True,
-                            text=True)
+                             str(tmp_path / "out"), str(TILE), str(OVERLAP), str(torch.get_num_threads())],
+                            check=False, capture_output=True, text=True)
     assert killed.returncode == -9, killed.stderr
     assert not (tmp_path / "out" / "slide.summary.json").exists()
     monkeypatch.setattr(slide_module, "STRIPE_SIDE", 600)

@@ -66,7 +66,8 @@ def window_probabilities(model: nn.Module, read: WindowReader, windows: list[tup
     """Each window with its softmax probabilities (classes, h, w), float32 on the CPU, in order.
 
     Windows go through ``model`` (already on ``runtime.device``, eval mode) ``runtime.batch`` at
-    a time, under ``runtime.autocast()``; only one batch of windows is held at once. With
+    a time, under ``runtime.autocast()``; two batches are held at once (one handed out, the next
+    one computing). With
     ``runtime.optimize`` they go through :func:`inference_model` of it instead. Windows that
     ``skip`` names are not read and get its background; the others are batched as if they
     were alone.
@@ -79,30 +80,58 @@ def window_probabilities(model: nn.Module, read: WindowReader, windows: list[tup
 
 def _batched(model: nn.Module, read: WindowReader, windows: list[tuple[int, int, int, int]],
              runtime: Runtime) -> Iterator[tuple[tuple[int, int, int, int], torch.Tensor]]:
+    """The windows' probabilities in order, a batch behind the model: batch k is handed out once
+    batch k + 1 has been read and queued, so that on a GPU the host reads the next windows and
+    blends the last ones while the device computes (on the CPU the order of work is the same and
+    nothing overlaps; one more batch of probabilities is held)."""
     model = inference_model(model) if runtime.optimize else model
+    cuda = runtime.device.type == "cuda"
+    pending = None
     for k in range(0, len(windows), runtime.batch):
         chunk = windows[k:k + runtime.batch]
         x = _load_batch(read, chunk, runtime.device)
         with torch.no_grad(), runtime.kernels(), runtime.autocast():
             logits = model(x)
-        # softmax and the move to the CPU a window at a time: host buffers of one window's size,
-        # which the allocator reuses from batch to batch. A batch-sized one (48 MB for 4 windows
-        # of 1024 px) is above glibc's largest mmap threshold (32 MB): fresh pages each time,
-        # faulted in one by one, which made batches slower than single windows
-        # (benchmarks/tiling.py)
-        for window, window_logits in zip(chunk, logits):
-            yield window, window_logits.float().softmax(0).cpu()
+        if cuda:
+            # copies to pinned host memory, queued behind this batch's forward; its event says when they are in
+            host = [p.to("cpu", non_blocking=True) for p in logits.float().softmax(1)]
+            done = torch.cuda.Event()
+            done.record()
+        else:
+            # softmax a window at a time: host buffers of one window's size, which the allocator
+            # reuses from batch to batch. A batch-sized one (48 MB for 4 windows of 1024 px) is above
+            # glibc's largest mmap threshold (32 MB): fresh pages each time, faulted in one by one
+            # (benchmarks/tiling.py)
+            host, done = [window_logits.float().softmax(0) for window_logits in logits], None
+        if pending is not None:
+            yield from _hand_out(*pending)
+        pending = chunk, host, done
+    if pending is not None:
+        yield from _hand_out(*pending)
+
+
+def _hand_out(chunk: list[tuple[int, int, int, int]], host: list[torch.Tensor], done: torch.cuda.Event | None,
+              ) -> Iterator[tuple[tuple[int, int, int, int], torch.Tensor]]:
+    if done is not None:
+        done.synchronize()  # this batch's copies are in (the batch queued after it may still run)
+    yield from zip(chunk, host)
 
 
 def _load_batch(read: WindowReader, chunk: list[tuple[int, int, int, int]], device: torch.device) -> torch.Tensor:
     """The windows' inputs as one float32 batch on ``device``, each read and copied into its place
     (``torch.stack`` of the windows would build the batch on the host first: one more pass, over a
-    buffer that is fresh pages from 32 MB up)."""
-    first = read(*chunk[0])
-    x = torch.empty((len(chunk), *first.shape), dtype=torch.float32, device=device)
-    x[0].copy_(first)
-    for i, window in enumerate(chunk[1:], start=1):
-        x[i].copy_(read(*window))
+    buffer that is fresh pages from 32 MB up). To a GPU each window goes through pinned memory,
+    so that its copy is queued and does not wait for the work already queued."""
+    cuda = device.type == "cuda"
+    x = None
+    for i, window in enumerate(chunk):
+        tile = read(*window)
+        if x is None:
+            x = torch.empty((len(chunk), *tile.shape), dtype=torch.float32, device=device)
+        if cuda:  # staged contiguous in pinned memory (pin_memory() of a view would keep its strides)
+            staged = torch.empty(tile.shape, dtype=torch.float32, pin_memory=True)
+            tile = staged.copy_(tile)
+        x[i].copy_(tile, non_blocking=cuda)
     return x
 
 
@@ -263,7 +292,7 @@ def stream_blocks(model: nn.Module, read: WindowReader, height: int, width: int,
     float32 sums where windows of two block columns and two window rows meet. So what is held
     is one block's accumulator ((classes + 1) x about ``block_side``² float32), the pieces
     (about ``overlap`` rows x the width, and ``overlap`` columns x the block's height, x
-    classes float32) and one batch of windows, whatever H and W.
+    classes float32) and two batches of windows, whatever H and W.
 
     Args:
         model: in eval mode, on ``runtime.device``.

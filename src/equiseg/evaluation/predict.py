@@ -5,7 +5,7 @@ each finished block is written into ``<stem>_probs.npy`` (float16 on disk), adde
 pictures and handed to the cell detector (:class:`~equiseg.evaluation.detection.BlockDetector`),
 then dropped. The input is read lazily, a window at a time, where its format allows
 (:class:`RgbFile`) and the pictures have at most :data:`PICTURE_SIDE` px on their longer side,
-so memory is about one block (classes x about BLOCK_SIDE² float32), one batch of windows and strips
+so memory is about one block (classes x about BLOCK_SIDE² float32), two batches of windows and strips
 of about ``overlap`` rows across the width, whatever the image's size.
 """
 
@@ -308,7 +308,7 @@ def predict_file(model: torch.nn.Module, config: Config, path: Path, out_dir: Pa
     cells equal :func:`~equiseg.evaluation.detection.find_cells` on them; pictures are full size up to
     :data:`PICTURE_SIDE` px, else scaled down by :func:`picture_step`. Memory: one block of
     windows' sums ((C + 1) x about 2048² float32, :func:`~equiseg.evaluation.inference.stream_blocks`),
-    one batch of windows, strips across the width of about ``overlap`` rows (window terms) and
+    two batches of windows, strips across the width of about ``overlap`` rows (window terms) and
     2 x ``detection_halo`` rows (the detector's context) of C float32 each, up to
     :data:`SEGMENT_CACHE_BYTES` of decoded TIFF segments, and the pictures (at most
     2 x 4096² x 3 bytes), plus the whole image as uint8 where its format cannot be read lazily.
