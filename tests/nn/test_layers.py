@@ -314,3 +314,18 @@ def test_field_values_are_repeated_per_channel_exactly_in_their_own_dtypes():
         if original is not None:
             assert out.dtype == original.dtype and out.is_contiguous()
             assert torch.equal(out, original.repeat_interleave(4))
+
+
+def test_group_batch_norm_trains_float64_input_in_float64():
+    """Statistics and gradient sums follow a float64 input (not float32): the definition to 1e-12."""
+    view, fields = GroupBatchNorm2d(2, D4).double(), GroupBatchNorm2d(2, D4).double()
+    x = (torch.randn(3, 2 * D4.order, 5, 7, dtype=torch.float64) * 1e3 + 1e4).requires_grad_()
+    grad = torch.randn_like(x)
+    out = fields(x)
+    out.backward(grad)
+    dx, x.grad = x.grad, None
+    expected = view.norm(x.reshape(3, 2, -1, 7)).reshape(x.shape)
+    expected.backward(grad)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(dx, x.grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(fields.norm.running_var, view.norm.running_var, rtol=1e-12, atol=1e-12)

@@ -194,12 +194,18 @@ class _CudaKernels:
                                                torch.full((1,), count, dtype=torch.int32, device=x.device))
 
 
+def _accumulator(x: torch.Tensor) -> torch.dtype:
+    """The dtype a batch norm's sums over ``x`` are taken in: float32, or float64 for float64 input."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 class _Formulas:
-    """:class:`FieldBatchNorm`'s passes as tensor operations (statistics in float32)."""
+    """:class:`FieldBatchNorm`'s passes as tensor operations (statistics in float32, or float64 for
+    float64 input)."""
 
     @staticmethod
     def moments(x, order, running_mean, running_var, momentum, eps):
-        var_c, mean_c = torch.var_mean(x.float(), dim=(0, 2, 3), unbiased=False)
+        var_c, mean_c = torch.var_mean(x.to(_accumulator(x)), dim=(0, 2, 3), unbiased=False)
         mean_c, var_c = mean_c.view(-1, order), var_c.view(-1, order)
         mean = mean_c.mean(dim=1)
         var = (var_c + (mean_c - mean[:, None]).square()).mean(dim=1)
@@ -218,8 +224,8 @@ class _Formulas:
 
     @staticmethod
     def gradient_sums(dy, x, mean_r, invstd_r, weight_r):
-        sum_dy = dy.sum(dim=(0, 2, 3), dtype=torch.float32)
-        return sum_dy, (dy * x).sum(dim=(0, 2, 3), dtype=torch.float32) - mean_r * sum_dy
+        sum_dy = dy.sum(dim=(0, 2, 3), dtype=_accumulator(x))
+        return sum_dy, (dy * x).sum(dim=(0, 2, 3), dtype=_accumulator(x)) - mean_r * sum_dy
 
     @staticmethod
     def input_gradient(dy, x, mean_r, invstd_r, weight_r, s1_r, s2_r, count):
