@@ -274,6 +274,9 @@ def train(
     context: data.context=model data.tissue_model=TISSUE_RUN (or data.context=truth).
     Without a dataset (--data or data.root) it trains on the built-in synthetic data and says
     so; the *-paper presets refuse that unless data.require_real=false.
+    On a GPU: train.precision=bf16-mixed for mixed precision, train.compile=reduce-overhead to
+    run the U-Net through torch.compile with CUDA graphs (modes: none, default, reduce-overhead,
+    max-autotune; the first steps compile).
     """
     from equiseg.config import Config, ConfigError, apply_overrides
     from equiseg.data.ocelot import DatasetError
