@@ -107,8 +107,8 @@ def main() -> None:
     print(f"U-Net depth {args.depth}, group norm path {args.norm}, batch {args.batch}x3x{args.size}x{args.size}, "
           f"{name}, torch {torch.__version__}, median of {args.steps} steps")
     median = {key: {k: statistics.median(v) for k, v in t.items()} for key, t in times.items()}
-    print(f"{'family':<10} {'width':>5} {'mode':<16} {'train step':>12} {'x plain':>7} {'x eager':>7} "
-          f"{'forward':>10} {'x plain':>7} {'x eager':>7}")
+    print(f"{'family':<10} {'width':>5} {'mode':<16} {'train step':>12} {'x plain':>7} {'x eager':>7}"
+          + ("" if args.train_only else f" {'forward':>10} {'x plain':>7} {'x eager':>7}"))
     for (family, how), t in median.items():
         plain, eager = median["plain", how], median[family, "eager"]
         print(f"{family:<10} {WIDTHS[family]:>5} {how:<16} "
