@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from equiseg.cli import app
 from equiseg.data.targets import CellTarget, TargetKind
 from equiseg.evaluation.detection import detect_cells, detection_scores
-from equiseg.evaluation.tune_detect import GRID, score_settings
+from equiseg.evaluation.tune_detect import GRID, image_candidates, score_settings
 from equiseg.runs import Run, load_model
 from equiseg.training.fit import fit
 from tests_support import tiny_config
@@ -43,6 +43,10 @@ def test_each_grid_row_is_what_detection_with_those_settings_scores():
     best = max(rows, key=lambda row: row["mf1"])
     assert best["mf1"] == 1.0 and best["threshold"] < 0.9  # every cell found, nothing else
     assert min(row["mf1"] for row in rows if row["threshold"] == 0.95) == 0.0  # above every peak: nothing found
+    # what tune-detect keeps of an image: its candidates above the grid's lowest threshold, not its map
+    found = image_candidates(maps[0], grid)
+    assert len(found) == 8 and all((c[:, 2] > 0.2).all() for c in found)
+    assert sum(c.nbytes for c in found) < maps[0].numel() * maps[0].element_size() / 10
 
 
 @pytest.fixture(scope="module")

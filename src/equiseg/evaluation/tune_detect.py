@@ -1,11 +1,12 @@
 """``equiseg tune-detect``: choose a run's detection settings on its validation split.
 
-The model runs once over the validation images; the probability maps are kept and every
-combination of a small grid of detection settings (:data:`GRID`) is scored on them by the
-OCELOT rules, without retraining. For each (peaks, sigma, min_distance) the candidates are
-found once with no threshold; each threshold then keeps the candidates above it before the
+The model runs once over the validation images, and every combination of a small grid of
+detection settings (:data:`GRID`) is scored by the OCELOT rules, without retraining. For each
+(peaks, sigma, min_distance) an image's candidates are found once, as its map comes, with no
+threshold but the grid's lowest; each threshold then keeps the candidates above it before the
 greedy suppression, which is what detection with that threshold does (the threshold only
-filters candidates), so the grid costs a few detections per image, not one per setting.
+filters candidates). So the grid costs a few detections per image, not one per setting, and
+what is kept is each image's candidates, not its probability map.
 
 The best setting by validation mF1 (ties: the first in grid order) is written into the run
 (``detect.yaml``, read by :func:`equiseg.runs.load_model`, so evaluate, predict, challenge and
@@ -45,16 +46,34 @@ def score_settings(maps: list[torch.Tensor], truths: list[np.ndarray],
     """Every setting of ``grid`` scored on probability maps (C, H, W) with their true cells:
     rows of the settings and ``mf1``, ``f1/BC``, ``f1/TC``, ``precision``, ``recall`` (all
     classes together), in grid order."""
+    return score_candidates([image_candidates(probs, grid) for probs in maps], truths, grid)
+
+
+def _detectors(grid: dict[str, tuple]) -> list[tuple[str, float, int]]:
+    """The (peaks, sigma, min_distance) of ``grid``, in grid order."""
+    return list(itertools.product(grid["peaks"], grid["sigma"], grid["min_distance"]))
+
+
+def image_candidates(probs: torch.Tensor, grid: dict[str, tuple] = GRID) -> list[np.ndarray]:
+    """One image's cell candidates for each (peaks, sigma, min_distance) of ``grid`` (grid
+    order): every peak above the grid's lowest threshold, unsuppressed. What scoring the grid
+    needs of the image, a small fraction of its probability map (which need not be kept)."""
+    _, h, w = probs.shape
+    floor = min(grid["threshold"])
+    found = []
+    for peaks, sigma, min_distance in _detectors(grid):
+        c = peak_candidates(probs, (0, 0), (h, w), (0, h, 0, w), sigma, min_distance, -np.inf, peaks == "per-class")
+        found.append(c[c[:, 2] > floor])  # no threshold of the grid keeps the others
+    return found
+
+
+def score_candidates(found: list[list[np.ndarray]], truths: list[np.ndarray],
+                     grid: dict[str, tuple] = GRID) -> list[dict]:
+    """:func:`score_settings` from each image's :func:`image_candidates`."""
     rows = []
-    for peaks, sigma, min_distance in itertools.product(grid["peaks"], grid["sigma"], grid["min_distance"]):
-        per_class = peaks == "per-class"
-        found = []
-        for probs in maps:
-            _, h, w = probs.shape
-            found.append(peak_candidates(probs, (0, 0), (h, w), (0, h, 0, w), sigma, min_distance, -np.inf,
-                                         per_class))
+    for k, (peaks, sigma, min_distance) in enumerate(_detectors(grid)):
         for threshold in grid["threshold"]:
-            points = [suppress_peaks(c[c[:, 2] > threshold], min_distance) for c in found]
+            points = [suppress_peaks(image[k][image[k][:, 2] > threshold], min_distance) for image in found]
             scores = detection_scores(points, truths)
             tp = sum(scores[f"tp/{name}"] for name in ("BC", "TC"))
             fp = sum(scores[f"fp/{name}"] for name in ("BC", "TC"))
@@ -82,12 +101,12 @@ def tune_detection(run: Path | str, split: str = "val", runtime: Runtime | None 
     root = folder.data_root()
     if root is None:
         raise ValueError(f"{folder.path}: no data.txt naming the dataset it trained on")
-    maps: list[torch.Tensor] = []
+    found: list[list[np.ndarray]] = []  # each image's candidates, not its map (1024² x 3 float32 = 12 MB)
     evaluate_model(model, config, root, split, on_image=on_image, runtime=runtime,
-                   keep=lambda i, sample_id, probs: maps.append(probs.cpu()))
+                   keep=lambda i, sample_id, probs: found.append(image_candidates(probs.cpu(), grid)))
     data = OcelotFolder(root, split, labels=False)
     truths = [data.cells(i) for i in range(len(data))]
-    rows = score_settings(maps, truths, grid)
+    rows = score_candidates(found, truths, grid)
     best = max(rows, key=lambda row: row["mf1"])  # max keeps the first of equals: grid order
     chosen = DetectConfig(sigma=float(best["sigma"]), min_distance=int(best["min_distance"]),
                           threshold=float(best["threshold"]), peaks=str(best["peaks"]))
