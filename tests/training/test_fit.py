@@ -294,9 +294,11 @@ def test_compiled_training_matches_eager_and_writes_the_same_checkpoint(syntheti
         loss.backward()
         losses.append(loss.detach())
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+    # float rounding, relative to the parameter's gradient and to the largest one (a batch norm
+    # weight's gradient is a sum that nearly cancels: its own scale alone is too small a yardstick)
+    largest = max(p.grad.abs().max() for p in eager.parameters())
     for (name, p), q in zip(eager.named_parameters(), compiled.parameters(), strict=True):
-        scale = p.grad.abs().max().clamp_min(1e-6)
-        assert (q.grad - p.grad).abs().max() <= 1e-4 * scale, name
+        assert (q.grad - p.grad).abs().max() <= 1e-4 * p.grad.abs().max() + 1e-5 * largest, name
     for (name, b), c in zip(eager.named_buffers(), compiled.buffers(), strict=True):
         torch.testing.assert_close(c, b, rtol=1e-5, atol=1e-6, msg=name)
 
