@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test bench lint clean
+.PHONY: demo test docs bench lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,6 +18,9 @@ demo: $(STAMP)  ## the main job: the seed's comparison, small, on synthetic data
 test: $(STAMP)  ## the test suite, on both cores
 	$(BIN)/python -m pytest -n 2 -q
 
+docs: $(STAMP)  ## the documentation site into site/ (reference pages generated from the code; warnings fail)
+	$(BIN)/mkdocs build --strict
+
 bench: $(STAMP)  ## speed benchmarks (not part of the tests)
 	$(BIN)/python benchmarks/layers.py
 	$(BIN)/python benchmarks/unet_step.py
@@ -28,4 +31,4 @@ lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info .pytest_cache
+	rm -rf $(VENV) build site src/*.egg-info .pytest_cache
