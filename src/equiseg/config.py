@@ -40,9 +40,17 @@ def _at_least(section: object, prefix: str, **bounds: float) -> None:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The U-Net: conv family, width (channels, or fields of |G| channels for the group families),
-    depth, and how it goes down a level (``pool``: ``max``, or ``blur`` for anti-aliased
-    downsampling; see :class:`equiseg.models.Pooling`)."""
+    """The U-Net a run trains (the ``model`` section).
+
+    Attributes:
+        family: The convolution family (`ConvFamily`): ``plain``, ``isotropic``, ``p4``, ``p4m``,
+            ``c8``, ``c16`` or ``d8``.
+        width: Channels of the first level (doubled at each level down); for the group families
+            fields of |G| channels each.
+        depth: Levels down, i.e. 2x2 poolings; sides are padded to a multiple of ``2**depth``.
+        pool: How the U-Net goes down a level (`Pooling`): ``max`` (2x2 max pooling) or ``blur``
+            (anti-aliased: a binomial low-pass at stride 2).
+    """
 
     family: ConvFamily = ConvFamily.ISOTROPIC
     width: int = 110
@@ -55,14 +63,21 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class SyntheticConfig:
-    """The built-in synthetic dataset used when ``data.root`` is empty.
+    """The built-in synthetic dataset used when ``data.root`` is empty (the ``data.synthetic`` section).
 
-    ``crowding``: 0 for the sparse world (about 14 cells per 512 px patch, tumour nuclei 80-110
-    px apart), 1 for crowded tissue (tumour nests of touching nuclei 50-65 px apart, dense
-    lymphocyte clusters: about 50-400 cells per 1024 px patch); see
-    :func:`equiseg.data.synthetic.render_pair`. ``rotated``: every pair is a crop at a random
-    angle (cells cut by the crop border at every orientation, glass in the corners), a setting
-    where no orientation of the image frame is special.
+    Attributes:
+        train: Pairs in the training split.
+        val: Pairs in the validation split.
+        test: Pairs in the test split.
+        size: Side of each cell and tissue patch, px.
+        seed: Seed of the generator: the same seed gives the same bytes.
+        crowding: 0 for the sparse world (about 14 cells per 512 px patch, tumour nuclei 80-110
+            px apart), 1 for crowded tissue (tumour nests of touching nuclei 50-65 px apart, dense
+            lymphocyte clusters: about 50-400 cells per 1024 px patch); see
+            `equiseg.data.synthetic.render_pair`.
+        rotated: Every pair is a crop at a random angle (cells cut by the crop border at every
+            orientation, glass in the corners), a setting where no orientation of the image frame
+            is special.
     """
 
     train: int = 16
@@ -81,21 +96,32 @@ class SyntheticConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Where the data comes from and how it is cut into training samples.
+    """Where the data comes from and how it is cut into training samples (the ``data`` section).
 
-    ``root``: a Zenodo-layout folder; empty means the built-in synthetic data (generated once
-    into the cache folder, see ``equiseg.training.fit.synthetic_root``), which training
-    announces as a warning and records in the run folder. ``require_real``: refuse to train on
-    the built-in synthetic data (for configs meant for real OCELOT data, such as the paper
-    presets); ``data.require_real=false`` trains on it anyway. ``crop_size``: random
-    square crops for training, px (empty: whole images). ``target``: what the cell model learns
-    (:mod:`equiseg.data.targets`): ``disks`` of ``radius`` px (the seed's) or ``centres``,
-    Gaussians of ``sigma`` px on each cell centre, which keep touching cells apart.
-    ``train_fraction``: the share of the training split used (a seeded subset).
-    ``context`` (cell task): tissue context as two extra input channels (see
-    :mod:`equiseg.data.context`): ``none``, ``truth`` (the ground-truth tissue mask) or
-    ``model`` (the probabilities of the tissue model at ``tissue_model``, a run folder or
-    checkpoint). Evaluation uses the tissue model whenever ``tissue_model`` is set.
+    Attributes:
+        root: A dataset folder in the OCELOT Zenodo layout; empty means the built-in synthetic
+            data (generated once into the cache folder, ``~/.cache/equiseg`` or
+            ``$EQUISEG_CACHE``), which training announces as a warning and records in the run
+            folder.
+        require_real: Refuse to train on the built-in synthetic data (for configs meant for real
+            OCELOT data, such as the paper presets); ``data.require_real=false`` trains on it anyway.
+        synthetic: The built-in synthetic dataset (`SyntheticConfig`).
+        crop_size: Side of the random square crops for training, px (empty: whole images).
+        target: What the cell model learns (`TargetKind`): ``disks`` of ``radius`` px (the
+            paper's) or ``centres``, Gaussians of ``sigma`` px on each cell centre, which keep
+            touching cells apart.
+        radius: Radius of the ``disks`` target, px.
+        sigma: Standard deviation of the ``centres`` target's Gaussians, px.
+        train_fraction: The share of the training split used (a seeded subset), in (0, 1].
+        augment: The augmentation (`AugmentConfig`): a preset name (``none``, ``heavy``,
+            ``non_symmetry``) or a mapping of transforms to their settings.
+        batch_size: Samples per training step.
+        num_workers: Data-loader worker processes (0: load in the training process).
+        context: Tissue context for the cell task as two extra input channels (`ContextKind`):
+            ``none``, ``truth`` (the ground-truth tissue mask) or ``model`` (the probabilities of
+            the tissue model at ``tissue_model``).
+        tissue_model: The tissue model (a run folder or checkpoint) that gives context; evaluation
+            uses it whenever it is set.
     """
 
     root: str | None = None
@@ -127,7 +153,7 @@ class DataConfig:
 
 
 class Schedule(enum.Enum):
-    """The learning rate over a run's epochs (``train.schedule``, see :class:`TrainConfig`)."""
+    """The learning rate over a run's epochs (``train.schedule``, see `TrainConfig`)."""
 
     CONSTANT = "constant"
     PLATEAU = "plateau"
@@ -145,27 +171,45 @@ class Compile(enum.Enum):
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation and the Lightning trainer.
+    """Optimisation and the Lightning trainer (the ``train`` section).
 
-    ``loggers``: any of csv, tensorboard, comet, mlflow (comet and mlflow when installed).
-    ``accelerator``: as Lightning names them; a GPU asked for must be there when training starts.
-    ``checkpoint_every_n_steps``: also write ``last.ckpt`` every N training steps (a kill then
-    loses at most N steps; resuming from such a checkpoint continues mid-epoch exactly); null:
-    at the end of each epoch only.
-    ``schedule``: the learning rate over epochs: ``constant``, ``cosine`` (from ``lr`` down
-    to ``lr / 100`` at ``epochs``), both after a linear warm-up of ``warmup_epochs``, or
-    ``plateau`` (halved when val/loss has not improved for ``plateau_patience`` epochs).
-    ``early_stopping``: stop when val/loss has not improved for this many validations (null:
-    train all ``epochs``); ``epochs`` is then the budget, and the checkpoint kept is the best
-    one's. ``val_every``: validate every N epochs (a study with few training images has short
-    epochs: it validates after the same number of steps at every training-set size); the
-    plateau schedule then steps with the validations.
-    ``compile``: train and validate the U-Net through ``torch.compile``: ``none`` (eager), or
-    one of its modes, ``default`` (kernels fused: fewer passes over memory), ``reduce-overhead``
-    (also CUDA graphs: a whole step launched at once, for small batches on a GPU, where issuing
-    kernels is what takes the time) or ``max-autotune``. The first step of each input size and
-    mode (training, validation) compiles, tens of seconds; checkpoints are the same as eager
-    training writes (the same keys, loaded without compiling).
+    Attributes:
+        epochs: Passes over the training set; with ``early_stopping`` the budget.
+        lr: Adam's learning rate (the peak rate with a schedule).
+        dice_weight: Weight of the soft Dice term of the loss.
+        ce_weight: Weight of the cross-entropy term of the loss.
+        seed: Seed of every random choice of training (weights, order, crops, augmentation),
+            keyed by (seed, epoch, position in the epoch).
+        accelerator: As Lightning names them (``auto``, ``cpu``, ``gpu``, ``cuda``, ``mps``,
+            ``tpu``); a GPU asked for must be there when training starts.
+        devices: Devices (processes) Lightning trains on.
+        strategy: Lightning's strategy (``auto``, ``ddp``, ...).
+        precision: Lightning's training precision (``32-true``, ``bf16-mixed``, ``16-mixed``, ...).
+        loggers: Any of ``csv``, ``tensorboard``, ``comet``, ``mlflow`` (comet and mlflow when
+            installed).
+        limit_train_batches: Lightning's limit of training batches per epoch (a fraction, or a
+            count); empty: all.
+        checkpoint_every_n_steps: Also write ``last.ckpt`` every N training steps (a kill then
+            loses at most N steps; resuming from such a checkpoint continues mid-epoch exactly);
+            empty: at the end of each epoch only.
+        schedule: The learning rate over epochs (`Schedule`): ``constant``, ``cosine`` (from
+            ``lr`` down to ``lr / 100`` at ``epochs``), both after a linear warm-up of
+            ``warmup_epochs``, or ``plateau`` (halved when val/loss has not improved for
+            ``plateau_patience`` validations).
+        warmup_epochs: Epochs of linear warm-up (``constant`` and ``cosine`` schedules).
+        plateau_patience: Validations without improvement before the ``plateau`` schedule halves
+            the rate.
+        early_stopping: Stop when val/loss has not improved for this many validations (empty:
+            train all ``epochs``); the checkpoint kept is the best one's.
+        val_every: Validate every N epochs (a study with few training images has short epochs: it
+            validates after the same number of steps at every training-set size); the plateau
+            schedule then steps with the validations.
+        compile: Train and validate the U-Net through ``torch.compile`` (`Compile`): ``none``
+            (eager), or one of its modes, ``default`` (kernels fused: fewer passes over memory),
+            ``reduce-overhead`` (also CUDA graphs: a whole step launched at once, for small
+            batches on a GPU, where issuing kernels is what takes the time) or ``max-autotune``.
+            The first step of each input size and mode compiles, tens of seconds; checkpoints are
+            the same as eager training writes (the same keys, loaded without compiling).
     """
 
     epochs: int = 20
@@ -203,11 +247,17 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class DetectConfig:
-    """Reading cells off probability maps (``equiseg.evaluation.detection.detect_cells``).
+    """Reading cells off probability maps (the ``detect`` section; ``equiseg tune-detect`` chooses
+    all four on the validation split and writes them to the run's ``detect.yaml``).
 
-    ``peaks``: ``foreground`` (local maxima of the smoothed 1 - p(background), the rule for
-    disks) or ``per-class`` (local maxima of each cell class's smoothed probability, the rule
-    for centre targets). ``equiseg tune-detect RUN`` chooses all four on the validation split.
+    Attributes:
+        sigma: Standard deviation of the Gaussian that smooths the probability map before peaks
+            are found, px (0: no smoothing).
+        min_distance: Least distance between two detected cells, px.
+        threshold: Least smoothed probability of a detected cell.
+        peaks: ``foreground`` (local maxima of the smoothed 1 - p(background), the rule for
+            disks) or ``per-class`` (local maxima of each cell class's smoothed probability,
+            suppressed greedily across classes: the rule for centre targets).
     """
 
     sigma: float = 8.0
@@ -227,7 +277,18 @@ class DetectConfig:
 
 @dataclass(frozen=True)
 class Config:
-    """One training run."""
+    """One training run: what ``equiseg train -c`` reads (a preset or a YAML file, with
+    ``KEY=VALUE`` overrides) and writes into the run folder as ``config.yaml``.
+
+    Attributes:
+        name: The run's name; run folders default to ``runs/NAME-DATE``.
+        task: What the model segments (`Task`): ``cells`` (background, BC, TC) or ``tissue``
+            (background, cancer area).
+        model: The U-Net (`ModelConfig`).
+        data: The data and its training samples (`DataConfig`).
+        train: Optimisation and the trainer (`TrainConfig`).
+        detect: Reading cells off probability maps (`DetectConfig`).
+    """
 
     name: str = "run"
     task: Task = Task.CELLS
@@ -289,7 +350,7 @@ def read_yaml(path: Path | str) -> dict[str, Any]:
 def from_plain(cls: type, data: Any, where: str = "") -> Any:
     """An instance of the dataclass ``cls`` from builtin values (as YAML gives them), each field
     converted to its annotated type (nested dataclasses, enums, optional and tuple fields); an
-    unknown key, a missing field or a wrong value is a :class:`ConfigError` naming it."""
+    unknown key, a missing field or a wrong value is a `ConfigError` naming it."""
     return _from_plain(cls, data, where)
 
 
@@ -343,7 +404,7 @@ def plain(value: Any) -> Any:
 
 
 def json_text(value: Any) -> str:
-    """``value`` (see :func:`plain`) as indented JSON text with a final newline; never a NaN token."""
+    """``value`` (see `plain`) as indented JSON text with a final newline; never a NaN token."""
     return json.dumps(plain(value), indent=1, allow_nan=False) + "\n"
 
 
