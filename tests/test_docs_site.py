@@ -1,0 +1,118 @@
+"""The README and the documentation pages: short, free of dated notebook material, no broken
+relative link, and every `equiseg ...` command line of the README one that the CLI accepts.
+
+Fast: reads files and the Typer app; the site itself is built by `make docs` (in CI), not here.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+import typer.main
+
+from equiseg.cli import app
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+DOCS = ROOT / "docs"
+COMMIT_HASH = re.compile(r"\b(?=[0-9a-f]*[a-f])(?=[0-9a-f]*[0-9])[0-9a-f]{7,40}\b")
+LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
+FENCE = re.compile(r"^```.*?^```", re.S | re.M)
+
+
+def pages() -> list[Path]:
+    return [README, *sorted(DOCS.rglob("*.md"))]
+
+
+def relative_links(path: Path) -> list[str]:
+    """The relative link targets of a Markdown file, outside code blocks and code spans."""
+    text = FENCE.sub("", path.read_text())
+    text = re.sub(r"`[^`\n]*`", "", text)
+    targets = [m.group(1) for m in LINK.finditer(text)]
+    return [t for t in targets if not re.match(r"[a-z]+:|#|/", t)]
+
+
+def broken_links(path: Path) -> list[str]:
+    name = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path.name
+    return [f"{name}: {target}" for target in relative_links(path)
+            if not (path.parent / target.split("#")[0]).exists()]
+
+
+def readme_command_lines(text: str) -> list[list[str]]:
+    """Every `equiseg ...` command in the README's code blocks, as argument lists (comments cut)."""
+    lines = []
+    for block in FENCE.findall(text):
+        for line in block.splitlines()[1:-1]:
+            line = line.strip().removeprefix("$ ")
+            if line.startswith("equiseg "):
+                lines.append(shlex.split(line, comments=True)[1:])
+    return lines
+
+
+def command_problems(args: list[str]) -> list[str]:
+    """What the CLI would not accept in ``equiseg ARGS``, in the new vocabulary: an unknown command,
+    an option the command does not have (or has only as a deprecated, hidden spelling), a value
+    given to a deprecated hidden argument, or arguments that do not parse."""
+    group = typer.main.get_command(app)
+    root = group.context_class(group, info_name="equiseg")
+    name, rest = args[0], args[1:]
+    command = group.get_command(root, name)
+    if command is None or command.hidden:
+        return [f"equiseg {name}: no such command"]
+    visible = [p for p in command.params if not p.hidden]
+    names = {opt for p in visible for opt in [*p.opts, *getattr(p, "secondary_opts", [])] if opt.startswith("-")}
+    problems = [f"equiseg {name}: no option {token}" for token in rest
+                if token.startswith("-") and token.split("=")[0] not in names | {"--help"}]
+    try:
+        ctx = command.make_context(name, list(rest), parent=root)
+    except Exception as error:  # a click UsageError of Typer's click (missing value, extra argument, ...)
+        return [*problems, f"equiseg {' '.join(args)}: {error}"]
+    hidden_used = [p.name for p in command.params if p.hidden and ctx.params.get(p.name) not in (None, False, (), [])]
+    return problems + [f"equiseg {' '.join(args)}: uses the deprecated spelling of {n}" for n in hidden_used]
+
+
+def test_readme_is_short_and_has_no_notebook_material():
+    text = README.read_text()
+    assert len(text.splitlines()) <= 200
+    assert not COMMIT_HASH.findall(text), COMMIT_HASH.findall(text)
+    assert "the seed" not in text.lower()
+    assert not re.search(r"\b20\d\d-\d\d-\d\d\b", text), "a dated measurement belongs in docs/changelog.md"
+
+
+@pytest.mark.parametrize("folder", ["guide", "reference"])
+def test_guide_and_reference_pages_have_no_commit_hashes(folder):
+    found = {p.name: COMMIT_HASH.findall(p.read_text()) for p in (DOCS / folder).glob("*.md")}
+    assert not {k: v for k, v in found.items() if v}, found
+
+
+def test_every_relative_link_points_at_a_file():
+    broken = [problem for path in pages() for problem in broken_links(path)]
+    assert not broken, "\n".join(broken)
+
+
+def test_the_link_check_sees_a_broken_link(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text("[ok](page.md) [gone](missing.md#x) `[code](not-a-link.md)`\n```\n[block](nor.md)\n```\n")
+    assert [p.split(": ")[1] for p in broken_links(page)] == ["missing.md#x"]
+
+
+def test_readme_commands_exist_with_their_options():
+    lines = readme_command_lines(README.read_text())
+    assert len(lines) >= 10, "the quickstart lost its commands"
+    problems = [problem for args in lines for problem in command_problems(args)]
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("line", [
+    "equiseg evaluate --model runs/iso --no-such-option 3",   # an option the command lacks
+    "equiseg evalute --model runs/iso",                       # a command that does not exist
+    "equiseg evaluate runs/iso",                              # the deprecated positional run
+    "equiseg slide slide.tif --cell-model runs/iso",          # a deprecated (hidden) option
+    "equiseg score only-one.json",                            # a missing argument
+])
+def test_the_command_check_sees_a_bad_line(line):
+    (args,) = readme_command_lines(f"```bash\n{line}\n```\n")
+    assert command_problems(args)
