@@ -1,6 +1,6 @@
 """Inference speed of each family at paper size: eager vs optimized vs ONNX Runtime.
 
-    python benchmarks/inference.py [--sizes 512] [--repeats 3] [--modes eager optimized onnxruntime]
+    python benchmarks/inference.py [--sizes 512] [--repeats 3] [--modes eager optimized onnxruntime] [--json PATH]
     python benchmarks/inference.py --device cuda --sizes 512 1024 --repeats 10 --modes eager optimized compiled
 
 For each family at the paper's matched widths (plain 64, isotropic 110, p4 32, p4m 23, and the
@@ -22,7 +22,8 @@ timed with synchronisation, after cuDNN's benchmark-mode search; the reference i
 on a batch of 16 (one image would not fill a GPU); "fwd GPU" is the GPU memory one forward
 allocates at its peak beyond what was already held (weights, input), after the warm-up, so
 cuDNN's trial workspaces are left out; ``compiled`` is the optimized model under ``torch.compile`` (compiled before timing).
-TF32 stays as PyTorch leaves it for cuDNN convolutions (on).
+TF32 stays as PyTorch leaves it for cuDNN convolutions (on). Writes docs/benchmarks/inference-DATE.json
+(see benchmarks/_record.py).
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ import os
 import subprocess
 import sys
 import time
+
+from _record import add_json_option, column, print_table, table, write_result  # this script's folder
 
 FAMILIES = {"plain": 64, "isotropic": 110, "p4": 32, "p4m": 23, "c8": 28, "c16": 20, "d8": 20}
 
@@ -115,6 +118,7 @@ def main() -> None:
     parser.add_argument("--families", nargs="+", default=list(FAMILIES))
     parser.add_argument("--device", default="cpu", help="cpu (each mode in a child process) or cuda[:N] (in process)")
     parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
+    add_json_option(parser)
     args = parser.parse_args()
     if args.child:
         family, width, side, mode, repeats = args.child
@@ -126,8 +130,7 @@ def main() -> None:
     where = (torch.cuda.get_device_name(args.device) if cuda
              else f"{os.cpu_count()} cores, {torch.get_num_threads()} threads")
     print(f"torch {torch.__version__}, {where}")
-    print(f"{'family':<10} {'width':>5} {'side':>5} {'mode':<12} {'s/image':>8} {'GFLOP/s':>8} {'ref':>7} "
-          f"{'of ref':>7} {'fwd GPU' if cuda else 'peak RSS':>9} {'x plain':>7}")
+    rows = []
     plain: dict[tuple[int, str], float] = {}  # (side, mode) -> plain's seconds in units of its reference
     for side in args.sizes:
         for family in args.families:
@@ -151,10 +154,18 @@ def main() -> None:
                 relative = r["seconds"] / r["ref_seconds"]
                 if family == "plain":
                     plain[side, mode] = relative
-                ratio = f"{relative / plain[side, mode]:>6.1f}x" if (side, mode) in plain else ""
-                print(f"{family:<10} {r['width']:>5} {side:>5} {mode:<12} {r['seconds']:>8.4f} {r['gflops']:>8.1f} "
-                      f"{r['ref_gflops']:>7.1f} {r['of_ref']:>6.0%} {r['peak_mb']:>7.0f} MB {ratio:>7}", flush=True)
-
+                r["x_plain"] = relative / plain[side, mode] if (side, mode) in plain else None
+                rows.append(r)
+                print(f"{family} {side} {mode}: {r['seconds']:.4f} s", flush=True)
+    result = table([column("family", "family"), column("width", "width"), column("side", "side"),
+                    column("mode", "mode"), column("seconds", "s/image", ".4f"), column("gflops", "GFLOP/s", ".1f"),
+                    column("ref_gflops", "reference GFLOP/s", ".1f"), column("of_ref", "of reference", ".0%"),
+                    column("peak_mb", "forward GPU MB" if cuda else "peak RSS MB", ".0f"),
+                    column("x_plain", "x plain", ".1f")], rows)
+    print_table(result)
+    write_result("inference", "inference of one image by each family at the paper's matched widths (depth 4): "
+                 "seconds, GFLOP/s against a reference conv timed alongside, peak memory, ratios to plain",
+                 vars(args), {"inference": result}, args.json, args.device)
 
 if __name__ == "__main__":
     main()

@@ -1,6 +1,6 @@
 """Speed of each equivariant layer against a plain nn.Conv2d with the same channel counts.
 
-    python benchmarks/layers.py [--runs 7] [--batch 4] [--channels 64] [--size 256] [--device cpu]
+    python benchmarks/layers.py [--runs 7] [--batch 4] [--channels 64] [--size 256] [--device cpu] [--json PATH]
 
 Each layer maps `channels` conv channels to `channels` (group layers: channels / |G| fields
 of |G| channels each), like a plain Conv2d(channels, channels, 3, padding=1). Train: one
@@ -8,7 +8,8 @@ forward + backward in train mode (the filter bank is rebuilt, as at every traini
 Eval: one forward in eval mode without gradients (the bank is cached; the call after the switch
 from training, which rebuilds it, is not timed). Runs of all layers are
 interleaved, so drift in the machine's speed hits all of them alike; medians are reported, and
-ratios to the plain conv measured in the same run.
+ratios to the plain conv measured in the same run. Writes docs/benchmarks/layers-DATE.json
+(see benchmarks/_record.py).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import statistics
 import time
 
 import torch
+from _record import add_json_option, column, print_table, table, write_result  # this script's folder
 from torch import nn
 
 from equiseg.groups import C4, D4
@@ -70,6 +72,7 @@ def main() -> None:
     parser.add_argument("--channels", type=int, default=64)
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_json_option(parser)
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -84,13 +87,17 @@ def main() -> None:
                 times[name]["eval"].append(t_eval)
     med = {name: {mode: statistics.median(ts) for mode, ts in modes.items()} for name, modes in times.items()}
     ref = med["Conv2d (reference)"]
-    print(f"device={device} torch={torch.__version__} threads={torch.get_num_threads()} "
+    rows = [{"layer": name, "train_s": m["train"], "train_x": m["train"] / ref["train"], "eval_s": m["eval"],
+             "eval_x": m["eval"] / ref["eval"]} for name, m in med.items()]
+    result = table([column("layer", "layer"), column("train_s", "train s", ".4f"),
+                    column("train_x", "train x Conv2d", ".3f"), column("eval_s", "eval s", ".4f"),
+                    column("eval_x", "eval x Conv2d", ".3f")], rows)
+    print(f"device={device} threads={torch.get_num_threads()} "
           f"input={args.batch}x{args.channels}x{args.size}x{args.size} runs={args.runs} (medians)")
-    print(f"{'layer':<20} {'train s':>8} {'train x':>8} {'eval s':>8} {'eval x':>8}")
-    for name, m in med.items():
-        print(f"{name:<20} {m['train']:>8.4f} {m['train'] / ref['train']:>8.3f} "
-              f"{m['eval']:>8.4f} {m['eval'] / ref['eval']:>8.3f}")
-
+    print_table(result)
+    write_result("layers", "each equivariant layer against a plain Conv2d with the same channel counts: median "
+                 "seconds of a training step (forward + backward) and of an eval forward, ratios from the same run",
+                 vars(args), {"layers": result}, args.json, str(device))
 
 if __name__ == "__main__":
     main()

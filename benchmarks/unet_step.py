@@ -2,7 +2,7 @@
 
     python benchmarks/unet_step.py [--batch 4] [--size 256] [--steps 20] [--device cuda] [--norm view]
                                    [--compile default|reduce-overhead] [--families plain p4m] [--train-only]
-                                   [--profile FILE]
+                                   [--profile FILE] [--json PATH]
 
 The layer benchmark (layers.py) times one conv with a synchronisation around it, which exposes
 every kernel launch of the filter expansion. Inside a network the GPU runs ahead of Python, so
@@ -19,7 +19,8 @@ compares a family with plain run the same way, "x eager" the compiled U-Net with
 ``--families`` times only those (plain is always among them); ``--train-only`` skips the forward
 pass (compiling then builds one graph per U-Net, not two).
 ``--profile FILE`` writes PyTorch's profiler table (kernels by device time) of 5 training steps
-of plain and of each group family to FILE.
+of plain and of each group family to FILE. Writes docs/benchmarks/unet_step-DATE.json (see
+benchmarks/_record.py).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import statistics
 import time
 
 import torch
+from _record import add_json_option, column, print_table, table, write_result
 from layers import sync  # benchmarks/layers.py: this script's folder is on the path when run
 
 from equiseg.evaluation.losses import DiceCELoss
@@ -53,6 +55,7 @@ def main() -> None:
     parser.add_argument("--families", nargs="+", choices=list(WIDTHS), default=list(WIDTHS))
     parser.add_argument("--train-only", action="store_true", help="time the training step only")
     parser.add_argument("--profile", help="write the profiler's kernel table of 5 training steps per family here")
+    add_json_option(parser)
     args = parser.parse_args()
     GroupBatchNorm2d.TRAINING_PATH = args.norm
     device = torch.device(args.device)
@@ -103,29 +106,42 @@ def main() -> None:
             if step >= 3:
                 times[key]["train"].append(t_train)
                 times[key]["eval"].append(t_eval)
+    median = {key: {k: statistics.median(v) for k, v in t.items()} for key, t in times.items()}
+    rows = []
+    for (family, how), t in median.items():
+        plain, eager = median["plain", how], median[family, "eager"]
+        row = {"family": family, "width": WIDTHS[family], "mode": how, "train_ms": t["train"] * 1e3,
+               "train_x_plain": t["train"] / plain["train"], "train_x_eager": t["train"] / eager["train"]}
+        if not args.train_only:
+            row |= {"forward_ms": t["eval"] * 1e3, "forward_x_plain": t["eval"] / plain["eval"],
+                    "forward_x_eager": t["eval"] / eager["eval"]}
+        rows.append(row)
+    columns = [column("family", "family"), column("width", "width"), column("mode", "mode"),
+               column("train_ms", "train step ms", ".2f"), column("train_x_plain", "x plain", ".3f")]
+    columns += [column("train_x_eager", "x eager", ".3f")] if args.compile else []
+    if not args.train_only:
+        columns += [column("forward_ms", "forward ms", ".2f"), column("forward_x_plain", "x plain", ".3f")]
+        columns += [column("forward_x_eager", "x eager", ".3f")] if args.compile else []
+    result = table(columns, rows)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"U-Net depth {args.depth}, group norm path {args.norm}, batch {args.batch}x3x{args.size}x{args.size}, "
           f"{name}, torch {torch.__version__}, median of {args.steps} steps")
-    median = {key: {k: statistics.median(v) for k, v in t.items()} for key, t in times.items()}
-    print(f"{'family':<10} {'width':>5} {'mode':<16} {'train step':>12} {'x plain':>7} {'x eager':>7}"
-          + ("" if args.train_only else f" {'forward':>10} {'x plain':>7} {'x eager':>7}"))
-    for (family, how), t in median.items():
-        plain, eager = median["plain", how], median[family, "eager"]
-        print(f"{family:<10} {WIDTHS[family]:>5} {how:<16} "
-              + " ".join(f"{t[k] * 1e3:>9.2f} ms {t[k] / plain[k]:>7.3f} {t[k] / eager[k]:>7.3f}"
-                         for k in ("train", "eval")[:1 if args.train_only else 2]))
+    print_table(result)
+    write_result("unet_step", "a whole U-Net training step (forward, Dice-CE, backward, Adam) and an eval forward "
+                 "of each family against the plain U-Net with the same conv channel counts; medians, ratios from "
+                 "the same run", vars(args), {"steps": result}, args.json, str(device))
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-        key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
         with open(args.profile, "w") as out:
             for key in models:
                 with profile(activities=activities) as prof:
                     for _ in range(5):
                         train_step(key)
                 out.write(f"\n## {' '.join(key)}, 5 training steps, batch {args.batch}x3x{args.size}x{args.size}\n")
-                out.write(prof.key_averages().table(sort_by=key, row_limit=25) + "\n")
+                out.write(prof.key_averages().table(sort_by=by, row_limit=25) + "\n")
 
 
 if __name__ == "__main__":
