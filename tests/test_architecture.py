@@ -18,7 +18,7 @@ LAYERS = [
     ("equiseg.models",),
     ("equiseg.data",),
     ("equiseg.config",),
-    ("equiseg.runs", "equiseg.presets", "equiseg.report.pictures", "equiseg.scale"),
+    ("equiseg.runs", "equiseg.presets", "equiseg.datasets", "equiseg.report.pictures", "equiseg.scale"),
     ("equiseg.evaluation",),
     ("equiseg.training",),
     ("equiseg.report",),

@@ -66,7 +66,7 @@ def test_model_interface_returns_official_tuples(trained, synthetic_small):
 def test_challenge_scores_equal_evaluate_on_the_same_images(trained, synthetic_small, tmp_path):
     samples = list(OcelotFolder(synthetic_small, "test"))
     gc = write_grand_challenge(tmp_path / "gc", samples)
-    result = runner.invoke(app, ["challenge", str(gc), str(tmp_path / "out"), "--cell-model", str(trained)])
+    result = runner.invoke(app, ["challenge", str(gc), "--out", str(tmp_path / "out"), "--model", str(trained)])
     assert result.exit_code == 0, result.output
     points_file = tmp_path / "out" / "cell_classification.json"
     assert_official(points_file, len(samples))
@@ -116,14 +116,14 @@ def test_a_context_model_needs_a_tissue_model_and_a_plain_one_refuses_it(context
     from PIL import Image
 
     Image.fromarray(sample.cell_image).save(tmp_path / "cell.png")
-    result = runner.invoke(app, ["predict", str(context_run), str(tmp_path / "cell.png")])
+    result = runner.invoke(app, ["predict", "--model", str(context_run), str(tmp_path / "cell.png")])
     assert result.exit_code == 2 and "tissue context" in result.output
 
 
 def test_challenge_with_tissue_context_scores_equal_evaluate(context_run, tissue_run, synthetic_small, tmp_path):
     samples = list(OcelotFolder(synthetic_small, "test"))
     gc = write_grand_challenge(tmp_path / "gc", samples)
-    result = runner.invoke(app, ["challenge", str(gc), str(tmp_path / "out"), "--cell-model", str(context_run),
+    result = runner.invoke(app, ["challenge", str(gc), "--out", str(tmp_path / "out"), "--model", str(context_run),
                                  "--tissue-model", str(tissue_run)])
     assert result.exit_code == 0, result.output
     points_file = tmp_path / "out" / "cell_classification.json"
@@ -151,7 +151,7 @@ def test_challenge_with_tissue_context_on_the_real_grand_challenge_input(context
 def test_evaluate_command_takes_the_tissue_model_or_the_oracle(context_run, tissue_run, trained, tmp_path):
     scores = {}
     for name, extra in (("model", ["--tissue-model", str(tissue_run)]), ("oracle", ["--oracle-context"])):
-        result = runner.invoke(app, ["evaluate", str(context_run), "--out", str(tmp_path / name), *extra])
+        result = runner.invoke(app, ["evaluate", "--model", str(context_run), "--out", str(tmp_path / name), *extra])
         assert result.exit_code == 0, result.output
         scores[name] = json.loads((tmp_path / name / "scores-test.json").read_text())["scores"]
     model, config = load_model(context_run)
@@ -160,7 +160,7 @@ def test_evaluate_command_takes_the_tissue_model_or_the_oracle(context_run, tiss
     assert scores["model"]["loss"] != scores["oracle"]["loss"]
     saved = {name: json.loads((tmp_path / name / "scores-test.json").read_text())["context"] for name in scores}
     assert saved == {"model": "tissue model", "oracle": "oracle"}
-    result = runner.invoke(app, ["evaluate", str(trained), "--oracle-context", "--out", str(tmp_path / "x")])
+    result = runner.invoke(app, ["evaluate", "--model", str(trained), "--oracle-context", "--out", str(tmp_path / "x")])
     assert result.exit_code == 2 and "without tissue context" in result.output
 
 
@@ -180,7 +180,7 @@ def test_training_on_the_tissue_models_context(synthetic_small, tissue_run, tmp_
 
 def test_train_with_a_wrong_tissue_model_stops_before_any_output(synthetic_small, trained, tmp_path):
     for wrong, message in ((tmp_path / "nowhere", "no checkpoint"), (trained, "not a tissue model")):
-        result = runner.invoke(app, ["train", "--data", str(synthetic_small), "--runs", str(tmp_path / "runs"),
+        result = runner.invoke(app, ["train", "--data", str(synthetic_small), "--out", str(tmp_path / "runs" / "run"),
                                      "data.context=model", f"data.tissue_model={wrong}", "train.epochs=1",
                                      "data.crop_size=32"])
         assert result.exit_code == 2 and message in result.output, result.output
@@ -235,13 +235,13 @@ def test_a_truth_context_model_without_tissue_model_is_never_scored_as_oracle_un
     bare = tmp_path / "bare.ckpt"
     torch.save(state, bare)
     out = tmp_path / "refused"
-    result = runner.invoke(app, ["evaluate", str(bare), "--out", str(out)])
+    result = runner.invoke(app, ["evaluate", "--model", str(bare), "--out", str(out)])
     assert result.exit_code == 2 and "names no tissue model" in result.output and "--oracle-context" in result.output
     assert len(result.output.strip().splitlines()) == 1 and not out.exists()
     model, config = load_model(bare)
     with pytest.raises(ValueError, match="names no tissue model"):
         evaluate_model(model, config, config.data.root, "test")
-    result = runner.invoke(app, ["evaluate", str(bare), "--oracle-context", "--out", str(out)])
+    result = runner.invoke(app, ["evaluate", "--model", str(bare), "--oracle-context", "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert "ORACLE" in result.output
     assert json.loads((out / "scores-test.json").read_text())["context"] == "oracle"

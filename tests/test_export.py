@@ -39,7 +39,7 @@ def test_onnx_runs_in_onnxruntime_and_matches_pytorch(checkpoint, tmp_path):
     ort = pytest.importorskip("onnxruntime")
     onnx = pytest.importorskip("onnx")
     out = tmp_path / "model.onnx"
-    result = runner.invoke(app, ["export", str(checkpoint), "--format", "onnx", "--out", str(out)])
+    result = runner.invoke(app, ["export", "--model", str(checkpoint), "--format", "onnx", "--out", str(out)])
     assert result.exit_code == 0, result.output
     session = ort.InferenceSession(str(out))
     for shape in SIZES:
@@ -57,7 +57,7 @@ def test_onnx_runs_in_onnxruntime_and_matches_pytorch(checkpoint, tmp_path):
 @pytest.mark.parametrize("fmt", ["torchscript", "pt2"])
 def test_torchscript_and_pt2_match_pytorch_and_carry_the_card(checkpoint, tmp_path, fmt):
     out = tmp_path / f"model.{fmt}"
-    result = runner.invoke(app, ["export", str(checkpoint), "--format", fmt, "--out", str(out)])
+    result = runner.invoke(app, ["export", "--model", str(checkpoint), "--format", fmt, "--out", str(out)])
     assert result.exit_code == 0, result.output
     extra = {"equiseg.json": ""}
     if fmt == "torchscript":
@@ -74,10 +74,10 @@ def test_torchscript_and_pt2_match_pytorch_and_carry_the_card(checkpoint, tmp_pa
 
 
 def test_export_refuses_an_unknown_format_and_a_hostile_file(checkpoint, tmp_path):
-    result = runner.invoke(app, ["export", str(checkpoint), "--format", "keras", "--out", str(tmp_path / "m")])
+    result = runner.invoke(app, ["export", "--model", str(checkpoint), "--format", "keras", "--out", str(tmp_path / "m")])
     assert result.exit_code == 2 and not (tmp_path / "m").exists()
     bad = tmp_path / "bad.ckpt"
     bad.write_bytes(b"not a checkpoint")
-    result = runner.invoke(app, ["export", str(bad), "--format", "onnx", "--out", str(tmp_path / "m.onnx")])
+    result = runner.invoke(app, ["export", "--model", str(bad), "--format", "onnx", "--out", str(tmp_path / "m.onnx")])
     assert result.exit_code == 2 and "not a safe equiseg checkpoint" in result.output
     assert not (tmp_path / "m.onnx").exists()

@@ -38,7 +38,7 @@ def assert_one_line_refusal(result, *words):
     ("data.crop_size=128", ["data.crop_size=128", "64 px"]),
 ])
 def test_a_config_mistake_is_one_line_and_no_run_folder(synthetic_small, tmp_path, override, words):
-    result = runner.invoke(app, ["train", "--data", str(synthetic_small), "--runs", str(tmp_path / "runs"),
+    result = runner.invoke(app, ["train", "--data", str(synthetic_small), "--out", str(tmp_path / "runs" / "run"),
                                  "model.family=plain", "model.width=4", "model.depth=2", "train.loggers=[csv]",
                                  override])
     assert_one_line_refusal(result, *words)
@@ -47,7 +47,7 @@ def test_a_config_mistake_is_one_line_and_no_run_folder(synthetic_small, tmp_pat
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
 def test_a_gpu_accelerator_without_a_gpu_is_refused_before_the_run_folder(synthetic_small, tmp_path):
-    result = runner.invoke(app, ["train", "--data", str(synthetic_small), "--runs", str(tmp_path / "runs"),
+    result = runner.invoke(app, ["train", "--data", str(synthetic_small), "--out", str(tmp_path / "runs" / "run"),
                                  "train.accelerator=gpu"])
     assert_one_line_refusal(result, "train.accelerator=gpu", "no GPU")
     assert not (tmp_path / "runs").exists()
@@ -55,7 +55,7 @@ def test_a_gpu_accelerator_without_a_gpu_is_refused_before_the_run_folder(synthe
 
 def test_a_dataset_without_a_training_split_is_refused_before_the_run_folder(tmp_path):
     root = tiny_dataset_with_cells(tmp_path)  # a test split only
-    result = runner.invoke(app, ["train", "--data", str(root), "--runs", str(tmp_path / "runs")])
+    result = runner.invoke(app, ["train", "--data", str(root), "--out", str(tmp_path / "runs" / "run")])
     assert_one_line_refusal(result, "train split is empty")
     assert not (tmp_path / "runs").exists()
 
@@ -85,7 +85,7 @@ def test_a_hostile_or_foreign_checkpoint_is_refused_in_one_line(tmp_path, kind, 
             torch.save({"weights": torch.zeros(3)}, checkpoint)
     image = tmp_path / "a.png"
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(image)
-    args = [command, str(checkpoint), *([str(image)] if command == "predict" else []), "--out", str(tmp_path / "out")]
+    args = [command, "--model", str(checkpoint), *([str(image)] if command == "predict" else []), "--out", str(tmp_path / "out")]
     result = runner.invoke(app, args)
     assert_one_line_refusal(result, str(checkpoint), "not a safe equiseg checkpoint")
     assert "weights_only=False" not in result.output
@@ -98,7 +98,7 @@ def test_a_decompression_bomb_is_refused_naming_the_file(tmp_path, monkeypatch):
     bomb = tmp_path / "bomb.png"
     Image.fromarray(np.zeros((100, 100), np.uint8)).save(bomb)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 10,000 px is then over twice the limit
-    result = runner.invoke(app, ["predict", str(checkpoint), str(bomb), "--out", str(tmp_path / "out")])
+    result = runner.invoke(app, ["predict", "--model", str(checkpoint), str(bomb), "--out", str(tmp_path / "out")])
     assert_one_line_refusal(result, str(bomb), "decompression-bomb limit")
 
 
@@ -109,7 +109,7 @@ def test_a_duplicate_sample_id_is_refused_naming_the_file(tmp_path):
     first = text.index('"001"')
     end = text.index('"002"')  # the record of 001 again, as a second entry with the same id
     metadata.write_text(text[:end] + text[first:end] + text[end:])
-    result = runner.invoke(app, ["verify", str(root)])
+    result = runner.invoke(app, ["verify", "--data", str(root)])
     assert result.exit_code == 1 and str(metadata) in result.output and "appears twice" in result.output
 
 

@@ -83,9 +83,9 @@ def test_every_model_command_takes_the_device_options(command):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
 @pytest.mark.parametrize("command", [
-    ["predict", "RUN", __file__, "--out", "OUT"],
-    ["evaluate", "RUN", "--out", "OUT"],
-    ["challenge", "RUN", "OUT", "--cell-model", "RUN"],
+    ["predict", "--model", "RUN", __file__, "--out", "OUT"],
+    ["evaluate", "--model", "RUN", "--out", "OUT"],
+    ["challenge", "RUN", "--out", "OUT", "--model", "RUN"],
     ["study", "-c", "study-small", "--out", "OUT"],
     ["demo", "--out", "OUT"],
 ])

@@ -312,7 +312,7 @@ def test_context_model_on_a_slide_agrees_with_the_pair_chain_evaluate_uses(slide
 
 def test_cli_writes_a_slide_and_refuses_bad_input_in_one_line(slide_path, cell_run, tmp_path):
     out = tmp_path / "out"
-    args = ["slide", str(slide_path), "--cell-model", str(cell_run), "--out", str(out), "--tile", "128",
+    args = ["slide", str(slide_path), "--model", str(cell_run), "--out", str(out), "--tile", "128",
             "--overlap", "16", "--device", "cpu"]
     result = CliRunner().invoke(app, [*args, "--region", "768,0,512,512"])
     assert result.exit_code == 0, result.output
@@ -326,7 +326,7 @@ def test_cli_writes_a_slide_and_refuses_bad_input_in_one_line(slide_path, cell_r
                            (["--cell-mpp", "-1", "--out", str(tmp_path / "new")], "--cell-mpp must be positive")]:
         result = CliRunner().invoke(app, [*args, *extra])
         assert result.exit_code == 2 and result.output.count("\n") == 1 and message in result.output, result.output
-    result = CliRunner().invoke(app, ["slide", str(tmp_path / "none.svs"), "--cell-model", str(cell_run)])
+    result = CliRunner().invoke(app, ["slide", str(tmp_path / "none.svs"), "--model", str(cell_run)])
     assert result.exit_code == 2 and "no such file" in result.output
     assert not (tmp_path / "new").exists()
 
@@ -349,10 +349,10 @@ def test_a_run_records_its_datas_resolution(tmp_path):
 
 
 def test_synth_slide_cli_and_the_tissue_rule_against_the_true_section(tmp_path, cell_run):
-    from equiseg.data.synthetic_slide import SyntheticSlide
+    from equiseg.data.synthetic.slide import SyntheticSlide
 
     path = tmp_path / "synthetic.tif"
-    result = CliRunner().invoke(app, ["synth-slide", str(path), "--size", "2048", "--seed", "3"])
+    result = CliRunner().invoke(app, ["synth-slide", "--out", str(path), "--size", "2048", "--seed", "3"])
     assert result.exit_code == 0, result.output
     assert "wrote" in result.output and (tmp_path / "synthetic.cells.csv").is_file()
     truth_cells = np.loadtxt(tmp_path / "synthetic.cells.csv", delimiter=",", skiprows=1, ndmin=2)
@@ -365,20 +365,20 @@ def test_synth_slide_cli_and_the_tissue_rule_against_the_true_section(tmp_path, 
     found = mask.mask[:truth.shape[0], :truth.shape[1]]
     assert (found & truth).sum() / (found | truth).sum() > 0.75
     assert mask.at(truth_cells[:, 0], truth_cells[:, 1]).mean() > 0.95  # the true cells are on the mask
-    result = CliRunner().invoke(app, ["synth-slide", str(tmp_path / "bad.tif"), "--size", "1000"])
+    result = CliRunner().invoke(app, ["synth-slide", "--out", str(tmp_path / "bad.tif"), "--size", "1000"])
     assert result.exit_code == 2 and result.output.startswith("error: size must be a multiple of 16")
     assert not (tmp_path / "bad.tif").exists()
 
 
 def test_slides_spread_over_two_processes_give_the_same_files(tmp_path, cell_run):
     """Lightning's DDP (two CPU processes over gloo): each slide once, the same cells as one process."""
-    from equiseg.data.synthetic_slide import write_synthetic_slide
+    from equiseg.data.synthetic.slide import write_synthetic_slide
     from equiseg.slide import analyse_slides
 
     paths = [write_synthetic_slide(tmp_path / f"s{k}.tif", size=1024, seed=k).path for k in range(3)]
     analyse_slides(paths, SlideModel.load(cell_run), tmp_path / "one", tile=256, overlap=32)
-    command = [sys.executable, "-m", "equiseg.cli", "slide", *map(str, paths), "--cell-model", str(cell_run),
-               "--out", str(tmp_path / "two"), "--tile", "256", "--overlap", "32", "--device", "cpu", "--devices", "2"]
+    command = [sys.executable, "-m", "equiseg.cli", "slide", *map(str, paths), "--model", str(cell_run),
+               "--out", str(tmp_path / "two"), "--tile", "256", "--overlap", "32", "--device", "cpu", "--processes", "2"]
     result = subprocess.run(command, check=False, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     assert "wrote 3 slide(s)" in result.stdout and result.stdout.count("wrote 3 slide(s)") == 1  # rank 0 only

@@ -44,7 +44,7 @@ class Model:
         tissue_model: run folder or checkpoint of the tissue model, for a cell model with
             context; default ``$EQUISEG_TISSUE_MODEL``, then the cell model's
             ``data.tissue_model``.
-        runtime: device, tile batch and precision (:class:`equiseg.runtime.Runtime`); default
+        runtime: device, tile batch and precision (`equiseg.runtime.Runtime`); default
             this process's GPU when there is one, else the CPU, float32.
     """
 

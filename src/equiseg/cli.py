@@ -17,7 +17,9 @@ app = typer.Typer(
 )
 
 
-# one device rule for every command that runs a model (see equiseg.runtime)
+# One vocabulary in every command (docs/reference/cli.md): --model for the model a command runs,
+# --tissue-model beside it, --data for a dataset folder, --out for what it writes; positional
+# arguments only for what is processed. The device options below mean the same everywhere.
 DeviceOption = Annotated[str, typer.Option(
     "--device", help="Where models run: auto (this machine's GPU when PyTorch sees one, else the CPU), cpu, cuda or "
                      "cuda:N.")]
@@ -30,11 +32,56 @@ OptimizeOption = Annotated[bool, typer.Option(
 PrecisionOption = Annotated[str, typer.Option(
     "--precision", help="Inference precision: 32 (float32), bf16 or 16 (autocast). Equivariance certificates are "
                         "always measured in float32 with TF32 off.")]
-
-
+JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout (progress stays on "
+                                                         "stderr).")]
+ModelOption = Annotated[Path | None, typer.Option(
+    "--model", "-m", show_default=False,
+    help="The model to run: a run folder (its best checkpoint) or a .ckpt file.")]
 TissueModelOption = Annotated[Path | None, typer.Option(
+    "--tissue-model", show_default=False,
     help="For a cell model trained with tissue context: the tissue model (run folder or checkpoint) that gives it; "
          "default: the one its config names.")]
+DataOption = Annotated[Path | None, typer.Option("--data", show_default=False,
+                                                 help="A dataset folder in the OCELOT Zenodo layout.")]
+ProcessesOption = Annotated[int | None, typer.Option(
+    "--processes", min=1, show_default=False,
+    help="Processes to spread the work over with Lightning's DDP: one per GPU (cuda), or CPU processes.")]
+TileOption = Annotated[int, typer.Option(help="Tile side in px at the model's resolution; larger images go through "
+                                             "in overlapping tiles.")]
+OverlapOption = Annotated[int, typer.Option(help="Overlap of neighbouring tiles, px.")]
+# the spellings of equiseg 0.1, accepted until 0.3 with a one-line notice (hidden from --help)
+OldModelArgument = Annotated[Path | None, typer.Argument(hidden=True, show_default=False)]
+OldFolderArgument = Annotated[Path | None, typer.Argument(hidden=True, show_default=False)]
+OldCellModelOption = Annotated[Path | None, typer.Option("--cell-model", hidden=True)]
+OldDevicesOption = Annotated[int | None, typer.Option("--devices", hidden=True)]
+
+
+def _renamed(new: object, old: object, old_name: str, new_name: str) -> object:
+    """The value of an option given under its new name, or under its 0.1 name with a notice on stderr."""
+    if old is None:
+        return new
+    if new is not None:
+        raise _fail(f"{old_name} and {new_name} name the same thing: give {new_name} only")
+    typer.echo(f"note: {old_name} is now {new_name} (the old spelling is accepted until equiseg 0.3)", err=True)
+    return old
+
+
+def _required(value: object, name: str) -> object:
+    if value is None:
+        raise _fail(f"missing option {name}")
+    return value
+
+
+def _model(model: Path | None, old: Path | None, old_name: str = "a positional model") -> Path:
+    """``--model``, or the 0.1 spelling of the command (a positional RUN or ``--cell-model``) with a notice."""
+    return _required(_renamed(model, old, old_name, "--model"), "--model")  # type: ignore[return-value]
+
+
+def _emit(as_json: bool, result: dict) -> bool:
+    """Print ``result`` as JSON when asked; returns whether it did (then print nothing else)."""
+    if as_json:
+        typer.echo(json.dumps(result, indent=2, default=str))
+    return as_json
 
 
 def _runtime(device: str, batch: int, precision: str, optimize: bool = True):
@@ -66,7 +113,7 @@ def main(
 
 
 def run() -> None:
-    """The ``equiseg`` program: :data:`app`, with an unexpected exception turned into one line
+    """The ``equiseg`` program: `app`, with an unexpected exception turned into one line
     (exit 1) unless ``--debug`` asked for its traceback."""
     import sys
 
@@ -91,7 +138,7 @@ def models(
                      "it across).")] = 128,
     seed: Annotated[int, typer.Option(help="Seed for weights and the probe input.")] = 0,
     reference_width: Annotated[int, typer.Option(
-        min=1, help="Match each family's parameters to the plain U-Net of this width (64: the seed's).")] = 64,
+        min=1, help="Match each family's parameters to the plain U-Net of this width (64: the paper's).")] = 64,
     tissue: Annotated[Path | None, typer.Option(
         help="A real H&E image (e.g. ../shared/ocelot/gc_input/images/cell_patches/000.tif): also measure the 45° "
              "error on its smoothed centre.")] = None,
@@ -101,7 +148,7 @@ def models(
 ) -> None:
     """List the model families: parameters, multiply-adds, exact group, measured equivariance error.
 
-    Rows: the seed's pair (plain width 64, isotropic width 110), then each equivariant family
+    Rows: the pair of the paper (Liem, 2025; plain width 64, isotropic width 110), then each equivariant family
     at the width whose parameter count is closest to plain width --reference-width ("matched"). The error is max over the 8 elements g
     of D4 of max|f(T_g x) - T_g f(x)| / max|f(x)|, in eval mode with freshly initialised weights
     and a random input of probe-size px; float32 rounding leaves ~1e-6 where the model is exact.
@@ -127,12 +174,16 @@ def models(
                                tissue=image, reference_width=reference_width, pool=pool)
         except ValueError as error:
             raise _fail(str(error)) from None
-    if as_json:
-        typer.echo(json.dumps(rows, indent=2))
-        return
+    if not _emit(as_json, rows):
+        _print_models(rows, depth, size, pool, probe_size, reference_width, tissue=image is not None)
+
+
+def _print_models(rows: list[dict], depth: int, size: int, pool: str, probe_size: int, reference_width: int,
+                  tissue: bool) -> None:
+    """The table of `equiseg models` with the notes that explain its columns."""
     header = f"{'family':<10} {'width':>5}  {'sized as':<8} {'params':>11} {'GMACs':>8}  {'exact for':<9} " \
              f"{'err own G':>9} {'err D4':>8} {'err 45°':>8} {'err 22.5°':>9}" + \
-             (f" {'45° tissue':>10}" if image is not None else "")
+             (f" {'45° tissue':>10}" if tissue else "")
     typer.echo(f"U-Net families, depth {depth}, {pool} pooling; multiply-adds (GMACs) at {size}x{size} px")
     typer.echo(header)
     typer.echo("-" * len(header))
@@ -141,15 +192,16 @@ def models(
         typer.echo(f"{row['family']:<10} {row['width']:>5}  {row['sized_as']:<8} {row['parameters']:>11,} "
                    f"{row['macs'] / 1e9:>8.1f}  {row['exact_group'] or '-':<9} {own:>9} {row['error_d4']:>8.1e} "
                    f"{row['error_45']:>8.1e} {row['error_22.5']:>9.1e}"
-                   + (f" {row['error_45_tissue']:>10.1e}" if image is not None else ""))
-    typer.echo(f"matched: the width whose parameter count is closest to plain width {reference_width}.\n"
+                   + (f" {row['error_45_tissue']:>10.1e}" if tissue else ""))
+    typer.echo(f"paper: the widths of the paper (Liem, 2025); matched: the width whose parameter count is closest to "
+               f"plain width {reference_width}.\n"
                f"err: max over g of max|f(T_g x) - T_g f(x)| / max|f(x)|, eval mode, random {probe_size}x{probe_size} "
                "input; float32 rounding gives ~1e-6 where exact.\n"
                "err 45°: ||R_-45 f(R_45 x) - f(x)|| / ||f(x) - mean|| of the logits on the central disk (a quarter of "
                "the side across) of band-limited noise, quintic-spline rotations (err 22.5°: the same at 22.5°); the "
                "identity network (resampling alone) scores "
                f"{rows[0]['floor_45']:.1e} at 45° and {rows[0]['floor_22.5']:.1e} at 22.5°"
-               + (f" (on the tissue, smoothed by 1.5 px: {rows[0]['floor_45_tissue']:.1e})." if image is not None else "."))
+               + (f" (on the tissue, smoothed by 1.5 px: {rows[0]['floor_45_tissue']:.1e})." if tissue else "."))
 
 
 def _progress(description: str):
@@ -182,7 +234,9 @@ def _fail(message: str, code: int = 2) -> typer.Exit:
 
 @app.command()
 def synth(
-    out_dir: Annotated[Path, typer.Argument(help="Folder to create; must not exist or be empty.")],
+    out: Annotated[Path | None, typer.Option("--out", "-o", show_default=False,
+                                             help="Folder to create; must not exist or be empty.")] = None,
+    old_out: OldFolderArgument = None,
     train: Annotated[int, typer.Option(help="Training pairs.")] = 8,
     val: Annotated[int, typer.Option(help="Validation pairs.")] = 4,
     test: Annotated[int, typer.Option(help="Test pairs.")] = 4,
@@ -195,6 +249,7 @@ def synth(
     rotated: Annotated[bool, typer.Option(
         "--rotated", help="Make every pair a crop at a random angle: cells cut by the crop border at every "
                           "orientation, bare glass in the corners (the tissue patch turned alike).")] = False,
+    as_json: JsonOption = False,
 ) -> None:
     """Write a synthetic H&E-like dataset in the OCELOT 2023 Zenodo layout.
 
@@ -206,24 +261,27 @@ def synth(
     """
     from equiseg.data.synthetic import generate_dataset
 
+    out = _required(_renamed(out, old_out, "a positional output folder", "--out"), "--out")
     counts = {"train": train, "val": val, "test": test}
     if any(n < 0 for n in counts.values()):
         raise typer.BadParameter("sample counts must be >= 0")
     progress, update = _progress("rendering pairs")
     try:
         with progress:
-            generate_dataset(out_dir, counts, size=size, seed=seed, on_sample=update, crowding=crowding,
-                             rotated=rotated)
+            generate_dataset(out, counts, size=size, seed=seed, on_sample=update, crowding=crowding, rotated=rotated)
     except (ValueError, FileExistsError) as error:
         raise _fail(str(error)) from None
-    typer.echo(f"wrote {sum(counts.values())} pairs ({train} train, {val} val, {test} test) of {size}x{size} px "
-               f"to {out_dir}")
+    if not _emit(as_json, {"data": str(out), "pairs": counts, "size": size, "seed": seed, "crowding": crowding,
+                           "rotated": rotated}):
+        typer.echo(f"wrote {sum(counts.values())} pairs ({train} train, {val} val, {test} test) of {size}x{size} px "
+                   f"to {out}")
 
 
 @app.command()
 def verify(
-    data_dir: Annotated[Path, typer.Argument(help="A dataset folder in the OCELOT Zenodo layout.")],
-    as_json: Annotated[bool, typer.Option("--json", help="Print the problems as JSON.")] = False,
+    data: DataOption = None,
+    old_data: OldFolderArgument = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the problems and notes as JSON.")] = False,
 ) -> None:
     """Check a dataset and list every problem with the file (and line) that has it.
 
@@ -238,10 +296,11 @@ def verify(
     """
     from equiseg.data.verify import verify_dataset
 
+    data = _required(_renamed(data, old_data, "a positional dataset folder", "--data"), "--data")
     progress, update = _progress("checking pairs")
     notes: list = []
     with progress:
-        problems = verify_dataset(data_dir, on_sample=update, notes=notes)
+        problems = verify_dataset(data, on_sample=update, notes=notes)
     if as_json:
         typer.echo(json.dumps([{"path": str(p.path), "line": p.line, "message": p.message, "kind": kind}
                                for kind, found in (("problem", problems), ("note", notes)) for p in found],
@@ -252,68 +311,98 @@ def verify(
         for note in notes:
             typer.echo(f"note: {note}")
         noted = f" ({len(notes)} image(s) converted, see the notes)" if notes else ""
-        typer.echo(f"{data_dir}: {'clean' if not problems else f'{len(problems)} problem(s)'}{noted}", err=True)
+        typer.echo(f"{data}: {'clean' if not problems else f'{len(problems)} problem(s)'}{noted}", err=True)
     raise typer.Exit(1 if problems else 0)
+
+
+def _train_overrides(ctx: typer.Context, data: Path | None, processes: int | None, strategy: str | None,
+                     resume: bool, out: Path | None) -> tuple[list[str], Path | None]:
+    """The KEY=VALUE overrides of ``train``'s options, and the run folder of 0.1's ``--resume RUN``."""
+    overrides = list(ctx.args)
+    if resume and out is None and len(overrides) == 1 and "=" not in overrides[0]:
+        typer.echo("note: --resume RUN is now --resume --out RUN (the old spelling is accepted until equiseg 0.3)",
+                   err=True)
+        return [], Path(overrides[0])
+    loose = [word for word in overrides if "=" not in word]
+    if loose:
+        raise _fail(f"{loose[0]!r} is not an option nor a KEY=VALUE override")
+    overrides += [f"data.root={data}"] if data is not None else []
+    overrides += [f"train.devices={processes}"] if processes is not None else []
+    overrides += [f"train.strategy={strategy}"] if strategy is not None else []
+    return overrides, out
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def train(
     ctx: typer.Context,
-    config: Annotated[Path | None, typer.Option("--config", "-c", help="A run config: a preset name (see `equiseg presets`), e.g. isotropic-small, or a YAML file.")] = None,
-    data: Annotated[Path | None, typer.Option(help="Dataset folder (Zenodo layout); default: the config's, else built-in synthetic data.")] = None,
-    runs: Annotated[Path, typer.Option(help="Folder that receives the run folder.")] = Path("runs"),
-    resume: Annotated[Path | None, typer.Option(help="Continue an interrupted run from RUN_DIR/checkpoints/last.ckpt.")] = None,
-    devices: Annotated[int | None, typer.Option(help="Processes/GPUs (overrides train.devices).")] = None,
-    strategy: Annotated[str | None, typer.Option(help="Lightning strategy, e.g. ddp (overrides train.strategy).")] = None,
+    config: Annotated[str | None, typer.Option(
+        "--config", "-c", show_default=False,
+        help="A run config: a preset name (see `equiseg presets`), e.g. isotropic-small, or a YAML file.")] = None,
+    data: Annotated[Path | None, typer.Option(
+        "--data", show_default=False,
+        help="Dataset folder (Zenodo layout); default: the config's, else the built-in synthetic data.")] = None,
+    out: Annotated[Path | None, typer.Option(
+        "--out", "-o", show_default=False,
+        help="The run folder to create (default: runs/NAME-DATE); with --resume, the run to continue.")] = None,
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="Continue the interrupted run in --out from its last checkpoint, with its stored "
+                         "config.")] = False,
+    processes: ProcessesOption = None,
+    strategy: Annotated[str | None, typer.Option(help="Lightning strategy, e.g. ddp (overrides train.strategy).")
+                        ] = None,
+    as_json: JsonOption = False,
+    old_runs: Annotated[Path | None, typer.Option("--runs", hidden=True)] = None,
+    old_devices: OldDevicesOption = None,
 ) -> None:
     """Train a U-Net. Extra arguments KEY=VALUE override the config, e.g. train.epochs=5 model.family=p4m.
 
-    The run folder (runs/NAME-DATE) gets config.yaml, checkpoints/best.ckpt (lowest val/loss)
-    and last.ckpt, metrics.csv and TensorBoard events (tensorboard --logdir runs).
-    A tissue model: task=tissue (e.g. -c tissue-small). A cell model with tissue
-    context: data.context=model data.tissue_model=TISSUE_RUN (or data.context=truth).
+    The run folder gets config.yaml, checkpoints/best.ckpt (lowest val/loss) and last.ckpt, metrics.csv
+    and TensorBoard events (tensorboard --logdir runs). A tissue model: task=tissue (e.g. -c tissue-small).
+    A cell model with tissue context: data.context=model data.tissue_model=TISSUE_RUN (or data.context=truth).
     Without a dataset (--data or data.root) it trains on the built-in synthetic data and says
     so; the *-paper presets refuse that unless data.require_real=false.
     On a GPU: train.precision=bf16-mixed for mixed precision, train.compile=reduce-overhead to
     run the U-Net through torch.compile with CUDA graphs (modes: none, default, reduce-overhead,
     max-autotune; the first steps compile).
     """
-    from equiseg.config import Config, ConfigError, apply_overrides
+    from equiseg.config import ConfigError
     from equiseg.data.ocelot import DatasetError
-    from equiseg.presets import preset_path
+    from equiseg.presets import load_config
     from equiseg.runs import Run
     from equiseg.training.fit import fit
 
-    overrides = list(ctx.args)
-    if data is not None:
-        overrides.append(f"data.root={data}")
-    if devices is not None:
-        overrides.append(f"train.devices={devices}")
-    if strategy is not None:
-        overrides.append(f"train.strategy={strategy}")
+    processes = _renamed(processes, old_devices, "--devices", "--processes")
+    if old_runs is not None:
+        typer.echo("note: --runs DIR is now --out RUN_DIR, the run folder itself (the old spelling is accepted "
+                   "until equiseg 0.3)", err=True)
+    overrides, out = _train_overrides(ctx, data, processes, strategy, resume, out)
     try:
-        if resume is not None:
+        if resume:
+            if out is None:
+                raise _fail("--resume continues the run in --out: give --out RUN_DIR")
             if overrides or config is not None:
                 raise _fail("--resume continues a run with its stored config: give no --config or overrides")
-            cfg = None
+            run_dir = fit(None, resume=out)
         else:
-            cfg = (Config.from_yaml(preset_path(config), overrides) if config
-                   else Config.from_dict(apply_overrides({}, overrides)))
-        run_dir = fit(cfg, runs=runs, resume=resume)
-    except (ConfigError, DatasetError, FileNotFoundError, ValueError) as error:
+            run_dir = fit(load_config(config, overrides), runs=old_runs or "runs", run_dir=out)
+    except (ConfigError, DatasetError, FileNotFoundError, FileExistsError, ValueError) as error:
         raise _fail(str(error)) from None
-    typer.echo(f"run folder: {run_dir}")
     synthetic = Run(run_dir).synthetic()
+    if _emit(as_json, {"run": str(run_dir), "synthetic": synthetic}):
+        return
+    typer.echo(f"run folder: {run_dir}")
     if synthetic is not None:
         typer.echo(f"trained on synthetic data ({synthetic}), not OCELOT: pass --data DIR to train on real data")
 
 
 @app.command()
-def presets() -> None:
-    """List the packaged presets (for -c of train and study) with their one-line descriptions."""
+def presets(as_json: JsonOption = False) -> None:
+    """List the packaged presets (for -c of train, study and tune) with their one-line descriptions."""
     from equiseg.presets import list_presets
 
     found = list_presets()
+    if _emit(as_json, [{"name": p.name, "description": p.description, "path": str(p.path)} for p in found]):
+        return
     width = max(len(p.name) for p in found)
     for preset in found:
         typer.echo(f"{preset.name:<{width}}  {preset.description}")
@@ -321,10 +410,13 @@ def presets() -> None:
 
 @app.command()
 def evaluate(
-    run: Annotated[Path, typer.Argument(help="A run folder (uses its best checkpoint) or a .ckpt file.")],
-    data: Annotated[Path | None, typer.Option(help="Dataset folder; default: the one the run trained on.")] = None,
+    model: ModelOption = None,
+    old_model: OldModelArgument = None,
+    data: Annotated[Path | None, typer.Option(
+        "--data", show_default=False, help="Dataset folder; default: the one the run trained on.")] = None,
     split: Annotated[str, typer.Option(help="train, val or test.")] = "test",
-    out: Annotated[Path | None, typer.Option(help="Output folder; default: RUN/eval-SPLIT.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", show_default=False,
+                                             help="Output folder; default: RUN/eval-SPLIT.")] = None,
     tissue_model: TissueModelOption = None,
     oracle_context: Annotated[bool, typer.Option(
         help="For a cell model with tissue context: feed it the ground-truth tissue mask instead (an upper bound; "
@@ -333,6 +425,7 @@ def evaluate(
     batch: BatchOption = 1,
     precision: PrecisionOption = "32",
     optimize: OptimizeOption = True,
+    as_json: JsonOption = False,
 ) -> None:
     """Score a trained model on a split: loss, Dice, IoU, mIoU and the OCELOT detection score (mF1).
 
@@ -343,33 +436,25 @@ def evaluate(
     cell_classification.json (the official prediction format, image_i = i-th sample id of the
     split in sorted order) and prints a table.
     """
-    from equiseg.data.context import ContextKind
     from equiseg.data.ocelot import DatasetError
-    from equiseg.evaluation.evaluate import evaluate_model, evaluation_context, write_evaluation
-    from equiseg.evaluation.tissue_context import run_context
-    from equiseg.runs import Run, load_model
-    from equiseg.training.fit import data_root
+    from equiseg.evaluation.evaluate import evaluate_run, write_evaluation
+    from equiseg.runs import Run
 
+    model = _model(model, old_model)
     runtime = _runtime(device, batch, precision, optimize)
     try:
-        model, cfg = load_model(run, runtime.device)
-        if (tissue_model or oracle_context) and cfg.data.context is ContextKind.NONE:
-            raise ValueError(f"{run} was trained without tissue context: --tissue-model and --oracle-context "
-                             "do not apply")
-        if tissue_model and oracle_context:
-            raise ValueError("--tissue-model and --oracle-context exclude each other")
-        context = None
-        if tissue_model is not None:
-            context = run_context(cfg.data, evaluation=True, tissue_model=tissue_model, device=runtime.device)
-        context, _ = evaluation_context(cfg, context, oracle_context, runtime.device)
-        root = data if data is not None else Run.of(run).data_root() or data_root(cfg)
         progress, update = _progress(f"evaluating on {split} ({runtime})")
         with progress:
-            result = evaluate_model(model, cfg, root, split, on_image=update, context=context, oracle=oracle_context,
-                                    runtime=runtime)
+            result, cfg = evaluate_run(model, split, data=data, tissue_model=tissue_model,
+                                       oracle_context=oracle_context, runtime=runtime, on_image=update)
     except (DatasetError, FileNotFoundError, ValueError) as error:
         raise _fail(str(error)) from None
-    paths = write_evaluation(result, out or Run.of(run).eval_dir(split), split)
+    paths = write_evaluation(result, out or Run.of(model).eval_dir(split), split)
+    if _emit(as_json, {"model": str(model), "name": cfg.name, "family": cfg.model.family.value,
+                       "width": cfg.model.width, "split": split, "images": len(result.ids),
+                       "context": result.context.value, "scores": result.scores,
+                       "files": {key: str(path) for key, path in paths.items()}}):
+        return
     typer.echo(f"{cfg.name} ({cfg.model.family.value}, width {cfg.model.width}) on {split}: {len(result.ids)} images")
     _echo_scores(result, split)
     typer.echo("wrote " + ", ".join(str(p) for p in paths.values()))
@@ -377,33 +462,41 @@ def evaluate(
 
 @app.command("tune-detect")
 def tune_detect(
-    run: Annotated[Path, typer.Argument(help="A cell model's run folder.")],
+    model: ModelOption = None,
+    old_model: OldModelArgument = None,
     split: Annotated[str, typer.Option(help="The split to tune on (never the test split you report).")] = "val",
     device: DeviceOption = "auto",
     batch: BatchOption = 1,
     precision: PrecisionOption = "32",
     optimize: OptimizeOption = True,
+    as_json: JsonOption = False,
 ) -> None:
-    """Choose the run's detection settings (detect.peaks, sigma, min_distance, threshold) on the validation split.
+    """Choose a cell model's detection settings (detect.peaks, sigma, min_distance, threshold) on the validation split.
 
     Runs the model once over the split, keeps its probability maps and scores a grid of 210
     settings on them by the OCELOT rules (no retraining). The best by mF1 goes into
     RUN/detect.yaml, which every later evaluate, predict, challenge and study of the run uses;
-    RUN/detect-tuning.csv lists all settings with their scores.
+    RUN/detect-tuning.csv lists all settings with their scores. --model must be a run folder.
     """
+    from dataclasses import asdict
+
     from equiseg.data.ocelot import DatasetError
     from equiseg.evaluation.tune_detect import tune_detection
     from equiseg.runs import Run
 
-    if split == "test":
-        raise _fail("tune-detect on the test split would report tuned-on-test scores; tune on val (or train)")
+    model = _model(model, old_model)
     runtime = _runtime(device, batch, precision, optimize)
     try:
         progress, update = _progress(f"probability maps of {split} ({runtime})")
         with progress:
-            chosen, rows = tune_detection(run, split, runtime, on_image=update)
+            chosen, rows = tune_detection(model, split, runtime, on_image=update)
     except (DatasetError, FileNotFoundError, ValueError) as error:
         raise _fail(str(error)) from None
+    folder = Run.of(model)
+    if _emit(as_json, {"model": str(model), "split": split, "chosen": asdict(chosen),
+                       "best_mf1": max(row["mf1"] for row in rows), "settings_tried": len(rows),
+                       "files": {"detect": str(folder.detect_file), "tuning": str(folder.tuning_file)}}):
+        return
     ranked = sorted(rows, key=lambda row: -row["mf1"])[:5]
     typer.echo(f"{'peaks':<10} {'sigma':>5} {'min_dist':>8} {'thresh':>6} {'mF1':>7} {'prec':>6} {'recall':>6}")
     for row in ranked:
@@ -411,14 +504,16 @@ def tune_detect(
                    f"{row['mf1']:>7.4f} {row['precision']:>6.3f} {row['recall']:>6.3f}")
     typer.echo(f"chosen: detect.peaks={chosen.peaks} detect.sigma={chosen.sigma:g} "
                f"detect.min_distance={chosen.min_distance} detect.threshold={chosen.threshold:g}")
-    typer.echo(f"wrote {Run.of(run).detect_file} and {Run.of(run).tuning_file}")
+    typer.echo(f"wrote {folder.detect_file} and {folder.tuning_file}")
 
 
 @app.command("export")
 def export_(
-    run: Annotated[Path, typer.Argument(help="A run folder (its best checkpoint) or a .ckpt file.")],
+    model: ModelOption = None,
+    old_model: OldModelArgument = None,
     format: Annotated[str, typer.Option("--format", help="onnx, torchscript or pt2.")] = "onnx",
-    out: Annotated[Path, typer.Option(help="The file to write.")] = Path("model.onnx"),
+    out: Annotated[Path, typer.Option("--out", "-o", help="The file to write.")] = Path("model.onnx"),
+    as_json: JsonOption = False,
 ) -> None:
     """Write a trained model as one standard file that runs without equiseg.
 
@@ -430,14 +525,17 @@ def export_(
     """
     from equiseg.export import ExportFormat, export_model
 
+    model = _model(model, old_model)
     try:
         fmt = ExportFormat(format)
     except ValueError:
         raise _fail(f"--format {format!r}: use onnx, torchscript or pt2") from None
     try:
-        path = export_model(run, fmt, out)
+        path = export_model(model, fmt, out)
     except (FileNotFoundError, ValueError) as error:
         raise _fail(str(error)) from None
+    if _emit(as_json, {"model": str(model), "format": fmt.value, "file": str(path)}):
+        return
     typer.echo(f"wrote {path}")
     if fmt is ExportFormat.ONNX:
         typer.echo("run it without equiseg:\n"
@@ -447,8 +545,8 @@ def export_(
 
 
 def _echo_scores(result, split: str) -> None:
-    """The table of an :class:`~equiseg.evaluation.evaluate.Evaluation`, with where its context came
-    from and why the official points file was skipped, if it was."""
+    """The table of an `Evaluation`, with where its context came from and why the official points
+    file was skipped, if it was."""
     from equiseg.evaluation.evaluate import SCORE_ROWS
 
     if result.context_line:
@@ -490,8 +588,7 @@ def score(
         scores = detection_scores(read_points_json(pred, n), read_points_json(gt, n), order=match_order)
     except (PointsFormatError, OSError, ValueError) as error:
         raise _fail(str(error)) from None
-    if as_json:
-        typer.echo(json.dumps({"order": match_order.value, **scores}, indent=1))
+    if _emit(as_json, {"order": match_order.value, **scores}):
         return
     for name in ("BC", "TC"):
         typer.echo(f"{name}: precision {scores[f'precision/{name}']:.4f}  recall {scores[f'recall/{name}']:.4f}  "
@@ -503,35 +600,42 @@ def score(
 
 @app.command("export-gt")
 def export_gt(
-    data_dir: Annotated[Path, typer.Argument(help="Dataset folder (Zenodo layout).")],
+    data: DataOption = None,
+    old_data: OldFolderArgument = None,
     split: Annotated[str, typer.Option(help="train, val or test.")] = "test",
-    out: Annotated[Path | None, typer.Option(help="Output file; default: cell_gt_SPLIT.json.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", show_default=False,
+                                             help="Output file; default: cell_gt_SPLIT.json.")] = None,
+    as_json: JsonOption = False,
 ) -> None:
     """Write a split's cell annotations as an official ground-truth file (with num_images)."""
     from equiseg.data.ocelot import DatasetError, OcelotFolder, read_cells
     from equiseg.evaluation.detection import write_points_json
 
+    data = _required(_renamed(data, old_data, "a positional dataset folder", "--data"), "--data")
     try:
-        folder = OcelotFolder(data_dir, split)
+        folder = OcelotFolder(data, split)
         cells = [read_cells(folder.paths(sid)["cells"]) for sid in folder.ids]
     except (DatasetError, ValueError) as error:
         raise _fail(str(error)) from None
     path = write_points_json(out or Path(f"cell_gt_{split}.json"), cells, ground_truth=True)
-    typer.echo(f"wrote {path}: {sum(len(c) for c in cells)} cells in {len(cells)} images")
+    if not _emit(as_json, {"file": str(path), "split": split, "images": len(cells),
+                           "cells": sum(len(c) for c in cells)}):
+        typer.echo(f"wrote {path}: {sum(len(c) for c in cells)} cells in {len(cells)} images")
 
 
 @app.command()
 def predict(
-    checkpoint: Annotated[Path, typer.Argument(help="A run folder (its best checkpoint) or a .ckpt file.")],
-    images: Annotated[list[Path], typer.Argument(help="JPEG, PNG or TIFF images of any size.")],
-    out: Annotated[Path, typer.Option(help="Output folder.")] = Path("predictions"),
-    tile: Annotated[int, typer.Option(help="Tile side in px; larger images go through in overlapping tiles.")] = 1024,
-    overlap: Annotated[int, typer.Option(help="Overlap of neighbouring tiles, px.")] = 128,
+    images: Annotated[list[Path], typer.Argument(help="JPEG, PNG or TIFF images of any size.", show_default=False)],
+    model: ModelOption = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("predictions"),
+    tile: TileOption = 1024,
+    overlap: OverlapOption = 128,
     no_probs: Annotated[bool, typer.Option("--no-probs", help="Write no probability maps (.npy, .png).")] = False,
     device: DeviceOption = "auto",
     batch: BatchOption = 1,
     precision: PrecisionOption = "32",
     optimize: OptimizeOption = True,
+    as_json: JsonOption = False,
 ) -> None:
     """Predict images: probability maps (.npy and .png), an overlay, and the cells (CSV and official JSON).
 
@@ -542,25 +646,25 @@ def predict(
     it (no side over 1024 px: its coordinates are 0..1023), else one line says why; the cells of
     any image are in its _cells.csv, never moved.
     """
-    from equiseg.data.context import ContextKind
-    from equiseg.evaluation.predict import predict_files
-    from equiseg.runs import load_model
+    from equiseg.evaluation.predict import predict_run
 
-    missing = [str(p) for p in images if not p.is_file()]
-    if missing:
-        raise _fail(f"no such file(s): {', '.join(missing)}")
+    if model is None and len(images) > 1:  # 0.1's `predict CHECKPOINT IMAGE...`
+        model = _model(None, images[0])
+        images = images[1:]
+    model = _model(model, None)
     runtime = _runtime(device, batch, precision, optimize)
     try:
-        model, cfg = load_model(checkpoint, runtime.device)
-        if cfg.data.context is not ContextKind.NONE:
-            raise ValueError(f"{checkpoint} takes tissue context (data.context={cfg.data.context.value}), which a lone "
-                             "image lacks: use `equiseg challenge` (cell and tissue patches) or `equiseg evaluate`")
         progress, update = _progress("predicting")
         with progress:
-            result = predict_files(model, cfg, images, out, tile=tile, overlap=overlap, on_image=update,
-                                   probs=not no_probs, runtime=runtime)
+            result = predict_run(model, images, out, tile=tile, overlap=overlap, on_image=update,
+                                 probs=not no_probs, runtime=runtime)
     except (FileNotFoundError, ValueError, OSError) as error:
         raise _fail(str(error)) from None
+    if _emit(as_json, {"model": str(model), "out": str(out),
+                       "images": [{"image": str(image.path), "cells": len(image.points)} for image in result.images],
+                       "official_json": str(result.json_path) if result.json_path else None,
+                       "notes": result.notes()}):
+        return
     written = f" ({result.json_path.name})" if result.json_path is not None else ""
     typer.echo(f"wrote predictions for {len(images)} image(s) to {out}{written}: "
                f"{sum(result.cell_counts)} cell(s)")
@@ -570,8 +674,10 @@ def predict(
 
 @app.command("synth-slide")
 def synth_slide(
-    out: Annotated[Path, typer.Argument(help="The slide file to write (.tif); its true cells go beside it "
-                                             "(NAME.cells.csv).")],
+    out: Annotated[Path | None, typer.Option(
+        "--out", "-o", show_default=False,
+        help="The slide file to write (.tif); its true cells go beside it (NAME.cells.csv).")] = None,
+    old_out: OldFolderArgument = None,
     size: Annotated[int, typer.Option(help="Side of the square slide in level-0 px (a multiple of 16, 1024 to "
                                            "131072).")] = 12000,
     seed: Annotated[int, typer.Option(help="Seed; the same seed gives the same bytes.")] = 0,
@@ -580,6 +686,7 @@ def synth_slide(
     mpp: Annotated[float, typer.Option(help="Microns per level-0 pixel (default: the synthetic patches' cell "
                                             "resolution, so a model trained on `equiseg synth` data runs unresampled).")]
     = 0.2,
+    as_json: JsonOption = False,
 ) -> None:
     """Write a synthetic whole slide: a pyramidal tiled TIFF that OpenSlide opens, with its true cells.
 
@@ -589,8 +696,9 @@ def synth_slide(
     `equiseg slide` and for tests; NAME.cells.csv holds every nucleus centre (x, y in level-0
     px, class 1 BC / 2 TC).
     """
-    from equiseg.data.synthetic_slide import check_arguments, write_synthetic_slide
+    from equiseg.data.synthetic.slide import check_arguments, write_synthetic_slide
 
+    out = _required(_renamed(out, old_out, "a positional slide file", "--out"), "--out")
     try:
         check_arguments(size, seed, crowding, mpp)
         if out.is_dir():
@@ -600,42 +708,67 @@ def synth_slide(
             slide = write_synthetic_slide(out, size=size, seed=seed, crowding=crowding, mpp=mpp, on_progress=update)
     except (ValueError, OSError) as error:
         raise _fail(str(error)) from None
+    if _emit(as_json, {"slide": str(slide.path), "levels": [list(level) for level in slide.levels], "mpp": slide.mpp,
+                       "cells_file": str(slide.cells_path), "cells": len(slide.cells)}):
+        return
     levels = ", ".join(f"{w}x{h}" for w, h in slide.levels)
     typer.echo(f"wrote {slide.path} (levels {levels}; {slide.mpp:g} µm/px) and {slide.cells_path.name}: "
                f"{len(slide.cells)} cells")
 
 
+SlideTissueOption = Annotated[Path | None, typer.Option(
+    "--tissue-model", show_default=False,
+    help="A tissue model: its cancer areas go into STEM.tissue.geojson, and a cell model trained with tissue context "
+         "takes its context from it (default: the one the cell model's config names).")]
+CellMppOption = Annotated[float | None, typer.Option(
+    help="Run the cell model at this resolution (µm/px) instead of its training data's (recorded in its run folder).")]
+
+
+def _slide_progress():
+    """The progress bar of ``slide``, the callback that names its stages, and one that prints each
+    finished slide."""
+    progress, _ = _progress("slides")
+
+    def step(stage: str, done: int, total: int) -> None:
+        progress.update(progress.task_ids[0], description=f"{stage}", completed=done, total=total)
+
+    def finished(done: int, total: int, result) -> None:
+        counts = result.summary["cells"]
+        progress.console.print(f"{result.slide.name}: {sum(counts.values())} cells "
+                               f"({', '.join(f'{k} {v}' for k, v in counts.items())}), "
+                               f"{result.summary['tissue_mm2']:.2f} mm² of tissue")
+
+    return progress, step, finished
+
+
 @app.command()
 def slide(
     slides: Annotated[list[Path], typer.Argument(help="Whole-slide images (SVS, NDPI, MRXS, SCN, tiled TIFF, ... "
-                                                      "anything OpenSlide opens).")],
-    cell_model: Annotated[Path, typer.Option(help="The cell model: a run folder (its best checkpoint) or a .ckpt.")],
-    out: Annotated[Path, typer.Option(help="Output folder: STEM.cells.geojson, .cells.csv, .thumbnail.png, "
-                                           ".summary.json (and .tissue.geojson) per slide.")] = Path("slides"),
-    tissue_model: Annotated[Path | None, typer.Option(
-        help="A tissue model: its cancer areas go into STEM.tissue.geojson, and a cell model trained with tissue "
-             "context takes its context from it (default: the one the cell model's config names).")] = None,
+                                                      "anything OpenSlide opens).", show_default=False)],
+    model: ModelOption = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder: STEM.cells.geojson, .cells.csv, "
+                                      ".thumbnail.png, .summary.json (and .tissue.geojson) per slide.")] = Path("slides"),
+    tissue_model: SlideTissueOption = None,
     region: Annotated[str | None, typer.Option(help="Only this box, x,y,w,h in level-0 pixels.")] = None,
-    mpp: Annotated[float | None, typer.Option(
-        help="Microns per level-0 pixel, for a slide whose file does not say (or says wrong).")] = None,
-    cell_mpp: Annotated[float | None, typer.Option(
-        help="Run the cell model at this resolution (µm/px) instead of its training data's "
-                                   "(recorded in its run folder).")] = None,
+    mpp: Annotated[float | None, typer.Option(help="Microns per level-0 pixel, for a slide whose file does not say "
+                                                   "(or says wrong).")] = None,
+    cell_mpp: CellMppOption = None,
     resume: Annotated[bool, typer.Option(
-        "--resume", help="Skip slides whose outputs are complete and continue an interrupted one from its last "
-                         "saved block row.")] = False,
-    tile: Annotated[int, typer.Option(help="Tile side in px at the model's resolution.")] = 1024,
-    overlap: Annotated[int, typer.Option(help="Overlap of neighbouring tiles, px.")] = 128,
-    devices: Annotated[int, typer.Option(
-        min=1, help="Spread the slides over this many processes with Lightning's DDP: one per GPU (--device cuda), "
-                    "or CPU processes (--device cpu). Each slide goes to one process.")] = 1,
+        "--resume", help="Continue the interrupted work in --out: skip slides whose outputs are complete and "
+                         "continue an interrupted one from its last saved block row.")] = False,
+    tile: TileOption = 1024,
+    overlap: OverlapOption = 128,
+    processes: ProcessesOption = None,
     nodes: Annotated[int, typer.Option(
-        min=1, help="Machines for --devices (run the same command on each, with MASTER_ADDR, MASTER_PORT and "
+        min=1, help="Machines for --processes (run the same command on each, with MASTER_ADDR, MASTER_PORT and "
                     "NODE_RANK set; the output folder shared).")] = 1,
     device: DeviceOption = "auto",
     batch: BatchOption = 1,
     precision: PrecisionOption = "32",
     optimize: OptimizeOption = True,
+    as_json: JsonOption = False,
+    old_cell_model: OldCellModelOption = None,
+    old_devices: OldDevicesOption = None,
 ) -> None:
     """Find and classify the cells on whole slides, as files to open in QuPath.
 
@@ -646,10 +779,10 @@ def slide(
     tiles, not by the slide. Coordinates are level-0 pixels. To review: open the slide in
     QuPath and drag STEM.cells.geojson (and STEM.tissue.geojson) onto it.
     """
-    from equiseg.data.ocelot import Resolution
-    from equiseg.runs import Run
-    from equiseg.slide import SlideModel, analyse_slides, analyse_slides_distributed, check_slides, parse_region
+    from equiseg.slide import check_slides, load_slide_models, parse_region
 
+    model = _model(model, old_cell_model, "--cell-model")
+    processes = _renamed(processes, old_devices, "--devices", "--processes") or 1
     missing = [str(p) for p in slides if not p.is_file()]
     if missing:
         raise _fail(f"no such file(s): {', '.join(missing)}")
@@ -657,55 +790,51 @@ def slide(
     try:
         box = parse_region(region) if region is not None else None
         check_slides(slides, out, resume, box, mpp)
-        resolution = None
-        if cell_mpp is not None and not cell_mpp > 0:
-            raise ValueError(f"--cell-mpp must be positive, got {cell_mpp}")
-        if cell_mpp is not None:
-            recorded = Run.of(cell_model).resolution()
-            resolution = Resolution(cell_mpp, recorded.tissue_mpp if recorded else 4 * cell_mpp)
-        cells = SlideModel.load(cell_model, runtime.device, resolution)
-        tissue_source = tissue_model or cells.config.data.tissue_model
-        tissue = SlideModel.load(tissue_source, runtime.device) if tissue_source else None
-        progress, _ = _progress("slides")
-
-        def step(stage: str, done: int, total: int) -> None:
-            progress.update(progress.task_ids[0], description=f"{stage}", completed=done, total=total)
-
-        def finished(done: int, total: int, result) -> None:
-            counts = result.summary["cells"]
-            progress.console.print(f"{result.slide.name}: {sum(counts.values())} cells "
-                                   f"({', '.join(f'{k} {v}' for k, v in counts.items())}), "
-                                   f"{result.summary['tissue_mm2']:.2f} mm² of tissue")
-
+        cells, tissue = load_slide_models(model, tissue_model, runtime.device, cell_mpp)
         options = {"region": box, "mpp": mpp, "tile": tile, "overlap": overlap, "resume": resume}
-        if devices > 1 or nodes > 1:
-            rank, _ = analyse_slides_distributed(slides, cells, out, tissue, devices, nodes, runtime, **options)
-            if rank != 0:
-                return
-            summaries = [json.loads((out / f"{p.stem}.summary.json").read_text()) for p in slides]
-            for path, summary in zip(slides, summaries):
-                typer.echo(f"{path.name}: {sum(summary['cells'].values())} cells")
-            typer.echo(f"wrote {len(slides)} slide(s) to {out} with {devices * nodes} processes: "
-                       f"{sum(sum(s['cells'].values()) for s in summaries)} cell(s)")
-            return
-        with progress:
-            results = analyse_slides(slides, cells, out, tissue, on_slide=finished, runtime=runtime, progress=step,
-                                     **options)
+        summaries = _analyse_slides(slides, cells, tissue, out, processes * nodes, (processes, nodes), runtime, options)
     except (FileNotFoundError, ModuleNotFoundError, ValueError, OSError) as error:
         raise _fail(str(error)) from None
-    typer.echo(f"wrote {len(results)} slide(s) to {out}: {sum(len(r.points) for r in results)} cell(s)")
+    if summaries is None or _emit(as_json, {"model": str(model), "out": str(out), "slides": [
+            {"slide": str(path), **summary} for path, summary in zip(slides, summaries)]}):
+        return
+    workers = f" with {processes * nodes} processes" if processes * nodes > 1 else ""
+    typer.echo(f"wrote {len(slides)} slide(s) to {out}{workers}: {sum(sum(s['cells'].values()) for s in summaries)} "
+               "cell(s)")
+
+
+def _analyse_slides(slides: list[Path], cells, tissue, out: Path, workers: int, layout: tuple[int, int], runtime,
+                    options: dict) -> list[dict] | None:
+    """Each slide's summary, analysed here with a progress bar or by DDP processes (``layout``:
+    processes, nodes); None in a DDP process other than the first, which prints nothing."""
+    from equiseg.slide import analyse_slides, analyse_slides_distributed
+
+    if workers > 1:
+        rank, _ = analyse_slides_distributed(slides, cells, out, tissue, *layout, runtime, **options)
+        if rank != 0:
+            return None
+        summaries = [json.loads((out / f"{p.stem}.summary.json").read_text()) for p in slides]
+        for path, summary in zip(slides, summaries):
+            typer.echo(f"{path.name}: {sum(summary['cells'].values())} cells", err=True)
+        return summaries
+    progress, step, finished = _slide_progress()
+    with progress:
+        results = analyse_slides(slides, cells, out, tissue, on_slide=finished, runtime=runtime, progress=step,
+                                 **options)
+    return [result.summary for result in results]
 
 
 @app.command()
 def demo(
-    out: Annotated[Path, typer.Option(help="Folder for the data, runs and report.")] = Path("demo"),
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the data, runs and report.")] = Path("demo"),
     epochs: Annotated[int | None, typer.Option(help="Override the presets' epochs (for a quicker look).")] = None,
     device: DeviceOption = "auto",
     batch: BatchOption = 1,
     precision: PrecisionOption = "32",
     optimize: OptimizeOption = True,
+    as_json: JsonOption = False,
 ) -> None:
-    """The seed's experiment, small: synthetic data, isotropic vs plain U-Net at matched parameters, a report.
+    """The paper's comparison (Liem, 2025), small: synthetic data, isotropic vs plain U-Net at matched parameters.
 
     Trains the presets isotropic-small and plain-small (see `equiseg presets`), evaluates
     both on the test split and writes OUT/report: a results table (loss, Dice, mIoU, mF1),
@@ -714,7 +843,9 @@ def demo(
     """
     from equiseg.demo import run_demo
 
-    run_demo(out, epochs=epochs, say=typer.echo, runtime=_runtime(device, batch, precision, optimize))
+    report = run_demo(out, epochs=epochs, say=(lambda line: typer.echo(line, err=True)) if as_json else typer.echo,
+                      runtime=_runtime(device, batch, precision, optimize))
+    _emit(as_json, {"out": str(out), "report": str(report)})
 
 
 ExecutorOption = Annotated[str, typer.Option(
@@ -738,8 +869,10 @@ def _executor(kind: str, address: str | None, cpus: float, gpus: float):
 
 @app.command()
 def study(
-    config: Annotated[Path, typer.Option("--config", "-c", help="A study preset (e.g. study-small; see `equiseg presets`) or a study config file (YAML).")],
-    out: Annotated[Path | None, typer.Option(help="Study folder; default: studies/NAME.")] = None,
+    config: Annotated[str, typer.Option("--config", "-c", help="A study preset (e.g. study-small; see `equiseg "
+                                                               "presets`) or a study config file (YAML).")],
+    out: Annotated[Path | None, typer.Option("--out", "-o", show_default=False,
+                                             help="Study folder; default: studies/NAME.")] = None,
     executor: ExecutorOption = "local",
     address: AddressOption = None,
     cpus_per_run: CpusOption = 1.0,
@@ -748,14 +881,15 @@ def study(
     batch: BatchOption = 1,
     precision: PrecisionOption = "32",
     optimize: OptimizeOption = True,
+    as_json: JsonOption = False,
 ) -> None:
     """Run a study: variants x training sets x seeds, then one report (HTML and Markdown).
 
     Every trained model is scored on the test split (loss, Dice, mIoU, mF1), against the
     study's baseline with paired bootstrap intervals, on the test images turned by every
     element of D4 and by 15, 30 and 45 degrees, for its measured equivariance error, and
-    (plain variants) with D4 test-time augmentation. Finished runs and evaluations are reused,
-    so an interrupted study resumes where it stopped, under either executor.
+    (plain variants) with D4 test-time augmentation. Finished runs and evaluations in --out
+    are reused, so an interrupted study resumes where it stopped, under either executor.
     """
     from equiseg.config import ConfigError
     from equiseg.data.ocelot import DatasetError
@@ -764,11 +898,13 @@ def study(
     jobs = _executor(executor, address, cpus_per_run, gpus_per_run)
     try:
         spec = StudyConfig.from_yaml(config)
-        report = run_study(spec, out or Path("studies") / spec.name, say=typer.echo,
+        folder = out or Path("studies") / spec.name
+        report = run_study(spec, folder, say=(lambda line: typer.echo(line, err=True)) if as_json else typer.echo,
                            runtime=_runtime(device, batch, precision, optimize), executor=jobs)
     except (ConfigError, DatasetError, FileNotFoundError) as error:
         raise _fail(str(error)) from None
-    typer.echo(f"report: {report}")
+    if not _emit(as_json, {"study": spec.name, "out": str(folder), "report": str(report)}):
+        typer.echo(f"report: {report}")
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -776,17 +912,20 @@ def tune(
     ctx: typer.Context,
     space: Annotated[Path, typer.Option(help="Search space (YAML): config keys to ranges {low, high[, log][, int]} "
                                              "or lists of choices.")],
-    config: Annotated[Path | None, typer.Option("--config", "-c", help="The base run config: a preset name or a "
-                                                                       "YAML file.")] = None,
-    data: Annotated[Path | None, typer.Option(help="Dataset folder (Zenodo layout); default: the config's.")] = None,
-    trials: Annotated[int, typer.Option(min=1, help="Trials to finish (a search in OUT continues up to it).")] = 20,
+    config: Annotated[str | None, typer.Option("--config", "-c", show_default=False,
+                                               help="The base run config: a preset name or a YAML file.")] = None,
+    data: Annotated[Path | None, typer.Option("--data", show_default=False,
+                                              help="Dataset folder (Zenodo layout); default: the config's.")] = None,
+    trials: Annotated[int, typer.Option(min=1, help="Trials to finish (a search in --out continues up to it).")] = 20,
     metric: Annotated[str, typer.Option(help="val/loss (minimised) or val/mF1 (maximised; pruning still follows "
                                              "the validation loss).")] = "val/loss",
-    out: Annotated[Path | None, typer.Option(help="Search folder; default: tune/NAME.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", show_default=False,
+                                             help="Search folder; default: tune/NAME.")] = None,
     executor: ExecutorOption = "local",
     address: AddressOption = None,
     cpus_per_run: CpusOption = 1.0,
     gpus_per_run: GpusOption = 0.0,
+    as_json: JsonOption = False,
 ) -> None:
     """Search hyper-parameters with Optuna (TPE proposals, poor trials stopped early), here or on Ray.
 
@@ -796,9 +935,9 @@ def tune(
     continues: the local search keeps its trials in OUT/optuna.db, Ray Tune in OUT/ray.
     Needs `pip install 'equiseg[scale]'` (Ray and Optuna).
     """
-    from equiseg.config import Config, ConfigError, apply_overrides
+    from equiseg.config import ConfigError
     from equiseg.data.ocelot import DatasetError
-    from equiseg.presets import preset_path
+    from equiseg.presets import load_config
     from equiseg.scale import require
     from equiseg.tune import Metric, read_space
     from equiseg.tune import tune as run_tune
@@ -810,25 +949,31 @@ def tune(
         chosen = Metric(metric) if metric in {m.value for m in Metric} else None
         if chosen is None:
             raise ValueError(f"--metric {metric!r}: use {' or '.join(m.value for m in Metric)}")
-        base = (Config.from_yaml(preset_path(config), overrides) if config
-                else Config.from_dict(apply_overrides({}, overrides)))
+        base = load_config(config, overrides)
         result = run_tune(base, read_space(space), trials, out or Path("tune") / base.name, chosen, jobs,
-                          say=typer.echo)
+                          say=(lambda line: typer.echo(line, err=True)) if as_json else typer.echo)
     except (ConfigError, DatasetError, FileNotFoundError, ModuleNotFoundError, ValueError) as error:
         raise _fail(str(error)) from None
-    typer.echo(f"best config: {result.best_config} (equiseg train -c {result.best_config})")
+    if not _emit(as_json, {"best_config": str(result.best_config), "best_values": result.best_values,
+                           "best_value": result.best_value, "trials": len(result.trials)}):
+        typer.echo(f"best config: {result.best_config} (equiseg train -c {result.best_config})")
 
 
 @app.command()
 def challenge(
-    input_dir: Annotated[Path, typer.Argument(help="Grand Challenge input: images/{cell,tissue}_patches/*.tif, metadata.json.")],
-    output_dir: Annotated[Path, typer.Argument(help="Where cell_classification.json goes.")],
-    cell_model: Annotated[Path, typer.Option(help="Cell model: run folder or checkpoint.")],
+    input_dir: Annotated[Path, typer.Argument(
+        help="Grand Challenge input: images/{cell,tissue}_patches/*.tif, metadata.json.", show_default=False)],
+    old_output: OldFolderArgument = None,
+    model: ModelOption = None,
     tissue_model: TissueModelOption = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", show_default=False,
+                                             help="Where cell_classification.json goes.")] = None,
     device: DeviceOption = "auto",
     batch: BatchOption = 1,
     precision: PrecisionOption = "32",
     optimize: OptimizeOption = True,
+    as_json: JsonOption = False,
+    old_cell_model: OldCellModelOption = None,
 ) -> None:
     """Run a trained cell model as an OCELOT challenge algorithm on a Grand Challenge input folder.
 
@@ -839,14 +984,17 @@ def challenge(
     from equiseg.challenge import run_challenge
     from equiseg.data.ocelot import DatasetError
 
+    model = _model(model, old_cell_model, "--cell-model")
+    out = _required(_renamed(out, old_output, "a positional output folder", "--out"), "--out")
     runtime = _runtime(device, batch, precision, optimize)
     try:
         progress, update = _progress(f"predicting pairs ({runtime})")
         with progress:
-            path = run_challenge(input_dir, output_dir, cell_model, tissue_model, on_pair=update, runtime=runtime)
+            path = run_challenge(input_dir, out, model, tissue_model, on_pair=update, runtime=runtime)
     except (DatasetError, FileNotFoundError, ValueError) as error:
         raise _fail(str(error)) from None
-    typer.echo(f"wrote {path}")
+    if not _emit(as_json, {"model": str(model), "file": str(path)}):
+        typer.echo(f"wrote {path}")
 
 
 if __name__ == "__main__":

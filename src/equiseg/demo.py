@@ -1,8 +1,8 @@
-"""``equiseg demo``: the seed's experiment, small, end to end on the built-in synthetic data.
+"""``equiseg demo``: the paper's experiment (Liem, 2025), small, end to end on the built-in synthetic data.
 
-Generates a synthetic dataset, trains the seed's two models at matched parameter counts
+Generates a synthetic dataset, trains the paper's two models at matched parameter counts
 (isotropic U-Net without augmentation; plain U-Net with heavy augmentation) from the small
-presets ``isotropic-small`` and ``plain-small`` (packaged, see :mod:`equiseg.presets`),
+presets ``isotropic-small`` and ``plain-small`` (packaged, see `equiseg.presets`),
 evaluates both on the test split and writes a report folder.
 """
 
@@ -16,6 +16,7 @@ import numpy as np
 
 from equiseg.config import Config, json_text
 from equiseg.data.ocelot import OcelotFolder
+from equiseg.datasets import generate_synthetic
 from equiseg.evaluation.evaluate import evaluate_model, write_evaluation
 from equiseg.evaluation.tune_detect import tune_detection
 from equiseg.models import count_parameters
@@ -23,7 +24,7 @@ from equiseg.presets import preset_path
 from equiseg.report.plots import best_and_worst, fmt, machine_line, markdown_table, plot_cases, plot_loss_curves
 from equiseg.runs import Run, load_model
 from equiseg.runtime import Runtime
-from equiseg.training.fit import generate_synthetic, train_or_reuse
+from equiseg.training.fit import train_or_reuse
 
 PRESETS = {"isotropic": "isotropic-small", "plain": "plain-small"}
 
@@ -46,7 +47,7 @@ def run_demo(out: Path, epochs: int | None = None, say: Callable[[str], None] = 
     world = "crowded" if syn.crowding == 1 else "sparse" if syn.crowding == 0 else f"crowding {syn.crowding:g}"
     target = iso.data.target.value + (f" (sigma {iso.data.sigma:g} px)" if iso.data.target.value == "centres" else
                                       f" (radius {iso.data.radius:g} px)")
-    say(f"equiseg demo: the seed's comparison, small, on 2 CPU cores (expected: about 12 minutes).\n"
+    say(f"equiseg demo: the comparison of the paper (Liem, 2025), small, on 2 CPU cores (expected: about 12 minutes).\n"
         f"  1. synthetic data ({world} tissue): {syn.train} train / {syn.val} val / {syn.test} test pairs of "
         f"{syn.size}x{syn.size} px; targets: {target}\n"
         f"  2. train isotropic U-Net width {iso.model.width} (no augmentation) and plain U-Net width "

@@ -1,6 +1,6 @@
 """``equiseg export``: a trained model as one standard file that runs without equiseg.
 
-The file holds the model optimized for inference (:func:`~equiseg.models.optimize_for_inference`:
+The file holds the model optimized for inference (`optimize_for_inference`:
 equivariant convs expanded, batch norm folded) without the U-Net's padding: its input is
 (N, C, H, W) float32 with H and W multiples of 2**depth (any such size; pad other images
 yourself), its output the logits (N, classes, H, W); softmax over axis 1 gives probabilities.
@@ -11,7 +11,7 @@ Formats: ``onnx`` (``torch.onnx.export`` with dynamic batch, height and width; n
 ``export`` extra: onnx, onnxscript, onnxruntime to check it), ``torchscript`` (``torch.jit.trace``;
 loads with ``torch.jit.load``; PyTorch 2.13 marks TorchScript deprecated, so prefer pt2) and ``pt2``
 (``torch.export``; loads with ``torch.export.load``).
-Every file carries the same description (:func:`model_card`): in ONNX as metadata properties,
+Every file carries the same description (`model_card`): in ONNX as metadata properties,
 in TorchScript and pt2 as an extra file ``equiseg.json``.
 """
 
@@ -40,7 +40,7 @@ class ExportFormat(enum.Enum):
 
 
 class _Unpadded(nn.Module):
-    """The optimized U-Net's :meth:`~equiseg.models.UNet.unpadded` as a module's forward."""
+    """The optimized U-Net's `unpadded` as a module's forward."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()

@@ -14,7 +14,7 @@ from pathlib import Path
 def written_whole(dest: Path | str) -> Iterator[Path]:
     """A partial file ``.NAME.partial-PID`` beside ``dest`` to write, renamed over ``dest`` when the
     block completes (one atomic step on a local file system) and removed if it fails: ``dest``
-    holds a whole file or what it held before. The one-file twin of :func:`replaced_whole`."""
+    holds a whole file or what it held before. The one-file twin of `replaced_whole`."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     partial = dest.with_name(f".{dest.name}.partial-{os.getpid()}")

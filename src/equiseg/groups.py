@@ -133,7 +133,7 @@ def fold_group(x: torch.Tensor) -> torch.Tensor:
 
 
 def unfold_group(x: torch.Tensor, group: Group | PlaneGroup) -> torch.Tensor:
-    """(B, C*|G|, H, W) -> (B, C, |G|, H, W); the inverse of :func:`fold_group`."""
+    """(B, C*|G|, H, W) -> (B, C, |G|, H, W); the inverse of `fold_group`."""
     if x.shape[1] % group.order:
         raise ValueError(f"{x.shape[1]} channels do not fold into fields of {group.name} (|G| = {group.order})")
     return x.unflatten(1, (-1, group.order))
@@ -143,7 +143,7 @@ def unfold_group(x: torch.Tensor, group: Group | PlaneGroup) -> torch.Tensor:
 class PlaneGroup:
     """C_N or D_N as a group of the plane: ``n`` rotations by 2 pi r / n, and with ``flips`` their mirror images.
 
-    The steerable families' point groups (see :mod:`equiseg.nn.steerable`). Elements are indexed
+    The steerable families' point groups (see `equiseg.nn.steerable`). Elements are indexed
     ``n * m + r``: mirror left-right if ``m``, then turn by ``r / n`` of a full turn counter-clockwise
     as an image is shown, the conventions of C4 and D4 above, which are the subgroup of every
     ``n`` divisible by 4 that acts on the pixel grid exactly: D4's element ``(r, m)`` is ``(n // 4 * r, m)``.

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from equiseg.config import ConfigError
+from equiseg.config import Config, ConfigError, apply_overrides
 
 SUFFIX = ".yaml"
 
@@ -69,3 +69,21 @@ def list_presets() -> list[Preset]:
         description = first.lstrip("#").strip() if first.lstrip().startswith("#") else ""
         result.append(Preset(name, path, description))
     return result
+
+
+def load_config(name_or_path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """A run config by preset name or YAML path, with ``KEY=VALUE`` overrides applied.
+
+    The one way every command and a Python user read a run config: ``load_config("isotropic-small",
+    ["train.epochs=5"])``. Without a name the defaults of `equiseg.config.Config` are the base.
+
+    Args:
+        name_or_path: a preset name (`equiseg presets` lists them) or a YAML file; None: the defaults.
+        overrides: ``KEY=VALUE`` strings (values read as YAML scalars), e.g. ``"data.augment=heavy"``.
+
+    Raises:
+        ConfigError: an unknown preset or file, a bad key or value.
+    """
+    if name_or_path is None:
+        return Config.from_dict(apply_overrides({}, list(overrides)))
+    return Config.from_yaml(preset_path(name_or_path), overrides)

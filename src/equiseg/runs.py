@@ -20,9 +20,9 @@
       cases.npz               a study's best and worst test image of this run, with probabilities
       eval-SPLIT/             what ``equiseg evaluate`` wrote
 
-Training (:func:`equiseg.training.fit.fit`) creates and fills it; every command that reads a
-run (evaluate, predict, challenge, study, demo, the tissue context) goes through :class:`Run`
-and :func:`load_model`. Checkpoints load with ``torch.load(weights_only=True)``: tensors and
+Training (`equiseg.training.fit.fit`) creates and fills it; every command that reads a
+run (evaluate, predict, challenge, study, demo, the tissue context) goes through `Run`
+and `load_model`. Checkpoints load with ``torch.load(weights_only=True)``: tensors and
 builtin types only, no code runs from the file.
 """
 
@@ -43,7 +43,7 @@ from equiseg.data.ocelot import Resolution, read_metadata
 
 
 class _InRun:
-    """A file or folder at a fixed place in a run folder, read as an attribute of a :class:`Run`."""
+    """A file or folder at a fixed place in a run folder, read as an attribute of a `Run`."""
 
     def __init__(self, *parts: str) -> None:
         self.parts = parts
@@ -145,7 +145,7 @@ class Run:
 
         A run whose dataset folder has moved since (a study folder copied elsewhere, with its
         data inside it) is still a run of ``config`` when its ``data.root`` is the only
-        difference and the dataset there is the one it trained on (:func:`dataset_digest`).
+        difference and the dataset there is the one it trained on (`dataset_digest`).
         """
         if not self.last.is_file():
             return False
@@ -241,7 +241,7 @@ def load_model(checkpoint: Path | str, device: str | torch.device = "cpu") -> tu
 
 
 def save_model(model: torch.nn.Module, config: Config, path: Path | str) -> Path:
-    """A checkpoint of ``model`` (built from ``config``) that :func:`load_model` reads: the weights and
+    """A checkpoint of ``model`` (built from ``config``) that `load_model` reads: the weights and
     the config, as training writes them (without the optimiser state)."""
     path = Path(path)
     torch.save({"hyper_parameters": {"config": config.to_dict()},

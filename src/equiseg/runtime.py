@@ -6,7 +6,7 @@
 32 by default). Probabilities always come back as float32 on the CPU.
 
 Equivariance certificates are measured in float32 with TF32 off whatever the precision asked
-for (:func:`exact_float32`): TF32 (PyTorch's default for cuDNN convolutions) rounds the inputs
+for (`exact_float32`): TF32 (PyTorch's default for cuDNN convolutions) rounds the inputs
 of every product to 10 mantissa bits, and that rounding alone leaves ~1e-3 relative error on
 models that are exact to ~1e-6 in float32.
 """
@@ -65,7 +65,7 @@ def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
 class Runtime:
     """How inference runs: on ``device``, ``batch`` tiles per forward pass, at ``precision``, with
     the model optimized for inference (``optimize``, see
-    :func:`equiseg.models.optimize.optimize_for_inference`) or as trained."""
+    `equiseg.models.optimize.optimize_for_inference`) or as trained."""
 
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     batch: int = 1
@@ -79,7 +79,7 @@ class Runtime:
     @classmethod
     def of(cls, device: str | torch.device | None = "auto", batch: int = 1,
            precision: str | Precision = Precision.FP32, optimize: bool = True) -> Runtime:
-        """From the CLI's words: ``device`` as :func:`resolve_device`, ``precision`` 32, bf16 or 16."""
+        """From the CLI's words: ``device`` as `resolve_device`, ``precision`` 32, bf16 or 16."""
         if not isinstance(precision, Precision):
             try:
                 precision = Precision(str(precision).strip().lower())

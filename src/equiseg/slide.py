@@ -2,21 +2,21 @@
 
 A slide goes through in four steps, each in bounded memory whatever its size:
 
-1. **Where**: the tissue on the glass, from a low-resolution read (:func:`~equiseg.data.wsi.find_tissue`);
+1. **Where**: the tissue on the glass, from a low-resolution read (`find_tissue`);
    windows with no tissue under them are not run, and no cell off the tissue is reported.
 2. **Tissue** (a tissue model, when given): the slide at the tissue model's training
    resolution (``Run.resolution``: OCELOT's tissue patches are about 0.8 µm/px), in
    overlapping tiles blended as ``equiseg predict`` blends them; the probabilities are kept in
    a float16 file for step 3 and drawn as tissue-class polygons.
 3. **Cells**: the slide at the cell model's resolution (about 0.2 µm/px), streamed in blocks of
-   overlapping tiles (:func:`~equiseg.evaluation.inference.stream_blocks`) and read by the
-   block detector (:class:`~equiseg.evaluation.detection.BlockDetector`), exactly as
+   overlapping tiles (`stream_blocks`) and read by the
+   block detector (`BlockDetector`), exactly as
    ``equiseg predict`` reads one large image: so the cells of a region equal ``predict``'s on the
    same region cut out at that resolution, and each cell is reported once, however the tiles
    fall. A cell model with tissue context takes, for each tile, its block of step 2's
    probabilities resampled onto its grid: the geometry of an OCELOT pair
-   (:func:`~equiseg.data.targets.tissue_crop`).
-4. **Outputs**, in level-0 pixels of the slide (see :class:`SlideOutputs`).
+   (`tissue_crop`).
+4. **Outputs**, in level-0 pixels of the slide (see `SlideOutputs`).
 
 A slide interrupted in step 3 resumes from the last block row it finished (``--resume``);
 slides whose outputs are complete are skipped.
@@ -101,6 +101,28 @@ class SlideModel:
         m = self.config.model
         return {"source": str(self.source.resolve()), "task": self.config.task.value, "family": m.family.value,
                 "width": m.width, "depth": m.depth, **self.resolution.to_dict()}
+
+
+def load_slide_models(model: Path | str, tissue_model: Path | str | None = None, device: str | torch.device = "cpu",
+                      cell_mpp: float | None = None) -> tuple[SlideModel, SlideModel | None]:
+    """The cell model and the tissue model a slide analysis runs, as ``equiseg slide`` loads them.
+
+    ``tissue_model`` defaults to the one the cell model's config names (``data.tissue_model``),
+    and may stay None. ``cell_mpp`` runs the cell model at that resolution (µm/px) instead of its
+    training data's; its tissue resolution stays the recorded one (4x the cell's without a record).
+
+    Raises:
+        ValueError: ``cell_mpp`` not positive, or no recorded resolution and none given.
+    """
+    resolution = None
+    if cell_mpp is not None:
+        if not cell_mpp > 0:
+            raise ValueError(f"--cell-mpp must be positive, got {cell_mpp}")
+        recorded = Run.of(model).resolution()
+        resolution = Resolution(cell_mpp, recorded.tissue_mpp if recorded else 4 * cell_mpp)
+    cells = SlideModel.load(model, device, resolution)
+    tissue_source = tissue_model or cells.config.data.tissue_model
+    return cells, SlideModel.load(tissue_source, device) if tissue_source else None
 
 
 @dataclass(frozen=True)
@@ -221,7 +243,7 @@ def _glass(view: ScaledView, tissue: TissueMask, classes: int) -> Skip:
 
 class TissueMap:
     """A tissue model's probabilities over a view of the slide, on disk as (C, H, W)
-    :data:`TISSUE_MAP_DTYPE` (float16: the context differs from float32's by at most 5e-4, half
+    `TISSUE_MAP_DTYPE` (float16: the context differs from float32's by at most 5e-4, half
     the disk: about 6 MB per mm² of slide), and how a cell window of another view takes its
     block of them."""
 
@@ -336,10 +358,10 @@ def _cell_pass(model: SlideModel, view: ScaledView, tissue: TissueMask, tissue_m
                tile: int, overlap: int, runtime: Runtime, state_path: Path,
                progress: Progress | None) -> np.ndarray:
     """The cells of ``view`` as (N, 4) rows (x, y, class, probability) in view px; resumable from
-    ``state_path`` (saved at the end of a block row when :data:`SAVE_EVERY_S` have passed).
+    ``state_path`` (saved at the end of a block row when `SAVE_EVERY_S` have passed).
 
-    The view goes through in stripes of :data:`STRIPE_SIDE` px (:func:`stripes`), each
-    streamed in blocks (:func:`~equiseg.evaluation.inference.stream_blocks` with ``columns``)
+    The view goes through in stripes of `STRIPE_SIDE` px (`stripes`), each
+    streamed in blocks (`stream_blocks` with ``columns``)
     with the detection halo on each side, so that memory follows the stripe's width, not the
     slide's. Each stripe keeps the candidates of its own columns; suppression runs over all
     of them at the end: the cells equal those of the whole view in one stream.
@@ -421,14 +443,76 @@ def _write_thumbnail(outputs: SlideOutputs, slide: Slide, box: tuple[int, int, i
         Image.fromarray(draw_points(picture, scaled, radius=radius)).save(partial, format="PNG")
 
 
+def _check_models(cell_model: SlideModel, tissue_model: SlideModel | None) -> bool:
+    """Whether the cell model takes tissue context, after refusing models of the wrong task and a
+    context model without a tissue model."""
+    if cell_model.config.task is not Task.CELLS:
+        raise ValueError(f"{cell_model.source}: a {cell_model.config.task.value} model, not a cell model")
+    if tissue_model is not None and tissue_model.config.task is not Task.TISSUE:
+        raise ValueError(f"{tissue_model.source}: a {tissue_model.config.task.value} model, not a tissue model")
+    context = cell_model.config.data.context is not ContextKind.NONE
+    if context and tissue_model is None:
+        raise ValueError(f"{cell_model.source} takes tissue context: give --tissue-model")
+    return context
+
+
+def _tissue_box(slide: Slide, box: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
+    """The analysed box grown by the tissue context's reach (TISSUE_CONTEXT_UM), clipped to the slide."""
+    margin = round(TISSUE_CONTEXT_UM / slide.mpp)
+    x, y, w, h = box
+    left, top = max(0, x - margin), max(0, y - margin)
+    return left, top, min(slide.width, x + w + margin) - left, min(slide.height, y + h + margin) - top
+
+
+def _write_outputs(outputs: SlideOutputs, slide: Slide, box: tuple[int, int, int, int], view: ScaledView,
+                   found: np.ndarray, tissue: TissueMask, tissue_map: TissueMap | None) -> np.ndarray:
+    """The cells in level-0 px (each at its pixel's centre, off-tissue ones dropped, in the order
+    found), written with the thumbnail and, given a tissue map, the cancer areas."""
+    x0, y0 = view.level0(found[:, 0] + 0.5, found[:, 1] + 0.5)
+    points = np.column_stack([x0, y0, found[:, 2], found[:, 3]]) if len(found) else np.zeros((0, 4))
+    points = points[tissue.at(points[:, 0], points[:, 1])]
+    _write_cells(outputs, slide, points)
+    if tissue_map is not None:
+        collection = _tissue_polygons(tissue_map, tissue, box)
+        with written_whole(outputs.tissue_geojson) as partial:
+            partial.write_text(json.dumps(collection))
+    _write_thumbnail(outputs, slide, box, points)
+    return points
+
+
+def _summary(slide: Slide, box: tuple[int, int, int, int], points: np.ndarray, tissue: TissueMask, view: ScaledView,
+             models: tuple[SlideModel, SlideModel | None], settings: tuple[int, int, Runtime], timer: _Timer) -> dict:
+    """What ``STEM.summary.json`` holds: the slide, the box, the cell counts, the models and settings."""
+    cell_model, tissue_model = models
+    tile, overlap, runtime = settings
+    counts = {CELL_CLASSES[k]: int(np.sum(points[:, 2] == k)) for k in CELL_CLASSES}
+    x, y, w, h = box
+    return {
+        "slide": slide.identity(),
+        "region": {"x": x, "y": y, "width": w, "height": h},
+        "cells": counts,
+        "tumour_cell_fraction": round(counts["TC"] / max(1, sum(counts.values())), 4),
+        "tissue_mm2": round(tissue.area_mm2(x, y, x + w, y + h), 4),
+        "cell_view": {"mpp": view.mpp, "level": view.level, "width": view.width, "height": view.height},
+        "models": {"cell": cell_model.identity(),
+                   **({"tissue": tissue_model.identity()} if tissue_model is not None else {})},
+        "settings": {"tile": tile, "overlap": overlap, "runtime": str(runtime), "detect": {
+            "sigma": cell_model.config.detect.sigma, "min_distance": cell_model.config.detect.min_distance,
+            "threshold": cell_model.config.detect.threshold, "per_class": cell_model.config.detect.per_class}},
+        "tissue_threshold": round(tissue.threshold, 4),
+        "seconds": timer.seconds,
+        "equiseg": importlib.metadata.version("equiseg"),
+    }
+
+
 def analyse_slide(path: Path | str, cell_model: SlideModel, out_dir: Path | str,
                   tissue_model: SlideModel | None = None, region: tuple[int, int, int, int] | None = None,
                   mpp: float | None = None, tile: int = 1024, overlap: int = 128, runtime: Runtime | None = None,
                   resume: bool = False, progress: Progress | None = None) -> SlideCells:
-    """Find the cells on one slide and write :class:`SlideOutputs` into ``out_dir``.
+    """Find the cells on one slide and write `SlideOutputs` into ``out_dir``.
 
     The cells equal what ``equiseg predict`` finds on the analysed box cut out at the cell
-    model's resolution (:class:`~equiseg.data.wsi.ScaledView`), bit for bit with batch 1
+    model's resolution (`ScaledView`), bit for bit with batch 1
     where every window has tissue under it (windows without are not run: they count as
     background), less those off the tissue mask. Memory: one block of windows, strips across
     the box's width (``predict``'s) and the tissue mask; not the slide.
@@ -442,8 +526,7 @@ def analyse_slide(path: Path | str, cell_model: SlideModel, out_dir: Path | str,
         mpp: µm per level-0 pixel, replacing the file's.
         tile, overlap: the windows, px at each model's resolution.
         runtime: device, batch and precision (default: the cell model's device, batch 1, float32).
-        resume: continue an interrupted run of this slide from its saved state; without it, a
-            slide whose outputs exist is refused.
+        resume: continue an interrupted run of this slide (without it, existing outputs are refused).
         progress: called with (stage, done, total).
 
     Raises:
@@ -452,17 +535,10 @@ def analyse_slide(path: Path | str, cell_model: SlideModel, out_dir: Path | str,
     """
     runtime = runtime or model_runtime(cell_model.model)
     timer = _Timer()
-    if cell_model.config.task is not Task.CELLS:
-        raise ValueError(f"{cell_model.source}: a {cell_model.config.task.value} model, not a cell model")
-    if tissue_model is not None and tissue_model.config.task is not Task.TISSUE:
-        raise ValueError(f"{tissue_model.source}: a {tissue_model.config.task.value} model, not a tissue model")
-    context = cell_model.config.data.context is not ContextKind.NONE
-    if context and tissue_model is None:
-        raise ValueError(f"{cell_model.source} takes tissue context: give --tissue-model")
+    context = _check_models(cell_model, tissue_model)
     path = Path(path)
     outputs = SlideOutputs(Path(out_dir), path.stem)
-    if outputs.summary.is_file() and not resume:
-        raise ValueError(f"{outputs.summary} exists: use --resume to skip finished slides, or another --out")
+    check_slides([path], out_dir, resume, region, mpp)
     outputs.folder.mkdir(parents=True, exist_ok=True)
     with Slide(path, mpp) as slide:
         box = _check_region(slide, region)
@@ -475,46 +551,15 @@ def analyse_slide(path: Path | str, cell_model: SlideModel, out_dir: Path | str,
         tissue_map = None
         if tissue_model is not None:
             with timer.stage("tissue model"):
-                margin = round(TISSUE_CONTEXT_UM / slide.mpp)
-                x, y, w, h = box
-                tissue_box = (max(0, x - margin), max(0, y - margin))
-                tissue_box += (min(slide.width, x + w + margin) - tissue_box[0],
-                               min(slide.height, y + h + margin) - tissue_box[1])
-                tissue_map = _tissue_pass(tissue_model, slide, tissue_box, tissue, outputs.work / "tissue.npy",
-                                          tile, overlap, runtime, progress)
+                tissue_map = _tissue_pass(tissue_model, slide, _tissue_box(slide, box), tissue,
+                                          outputs.work / "tissue.npy", tile, overlap, runtime, progress)
         with timer.stage("cell model"):
             view = ScaledView(slide, cell_model.resolution.cell_mpp, box)
             found = _cell_pass(cell_model, view, tissue, tissue_map if context else None, tile, overlap, runtime,
                                outputs.work / "cells-state.pt", progress)
         with timer.stage("outputs"):
-            # view px -> level-0 px (a cell's pixel centre), off-tissue cells dropped, in the order found
-            x0, y0 = view.level0(found[:, 0] + 0.5, found[:, 1] + 0.5)
-            points = np.column_stack([x0, y0, found[:, 2], found[:, 3]]) if len(found) else np.zeros((0, 4))
-            points = points[tissue.at(points[:, 0], points[:, 1])]
-            _write_cells(outputs, slide, points)
-            if tissue_model is not None:
-                collection = _tissue_polygons(tissue_map, tissue, box)
-                with written_whole(outputs.tissue_geojson) as partial:
-                    partial.write_text(json.dumps(collection))
-            _write_thumbnail(outputs, slide, box, points)
-        counts = {CELL_CLASSES[k]: int(np.sum(points[:, 2] == k)) for k in CELL_CLASSES}
-        x, y, w, h = box
-        summary = {
-            "slide": slide.identity(),
-            "region": {"x": x, "y": y, "width": w, "height": h},
-            "cells": counts,
-            "tumour_cell_fraction": round(counts["TC"] / max(1, sum(counts.values())), 4),
-            "tissue_mm2": round(tissue.area_mm2(x, y, x + w, y + h), 4),
-            "cell_view": {"mpp": view.mpp, "level": view.level, "width": view.width, "height": view.height},
-            "models": {"cell": cell_model.identity(),
-                       **({"tissue": tissue_model.identity()} if tissue_model is not None else {})},
-            "settings": {"tile": tile, "overlap": overlap, "runtime": str(runtime), "detect": {
-                "sigma": cell_model.config.detect.sigma, "min_distance": cell_model.config.detect.min_distance,
-                "threshold": cell_model.config.detect.threshold, "per_class": cell_model.config.detect.per_class}},
-            "tissue_threshold": round(tissue.threshold, 4),
-            "seconds": timer.seconds,
-            "equiseg": importlib.metadata.version("equiseg"),
-        }
+            points = _write_outputs(outputs, slide, box, view, found, tissue, tissue_map)
+        summary = _summary(slide, box, points, tissue, view, (cell_model, tissue_model), (tile, overlap, runtime), timer)
         del tissue_map  # the memory map holds the file open
         with written_whole(outputs.summary) as partial:
             partial.write_text(json.dumps(summary, indent=2) + "\n")
@@ -554,7 +599,7 @@ def check_slides(paths: list[Path], out_dir: Path | str, resume: bool = False,
 def analyse_slides(paths: list[Path], cell_model: SlideModel, out_dir: Path | str,
                    tissue_model: SlideModel | None = None, on_slide: Callable[[int, int, SlideCells], None] | None = None,
                    **options) -> list[SlideCells]:
-    """:func:`analyse_slide` for each slide into ``out_dir``; ``on_slide(done, total, result)`` after
+    """`analyse_slide` for each slide into ``out_dir``; ``on_slide(done, total, result)`` after
     each; a ``progress`` in ``options`` gets stages named "k/n NAME: stage"."""
     check_slides(paths, out_dir, options.get("resume", False), options.get("region"), options.get("mpp"))
     progress = options.pop("progress", None)
@@ -611,7 +656,7 @@ class _SlideTask(lightning.LightningModule):
 def analyse_slides_distributed(paths: list[Path], cell_model: SlideModel, out_dir: Path | str,
                                tissue_model: SlideModel | None = None, devices: int = 2, nodes: int = 1,
                                runtime: Runtime | None = None, **options) -> tuple[int, list[dict]]:
-    """:func:`analyse_slide` for each slide, the slides spread over ``devices`` processes by
+    """`analyse_slide` for each slide, the slides spread over ``devices`` processes by
     Lightning (``Trainer.predict`` with the DDP strategy: one process per GPU, or per CPU
     share on ``runtime.device`` = cpu), each slide in one of them, once.
 

@@ -48,7 +48,7 @@ whose best epoch was their last (not converged).
 
 Statistics: every variant is compared with ``baseline`` at each training set, paired (same
 seed, same data subset, same test images), by a bootstrap over seeds and test images
-(:mod:`equiseg.evaluation.bootstrap`); a verdict only where the 95 % interval excludes 0.
+(`equiseg.evaluation.bootstrap`); a verdict only where the 95 % interval excludes 0.
 
 Variants with ``context`` (``truth`` or ``model``, as ``data.context``) get the tissue-class
 maps of one tissue model as extra input; that model is trained first (``task: tissue``, the
@@ -75,6 +75,7 @@ from equiseg.data.augment import AugmentPreset
 from equiseg.data.context import ContextFn, ContextKind, cached, truth_context
 from equiseg.data.datamodule import model_input, training_subset
 from equiseg.data.ocelot import GrandChallengeInput, OcelotFolder
+from equiseg.datasets import REQUIRE_REAL, generate_synthetic, synthetic_notice
 from equiseg.evaluation.equivariance import GroupTTA, certificate
 from equiseg.evaluation.evaluate import Evaluation, evaluate_model
 from equiseg.evaluation.robustness import standard_transforms
@@ -103,7 +104,7 @@ from equiseg.report.study_report import write_report
 from equiseg.runs import Run, load_model
 from equiseg.runtime import Runtime
 from equiseg.scale import Executor, LocalExecutor
-from equiseg.training.fit import REQUIRE_REAL, generate_synthetic, synthetic_notice, train_or_reuse
+from equiseg.training.fit import train_or_reuse
 
 GC_INPUT_ENV = "EQUISEG_GC_INPUT"
 
@@ -171,9 +172,9 @@ class StudyConfig:
     def from_yaml(cls, path: Path | str) -> StudyConfig:
         """Read a study config: ``path`` is a YAML file or a preset name (``study-small``).
 
-        Parsed as run configs are (:func:`equiseg.config.from_plain`); ``base`` (a mapping, a
+        Parsed as run configs are (`equiseg.config.from_plain`); ``base`` (a mapping, a
         preset name or a file beside the study config) gets the ``overrides`` and is checked as
-        a run config, and ``variants`` maps labels to :class:`Variant` fields.
+        a run config, and ``variants`` maps labels to `Variant` fields.
         """
         path = preset_path(path)
         data = read_yaml(path)
@@ -371,7 +372,7 @@ def run_study(study: StudyConfig, out: Path, say: Callable[[str], None] = print,
 
     Training follows each run config's ``train.accelerator``; evaluation runs on ``runtime``
     (default: this machine's GPU when there is one, batch 1, float32). ``executor`` runs the
-    trainings and their evaluations (:mod:`equiseg.scale`: one after another here by default,
+    trainings and their evaluations (`equiseg.scale`: one after another here by default,
     or as Ray tasks, each on the device Ray gives it); the tissue model, the data and the
     report stay in this process.
     """
@@ -439,7 +440,7 @@ def train_and_evaluate(config: Config, run_dir: Path, root: Path, study: StudyCo
                        cell: tuple[Variant, float, int], gc_samples: list, contexts: dict[str, ContextFn] | None,
                        runtime: Runtime, with_cases: bool) -> RunResult:
     """One job of a study: train ``config`` into ``run_dir`` (or reuse it) and evaluate it
-    (:func:`evaluate_run`); a plain function of picklable arguments, for any executor."""
+    (`evaluate_run`); a plain function of picklable arguments, for any executor."""
     reused = train_or_reuse(config, run_dir, progress=False)
     result = evaluate_run(run_dir, root, study, cell, gc_samples, contexts, runtime, with_cases)
     return replace(result, reused=reused)

@@ -41,10 +41,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from equiseg.config import Config, ConfigError, apply_overrides, read_yaml
+from equiseg.datasets import data_root
 from equiseg.evaluation.evaluate import evaluate_model
 from equiseg.runs import Run, load_model
 from equiseg.scale import Executor, LocalExecutor, RayExecutor, require
-from equiseg.training.fit import data_root, fit
+from equiseg.training.fit import fit
 
 STUDY_NAME = "equiseg-tune"
 

@@ -15,11 +15,11 @@ runner = CliRunner()
 
 def test_synth_output_passes_verify_and_reads_back(tmp_path):
     out = tmp_path / "synthetic"
-    result = runner.invoke(app, ["synth", str(out), "--train", "3", "--val", "1", "--test", "1", "--size", "256",
+    result = runner.invoke(app, ["synth", "--out", str(out), "--train", "3", "--val", "1", "--test", "1", "--size", "256",
                                  "--seed", "5", "--crowding", "0"])
     assert result.exit_code == 0, result.output
     assert "wrote 5 pairs" in result.stdout
-    verified = runner.invoke(app, ["verify", str(out)])
+    verified = runner.invoke(app, ["verify", "--data", str(out)])
     assert verified.exit_code == 0, verified.output
     samples = list(OcelotFolder(out, "train")) + list(OcelotFolder(out, "val")) + list(OcelotFolder(out, "test"))
     assert len(samples) == 5
@@ -38,21 +38,21 @@ def test_synth_output_passes_verify_and_reads_back(tmp_path):
 
 
 def test_synth_refuses_a_bad_size_and_an_occupied_folder(tmp_path):
-    result = runner.invoke(app, ["synth", str(tmp_path / "a"), "--size", "100"])
+    result = runner.invoke(app, ["synth", "--out", str(tmp_path / "a"), "--size", "100"])
     assert result.exit_code == 2 and "multiple of 32" in result.output
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "keep.txt").write_text("mine")
-    result = runner.invoke(app, ["synth", str(tmp_path / "b"), "--size", "64"])
+    result = runner.invoke(app, ["synth", "--out", str(tmp_path / "b"), "--size", "64"])
     assert result.exit_code == 2 and (tmp_path / "b" / "keep.txt").read_text() == "mine"
 
 
 def test_synth_rotated_writes_crops_at_angles_that_verify_reads_back(tmp_path):
     """``--rotated``: the metadata says so, offsets leave the 1/16 grid (they turn with the crop), verify passes."""
     out = tmp_path / "rotated"
-    result = runner.invoke(app, ["synth", str(out), "--train", "3", "--val", "1", "--test", "0", "--size", "128",
+    result = runner.invoke(app, ["synth", "--out", str(out), "--train", "3", "--val", "1", "--test", "0", "--size", "128",
                                  "--rotated"])
     assert result.exit_code == 0, result.output
-    assert runner.invoke(app, ["verify", str(out)]).exit_code == 0
+    assert runner.invoke(app, ["verify", "--data", str(out)]).exit_code == 0
     metadata = json.loads((out / "metadata.json").read_text())
     assert "random angles" in metadata["general_info"]["description"]
     offsets = [meta["patch_x_offset"] for meta in metadata["sample_pairs"].values()]

@@ -224,7 +224,7 @@ def test_the_crowded_world_packs_touching_nuclei_and_crowding_0_is_the_sparse_wo
 def test_a_quarter_turn_of_an_image_is_rot90_exactly():
     """The crop turner at 90°: the whole frame stays covered and equals ``np.rot90`` (clockwise on screen, x
     towards y) for RGB and labels alike; the fill is never used."""
-    from equiseg.data.synthetic import _turned_image
+    from equiseg.data.synthetic.patches import _turned_image
 
     rng = np.random.default_rng(0)
     image, labels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8), rng.integers(0, 3, (32, 32), dtype=np.uint8)

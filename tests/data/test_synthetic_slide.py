@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from equiseg.data.synthetic import _colour, _render, _View
-from equiseg.data.synthetic_slide import BLOCK, SyntheticSlide, _Slide, _TiledNoise, write_synthetic_slide
+from equiseg.data.synthetic.slide import BLOCK, SyntheticSlide, _Slide, _TiledNoise, write_synthetic_slide
+from equiseg.data.synthetic.world import View, colour, render
 
 openslide = pytest.importorskip("openslide")
 
@@ -109,8 +109,8 @@ def test_same_seed_gives_identical_files_and_another_seed_differs(tmp_path):
 def test_chromatin_windows_are_pieces_of_one_field():
     """Two render blocks' windows of the unbounded field agree where they overlap: no seams."""
     field = _TiledNoise(np.random.SeedSequence(1))
-    a, b = _View(0.0, 0.0, 0.2, 1024, 1), _View(150.0, 170.0, 0.2, 1024, 1)
-    common = _View(160.0, 180.0, 0.2, 128, 1)
+    a, b = View(0.0, 0.0, 0.2, 1024, 1), View(150.0, 170.0, 0.2, 1024, 1)
+    common = View(160.0, 180.0, 0.2, 128, 1)
     values = field.window(a).on(common)
     np.testing.assert_allclose(values, field.window(b).on(common), atol=1e-4)
     np.testing.assert_allclose(values, field.window(common).on(common), atol=1e-4)
@@ -118,14 +118,14 @@ def test_chromatin_windows_are_pieces_of_one_field():
 
 
 def test_a_glass_block_is_filled_as_rendering_would_fill_it():
-    """All-glass blocks skip _render: with no stain anywhere it gives exactly the bare colour."""
+    """All-glass blocks skip render: with no stain anywhere it gives exactly the bare colour."""
     slide = _Slide.make(SEED, 1024, 0.2, 1.0)
-    view = _View(0.0, 0.0, 0.2, BLOCK, 1)
+    view = View(0.0, 0.0, 0.2, BLOCK, 1)
     world = dataclasses.replace(slide.world, nuclei=slide._near(view), chromatin=slide.chromatin.window(view))
     assert sum(len(group.x) for group in world.nuclei) > 10
     none = np.zeros((BLOCK, BLOCK), np.float32)
-    rendered, _ = _render(world, view, np.random.default_rng(0), none)
-    np.testing.assert_array_equal(rendered, _colour(world, none, none, np.random.default_rng(0)))
+    rendered, _ = render(world, view, np.random.default_rng(0), none)
+    np.testing.assert_array_equal(rendered, colour(world, none, none, np.random.default_rng(0)))
 
 
 def test_progress_is_reported_per_row_of_render_blocks(tmp_path):

@@ -17,7 +17,7 @@ def messages(problems):
 
 def test_clean_dataset_has_no_problems(tiny_dataset):
     assert verify_dataset(tiny_dataset) == []
-    result = runner.invoke(app, ["verify", str(tiny_dataset)])
+    result = runner.invoke(app, ["verify", "--data", str(tiny_dataset)])
     assert result.exit_code == 0, result.output
 
 
@@ -68,7 +68,7 @@ def test_missing_metadata_or_folder(tmp_path):
 
 def test_cli_exit_status_and_json(tiny_dataset):
     (tiny_dataset / "annotations/train/cell/001.csv").write_text("1,2\n")
-    result = runner.invoke(app, ["verify", str(tiny_dataset), "--json"])
+    result = runner.invoke(app, ["verify", "--data", str(tiny_dataset), "--json"])
     assert result.exit_code == 1
     listed = json.loads(result.stdout)
     assert listed == [{"path": str(tiny_dataset / "annotations/train/cell/001.csv"), "line": 1,
@@ -85,7 +85,7 @@ def test_images_that_are_not_8_bit_rgb_are_clean_but_noted_with_the_rule_applied
     Image.fromarray(np.concatenate([rgb, alpha], -1), "RGBA").save(cell, format="PNG")  # the name stays .jpg
     grey = np.asarray(Image.open(tissue).convert("L"))
     Image.fromarray(grey.astype(np.uint16) * 257).save(tissue, format="PNG")
-    result = runner.invoke(app, ["verify", str(tiny_dataset)])
+    result = runner.invoke(app, ["verify", "--data", str(tiny_dataset)])
     assert result.exit_code == 0, result.output
     notes = [line for line in result.stdout.splitlines() if line.startswith("note: ")]
     assert notes == [f"note: {cell}: read as RGB by rule: RGBA: alpha dropped (not blended)",

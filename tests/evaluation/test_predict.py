@@ -288,7 +288,7 @@ def test_cli_no_probs_writes_no_probability_maps_and_says_why_no_json(tmp_path):
     save_model(model, config, checkpoint)
     Image.fromarray(random_image(20, 1030)).save(tmp_path / "a.png")
     out = tmp_path / "out"
-    result = CliRunner().invoke(app, ["predict", str(checkpoint), str(tmp_path / "a.png"), "--out", str(out),
+    result = CliRunner().invoke(app, ["predict", "--model", str(checkpoint), str(tmp_path / "a.png"), "--out", str(out),
                                       "--tile", "64", "--overlap", "8", "--no-probs"])
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in out.iterdir()) == ["a_cells.csv", "a_overlay.png", "images.txt"]
@@ -296,7 +296,7 @@ def test_cli_no_probs_writes_no_probability_maps_and_says_why_no_json(tmp_path):
            "image_0 (a.png) is 1030x20" in result.output
     # an image that fits the format gets the official file too
     Image.fromarray(random_image(50, 40)).save(tmp_path / "b.png")
-    result = CliRunner().invoke(app, ["predict", str(checkpoint), str(tmp_path / "b.png"), "--out", str(out),
+    result = CliRunner().invoke(app, ["predict", "--model", str(checkpoint), str(tmp_path / "b.png"), "--out", str(out),
                                       "--tile", "32", "--overlap", "8"])
     assert result.exit_code == 0 and (out / "cell_classification.json").is_file() and "skipped" not in result.output
 

@@ -56,7 +56,7 @@ def centre_run(synthetic_small, tmp_path_factory):
 
 
 def test_tune_detect_writes_the_best_setting_into_the_run_and_loading_uses_it(centre_run):
-    result = runner.invoke(app, ["tune-detect", str(centre_run), "--device", "cpu"])
+    result = runner.invoke(app, ["tune-detect", "--model", str(centre_run), "--device", "cpu"])
     assert result.exit_code == 0, result.output
     run = Run(centre_run)
     rows = list(csv.DictReader(run.tuning_file.open()))
@@ -72,10 +72,10 @@ def test_tune_detect_writes_the_best_setting_into_the_run_and_loading_uses_it(ce
 
 
 def test_tune_detect_refuses_the_test_split_and_a_tissue_model(centre_run, synthetic_small, tmp_path):
-    result = runner.invoke(app, ["tune-detect", str(centre_run), "--split", "test"])
+    result = runner.invoke(app, ["tune-detect", "--model", str(centre_run), "--split", "test"])
     assert result.exit_code == 2 and "tuned-on-test" in result.output
     config = tiny_config(synthetic_small)
     tissue = fit(type(config).from_dict({**config.to_dict(), "task": "tissue"}), runs=tmp_path, progress=False)
-    result = runner.invoke(app, ["tune-detect", str(tissue), "--device", "cpu"])
+    result = runner.invoke(app, ["tune-detect", "--model", str(tissue), "--device", "cpu"])
     assert result.exit_code == 2 and "no cells to detect" in result.output
     assert not Run(tissue).detect_file.exists()

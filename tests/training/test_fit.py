@@ -123,7 +123,7 @@ def test_a_clean_dataset_is_decoded_once_until_a_file_changes(synthetic_small, t
 
 
 def test_two_process_ddp_on_cpu(synthetic_small, tmp_path):
-    command = [sys.executable, "-m", "equiseg.cli", "train", "--runs", str(tmp_path), "--devices", "2",
+    command = [sys.executable, "-m", "equiseg.cli", "train", "--out", str(tmp_path / "run"), "--processes", "2",
                "--strategy", "ddp", f"data.root={synthetic_small}", "model.family=p4", "model.width=2",
                "model.depth=2", "data.crop_size=32", "data.batch_size=1", "train.epochs=1",
                "train.accelerator=cpu", "train.loggers=[csv]"]

@@ -1,7 +1,7 @@
 """The plain U-Net baseline's augmentation: D4, free rotation, elastic warp, noise, colour and stain jitter.
 
 An equivariant model is already invariant to the symmetries of the grid, so it trains with
-:meth:`AugmentConfig.non_symmetry`; the plain baseline trains with :meth:`AugmentConfig.heavy`,
+`AugmentConfig.non_symmetry`; the plain baseline trains with `AugmentConfig.heavy`,
 which adds what the equivariant models get for free: flips, quarter turns and free rotations.
 
 Everything runs on batched torch tensors on any device: an image (B, 3, H, W) float in [0, 1]
@@ -11,7 +11,7 @@ the image and all masks of one sample move by the same geometric transform.
 Order of the steps (each skipped, and drawing nothing, when its probability or strength is 0):
 
 1. ``dihedral``: an exact element of D4 (``torch.flip`` / ``torch.rot90``, see
-   :mod:`equiseg.groups`). Square inputs draw from all 8 elements; non-square inputs only from
+   `equiseg.groups`). Square inputs draw from all 8 elements; non-square inputs only from
    the 4 that keep the shape (identity, 180 degrees, left-right and top-bottom mirror).
 2. ``rotation`` and 3. ``elastic``: composed into one sampling grid per sample, so the image is
    interpolated once (bilinear, reflection outside) and masks once (nearest).
@@ -25,7 +25,7 @@ counter-clockwise as shown (row 0 at the top), the way ``torch.rot90(x, 1, dims=
 turns, about the image centre ((W - 1) / 2, (H - 1) / 2).
 
 Guarantee on masks: for every mask ``m`` the output's values lie in ``set(m) | {IGNORE_INDEX}``
-(255, from :mod:`equiseg.data.targets`). ``IGNORE_INDEX`` marks the pixels whose source lies
+(255, from `equiseg.data.targets`). ``IGNORE_INDEX`` marks the pixels whose source lies
 outside the input (corners of a rotation, borders of an elastic warp), and one already in a
 mask stays one, since nearest sampling only copies values.
 """
@@ -89,7 +89,7 @@ def _strength(at_most: float | None = None, why: str = "") -> Any:
 
 
 def _check_transform(group: object) -> None:
-    """A transform's config: numbers as :func:`_check_numbers` wants them, strengths within their bounds."""
+    """A transform's config: numbers as `_check_numbers` wants them, strengths within their bounds."""
     _check_numbers(group)
     for f in fields(group):
         bound, value = f.metadata.get("at_most"), getattr(group, f.name)
@@ -128,7 +128,7 @@ class Elastic:
 
     White Gaussian noise smoothed by a Gaussian of std ``sigma`` px (the smoothness) and scaled
     so that each axis of the displacement has RMS ``alpha`` px (the magnitude), whatever
-    ``sigma`` (see :func:`elastic_displacement`). The classic recipe of Simard et al. (2003),
+    ``sigma`` (see `elastic_displacement`). The classic recipe of Simard et al. (2003),
     uniform noise times alpha_S, corresponds to ``alpha ~= alpha_S / (2 * sqrt(3 * pi) * sigma)``:
     alpha_S = 40 at sigma = 10 is about 0.65 px here. The warp starts to fold over itself (a
     locally mirrored image) near ``alpha / sigma = 0.25``: measured on 8 fields of 512 x 512,
@@ -176,7 +176,7 @@ class StainJitter:
     """With probability ``p``, jitter each stain concentration: ``s -> a * s + b`` for s in (H, E, D).
 
     ``a`` uniform in [1 - sigma, 1 + sigma], ``b`` uniform in [-bias, bias], drawn per sample and
-    stain; concentrations in the units of skimage's ``rgb2hed`` (see :func:`rgb_to_hed`).
+    stain; concentrations in the units of skimage's ``rgb2hed`` (see `rgb_to_hed`).
     """
 
     p: float = 0.0
@@ -200,9 +200,9 @@ class AugmentConfig:
     """Which augmentations run, how often and how strongly; all off by default.
 
     One field per transform, each with a probability ``p`` and its strengths; a probability or
-    strength of 0 turns the transform off. Presets: :meth:`none`, :meth:`heavy`,
-    :meth:`non_symmetry`. Read from and written to YAML through :meth:`from_dict` /
-    :meth:`to_dict` (nested dicts of floats, keyed by the field names below).
+    strength of 0 turns the transform off. Presets: `none`, `heavy`,
+    `non_symmetry`. Read from and written to YAML through `from_dict` /
+    `to_dict` (nested dicts of floats, keyed by the field names below).
     """
 
     dihedral: Dihedral = Dihedral()
@@ -238,12 +238,12 @@ class AugmentConfig:
 
     @classmethod
     def non_symmetry(cls) -> AugmentConfig:
-        """:meth:`heavy` without flips and rotations: what an equivariant model is not invariant to."""
+        """`heavy` without flips and rotations: what an equivariant model is not invariant to."""
         return replace(cls.heavy(), dihedral=Dihedral(), rotation=Rotation())
 
     @classmethod
     def preset(cls, name: AugmentPreset | str) -> AugmentConfig:
-        """The preset called ``name`` (an :class:`AugmentPreset` or its value)."""
+        """The preset called ``name`` (an `AugmentPreset` or its value)."""
         try:
             preset = AugmentPreset(name)
         except ValueError:
@@ -264,7 +264,7 @@ class AugmentConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Mapping[str, float]]) -> AugmentConfig:
-        """The config from nested dicts as :meth:`to_dict` writes them; missing transforms are off."""
+        """The config from nested dicts as `to_dict` writes them; missing transforms are off."""
         groups = {f.name: type(f.default) for f in fields(cls)}
         unknown = set(d) - set(groups)
         if unknown:
@@ -294,14 +294,14 @@ def rgb_to_hed(image: torch.Tensor) -> torch.Tensor:
     Optical density ``od = ln(I) / ln(1e-6)`` per channel (intensities clamped to >= 1e-6, so
     1 is the darkest pixel represented; the units of skimage's ``rgb2hed``), then
     ``od = hed @ RGB_FROM_HED`` solved for ``hed`` at every pixel. Concentrations are not
-    clamped, so :func:`hed_to_rgb` inverts this exactly for intensities in [1e-6, 1].
+    clamped, so `hed_to_rgb` inverts this exactly for intensities in [1e-6, 1].
     """
     od = -torch.log(image.clamp(min=_MIN_INTENSITY)) / _OD_UNIT
     return torch.einsum("bchw,cs->bshw", od, HED_FROM_RGB.to(image))
 
 
 def hed_to_rgb(hed: torch.Tensor) -> torch.Tensor:
-    """The inverse of :func:`rgb_to_hed`: concentrations (B, 3, H, W) -> RGB (B, 3, H, W) clamped to [0, 1]."""
+    """The inverse of `rgb_to_hed`: concentrations (B, 3, H, W) -> RGB (B, 3, H, W) clamped to [0, 1]."""
     od = torch.einsum("bshw,sc->bchw", hed, RGB_FROM_HED.to(hed))
     return torch.exp(-od * _OD_UNIT).clamp(0.0, 1.0)
 
@@ -310,14 +310,14 @@ def jitter_stains(image: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor)
     """RGB (B, 3, H, W) -> RGB with stain concentrations ``s -> scale * s + shift``.
 
     ``scale`` and ``shift`` are (B, 3), one value per sample and stain (H, E, D). With
-    ``scale = 1`` and ``shift = 0`` this is the round trip through :func:`rgb_to_hed`.
+    ``scale = 1`` and ``shift = 0`` this is the round trip through `rgb_to_hed`.
     """
     hed = rgb_to_hed(image)
     return hed_to_rgb(hed * scale[:, :, None, None] + shift[:, :, None, None])
 
 
 def elastic_lattice(height: int, width: int, sigma: float) -> tuple[int, int]:
-    """The (h, w) noise lattice that :class:`Augment` smooths into an H x W elastic field.
+    """The (h, w) noise lattice that `Augment` smooths into an H x W elastic field.
 
     Its spacing is about sigma / 4 px: fine enough that bilinear interpolation keeps the field's
     RMS within about 2 % (measured), and at sigma = 10 a quarter of the points and half the
@@ -397,7 +397,7 @@ def sampling_grid(angles: torch.Tensor, displacement: torch.Tensor | None, heigh
 
 def warp(image: torch.Tensor, masks: Mapping[str, torch.Tensor], grid: torch.Tensor, inside: torch.Tensor
          ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Resample an image (N, C, H, W) and masks (N, H, W) on one grid from :func:`sampling_grid`.
+    """Resample an image (N, C, H, W) and masks (N, H, W) on one grid from `sampling_grid`.
 
     The image: bilinear, reflected at the border. Masks: nearest (values are copied, never
     mixed), and ``IGNORE_INDEX`` wherever ``inside`` is False.
@@ -425,7 +425,7 @@ def _uniform(shape: tuple[int, ...], generator: torch.Generator | None, device: 
 
 
 def _normal(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
-    """N(0, 1), drawn like :func:`_uniform`."""
+    """N(0, 1), drawn like `_uniform`."""
     source = generator.device if generator is not None else device
     return torch.randn(shape, generator=generator, device=source).to(device)
 
@@ -437,7 +437,7 @@ def _symmetric(shape: tuple[int, ...], bound: float, generator: torch.Generator 
 
 
 class Augment(nn.Module):
-    """Random augmentation of a batch of images and their label masks, configured by :class:`AugmentConfig`.
+    """Random augmentation of a batch of images and their label masks, configured by `AugmentConfig`.
 
     Per sample, in this order (see the config classes for the exact distributions):
 
@@ -453,7 +453,7 @@ class Augment(nn.Module):
 
     Guarantees: the same geometric transform moves the image and every mask of a sample; mask
     values after ⊆ mask values before ∪ {IGNORE_INDEX}; a transform that is off (probability or
-    strength 0) leaves its input untouched, so :meth:`AugmentConfig.none` is the exact identity.
+    strength 0) leaves its input untouched, so `AugmentConfig.none` is the exact identity.
     The output is a function of the inputs and the state of ``generator``: the same seed gives
     the same batch. Random numbers are drawn on the generator's device; a generator on the
     image's device avoids copying the elastic noise between devices.

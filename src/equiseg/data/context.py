@@ -2,7 +2,7 @@
 
 A cell model with context reads ``cat(cell image, context)``: (3 + 2, H, W), where the context
 is the cell patch's block of a tissue map (located from the pair's metadata, see
-:meth:`equiseg.data.ocelot.PairMeta.cell_block`) resampled onto the cell patch's grid. Its two
+`equiseg.data.ocelot.PairMeta.cell_block`) resampled onto the cell patch's grid. Its two
 channels are the tissue classes (background, cancer area). The map is either
 
 - ``truth``: the one-hot ground-truth tissue mask (nearest resampling; unknown pixels (255)

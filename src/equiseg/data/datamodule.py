@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from equiseg.data.context import ContextFn
 from equiseg.data.ocelot import OcelotFolder, Sample, Split, image_to_tensor
-from equiseg.data.targets import SEED_TARGET, CellTarget, Task, tissue_class_mask
+from equiseg.data.targets import PAPER_TARGET, CellTarget, Task, tissue_class_mask
 
 
 def sample_target(sample: Sample, task: Task, target: CellTarget) -> tuple[np.ndarray, np.ndarray]:
@@ -33,14 +33,14 @@ class SegmentationDataset(Dataset):
     """Images and class-index targets of one split, decoded once and kept in memory.
 
     Items are dicts: ``image`` (3, H, W) float in [0, 1] (with ``context``, (3 + 2, H, W): the
-    tissue context of :mod:`equiseg.data.context` after the colours), ``target`` (H, W) long
+    tissue context of `equiseg.data.context` after the colours), ``target`` (H, W) long
     (255 = ignore), ``index`` (position in the split). With ``crop_size`` each item is a
     random square crop of image, context and target together (a fresh one each time, drawn
     from torch's seeded generator); without it, the whole image. Context is computed once per
     sample and kept as float16 (2 x 2 bytes per pixel).
     """
 
-    def __init__(self, folder: OcelotFolder, task: Task, target: CellTarget = SEED_TARGET, crop_size: int | None = None,
+    def __init__(self, folder: OcelotFolder, task: Task, target: CellTarget = PAPER_TARGET, crop_size: int | None = None,
                  indices: list[int] | None = None, context: ContextFn | None = None) -> None:
         if context is not None and task is not Task.CELLS:
             raise ValueError("tissue context is for the cell task")
@@ -91,12 +91,12 @@ def position_seed(*key: int) -> int:
 
 class EpochShuffle(Sampler[tuple[int, int]]):
     """A random order of ``length`` items that depends only on ``seed`` and the epoch
-    (:meth:`set_epoch`, which Lightning calls before each epoch), each item given as
-    ``(index, draw)`` with ``draw`` = :func:`position_seed` of (seed, epoch, position).
+    (`set_epoch`, which Lightning calls before each epoch), each item given as
+    ``(index, draw)`` with ``draw`` = `position_seed` of (seed, epoch, position).
 
     So every random choice of an epoch (the order, each crop and, through the batch's draws,
     the augmentation) is a function of where it happens, and a run resumed mid-epoch continues
-    by skipping the items already trained on (:meth:`resume_at`) instead of drawing anew.
+    by skipping the items already trained on (`resume_at`) instead of drawing anew.
 
     Under DDP process ``rank`` of ``replicas`` takes every ``replicas``-th item of the order
     (padded with its first items to a multiple of ``replicas``, as torch's DistributedSampler
@@ -150,7 +150,7 @@ class ResumableLoader(DataLoader):
 class SegmentationDataModule(L.LightningDataModule):
     """Train, val and test loaders over a Zenodo-layout folder for one task."""
 
-    def __init__(self, root: Path | str, task: Task = Task.CELLS, target: CellTarget = SEED_TARGET,
+    def __init__(self, root: Path | str, task: Task = Task.CELLS, target: CellTarget = PAPER_TARGET,
                  crop_size: int | None = 256,
                  train_fraction: float = 1.0, batch_size: int = 4, num_workers: int = 0, seed: int = 0,
                  context: ContextFn | None = None) -> None:

@@ -14,7 +14,7 @@ Grand Challenge input::
     ROOT/images/tissue_patches/*.tif
 
 Points are (x, y) = (column, row) in pixels of the cell patch; classes 1 = BC, 2 = TC.
-Every problem with a file raises :class:`DatasetError` naming the file (and line).
+Every problem with a file raises `DatasetError` naming the file (and line).
 """
 
 from __future__ import annotations
@@ -116,7 +116,7 @@ def _patch_size(box: dict, slide_mpp: float) -> int | None:
 
 
 def parse_pair(sample_id: str, record: dict, path: Path | str = "metadata.json") -> PairMeta:
-    """A :class:`PairMeta` from one entry of ``sample_pairs`` (or of the Grand Challenge list)."""
+    """A `PairMeta` from one entry of ``sample_pairs`` (or of the Grand Challenge list)."""
     try:
         cell, tissue = record["cell"], record["tissue"]
         meta = PairMeta(
@@ -160,7 +160,7 @@ def _unique_keys(path: Path, pairs: list[tuple[str, object]]) -> dict[str, objec
 
 
 def read_metadata(path: Path | str) -> dict[str, PairMeta]:
-    """Parse a Zenodo ``metadata.json``: sample id ("001") -> :class:`PairMeta`, all splits."""
+    """Parse a Zenodo ``metadata.json``: sample id ("001") -> `PairMeta`, all splits."""
     path = Path(path)
     data = _load_json(path)
     if not isinstance(data, dict) or not isinstance(data.get("sample_pairs"), dict):
@@ -218,7 +218,7 @@ def read_rgb(path: Path | str) -> np.ndarray:
 
 
 def rgb_conversion(path: Path | str) -> str | None:
-    """What :func:`read_rgb` does to this file to make it 8-bit RGB, in words, from the file's
+    """What `read_rgb` does to this file to make it 8-bit RGB, in words, from the file's
     header alone (no decoding); None for a file that is 8-bit RGB already."""
     path = Path(path)
     if path.suffix.lower() in (".tif", ".tiff"):
@@ -259,7 +259,7 @@ def as_rgb(array: np.ndarray) -> np.ndarray:
 
 
 def read_image(path: Path, shape: tuple[int, int] | None = None) -> np.ndarray:
-    """An RGB image of a dataset (:func:`read_rgb`); ``shape`` (H, W) is checked when given."""
+    """An RGB image of a dataset (`read_rgb`); ``shape`` (H, W) is checked when given."""
     if not path.is_file():
         raise DatasetError(path, "missing")
     try:
@@ -327,7 +327,7 @@ def parse_cells(path: Path, shape: tuple[int, int] | None = None) -> tuple[np.nd
 def read_cells(path: Path, shape: tuple[int, int] | None = None) -> np.ndarray:
     """Cell points as (N, 3) int64 rows (x, y, class); an empty file is no cells.
 
-    Raises :class:`DatasetError` on the first problem :func:`parse_cells` finds.
+    Raises `DatasetError` on the first problem `parse_cells` finds.
     """
     cells, problems = parse_cells(path, shape)
     if problems:
@@ -340,7 +340,7 @@ class OcelotFolder(Sequence[Sample]):
 
     ``OcelotFolder(root, "train")[i]`` reads images, cells and tissue mask of the i-th id and
     checks them (sizes against the metadata, CSV lines, mask values), raising
-    :class:`DatasetError` on the first problem. ``labels=False`` skips the annotations.
+    `DatasetError` on the first problem. ``labels=False`` skips the annotations.
     """
 
     def __init__(self, root: Path | str, split: Split | str, labels: bool = True) -> None:

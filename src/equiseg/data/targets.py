@@ -5,10 +5,10 @@ Class indices: cells 0 background, 1 BC, 2 TC; tissue 0 background, 1 cancer are
 
 A target is stored as one (H, W) uint8 *code map*, so that crops and augmentation move it as
 they move any label mask (nearest sampling copies codes, never mixes them), and a
-:class:`CellTarget` reads it back as hard classes (for Dice, IoU and the confusion matrix) or
+`CellTarget` reads it back as hard classes (for Dice, IoU and the confusion matrix) or
 as soft class probabilities (for the loss):
 
-* ``disks`` (the seed's): codes are classes; a disk of ``radius`` px around each cell.
+* ``disks`` (the paper's, Liem 2025): codes are classes; a disk of ``radius`` px around each cell.
 * ``centres``: a Gaussian of ``sigma`` px on each cell centre, as soft targets: a pixel at
   distance d (rounded to whole px) from its nearest centre, of class k, has probability
   g = exp(-d² / 2 sigma²) of k and 1 - g of background, out to d = 3 sigma. Neighbouring cells
@@ -59,7 +59,7 @@ class CellTarget:
     """One target design: encodes cell points as a code map and reads code maps back.
 
     ``radius`` (px) is the disks' radius; ``sigma`` (px) the centre Gaussians' width. Tissue
-    targets and disks are their own codes (:meth:`classes` is the identity).
+    targets and disks are their own codes (`classes` is the identity).
     """
 
     kind: TargetKind = TargetKind.DISKS
@@ -115,7 +115,7 @@ class CellTarget:
         return soft * keep[:, None]
 
 
-SEED_TARGET = CellTarget()  # the seed's disks of radius 30 px
+PAPER_TARGET = CellTarget()  # the paper's disks of radius 30 px
 
 
 def _nearest_centres(cells: np.ndarray, shape: tuple[int, int], reach: float) -> tuple[np.ndarray, np.ndarray]:
@@ -152,7 +152,7 @@ def cell_class_mask(cells: np.ndarray, shape: tuple[int, int], radius: float = D
     Args:
         cells: (N, 3) rows (x, y, class), x = column, y = row, class 1 (BC) or 2 (TC).
         shape: (H, W) of the cell image.
-        radius: disk radius in px (the seed's default is 30).
+        radius: disk radius in px (the paper's default is 30).
 
     Returns:
         (H, W) uint8 with 0 background, 1 BC, 2 TC.

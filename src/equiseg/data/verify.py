@@ -39,7 +39,7 @@ def verify_dataset(root: Path | str, on_sample: Callable[[int, int], None] | Non
     cell image. ``on_sample(done, total)`` reports progress.
 
     Images that are not 8-bit RGB are read by one documented rule
-    (:func:`~equiseg.data.ocelot.read_rgb`: grey repeated, alpha dropped, 16-bit scaled by
+    (`read_rgb`: grey repeated, alpha dropped, 16-bit scaled by
     round(v / 257)); they are not problems, but each is appended to ``notes`` (when given) with
     what the rule does to it.
     """

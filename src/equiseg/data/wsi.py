@@ -10,7 +10,7 @@ data (drawn here over ``openslide.background-color``, white when absent); ``open
 the first page (centimetre or inch).
 
 Coordinates: level-0 pixels, x = column, y = row, pixel i covering [i, i + 1). A
-:class:`ScaledView` is a box of the slide at another resolution: its pixel (i, j) covers
+`ScaledView` is a box of the slide at another resolution: its pixel (i, j) covers
 level-0 ``[x0 + j s, x0 + (j + 1) s) x [y0 + i s, y0 + (i + 1) s)`` with s = view mpp /
 slide mpp.
 """
@@ -54,7 +54,7 @@ def _colour(hex_rgb: str) -> np.ndarray:
 
 
 class Slide:
-    """A whole-slide image opened with OpenSlide; :meth:`close` it (or use it in ``with``).
+    """A whole-slide image opened with OpenSlide; `close` it (or use it in ``with``).
 
     Attributes:
         path: the file.
@@ -119,7 +119,7 @@ class Slide:
 
     def best_level(self, downsample: float) -> int:
         """The smallest level (fewest pixels) whose downsample is at most ``downsample``, with a
-        :data:`SNAP` tolerance (a level stored as 4.0003 serves a request for 4)."""
+        `SNAP` tolerance (a level stored as 4.0003 serves a request for 4)."""
         fits = [k for k, d in enumerate(self.downsamples) if d <= downsample * (1 + SNAP)]
         return fits[-1] if fits else 0
 
@@ -133,12 +133,12 @@ class ScaledView:
     """A box of a slide at ``mpp`` µm per pixel, read a rectangle at a time.
 
     Pixel (i, j) covers level-0 ``[x0 + j s, x0 + (j + 1) s) x [y0 + i s, y0 + (i + 1) s)``,
-    s = :attr:`scale` = mpp / slide mpp. The view reads from the pyramid level with the fewest
-    pixels that still has at least its resolution (:meth:`Slide.best_level`) and resamples it
-    with PIL's antialiased bilinear filter, in squares of :data:`READ_TILE` px each read with a
+    s = `scale` = mpp / slide mpp. The view reads from the pyramid level with the fewest
+    pixels that still has at least its resolution (`Slide.best_level`) and resamples it
+    with PIL's antialiased bilinear filter, in squares of `READ_TILE` px each read with a
     margin of the level's pixels (so a square's pixels do not depend on where the square
-    ends); squares are cached (:data:`CACHE_BYTES`). Where the requested resolution is within
-    :data:`SNAP` of a level's own, the view takes the level's (:attr:`mpp` says which) and,
+    ends); squares are cached (`CACHE_BYTES`). Where the requested resolution is within
+    `SNAP` of a level's own, the view takes the level's (`mpp` says which) and,
     when its box starts on a whole pixel of that level, copies pixels without resampling.
 
     Attributes:
@@ -233,9 +233,9 @@ def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
 
 @dataclass(frozen=True)
 class TissueMask:
-    """Where the slide has tissue: a boolean map over the whole slide at :data:`MASK_MPP`.
+    """Where the slide has tissue: a boolean map over the whole slide at `MASK_MPP`.
 
-    Mask pixel (i, j) covers level-0 ``[j s, (j + 1) s) x [i s, (i + 1) s)``, s = :attr:`scale`.
+    Mask pixel (i, j) covers level-0 ``[j s, (j + 1) s) x [i s, (i + 1) s)``, s = `scale`.
 
     Attributes:
         mask: (H, W) bool, True on tissue.
@@ -278,9 +278,9 @@ def find_tissue(slide: Slide, mpp: float = MASK_MPP) -> TissueMask:
 
     Glass is bright and grey, stained tissue coloured: a mask pixel is tissue where its HSV
     saturation (max - min) / max is above Otsu's threshold over the slide, that threshold kept
-    within :data:`SATURATION_BOUNDS` (so that a slide that is all glass, or all tissue, is not
+    within `SATURATION_BOUNDS` (so that a slide that is all glass, or all tissue, is not
     split in two by it). Then the mask is cleaned: an opening removes single-pixel specks,
-    holes (lumens, fat) are filled, parts under :data:`MIN_TISSUE_MM2` dropped, and the rest
+    holes (lumens, fat) are filled, parts under `MIN_TISSUE_MM2` dropped, and the rest
     grown by one mask pixel so that cells on the tissue's edge stay inside.
     """
     view = ScaledView(slide, mpp)

@@ -50,7 +50,7 @@ class Interval:
 
 def counts_array(per_image: list[list[dict]]) -> np.ndarray:
     """(seeds, images, classes, 3) int counts (TP, FP, GT) from each seed's per-image scores
-    (``tp/BC``, ``fp/BC``, ``gt/BC``, ... as :func:`~equiseg.evaluation.evaluate.evaluate_model`
+    (``tp/BC``, ``fp/BC``, ``gt/BC``, ... as `evaluate_model`
     records them)."""
     return np.array([[[[image[f"{kind}/{name}"] for kind in ("tp", "fp", "gt")] for name in CELL_CLASSES.values()]
                       for image in seed] for seed in per_image], dtype=np.float64)
@@ -87,7 +87,7 @@ def score_intervals(counts: np.ndarray, draws: int = 2000, seed: int = 0) -> dic
     """mF1 and per-class F1 (mean over seeds) of one variant, with 95 % intervals.
 
     Args:
-        counts: (seeds, images, classes, 3) TP, FP, GT (:func:`counts_array`).
+        counts: (seeds, images, classes, 3) TP, FP, GT (`counts_array`).
     """
     s, i = counts.shape[:2]
     point = _statistics(counts, np.ones((1, s)), np.ones((1, i)))[0]

@@ -65,8 +65,8 @@ def detect_cells(probs: torch.Tensor, sigma: float = 8.0, min_distance: int = 15
     softmax saturates into plateaus; smoothing with ``sigma`` about r / 4 turns each disk
     into a single peak at its centre. The defaults suit r = 30 px.
 
-    It is :func:`peak_candidates` over the whole map, then :func:`suppress_peaks`;
-    :class:`BlockDetector` gives the same points from a map that arrives in blocks.
+    It is `peak_candidates` over the whole map, then `suppress_peaks`;
+    `BlockDetector` gives the same points from a map that arrives in blocks.
 
     Args:
         probs: (C, H, W) softmax output, channel 0 background, 1 BC, 2 TC.
@@ -86,20 +86,39 @@ def detect_cells(probs: torch.Tensor, sigma: float = 8.0, min_distance: int = 15
 
 
 def find_cells(probs: torch.Tensor, settings: DetectConfig) -> np.ndarray:
-    """:func:`detect_cells` with a run's detection settings (``config.detect``)."""
+    """`detect_cells` with a run's detection settings (``config.detect``)."""
     return detect_cells(probs, settings.sigma, settings.min_distance, settings.threshold, settings.per_class)
 
 
 def detection_halo(sigma: float, min_distance: int) -> int:
-    """The context in px that :func:`peak_candidates` needs around a core, on each side inside
+    """The context in px that `peak_candidates` needs around a core, on each side inside
     the image: the blur's radius plus ``min_distance`` (the reach of the max filter)."""
     return _blur_radius(sigma) + min_distance
+
+
+def _block_edges(block: torch.Tensor, origin: tuple[int, int], image_size: tuple[int, int],
+                 core: tuple[int, int, int, int], halo: int) -> tuple[bool, bool, bool, bool]:
+    """Which sides of the block (top, bottom, left, right) are the image's edge, after checking that
+    the block lies in the map and reaches ``halo`` px beyond the core on every other side."""
+    if block.ndim != 3 or block.shape[0] < 2:
+        raise ValueError(f"expected (C, h, w) probabilities with C >= 2, got {tuple(block.shape)}")
+    _, h, w = block.shape
+    (row, col), (height, width) = origin, image_size
+    top, bottom, left, right = core
+    if row < 0 or col < 0 or row + h > height or col + w > width:
+        raise ValueError(f"a {h}x{w} block at {origin} lies outside the {height}x{width} map")
+    edges = (row == 0, row + h == height, col == 0, col + w == width)
+    margin = [0 if edge else halo for edge in edges]
+    if top < row + margin[0] or bottom > row + h - margin[1] or left < col + margin[2] or right > col + w - margin[3]:
+        raise ValueError(f"core {core} needs {halo} px of the block around it inside the image "
+                         f"(a {h}x{w} block at {origin} of a {height}x{width} map)")
+    return edges
 
 
 def peak_candidates(block: torch.Tensor, origin: tuple[int, int], image_size: tuple[int, int],
                     core: tuple[int, int, int, int], sigma: float = 8.0, min_distance: int = 15,
                     threshold: float = 0.5, per_class: bool = False) -> np.ndarray:
-    """The candidate cells of :func:`detect_cells` in the core of one block of a probability map.
+    """The candidate cells of `detect_cells` in the core of one block of a probability map.
 
     A candidate is a pixel whose smoothed foreground f = 1 - p(background) is above
     ``threshold`` and is the maximum of its (2 min_distance + 1)² window. The blur's replicate
@@ -113,9 +132,8 @@ def peak_candidates(block: torch.Tensor, origin: tuple[int, int], image_size: tu
             origin[0] + h - 1 and columns origin[1] .. origin[1] + w - 1 of the map.
         origin: (row, column) of the block's first pixel in the map.
         image_size: (H, W) of the whole map.
-        core: (top, bottom, left, right): the rows top .. bottom - 1 and columns left ..
-            right - 1 whose candidates are wanted, in image px.
-        sigma, min_distance, threshold, per_class: as in :func:`detect_cells`.
+        core: (top, bottom, left, right): the rows top .. bottom - 1 and columns left .. right - 1 wanted.
+        sigma, min_distance, threshold, per_class: as in `detect_cells`.
 
     Returns:
         (N, 5) float64 rows (x, y, f, class, class probability) in row-major order: image px
@@ -126,19 +144,8 @@ def peak_candidates(block: torch.Tensor, origin: tuple[int, int], image_size: tu
     Raises:
         ValueError: the block lies outside the map, or lacks the halo around the core.
     """
-    if block.ndim != 3 or block.shape[0] < 2:
-        raise ValueError(f"expected (C, h, w) probabilities with C >= 2, got {tuple(block.shape)}")
-    _, h, w = block.shape
-    (row, col), (height, width) = origin, image_size
-    top, bottom, left, right = core
-    if row < 0 or col < 0 or row + h > height or col + w > width:
-        raise ValueError(f"a {h}x{w} block at {origin} lies outside the {height}x{width} map")
-    edges = (row == 0, row + h == height, col == 0, col + w == width)  # top, bottom, left, right
-    halo = detection_halo(sigma, min_distance)
-    margin = [0 if edge else halo for edge in edges]
-    if top < row + margin[0] or bottom > row + h - margin[1] or left < col + margin[2] or right > col + w - margin[3]:
-        raise ValueError(f"core {core} needs {halo} px of the block around it inside the image "
-                         f"(a {h}x{w} block at {origin} of a {height}x{width} map)")
+    edges = _block_edges(block, origin, image_size, core, detection_halo(sigma, min_distance))
+    (row, col), (top, bottom, left, right) = origin, core
     if top >= bottom or left >= right:
         return np.zeros((0, 5))
     probs = block.detach().float()[None]
@@ -171,10 +178,10 @@ def peak_candidates(block: torch.Tensor, origin: tuple[int, int], image_size: tu
 
 
 def suppress_peaks(candidates: np.ndarray, min_distance: int) -> np.ndarray:
-    """The cells of :func:`detect_cells` from all candidates of one image (:func:`peak_candidates`).
+    """The cells of `detect_cells` from all candidates of one image (`peak_candidates`).
 
     Candidates are visited by descending smoothed foreground, ties by row, then column, then
-    class (the order in which :func:`detect_cells` has always met them), whatever order they come in; each
+    class (the order in which `detect_cells` has always met them), whatever order they come in; each
     is kept unless it lies closer than ``min_distance`` px to one kept before it.
 
     Args:
@@ -208,15 +215,15 @@ def suppress_peaks(candidates: np.ndarray, min_distance: int) -> np.ndarray:
 
 
 class BlockDetector:
-    """:func:`detect_cells` over a map that arrives a block at a time, row-major.
+    """`detect_cells` over a map that arrives a block at a time, row-major.
 
     The blocks tile the map in block rows: the blocks of one row share its rows and follow one
-    another left to right (as :func:`~equiseg.evaluation.inference.stream_blocks` yields them).
-    Each :meth:`add` finds the candidates (:func:`peak_candidates`) of the block's region moved
+    another left to right (as `stream_blocks` yields them).
+    Each `add` finds the candidates (`peak_candidates`) of the block's region moved
     up and left by the halo h = ``detection_halo(sigma, min_distance)`` (to the map's edge for
     the last block row and column), whose context ends at the block's bottom and right: these
     cores tile the map. Each core is searched in parts of at most ``chunk`` x ``chunk`` px, each
-    with its halo, which bounds the blur's and the max filter's memory. :meth:`points`
+    with its halo, which bounds the blur's and the max filter's memory. `points`
     suppresses over all candidates. The points equal ``detect_cells`` on the whole map, bit for
     bit.
 
@@ -242,7 +249,7 @@ class BlockDetector:
 
     def add(self, top: int, left: int, block: torch.Tensor) -> None:
         """The map's next block: (C, h, w) probabilities of rows top .. top + h - 1 and columns
-        left .. left + w - 1, as :func:`detect_cells` would take them.
+        left .. left + w - 1, as `detect_cells` would take them.
 
         Raises:
             ValueError: the block is not the next one (row-major) of a tiling of the map.
@@ -293,21 +300,21 @@ class BlockDetector:
 
     def state_dict(self) -> dict:
         """What the detector holds after the blocks added so far (tensors and ints: ``torch.save``
-        writes it and ``torch.load(weights_only=True)`` reads it), for :meth:`load_state_dict`."""
+        writes it and ``torch.load(weights_only=True)`` reads it), for `load_state_dict`."""
         return {"rows": (self._top, self._bottom, self._left), "above": self._above, "next_above": self._next_above,
                 "beside": self._beside,
                 "candidates": torch.from_numpy(np.concatenate(self._candidates) if self._candidates
                                                else np.zeros((0, 5)))}
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue from :meth:`state_dict` of a detector of the same map and settings."""
+        """Continue from `state_dict` of a detector of the same map and settings."""
         self._top, self._bottom, self._left = state["rows"]
         self._above, self._next_above, self._beside = state["above"], state["next_above"], state["beside"]
         self._candidates = [state["candidates"].numpy()]
 
     def candidates(self) -> np.ndarray:
-        """All candidates (:func:`peak_candidates` rows), once every block is in: what
-        :meth:`points` suppresses. Those of a stripe of a wider map that lie at least the halo
+        """All candidates (`peak_candidates` rows), once every block is in: what
+        `points` suppresses. Those of a stripe of a wider map that lie at least the halo
         from the stripe's inner edges are the wider map's there."""
         if self._bottom != self.height or self._left != self.width:
             raise ValueError(f"blocks up to row {self._bottom} and column {self._left} of the "
@@ -315,7 +322,7 @@ class BlockDetector:
         return np.concatenate(self._candidates) if self._candidates else np.zeros((0, 5))
 
     def points(self) -> np.ndarray:
-        """The cells, once every block is in: as :func:`detect_cells` returns them."""
+        """The cells, once every block is in: as `detect_cells` returns them."""
         return suppress_peaks(self.candidates(), self.min_distance)
 
 
@@ -349,7 +356,7 @@ def match_counts(pred: np.ndarray, gt: np.ndarray, cls: int, cutoff: float = DIS
         gt: (M, >=3) rows (x, y, class, ...).
         cls: 1 or 2.
         cutoff: the largest matching distance, px (inclusive).
-        order: :class:`MatchOrder`; the official scorer's current rule by default.
+        order: `MatchOrder`; the official scorer's current rule by default.
     """
     # float32 rows, as the official scorer holds them: probabilities that differ only beyond
     # float32 precision tie there, and ties are broken by the same argsort

@@ -129,12 +129,12 @@ def arbitrary_angle_error(f: Callable[[torch.Tensor], torch.Tensor] | None, x: t
 
     e = ||R_-θ f(R_θ x) - f(x)|| / ||f(x) - mean f(x)|| (L2 over the channels and the central disk
     of radius ``disk`` x side, each channel's mean over the disk taken out of both sides), with R_θ
-    the quintic-spline rotation :func:`rotate_image`; NaN for a map without any pattern there. The round trip
+    the quintic-spline rotation `rotate_image`; NaN for a map without any pattern there. The round trip
     puts both sides on x's own grid; ``f=None`` measures the identity network, R_-θ R_θ x
     against x: the resampling floor, below which no network's error can be told apart. The disk
     keeps the comparison away from the corners that a rotation fills with zeros (and from
     what a network sees of them), so ``x`` should be a few times the model's reach across.
-    ``x``: (1, C, H, W), band-limited (:func:`band_limited_noise`, or smoothed tissue).
+    ``x``: (1, C, H, W), band-limited (`band_limited_noise`, or smoothed tissue).
     """
     f = f or (lambda t: t)
     with torch.no_grad():
@@ -167,10 +167,10 @@ def certificate(model: nn.Module, images: list[torch.Tensor], group: Group = D4,
     "arb45": ..., "floor45": ...}``: the first is ~1e-6 for a model exact for ``group``; ``rot{a}``
     measure how far the model is from equivariance under rotations it is not built for (bilinear
     interpolation of both sides included, max over images); ``arb{a}`` is
-    :func:`arbitrary_angle_error` on the images smoothed by :func:`smoothed` (mean over images), and
+    `arbitrary_angle_error` on the images smoothed by `smoothed` (mean over images), and
     ``floor{a}`` the same for the identity network: the resampling floor below which no model's
     ``arb{a}`` can be told apart. Runs on the model's device, always in float32 with TF32 off
-    (:func:`equiseg.runtime.exact_float32`), whatever precision the rest of an evaluation uses.
+    (`equiseg.runtime.exact_float32`), whatever precision the rest of an evaluation uses.
     """
     was_training = model.training
     model.eval()

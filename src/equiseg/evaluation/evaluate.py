@@ -16,6 +16,7 @@ from equiseg.data.context import ContextFn, ContextKind, truth_context
 from equiseg.data.datamodule import model_input, sample_target
 from equiseg.data.ocelot import CELL_CLASSES, OcelotFolder
 from equiseg.data.targets import IGNORE_INDEX, Task
+from equiseg.datasets import data_root
 from equiseg.evaluation.detection import (
     detection_scores,
     find_cells,
@@ -28,6 +29,7 @@ from equiseg.evaluation.losses import DiceCELoss
 from equiseg.evaluation.metrics import confusion_matrix, segmentation_scores
 from equiseg.evaluation.tissue_context import run_context
 from equiseg.files import replaced_whole
+from equiseg.runs import Run, load_model
 from equiseg.runtime import Runtime
 
 
@@ -52,7 +54,7 @@ class Evaluation:
 
     def json_refusal(self) -> str | None:
         """Why ``cell_classification.json`` cannot hold these images' points, or None (see
-        :func:`~equiseg.evaluation.detection.official_format_refusal`)."""
+        `official_format_refusal`)."""
         return official_format_refusal(self.shapes, self.ids) if self.points else None
 
     @property
@@ -78,9 +80,9 @@ def evaluate_model(model: nn.Module, config: Config, root: Path | str, split: st
     confusion matrix summed over the split. Detection (cell task): cells read off each
     probability map with ``config.detect`` and scored by the OCELOT rules (15 px). ``keep(i,
     id, probs)`` receives each probability map (C, H, W), for pictures. ``transform`` (see
-    :mod:`equiseg.evaluation.robustness`) turns each image with its labels first; only its
+    `equiseg.evaluation.robustness`) turns each image with its labels first; only its
     valid region is scored. ``context`` gives a context model its tissue channels (default:
-    :func:`equiseg.data.context.run_context` of the config for evaluation, i.e. the tissue
+    `equiseg.data.context.run_context` of the config for evaluation, i.e. the tissue
     model's probabilities where the config names one); it is ignored for models without context.
     ``oracle=True`` feeds the ground-truth tissue mask (``context``, if given, must compute
     that) and labels the result as such; a model trained with ``data.context=truth`` and no
@@ -136,7 +138,7 @@ def evaluate_model(model: nn.Module, config: Config, root: Path | str, split: st
 
 def evaluation_context(config: Config, context: ContextFn | None = None, oracle: bool = False,
                        device: torch.device | None = None) -> tuple[ContextFn | None, ContextSource]:
-    """The context an evaluation feeds a model of ``config``, and its label (see :class:`Evaluation`).
+    """The context an evaluation feeds a model of ``config``, and its label (see `Evaluation`).
 
     None and ``NONE`` for a model without context; the ground-truth tissue mask and ``ORACLE``
     when ``oracle``; else ``context`` or the config's tissue model (loaded onto ``device``) and
@@ -158,10 +160,10 @@ def write_evaluation(evaluation: Evaluation, out_dir: Path | str, split: str) ->
     """``scores-<split>.json`` and, for cells, ``cell_classification.json`` (official format).
 
     The official format holds patches of at most 1024 x 1024 px: with a larger image the JSON
-    is not written (its points would have to move; :meth:`Evaluation.json_refusal` says why)
+    is not written (its points would have to move; `Evaluation.json_refusal` says why)
     and the cells go to ``cells-<split>.csv`` (image,id,x,y,class,probability) instead. The
     files are written beside ``out_dir`` and moved into place together
-    (:func:`equiseg.files.replaced_whole`): an earlier evaluation there is replaced whole, never
+    (`equiseg.files.replaced_whole`): an earlier evaluation there is replaced whole, never
     left beside the new one; a folder of other files is refused.
     """
     out_dir = Path(out_dir)
@@ -185,3 +187,51 @@ SCORE_ROWS = [("loss", "Dice-CE loss"), ("dice/mean", "Dice (mean)"), ("dice/BC"
               ("dice/background", "Dice background"), ("dice/cancer", "Dice cancer"), ("miou", "mIoU"),
               ("precision/BC", "precision BC"), ("recall/BC", "recall BC"), ("f1/BC", "F1 BC"),
               ("precision/TC", "precision TC"), ("recall/TC", "recall TC"), ("f1/TC", "F1 TC"), ("mf1", "mF1")]
+
+
+def evaluate_run(model: Path | str, split: str = "test", data: Path | str | None = None,
+                 tissue_model: Path | str | None = None, oracle_context: bool = False,
+                 runtime: Runtime | None = None,
+                 on_image: Callable[[int, int], None] | None = None) -> tuple[Evaluation, Config]:
+    """Score a trained model (a run folder, its best checkpoint, or a ``.ckpt``) on a split.
+
+    What ``equiseg evaluate`` does, as one call: the dataset is ``data``, else the one the run
+    trained on, else the config's (the built-in synthetic data when it names none,
+    `equiseg.datasets.data_root`). A cell model trained with tissue context gets
+    ``tissue_model``'s probabilities, or its config's tissue model, or with ``oracle_context`` the
+    ground-truth tissue mask (labelled oracle in the result).
+
+    Args:
+        model: a run folder (its best checkpoint) or a ``.ckpt`` file.
+        split: ``train``, ``val`` or ``test``.
+        data: a dataset folder in the OCELOT Zenodo layout; None: the one the run trained on.
+        tissue_model: the tissue model (run folder or checkpoint) that gives a context model its
+            context; None: the one its config names.
+        oracle_context: feed a context model the ground-truth tissue mask instead.
+        runtime: where and how the model runs (device, batch, precision, optimized); None: the
+            defaults (``Runtime.of("auto")``).
+        on_image: called with (images done, images in all) after each image (progress).
+
+    Returns:
+        The evaluation and the model's config.
+
+    Raises:
+        ValueError: context options given for a model without context, both given, or a model
+            with ``data.context=truth`` and neither (see `evaluation_context`).
+        FileNotFoundError, DatasetError: no such run or dataset.
+    """
+    runtime = runtime or Runtime.of("cpu")
+    net, config = load_model(model, runtime.device)
+    if (tissue_model is not None or oracle_context) and config.data.context is ContextKind.NONE:
+        raise ValueError(f"{model} was trained without tissue context: a tissue model and the oracle context "
+                         "do not apply")
+    if tissue_model is not None and oracle_context:
+        raise ValueError("a tissue model and the oracle context exclude each other")
+    context = None
+    if tissue_model is not None:
+        context = run_context(config.data, evaluation=True, tissue_model=tissue_model, device=runtime.device)
+    context, _ = evaluation_context(config, context, oracle_context, runtime.device)
+    root = Path(data) if data is not None else Run.of(model).data_root() or data_root(config)
+    evaluation = evaluate_model(net, config, root, split, on_image=on_image, context=context, oracle=oracle_context,
+                                runtime=runtime)
+    return evaluation, config

@@ -68,7 +68,7 @@ def window_probabilities(model: nn.Module, read: WindowReader, windows: list[tup
     Windows go through ``model`` (already on ``runtime.device``, eval mode) ``runtime.batch`` at
     a time, under ``runtime.autocast()``; two batches are held at once (one handed out, the next
     one computing). With
-    ``runtime.optimize`` they go through :func:`inference_model` of it instead. Windows that
+    ``runtime.optimize`` they go through `inference_model` of it instead. Windows that
     ``skip`` names are not read and get its background; the others are batched as if they
     were alone.
     """
@@ -139,7 +139,7 @@ _OPTIMIZED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def inference_model(model: nn.Module) -> nn.Module:
-    """:func:`~equiseg.models.optimize.optimize_for_inference` of ``model``, made once and kept while
+    """`optimize_for_inference` of ``model``, made once and kept while
     ``model`` lives and its parameters and buffers are unchanged (an optimiser step, a load or a
     move makes a new one)."""
     key = tuple((t._version, t.data_ptr()) for t in (*model.parameters(), *model.buffers()))
@@ -161,15 +161,15 @@ def predict_probabilities(model: nn.Module, image: torch.Tensor, tile: int | Non
     [0, 1], then any context.
 
     Images no larger than ``tile`` on both sides go through whole. Larger ones are cut into
-    ``tile`` x ``tile`` windows overlapping by ``overlap`` px (:func:`tile_grid`); each window's
-    probabilities are weighted by :func:`tile_weight` and the weighted sum is normalised: each
+    ``tile`` x ``tile`` windows overlapping by ``overlap`` px (`tile_grid`); each window's
+    probabilities are weighted by `tile_weight` and the weighted sum is normalised: each
     pixel sums its windows' terms in row-major window order, starting from zero, then divides
     by the sum of their weights, all in float32. ``runtime`` (default: the model's device,
     batch 1, float32) says where and how many windows go through at once; batches take the
-    windows in the order of :func:`window_blocks` (with batch 1 the order does not matter).
+    windows in the order of `window_blocks` (with batch 1 the order does not matter).
 
-    It is :func:`stream_blocks` put together, so the two agree bit for bit. Memory: the
-    (C, H, W) input and output plus what :func:`stream_blocks` holds. ``model`` should be in
+    It is `stream_blocks` put together, so the two agree bit for bit. Memory: the
+    (C, H, W) input and output plus what `stream_blocks` holds. ``model`` should be in
     eval mode.
     """
     _, height, width = image.shape
@@ -187,7 +187,7 @@ BLOCK_SIDE = 1024  # px: about the side of the blocks of windows that stream_blo
 
 @dataclass(frozen=True)
 class WindowBlock:
-    """K x K neighbouring windows of :func:`tile_grid` and the region of the image they finish.
+    """K x K neighbouring windows of `tile_grid` and the region of the image they finish.
 
     The block owns the rows from the start of its first window row to the start of the next
     block row's first window row (the image's bottom for the last block row), and likewise the
@@ -208,7 +208,7 @@ class WindowBlock:
 
 def window_blocks(height: int, width: int, tile: int, overlap: int, block_side: int = BLOCK_SIDE,
                   columns: tuple[int, int] | None = None) -> list[WindowBlock]:
-    """The windows of :func:`tile_grid` in blocks of K x K, K = max(1, block_side // (tile - overlap)),
+    """The windows of `tile_grid` in blocks of K x K, K = max(1, block_side // (tile - overlap)),
     row-major; the blocks' regions tile the H x W image.
 
     With ``columns`` = (m0, m1), only the windows that reach into columns m0 .. m1 - 1, and
@@ -234,7 +234,7 @@ def window_blocks(height: int, width: int, tile: int, overlap: int, block_side: 
 
 def block_count(height: int, width: int, tile: int | None, overlap: int, block_side: int | None = None,
                 columns: tuple[int, int] | None = None) -> int:
-    """How many blocks :func:`stream_blocks` yields for these arguments (for a progress bar)."""
+    """How many blocks `stream_blocks` yields for these arguments (for a progress bar)."""
     if tile is None or (height <= tile and width <= tile):
         return 1
     return len(window_blocks(height, width, tile, overlap, BLOCK_SIDE if block_side is None else block_side, columns))
@@ -253,9 +253,9 @@ class _Piece:
 
 @dataclass
 class StreamState:
-    """Where :func:`stream_blocks` stands: the blocks yielded so far and the pieces they left
+    """Where `stream_blocks` stands: the blocks yielded so far and the pieces they left
     for later blocks. Given to it, it is kept up to date as each block is yielded; saved
-    (:meth:`state_dict`) and given to a new call over the same image, that call continues with
+    (`state_dict`) and given to a new call over the same image, that call continues with
     the next block, and the blocks equal the uninterrupted stream's bit for bit (with batch 1:
     batches that ran across the cut are formed anew)."""
 
@@ -279,11 +279,11 @@ def stream_blocks(model: nn.Module, read: WindowReader, height: int, width: int,
     """The probabilities of an H x W image, a finished block at a time, row-major.
 
     Yields ``(top, left, probs)``: probs (classes, h, w), float32 on the CPU, are rows top ..
-    top + h - 1 and columns left .. left + w - 1 of what :func:`predict_probabilities` returns
+    top + h - 1 and columns left .. left + w - 1 of what `predict_probabilities` returns
     for the image that ``read`` gives, bit for bit: the same windows, weights and normalisation,
     and every pixel sums its windows' terms in the same (row-major) order, starting from zero.
     The windows go through ``runtime.batch`` at a time in block order, batches running on from
-    one block into the next. The regions are those of :func:`window_blocks` (one region, the
+    one block into the next. The regions are those of `window_blocks` (one region, the
     whole image, when it is no larger than the tile): they tile the image, each block row
     sharing its rows.
 
@@ -298,15 +298,15 @@ def stream_blocks(model: nn.Module, read: WindowReader, height: int, width: int,
         model: in eval mode, on ``runtime.device``.
         read: (top, left, h, w) -> (C, h, w) float input of that window, read when needed.
         height, width: the image's size, px.
-        tile, overlap: as in :func:`predict_probabilities`.
+        tile, overlap: as in `predict_probabilities`.
         runtime: default: the model's device, batch 1, float32.
         block_side: about the side of a block, px (at least one window step; default
-            :data:`BLOCK_SIDE`).
-        skip: windows not to run (:func:`window_probabilities`); they still take part in the
+            `BLOCK_SIDE`).
+        skip: windows not to run (`window_probabilities`); they still take part in the
             blend, as background.
-        state: continue from, and keep up to date, this :class:`StreamState`.
+        state: continue from, and keep up to date, this `StreamState`.
         columns: (m0, m1): only the stripe of columns m0 .. m1 - 1, its blocks
-            (:func:`window_blocks`) yielded with their image coordinates. Its probabilities equal
+            (`window_blocks`) yielded with their image coordinates. Its probabilities equal
             the whole image's there, bit for bit: the stripe runs every window that reaches
             into it, so neighbouring stripes both run the windows across their seam. Memory
             then grows with the stripe's width, not the image's.
@@ -320,8 +320,15 @@ def stream_blocks(model: nn.Module, read: WindowReader, height: int, width: int,
             state.blocks_done = 1
             yield 0, m0, probs[:, :, m0:m1]
         return
-    weight = tile_weight(tile, overlap)
     blocks = window_blocks(height, width, tile, overlap, BLOCK_SIDE if block_side is None else block_side, columns)
+    yield from _stream_tiled(model, read, blocks, tile_weight(tile, overlap), runtime, skip, state, m1)
+
+
+def _stream_tiled(model: nn.Module, read: WindowReader, blocks: list[WindowBlock], weight: torch.Tensor,
+                  runtime: Runtime, skip: Skip | None, state: StreamState,
+                  right: int) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """`stream_blocks` over ``blocks`` (of a tiled image) from ``state.blocks_done`` on,
+    up to column ``right``."""
     start = state.blocks_done
     # one stream of windows, so that batches run on across blocks (a window's output can depend
     # on its batch's size in the last bit: predict_probabilities batches them the same way)
@@ -330,7 +337,7 @@ def stream_blocks(model: nn.Module, read: WindowReader, height: int, width: int,
     pieces = state.pieces  # from earlier blocks
     for k in range(start, len(blocks)):
         block = blocks[k]
-        probs = _finish_block(block, itertools.islice(results, len(block.windows)), pieces, weight, m1)
+        probs = _finish_block(block, itertools.islice(results, len(block.windows)), pieces, weight, right)
         # finished now: every row above this block's bottom, up to its right edge; a piece is
         # dropped once all of it lies there
         pieces = [piece for piece in pieces if piece.top + piece.terms.shape[1] > block.bottom

@@ -1,4 +1,4 @@
-"""Dice + cross-entropy, on hard class targets (the seed's loss) or on the soft targets of
+"""Dice + cross-entropy, on hard class targets (the loss of the paper, Liem 2025) or on the soft targets of
 centre maps, with an ignore value excluded from both."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ class DiceCELoss(nn.Module):
     cross-entropy over kept pixels. Pixels whose target is ``ignore_index`` count in neither
     term. ``eps`` (1e-5) makes a class absent from both prediction and target score Dice 1.
 
-    With a centre ``target`` (:class:`~equiseg.data.targets.CellTarget`) the code map is read as
+    With a centre ``target`` (`CellTarget`) the code map is read as
     soft class probabilities y (a Gaussian per cell): the same Dice with y in place of the
     one-hot, and the cross-entropy -sum_c y_c log p_c. Disk targets take the hard path above.
 

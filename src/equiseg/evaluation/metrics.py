@@ -20,7 +20,7 @@ def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
 
     ``pred`` and ``target`` are class-index tensors of the same shape. Counted by torchmetrics
     (``multiclass_confusion_matrix``); training keeps the
-    same counts in a :class:`~torchmetrics.classification.MulticlassConfusionMatrix`, which
+    same counts in a `MulticlassConfusionMatrix`, which
     the library sums across DDP processes.
     """
     if pred.shape != target.shape:

@@ -1,4 +1,4 @@
-"""The table behind ``equiseg models``: each family at the seed's and at matched widths."""
+"""The table behind ``equiseg models``: each family at the paper's widths (Liem, 2025) and at matched widths."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 
 from equiseg.evaluation.equivariance import arbitrary_angle_error, band_limited_noise, equivariance_errors, smoothed
 from equiseg.groups import D4
-from equiseg.models.build import SEED_WIDTHS, build_model, count_macs, count_parameters, match_width, parameter_count
+from equiseg.models.build import PAPER_WIDTHS, build_model, count_macs, count_parameters, match_width, parameter_count
 from equiseg.models.unet import ConvFamily, Pooling
 
 ANGLE = 45.0  # the arbitrary-angle measure's rotation
@@ -28,17 +28,17 @@ def tissue_probe(image: np.ndarray, side: int = ANGLE_PROBE, sigma: float = 1.5)
 
 def model_table(depth: int = 4, size: int = 1024, probe_size: int = 32, seed: int = 0,
                 angle_probe: int = ANGLE_PROBE, tissue: np.ndarray | None = None,
-                reference_width: int = SEED_WIDTHS[ConvFamily.PLAIN], pool: str = "max") -> list[dict]:
+                reference_width: int = PAPER_WIDTHS[ConvFamily.PLAIN], pool: str = "max") -> list[dict]:
     """One dict per (family, width): parameters, MACs at size x size, exact group, measured errors.
 
     "matched" widths are those whose parameter count is closest to plain width ``reference_width``
-    (default 64, the seed's) at this depth.
-    ``error_45``: :func:`~equiseg.evaluation.equivariance.arbitrary_angle_error` of the
+    (default 64, the paper's) at this depth.
+    ``error_45``: `arbitrary_angle_error` of the
     logits at 45° on band-limited noise of ``angle_probe`` px; ``floor_45`` (the same for every
     row): the identity network's, the resampling floor; ``error_22.5`` and ``floor_22.5`` the same
     at 22.5° (an element of C16, not of C8). With ``tissue`` (a real H&E image),
     ``error_45_tissue`` and ``floor_45_tissue`` measure the same on its smoothed centre
-    (:func:`tissue_probe`). ``pool``: every U-Net's downsampling (``max`` or ``blur``).
+    (`tissue_probe`). ``pool``: every U-Net's downsampling (``max`` or ``blur``).
     Raises ValueError for another ``pool``.
     """
     try:
@@ -46,8 +46,8 @@ def model_table(depth: int = 4, size: int = 1024, probe_size: int = 32, seed: in
     except ValueError:
         raise ValueError(f"--pool must be one of {', '.join(p.value for p in Pooling)}, got {pool!r}") from None
     reference = parameter_count(ConvFamily.PLAIN, reference_width, depth)
-    plan = [(ConvFamily.PLAIN, SEED_WIDTHS[ConvFamily.PLAIN], "seed"),
-            (ConvFamily.ISOTROPIC, SEED_WIDTHS[ConvFamily.ISOTROPIC], "seed")]
+    plan = [(ConvFamily.PLAIN, PAPER_WIDTHS[ConvFamily.PLAIN], "paper"),
+            (ConvFamily.ISOTROPIC, PAPER_WIDTHS[ConvFamily.ISOTROPIC], "paper")]
     plan += [(family, match_width(family, reference, depth), "matched") for family in ConvFamily
              if family is not ConvFamily.PLAIN]
     generator = torch.Generator().manual_seed(seed)

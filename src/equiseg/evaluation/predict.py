@@ -1,10 +1,10 @@
 """``equiseg predict``: probability maps, overlays and cells for image files of any size.
 
-An image goes through in blocks of windows (:func:`~equiseg.evaluation.inference.stream_blocks`):
+An image goes through in blocks of windows (`stream_blocks`):
 each finished block is written into ``<stem>_probs.npy`` (float16 on disk), added to the
-pictures and handed to the cell detector (:class:`~equiseg.evaluation.detection.BlockDetector`),
+pictures and handed to the cell detector (`BlockDetector`),
 then dropped. The input is read lazily, a window at a time, where its format allows
-(:class:`RgbFile`) and the pictures have at most :data:`PICTURE_SIDE` px on their longer side,
+(`RgbFile`) and the pictures have at most `PICTURE_SIDE` px on their longer side,
 so memory is about one block (classes x about BLOCK_SIDE² float32), two batches of windows and strips
 of about ``overlap`` rows across the width, whatever the image's size.
 """
@@ -24,12 +24,14 @@ import torch
 from PIL import Image
 
 from equiseg.config import Config
+from equiseg.data.context import ContextKind
 from equiseg.data.ocelot import as_rgb, image_to_tensor, read_rgb
 from equiseg.data.targets import Task
 from equiseg.evaluation.detection import BlockDetector, official_format_refusal, write_points_json
 from equiseg.evaluation.inference import model_runtime, stream_blocks
 from equiseg.files import replaced_whole
 from equiseg.report.pictures import class_overlay, dot_radius, draw_points, probability_picture
+from equiseg.runs import load_model
 from equiseg.runtime import Runtime
 
 PICTURE_SIDE = 4096  # px: the pictures of a larger image keep every k-th row and column
@@ -38,7 +40,7 @@ SEGMENT_CACHE_BYTES = 64 * 2**20  # decoded TIFF tiles or strips that RgbFile ke
 
 
 class ImageReading(enum.Enum):
-    """How :class:`RgbFile` reads an image."""
+    """How `RgbFile` reads an image."""
 
     CONTIGUOUS = "contiguous"  # uncompressed TIFF: each region's row segments read straight from the file
     SEGMENTS = "segments"      # tiled or stripped TIFF: only the tiles or strips a region touches decoded
@@ -52,11 +54,11 @@ class RgbFile:
     bits, is read lazily: uncompressed data (what ``tifffile.memmap`` maps) by plain reads of
     the row segments asked for, which unlike a memory map do not stay resident; tiled or
     stripped data by decoding only the tiles or strips the rectangle touches, the most recent
-    ones (up to :data:`SEGMENT_CACHE_BYTES` decoded) kept for the next rectangles (``zarr``,
+    ones (up to `SEGMENT_CACHE_BYTES` decoded) kept for the next rectangles (``zarr``,
     which ``tifffile.imread(aszarr=True)`` needs, is not a dependency). A strip spans the whole
     width, so a wide stripped TIFF decodes each strip once per block column that needs it.
     Anything else is decoded whole into (H, W, 3) uint8, never float. Conversion as
-    :func:`~equiseg.data.ocelot.read_rgb`. :meth:`close` it after use.
+    `read_rgb`. `close` it after use.
 
     Attributes:
         path: the file.
@@ -156,7 +158,7 @@ class RgbFile:
         return segment
 
     def window(self, top: int, left: int, height: int, width: int) -> torch.Tensor:
-        """(3, h, w) float32 in [0, 1] of one window (:func:`~equiseg.data.ocelot.image_to_tensor`)."""
+        """(3, h, w) float32 in [0, 1] of one window (`image_to_tensor`)."""
         return image_to_tensor(self.region(top, top + height, left, left + width))
 
     def close(self) -> None:
@@ -238,7 +240,7 @@ class _Pictures:
 
 def picture_step(height: int, width: int) -> int:
     """The pictures of an H x W image keep every k-th row and column: the least k that brings
-    the longer side to at most :data:`PICTURE_SIDE` px (1: full size)."""
+    the longer side to at most `PICTURE_SIDE` px (1: full size)."""
     return -(-max(height, width) // PICTURE_SIDE)
 
 
@@ -303,14 +305,14 @@ def predict_file(model: torch.nn.Module, config: Config, path: Path, out_dir: Pa
 
     Writes ``<stem>_overlay.png``, ``<stem>_cells.csv`` (x,y,class,probability in image px,
     never clipped) and, with ``probs``, ``<stem>_probs.npy`` (float16, C x H x W) and
-    ``<stem>_probs.png``. The probabilities equal :func:`~equiseg.evaluation.inference.predict_probabilities`
+    ``<stem>_probs.png``. The probabilities equal `predict_probabilities`
     on the whole image bit for bit in float32 (the .npy holds them rounded to float16) and the
-    cells equal :func:`~equiseg.evaluation.detection.find_cells` on them; pictures are full size up to
-    :data:`PICTURE_SIDE` px, else scaled down by :func:`picture_step`. Memory: one block of
-    windows' sums ((C + 1) x about 2048² float32, :func:`~equiseg.evaluation.inference.stream_blocks`),
+    cells equal `find_cells` on them; pictures are full size up to
+    `PICTURE_SIDE` px, else scaled down by `picture_step`. Memory: one block of
+    windows' sums ((C + 1) x about 2048² float32, `stream_blocks`),
     two batches of windows, strips across the width of about ``overlap`` rows (window terms) and
     2 x ``detection_halo`` rows (the detector's context) of C float32 each, up to
-    :data:`SEGMENT_CACHE_BYTES` of decoded TIFF segments, and the pictures (at most
+    `SEGMENT_CACHE_BYTES` of decoded TIFF segments, and the pictures (at most
     2 x 4096² x 3 bytes), plus the whole image as uint8 where its format cannot be read lazily.
 
     Args:
@@ -347,13 +349,13 @@ def predict_file(model: torch.nn.Module, config: Config, path: Path, out_dir: Pa
 def predict_files(model: torch.nn.Module, config: Config, paths: list[Path], out_dir: Path, tile: int = 1024,
                   overlap: int = 128, on_image: Callable[[int, int], None] | None = None, probs: bool = True,
                   runtime: Runtime | None = None) -> Predictions:
-    """Predict every file (:func:`predict_file`) into ``out_dir``, and list them in images.txt.
+    """Predict every file (`predict_file`) into ``out_dir``, and list them in images.txt.
 
     ``cell_classification.json`` (the official format, image_i = the i-th file) is written only
-    when every image fits that format (:func:`~equiseg.evaluation.detection.official_format_refusal`:
-    no side over 1024 px, so no point moves); otherwise :attr:`Predictions.json_skipped` says
+    when every image fits that format (`official_format_refusal`:
+    no side over 1024 px, so no point moves); otherwise `Predictions.json_skipped` says
     why, naming the first larger image. The cells are in the CSV files either way. All of it
-    is written beside ``out_dir`` and moved into place at the end (:func:`equiseg.files.replaced_whole`):
+    is written beside ``out_dir`` and moved into place at the end (`equiseg.files.replaced_whole`):
     an earlier prediction there is replaced whole, a folder of other files is refused.
     ``on_image(done, total)`` is called after each image.
     """
@@ -376,3 +378,25 @@ def predict_files(model: torch.nn.Module, config: Config, paths: list[Path], out
     if refusal is None:
         return Predictions(tuple(images), out_dir / JSON_NAME, None)
     return Predictions(tuple(images), None, f"{refusal}; the cells are in the *_cells.csv files")
+
+
+def predict_run(model: Path | str, paths: list[Path], out_dir: Path, tile: int = 1024, overlap: int = 128,
+                on_image: Callable[[int, int], None] | None = None, probs: bool = True,
+                runtime: Runtime | None = None) -> Predictions:
+    """`predict_files` with the model of a run folder or checkpoint, as ``equiseg predict`` runs it.
+
+    Raises:
+        FileNotFoundError: an image that is not a file, or no such model.
+        ValueError: a model that takes tissue context, which a lone image lacks (score it with
+            its tissue patches: ``equiseg challenge`` or ``equiseg evaluate``).
+    """
+    missing = [str(p) for p in paths if not Path(p).is_file()]
+    if missing:
+        raise FileNotFoundError(f"no such file(s): {', '.join(missing)}")
+    runtime = runtime or Runtime.of("cpu")
+    net, config = load_model(model, runtime.device)
+    if config.data.context is not ContextKind.NONE:
+        raise ValueError(f"{model} takes tissue context (data.context={config.data.context.value}), which a lone "
+                         "image lacks: use `equiseg challenge` (cell and tissue patches) or `equiseg evaluate`")
+    return predict_files(net, config, [Path(p) for p in paths], Path(out_dir), tile=tile, overlap=overlap,
+                         on_image=on_image, probs=probs, runtime=runtime)

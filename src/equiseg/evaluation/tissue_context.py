@@ -1,13 +1,13 @@
-"""Tissue context from a tissue model: the seed's second stage, after SoftCTM, in one place.
+"""Tissue context from a tissue model: the second stage of the paper (Liem, 2025), after SoftCTM, in one place.
 
 A tissue model segments the whole tissue patch; its class probabilities over the cell patch's
 block (located from the pair's metadata) are resampled onto the cell patch's grid and given to
 the cell model as extra input channels after the colours. Training (``data.context=model``),
 evaluation, the challenge interface and prediction all get their context here
-(:func:`run_context`, :func:`context_fn`, :func:`model_context`); :class:`TissueContextNet` is
+(`run_context`, `context_fn`, `model_context`); `TissueContextNet` is
 the same chain as one module, for stating and testing its exactness. What a context is
-(:class:`~equiseg.data.context.ContextKind`) and the ground-truth context live in
-:mod:`equiseg.data.context`, below the config.
+(`ContextKind`) and the ground-truth context live in
+`equiseg.data.context`, below the config.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ class TissueContextNet(nn.Module):
 
         f(T_g cell, T_g tissue, g . block) = T_g f(cell, tissue, block)   for g in G,
 
-    where ``g . block`` is :func:`transform_block` (the crop's sample points map onto the
+    where ``g . block`` is `transform_block` (the crop's sample points map onto the
     transformed block's sample points, and bilinear interpolation commutes with grid turns).
 
     Shapes: cell (B, 3, H, W), tissue (B, 3, Ht, Wt), blocks (B, 4) rows (x0, y0, x1, y1) in
@@ -103,7 +103,7 @@ def context_fn(kind: ContextKind, tissue_model: Path | str | nn.Module | None = 
 
     ``MODEL`` needs ``tissue_model`` (a module, run folder or checkpoint; a loaded one runs on
     ``device``, by default this process's GPU when there is one, see
-    :func:`equiseg.runtime.resolve_device`). The result is always on the CPU.
+    `equiseg.runtime.resolve_device`). The result is always on the CPU.
     """
     match ContextKind(kind):
         case ContextKind.NONE:

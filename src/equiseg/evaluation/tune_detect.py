@@ -1,7 +1,7 @@
 """``equiseg tune-detect``: choose a run's detection settings on its validation split.
 
 The model runs once over the validation images, and every combination of a small grid of
-detection settings (:data:`GRID`) is scored by the OCELOT rules, without retraining. For each
+detection settings (`GRID`) is scored by the OCELOT rules, without retraining. For each
 (peaks, sigma, min_distance) an image's candidates are found once, as its map comes, with no
 threshold but the grid's lowest; each threshold then keeps the candidates above it before the
 greedy suppression, which is what detection with that threshold does (the threshold only
@@ -9,7 +9,7 @@ filters candidates). So the grid costs a few detections per image, not one per s
 what is kept is each image's candidates, not its probability map.
 
 The best setting by validation mF1 (ties: the first in grid order) is written into the run
-(``detect.yaml``, read by :func:`equiseg.runs.load_model`, so evaluate, predict, challenge and
+(``detect.yaml``, read by `equiseg.runs.load_model`, so evaluate, predict, challenge and
 the study use it), with every setting's scores in ``detect-tuning.csv``.
 """
 
@@ -26,7 +26,7 @@ import torch
 import yaml
 
 from equiseg.config import PEAK_RULES, DetectConfig
-from equiseg.data.ocelot import OcelotFolder
+from equiseg.data.ocelot import OcelotFolder, Split
 from equiseg.evaluation.detection import detection_scores, peak_candidates, suppress_peaks
 from equiseg.evaluation.evaluate import evaluate_model
 from equiseg.files import written_whole
@@ -69,7 +69,7 @@ def image_candidates(probs: torch.Tensor, grid: dict[str, tuple] = GRID) -> list
 
 def score_candidates(found: list[list[np.ndarray]], truths: list[np.ndarray],
                      grid: dict[str, tuple] = GRID) -> list[dict]:
-    """:func:`score_settings` from each image's :func:`image_candidates`."""
+    """`score_settings` from each image's `image_candidates`."""
     rows = []
     for k, (peaks, sigma, min_distance) in enumerate(_detectors(grid)):
         for threshold in grid["threshold"]:
@@ -90,9 +90,16 @@ def tune_detection(run: Path | str, split: str = "val", runtime: Runtime | None 
     """Choose the detection settings of the run at ``run`` on ``split`` of its dataset and write
     them into the run (``detect.yaml``, ``detect-tuning.csv``); returns them and all rows.
 
+    The test split is refused: settings chosen on the images a score is reported on would
+    report a tuned-on-test score.
+
     Raises:
-        ValueError: the run is not a cell model, or has no recorded dataset.
+        ValueError: ``split`` is the test split, the run is not a cell model, or it has no
+            recorded dataset.
     """
+    if split == Split.TEST.value:
+        raise ValueError("tuning detection on the test split would report tuned-on-test scores; tune on val "
+                         "(or train)")
     folder = Run.of(run)
     checkpoint = folder.best
     model, config = load_model(checkpoint, runtime.device if runtime is not None else "cpu")

@@ -1,8 +1,8 @@
 """U-Nets over the conv families, and their builders."""
 
-from equiseg.models.build import SEED_WIDTHS, build_model, count_macs, count_parameters, match_width, parameter_count
+from equiseg.models.build import PAPER_WIDTHS, build_model, count_macs, count_parameters, match_width, parameter_count
 from equiseg.models.optimize import optimize_for_inference
 from equiseg.models.unet import BlurPool2d, ConvFamily, Pooling, UNet, conv_block
 
-__all__ = ["SEED_WIDTHS", "BlurPool2d", "ConvFamily", "Pooling", "UNet", "build_model", "conv_block", "count_macs", "count_parameters",
+__all__ = ["PAPER_WIDTHS", "BlurPool2d", "ConvFamily", "Pooling", "UNet", "build_model", "conv_block", "count_macs", "count_parameters",
            "match_width", "optimize_for_inference", "parameter_count"]

@@ -10,14 +10,23 @@ from torch import nn
 from equiseg.models.unet import ConvFamily, Pooling, UNet
 from equiseg.nn import ExpandedConv2d
 
-SEED_WIDTHS = {ConvFamily.PLAIN: 64, ConvFamily.ISOTROPIC: 110}
-"""The seed study's pair: a plain U-Net of width 64 against an isotropic one of width 110."""
+PAPER_WIDTHS = {ConvFamily.PLAIN: 64, ConvFamily.ISOTROPIC: 110}
+"""The pair of the paper (Liem, 2025): a plain U-Net of width 64 against an isotropic one of width 110."""
 
 
 def build_model(family: ConvFamily | str, width: int, depth: int = 4, in_channels: int = 3,
                 num_classes: int = 3, pool: Pooling | str = Pooling.MAX) -> UNet:
     """A U-Net of the given conv family (``"plain"``, ``"isotropic"``, ``"p4"``, ``"p4m"``, ``"c8"``,
     ``"c16"`` or ``"d8"``), going down by ``pool`` (``"max"`` or ``"blur"``).
+
+    Args:
+        family: the conv family (`ConvFamily` or its value).
+        width: units at level 0: channels for plain and isotropic, fields of |G| channels for the
+            group families (doubled at each level down).
+        depth: number of 2x2 poolings.
+        in_channels: image channels (3 for RGB; 5 with tissue context).
+        num_classes: logit channels (3 for cells: background, BC, TC; 2 for tissue).
+        pool: how the U-Net goes down a level (`Pooling` or its value).
 
     >>> model = build_model("isotropic", width=110)
     """
@@ -44,6 +53,9 @@ def match_width(family: ConvFamily | str, reference: nn.Module | int, depth: int
     Args:
         family: the family to size.
         reference: a model, or a parameter count.
+        depth: number of 2x2 poolings of the models compared.
+        in_channels: image channels of the models compared.
+        num_classes: logit channels of the models compared.
         max_width: the largest width considered.
     """
     target = reference if isinstance(reference, int) else count_parameters(reference)

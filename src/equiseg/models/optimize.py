@@ -1,8 +1,8 @@
 """A trained U-Net made ready for deployment: the same function, fewer and plainer layers.
 
-:func:`optimize_for_inference` returns a copy in evaluation mode in which
+`optimize_for_inference` returns a copy in evaluation mode in which
 
-* every equivariant conv is expanded once into an ``nn.Conv2d`` (:func:`~equiseg.nn.fold_to_conv2d`),
+* every equivariant conv is expanded once into an ``nn.Conv2d`` (`fold_to_conv2d`),
 * every batch norm is folded into the conv before it (running statistics: y = s (W x) + t
   becomes (s W) x + t), so a block is one conv with a bias and a ReLU,
 * parameters and activations use the channels-last memory format (the layout oneDNN and cuDNN

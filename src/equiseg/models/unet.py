@@ -25,7 +25,7 @@ class ConvFamily(enum.Enum):
     """The convolution a U-Net is built from, and the symmetry it is exact for.
 
     ``c8``, ``c16`` and ``d8`` carry regular fields over finer rotation groups (C8, C16, D8) with
-    steerable filters (:mod:`equiseg.nn.steerable`); on the pixel grid they are exact for the
+    steerable filters (`equiseg.nn.steerable`); on the pixel grid they are exact for the
     quarter turns (c8, c16) and flips (d8) they contain, and close to equivariant for the rest.
     """
 
@@ -148,7 +148,8 @@ class UNet(nn.Module):
         in_channels: image channels.
         num_classes: logit channels (default 3: background, BC, TC).
         pad_input: pad sizes that are not multiples of 2**depth rather than refuse them.
-        pool: how to go down a level (:class:`Pooling`).
+        pool: how the U-Net goes down a level (`Pooling`).
+        pool: how to go down a level (`Pooling`).
 
     Shapes: (B, in_channels, H, W) -> (B, num_classes, H, W).
     """

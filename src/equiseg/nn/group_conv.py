@@ -1,7 +1,7 @@
 """Group convolutions for p4 = Z2 x| C4 and p4m = Z2 x| D4 (Cohen & Welling, 2016).
 
 Group features travel through the network folded, ``(B, C*|G|, H, W)``, channel-major: the
-fold of ``(B, C, |G|, H, W)`` by :func:`equiseg.groups.fold_group`. In that layout both layers
+fold of ``(B, C, |G|, H, W)`` by `equiseg.groups.fold_group`. In that layout both layers
 below are an ordinary ``F.conv2d`` with an expanded filter bank, so they cost what a plain
 conv with the same channel counts costs and fold into an ``nn.Conv2d``.
 """

@@ -12,7 +12,7 @@ from equiseg.groups import Group, PlaneGroup, unfold_group
 
 
 class GroupPool(enum.Enum):
-    """How :func:`pool_over_group` reduces the group axis."""
+    """How `pool_over_group` reduces the group axis."""
 
     MAX = "max"
     MEAN = "mean"
@@ -46,7 +46,7 @@ class GroupBatchNorm2d(nn.Module):
     * training: per-channel moments (one pass, as many parallel reductions as channels)
       merged over each field's |G| channels, then one elementwise pass; the backward is
       likewise one per-channel reduction, a merge, and one elementwise pass
-      (:class:`FieldBatchNorm`). On a GPU the four passes are PyTorch's own batch-norm kernels
+      (`FieldBatchNorm`). On a GPU the four passes are PyTorch's own batch-norm kernels
       (those ``SyncBatchNorm`` runs, with the |G| channels of a field in the place of the
       replicas). ``BatchNorm2d`` on the view would give each field's millions of values to
       few thread blocks, which left an H100 mostly idle (a p4m U-Net training step, width 8,
@@ -118,8 +118,8 @@ class FieldBatchNorm(torch.autograd.Function):
         dweight = S2 / sigma,  dbias = S1.
 
     Two backends compute the four passes (moments, normalise, gradient sums, input gradient):
-    :class:`_CudaKernels`, PyTorch's own batch-norm kernels, about seven kernels each way, few
-    enough that a small batch is not held up by launches (eager CUDA); and :class:`_Formulas`,
+    `_CudaKernels`, PyTorch's own batch-norm kernels, about seven kernels each way, few
+    enough that a small batch is not held up by launches (eager CUDA); and `_Formulas`,
     the same formulas in tensor operations (every other device, and any code ``torch.compile``
     traces: the kernels have no fake implementation to trace through, and the compiler fuses
     the formulas itself).
@@ -163,7 +163,7 @@ def _per_channel(order: int, *per_field: torch.Tensor | None) -> tuple[torch.Ten
 
 
 class _CudaKernels:
-    """:class:`FieldBatchNorm`'s passes as PyTorch's CUDA batch-norm kernels (those ``SyncBatchNorm`` runs)."""
+    """`FieldBatchNorm`'s passes as PyTorch's CUDA batch-norm kernels (those ``SyncBatchNorm`` runs)."""
 
     @staticmethod
     def moments(x, order, running_mean, running_var, momentum, eps):
@@ -200,7 +200,7 @@ def _accumulator(x: torch.Tensor) -> torch.dtype:
 
 
 class _Formulas:
-    """:class:`FieldBatchNorm`'s passes as tensor operations (statistics in float32, or float64 for
+    """`FieldBatchNorm`'s passes as tensor operations (statistics in float32, or float64 for
     float64 input)."""
 
     @staticmethod

@@ -7,7 +7,7 @@ continuous filter moved by g, sampled on the grid (Weiler, Hamprecht & Storath, 
 Steerable Filters for Rotation Equivariant CNNs", CVPR 2018; Weiler & Cesa, "General E(2)-
 Equivariant Steerable CNNs", NeurIPS 2019).
 
-The basis (:func:`harmonic_basis`) is a product of a Gaussian ring and a circular harmonic,
+The basis (`harmonic_basis`) is a product of a Gaussian ring and a circular harmonic,
 
     psi_{j,k}(r, phi) = exp(-(r - j)^2 / (2 sigma^2)) * (cos k phi | sin k phi),
 
@@ -19,10 +19,10 @@ Guarantees: the quarter turns (and flips for D8) map the pixel grid onto itself,
 sampled filters are exact permutations of pixels and the layers below are exactly equivariant
 (up to float rounding), as the other group families are; for the other turns they are
 equivariant up to the sampling of the continuous filters (measured by
-:func:`equiseg.evaluation.equivariance.arbitrary_angle_error`).
+`equiseg.evaluation.equivariance.arbitrary_angle_error`).
 
 Features are regular fields folded channel-major, ``(B, C*|G|, H, W)``, as in
-:mod:`equiseg.nn.group_conv`; both layers expand to one ``F.conv2d`` weight.
+`equiseg.nn.group_conv`; both layers expand to one ``F.conv2d`` weight.
 """
 
 from __future__ import annotations
@@ -67,13 +67,13 @@ class SteerableLiftingConv2d(ExpandedConv2d):
 
         out[c, g](p) = sum_q x(q) . psi_c(g^-1 (q - p)),   psi_c = sum_b w[c, b] basis_b
 
-    Exactly equivariant for the quarter turns (and flips) in G, as :class:`~equiseg.nn.LiftingConv2d`:
+    Exactly equivariant for the quarter turns (and flips) in G, as `LiftingConv2d`:
     ``out(T_u x) = T_u out(x)`` with ``(T_u f)[g](p) = f[u^-1 g](u^-1 p)``.
 
     Args:
         in_channels: scalar input channels C_in.
         out_channels: output fields C_out (C_out * |G| channels).
-        group: a :class:`~equiseg.groups.PlaneGroup` (C8, C16, D8).
+        group: a `PlaneGroup` (C8, C16, D8).
         kernel_size: odd k; the basis has 6 functions at k = 3, 15 at k = 5 (C8).
         bias: one learned bias per output field.
 
@@ -105,12 +105,12 @@ class SteerableGroupConv2d(ExpandedConv2d):
 
     The filter has a group axis of its own (|G| steerable filters per field pair); element g
     permutes that axis as the regular representation does and moves each filter by g.
-    Exactly equivariant for the quarter turns (and flips) in G, as :class:`~equiseg.nn.GroupConv2d`.
+    Exactly equivariant for the quarter turns (and flips) in G, as `GroupConv2d`.
 
     Args:
         in_channels: input fields C_in (C_in * |G| channels).
         out_channels: output fields C_out (C_out * |G| channels).
-        group: a :class:`~equiseg.groups.PlaneGroup`.
+        group: a `PlaneGroup`.
         kernel_size: odd k.
         bias: one learned bias per output field.
 

@@ -42,7 +42,7 @@ def plot_loss_curves(runs: dict[str, Path], path: Path | str) -> Path:
 
 
 def loss_curves_figure(runs: dict[str, Path]) -> plt.Figure:
-    """The figure of :func:`plot_loss_curves`, not yet saved (the caller closes it)."""
+    """The figure of `plot_loss_curves`, not yet saved (the caller closes it)."""
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for k, (label, run_dir) in enumerate(runs.items()):
         metrics = read_epoch_metrics(run_dir)
@@ -74,7 +74,7 @@ def plot_cases(cases: list[dict], path: Path | str) -> Path:
 
 
 def cases_figure(cases: list[dict]) -> plt.Figure:
-    """The figure of :func:`plot_cases`, not yet saved (the caller closes it)."""
+    """The figure of `plot_cases`, not yet saved (the caller closes it)."""
     rows = len(cases)
     fig, axes = plt.subplots(rows, 3, figsize=(10.5, 3.6 * rows), squeeze=False)
     for row, case in zip(axes, cases):

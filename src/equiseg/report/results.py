@@ -1,14 +1,14 @@
 """What a study measured, as typed results, and their one JSON form.
 
-A study (:mod:`equiseg.study`) evaluates each trained run into a :class:`RunResult`, caches it
+A study (`equiseg.study`) evaluates each trained run into a `RunResult`, caches it
 beside the run (``study.json``), and collects all of them with the tissue model's
-:class:`TissueResult` into a :class:`StudyResult` (``results.json``), which is all the study
-report (:mod:`equiseg.report.study_report`) reads. These types live in ``report/`` because the
+`TissueResult` into a `StudyResult` (``results.json``), which is all the study
+report (`equiseg.report.study_report`) reads. These types live in ``report/`` because the
 report sits below the study.
 
-JSON has no NaN: :func:`to_json` writes NaN as ``null`` and :func:`from_json` reads a ``null``
+JSON has no NaN: `to_json` writes NaN as ``null`` and `from_json` reads a ``null``
 score back as NaN; nowhere else converts. Scores are ``{name: value}`` as
-:func:`~equiseg.evaluation.evaluate.evaluate_model` gives them (``dice/mean``, ``mf1``, ...).
+`evaluate_model` gives them (``dice/mean``, ``mf1``, ...).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ class ResultFormatError(ValueError):
 
 @dataclass(frozen=True)
 class TransformScores:
-    """Test scores with every test image (and its labels) transformed, see :mod:`equiseg.evaluation.robustness`.
+    """Test scores with every test image (and its labels) transformed, see `equiseg.evaluation.robustness`.
 
     ``d4``: the transform is an element of D4, an exact permutation of the pixels (a model exact
     for D4 scores the same under all of them); else a resampled rotation. ``degrees``: its
@@ -57,7 +57,7 @@ class TransformScores:
 
 @dataclass(frozen=True)
 class Certificate:
-    """Measured equivariance (:func:`~equiseg.evaluation.equivariance.certificate`): ``{"group": ...,
+    """Measured equivariance (`certificate`): ``{"group": ...,
     "rot45": ...}`` relative errors for ``group`` (the family's, D4 for plain models) on the test
     images and, when a Grand Challenge input was given, on the real patch (else None)."""
 
@@ -85,8 +85,8 @@ class TTAResult:
 @dataclass(frozen=True)
 class Case:
     """One test image kept for the report's case figure: the ``kind`` of case ("best" or "worst"
-    by per-image Dice, see :func:`~equiseg.report.plots.best_and_worst`), which image and its
-    Dice. Its pictures are in the run's cases file (:func:`save_cases`)."""
+    by per-image Dice, see `best_and_worst`), which image and its
+    Dice. Its pictures are in the run's cases file (`save_cases`)."""
 
     kind: str
     index: int
@@ -100,7 +100,7 @@ class Case:
 
 @dataclass(frozen=True)
 class CasePicture:
-    """What the case figure draws of one :class:`Case`: the cell image (H, W, 3) uint8, the
+    """What the case figure draws of one `Case`: the cell image (H, W, 3) uint8, the
     model's probabilities (C, H, W) (stored as float16), its points (N, 4: x, y, class,
     probability) and the true cells (M, 3: x, y, class); px, (x, y) = (column, row)."""
 
@@ -265,7 +265,7 @@ def to_json(result: RunResult | TissueResult | StudyResult) -> str:
 
 
 def from_json(kind: type[Result], text: str) -> Result:
-    """Read a result of type ``kind`` written by :func:`to_json`; null scores come back as NaN.
+    """Read a result of type ``kind`` written by `to_json`; null scores come back as NaN.
 
     Raises:
         ResultFormatError: ``text`` is not this version's form of ``kind``.
@@ -291,7 +291,7 @@ def save_cases(path: Path, pictures: dict[str, CasePicture]) -> Path:
 
 
 def load_cases(path: Path) -> dict[str, CasePicture]:
-    """The pictures :func:`save_cases` wrote, keyed by case kind; probabilities as float32."""
+    """The pictures `save_cases` wrote, keyed by case kind; probabilities as float32."""
     with np.load(path) as data:
         kinds = dict.fromkeys(name.split(".")[0] for name in data.files)
         return {kind: CasePicture(data[f"{kind}.image"], data[f"{kind}.probs"].astype(np.float32),

@@ -1,8 +1,8 @@
 """The study report: one HTML file with its pictures embedded, and a Markdown summary.
 
-The report is a function of a :class:`~equiseg.report.results.StudyResult` alone: it loads no
+The report is a function of a `StudyResult` alone: it loads no
 model and runs no inference (the case figure's pictures were kept by the study). Each table and
-figure has its own builder (``results_table``, ``efficiency_figure``, ...); :func:`build_report`
+figure has its own builder (``results_table``, ``efficiency_figure``, ...); `build_report`
 puts them into sections, and two small renderers write the same sections as Markdown and HTML.
 """
 

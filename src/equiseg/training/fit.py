@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import logging
 import os
 import shutil
@@ -17,77 +15,21 @@ from lightning.pytorch import loggers
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from equiseg.config import Config, ConfigError, SyntheticConfig
+from equiseg.config import Config, ConfigError
 from equiseg.data.context import ContextFn
 from equiseg.data.datamodule import SegmentationDataModule
 from equiseg.data.ocelot import DatasetError, OcelotFolder, Split
-from equiseg.data.synthetic import generate_dataset
 from equiseg.data.targets import Task
 from equiseg.data.verify import verify_dataset
+from equiseg.datasets import REQUIRE_REAL, data_root, synthetic_notice, synthetic_record
 from equiseg.evaluation.tissue_context import run_context
 from equiseg.files import written_whole
 from equiseg.runs import Run, load_model
 from equiseg.training.module import SegmentationModule
 
 _RUN_DIR_ENV = "EQUISEG_RUN_DIR"
-REQUIRE_REAL = ("this config is meant for real OCELOT data (data.require_real=true): pass --data DIR, or "
-                "data.require_real=false to train on the built-in synthetic data anyway")
 
 log = logging.getLogger(__name__)
-
-
-def cache_dir() -> Path:
-    """Where generated data lives: $EQUISEG_CACHE, else ~/.cache/equiseg."""
-    return Path(os.environ.get("EQUISEG_CACHE", Path.home() / ".cache" / "equiseg"))
-
-
-def generate_synthetic(root: Path, spec: SyntheticConfig) -> Path:
-    """The synthetic dataset ``spec`` at ``root``, generated unless a complete one is there.
-
-    It is written to a sibling folder and renamed into place, so ``root`` only ever holds a
-    whole dataset; an interrupted generation is never reused.
-    """
-
-    if not (root / "metadata.json").is_file():
-        partial = root.with_name(root.name + f".partial-{os.getpid()}")
-        if partial.exists():
-            shutil.rmtree(partial)
-        generate_dataset(partial, {"train": spec.train, "val": spec.val, "test": spec.test}, size=spec.size,
-                         seed=spec.seed, crowding=spec.crowding, rotated=spec.rotated)
-        if root.exists():
-            shutil.rmtree(root)  # an incomplete dataset from an older interrupted run
-        partial.rename(root)
-    return root
-
-
-def synthetic_root(spec: SyntheticConfig) -> Path:
-    """The built-in synthetic dataset for ``spec`` in the cache folder, generated on first use."""
-    fields = {"train": spec.train, "val": spec.val, "test": spec.test, "size": spec.size, "seed": spec.seed}
-    if spec.crowding:  # the sparse world keeps the cache folders it always had
-        fields["crowding"] = spec.crowding
-    if spec.rotated:
-        fields["rotated"] = True
-    key = json.dumps(fields, sort_keys=True)
-    return generate_synthetic(cache_dir() / "synthetic" / hashlib.sha1(key.encode()).hexdigest()[:12], spec)
-
-
-def data_root(config: Config) -> Path:
-    """The dataset folder of a run: ``config.data.root`` or the built-in synthetic data."""
-    return Path(config.data.root) if config.data.root else synthetic_root(config.data.synthetic)
-
-
-def synthetic_record(spec: SyntheticConfig) -> str:
-    """The settings of a built-in synthetic dataset on one line: ``train=16 val=4 test=4 size=512 seed=0 crowding=1``."""
-    return (f"train={spec.train} val={spec.val} test={spec.test} size={spec.size} seed={spec.seed} "
-            f"crowding={spec.crowding:g}" + (" rotated" if spec.rotated else ""))
-
-
-def synthetic_notice(spec: SyntheticConfig) -> str:
-    """The warning a training on the built-in synthetic data starts with."""
-    world = "crowded" if spec.crowding == 1 else "sparse" if spec.crowding == 0 else f"crowding {spec.crowding:g}"
-    world += ", crops at random angles" if spec.rotated else ""
-    return (f"no data.root: training on the built-in SYNTHETIC dataset ({spec.train} train images of "
-            f"{spec.size} px, seed {spec.seed}, {world}), not OCELOT; pass --data DIR for real data")
 
 
 _VERIFIED: set[tuple] = set()  # fingerprints of datasets this process found clean
@@ -100,7 +42,7 @@ def _fingerprint(root: Path) -> tuple:
 
 
 def check_data(root: Path) -> None:
-    """Raise :class:`DatasetError` listing the dataset's problems (all of them) if it has any.
+    """Raise `DatasetError` listing the dataset's problems (all of them) if it has any.
 
     A dataset found clean is not decoded again in this process until one of its files changes
     (a study trains dozens of runs on one dataset).
@@ -154,19 +96,24 @@ def fit(config: Config | None, runs: Path | str = "runs", resume: Path | str | N
         run_dir: Path | str | None = None, progress: bool = True, callbacks: list | None = None) -> Path:
     """Train one model; returns its run folder.
 
-    The folder (:class:`equiseg.runs.Run`) holds the resolved config, the best and last
+    The folder (`equiseg.runs.Run`) holds the resolved config, the best and last
     checkpoints, the metrics, TensorBoard events and the dataset's path. The dataset is checked
     completely before anything is written.
 
     Without ``data.root`` it trains on the built-in synthetic data, and says so: a warning
-    (logged, shown on stderr) and ``synthetic.txt`` in the run folder (:meth:`Run.synthetic`).
-    A config with ``data.require_real`` refuses that with a :class:`ConfigError` before any
+    (logged, shown on stderr) and ``synthetic.txt`` in the run folder (`Run.synthetic`).
+    A config with ``data.require_real`` refuses that with a `ConfigError` before any
     output.
 
-    ``resume`` continues the run in that folder from its last checkpoint (the config is the
-    one stored there; pass ``config=None``). ``callbacks`` are extra Lightning callbacks.
+    ``run_dir`` names the run folder (it must not exist or be empty; default: a new
+    ``runs/NAME-DATE``). ``resume`` continues the run in that folder from its last checkpoint
+    (the config is the one stored there; pass ``config=None``). ``callbacks`` are extra Lightning callbacks.
     """
     ckpt_path = None
+    first = int(os.environ.get("LOCAL_RANK", "0")) == 0  # DDP's other processes join rank 0's folder
+    if resume is None and run_dir is not None and first and Path(run_dir).exists() and (
+            not Path(run_dir).is_dir() or any(Path(run_dir).iterdir())):
+        raise FileExistsError(f"{run_dir} exists: give a new run folder, or resume the run in it")
     if resume is not None:
         run_dir = Path(resume)
         ckpt_path = Run(run_dir).last
@@ -201,7 +148,7 @@ def _checked_inputs(config: Config) -> tuple[Path, ContextFn | None]:
     """The dataset folder (checked whole) and the tissue context of a run, before any output.
 
     Refuses built-in synthetic data for ``data.require_real`` and otherwise says loudly that
-    it is used; a missing or wrong tissue model is a :class:`ConfigError`.
+    it is used; a missing or wrong tissue model is a `ConfigError`.
     """
     synthetic = None if config.data.root else config.data.synthetic
     if synthetic is not None and config.data.require_real:
@@ -246,7 +193,7 @@ def _run_folder(config: Config, root: Path, runs: Path | str, run_dir: Path | st
         run_dir = Run.create(runs, config.name).path
     else:
         run_dir = Path(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=resuming)
+        run_dir.mkdir(parents=True, exist_ok=True)  # empty: fit checked it before any output
     synthetic = None if config.data.root else config.data.synthetic
     Run(run_dir).record_start(config, root, synthetic and (synthetic_record(synthetic), synthetic_notice(synthetic)))
     os.environ[_RUN_DIR_ENV] = str(run_dir.resolve())
@@ -259,7 +206,7 @@ class EpochSeed(L.Callback):
     """Seeds every random generator from (seed, epoch) as each training epoch starts.
 
     The training draws themselves (order, crops, augmentation) are keyed by (seed, epoch,
-    position) in :class:`~equiseg.data.datamodule.EpochShuffle`; this keeps anything else that
+    position) in `EpochShuffle`; this keeps anything else that
     draws from the global generators (a user's callback, a model with dropout) a function of the
     epoch too, not of what ran before it in this process (a resumed run ran its own sanity check
     and validation in between).
@@ -278,7 +225,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     The bytes go to ``.NAME.partial-PID`` beside the destination, are flushed to disk and then
     renamed over it (one atomic step on a local file system). Lightning's own writer keeps its
     partial file in the system temp folder, where a kill leaves it behind unseen.
-    :func:`remove_stale_partials` clears those of killed processes when a run starts or resumes.
+    `remove_stale_partials` clears those of killed processes when a run starts or resumes.
     """
 
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
@@ -312,7 +259,7 @@ def _alive(pid: str) -> bool:
 def _trainer(config: Config, run_dir: Path, progress: bool, callbacks: list) -> L.Trainer:
     """Lightning's Trainer for a run: its config's devices and precision, the run's loggers, and
     two checkpoints (best by val/loss, and the last epoch, also every
-    ``train.checkpoint_every_n_steps`` steps), written atomically by :class:`AtomicCheckpointIO`."""
+    ``train.checkpoint_every_n_steps`` steps), written atomically by `AtomicCheckpointIO`."""
     folder = Run(run_dir).checkpoints
     remove_stale_partials(folder)
     best = ModelCheckpoint(dirpath=folder, filename="best", monitor="val/loss", mode="min",

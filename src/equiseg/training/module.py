@@ -55,7 +55,7 @@ class SegmentationModule(L.LightningModule):
     @staticmethod
     def _batch_generator(batch: dict) -> torch.Generator | None:
         """The augmentation's generator for a batch: seeded by its items' draws (see
-        :class:`~equiseg.data.datamodule.EpochShuffle`), on the batch's device, so a batch is
+        `EpochShuffle`), on the batch's device, so a batch is
         augmented the same way whenever and wherever it is trained; None (torch's global
         generator) for items asked for by bare index."""
         draws = [int(d) for d in batch.get("draw", [-1])]
@@ -86,7 +86,7 @@ class SegmentationModule(L.LightningModule):
             self.log(f"val/dice_{name}", scores[f"dice/{name}"], sync_dist=True)
 
     def configure_optimizers(self) -> dict:
-        """Adam at ``train.lr`` with ``train.schedule`` per epoch (see :func:`lr_schedule`)."""
+        """Adam at ``train.lr`` with ``train.schedule`` per epoch (see `lr_schedule`)."""
         train = self.config.train
         optimizer = torch.optim.Adam(self.parameters(), lr=train.lr)
         return {"optimizer": optimizer, "lr_scheduler": lr_schedule(optimizer, train)}

@@ -1,4 +1,6 @@
-"""A procedural H&E-like world, rendered at two resolutions into an OCELOT-format folder.
+"""The synthetic world: tissue and nuclei in continuous µm, and its rendering into any view.
+
+A procedural H&E-like world, rendered at two resolutions into an OCELOT-format folder.
 
 Each sample is one *world*: a description in continuous µm coordinates of a square of tissue
 (stroma with collagen fibres, blob-shaped cancer areas, sometimes lumens and an unknown region)
@@ -11,7 +13,7 @@ analytically twice, never by resampling one image into the other:
   block of the tissue patch centred at ``(patch_x_offset, patch_y_offset) * tissue side``.
 
 So ``tissue_px = offset * size + (cell_px - size / 2) / 4`` (the OCELOT convention, see
-:meth:`equiseg.data.ocelot.PairMeta.cell_block`), and the cell patch mean-pooled 4x looks like
+`equiseg.data.ocelot.PairMeta.cell_block`), and the cell patch mean-pooled 4x looks like
 the tissue patch cropped to that block.
 
 Colour follows Beer-Lambert: ``RGB = I0 * exp(-(H * h + E * e + od0))`` with per-sample jittered
@@ -30,64 +32,22 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import IntEnum
-from pathlib import Path
-from types import MappingProxyType
 
 import numpy as np
 from scipy import ndimage
 from scipy.spatial import cKDTree
 from scipy.special import ndtri
 
-from equiseg.data.ocelot import (
-    TISSUE_BACKGROUND,
-    TISSUE_CANCER,
-    TISSUE_UNKNOWN,
-    Split,
-    pair_record,
-    write_metadata,
-    write_pair,
-)
-
 CELL_MPP = 0.2  # µm per cell-patch pixel, before per-sample jitter
 SCALE = 4  # tissue_mpp / cell_mpp, exactly
-DEFAULT_COUNTS = MappingProxyType({"train": 8, "val": 4, "test": 4})
-
-_SPLINE_STD = 0.48  # std of a cubic B-spline surface over unit-variance coefficients
-_MARGIN = 12.0  # µm of world kept beyond the tissue patch, so nuclei at its edges are drawn whole
-
-
-@dataclass
-class SyntheticPair:
-    """One rendered sample, in the same form as :class:`equiseg.data.ocelot.Sample`'s arrays.
-
-    Attributes:
-        cell_image: (size, size, 3) uint8, the 4x-finer view of the cell block.
-        tissue_image: (size, size, 3) uint8, the whole world.
-        cells: (N, 3) int64 rows (x, y, class) in cell-patch px, (x, y) = (column, row),
-            class 1 = BC, 2 = TC; every point lies inside the cell patch.
-        tissue_mask: (size, size) uint8, 1 background, 2 cancer area, 255 unknown.
-        cell_mpp: µm per px of the cell patch (about 0.2).
-        tissue_mpp: µm per px of the tissue patch; ``cell_mpp / tissue_mpp == 0.25`` exactly.
-        patch_x_offset: centre of the cell patch as a fraction of the tissue patch's width,
-            a multiple of 1/16 in [1/8, 7/8], so the cell block lies inside the tissue patch.
-        patch_y_offset: the same along the height.
-    """
-
-    cell_image: np.ndarray
-    tissue_image: np.ndarray
-    cells: np.ndarray
-    tissue_mask: np.ndarray
-    cell_mpp: float
-    tissue_mpp: float
-    patch_x_offset: float
-    patch_y_offset: float
+SPLINE_STD = 0.48  # std of a cubic B-spline surface over unit-variance coefficients
+MARGIN = 12.0  # µm of world kept beyond the tissue patch, so nuclei at its edges are drawn whole
 
 
 class NucleusKind(IntEnum):
-    """The kinds of nuclei in the world; :attr:`cell_class` is their OCELOT label."""
+    """The kinds of nuclei in the world; `cell_class` is their OCELOT label."""
 
     TUMOUR = 0
     LYMPHOCYTE = 1
@@ -96,12 +56,6 @@ class NucleusKind(IntEnum):
     @property
     def cell_class(self) -> int:
         return 2 if self is NucleusKind.TUMOUR else 1
-
-
-def check_size(size: int) -> None:
-    """Refuse patch sides that are not a positive multiple of 32 px (the cell block is size / 4 px)."""
-    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size <= 0 or size % 32:
-        raise ValueError(f"size must be a positive multiple of 32 px, got {size!r}")
 
 
 # --- smooth fields -------------------------------------------------------------------------------------------------
@@ -124,7 +78,7 @@ def _bspline_matrix(u: np.ndarray, n: int) -> np.ndarray:
 
 
 @dataclass(frozen=True)
-class _View:
+class View:
     """A square pixel grid over the world: pixel (row i, column j) covers µm
     ``[x0 + j * mpp, x0 + (j + 1) * mpp) x [y0 + i * mpp, y0 + (i + 1) * mpp)``.
 
@@ -144,7 +98,7 @@ class _View:
 
 
 @dataclass(frozen=True)
-class _Noise:
+class Noise:
     """A smooth random field: a cubic B-spline with unit-variance-ish values, correlation ~``spacing`` µm.
 
     Coefficient ``coef[i, j]`` sits at µm ``(x0 + j * spacing, y0 + i * spacing)``, ``(x0, y0) = origin``.
@@ -156,11 +110,11 @@ class _Noise:
 
     @classmethod
     def random(cls, rng: np.random.Generator, start: float, stop: float, spacing: float,
-               start_y: float | None = None) -> _Noise:
+               start_y: float | None = None) -> Noise:
         """A field defined over µm [start, stop] in x and [start_y, start_y + stop - start] in y (default: square)."""
         start_y = start if start_y is None else start_y
         n = math.ceil((stop - start) / spacing) + 5
-        coef = (rng.standard_normal((n, n)) / _SPLINE_STD).astype(np.float32)
+        coef = (rng.standard_normal((n, n)) / SPLINE_STD).astype(np.float32)
         return cls(coef, (start - 2 * spacing, start_y - 2 * spacing), spacing)
 
     def at(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -170,7 +124,7 @@ class _Noise:
         return ndimage.map_coordinates(self.coef, coords.reshape(2, -1), order=3, prefilter=False,
                                        mode="nearest").reshape(np.shape(x)).astype(np.float32)
 
-    def _axis(self, view: _View, start: float, origin: float) -> tuple[np.ndarray, slice]:
+    def _axis(self, view: View, start: float, origin: float) -> tuple[np.ndarray, slice]:
         """Weights (size, m) over the m coefficients that the view's axis touches, and which they are."""
         ss = view.supersample
         u = (start + (np.arange(view.size * ss) + 0.5) / ss * view.mpp - origin) / self.spacing
@@ -178,7 +132,7 @@ class _Noise:
         weights = _bspline_matrix(u - first, last - first + 1)
         return weights.reshape(view.size, ss, -1).mean(axis=1), slice(first, last + 1)
 
-    def on(self, view: _View) -> np.ndarray:
+    def on(self, view: View) -> np.ndarray:
         """The field averaged over each pixel of ``view``: (size, size) float32, rows = y."""
         wy, rows = self._axis(view, view.y0, self.origin[1])
         wx, cols = self._axis(view, view.x0, self.origin[0])
@@ -194,7 +148,7 @@ def _level(rng: np.random.Generator, low: float, high: float) -> float:
 
 
 @dataclass
-class _Nuclei:
+class Nuclei:
     """Nuclei of one kind as arrays (N,): centres and semi-axes in µm, angle in rad (x towards y).
 
     The outline in the nucleus frame is ``rho = 1 + sum_k harm * (cos, sin)(k theta)``, k = 2, 3,
@@ -216,8 +170,8 @@ class _Nuclei:
     rim: np.ndarray
     nucleoli: np.ndarray  # (N, 2, 4)
 
-    def take(self, keep: np.ndarray) -> _Nuclei:
-        return _Nuclei(self.kind, *(getattr(self, f)[keep] for f in
+    def take(self, keep: np.ndarray) -> Nuclei:
+        return Nuclei(self.kind, *(getattr(self, f)[keep] for f in
                                     ("x", "y", "a", "b", "angle", "harm", "dens", "tex", "rim", "nucleoli")))
 
     def reach(self) -> np.ndarray:
@@ -225,8 +179,8 @@ class _Nuclei:
         return self.a * (1 + np.abs(self.harm).sum(axis=1))
 
 
-def _make_nuclei(rng: np.random.Generator, kind: NucleusKind, x: np.ndarray, y: np.ndarray,
-                 style: dict[str, float], angle: np.ndarray | None = None) -> _Nuclei:
+def make_nuclei(rng: np.random.Generator, kind: NucleusKind, x: np.ndarray, y: np.ndarray,
+                 style: dict[str, float], angle: np.ndarray | None = None) -> Nuclei:
     """Draw the shape and stain of each nucleus of ``kind`` at µm centres (x, y)."""
     n = len(x)
     nucleoli = np.zeros((n, 2, 4), np.float32)
@@ -258,10 +212,10 @@ def _make_nuclei(rng: np.random.Generator, kind: NucleusKind, x: np.ndarray, y: 
         dens = style["fibro_h"] * rng.uniform(0.85, 1.15, n)
         tex, rim = dens * 0.25, np.zeros(n)
     arrays = (np.asarray(v, np.float32) for v in (x, y, a, b, angle, harm, dens, tex, rim))
-    return _Nuclei(kind, *arrays, nucleoli)
+    return Nuclei(kind, *arrays, nucleoli)
 
 
-def _draw_nuclei(nuc: _Nuclei, view: _View, blur: float, uniform: np.ndarray, textured: np.ndarray,
+def _draw_nuclei(nuc: Nuclei, view: View, blur: float, uniform: np.ndarray, textured: np.ndarray,
                  cover: np.ndarray) -> None:
     """Add the nuclei's densities into the flat (size * size,) float64 accumulators of ``view``.
 
@@ -281,9 +235,9 @@ def _draw_nuclei(nuc: _Nuclei, view: _View, blur: float, uniform: np.ndarray, te
                      view, blur, edge, (uniform, textured, cover))
 
 
-def _draw_stamps(nuc: _Nuclei, cx: np.ndarray, cy: np.ndarray, k: int, view: _View, blur: float, edge: float,
+def _draw_stamps(nuc: Nuclei, cx: np.ndarray, cy: np.ndarray, k: int, view: View, blur: float, edge: float,
                  accumulators: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
-    """:func:`_draw_nuclei` for nuclei with centres (cx, cy) in continuous px, all within K/2 px of their centre."""
+    """`_draw_nuclei` for nuclei with centres (cx, cy) in continuous px, all within K/2 px of their centre."""
     size, mpp = view.size, view.mpp
     steps = np.arange(k)
     col0, row0 = np.floor(cx - k / 2).astype(np.int64), np.floor(cy - k / 2).astype(np.int64)
@@ -332,24 +286,24 @@ def _draw_stamps(nuc: _Nuclei, cx: np.ndarray, cy: np.ndarray, k: int, view: _Vi
 
 
 @dataclass(frozen=True)
-class _World:
+class World:
     """Everything random about one sample; rendering it is deterministic."""
 
     size: int
     cell_mpp: float
     offset: tuple[float, float]
-    cancer: tuple[_Noise, _Noise]
+    cancer: tuple[Noise, Noise]
     cancer_level: float
-    stroma: _Noise
-    warp: _Noise
-    segments: _Noise
-    chromatin: _Noise | None  # None in a slide's world, whose renderer supplies a window of an unbounded field
-    holes: _Noise | None
+    stroma: Noise
+    warp: Noise
+    segments: Noise
+    chromatin: Noise | None  # None in a slide's world, whose renderer supplies a window of an unbounded field
+    holes: Noise | None
     hole_level: float
-    unknown: _Noise | None
+    unknown: Noise | None
     unknown_level: float
     unknown_fade: float
-    nuclei: tuple[_Nuclei, ...]
+    nuclei: tuple[Nuclei, ...]
     fibre_angle: tuple[float, float]  # rad, direction of the phase gradient of each stripe family
     fibre_period: tuple[float, float]  # µm
     warp_amp: float
@@ -366,14 +320,14 @@ class _World:
         return self.cell_mpp * SCALE
 
     @property
-    def cell_view(self) -> _View:
+    def cell_view(self) -> View:
         side = self.size * self.tissue_mpp
-        return _View(self.offset[0] * side - self.size * self.cell_mpp / 2,
+        return View(self.offset[0] * side - self.size * self.cell_mpp / 2,
                      self.offset[1] * side - self.size * self.cell_mpp / 2, self.cell_mpp, self.size, 1)
 
     @property
-    def tissue_view(self) -> _View:
-        return _View(0.0, 0.0, self.tissue_mpp, self.size, SCALE)
+    def tissue_view(self) -> View:
+        return View(0.0, 0.0, self.tissue_mpp, self.size, SCALE)
 
     def cancer_at(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         return self.cancer[0].at(x, y) + 0.35 * self.cancer[1].at(x, y)
@@ -389,45 +343,45 @@ class _World:
         return np.arctan2(gy, gx) + np.pi / 2
 
 
-def _child(seq: np.random.SeedSequence, *key: int) -> np.random.Generator:
+def child(seq: np.random.SeedSequence, *key: int) -> np.random.Generator:
     """Generator for the independent stream of ``seq`` named by the non-negative integers ``key``
     (``seq``'s spawn key extended by them), without mutating ``seq``."""
     return np.random.default_rng(np.random.SeedSequence(seq.entropy, spawn_key=(*seq.spawn_key, *key),
                                                         pool_size=seq.pool_size))
 
 
-def _make_world(seq: np.random.SeedSequence, size: int, crowding: float = 0.0) -> _World:
-    rng = _child(seq, 0)
+def make_world(seq: np.random.SeedSequence, size: int, crowding: float = 0.0) -> World:
+    rng = child(seq, 0)
     cell_mpp = round(CELL_MPP * rng.uniform(0.97, 1.03), 6)
     side = size * cell_mpp * SCALE  # µm of the tissue patch
     offset = tuple(float(v) for v in rng.integers(2, 15, 2) / 16)  # centre on a 1/16 grid in [1/8, 7/8]
-    lo, hi = -_MARGIN, side + _MARGIN
+    lo, hi = -MARGIN, side + MARGIN
     cell_view_x0 = offset[0] * side - size * cell_mpp / 2
     cell_view_y0 = offset[1] * side - size * cell_mpp / 2
     # the fine chromatin field is only seen in the cell view: it covers that and 4 µm around it
     chromatin = (cell_view_x0 - 4, cell_view_x0 + size * cell_mpp + 4, cell_view_y0 - 4)
-    world = _World(size=size, cell_mpp=cell_mpp, offset=offset, nuclei=(),
-                   **_world_fields(rng, lo, hi, crowding, chromatin))
+    world = World(size=size, cell_mpp=cell_mpp, offset=offset, nuclei=(),
+                   **world_fields(rng, lo, hi, crowding, chromatin))
     # nuclei are placed by context, so they are drawn against the world's fields
     # crowding draws from its own stream, so that crowding 0 leaves the sparse world as it was
-    nuclei = _place_nuclei(rng, world, lo, hi, crowding, _child(seq, 3))
+    nuclei = place_nuclei(rng, world, lo, hi, crowding, child(seq, 3))
     return dataclasses.replace(world, nuclei=nuclei)
 
 
-def _world_fields(rng: np.random.Generator, lo: float, hi: float, crowding: float,
+def world_fields(rng: np.random.Generator, lo: float, hi: float, crowding: float,
                   chromatin: tuple[float, float, float] | None) -> dict:
-    """Everything random about a world but its extent and its nuclei, as :class:`_World`'s keyword arguments:
+    """Everything random about a world but its extent and its nuclei, as `World`'s keyword arguments:
     the smooth fields over µm [lo, hi]² and their levels, the style, the stains, the optics.
 
     ``chromatin`` = µm (x_start, x_stop, y_start) of the square that the 0.8 µm chromatin field
     covers; None draws none (a slide's renderer supplies windows of an unbounded field).
     """
     cancer_spacing = rng.uniform(60, 110)
-    cancer = (_Noise.random(rng, lo, hi, cancer_spacing), _Noise.random(rng, lo, hi, cancer_spacing / 2.5))
+    cancer = (Noise.random(rng, lo, hi, cancer_spacing), Noise.random(rng, lo, hi, cancer_spacing / 2.5))
     # a few samples have (almost) no cancer; the field is a sum with std ~ sqrt(1 + 0.35²)
     cancer_level = 1.06 * (_level(rng, 0.0, 0.04) if rng.uniform() < 0.15 else _level(rng, 0.2, 0.7))
-    holes = _Noise.random(rng, lo, hi, rng.uniform(15, 30)) if rng.uniform() < 0.4 else None
-    unknown = _Noise.random(rng, lo, hi, rng.uniform(100, 180)) if rng.uniform() < 0.25 else None
+    holes = Noise.random(rng, lo, hi, rng.uniform(15, 30)) if rng.uniform() < 0.4 else None
+    unknown = Noise.random(rng, lo, hi, rng.uniform(100, 180)) if rng.uniform() < 0.25 else None
     style = {
         "tumour_radius": rng.uniform(5.0, 6.5),
         "irregularity": rng.uniform(0.04, 0.1),
@@ -448,10 +402,10 @@ def _world_fields(rng: np.random.Generator, lo: float, hi: float, crowding: floa
     stain_e = np.array([0.15, 0.88, 0.45]) + rng.normal(0, 0.04, 3)
     return {
         "cancer": cancer, "cancer_level": cancer_level,
-        "stroma": _Noise.random(rng, lo, hi, 30.0),
-        "warp": _Noise.random(rng, lo, hi, rng.uniform(40, 80)),
-        "segments": _Noise.random(rng, lo, hi, rng.uniform(10, 20)),
-        "chromatin": None if chromatin is None else _Noise.random(rng, chromatin[0], chromatin[1], 0.8, chromatin[2]),
+        "stroma": Noise.random(rng, lo, hi, 30.0),
+        "warp": Noise.random(rng, lo, hi, rng.uniform(40, 80)),
+        "segments": Noise.random(rng, lo, hi, rng.uniform(10, 20)),
+        "chromatin": None if chromatin is None else Noise.random(rng, chromatin[0], chromatin[1], 0.8, chromatin[2]),
         "holes": holes, "hole_level": _level(rng, 0.01, 0.05),
         "unknown": unknown, "unknown_level": _level(rng, 0.05, 0.3), "unknown_fade": float(rng.choice([0.03, 0.3])),
         "fibre_angle": (fibre_angle, fibre_angle + rng.choice([-1, 1]) * rng.uniform(0.3, 1.2)),
@@ -464,8 +418,8 @@ def _world_fields(rng: np.random.Generator, lo: float, hi: float, crowding: floa
     }
 
 
-def _place_nuclei(rng: np.random.Generator, world: _World, lo: float, hi: float, crowding: float = 0.0,
-                  crowd: np.random.Generator | None = None) -> tuple[_Nuclei, ...]:
+def place_nuclei(rng: np.random.Generator, world: World, lo: float, hi: float, crowding: float = 0.0,
+                 crowd: np.random.Generator | None = None) -> tuple[Nuclei, ...]:
     """Tumour cells on a jittered hexagonal lattice in cancer areas, lymphocytes and fibroblasts in stroma.
 
     ``crowding`` in [0, 1] moves the sparse world (tumour lattice 16-22 µm, 55-90 % of its
@@ -476,7 +430,37 @@ def _place_nuclei(rng: np.random.Generator, world: _World, lo: float, hi: float,
     """
     crowd = crowd if crowd is not None else np.random.default_rng(0)
     area = (hi - lo) ** 2 / 1e6  # mm²
-    # tumour: a rotated hex lattice, thinned by context (a few isolated tumour cells in stroma)
+    tumour = _tumour_lattice(rng, world, lo, hi, crowding, crowd)
+    # lymphocytes: inhomogeneous Poisson (aggregates), rare inside cancer areas
+    gain, density = rng.uniform(0.5, 1.5), math.exp(rng.uniform(math.log(300), math.log(3000)))
+    gain, density = gain + 0.5 * crowding, density * (1 + 5 * crowding)
+    cap = math.exp(2.5 * gain - gain ** 2 / 2)
+    aggregates = Noise.random(rng, lo, hi, 50.0)
+    lymph = rng.uniform(lo, hi, (rng.poisson(density * cap * area), 2))
+    intensity = lymphocyte_intensity(world, aggregates, gain, cap, lymph)
+    lymph = clear_of(lymph[rng.uniform(0, cap, len(lymph)) < intensity], tumour, np.empty((0, 2)), 8.5 - 2 * crowding)
+    # fibroblasts: in stroma, along the local collagen fibres
+    fibro = rng.uniform(lo, hi, (rng.poisson(rng.uniform(300, 900) * area), 2))
+    fibro = fibro[world.cancer_at(fibro[:, 0], fibro[:, 1]) < world.cancer_level - 0.1]
+    fibro = clear_of(fibro, np.concatenate([tumour, lymph]), np.empty((0, 2)), 7.5)
+    groups = []
+    for kind, points in ((NucleusKind.TUMOUR, tumour), (NucleusKind.LYMPHOCYTE, lymph),
+                         (NucleusKind.FIBROBLAST, fibro)):
+        x, y = points[:, 0], points[:, 1]
+        alive = np.ones(len(x), bool)  # no nuclei in lumens, glass or the unknown region
+        if world.holes is not None:
+            alive &= world.holes.at(x, y) < world.hole_level - 0.3
+        if world.unknown is not None:
+            alive &= world.unknown.at(x, y) < world.unknown_level - 0.1
+        groups.append(make_nuclei(rng, kind, x[alive], y[alive], world.style, fibre_angles(world, kind, x[alive],
+                                                                                           y[alive], rng)))
+    return tuple(groups)
+
+
+def _tumour_lattice(rng: np.random.Generator, world: World, lo: float, hi: float, crowding: float,
+                    crowd: np.random.Generator) -> np.ndarray:
+    """(N, 2) tumour centres: a rotated, jittered hex lattice, thinned by context (kept in cancer
+    areas, a few isolated tumour cells in stroma)."""
     spacing, turn = rng.uniform(16, 22), rng.uniform(0, np.pi / 3)
     spacing += crowding * (crowd.uniform(10.5, 13.0) - spacing)
     reach = int((hi - lo) / spacing) + 2
@@ -493,53 +477,40 @@ def _place_nuclei(rng: np.random.Generator, world: _World, lo: float, hi: float,
     kept = rng.uniform(0.55, 0.9)
     kept += crowding * (0.97 - kept)
     keep = draw < np.where(in_cancer, kept, 0.012)
-    tumour = np.stack([x[keep], y[keep]], axis=1)
-
-    def poisson(density: float) -> np.ndarray:
-        n = rng.poisson(density * area)
-        return rng.uniform(lo, hi, (n, 2))
-
-    def clear_of(points: np.ndarray, others: np.ndarray, distance: float) -> np.ndarray:
-        """Points farther than ``distance`` µm from all of ``others`` and from each earlier point."""
-        keep = np.ones(len(points), bool)
-        if len(others) and len(points):
-            keep &= cKDTree(others).query(points, k=1)[0] > distance
-        if len(points) > 1:
-            keep[cKDTree(points).query_pairs(distance, output_type="ndarray")[:, 1]] = False  # pairs (i, j), i < j
-        return points[keep]
-
-    # lymphocytes: inhomogeneous Poisson (aggregates), rare inside cancer areas
-    gain, density = rng.uniform(0.5, 1.5), math.exp(rng.uniform(math.log(300), math.log(3000)))
-    gain, density = gain + 0.5 * crowding, density * (1 + 5 * crowding)
-    cap = math.exp(2.5 * gain - gain ** 2 / 2)
-    aggregates = _Noise.random(rng, lo, hi, 50.0)
-    lymph = poisson(density * cap)
-    intensity = np.minimum(np.exp(gain * aggregates.at(lymph[:, 0], lymph[:, 1]) - gain ** 2 / 2), cap)
-    intensity *= np.where(world.cancer_at(lymph[:, 0], lymph[:, 1]) > world.cancer_level, 0.12, 1.0)
-    lymph = clear_of(lymph[rng.uniform(0, cap, len(lymph)) < intensity], tumour, 8.5 - 2 * crowding)
-    # fibroblasts: in stroma, along the local collagen fibres
-    fibro = poisson(rng.uniform(300, 900))
-    fibro = fibro[world.cancer_at(fibro[:, 0], fibro[:, 1]) < world.cancer_level - 0.1]
-    fibro = clear_of(fibro, np.concatenate([tumour, lymph]), 7.5)
-
-    groups = []
-    for kind, points in ((NucleusKind.TUMOUR, tumour), (NucleusKind.LYMPHOCYTE, lymph),
-                         (NucleusKind.FIBROBLAST, fibro)):
-        x, y = points[:, 0], points[:, 1]
-        alive = np.ones(len(x), bool)  # no nuclei in lumens, glass or the unknown region
-        if world.holes is not None:
-            alive &= world.holes.at(x, y) < world.hole_level - 0.3
-        if world.unknown is not None:
-            alive &= world.unknown.at(x, y) < world.unknown_level - 0.1
-        x, y = x[alive], y[alive]
-        angle = None
-        if kind is NucleusKind.FIBROBLAST:
-            angle = world.fibre_direction(x, y) + rng.normal(0, 0.25, len(x))
-        groups.append(_make_nuclei(rng, kind, x, y, world.style, angle))
-    return tuple(groups)
+    return np.stack([x[keep], y[keep]], axis=1)
 
 
-def _render(world: _World, view: _View, rng: np.random.Generator,
+def lymphocyte_intensity(world: World, aggregates: Noise, gain: float, cap: float, points: np.ndarray) -> np.ndarray:
+    """The lymphocytes' Poisson intensity at ``points`` (N, 2) µm, at most ``cap``: log-normal in the
+    aggregate field, an eighth of it inside cancer areas. A point is kept when a uniform draw on
+    [0, cap) falls below it."""
+    intensity = np.minimum(np.exp(gain * aggregates.at(points[:, 0], points[:, 1]) - gain ** 2 / 2), cap)
+    return intensity * np.where(world.cancer_at(points[:, 0], points[:, 1]) > world.cancer_level, 0.12, 1.0)
+
+
+def clear_of(points: np.ndarray, others: np.ndarray, earlier: np.ndarray, distance: float) -> np.ndarray:
+    """The ``points`` (N, 2) farther than ``distance`` µm from all ``others`` and from every earlier
+    candidate: those of ``earlier`` (on a slide, the band before, kept or not) and those before it
+    in ``points``."""
+    keep = np.ones(len(points), bool)
+    if len(others) and len(points):
+        keep &= cKDTree(others).query(points, k=1)[0] > distance
+    both = np.concatenate([earlier, points])
+    if len(both) > 1:
+        later = cKDTree(both).query_pairs(distance, output_type="ndarray")[:, 1] - len(earlier)  # pairs i < j
+        keep[later[later >= 0]] = False
+    return points[keep]
+
+
+def fibre_angles(world: World, kind: NucleusKind, x: np.ndarray, y: np.ndarray,
+                 rng: np.random.Generator) -> np.ndarray | None:
+    """A fibroblast lies along the local collagen (± 0.25 rad); other kinds draw their own angle (None)."""
+    if kind is not NucleusKind.FIBROBLAST:
+        return None
+    return world.fibre_direction(x, y) + rng.normal(0, 0.25, len(x))
+
+
+def render(world: World, view: View, rng: np.random.Generator,
             stain: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """RGB (size, size, 3) uint8 of ``view`` and the cancer field minus its level (size, size) float32.
 
@@ -586,10 +557,10 @@ def _render(world: _World, view: _View, rng: np.random.Generator,
     if world.unknown is not None:
         unknown = np.clip((world.unknown.on(view) - world.unknown_level) / 0.05 + 0.5, 0, 1)
         tissue *= 1 - (1 - world.unknown_fade) * unknown
-    return _colour(world, hema * tissue, eosin * tissue, rng), cancer
+    return colour(world, hema * tissue, eosin * tissue, rng), cancer
 
 
-def _colour(world: _World, hema: np.ndarray, eosin: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def colour(world: World, hema: np.ndarray, eosin: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Beer-Lambert RGB (H, W, 3) uint8 of hematoxylin and eosin densities (H, W) float32, with uniform
     pixel noise of std ``world.noise`` grey levels drawn from ``rng`` (H * W values per channel)."""
     rgb = np.empty((*hema.shape, 3), np.uint8)
@@ -602,7 +573,7 @@ def _colour(world: _World, hema: np.ndarray, eosin: np.ndarray, rng: np.random.G
     return rgb
 
 
-def _cell_points(world: _World) -> np.ndarray:
+def cell_points(world: World) -> np.ndarray:
     """Nucleus centres inside the cell patch as (N, 3) int64 rows (x, y, class), sorted by (y, x)."""
     view = world.cell_view
     rows = []
@@ -612,148 +583,3 @@ def _cell_points(world: _World) -> np.ndarray:
         rows.append(np.stack([col[inside], row[inside], np.full(inside.sum(), group.kind.cell_class)], axis=1))
     cells = np.concatenate(rows).astype(np.int64).reshape(-1, 3)
     return cells[np.lexsort((cells[:, 0], cells[:, 1]))]
-
-
-def _turn(points: np.ndarray, centre: np.ndarray, angle: float) -> np.ndarray:
-    """(N, 2) points (x, y) turned by ``angle`` rad about ``centre`` (x towards y: clockwise on screen)."""
-    c, s = math.cos(angle), math.sin(angle)
-    d = points - centre
-    return centre + np.stack([c * d[:, 0] - s * d[:, 1], s * d[:, 0] + c * d[:, 1]], axis=1)
-
-
-def _turned_image(image: np.ndarray, centre: tuple[float, float], angle: float, order: int,
-                  fill: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``image`` (H, W[, C]) turned by ``angle`` about the px point ``centre`` (x, y), in its own frame:
-    output pixel p shows the source at ``centre + R(-angle) (p - centre)`` (spline ``order``); where that
-    point lies outside the source, ``fill`` (same shape as ``image``) shows instead, blended over one px
-    of anti-aliased edge. Returns the image (same dtype) and the covered fraction (H, W) float32."""
-    h, w = image.shape[:2]
-    ys, xs = np.mgrid[0:h, 0:w].astype(np.float64) + 0.5
-    source = _turn(np.stack([xs.ravel(), ys.ravel()], axis=1), np.array(centre), -angle)
-    sx, sy = source[:, 0].reshape(h, w), source[:, 1].reshape(h, w)
-    cover = np.clip(np.minimum.reduce([sx, w - sx, sy, h - sy]) + 0.5, 0, 1).astype(np.float32)
-    coords = np.stack([sy - 0.5, sx - 0.5])
-    channels = image[..., None] if image.ndim == 2 else image
-    out = np.empty(channels.shape, np.float32)
-    for k in range(channels.shape[2]):
-        out[..., k] = ndimage.map_coordinates(channels[..., k].astype(np.float32), coords, order=order,
-                                              mode="nearest", prefilter=order > 1)
-    out = out.reshape(image.shape)
-    weight = cover if image.ndim == 2 else cover[..., None]
-    if order == 0:  # labels: no blending, the source where more than half a pixel is covered
-        out = np.where(weight > 0.5, out, fill)
-    else:
-        out = weight * out + (1 - weight) * fill.astype(np.float32)
-    info = np.iinfo(image.dtype)
-    return np.clip(np.rint(out), info.min, info.max).astype(image.dtype), cover
-
-
-def _crop_angle(offset: tuple[float, float], rng: np.random.Generator) -> tuple[float, tuple[float, float]]:
-    """An angle (rad) uniform over those that keep the cell block inside the tissue patch once both turn
-    about the tissue patch's centre, and the cell patch's centre offset after the turn."""
-    for _ in range(1000):  # at least a quarter of all angles qualify for any offset in [1/8, 7/8]²
-        angle = float(rng.uniform(0, 2 * np.pi))
-        moved = _turn(np.array([offset]), np.array([0.5, 0.5]), angle)[0]
-        if np.all((moved >= 0.125 - 1e-9) & (moved <= 0.875 + 1e-9)):
-            return angle, (float(moved[0]), float(moved[1]))
-    return 0.0, offset
-
-
-def _rotated_crop(pair: SyntheticPair, world: _World, rng: np.random.Generator) -> SyntheticPair:
-    """``pair`` seen through crops turned by a random angle: the cell patch turned about its centre and shown
-    in an axis-aligned frame whose corners outside the crop are bare glass; the tissue patch turned by the same
-    angle about its own centre (glass in its corners too), its cell block offset moved with the turn so the
-    cell block relation of :meth:`~equiseg.data.ocelot.PairMeta.cell_block` still holds exactly.
-
-    Cells are cut by the crop's border at the angle of the turn; points move with the exact turn of their
-    pixel centres and those that leave the frame are dropped; outside the tissue crop the mask is background.
-    The tissue patch keeps the tissue around the cell crop (context reaches beyond a crop).
-    """
-    size = pair.cell_image.shape[0]
-    angle, offset = _crop_angle((pair.patch_x_offset, pair.patch_y_offset), rng)
-    glass = np.zeros((size, size), np.float32)
-    centre = (size / 2, size / 2)
-    cell_image, _ = _turned_image(pair.cell_image, centre, angle, 1, _colour(world, glass, glass, rng))
-    tissue_image, _ = _turned_image(pair.tissue_image, centre, angle, 1, _colour(world, glass, glass, rng))
-    mask, _ = _turned_image(pair.tissue_mask, centre, angle, 0,
-                            np.full(pair.tissue_mask.shape, TISSUE_BACKGROUND, np.uint8))
-    moved = np.floor(_turn(pair.cells[:, :2] + 0.5, np.array(centre), angle)).astype(np.int64)
-    inside = np.all((moved >= 0) & (moved < size), axis=1)
-    cells = np.concatenate([moved[inside], pair.cells[inside, 2:]], axis=1).reshape(-1, 3)
-    cells = cells[np.lexsort((cells[:, 0], cells[:, 1]))]
-    return dataclasses.replace(pair, cell_image=cell_image, tissue_image=tissue_image, cells=cells,
-                               tissue_mask=mask, patch_x_offset=offset[0], patch_y_offset=offset[1])
-
-
-def render_pair(seed: int | np.random.SeedSequence, size: int = 1024, crowding: float = 0.0,
-                rotated: bool = False) -> SyntheticPair:
-    """Draw one world from ``seed`` and render its cell and tissue patches, ``size`` x ``size`` px each.
-
-    The same seed gives identical arrays. The tissue patch covers ``size * tissue_mpp`` µm; the
-    cell patch is the block ``PairMeta.cell_block`` of it at 4x the resolution, rendered from the
-    world (nuclear detail included), not upsampled. ``size`` must be a positive multiple of 32.
-    ``crowding`` in [0, 1]: 0 the sparse world, 1 crowded tissue (see :func:`_place_nuclei`).
-    ``rotated``: the pair is seen through crops turned by a random angle (its own stream, so the
-    world is the same as unrotated): cells cut by the crop's border at every orientation, glass in
-    the corners, the offsets moved with the turn (see :func:`_rotated_crop`); pixels are resampled
-    bilinearly once.
-    """
-    check_size(size)
-    if not 0 <= crowding <= 1:
-        raise ValueError(f"crowding must lie in [0, 1], got {crowding}")
-    seq = seed if isinstance(seed, np.random.SeedSequence) else np.random.SeedSequence(seed)
-    world = _make_world(seq, size, crowding)
-    cell_image, _ = _render(world, world.cell_view, _child(seq, 1))
-    tissue_image, cancer = _render(world, world.tissue_view, _child(seq, 2))
-    mask = np.where(cancer > 0, TISSUE_CANCER, TISSUE_BACKGROUND).astype(np.uint8)
-    if world.unknown is not None:
-        mask[world.unknown.on(world.tissue_view) > world.unknown_level] = TISSUE_UNKNOWN
-    pair = SyntheticPair(cell_image, tissue_image, _cell_points(world), mask, world.cell_mpp, world.tissue_mpp,
-                         world.offset[0], world.offset[1])
-    if rotated:
-        pair = _rotated_crop(pair, world, _child(seq, 4))
-    return pair
-
-
-def generate_dataset(out_dir: Path | str, counts: Mapping[str, int] = DEFAULT_COUNTS, size: int = 1024,
-                     seed: int = 0, on_sample: Callable[[int, int], None] | None = None,
-                     crowding: float = 0.0, rotated: bool = False) -> Path:
-    """Write a synthetic dataset in the OCELOT Zenodo layout; returns ``out_dir``.
-
-    Sample ids are "001", "002", ... consecutive across the splits in the order train, val, test
-    (as in the real data). Sample ``k`` (0-based over all splits) is ``render_pair(SeedSequence([seed, k]))``,
-    so asking for more samples leaves the earlier ones byte-identical. ``on_sample(done, total)``
-    is called after each pair is written. ``crowding`` and ``rotated``: see :func:`render_pair`.
-
-    Raises:
-        ValueError: ``size`` not a positive multiple of 32, an unknown split or a negative count.
-        FileExistsError: ``out_dir`` exists and is not an empty folder.
-    """
-    check_size(size)
-    unknown = set(counts) - {split.value for split in Split}
-    if unknown:
-        raise ValueError(f"unknown splits {sorted(unknown)}; expected some of {[split.value for split in Split]}")
-    if any(int(n) < 0 for n in counts.values()):
-        raise ValueError(f"sample counts must be >= 0, got {dict(counts)}")
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"{out} exists and is not an empty folder; refusing to mix datasets")
-    splits = [split.value for split in Split for _ in range(int(counts.get(split.value, 0)))]
-    width = max(3, len(str(len(splits))))
-    records = {}
-    for k, split in enumerate(splits):
-        pair = render_pair(np.random.SeedSequence([seed, k]), size, crowding, rotated)
-        sample_id = f"{k + 1:0{width}d}"
-        write_pair(out, split, sample_id, pair.cell_image, pair.tissue_image, pair.cells, pair.tissue_mask)
-        # level 0 of each synthetic slide is at cell resolution, so the slide boxes are whole pixels
-        records[sample_id] = pair_record(split, pair.cell_mpp, pair.tissue_mpp, pair.patch_x_offset,
-                                         pair.patch_y_offset, cell_size=size, tissue_size=size,
-                                         slide_mpp=pair.cell_mpp, slide_name=f"synthetic-{seed}-{k}",
-                                         organ="synthetic")
-        if on_sample is not None:
-            on_sample(k + 1, len(splits))
-    crowded = f", crowding {crowding:g}" if crowding else ""
-    turned = ", crops at random angles" if rotated else ""
-    write_metadata(out, records,
-                   description=f"Synthetic H&E-like pairs from equiseg (seed {seed}, {size} px{crowded}{turned}).")
-    return out

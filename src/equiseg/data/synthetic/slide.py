@@ -1,4 +1,4 @@
-"""A synthetic whole-slide image: the procedural world of :mod:`equiseg.data.synthetic` over a
+"""A synthetic whole-slide image: the procedural world of `equiseg.data.synthetic` over a
 square slide with a tissue section on glass, written as a pyramidal tiled TIFF with its true cells.
 
 Level 0 is at ``mpp`` µm/px (by default the synthetic cell patches' 0.2 µm/px, so a model trained
@@ -10,13 +10,13 @@ world's *unknown* region is left out, since on a slide it would read as glass in
 
 What changes against the patch world, so that a 48000 px (9.6 mm) slide stays in bounded memory:
 
-* level 0 is rendered analytically in square blocks of :data:`BLOCK` px, one row of blocks at a
+* level 0 is rendered analytically in square blocks of `BLOCK` px, one row of blocks at a
   time; a block that is all glass is filled without rendering (bit for bit what rendering gives);
-* the 0.8 µm chromatin texture is an unbounded field (:class:`_TiledNoise`) whose coefficients are
+* the 0.8 µm chromatin texture is an unbounded field (`_TiledNoise`) whose coefficients are
   drawn per block from a generator keyed by the block's index: each render block takes a window of
   one function, so there are no seams and no array for the whole slide;
 * nuclei are placed in bands of ``_BAND`` µm by the rules of
-  :func:`equiseg.data.synthetic._place_nuclei` (tumour cells on one hexagonal lattice thinned by
+  `equiseg.data.synthetic.world.place_nuclei` (tumour cells on one hexagonal lattice thinned by
   context, lymphocyte aggregates, fibroblasts along the collagen; minimum distances hold across
   band edges), and only where the section is fully stained;
 * the pixel noise of each render block comes from a generator keyed by the block's position.
@@ -38,22 +38,24 @@ from pathlib import Path
 
 import numpy as np
 import tifffile
-from scipy.spatial import cKDTree
 
-from equiseg.data.synthetic import (
-    _MARGIN,
-    _SPLINE_STD,
+from equiseg.data.synthetic.world import (
     CELL_MPP,
+    MARGIN,
+    SPLINE_STD,
+    Noise,
+    Nuclei,
     NucleusKind,
-    _child,
-    _colour,
-    _make_nuclei,
-    _Noise,
-    _Nuclei,
-    _render,
-    _View,
-    _World,
-    _world_fields,
+    View,
+    World,
+    child,
+    clear_of,
+    colour,
+    fibre_angles,
+    lymphocyte_intensity,
+    make_nuclei,
+    render,
+    world_fields,
 )
 from equiseg.files import written_whole
 
@@ -87,7 +89,7 @@ class _Stream(IntEnum):
 
 @dataclass(frozen=True)
 class SyntheticSlide:
-    """A synthetic slide as written by :func:`write_synthetic_slide`.
+    """A synthetic slide as written by `write_synthetic_slide`.
 
     Attributes:
         path: the pyramidal TIFF.
@@ -103,7 +105,7 @@ class SyntheticSlide:
         seed: the seed it was drawn from.
         crowding: the crowding it was drawn with, in [0, 1].
 
-    :meth:`tissue_mask` gives the true section, :meth:`render_region` level-0 pixels afresh.
+    `tissue_mask` gives the true section, `render_region` level-0 pixels afresh.
     """
 
     path: Path
@@ -128,7 +130,7 @@ class SyntheticSlide:
         if isinstance(downsample, bool) or not isinstance(downsample, (int, np.integer)) or downsample < 1:
             raise ValueError(f"downsample must be an integer >= 1, got {downsample!r}")
         outline = _draw_outline(_root(self.seed), self.width, self.mpp)
-        view = _View(0.0, 0.0, self.mpp * downsample, self.width // downsample, 1)
+        view = View(0.0, 0.0, self.mpp * downsample, self.width // downsample, 1)
         return outline.field_on(view) >= outline.level
 
     def render_region(self, x: int, y: int, width: int, height: int) -> np.ndarray:
@@ -177,7 +179,7 @@ def write_synthetic_slide(path: Path | str, size: int = 12000, seed: int = 0, cr
             (``total = ceil(size / 1024)``).
 
     Returns:
-        The :class:`SyntheticSlide`.
+        The `SyntheticSlide`.
 
     Raises:
         ValueError: an argument out of its range, or ``path`` an existing folder.
@@ -201,7 +203,7 @@ def write_synthetic_slide(path: Path | str, size: int = 12000, seed: int = 0, cr
 
 
 def check_arguments(size: int, seed: int, crowding: float, mpp: float, tile: int = 256) -> None:
-    """Refuse arguments :func:`write_synthetic_slide` cannot use, with a ValueError saying which."""
+    """Refuse arguments `write_synthetic_slide` cannot use, with a ValueError saying which."""
     def integer(value: object) -> bool:
         return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
@@ -241,8 +243,8 @@ class _Outline:
     each side that keeps the section off the slide's edges (and makes everything beyond them glass).
     """
 
-    large: _Noise
-    detail: _Noise
+    large: Noise
+    detail: Noise
     side: float  # µm
     level: float = 0.0
     ramp: float = 1.0  # field units over which the stain goes from none to full (~_EDGE µm across the outline)
@@ -255,7 +257,7 @@ class _Outline:
         wall = _BORDER * np.clip(1 - inside / (_BORDER_WIDTH * self.side), 0, 1) ** 2
         return _BOWL * (2 * t / self.side - 1) ** 2 + wall
 
-    def field_on(self, view: _View) -> np.ndarray:
+    def field_on(self, view: View) -> np.ndarray:
         """The field over ``view``: (size, size) float32, rows = y; the fall-off at pixel centres."""
         border = self._border(view.centres(view.y0))[:, None] + self._border(view.centres(view.x0))[None, :]
         return self.large.on(view) + np.float32(0.3) * self.detail.on(view) - border.astype(np.float32)
@@ -265,7 +267,7 @@ class _Outline:
         return (self.large.at(x, y) + np.float32(0.3) * self.detail.at(x, y)
                 - (self._border(np.asarray(x)) + self._border(np.asarray(y))).astype(np.float32))
 
-    def stain_on(self, view: _View) -> np.ndarray:
+    def stain_on(self, view: View) -> np.ndarray:
         """Fraction of the stain kept over ``view``: (size, size) float32 in [0, 1], 0 on glass."""
         return np.clip((self.field_on(view) - np.float32(self.level)) / np.float32(self.ramp) + np.float32(0.5),
                        0, 1)
@@ -273,14 +275,14 @@ class _Outline:
 
 def _draw_outline(root: np.random.SeedSequence, size: int, mpp: float) -> _Outline:
     """The section of a slide of ``size`` px at ``mpp``: 45-65 % of the slide, a few lobes, ragged edges."""
-    rng = _child(root, _Stream.OUTLINE)
+    rng = child(root, _Stream.OUTLINE)
     side, extent = size * mpp, _rendered(size) * mpp
-    large = _Noise.random(rng, 0.0, extent, side * rng.uniform(0.25, 0.4))
-    detail = _Noise.random(rng, 0.0, extent, min(0.06 * side, 150.0) * rng.uniform(0.7, 1.3))
+    large = Noise.random(rng, 0.0, extent, side * rng.uniform(0.25, 0.4))
+    detail = Noise.random(rng, 0.0, extent, min(0.06 * side, 150.0) * rng.uniform(0.7, 1.3))
     coverage = rng.uniform(0.4, 0.6)
     outline = _Outline(large, detail, side)
     grid = 256  # point samples over the slide: enough for the level and the slope of the field at it
-    field = outline.field_on(_View(0.0, 0.0, side / grid, grid, 1))
+    field = outline.field_on(View(0.0, 0.0, side / grid, grid, 1))
     level = float(np.quantile(field, 1 - coverage))
     gy, gx = np.gradient(field, side / grid)  # field units per µm
     offset = np.abs(field - level)
@@ -298,7 +300,7 @@ def _rendered(size: int) -> int:
 
 @dataclass(frozen=True)
 class _TiledNoise:
-    """An unbounded smooth random field like :class:`equiseg.data.synthetic._Noise` (a cubic B-spline
+    """An unbounded smooth random field like `equiseg.data.synthetic.world.Noise` (a cubic B-spline
     over unit-variance coefficients every ``spacing`` µm) whose coefficients are drawn per block of
     ``block`` x ``block`` from a generator keyed by the block's index (i, j): every window is a piece
     of the same function, so render blocks meet without seams, and only a window is ever held.
@@ -311,8 +313,8 @@ class _TiledNoise:
     spacing: float = _CHROMATIN_SPACING
     block: int = 256
 
-    def window(self, view: _View) -> _Noise:
-        """A :class:`_Noise` holding just the coefficients that ``view``'s pixels need (4 taps each)."""
+    def window(self, view: View) -> Noise:
+        """A `Noise` holding just the coefficients that ``view``'s pixels need (4 taps each)."""
         b, s = self.block, self.spacing
 
         def span(start: float) -> tuple[int, int]:  # first and last coefficient index along one axis
@@ -329,24 +331,24 @@ class _TiledNoise:
                 part = self._block(bi, bj)
                 coef[rows[0] - i0:rows[-1] - i0 + 1, cols[0] - j0:cols[-1] - j0 + 1] = \
                     part[rows[0] - bi * b:rows[-1] - bi * b + 1, cols[0] - bj * b:cols[-1] - bj * b + 1]
-        return _Noise(coef, ((j0 - b) * s, (i0 - b) * s), s)
+        return Noise(coef, ((j0 - b) * s, (i0 - b) * s), s)
 
     def _block(self, bi: int, bj: int) -> np.ndarray:
-        rng = _child(self.root, _Stream.CHROMATIN, bi, bj)
-        return (rng.standard_normal((self.block, self.block)) / _SPLINE_STD).astype(np.float32)
+        rng = child(self.root, _Stream.CHROMATIN, bi, bj)
+        return (rng.standard_normal((self.block, self.block)) / SPLINE_STD).astype(np.float32)
 
 
 # --- nuclei --------------------------------------------------------------------------------------------------------
 
 
-_NUCLEUS_FIELDS = tuple(f.name for f in dataclasses.fields(_Nuclei) if f.name != "kind")
+_NUCLEUS_FIELDS = tuple(f.name for f in dataclasses.fields(Nuclei) if f.name != "kind")
 
 
-def _place_slide_nuclei(root: np.random.SeedSequence, world: _World, outline: _Outline, side: float,
-                        crowding: float) -> tuple[_Nuclei, ...]:
-    """The nuclei of a slide of ``side`` µm, one :class:`_Nuclei` per kind, each sorted by y.
+def _place_slide_nuclei(root: np.random.SeedSequence, world: World, outline: _Outline, side: float,
+                        crowding: float) -> tuple[Nuclei, ...]:
+    """The nuclei of a slide of ``side`` µm, one `Nuclei` per kind, each sorted by y.
 
-    The rules and numbers of :func:`equiseg.data.synthetic._place_nuclei`, drawn band by band: a
+    The rules and numbers of `equiseg.data.synthetic.world.place_nuclei`, drawn band by band: a
     tumour cell on each site of one rotated hexagonal lattice (16-22 µm sparse, 10.5-13 µm crowded),
     jittered, kept in cancer areas (55-97 %) and rarely in stroma (1.2 %); lymphocytes from an
     inhomogeneous Poisson process (aggregates of ~50 µm, rare in cancer areas), at least
@@ -354,7 +356,7 @@ def _place_slide_nuclei(root: np.random.SeedSequence, world: _World, outline: _O
     the collagen, 7.5 µm from everything earlier. "Earlier" runs band by band, so the distances hold
     across band edges. Then every nucleus outside the fully stained section or in a lumen goes.
     """
-    rng = _child(root, _Stream.NUCLEI)
+    rng = child(root, _Stream.NUCLEI)
     spacing, turn = rng.uniform(16, 22), rng.uniform(0, np.pi / 3)
     spacing += crowding * (rng.uniform(10.5, 13.0) - spacing)
     kept = rng.uniform(0.55, 0.9)
@@ -362,12 +364,12 @@ def _place_slide_nuclei(root: np.random.SeedSequence, world: _World, outline: _O
     gain, density = rng.uniform(0.5, 1.5), math.exp(rng.uniform(math.log(300), math.log(3000)))
     gain, density = gain + 0.5 * crowding, density * (1 + 5 * crowding)
     cap = math.exp(2.5 * gain - gain ** 2 / 2)
-    aggregates = _Noise.random(rng, 0.0, side, 50.0)
+    aggregates = Noise.random(rng, 0.0, side, 50.0)
     fibro_density = rng.uniform(300, 900)
     bands = [(k * _BAND, min((k + 1) * _BAND, side)) for k in range(math.ceil(side / _BAND))]
 
     def place(kind: NucleusKind, k: int) -> np.random.Generator:
-        return _child(root, _Stream.PLACE, kind, k)
+        return child(root, _Stream.PLACE, kind, k)
 
     def around(per_band: list[np.ndarray], k: int) -> np.ndarray:
         """Points of bands k - 1 to k + 1: all that can lie within a clearance of band k (jitter < 20 µm)."""
@@ -380,22 +382,27 @@ def _place_slide_nuclei(root: np.random.SeedSequence, world: _World, outline: _O
     for k, (y0, y1) in enumerate(bands):
         band = place(NucleusKind.LYMPHOCYTE, k)
         points = _uniform_band(band, density * cap, side, y0, y1)
-        intensity = np.minimum(np.exp(gain * aggregates.at(points[:, 0], points[:, 1]) - gain ** 2 / 2), cap)
-        intensity *= np.where(world.cancer_at(points[:, 0], points[:, 1]) > world.cancer_level, 0.12, 1.0)
-        points = points[band.uniform(0, cap, len(points)) < intensity]
-        lymph.append(_clear_of(points, around(tumour, k), earlier, 8.5 - 2 * crowding))
+        points = points[band.uniform(0, cap, len(points)) < lymphocyte_intensity(world, aggregates, gain, cap, points)]
+        lymph.append(clear_of(points, around(tumour, k), earlier, 8.5 - 2 * crowding))
         earlier = points
     fibro: list[np.ndarray] = []
     earlier = np.empty((0, 2))
     for k, (y0, y1) in enumerate(bands):
         points = _uniform_band(place(NucleusKind.FIBROBLAST, k), fibro_density, side, y0, y1)
         points = points[world.cancer_at(points[:, 0], points[:, 1]) < world.cancer_level - 0.1]
-        fibro.append(_clear_of(points, np.concatenate([around(tumour, k), around(lymph, k)]), earlier, 7.5))
+        fibro.append(clear_of(points, np.concatenate([around(tumour, k), around(lymph, k)]), earlier, 7.5))
         earlier = points
 
+    return _kept_nuclei(root, world, outline, {NucleusKind.TUMOUR: tumour, NucleusKind.LYMPHOCYTE: lymph,
+                                              NucleusKind.FIBROBLAST: fibro})
+
+
+def _kept_nuclei(root: np.random.SeedSequence, world: World, outline: _Outline,
+                 bands: dict[NucleusKind, list[np.ndarray]]) -> tuple[Nuclei, ...]:
+    """Each kind's centres (per band) that lie on the fully stained section and outside lumens, with
+    their shapes drawn, as one `Nuclei` per kind sorted by y."""
     groups = []
-    for kind, per_band in ((NucleusKind.TUMOUR, tumour), (NucleusKind.LYMPHOCYTE, lymph),
-                           (NucleusKind.FIBROBLAST, fibro)):
+    for kind, per_band in bands.items():
         parts = []
         for k, points in enumerate(per_band):
             x, y = points[:, 0], points[:, 1]
@@ -404,17 +411,14 @@ def _place_slide_nuclei(root: np.random.SeedSequence, world: _World, outline: _O
             if world.holes is not None:
                 alive &= world.holes.at(x, y) < world.hole_level - 0.3
             x, y = x[alive], y[alive]
-            shapes = _child(root, _Stream.SHAPES, kind, k)
-            angle = None
-            if kind is NucleusKind.FIBROBLAST:
-                angle = world.fibre_direction(x, y) + shapes.normal(0, 0.25, len(x))
-            parts.append(_make_nuclei(shapes, kind, x, y, world.style, angle))
-        nuclei = _Nuclei(kind, *(np.concatenate([getattr(part, name) for part in parts]) for name in _NUCLEUS_FIELDS))
+            shapes = child(root, _Stream.SHAPES, kind, k)
+            parts.append(make_nuclei(shapes, kind, x, y, world.style, fibre_angles(world, kind, x, y, shapes)))
+        nuclei = Nuclei(kind, *(np.concatenate([getattr(part, name) for part in parts]) for name in _NUCLEUS_FIELDS))
         groups.append(nuclei.take(np.argsort(nuclei.y, kind="stable")))
     return tuple(groups)
 
 
-def _lattice_band(rng: np.random.Generator, world: _World, spacing: float, turn: float, kept: float,
+def _lattice_band(rng: np.random.Generator, world: World, spacing: float, turn: float, kept: float,
                   side: float, y0: float, y1: float) -> np.ndarray:
     """Tumour cells of one band, (N, 2) µm: the sites of the hexagonal lattice (``spacing`` µm, turned
     by ``turn`` rad about the slide's centre) that lie in [0, side) x [y0, y1), jittered by 12 % of
@@ -448,19 +452,6 @@ def _uniform_band(rng: np.random.Generator, density: float, side: float, y0: flo
     return np.stack([rng.uniform(0, side, n), rng.uniform(y0, y1, n)], axis=1)
 
 
-def _clear_of(points: np.ndarray, others: np.ndarray, earlier: np.ndarray, distance: float) -> np.ndarray:
-    """Points farther than ``distance`` µm from all ``others`` and from every earlier candidate: those
-    of ``earlier`` (the band before, kept or not) and those before it in ``points``."""
-    keep = np.ones(len(points), bool)
-    if len(others) and len(points):
-        keep &= cKDTree(others).query(points, k=1)[0] > distance
-    both = np.concatenate([earlier, points])
-    if len(both) > 1:
-        later = cKDTree(both).query_pairs(distance, output_type="ndarray")[:, 1] - len(earlier)  # pairs i < j
-        keep[later[later >= 0]] = False
-    return points[keep]
-
-
 # --- the slide -----------------------------------------------------------------------------------------------------
 
 
@@ -471,7 +462,7 @@ class _Slide:
     root: np.random.SeedSequence
     size: int  # px, level 0
     mpp: float
-    world: _World  # the patch world's fields over the rendered blocks, all nuclei (each kind sorted by y)
+    world: World  # the patch world's fields over the rendered blocks, all nuclei (each kind sorted by y)
     outline: _Outline
     chromatin: _TiledNoise
     reach: float  # µm: no nucleus has density farther than this from its centre
@@ -480,9 +471,9 @@ class _Slide:
     def make(cls, seed: int, size: int, mpp: float, crowding: float) -> _Slide:
         root = _root(seed)
         extent = _rendered(size) * mpp
-        fields = _world_fields(_child(root, _Stream.WORLD), -_MARGIN, extent + _MARGIN, crowding, chromatin=None)
+        fields = world_fields(child(root, _Stream.WORLD), -MARGIN, extent + MARGIN, crowding, chromatin=None)
         fields["unknown"] = None  # on a slide an unknown region would read as glass inside the section
-        world = _World(size=size, cell_mpp=mpp, offset=(0.5, 0.5), nuclei=(), **fields)
+        world = World(size=size, cell_mpp=mpp, offset=(0.5, 0.5), nuclei=(), **fields)
         outline = _draw_outline(root, size, mpp)
         nuclei = _place_slide_nuclei(root, world, outline, size * mpp, crowding)
         reach = max((float(group.reach().max()) for group in nuclei if len(group.x)), default=0.0)
@@ -502,18 +493,18 @@ class _Slide:
     def block(self, row: int, col: int) -> np.ndarray:
         """Render block (row, col): level-0 px ``[col, col + 1) * BLOCK x [row, row + 1) * BLOCK`` cut to
         the slide, (h, w, 3) uint8."""
-        view = _View(col * BLOCK * self.mpp, row * BLOCK * self.mpp, self.mpp, BLOCK, 1)
+        view = View(col * BLOCK * self.mpp, row * BLOCK * self.mpp, self.mpp, BLOCK, 1)
         stain = self.outline.stain_on(view)
-        rng = _child(self.root, _Stream.PIXELS, row, col)
+        rng = child(self.root, _Stream.PIXELS, row, col)
         if stain.any():
             world = dataclasses.replace(self.world, nuclei=self._near(view), chromatin=self.chromatin.window(view))
-            rgb, _ = _render(world, view, rng, stain)
+            rgb, _ = render(world, view, rng, stain)
         else:  # all glass: no stain anywhere, so rendering would give just this
             none = np.zeros((BLOCK, BLOCK), np.float32)
-            rgb = _colour(self.world, none, none, rng)
+            rgb = colour(self.world, none, none, rng)
         return rgb[:self.size - row * BLOCK, :self.size - col * BLOCK]
 
-    def _near(self, view: _View) -> tuple[_Nuclei, ...]:
+    def _near(self, view: View) -> tuple[Nuclei, ...]:
         """The nuclei that can put density into ``view``."""
         x0, y0, stop = view.x0 - self.reach, view.y0 - self.reach, view.size * view.mpp + 2 * self.reach
         groups = []
