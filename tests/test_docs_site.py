@@ -6,6 +6,7 @@ Fast: reads files and the Typer app; the site itself is built by `make docs` (in
 
 from __future__ import annotations
 
+import importlib
 import re
 import shlex
 from pathlib import Path
@@ -20,7 +21,7 @@ README = ROOT / "README.md"
 DOCS = ROOT / "docs"
 COMMIT_HASH = re.compile(r"\b(?=[0-9a-f]*[a-f])(?=[0-9a-f]*[0-9])[0-9a-f]{7,40}\b")
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
-FENCE = re.compile(r"^```.*?^```", re.S | re.M)
+FENCE = re.compile(r"^```.*?^```", re.DOTALL | re.MULTILINE)
 
 
 def pages() -> list[Path]:
@@ -72,6 +73,41 @@ def command_problems(args: list[str]) -> list[str]:
         return [*problems, f"equiseg {' '.join(args)}: {error}"]
     hidden_used = [p.name for p in command.params if p.hidden and ctx.params.get(p.name) not in (None, False, (), [])]
     return problems + [f"equiseg {' '.join(args)}: uses the deprecated spelling of {n}" for n in hidden_used]
+
+
+DOTTED = re.compile(r"`(equiseg(?:\.[A-Za-z_][A-Za-z0-9_]*)+)")
+
+
+def resolves(dotted: str) -> bool:
+    """Whether ``equiseg.a.b.C.d`` names something: the longest importable module, then attributes."""
+    parts = dotted.split(".")
+    for cut in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:cut]))
+        except ModuleNotFoundError:
+            continue
+        for name in parts[cut:]:
+            if not hasattr(obj, name):
+                return False
+            obj = getattr(obj, name)
+        return True
+    return False
+
+
+def test_python_names_in_the_guide_exist():
+    """Every `equiseg.x.y` the README and the guide name is importable: the guide follows the code."""
+    texts = [README, DOCS / "index.md", DOCS / "getting-started.md", *sorted((DOCS / "guide").glob("*.md"))]
+    files = ("json", "yaml", "csv", "txt", "png", "md")  # `equiseg.json` is a file name
+    names = {m.group(1) for path in texts for m in DOTTED.finditer(path.read_text())
+             if m.group(1).rsplit(".", 1)[1] not in files}
+    assert len(names) > 5
+    missing = sorted(name for name in names if not resolves(name))
+    assert not missing, missing
+
+
+def test_the_name_check_sees_a_missing_name():
+    assert resolves("equiseg.models.build_model") and resolves("equiseg.groups.D4")
+    assert not resolves("equiseg.models.no_such_function") and not resolves("equiseg.no_such_module.f")
 
 
 def test_readme_is_short_and_has_no_notebook_material():

@@ -23,6 +23,7 @@ import enum
 import inspect
 import re
 import typing
+from pathlib import Path
 from typing import Any
 
 CLI_MARKER = "<!-- equiseg:cli -->"
@@ -285,22 +286,18 @@ def on_page_markdown(markdown: str, **kwargs: Any) -> str:
     return markdown
 
 
-def on_nav(nav: Any, config: Any, files: Any) -> Any:
-    """Every page under docs/benchmarks/ joins the Benchmarks section, after its index page."""
-    from mkdocs.structure.nav import Section
-    from mkdocs.structure.pages import Page
-
-    section = next((item for item in nav.items if isinstance(item, Section) and item.title == "Benchmarks"), None)
-    if section is None:
-        return nav
-    listed = {child.file.src_uri for child in section.children if isinstance(child, Page)}
-    for file in sorted(files.documentation_pages(), key=lambda f: f.src_uri):
-        if file.src_uri.startswith("benchmarks/") and file.src_uri not in listed:
-            page = file.page or Page(None, file, config)
-            page.parent = section
-            section.children.append(page)
-            nav.pages.append(page)
-    return nav
+def on_config(config: Any) -> Any:
+    """Every page under docs/benchmarks/ joins the Benchmarks section of the nav, after its index."""
+    folder = Path(config["docs_dir"]) / "benchmarks"
+    for item in config["nav"] or []:
+        if isinstance(item, dict) and "Benchmarks" in item:
+            section = item["Benchmarks"]
+            section = section if isinstance(section, list) else [section]
+            listed = {entry if isinstance(entry, str) else next(iter(entry.values())) for entry in section}
+            section += [f"benchmarks/{page.name}" for page in sorted(folder.glob("*.md"))
+                        if f"benchmarks/{page.name}" not in listed]
+            item["Benchmarks"] = section
+    return config
 
 
 if __name__ == "__main__":  # print one generated part: python docs/hooks/reference.py cli|config|api
