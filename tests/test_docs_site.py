@@ -1,11 +1,13 @@
 """The README and the documentation pages: short, free of dated notebook material, no broken
-relative link, and every `equiseg ...` command line of the README one that the CLI accepts.
+relative link, every `equiseg ...` command line of the README and the guide one that the CLI
+accepts in its current vocabulary, and every `equiseg.x.y` they name one that exists.
 
 Fast: reads files and the Typer app; the site itself is built by `make docs` (in CI), not here.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import re
 import shlex
@@ -42,8 +44,8 @@ def broken_links(path: Path) -> list[str]:
             if not (path.parent / target.split("#")[0]).exists()]
 
 
-def readme_command_lines(text: str) -> list[list[str]]:
-    """Every `equiseg ...` command in the README's code blocks, as argument lists (comments cut)."""
+def command_lines(text: str) -> list[list[str]]:
+    """Every `equiseg ...` command in the code blocks of a Markdown text, as argument lists (comments cut)."""
     lines = []
     for block in FENCE.findall(text):
         for line in block.splitlines()[1:-1]:
@@ -53,12 +55,18 @@ def readme_command_lines(text: str) -> list[list[str]]:
     return lines
 
 
+@functools.cache
+def program():
+    """The click group of the `equiseg` program and its root context."""
+    group = typer.main.get_command(app)
+    return group, group.context_class(group, info_name="equiseg")
+
+
 def command_problems(args: list[str]) -> list[str]:
     """What the CLI would not accept in ``equiseg ARGS``, in the new vocabulary: an unknown command,
     an option the command does not have (or has only as a deprecated, hidden spelling), a value
     given to a deprecated hidden argument, or arguments that do not parse."""
-    group = typer.main.get_command(app)
-    root = group.context_class(group, info_name="equiseg")
+    group, root = program()
     name, rest = args[0], args[1:]
     command = group.get_command(root, name)
     if command is None or command.hidden:
@@ -136,8 +144,16 @@ def test_the_link_check_sees_a_broken_link(tmp_path):
 
 
 def test_readme_commands_exist_with_their_options():
-    lines = readme_command_lines(README.read_text())
+    lines = command_lines(README.read_text())
     assert len(lines) >= 10, "the quickstart lost its commands"
+    problems = [problem for args in lines for problem in command_problems(args)]
+    assert not problems, "\n".join(problems)
+
+
+def test_guide_commands_exist_with_their_options():
+    guide = [DOCS / "index.md", DOCS / "getting-started.md", *sorted((DOCS / "guide").glob("*.md"))]
+    lines = [args for path in guide for args in command_lines(path.read_text())]
+    assert len(lines) >= 30
     problems = [problem for args in lines for problem in command_problems(args)]
     assert not problems, "\n".join(problems)
 
@@ -150,5 +166,5 @@ def test_readme_commands_exist_with_their_options():
     "equiseg score only-one.json",                            # a missing argument
 ])
 def test_the_command_check_sees_a_bad_line(line):
-    (args,) = readme_command_lines(f"```bash\n{line}\n```\n")
+    (args,) = command_lines(f"```bash\n{line}\n```\n")
     assert command_problems(args)
