@@ -28,7 +28,8 @@ def build_model(family: ConvFamily | str, width: int, depth: int = 4, in_channel
         num_classes: logit channels (3 for cells: background, BC, TC; 2 for tissue).
         pool: how the U-Net goes down a level (`Pooling` or its value).
 
-    >>> model = build_model("isotropic", width=110)
+    Examples:
+        >>> model = build_model("isotropic", width=110)
     """
     return UNet(ConvFamily(family), width, depth=depth, in_channels=in_channels, num_classes=num_classes,
                 pool=Pooling(pool))

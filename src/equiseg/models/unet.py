@@ -148,7 +148,6 @@ class UNet(nn.Module):
         in_channels: image channels.
         num_classes: logit channels (default 3: background, BC, TC).
         pad_input: pad sizes that are not multiples of 2**depth rather than refuse them.
-        pool: how the U-Net goes down a level (`Pooling`).
         pool: how to go down a level (`Pooling`).
 
     Shapes: (B, in_channels, H, W) -> (B, num_classes, H, W).
