@@ -258,6 +258,11 @@ def _defining_path(name: str, obj: Any) -> str:
     return f"equiseg.{name}"
 
 
+# the packages of equiseg.__all__ from the bottom layer up (docs/architecture.md); others follow by name
+API_ORDER = ["equiseg.groups", "equiseg.nn", "equiseg.models", "equiseg.config", "equiseg.presets", "equiseg.runs",
+             "equiseg.training", "equiseg.evaluation", "equiseg.inference", "equiseg.export"]
+
+
 def api_markdown() -> str:
     import equiseg
 
@@ -267,7 +272,7 @@ def api_markdown() -> str:
         package = ".".join(path.split(".")[:2]) if path != f"equiseg.{name}" else "equiseg.groups"
         groups.setdefault(package, []).append(path)
     lines = []
-    for module in sorted(groups):
+    for module in sorted(groups, key=lambda m: (API_ORDER.index(m) if m in API_ORDER else len(API_ORDER), m)):
         lines += [f"## `{module}`", ""]
         for path in groups[module]:
             lines += [f"::: {path}", ""]
