@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
 import re
 import shlex
 from pathlib import Path
 
+import click
 import pytest
 import typer.main
 
@@ -23,6 +25,8 @@ README = ROOT / "README.md"
 DOCS = ROOT / "docs"
 COMMIT_HASH = re.compile(r"\b(?=[0-9a-f]*[a-f])(?=[0-9a-f]*[0-9])[0-9a-f]{7,40}\b")
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
+# Typer >= 0.20 vendors its own click, whose errors derive from TyperException; older Typer uses click's
+USAGE_ERRORS = tuple(e for e in (getattr(typer, "TyperException", None), click.ClickException) if e is not None)
 FENCE = re.compile(r"^```.*?^```", re.DOTALL | re.MULTILINE)
 
 
@@ -77,7 +81,7 @@ def command_problems(args: list[str]) -> list[str]:
                 if token.startswith("-") and token.split("=")[0] not in names | {"--help"}]
     try:
         ctx = command.make_context(name, list(rest), parent=root)
-    except Exception as error:  # a click UsageError of Typer's click (missing value, extra argument, ...)
+    except USAGE_ERRORS as error:  # a missing value, an extra argument, ...
         return [*problems, f"equiseg {' '.join(args)}: {error}"]
     hidden_used = [p.name for p in command.params if p.hidden and ctx.params.get(p.name) not in (None, False, (), [])]
     return problems + [f"equiseg {' '.join(args)}: uses the deprecated spelling of {n}" for n in hidden_used]
@@ -168,3 +172,42 @@ def test_guide_commands_exist_with_their_options():
 def test_the_command_check_sees_a_bad_line(line):
     (args,) = command_lines(f"```bash\n{line}\n```\n")
     assert command_problems(args)
+
+
+@functools.cache
+def reference_hook():
+    """docs/hooks/reference.py, the MkDocs hook that generates the reference pages."""
+    spec = importlib.util.spec_from_file_location("reference_hook", DOCS / "hooks" / "reference.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_cli_reference_lists_every_command_in_one_vocabulary():
+    text = reference_hook().cli_markdown()
+    group, root = program()
+    for name in group.list_commands(root):
+        assert (f"## `equiseg {name}`" in text) != group.get_command(root, name).hidden
+    for old in ("--cell-model", "--devices", "--runs", "old_"):
+        assert old not in text, f"the reference shows the deprecated spelling {old}"
+
+
+def test_every_config_key_has_a_meaning_in_the_reference():
+    """The hook refuses a key without an Attributes: entry; each key is one row."""
+    from equiseg.config import Config
+
+    def keys(cls, prefix=""):
+        import dataclasses
+
+        from equiseg.data.augment import AugmentConfig
+
+        for f in dataclasses.fields(cls):
+            default = getattr(cls(), f.name)
+            if dataclasses.is_dataclass(default) and not isinstance(default, AugmentConfig):
+                yield from keys(type(default), f"{prefix}{f.name}.")
+            else:
+                yield f"{prefix}{f.name}"
+
+    text = reference_hook().config_markdown()
+    missing = [key for key in keys(Config) if f"| `{key}` |" not in text]
+    assert not missing, missing
