@@ -78,6 +78,11 @@ def export_model(run: Path | str, fmt: ExportFormat, out: Path | str) -> Path:
 
     The file is written beside ``out`` and renamed into place, so ``out`` holds a whole file or
     stays as it was.
+
+    Args:
+        run: a run folder (its best checkpoint) or a ``.ckpt`` file.
+        fmt: ``ExportFormat.ONNX`` (needs ``equiseg[export]``), ``TORCHSCRIPT`` or ``PT2``.
+        out: the file to write.
     """
     model, config = load_model(run)
     checkpoint = Path(run)

@@ -219,6 +219,10 @@ def load_model(checkpoint: Path | str, device: str | torch.device = "cpu") -> tu
     ``config.detect``. Loading uses ``torch.load(weights_only=True)``: a
     file that needs more (a pickle asking for code) or holds no equiseg config is a
     ``ValueError`` naming it, never a retry without ``weights_only``.
+
+    Args:
+        checkpoint: a run folder or a ``.ckpt`` file.
+        device: where the model goes (``"cpu"``, ``"cuda"``, a ``torch.device``).
     """
     path = Path(checkpoint)
     if path.is_dir():

@@ -105,9 +105,16 @@ def fit(config: Config | None, runs: Path | str = "runs", resume: Path | str | N
     A config with ``data.require_real`` refuses that with a `ConfigError` before any
     output.
 
-    ``run_dir`` names the run folder (it must not exist or be empty; default: a new
-    ``runs/NAME-DATE``). ``resume`` continues the run in that folder from its last checkpoint
-    (the config is the one stored there; pass ``config=None``). ``callbacks`` are extra Lightning callbacks.
+    Args:
+        config: the run config (`equiseg.load_config` reads one); None when resuming.
+        runs: the folder in which a new run folder ``NAME-DATE`` is made (when ``run_dir`` is None).
+        resume: a run folder to continue from its last checkpoint, with the config stored there.
+        run_dir: the run folder to create (it must not exist or be empty).
+        progress: show Lightning's progress bar.
+        callbacks: extra Lightning callbacks.
+
+    Returns:
+        The run folder.
     """
     ckpt_path = None
     first = int(os.environ.get("LOCAL_RANK", "0")) == 0  # DDP's other processes join rank 0's folder
