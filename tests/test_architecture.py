@@ -2,7 +2,7 @@
 equiseg imports sit at the top of their module (only the CLI defers them, for its start-up time).
 
 The order (docs/architecture.md): runtime, groups < nn < models < data < config < runs, presets,
-report.pictures < evaluation < training < report < study, demo, challenge < cli. A module may
+datasets, pictures, scale < detection < inference < evaluation < training < report < study, demo, challenge < cli. A module may
 import its own layer or lower ones.
 """
 
@@ -18,7 +18,9 @@ LAYERS = [
     ("equiseg.models",),
     ("equiseg.data",),
     ("equiseg.config",),
-    ("equiseg.runs", "equiseg.presets", "equiseg.datasets", "equiseg.report.pictures", "equiseg.scale"),
+    ("equiseg.runs", "equiseg.presets", "equiseg.datasets", "equiseg.pictures", "equiseg.scale"),
+    ("equiseg.detection",),
+    ("equiseg.inference",),
     ("equiseg.evaluation",),
     ("equiseg.training",),
     ("equiseg.report",),
@@ -90,5 +92,5 @@ def test_equiseg_imports_sit_at_the_top_of_their_module():
 
 def test_the_checks_see_a_violation():
     assert layer("equiseg.nn.bank") < layer("equiseg.models.unet") < layer("equiseg.data.context")
-    assert layer("equiseg.evaluation.inference") < layer("equiseg.training.fit") < layer("equiseg.cli")
-    assert layer("equiseg.report.pictures") < layer("equiseg.evaluation.predict") < layer("equiseg.report.plots")
+    assert layer("equiseg.inference.tiling") < layer("equiseg.training.fit") < layer("equiseg.cli")
+    assert layer("equiseg.pictures") < layer("equiseg.inference.predict") < layer("equiseg.report.plots")

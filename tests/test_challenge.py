@@ -12,7 +12,7 @@ from equiseg.cli import app
 from equiseg.config import Config
 from equiseg.data.context import ContextKind
 from equiseg.data.ocelot import OcelotFolder, write_grand_challenge
-from equiseg.evaluation.detection import detection_scores, read_points_json
+from equiseg.detection import detection_scores, read_points_json
 from equiseg.evaluation.evaluate import evaluate_model
 from equiseg.runs import load_model, save_model
 from equiseg.runtime import Runtime

@@ -7,7 +7,7 @@ from typer.testing import CliRunner
 from equiseg import build_model
 from equiseg.cli import app
 from equiseg.evaluation.equivariance import certificate
-from equiseg.evaluation.inference import predict_probabilities
+from equiseg.inference.tiling import predict_probabilities
 from equiseg.runtime import Precision, Runtime, exact_float32, resolve_device
 
 runner = CliRunner()

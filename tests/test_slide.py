@@ -14,18 +14,19 @@ import yaml
 from typer.testing import CliRunner
 
 from equiseg import build_model
-from equiseg import slide as slide_module
 from equiseg.cli import app
 from equiseg.config import Config
 from equiseg.data.ocelot import PairMeta, image_to_tensor
 from equiseg.data.synthetic import render_pair
 from equiseg.data.wsi import ScaledView, Slide, find_tissue, otsu_threshold
-from equiseg.evaluation.detection import find_cells
-from equiseg.evaluation.inference import predict_probabilities
-from equiseg.evaluation.predict import predict_file
+from equiseg.detection import find_cells
 from equiseg.evaluation.tissue_context import model_context
+from equiseg.inference.predict import predict_file
+from equiseg.inference.tiling import predict_probabilities
 from equiseg.runs import Run, save_model
-from equiseg.slide import SlideModel, _polygons, analyse_slide
+from equiseg.slide import SlideModel, analyse_slide
+from equiseg.slide import passes as slide_module
+from equiseg.slide.qupath import _polygons
 from tests_support import tissue_on_glass, write_pyramid
 
 pytest.importorskip("openslide")  # the optional extra equiseg[slide] (in dev)
@@ -125,15 +126,15 @@ def test_polygons_outline_regions_with_holes():
     mask[2:10, 2:10] = True
     mask[5:7, 5:7] = False
     mask[0:3, 12:14] = True  # a second region, on the border
-    polygons = sorted(_polygons(mask), key=len, reverse=True)
-    assert len(polygons) == 2
-    outer, hole = polygons[0]
+    found = sorted(_polygons(mask), key=len, reverse=True)
+    assert len(found) == 2
+    outer, hole = found[0]
     shape = shapely.geometry.Polygon(outer, [hole])
     assert shape.is_valid
     # contours at 0.5 between pixel centres: an 8 px square is about 7.x px a side, less its 2 px hole
     assert 7 ** 2 - 2 ** 2 <= shape.area <= 8 ** 2 - 1 and 1 <= shapely.geometry.Polygon(hole).area <= 2 ** 2
     assert shape.bounds[0] >= 1.5 and shape.bounds[2] <= 9.5
-    (border,) = polygons[1]
+    (border,) = found[1]
     assert shapely.geometry.Polygon(border).is_valid and max(x for x, _ in border) <= 13.5
 
 
@@ -229,12 +230,11 @@ def test_a_crashed_slide_resumes_to_the_same_cells(slide_path, cell_run, tmp_pat
 KILL_AT_BLOCK = """
 import os, signal, sys
 import torch
-from equiseg import slide
-from equiseg.slide import SlideModel, analyse_slide
+from equiseg.slide import SlideModel, analyse_slide, passes
 
 torch.set_num_threads(int(sys.argv[6]))  # the test's: another count can change a conv's last bits
 
-slide.SAVE_EVERY_S, slide.STRIPE_SIDE = 0.0, 600  # save after every block row; the kill is in the second stripe
+passes.SAVE_EVERY_S, passes.STRIPE_SIDE = 0.0, 600  # save after every block row; the kill is in the second stripe
 
 def kill(stage, done, total):
     if done == 4:

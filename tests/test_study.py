@@ -10,9 +10,12 @@ import yaml
 
 import equiseg.runs
 import equiseg.study
+from equiseg.config import Config
+from equiseg.evaluation.data_record import DataSource
 from equiseg.models import ConvFamily
 from equiseg.report.results import RunResult, StudyResult, from_json, load_cases, to_json
-from equiseg.report.study_report import write_report
+from equiseg.report.study_report import reading, write_report
+from equiseg.runs import dataset_digest
 from equiseg.study import StudyConfig, evaluate_run, run_study
 
 TINY_BASE = {"model": {"family": "plain", "width": 4, "depth": 2},
@@ -43,8 +46,13 @@ def test_study_runs_reports_and_resumes_without_training(tmp_path, monkeypatch):
     assert "data:image/png;base64," in html and "Reading" in html
     summary = (report.parent / "summary.md").read_text()
     assert "| p4m |" in summary and "±" in summary
-    results = from_json(StudyResult, (tmp_path / "out/results.json").read_text()).results
+    study_result = from_json(StudyResult, (tmp_path / "out/results.json").read_text())
+    results = study_result.results
     assert len(results) == 12
+    # the data is recorded: the built-in synthetic data of the base, generated into the study's folder
+    assert study_result.data.is_synthetic and study_result.data.synthetic == Config.from_dict(TINY_BASE).data.synthetic
+    assert study_result.data.digest == dataset_digest(tmp_path / "out/data")
+    assert "These are synthetic images from one generator" in summary
     p4m = [r for r in results if r.variant == "p4m"]
     assert all(r.certificate.test["group"] < 1e-5 for r in p4m)
     plain = [r for r in results if r.variant == "plain"]
@@ -105,6 +113,44 @@ def test_study_with_tissue_context_trains_the_tissue_model_once_and_compares(tmp
     run_study(study, tmp_path / "out", say=lines.append)
     assert any("tissue model (p4m, width 2): reused" in line for line in lines)
     assert sum("reused" in line for line in lines) == 5
+
+
+def test_a_study_on_a_dataset_folder_names_it_and_never_says_synthetic(tmp_path):
+    from equiseg.data.synthetic import generate_dataset
+
+    root = generate_dataset(tmp_path / "folder", {"train": 4, "val": 1, "test": 2}, size=64, seed=1)
+    metadata = json.loads((root / "metadata.json").read_text())  # a folder of someone's images, not equiseg's
+    metadata["general_info"]["description"] = "A small folder of test images."
+    for record in metadata["sample_pairs"].values():
+        record["organ"] = "kidney"
+    (root / "metadata.json").write_text(json.dumps(metadata))
+    base = {**TINY_BASE, "data": {**TINY_BASE["data"], "root": str(root)}}
+    spec = {"name": "folder", "base": base, "reference_width": 4, "variants": {"plain": {"family": "plain"}},
+            "fractions": [1.0], "seeds": [0], "robustness": False}
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(spec))
+    lines = []
+    report = run_study(StudyConfig.from_yaml(tmp_path / "study.yaml"), tmp_path / "out", say=lines.append)
+    result = from_json(StudyResult, (tmp_path / "out/results.json").read_text())
+    assert result.data.source is DataSource.FOLDER and result.data.path == str(root.resolve())
+    assert result.data.digest == dataset_digest(root) and result.data.synthetic is None
+    summary = (report.parent / "summary.md").read_text()
+    assert "synthetic" not in summary.lower() and "synthetic" not in report.read_text().lower()
+    assert not any("synthetic" in line.lower() for line in lines)
+    assert f"the dataset folder {root.resolve()} (sha256 {dataset_digest(root)[:12]})" in summary
+
+
+def test_results_written_before_the_data_record_load_and_say_it_was_not_recorded():
+    from pathlib import Path
+
+    text = (Path(__file__).parents[1] / "docs/study-steerable/results.json").read_text()
+    committed = from_json(StudyResult, text)
+    assert committed.data.is_synthetic and committed.data.synthetic.size == 256  # added to the committed file
+    old = json.loads(text)
+    del old["data"]
+    result = from_json(StudyResult, json.dumps(old))
+    assert result.data.source is DataSource.UNKNOWN
+    lines = " ".join(reading(result, []))
+    assert "was not recorded" in lines and "synthetic" not in lines
 
 
 def test_the_base_is_a_preset_name_or_a_file_beside_the_study(tmp_path):

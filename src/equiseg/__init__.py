@@ -23,7 +23,7 @@ __all__ = ["C4", "D4", "Config", "ConvFamily", "Group", "GroupElement", "Pooling
 
 # imported on first use: they bring Lightning and the inference stack (seconds), which `equiseg --help` and
 # a user of the layers alone do not need
-_LAZY = {"evaluate_run": "equiseg.evaluation.evaluate", "predict_run": "equiseg.evaluation.predict",
+_LAZY = {"evaluate_run": "equiseg.evaluation.evaluate", "predict_run": "equiseg.inference.predict",
          "tune_detection": "equiseg.evaluation.tune_detect", "export_model": "equiseg.export",
          "fit": "equiseg.training.fit"}
 

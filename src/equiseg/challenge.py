@@ -19,9 +19,9 @@ from equiseg.data.context import ContextKind
 from equiseg.data.datamodule import model_input
 from equiseg.data.ocelot import GrandChallengeInput, image_to_tensor, parse_pair
 from equiseg.data.targets import Task
-from equiseg.evaluation.detection import find_cells, write_points_json
-from equiseg.evaluation.inference import predict_probabilities
+from equiseg.detection import find_cells, write_points_json
 from equiseg.evaluation.tissue_context import load_tissue_model, model_context
+from equiseg.inference.tiling import predict_probabilities
 from equiseg.runs import load_model
 from equiseg.runtime import Runtime
 

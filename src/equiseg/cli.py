@@ -574,7 +574,7 @@ def score(
     Reproduces the official scorer (lunit-io/ocelot23algo, evaluation/eval.py, commit fb1f722):
     precision, recall and F1 per class rounded to 4 decimals, mF1 the mean of the two rounded F1.
     """
-    from equiseg.evaluation.detection import (
+    from equiseg.detection import (
         MatchOrder,
         PointsFormatError,
         detection_scores,
@@ -609,7 +609,7 @@ def export_gt(
 ) -> None:
     """Write a split's cell annotations as an official ground-truth file (with num_images)."""
     from equiseg.data.ocelot import DatasetError, OcelotFolder, read_cells
-    from equiseg.evaluation.detection import write_points_json
+    from equiseg.detection import write_points_json
 
     data = _required(_renamed(data, old_data, "a positional dataset folder", "--data"), "--data")
     try:
@@ -646,7 +646,7 @@ def predict(
     it (no side over 1024 px: its coordinates are 0..1023), else one line says why; the cells of
     any image are in its _cells.csv, never moved.
     """
-    from equiseg.evaluation.predict import predict_run
+    from equiseg.inference.predict import predict_run
 
     if model is None and len(images) > 1:  # 0.1's `predict CHECKPOINT IMAGE...`
         model = _model(None, images[0])

@@ -76,6 +76,7 @@ from equiseg.data.context import ContextFn, ContextKind, cached, truth_context
 from equiseg.data.datamodule import model_input, training_subset
 from equiseg.data.ocelot import GrandChallengeInput, OcelotFolder
 from equiseg.datasets import REQUIRE_REAL, generate_synthetic, synthetic_notice
+from equiseg.evaluation.data_record import DataRecord
 from equiseg.evaluation.equivariance import GroupTTA, certificate
 from equiseg.evaluation.evaluate import Evaluation, evaluate_model
 from equiseg.evaluation.robustness import standard_transforms
@@ -368,7 +369,8 @@ def _study_context(config: Config, contexts: dict[str, ContextFn], device: torch
 
 def run_study(study: StudyConfig, out: Path, say: Callable[[str], None] = print,
               runtime: Runtime | None = None, executor: Executor | None = None) -> Path:
-    """Train and evaluate the whole matrix (reusing what is finished), write results.json and the report.
+    """Train and evaluate the whole matrix (reusing what is finished), write results.json (with the
+    data it ran on, `study_data`) and the report.
 
     Training follows each run config's ``train.accelerator``; evaluation runs on ``runtime``
     (default: this machine's GPU when there is one, batch 1, float32). ``executor`` runs the
@@ -383,11 +385,7 @@ def run_study(study: StudyConfig, out: Path, say: Callable[[str], None] = print,
     runtime = runtime or Runtime.of("auto")
     executor = executor or LocalExecutor()
     out.mkdir(parents=True, exist_ok=True)
-    if base.data.root:
-        root = Path(base.data.root)
-    else:
-        say(synthetic_notice(base.data.synthetic))
-        root = generate_synthetic(out / "data", base.data.synthetic)
+    root, data = study_data(base, out, say)
     widths = matched_widths(study)
     gc_samples = real_samples(study)
     available = len(OcelotFolder(root, "train"))
@@ -431,9 +429,19 @@ def run_study(study: StudyConfig, out: Path, say: Callable[[str], None] = print,
     summary = StudyResult(study.name, tuple(results), available,
                           len(OcelotFolder(root, "test")), minutes=(time.time() - started) / 60,
                           reused=sum(r.reused for r in results), tissue=tissue, baseline=study.baseline,
-                          lr_trials=trials, bootstrap=study.bootstrap)
+                          lr_trials=trials, bootstrap=study.bootstrap, data=data)
     (out / "results.json").write_text(to_json(summary))
     return write_report(summary, out / "report")
+
+
+def study_data(base: Config, out: Path, say: Callable[[str], None] = print) -> tuple[Path, DataRecord]:
+    """The dataset folder of a study on ``base`` and its record: ``data.root``, or the built-in
+    synthetic data of ``data.synthetic``, generated into ``out/data`` (and said so)."""
+    if base.data.root:
+        return Path(base.data.root), DataRecord.of_folder(base.data.root)
+    say(synthetic_notice(base.data.synthetic))
+    root = generate_synthetic(out / "data", base.data.synthetic)
+    return root, DataRecord.of_synthetic(base.data.synthetic, root)
 
 
 def train_and_evaluate(config: Config, run_dir: Path, root: Path, study: StudyConfig,

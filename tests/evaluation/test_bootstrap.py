@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
+from equiseg.detection import detection_scores
 from equiseg.evaluation.bootstrap import Interval, counts_array, paired_difference, score_intervals
-from equiseg.evaluation.detection import detection_scores
 
 
 def random_counts(seeds, images, rng, skill=0.8):

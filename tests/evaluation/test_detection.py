@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from equiseg.data.targets import cell_class_mask
-from equiseg.evaluation.detection import (
+from equiseg.detection import (
     MatchOrder,
     PointsFormatError,
     detect_cells,

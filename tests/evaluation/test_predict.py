@@ -13,9 +13,12 @@ from typer.testing import CliRunner
 from equiseg import build_model
 from equiseg.cli import app
 from equiseg.data.ocelot import as_rgb, image_to_tensor, read_rgb
-from equiseg.evaluation import inference, predict
-from equiseg.evaluation.detection import BlockDetector, detect_cells, find_cells, peak_candidates, read_points_json
-from equiseg.evaluation.inference import (
+from equiseg.detection import BlockDetector, detect_cells, find_cells, peak_candidates, read_points_json
+from equiseg.inference import predict, readers
+from equiseg.inference import tiling as inference
+from equiseg.inference.predict import predict_file, predict_files
+from equiseg.inference.readers import ImageReading, RgbFile
+from equiseg.inference.tiling import (
     predict_probabilities,
     stream_blocks,
     tile_grid,
@@ -23,8 +26,7 @@ from equiseg.evaluation.inference import (
     window_blocks,
     window_probabilities,
 )
-from equiseg.evaluation.predict import ImageReading, RgbFile, predict_file, predict_files
-from equiseg.report.pictures import prediction_overlay, probability_picture
+from equiseg.pictures import prediction_overlay, probability_picture
 from equiseg.runs import save_model
 from equiseg.runtime import Runtime
 from tests_support import tiny_config
@@ -314,7 +316,7 @@ def test_uint16_scaling_matches_round_of_v_over_257():
 ])
 @pytest.mark.parametrize("kind", ["rgb", "grey16"])
 def test_tiff_is_read_lazily_region_by_region(tmp_path, monkeypatch, options, reading, kind):
-    monkeypatch.setattr(predict, "SEGMENT_CACHE_BYTES", 2000)  # a few segments: some are decoded again
+    monkeypatch.setattr(readers, "SEGMENT_CACHE_BYTES", 2000)  # a few segments: some are decoded again
     rng = np.random.default_rng(3)
     data = (rng.integers(0, 256, (45, 37, 3), dtype=np.uint8) if kind == "rgb"
             else rng.integers(0, 65536, (45, 37), dtype=np.uint16))

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from equiseg.cli import app
 from equiseg.data.targets import CellTarget, TargetKind
-from equiseg.evaluation.detection import detect_cells, detection_scores
+from equiseg.detection import detect_cells, detection_scores
 from equiseg.evaluation.tune_detect import GRID, image_candidates, score_settings
 from equiseg.runs import Run, load_model
 from equiseg.training.fit import fit

@@ -51,7 +51,7 @@ def test_a_batch_norm_folds_by_hand():
 
 
 def test_inference_uses_one_optimized_copy_until_the_model_changes():
-    from equiseg.evaluation.inference import inference_model, predict_probabilities
+    from equiseg.inference.tiling import inference_model, predict_probabilities
     from equiseg.runtime import Runtime
 
     model = warm_batch_norm(small(ConvFamily.P4M, depth=2), torch.randn(2, 3, 32, 32))

@@ -17,18 +17,19 @@ from equiseg.data.datamodule import model_input, sample_target
 from equiseg.data.ocelot import CELL_CLASSES, OcelotFolder
 from equiseg.data.targets import IGNORE_INDEX, Task
 from equiseg.datasets import data_root
-from equiseg.evaluation.detection import (
+from equiseg.detection import (
     detection_scores,
     find_cells,
     match_counts,
     official_format_refusal,
     write_points_json,
 )
-from equiseg.evaluation.inference import predict_probabilities
+from equiseg.evaluation.data_record import DataRecord
 from equiseg.evaluation.losses import DiceCELoss
 from equiseg.evaluation.metrics import confusion_matrix, segmentation_scores
 from equiseg.evaluation.tissue_context import run_context
 from equiseg.files import replaced_whole
+from equiseg.inference.tiling import predict_probabilities
 from equiseg.runs import Run, load_model
 from equiseg.runtime import Runtime
 
@@ -43,7 +44,7 @@ class ContextSource(enum.Enum):
 
 @dataclass
 class Evaluation:
-    """Scores of one split, and what each image gave (for pictures and the prediction file)."""
+    """Scores of one split, what each image gave (for pictures and the prediction file), and which data it was."""
 
     scores: dict[str, float]
     ids: list[str]
@@ -51,6 +52,7 @@ class Evaluation:
     per_image: list[dict[str, float]]   # per image: loss, dice/mean; cells: tp/BC, fp/BC, gt/BC, the same for TC
     context: ContextSource = ContextSource.NONE  # where the model's tissue context came from
     shapes: list[tuple[int, int]] = field(default_factory=list)  # per image (H, W), px
+    data: DataRecord | None = None  # the dataset: a folder and its digest, or equiseg's synthetic data
 
     def json_refusal(self) -> str | None:
         """Why ``cell_classification.json`` cannot hold these images' points, or None (see
@@ -133,7 +135,7 @@ def evaluate_model(model: nn.Module, config: Config, root: Path | str, split: st
     scores = {"loss": float(np.mean([p["loss"] for p in per_image])), **segmentation_scores(cm, names)}
     if task is Task.CELLS:
         scores |= detection_scores(points, gts)
-    return Evaluation(scores, list(folder.ids), points, per_image, source, shapes)
+    return Evaluation(scores, list(folder.ids), points, per_image, source, shapes, DataRecord.of_folder(root))
 
 
 def evaluation_context(config: Config, context: ContextFn | None = None, oracle: bool = False,
@@ -157,7 +159,9 @@ def evaluation_context(config: Config, context: ContextFn | None = None, oracle:
 
 
 def write_evaluation(evaluation: Evaluation, out_dir: Path | str, split: str) -> dict[str, Path]:
-    """``scores-<split>.json`` and, for cells, ``cell_classification.json`` (official format).
+    """``scores-<split>.json`` (the split, the data it ran on as a `DataRecord`, where the tissue
+    context came from, the image ids, the scores and each image's row) and, for cells,
+    ``cell_classification.json`` (official format).
 
     The official format holds patches of at most 1024 x 1024 px: with a larger image the JSON
     is not written (its points would have to move; `Evaluation.json_refusal` says why)
@@ -170,8 +174,8 @@ def write_evaluation(evaluation: Evaluation, out_dir: Path | str, split: str) ->
     names = {"scores": f"scores-{split}.json"}
     with replaced_whole(out_dir, "scores-*.json") as partial:
         (partial / names["scores"]).write_text(json_text({
-            "split": split, "context": evaluation.context, "ids": evaluation.ids, "scores": evaluation.scores,
-            "per_image": evaluation.per_image}))
+            "split": split, "data": evaluation.data, "context": evaluation.context, "ids": evaluation.ids,
+            "scores": evaluation.scores, "per_image": evaluation.per_image}))
         if evaluation.points and evaluation.json_refusal() is None:
             names["points"] = write_points_json(partial / "cell_classification.json", evaluation.points).name
         elif evaluation.points:  # the true coordinates, unmoved
@@ -209,7 +213,7 @@ def evaluate_run(model: Path | str, split: str = "test", data: Path | str | None
             context; None: the one its config names.
         oracle_context: feed a context model the ground-truth tissue mask instead.
         runtime: where and how the model runs (device, batch, precision, optimized); None: the
-            defaults (``Runtime.of("auto")``).
+            CPU with the defaults (``Runtime.of("cpu")``).
         on_image: called with (images done, images in all) after each image (progress).
 
     Returns:

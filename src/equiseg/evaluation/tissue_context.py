@@ -21,8 +21,8 @@ from equiseg.config import DataConfig
 from equiseg.data.context import ContextFn, ContextKind, cell_block_tensor, truth_context
 from equiseg.data.ocelot import PairMeta, Sample, image_to_tensor
 from equiseg.data.targets import Task, tissue_crop
-from equiseg.evaluation.inference import predict_probabilities
 from equiseg.groups import GroupElement
+from equiseg.inference.tiling import predict_probabilities
 from equiseg.runs import load_model
 from equiseg.runtime import resolve_device
 

@@ -27,7 +27,7 @@ import yaml
 
 from equiseg.config import PEAK_RULES, DetectConfig
 from equiseg.data.ocelot import OcelotFolder, Split
-from equiseg.evaluation.detection import detection_scores, peak_candidates, suppress_peaks
+from equiseg.detection import detection_scores, peak_candidates, suppress_peaks
 from equiseg.evaluation.evaluate import evaluate_model
 from equiseg.files import written_whole
 from equiseg.runs import Run, load_model
@@ -92,6 +92,15 @@ def tune_detection(run: Path | str, split: str = "val", runtime: Runtime | None 
 
     The test split is refused: settings chosen on the images a score is reported on would
     report a tuned-on-test score.
+
+    Args:
+        run: a run folder (detection settings belong to a run).
+        split: the split to tune on, ``val`` (or ``train``); never ``test``.
+        runtime: where and how the model runs (device, batch, precision, optimized); None: the
+            CPU with the defaults (``Runtime.of("cpu")``).
+        on_image: called with (images done, images in all) after each image (progress).
+        grid: each setting's candidate values (``peaks``, ``sigma``, ``min_distance``, ``threshold``);
+            every combination is scored.
 
     Raises:
         ValueError: ``split`` is the test split, the run is not a cell model, or it has no

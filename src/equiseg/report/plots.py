@@ -12,7 +12,7 @@ matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt
 import numpy as np
 
-from equiseg.report.pictures import draw_points, prediction_overlay, probability_picture
+from equiseg.pictures import draw_points, prediction_overlay, probability_picture
 from equiseg.runs import Run
 
 

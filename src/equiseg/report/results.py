@@ -23,6 +23,7 @@ import numpy as np
 
 from equiseg.config import json_text, plain
 from equiseg.data.context import ContextKind
+from equiseg.evaluation.data_record import NOT_RECORDED, DataRecord
 from equiseg.models import ConvFamily
 
 Scores = dict[str, float]
@@ -207,8 +208,9 @@ class LRTrial:
 @dataclass(frozen=True)
 class StudyResult:
     """A whole study: every run's result in matrix order (variant, fraction, seed), the tissue
-    model (None without context variants), the dataset's split sizes, and the ``minutes`` of
-    the invocation that made it, of which ``reused`` runs had been trained before."""
+    model (None without context variants), the dataset's split sizes, the ``minutes`` of the
+    invocation that made it, of which ``reused`` runs had been trained before, and the ``data``
+    it ran on (``UNKNOWN`` in a results.json written before studies recorded it)."""
 
     study: str
     results: tuple[RunResult, ...]
@@ -220,13 +222,15 @@ class StudyResult:
     baseline: str | None = None
     lr_trials: tuple[LRTrial, ...] = ()
     bootstrap: int = 2000
+    data: DataRecord = NOT_RECORDED
 
     @classmethod
     def from_dict(cls, d: dict) -> StudyResult:
         return cls(str(d["study"]), tuple(RunResult.from_dict(r) for r in d["results"]), int(d["train_images"]),
                    int(d["test_images"]), float(d["minutes"]), int(d["reused"]),
                    None if d["tissue"] is None else TissueResult.from_dict(d["tissue"]),
-                   d["baseline"], tuple(LRTrial.from_dict(t) for t in d["lr_trials"]), int(d["bootstrap"]))
+                   d["baseline"], tuple(LRTrial.from_dict(t) for t in d["lr_trials"]), int(d["bootstrap"]),
+                   DataRecord.from_dict(d.get("data")))
 
     def train_count(self, fraction: float) -> int:
         """The number of training images at ``fraction`` (as its runs recorded it)."""

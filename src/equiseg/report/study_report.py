@@ -24,6 +24,7 @@ import numpy as np
 
 from equiseg.data.context import ContextKind
 from equiseg.evaluation.bootstrap import Interval, counts_array, paired_difference, score_intervals
+from equiseg.evaluation.data_record import DataSource
 from equiseg.models import ConvFamily
 from equiseg.report.plots import cases_figure, loss_curves_figure, machine_line, markdown_table
 from equiseg.report.results import RunResult, StudyResult, TissueResult
@@ -139,9 +140,9 @@ def intro(result: StudyResult) -> str:
     """What was run, on what, where, and how long this invocation took."""
     n_runs = len(result.results)
     return (f"{result.study}: {len(result.variants)} variants x {len(result.fractions)} training fractions x "
-            f"{len(result.seeds)} seeds, {result.train_images} training and {result.test_images} test images of the "
-            f"synthetic world. {time.strftime('%Y-%m-%d %H:%M')}, {machine_line()}, {result.minutes:.1f} min for "
-            "this invocation of the study"
+            f"{len(result.seeds)} seeds, {result.train_images} training and {result.test_images} test images; data: "
+            f"{result.data.describe()}. {time.strftime('%Y-%m-%d %H:%M')}, {machine_line()}, "
+            f"{result.minutes:.1f} min for this invocation of the study"
             + (f" ({result.reused} of {n_runs} runs were not trained in their turn but reused: finished by an "
                "earlier invocation, whose training is not in that time, or by this one's learning-rate search)."
                if result.reused else ", training and evaluation of every run."))
@@ -149,7 +150,8 @@ def intro(result: StudyResult) -> str:
 
 def reading(result: StudyResult, comparisons: list[ContextComparison]) -> list[str]:
     """Statements read off the numbers: who leads at each fraction, and whether it is separable."""
-    lines = [(f"Each number is a mean over {len(result.seeds)} seeds on {result.test_images} synthetic test images; "
+    synthetic = "synthetic " if result.data.is_synthetic else ""
+    lines = [(f"Each number is a mean over {len(result.seeds)} seeds on {result.test_images} {synthetic}test images; "
               "with so few seeds and images, a difference smaller than about two standard deviations is not "
               "evidence of a difference.")]
     lines += [_leaders(result, f) for f in result.fractions]
@@ -168,12 +170,24 @@ def reading(result: StudyResult, comparisons: list[ContextComparison]) -> list[s
         if failed:
             lines.append(f"Runs that found no cell at all (mF1 0; they did not learn the task) are left out of that "
                          f"comparison: {', '.join(failed)}.")
-    lines.append("These are synthetic images from one generator: they say how the families compare on a task "
-                 "whose classes are decided by appearance and context, not how they rank on real OCELOT slides.")
+    lines.append(data_sentence(result))
     verdicts = [_context_verdict(c) for c in comparisons if c.paired]
     if verdicts:
         lines.append(" ".join(verdicts))
     return lines
+
+
+def data_sentence(result: StudyResult) -> str:
+    """What the data says about how far the numbers reach: synthetic only when it was."""
+    match result.data.source:
+        case DataSource.SYNTHETIC:
+            return ("These are synthetic images from one generator: they say how the families compare on a task "
+                    "whose classes are decided by appearance and context, not how they rank on real OCELOT slides.")
+        case DataSource.FOLDER:
+            return (f"The images are those of {result.data.describe()}: the numbers describe its "
+                    f"{result.test_images} test images, and reach as far as those images stand for others.")
+    return ("Which data these runs used was not recorded (their results.json was written before equiseg recorded "
+            "it): see the study's own notes for it.")
 
 
 def _leaders(result: StudyResult, fraction: float) -> str:

@@ -1,0 +1,228 @@
+"""One slide and a list of slides analysed here: checks, the passes, the outputs and the summary."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from equiseg.data.context import ContextKind
+from equiseg.data.ocelot import CELL_CLASSES
+from equiseg.data.targets import Task
+from equiseg.data.wsi import ScaledView, Slide, TissueMask, find_tissue
+from equiseg.files import written_whole
+from equiseg.inference.tiling import model_runtime
+from equiseg.runtime import Runtime
+from equiseg.slide.models import SlideModel
+from equiseg.slide.passes import Progress, TissueMap, cell_pass, tissue_box, tissue_pass
+from equiseg.slide.qupath import SlideOutputs, read_points, tissue_polygons, write_cells, write_thumbnail
+
+
+@dataclass(frozen=True)
+class SlideCells:
+    """What ``equiseg slide`` found on one slide.
+
+    Attributes:
+        slide: the slide file.
+        points: (N, 4) rows (x, y, class, probability): x, y continuous level-0 px.
+        summary: what ``STEM.summary.json`` holds.
+        outputs: where the files are.
+    """
+
+    slide: Path
+    points: np.ndarray
+    summary: dict
+    outputs: SlideOutputs
+
+
+@dataclass
+class _Timer:
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - start, 3)
+
+
+def parse_region(text: str) -> tuple[int, int, int, int]:
+    """``x,y,w,h`` (level-0 px) as a tuple of ints."""
+    try:
+        x, y, w, h = (int(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"--region must be x,y,w,h in level-0 pixels, got {text!r}") from None
+    return x, y, w, h
+
+
+def _check_region(slide: Slide, region: tuple[int, int, int, int] | None) -> tuple[int, int, int, int]:
+    if region is None:
+        return 0, 0, slide.width, slide.height
+    x, y, w, h = region
+    if w < 1 or h < 1 or x < 0 or y < 0 or x + w > slide.width or y + h > slide.height:
+        raise ValueError(f"{slide.path.name}: region {x},{y},{w},{h} is not inside the "
+                         f"{slide.width}x{slide.height} slide")
+    return region
+
+
+def _check_models(cell_model: SlideModel, tissue_model: SlideModel | None) -> bool:
+    """Whether the cell model takes tissue context, after refusing models of the wrong task and a
+    context model without a tissue model."""
+    if cell_model.config.task is not Task.CELLS:
+        raise ValueError(f"{cell_model.source}: a {cell_model.config.task.value} model, not a cell model")
+    if tissue_model is not None and tissue_model.config.task is not Task.TISSUE:
+        raise ValueError(f"{tissue_model.source}: a {tissue_model.config.task.value} model, not a tissue model")
+    context = cell_model.config.data.context is not ContextKind.NONE
+    if context and tissue_model is None:
+        raise ValueError(f"{cell_model.source} takes tissue context: give --tissue-model")
+    return context
+
+
+def _write_outputs(outputs: SlideOutputs, slide: Slide, box: tuple[int, int, int, int], view: ScaledView,
+                   found: np.ndarray, tissue: TissueMask, tissue_map: TissueMap | None) -> np.ndarray:
+    """The cells in level-0 px (each at its pixel's centre, off-tissue ones dropped, in the order
+    found), written with the thumbnail and, given a tissue map, the cancer areas."""
+    x0, y0 = view.level0(found[:, 0] + 0.5, found[:, 1] + 0.5)
+    points = np.column_stack([x0, y0, found[:, 2], found[:, 3]]) if len(found) else np.zeros((0, 4))
+    points = points[tissue.at(points[:, 0], points[:, 1])]
+    write_cells(outputs, slide, points)
+    if tissue_map is not None:
+        collection = tissue_polygons(tissue_map, tissue, box)
+        with written_whole(outputs.tissue_geojson) as partial:
+            partial.write_text(json.dumps(collection))
+    write_thumbnail(outputs, slide, box, points)
+    return points
+
+
+def _summary(slide: Slide, box: tuple[int, int, int, int], points: np.ndarray, tissue: TissueMask, view: ScaledView,
+             models: tuple[SlideModel, SlideModel | None], settings: tuple[int, int, Runtime], timer: _Timer) -> dict:
+    """What ``STEM.summary.json`` holds: the slide, the box, the cell counts, the models and settings."""
+    cell_model, tissue_model = models
+    tile, overlap, runtime = settings
+    counts = {CELL_CLASSES[k]: int(np.sum(points[:, 2] == k)) for k in CELL_CLASSES}
+    x, y, w, h = box
+    return {
+        "slide": slide.identity(),
+        "region": {"x": x, "y": y, "width": w, "height": h},
+        "cells": counts,
+        "tumour_cell_fraction": round(counts["TC"] / max(1, sum(counts.values())), 4),
+        "tissue_mm2": round(tissue.area_mm2(x, y, x + w, y + h), 4),
+        "cell_view": {"mpp": view.mpp, "level": view.level, "width": view.width, "height": view.height},
+        "models": {"cell": cell_model.identity(),
+                   **({"tissue": tissue_model.identity()} if tissue_model is not None else {})},
+        "settings": {"tile": tile, "overlap": overlap, "runtime": str(runtime), "detect": {
+            "sigma": cell_model.config.detect.sigma, "min_distance": cell_model.config.detect.min_distance,
+            "threshold": cell_model.config.detect.threshold, "per_class": cell_model.config.detect.per_class}},
+        "tissue_threshold": round(tissue.threshold, 4),
+        "seconds": timer.seconds,
+        "equiseg": importlib.metadata.version("equiseg"),
+    }
+
+
+def analyse_slide(path: Path | str, cell_model: SlideModel, out_dir: Path | str,
+                  tissue_model: SlideModel | None = None, region: tuple[int, int, int, int] | None = None,
+                  mpp: float | None = None, tile: int = 1024, overlap: int = 128, runtime: Runtime | None = None,
+                  resume: bool = False, progress: Progress | None = None) -> SlideCells:
+    """Find the cells on one slide and write `SlideOutputs` into ``out_dir``.
+
+    The cells equal what ``equiseg predict`` finds on the analysed box cut out at the cell
+    model's resolution (`ScaledView`), bit for bit with batch 1
+    where every window has tissue under it (windows without are not run: they count as
+    background), less those off the tissue mask. Memory: one block of windows, strips across
+    the box's width (``predict``'s) and the tissue mask; not the slide.
+
+    Args:
+        path: the slide (any format OpenSlide reads).
+        cell_model: the cell model; one with tissue context needs ``tissue_model``.
+        out_dir: the output folder (made if missing).
+        tissue_model: a tissue model: its cancer areas are drawn, and it gives a context model its context.
+        region: (x, y, w, h) level-0 px to analyse (default: the whole slide).
+        mpp: µm per level-0 pixel, replacing the file's.
+        tile, overlap: the windows, px at each model's resolution.
+        runtime: device, batch and precision (default: the cell model's device, batch 1, float32).
+        resume: continue an interrupted run of this slide (without it, existing outputs are refused).
+        progress: called with (stage, done, total).
+
+    Raises:
+        ValueError: an unreadable slide, no resolution, a region off the slide, a context model
+            without a tissue model, outputs that exist (without ``resume``).
+    """
+    runtime = runtime or model_runtime(cell_model.model)
+    timer = _Timer()
+    context = _check_models(cell_model, tissue_model)
+    path = Path(path)
+    outputs = SlideOutputs(Path(out_dir), path.stem)
+    check_slides([path], out_dir, resume, region, mpp)
+    outputs.folder.mkdir(parents=True, exist_ok=True)
+    with Slide(path, mpp) as slide:
+        box = _check_region(slide, region)
+        if outputs.summary.is_file():
+            summary = json.loads(outputs.summary.read_text())
+            return SlideCells(path, read_points(outputs, slide), summary, outputs)
+        outputs.work.mkdir(exist_ok=True)
+        with timer.stage("tissue mask"):
+            tissue = find_tissue(slide)
+        tissue_map = None
+        if tissue_model is not None:
+            with timer.stage("tissue model"):
+                tissue_map = tissue_pass(tissue_model, slide, tissue_box(slide, box), tissue,
+                                          outputs.work / "tissue.npy", tile, overlap, runtime, progress)
+        with timer.stage("cell model"):
+            view = ScaledView(slide, cell_model.resolution.cell_mpp, box)
+            found = cell_pass(cell_model, view, tissue, tissue_map if context else None, tile, overlap, runtime,
+                               outputs.work / "cells-state.pt", progress)
+        with timer.stage("outputs"):
+            points = _write_outputs(outputs, slide, box, view, found, tissue, tissue_map)
+        summary = _summary(slide, box, points, tissue, view, (cell_model, tissue_model), (tile, overlap, runtime), timer)
+        del tissue_map  # the memory map holds the file open
+        with written_whole(outputs.summary) as partial:
+            partial.write_text(json.dumps(summary, indent=2) + "\n")
+    _remove_work(outputs.work)
+    return SlideCells(path, points, summary, outputs)
+
+
+def _remove_work(work: Path) -> None:
+    for item in work.glob("*"):
+        item.unlink()
+    with contextlib.suppress(OSError):
+        os.rmdir(work)
+
+
+def check_slides(paths: list[Path], out_dir: Path | str, resume: bool = False,
+                 region: tuple[int, int, int, int] | None = None, mpp: float | None = None) -> None:
+    """Refuse, before any work: slides that OpenSlide cannot open or whose resolution is
+    unknown, a region off a slide, outputs that would collide or overwrite finished ones."""
+    stems = [Path(p).stem for p in paths]
+    if len(set(stems)) != len(stems):
+        raise ValueError("two slides share a name; their outputs would overwrite each other")
+    for path in paths:
+        summary = SlideOutputs(Path(out_dir), Path(path).stem).summary
+        if summary.is_file() and not resume:
+            raise ValueError(f"{summary} exists: use --resume to skip finished slides, or another --out")
+        with Slide(path, mpp) as slide:
+            _check_region(slide, region)
+
+
+def analyse_slides(paths: list[Path], cell_model: SlideModel, out_dir: Path | str,
+                   tissue_model: SlideModel | None = None, on_slide: Callable[[int, int, SlideCells], None] | None = None,
+                   **options) -> list[SlideCells]:
+    """`analyse_slide` for each slide into ``out_dir``; ``on_slide(done, total, result)`` after
+    each; a ``progress`` in ``options`` gets stages named "k/n NAME: stage"."""
+    check_slides(paths, out_dir, options.get("resume", False), options.get("region"), options.get("mpp"))
+    progress = options.pop("progress", None)
+    results = []
+    for k, path in enumerate(paths):
+        named = (None if progress is None else
+                 lambda stage, done, total, k=k, name=Path(path).name: progress(f"{k + 1}/{len(paths)} {name}: {stage}",
+                                                                               done, total))
+        results.append(analyse_slide(path, cell_model, out_dir, tissue_model, progress=named, **options))
+        if on_slide is not None:
+            on_slide(k + 1, len(paths), results[-1])
+    return results
