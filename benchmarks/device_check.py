@@ -109,7 +109,7 @@ def check_placement(device: torch.device, tmp: Path) -> None:
 
 def check_speed(device: torch.device, size: int) -> None:
     from equiseg.config import Config
-    from equiseg.evaluation.inference import predict_probabilities
+    from equiseg.inference.tiling import predict_probabilities
     from equiseg.runtime import Precision, Runtime
 
     print(f"\n4. predict_probabilities of a {size}x{size} image, 1024 px tiles, overlap 128; and the model's "

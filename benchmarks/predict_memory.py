@@ -10,7 +10,7 @@ once with ``--no-probs``. Each run is one child, and its peak resident memory is
 own ``ru_maxrss`` (from ``os.wait4``), so runs do not mix. The table gives the area relative to
 the first size, wall seconds, seconds per megapixel, peak RSS, the size of what was written, and
 the peak RSS above the first size's (same mode). Streaming in blocks of windows
-(``equiseg.evaluation.inference.stream_blocks``) should keep that nearly flat: what grows with
+(``equiseg.inference.tiling.stream_blocks``) should keep that nearly flat: what grows with
 the image is only strips across its width (about ``overlap`` rows of window terms and twice the
 detection halo of final rows, C float32 each: ~4 MB per 1000 px of width together) and the
 pictures (uint8, capped at 4096 px a side, so ~100 MB at most with ``--probs``) - not a row of

@@ -21,7 +21,7 @@ import torch
 from _record import add_json_option, column, print_table, table, write_result  # this script's folder
 from torch import nn
 
-from equiseg.evaluation.inference import predict_probabilities, tile_grid
+from equiseg.inference.tiling import predict_probabilities, tile_grid
 from equiseg.runtime import Runtime
 
 BATCHES = (1, 4, 8)
