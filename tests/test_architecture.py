@@ -94,3 +94,29 @@ def test_the_checks_see_a_violation():
     assert layer("equiseg.nn.bank") < layer("equiseg.models.unet") < layer("equiseg.data.context")
     assert layer("equiseg.inference.tiling") < layer("equiseg.training.fit") < layer("equiseg.cli")
     assert layer("equiseg.pictures") < layer("equiseg.inference.predict") < layer("equiseg.report.plots")
+
+
+MAX_FUNCTION_LINES = 60  # signature, docstring and body: a function that reads on one screen
+
+
+def long_functions(root: Path = SRC / "equiseg", limit: int = MAX_FUNCTION_LINES) -> list[str]:
+    """``path:line name (N lines)`` for every function or method in src longer than ``limit`` lines."""
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                start = node.decorator_list[0].lineno if node.decorator_list else node.lineno
+                lines = node.end_lineno - start + 1
+                if lines > limit:
+                    found.append(f"{path.relative_to(root)}:{node.lineno} {node.name} ({lines} lines)")
+    return found
+
+
+def test_no_function_is_longer_than_60_lines():
+    assert not long_functions(), "\n".join(long_functions())
+
+
+def test_the_length_check_sees_a_long_function(tmp_path):
+    body = "\n".join(f"    x{k} = {k}" for k in range(59))
+    (tmp_path / "m.py").write_text(f"def fits():\n{body}\n\n\ndef long():\n{body}\n    x = 59\n")
+    assert long_functions(tmp_path) == ["m.py:63 long (61 lines)"]

@@ -9,14 +9,14 @@ import pytest
 import yaml
 
 import equiseg.runs
-import equiseg.study
+import equiseg.study.evaluation
 from equiseg.config import Config
 from equiseg.evaluation.data_record import DataSource
 from equiseg.models import ConvFamily
 from equiseg.report.results import RunResult, StudyResult, from_json, load_cases, to_json
 from equiseg.report.study_report import reading, write_report
 from equiseg.runs import dataset_digest
-from equiseg.study import StudyConfig, evaluate_run, run_study
+from equiseg.study import StudyConfig, evaluate_study_run, run_study
 
 TINY_BASE = {"model": {"family": "plain", "width": 4, "depth": 2},
              "data": {"synthetic": {"train": 4, "val": 1, "test": 2, "size": 64, "seed": 1}, "crop_size": 32,
@@ -74,7 +74,7 @@ def test_study_runs_reports_and_resumes_without_training(tmp_path, monkeypatch):
     def no_model(*args, **kwargs):
         raise AssertionError("the report loaded a model")
 
-    monkeypatch.setattr(equiseg.study, "load_model", no_model)
+    monkeypatch.setattr(equiseg.study.evaluation, "load_model", no_model)
     monkeypatch.setattr(equiseg.runs, "load_model", no_model)
     summary = from_json(StudyResult, (tmp_path / "out/results.json").read_text())
     again = write_report(summary, tmp_path / "again")
@@ -231,12 +231,12 @@ def test_an_old_cache_is_recomputed(tmp_path, monkeypatch):
            "certificate": {"test": {"group": 0.1}, "group": "D4"}}
     (run_dir / "study.json").write_text(json.dumps(old))
     variant = study.variants[0]
-    result = evaluate_run(run_dir, tmp_path / "out/data", study, (variant, 1.0, 0), [])
+    result = evaluate_study_run(run_dir, tmp_path / "out/data", study, (variant, 1.0, 0), [])
     assert result.variant == "plain" and len(result.robustness) == 9 and result.parameters > 1
     assert (run_dir / "study.json").read_text() == to_json(result)  # as JSON: NaN scores are not equal to themselves
     # and the new cache is read, not recomputed
-    monkeypatch.setattr(equiseg.study, "load_model", lambda *a, **k: pytest.fail("recomputed a current cache"))
-    assert to_json(evaluate_run(run_dir, tmp_path / "out/data", study, (variant, 1.0, 0), [])) == to_json(result)
+    monkeypatch.setattr(equiseg.study.evaluation, "load_model", lambda *a, **k: pytest.fail("recomputed a current cache"))
+    assert to_json(evaluate_study_run(run_dir, tmp_path / "out/data", study, (variant, 1.0, 0), [])) == to_json(result)
 
 
 @pytest.mark.parametrize("change, message", [

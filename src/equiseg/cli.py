@@ -316,8 +316,11 @@ def verify(
 
 
 def _train_overrides(ctx: typer.Context, data: Path | None, processes: int | None, strategy: str | None,
-                     resume: bool, out: Path | None) -> tuple[list[str], Path | None]:
+                     resume: bool, out: Path | None, old_runs: Path | None) -> tuple[list[str], Path | None]:
     """The KEY=VALUE overrides of ``train``'s options, and the run folder of 0.1's ``--resume RUN``."""
+    if old_runs is not None:
+        typer.echo("note: --runs DIR is now --out RUN_DIR, the run folder itself (the old spelling is accepted "
+                   "until equiseg 0.3)", err=True)
     overrides = list(ctx.args)
     if resume and out is None and len(overrides) == 1 and "=" not in overrides[0]:
         typer.echo("note: --resume RUN is now --resume --out RUN (the old spelling is accepted until equiseg 0.3)",
@@ -372,10 +375,7 @@ def train(
     from equiseg.training.fit import fit
 
     processes = _renamed(processes, old_devices, "--devices", "--processes")
-    if old_runs is not None:
-        typer.echo("note: --runs DIR is now --out RUN_DIR, the run folder itself (the old spelling is accepted "
-                   "until equiseg 0.3)", err=True)
-    overrides, out = _train_overrides(ctx, data, processes, strategy, resume, out)
+    overrides, out = _train_overrides(ctx, data, processes, strategy, resume, out, old_runs)
     try:
         if resume:
             if out is None:

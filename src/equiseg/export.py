@@ -22,14 +22,14 @@ import json
 import warnings
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 
 from equiseg.config import Config
 from equiseg.files import written_whole
-from equiseg.models import optimize_for_inference
+from equiseg.models import UNet, optimize_for_inference
 from equiseg.runs import load_model
 
 
@@ -42,7 +42,7 @@ class ExportFormat(enum.Enum):
 class _Unpadded(nn.Module):
     """The optimized U-Net's `unpadded` as a module's forward."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: UNet) -> None:
         super().__init__()
         self.model = model
 
@@ -86,7 +86,7 @@ def export_model(run: Path | str, fmt: ExportFormat, out: Path | str) -> Path:
     """
     model, config = load_model(run)
     checkpoint = Path(run)
-    unpadded = _Unpadded(optimize_for_inference(model, channels_last=False)).eval()
+    unpadded = _Unpadded(cast(UNet, optimize_for_inference(model, channels_last=False))).eval()  # a folded UNet
     side = 2 * 2**config.model.depth  # the example's size; the file takes any multiple of 2**depth
     example = torch.rand(2, config.in_channels, side, side)
     card = model_card(config, checkpoint)
@@ -97,7 +97,8 @@ def export_model(run: Path | str, fmt: ExportFormat, out: Path | str) -> Path:
             case ExportFormat.TORCHSCRIPT:
                 with torch.no_grad(), warnings.catch_warnings():
                     # shape checks in the layers become constants: the sizes they check are the file's rule
-                    warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                    # torch.jit's own warning class, left out of its __all__
+                    warnings.simplefilter("ignore", torch.jit.TracerWarning)  # pyright: ignore[reportPrivateImportUsage]
                     warnings.filterwarnings("ignore", message=".*torch.jit.*deprecated.*")
                     traced = torch.jit.trace(unpadded, example)
                     torch.jit.save(traced, str(partial), _extra_files={"equiseg.json": json.dumps(card)})

@@ -119,15 +119,9 @@ def evaluate_model(model: nn.Module, config: Config, root: Path | str, split: st
         cm += image_cm
         per_image.append({"loss": loss, "dice/mean": segmentation_scores(image_cm, names)["dice/mean"]})
         if task is Task.CELLS:
-            found = find_cells(probs, config.detect)
-            if valid is not None and len(found):
-                found = found[valid[found[:, 1].astype(int), found[:, 0].astype(int)].numpy()]
+            found = _image_cells(probs, config, valid, cells, per_image[-1])
             points.append(found)
             gts.append(cells)
-            # each image's matches, so that scores can be resampled over images (a bootstrap)
-            for cls, name in CELL_CLASSES.items():
-                tp, fp, n_gt = match_counts(found, cells, cls)
-                per_image[-1] |= {f"tp/{name}": tp, f"fp/{name}": fp, f"gt/{name}": n_gt}
         if keep is not None:
             keep(i, folder.ids[i], probs)
         if on_image is not None:
@@ -136,6 +130,19 @@ def evaluate_model(model: nn.Module, config: Config, root: Path | str, split: st
     if task is Task.CELLS:
         scores |= detection_scores(points, gts)
     return Evaluation(scores, list(folder.ids), points, per_image, source, shapes, DataRecord.of_folder(root))
+
+
+def _image_cells(probs: torch.Tensor, config: Config, valid: torch.Tensor | None, truth: np.ndarray,
+                 row: dict[str, float]) -> np.ndarray:
+    """The cells found on one probability map (those in the valid region), with the image's matches
+    against ``truth`` added to its ``row`` so that scores can be resampled over images (a bootstrap)."""
+    found = find_cells(probs, config.detect)
+    if valid is not None and len(found):
+        found = found[valid[found[:, 1].astype(int), found[:, 0].astype(int)].numpy()]
+    for cls, name in CELL_CLASSES.items():
+        tp, fp, n_gt = match_counts(found, truth, cls)
+        row |= {f"tp/{name}": tp, f"fp/{name}": fp, f"gt/{name}": n_gt}
+    return found
 
 
 def evaluation_context(config: Config, context: ContextFn | None = None, oracle: bool = False,

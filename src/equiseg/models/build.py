@@ -80,7 +80,7 @@ def count_macs(model: nn.Module, height: int = 1024, width: int = 1024) -> int:
     probe = copy.deepcopy(model).to("meta")
     total = 0
 
-    def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+    def hook(module: nn.Conv2d | ExpandedConv2d, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
         nonlocal total
         kernel = module.kernel_size
         taps = kernel * kernel if isinstance(kernel, int) else kernel[0] * kernel[1]

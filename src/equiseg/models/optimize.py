@@ -16,6 +16,8 @@ as the trained one (tested), and equal to it up to float rounding.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 
@@ -40,9 +42,11 @@ def optimize_for_inference(model: nn.Module, channels_last: bool = True, compile
             _fold_norms(module)
     optimized.requires_grad_(False)
     if channels_last:
-        optimized = optimized.to(memory_format=torch.channels_last)
+        # Module.to takes memory_format (as Tensor.to does); torch's overloads leave it out
+        optimized = optimized.to(memory_format=torch.channels_last)  # pyright: ignore[reportCallIssue]
         optimized.register_forward_pre_hook(_channels_last_input)
-    return torch.compile(optimized) if compile else optimized
+    # a module compiles to a module (OptimizedModule); torch.compile is typed for any callable
+    return cast(nn.Module, torch.compile(optimized)) if compile else optimized
 
 
 def _channels_last_input(module: nn.Module, args: tuple) -> tuple:
@@ -58,8 +62,8 @@ def _fold_norms(block: nn.Sequential) -> None:
     while i < len(layers):
         layer = layers[i]
         following = layers[i + 1] if i + 1 < len(layers) else None
-        if isinstance(layer, nn.Conv2d) and _norm_affine(following) is not None:
-            folded.append(_conv_with_affine(layer, *_norm_affine(following)))
+        if isinstance(layer, nn.Conv2d) and (affine := _norm_affine(following)) is not None:
+            folded.append(_conv_with_affine(layer, *affine))
             i += 2
         else:
             folded.append(layer)
@@ -80,6 +84,7 @@ def _norm_affine(norm: nn.Module | None) -> tuple[torch.Tensor, torch.Tensor] | 
         # a group norm has one value per field, shared by its |G| consecutive channels: its per-channel form
         mean, var, weight, bias = (norm.channel_buffers() if isinstance(norm, GroupBatchNorm2d) else
                                    (inner.running_mean, inner.running_var, inner.weight, inner.bias))
+        assert mean is not None and var is not None  # running statistics, checked above
         scale = torch.rsqrt(var + inner.eps)
         if weight is not None:
             scale = scale * weight
@@ -89,11 +94,15 @@ def _norm_affine(norm: nn.Module | None) -> tuple[torch.Tensor, torch.Tensor] | 
 
 def _conv_with_affine(conv: nn.Conv2d, scale: torch.Tensor, shift: torch.Tensor) -> nn.Conv2d:
     """``conv`` followed by y -> scale * y + shift per output channel, as one conv."""
-    fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                      conv.dilation, conv.groups, bias=True, padding_mode=conv.padding_mode,
+    # torch types Conv2d's attributes tuple[int, ...] and its arguments int | tuple[int, int]: the same values
+    fused = nn.Conv2d(conv.in_channels, conv.out_channels,
+                      conv.kernel_size, conv.stride, conv.padding,  # pyright: ignore[reportArgumentType]
+                      conv.dilation,  # pyright: ignore[reportArgumentType]
+                      conv.groups, bias=True, padding_mode=conv.padding_mode,
                       device=conv.weight.device, dtype=conv.weight.dtype)
     with torch.no_grad():
         fused.weight.copy_(conv.weight * scale.view(-1, 1, 1, 1))
         bias = conv.bias if conv.bias is not None else torch.zeros_like(shift)
+        assert fused.bias is not None  # made with bias=True
         fused.bias.copy_(bias * scale + shift)
     return fused

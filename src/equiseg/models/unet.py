@@ -68,13 +68,17 @@ def conv_block(family: ConvFamily, in_width: int, out_width: int, lifting: bool 
         case ConvFamily.ISOTROPIC:
             conv, norm = IsotropicConv2d(in_width, out_width, 3, bias=False), nn.BatchNorm2d(out_width)
         case ConvFamily.P4 | ConvFamily.P4M:
+            group = family.group
+            assert group is not None  # C4 or D4
             layer = LiftingConv2d if lifting else GroupConv2d
-            conv = layer(in_width, out_width, family.group, 3, bias=False)
-            norm = GroupBatchNorm2d(out_width, family.group)
+            conv = layer(in_width, out_width, group, 3, bias=False)
+            norm = GroupBatchNorm2d(out_width, group)
         case ConvFamily.C8 | ConvFamily.C16 | ConvFamily.D8:
+            plane_group = family.field_group
+            assert isinstance(plane_group, PlaneGroup)  # C8, C16 or D8
             layer = SteerableLiftingConv2d if lifting else SteerableGroupConv2d
-            conv = layer(in_width, out_width, family.field_group, 3, bias=False)
-            norm = GroupBatchNorm2d(out_width, family.field_group)
+            conv = layer(in_width, out_width, plane_group, 3, bias=False)
+            norm = GroupBatchNorm2d(out_width, plane_group)
     return nn.Sequential(conv, norm, nn.ReLU(inplace=True))
 
 
@@ -104,6 +108,8 @@ class BlurPool2d(nn.Module):
 
     Shapes: (B, C, H, W) -> (B, C, H // 2, W // 2), H and W even.
     """
+
+    kernel: torch.Tensor  # a buffer (set in __init__), declared for the type checker
 
     def __init__(self) -> None:
         super().__init__()
@@ -188,8 +194,9 @@ class UNet(nn.Module):
         x = skips.pop()
         for level in reversed(range(self.depth)):
             x = self.decoder[level](torch.cat([_up(x), skips[level]], dim=1))
-        if self.family.channels_per_unit > 1:
-            x = pool_over_group(x, self.family.field_group, GroupPool.MAX)  # (B, C*|G|, H, W) -> (B, C, H, W)
+        group = self.family.field_group
+        if group is not None:  # regular features (|G| > 1 channels a field)
+            x = pool_over_group(x, group, GroupPool.MAX)  # (B, C*|G|, H, W) -> (B, C, H, W)
         return self.head(x)
 
     def _pad(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:

@@ -83,7 +83,7 @@ class ExpandedConv2d(nn.Module, metaclass=abc.ABCMeta):
         The cache is keyed on the version counters and storage of the parameters, so an
         optimiser step, ``load_state_dict`` or a move to another device invalidates it.
         """
-        state = self.__dict__  # plain dict access: this runs on every forward, keep it cheap
+        state = vars(self)  # the instance dict, read directly: this runs on every forward, keep it cheap
         if self.training or torch.is_grad_enabled():
             if state.get("_bank_cache") is not None:
                 state["_bank_cache"] = None
@@ -114,5 +114,6 @@ class ExpandedConv2d(nn.Module, metaclass=abc.ABCMeta):
                              bias=bias is not None, device=weight.device, dtype=weight.dtype)
             conv.weight.copy_(weight)
             if bias is not None:
+                assert conv.bias is not None  # made with bias=True just above
                 conv.bias.copy_(bias)
         return conv

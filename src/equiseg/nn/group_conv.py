@@ -66,6 +66,8 @@ class LiftingConv2d(ExpandedConv2d):
     Shapes: (B, C_in, H, W) -> (B, C_out*|G|, H, W), folded from (B, C_out, |G|, H, W).
     """
 
+    bank_index: torch.Tensor  # a buffer (set in __init__), declared for the type checker
+
     def __init__(self, in_channels: int, out_channels: int, group: Group, kernel_size: int = 3,
                  bias: bool = True) -> None:
         super().__init__(in_channels, out_channels, kernel_size, (out_channels, in_channels, kernel_size, kernel_size),
@@ -104,6 +106,8 @@ class GroupConv2d(ExpandedConv2d):
 
     Shapes: (B, C_in*|G|, H, W) -> (B, C_out*|G|, H, W), both folded from (B, C, |G|, H, W).
     """
+
+    bank_index: torch.Tensor  # a buffer (set in __init__), declared for the type checker
 
     def __init__(self, in_channels: int, out_channels: int, group: Group, kernel_size: int = 3,
                  bias: bool = True) -> None:

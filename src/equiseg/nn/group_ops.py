@@ -18,7 +18,7 @@ class GroupPool(enum.Enum):
     MEAN = "mean"
 
 
-def pool_over_group(x: torch.Tensor, group: Group, mode: GroupPool = GroupPool.MAX) -> torch.Tensor:
+def pool_over_group(x: torch.Tensor, group: Group | PlaneGroup, mode: GroupPool = GroupPool.MAX) -> torch.Tensor:
     """G -> Z2: reduce the group axis, giving scalar fields that transform like images.
 
     Any permutation-invariant reduction turns the regular action into a plain one:
@@ -77,12 +77,15 @@ class GroupBatchNorm2d(nn.Module):
         update = self.training and norm.track_running_stats
         momentum = 0.0
         if update:
-            norm.num_batches_tracked.add_(1)
-            momentum = norm.momentum if norm.momentum is not None else 1.0 / float(norm.num_batches_tracked)
+            tracked = norm.num_batches_tracked
+            assert tracked is not None  # a buffer whenever track_running_stats
+            tracked.add_(1)
+            momentum = norm.momentum if norm.momentum is not None else 1.0 / float(tracked)
         return FieldBatchNorm.apply(x, norm.weight, norm.bias, norm.running_mean if update else None,
                                     norm.running_var if update else None, momentum, order, norm.eps)
 
-    def channel_buffers(self) -> tuple[torch.Tensor | None, ...]:
+    def channel_buffers(self) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None,
+                                       torch.Tensor | None]:
         """Running mean and variance, weight and bias repeated per channel (weight/bias None without
         affine): the per-channel ``BatchNorm2d`` this layer is in evaluation.
 
@@ -96,7 +99,8 @@ class GroupBatchNorm2d(nn.Module):
         cache = self.__dict__.get("_channel_cache")
         if cache is not None and cache[0] == key and key is not None:
             return cache[1]
-        repeated = tuple(None if t is None else t.repeat_interleave(order) for t in tensors)
+        mean, var, weight, bias = (None if t is None else t.repeat_interleave(order) for t in tensors)
+        repeated = (mean, var, weight, bias)
         self.__dict__["_channel_cache"] = None if grad else (key, repeated)
         return repeated
 

@@ -40,6 +40,8 @@ class IsotropicConv2d(ExpandedConv2d):
     Shapes: (B, C_in, H, W) -> (B, C_out, H, W).
     """
 
+    radius_index: torch.Tensor  # a buffer (set in __init__), declared for the type checker
+
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, bias: bool = True) -> None:
         index = radius_index(kernel_size)  # (k, k); computed first, the number of radii sizes the weight
         num_radii = int(index.max()) + 1

@@ -80,6 +80,8 @@ class SteerableLiftingConv2d(ExpandedConv2d):
     Shapes: (B, C_in, H, W) -> (B, C_out*|G|, H, W).
     """
 
+    basis: torch.Tensor  # a buffer (set in __init__), declared for the type checker
+
     def __init__(self, in_channels: int, out_channels: int, group: PlaneGroup, kernel_size: int = 3,
                  bias: bool = True) -> None:
         basis = harmonic_basis(group, kernel_size)
@@ -116,6 +118,9 @@ class SteerableGroupConv2d(ExpandedConv2d):
 
     Shapes: (B, C_in*|G|, H, W) -> (B, C_out*|G|, H, W).
     """
+
+    basis: torch.Tensor  # buffers (set in __init__), declared for the type checker
+    regular: torch.Tensor
 
     def __init__(self, in_channels: int, out_channels: int, group: PlaneGroup, kernel_size: int = 3,
                  bias: bool = True) -> None:
