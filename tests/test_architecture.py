@@ -52,6 +52,9 @@ def imports() -> list[tuple[str, str, bool, int]]:
     for path in sorted((SRC / "equiseg").rglob("*.py")):
         tree = ast.parse(path.read_text())
         top = {id(node) for node in tree.body}
+        # `if TYPE_CHECKING:` at module level: imports for the type checker, which never run deferred
+        top |= {id(inner) for node in tree.body if isinstance(node, ast.If) and ast.unparse(node.test) == "TYPE_CHECKING"
+                for inner in node.body}
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "equiseg":
                 found.append((module_name(path), node.module, id(node) in top, node.lineno))

@@ -7,7 +7,7 @@ that need Lightning or the inference stack are imported on first use.
 """
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from equiseg.config import Config
 from equiseg.groups import C4, D4, Group, GroupElement
@@ -15,6 +15,13 @@ from equiseg.models import ConvFamily, Pooling, UNet, build_model, match_width, 
 from equiseg.nn import fold_to_conv2d
 from equiseg.presets import load_config
 from equiseg.runs import Run, load_model
+
+if TYPE_CHECKING:  # what `__getattr__` below imports on first use, named for type checkers
+    from equiseg.evaluation.evaluate import evaluate_run
+    from equiseg.evaluation.tune_detect import tune_detection
+    from equiseg.export import export_model
+    from equiseg.inference.predict import predict_run
+    from equiseg.training.fit import fit
 
 __version__ = "0.1.0"
 __all__ = ["C4", "D4", "Config", "ConvFamily", "Group", "GroupElement", "Pooling", "Run", "UNet", "build_model",

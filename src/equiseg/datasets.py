@@ -32,7 +32,6 @@ def generate_synthetic(root: Path, spec: SyntheticConfig) -> Path:
     It is written to a sibling folder and renamed into place, so ``root`` only ever holds a
     whole dataset; an interrupted generation is never reused.
     """
-
     if not (root / "metadata.json").is_file():
         partial = root.with_name(root.name + f".partial-{os.getpid()}")
         if partial.exists():
@@ -47,7 +46,8 @@ def generate_synthetic(root: Path, spec: SyntheticConfig) -> Path:
 
 def synthetic_root(spec: SyntheticConfig) -> Path:
     """The built-in synthetic dataset for ``spec`` in the cache folder, generated on first use."""
-    fields = {"train": spec.train, "val": spec.val, "test": spec.test, "size": spec.size, "seed": spec.seed}
+    fields: dict[str, float] = {"train": spec.train, "val": spec.val, "test": spec.test, "size": spec.size,
+                                "seed": spec.seed}
     if spec.crowding:  # the sparse world keeps the cache folders it always had
         fields["crowding"] = spec.crowding
     if spec.rotated:
