@@ -54,7 +54,8 @@ def _git(*args: str) -> str | None:
 
 def environment(device: str = "cpu") -> dict:
     """Where and how a benchmark ran (see the module docstring); ``device``: the torch device it
-    timed ("cuda..." adds the GPU's name)."""
+    timed ("cuda..." adds the GPU's name).
+    """
     import torch
 
     from equiseg import __version__
@@ -81,13 +82,15 @@ def _relative(script: str) -> str:
 
 def column(key: str, label: str, fmt: str = "") -> dict:
     """One column of a result table: the rows' ``key``, its heading, and its format
-    (``format(value, fmt)``: ".4f", ".2e", ".0%"; empty: the value as it is)."""
+    (``format(value, fmt)``: ".4f", ".2e", ".0%"; empty: the value as it is).
+    """
     return {"key": key, "label": label, "format": fmt}
 
 
 def table(columns: list[dict], rows: list[dict]) -> dict:
     """A result table: its columns (:func:`column`) and rows of raw values keyed by column key;
-    a missing or null value shows as blank."""
+    a missing or null value shows as blank.
+    """
     return {"columns": columns, "rows": rows}
 
 
@@ -95,7 +98,8 @@ def write_result(name: str, what: str, settings: dict, tables: dict[str, dict], 
                  device: str = "cpu") -> Path:
     """Write the result file of benchmark ``name`` (``what``: one line saying what it measures)
     with its ``settings`` (the parsed options), its ``tables`` (view name -> :func:`table`) and
-    the :func:`environment`; returns its path."""
+    the :func:`environment`; returns its path.
+    """
     record = environment(device)
     path = out or RESULTS / f"{name}-{record['date'][:10]}.json"
     path.parent.mkdir(parents=True, exist_ok=True)

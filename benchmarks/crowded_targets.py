@@ -55,7 +55,8 @@ WORLDS = {"crowded": "small", "sparse": "small-sparse"}
 
 def one_run(args: argparse.Namespace, world: str, target: str, seed: int, family: str) -> tuple[dict, dict]:
     """Train (or reuse), tune detection on val, score on test: the table row, and the most
-    crowded test image's index, probabilities and points for the overlay."""
+    crowded test image's index, probabilities and points for the overlay.
+    """
     config = Config.from_yaml(preset_path(f"{family}-{WORLDS[world]}"), overrides=[
         *TARGETS[target], "train.loggers=[csv]", f"train.seed={seed}",
         *([f"train.epochs={args.epochs}"] if args.epochs else [])])

@@ -74,7 +74,8 @@ def child(family: str, width: int, side: int, mode: str, repeats: int, device: s
                               verbose=False)
             session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
             feed = {"image": x.numpy()}
-            run = lambda _: session.run(None, feed)
+            def run(_):
+                return session.run(None, feed)
     ref_batch = 16 if cuda else 1
     reference = torch.nn.Conv2d(256, 256, 3, padding=1, bias=False, device=device).eval()
     ref_x = torch.rand(ref_batch, 256, 128, 128, device=device)

@@ -27,7 +27,7 @@ from equiseg.nn import GroupConv2d, IsotropicConv2d, LiftingConv2d
 
 
 def layers(channels: int) -> dict[str, tuple[nn.Module, int]]:
-    """name -> (layer, input channels)."""
+    """Name -> (layer, input channels)."""
     return {
         "Conv2d (reference)": (nn.Conv2d(channels, channels, 3, padding=1), channels),
         "IsotropicConv2d": (IsotropicConv2d(channels, channels), channels),

@@ -64,7 +64,8 @@ def child(command: list[str]) -> tuple[float, float, str]:
 
 def score(found: Path, truth: Path, mpp: float, region: dict) -> float:
     """The OCELOT mF1 of the cells found against the slide's true cells in the analysed region
-    (one image, 15 px at level 0)."""
+    (one image, 15 px at level 0).
+    """
     from equiseg.detection import detection_scores
 
     points = np.loadtxt(found, delimiter=",", skiprows=1, usecols=(2, 3, 4, 6), ndmin=2)

@@ -78,6 +78,7 @@ def test_challenge_scores_equal_evaluate_on_the_same_images(trained, synthetic_s
         assert challenge_scores[key] == evaluation.scores[key], key
 
 
+@pytest.mark.slow
 def test_challenge_on_the_real_grand_challenge_input(trained, tmp_path):
     from pathlib import Path
 

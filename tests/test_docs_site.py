@@ -69,7 +69,8 @@ def program():
 def command_problems(args: list[str]) -> list[str]:
     """What the CLI would not accept in ``equiseg ARGS``, in the new vocabulary: an unknown command,
     an option the command does not have (or has only as a deprecated, hidden spelling), a value
-    given to a deprecated hidden argument, or arguments that do not parse."""
+    given to a deprecated hidden argument, or arguments that do not parse.
+    """
     group, root = program()
     name, rest = args[0], args[1:]
     command = group.get_command(root, name)

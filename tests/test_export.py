@@ -35,6 +35,7 @@ def _reference(checkpoint, x):
 SIZES = [(1, 3, 32, 48), (3, 3, 64, 24)]  # batch, height and width all differ from the example
 
 
+@pytest.mark.slow
 def test_onnx_runs_in_onnxruntime_and_matches_pytorch(checkpoint, tmp_path):
     ort = pytest.importorskip("onnxruntime")
     onnx = pytest.importorskip("onnx")

@@ -1,5 +1,6 @@
 """User mistakes and hostile files: one line on stderr naming the key or file, exit code 2,
-nothing written, no code run."""
+nothing written, no code run.
+"""
 
 import pickle
 

@@ -106,7 +106,8 @@ def test_otsu_splits_two_clusters_between_them():
 
 def test_tissue_mask_of_a_real_ocelot_patch_finds_its_glass(tmp_path):
     """The real tissue patch (kidney, 0.778 µm/px) is about 40 % glass: the mask agrees with the
-    full-resolution saturation within a few percent."""
+    full-resolution saturation within a few percent.
+    """
     image = tifffile.imread("../shared/ocelot/gc_input/images/tissue_patches/000.tif")
     path = write_pyramid(tmp_path / "real.tif", image, 0.778)
     with Slide(path) as slide:
@@ -164,6 +165,7 @@ def test_cells_in_a_region_equal_predict_on_the_region_cut_out(slide_path, cell_
     np.testing.assert_allclose(rows[:, 5], expected[:, 3], atol=5e-5)
 
 
+@pytest.mark.slow
 def test_whole_slide_cells_are_on_tissue_once_each_and_files_are_qupath_geojson(slide_path, cell_run, tmp_path):
     result = analyse_slide(slide_path, SlideModel.load(cell_run), tmp_path / "out", tile=TILE, overlap=OVERLAP)
     points = result.points
@@ -198,6 +200,7 @@ def test_whole_slide_cells_are_on_tissue_once_each_and_files_are_qupath_geojson(
     assert result.outputs.thumbnail.is_file() and not result.outputs.work.exists()
 
 
+@pytest.mark.slow
 def test_a_crashed_slide_resumes_to_the_same_cells(slide_path, cell_run, tmp_path, monkeypatch):
     model = SlideModel.load(cell_run)
     whole = analyse_slide(slide_path, model, tmp_path / "whole", tile=TILE, overlap=OVERLAP)
@@ -245,9 +248,11 @@ analyse_slide(sys.argv[1], SlideModel.load(sys.argv[2]), sys.argv[3], tile=int(s
 """
 
 
+@pytest.mark.slow
 def test_a_slide_killed_hard_resumes_to_the_same_cells(slide_path, cell_run, tmp_path, monkeypatch):
     """SIGKILL in the middle of the second stripe: nothing is cleaned up, and a resume still
-    continues from the last saved block row to the uninterrupted run's cells."""
+    continues from the last saved block row to the uninterrupted run's cells.
+    """
     whole = analyse_slide(slide_path, SlideModel.load(cell_run), tmp_path / "whole", tile=TILE, overlap=OVERLAP)
     killed = subprocess.run([sys.executable, "-c", KILL_AT_BLOCK, str(slide_path), str(cell_run),
                              str(tmp_path / "out"), str(TILE), str(OVERLAP), str(torch.get_num_threads())],
@@ -266,7 +271,8 @@ def test_context_model_on_a_slide_agrees_with_the_pair_chain_evaluate_uses(slide
     """A region whose tissue box fits one tissue tile: the slide's context is the tissue model
     on the tissue box, cut to the region, as ``model_context`` does for an OCELOT pair. Bit for
     bit with the tissue map kept in float32; in float16 (the default) the context is within
-    float16's rounding (an untrained model's flat maps move a peak by a pixel for less)."""
+    float16's rounding (an untrained model's flat maps move a peak by a pixel for less).
+    """
     monkeypatch.setattr(slide_module, "TISSUE_CONTEXT_UM", 40.0)
     monkeypatch.setattr(slide_module, "TISSUE_MAP_DTYPE", np.float32)
     tile = 256
@@ -370,6 +376,7 @@ def test_synth_slide_cli_and_the_tissue_rule_against_the_true_section(tmp_path, 
     assert not (tmp_path / "bad.tif").exists()
 
 
+@pytest.mark.slow
 def test_slides_spread_over_two_processes_give_the_same_files(tmp_path, cell_run):
     """Lightning's DDP (two CPU processes over gloo): each slide once, the same cells as one process."""
     from equiseg.data.synthetic.slide import write_synthetic_slide

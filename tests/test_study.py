@@ -34,6 +34,7 @@ def tiny_study(tmp_path, name, variants, fractions, **extra):
     return StudyConfig.from_yaml(path)
 
 
+@pytest.mark.slow
 def test_study_runs_reports_and_resumes_without_training(tmp_path, monkeypatch):
     study = tiny_study(tmp_path, "tiny", {"plain": {"family": "plain"},
                                           "plain+heavy": {"family": "plain", "augment": "heavy"},
@@ -90,6 +91,7 @@ def test_study_runs_reports_and_resumes_without_training(tmp_path, monkeypatch):
     assert sum("reused" in line for line in lines) == 12 and not any("trained" in line for line in lines)
 
 
+@pytest.mark.slow
 def test_study_with_tissue_context_trains_the_tissue_model_once_and_compares(tmp_path):
     study = tiny_study(tmp_path, "tiny-context",
                        {"p4m": {"family": "p4m"}, "p4m+ctx": {"family": "p4m", "context": "model"}}, [1.0],
@@ -258,6 +260,7 @@ def test_a_bad_study_config_is_one_error_naming_the_key(tmp_path, change, messag
         StudyConfig.from_yaml(tmp_path / "study.yaml")
 
 
+@pytest.mark.slow
 def test_study_by_training_images_with_lr_search_and_paired_intervals(tmp_path):
     base = {**TINY_BASE, "train": {**TINY_BASE["train"], "epochs": 3, "early_stopping": 1}}
     spec = {"name": "tiny-paired", "base": base, "reference_width": 4, "seeds": [0, 1], "angles": [45],
@@ -303,7 +306,8 @@ def test_study_by_training_images_with_lr_search_and_paired_intervals(tmp_path):
 
 def test_the_reading_leaves_runs_that_found_no_cell_out_of_the_robustness_comparison():
     """study-steerable's real results: c16 and d8 found no cell with seed 0 (mF1 0 at every angle, so
-    their range is 0); the sentence must not take that flatness for robustness, and must say so."""
+    their range is 0); the sentence must not take that flatness for robustness, and must say so.
+    """
     from pathlib import Path
 
     from equiseg.report.study_report import reading

@@ -80,6 +80,7 @@ TINY = {"model": {"family": "plain", "width": 4, "depth": 2},
         "detect": {"sigma": 2.0, "min_distance": 4}}
 
 
+@pytest.mark.slow
 def test_a_study_on_ray_gives_the_local_numbers_and_a_ray_search_runs(tmp_path, local_ray):
     spec = {"name": "tiny-ray", "base": TINY, "reference_width": 4, "seeds": [0, 1], "fractions": [1.0],
             "angles": [45], "variants": {"plain": {"family": "plain"}, "p4m": {"family": "p4m"}},

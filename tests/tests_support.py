@@ -38,7 +38,8 @@ def tiny_config(root, **sections):
 def write_pyramid(path: Path, image: np.ndarray, mpp: float, tile: int = 128, factor: int = 4) -> Path:
     """A tiled pyramidal TIFF as OpenSlide reads it (generic TIFF): ``image`` as level 0 at ``mpp``
     µm/px (resolution tags in cm), then levels ``factor`` x smaller (area means) down to 512 px,
-    each a reduced-resolution page."""
+    each a reduced-resolution page.
+    """
     import tifffile
 
     levels = [image]

@@ -250,7 +250,8 @@ def config_markdown() -> str:
 
 def _defining_path(name: str, obj: Any) -> str:
     """Where ``equiseg.NAME`` is defined: ``equiseg.models.build.build_model`` (an instance such
-    as ``C4`` has no module of its own, so mkdocstrings follows the import from equiseg)."""
+    as ``C4`` has no module of its own, so mkdocstrings follows the import from equiseg).
+    """
     module = getattr(obj, "__module__", None)
     qualname = getattr(obj, "__qualname__", None)
     if (inspect.isclass(obj) or inspect.isfunction(obj)) and module and qualname:

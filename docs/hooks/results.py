@@ -143,7 +143,8 @@ COUNTING = 10
 def numbers_in(text: str) -> list[tuple[str, float, float, int]]:
     """Every number written in ``text`` (outside code, dates, names, angles): (as written,
     |value|, the half-unit of its last written digit, i.e. the rounding it is written to, and
-    where it starts in ``text``)."""
+    where it starts in ``text``).
+    """
     for pattern in IGNORED:
         text = pattern.sub(lambda m: " " * len(m[0]), text)
     found = []
@@ -168,7 +169,8 @@ def _headline(scores: dict | None) -> list[float]:
 
 def _robustness(transforms: list | dict) -> list[float]:
     """A run's mF1 spread over all its transforms and over the D4 ones, and its worst mF1, as the
-    report's robustness table takes them (results of before format 3 keep transforms by name)."""
+    report's robustness table takes them (results of before format 3 keep transforms by name).
+    """
     if isinstance(transforms, dict):
         transforms = [{"d4": not name.removeprefix("flip.").removeprefix("rot").isdigit()
                        or int(name.removeprefix("flip.").removeprefix("rot")) % 90 == 0, "scores": scores}
@@ -184,7 +186,8 @@ def study_numbers(folder: Path) -> list[float]:
     TTA too), certificate, mF1 spreads under the test transforms and worst mF1, TTA time, rate, parameters, training images and epochs (counted from 1,
     as the report does), the learning-rate search's losses, the tissue model's scores, and the
     numbers of runs, variants, seeds and images. Not the per-image rows, nor each transform's
-    scores: with them nearly every two-digit number would be somebody's."""
+    scores: with them nearly every two-digit number would be somebody's.
+    """
     data = json.loads((folder / "results.json").read_text())
     values = [v for _, v, _, _ in numbers_in((folder / "summary.md").read_text())]
     runs = data["results"]
@@ -218,7 +221,8 @@ def reading_problems(folder: Path, exempt: dict[str, str] | None = None) -> list
     :func:`study_numbers`; a reading that names another study folder may quote its numbers too),
     to the rounding they are written with. Integers may also be the setting's (the counts of
     images, seeds and epochs the text before the reading, or the study's config, gives); integers below :data:`COUNTING` are counting words;
-    ``exempt`` maps a number, as written, to where it comes from instead."""
+    ``exempt`` maps a number, as written, to where it comes from instead.
+    """
     setting, text = reading(folder / "README.md")
     others = [f for f in study_folders(folder.parent) if f != folder and re.search(rf"\b{f.name}\b(?!-)", text)]
     known = study_numbers(folder) + [v for f in others for v in study_numbers(f)]

@@ -92,7 +92,6 @@ class Model:
 def run_challenge(input_dir: Path, output_dir: Path, cell_model: Path | str, tissue_model: Path | str | None = None,
                   on_pair: Callable[[int, int], None] | None = None, runtime: Runtime | None = None) -> Path:
     """Read a Grand Challenge input folder, predict every pair, write ``cell_classification.json``."""
-
     data = GrandChallengeInput(input_dir)
     model = Model([m.record for m in data.metadata], cell_model=cell_model, tissue_model=tissue_model, runtime=runtime)
     points = []

@@ -114,7 +114,8 @@ def main(
 
 def run() -> None:
     """The ``equiseg`` program: `app`, with an unexpected exception turned into one line
-    (exit 1) unless ``--debug`` asked for its traceback."""
+    (exit 1) unless ``--debug`` asked for its traceback.
+    """
     import sys
 
     try:
@@ -546,7 +547,8 @@ def export_(
 
 def _echo_scores(result, split: str) -> None:
     """The table of an `Evaluation`, with where its context came from and why the official points
-    file was skipped, if it was."""
+    file was skipped, if it was.
+    """
     from equiseg.evaluation.evaluate import SCORE_ROWS
 
     if result.context_line:
@@ -726,7 +728,8 @@ CellMppOption = Annotated[float | None, typer.Option(
 
 def _slide_progress():
     """The progress bar of ``slide``, the callback that names its stages, and one that prints each
-    finished slide."""
+    finished slide.
+    """
     progress, _ = _progress("slides")
 
     def step(stage: str, done: int, total: int) -> None:
@@ -806,7 +809,8 @@ def slide(
 def _analyse_slides(slides: list[Path], cells, tissue, out: Path, workers: int, layout: tuple[int, int], runtime,
                     options: dict) -> list[dict] | None:
     """Each slide's summary, analysed here with a progress bar or by DDP processes (``layout``:
-    processes, nodes); None in a DDP process other than the first, which prints nothing."""
+    processes, nodes); None in a DDP process other than the first, which prints nothing.
+    """
     from equiseg.slide import analyse_slides, analyse_slides_distributed
 
     if workers > 1:

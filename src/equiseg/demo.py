@@ -37,7 +37,6 @@ def run_demo(out: Path, epochs: int | None = None, say: Callable[[str], None] = 
     ``runtime``: where evaluation runs (default: this machine's GPU when there is one);
     training follows the presets' ``train.accelerator`` (auto).
     """
-
     started = time.time()
     runtime = runtime or Runtime.of("auto")
     overrides = [*(overrides or []), *([f"train.epochs={epochs}"] if epochs else [])]
@@ -88,7 +87,8 @@ def run_demo(out: Path, epochs: int | None = None, say: Callable[[str], None] = 
 
 def _evaluate(label: str, run_dir: Path, root: Path, test: OcelotFolder, runtime: Runtime) -> tuple[dict, list[dict]]:
     """One model's row of the results table (family, width, augmentation, parameters, scores),
-    with its evaluation written to ``run_dir/eval-test``, and its best and worst test images."""
+    with its evaluation written to ``run_dir/eval-test``, and its best and worst test images.
+    """
     model, config = load_model(run_dir, runtime.device)
     kept: dict[int, np.ndarray] = {}
 

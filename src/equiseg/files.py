@@ -1,5 +1,6 @@
 """Outputs written whole or not at all: a file or a folder is made beside its destination and
-moved into place only when complete, so a crash never leaves half of one where a reader looks."""
+moved into place only when complete, so a crash never leaves half of one where a reader looks.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from pathlib import Path
 def written_whole(dest: Path | str) -> Iterator[Path]:
     """A partial file ``.NAME.partial-PID`` beside ``dest`` to write, renamed over ``dest`` when the
     block completes (one atomic step on a local file system) and removed if it fails: ``dest``
-    holds a whole file or what it held before. The one-file twin of `replaced_whole`."""
+    holds a whole file or what it held before. The one-file twin of `replaced_whole`.
+    """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     partial = dest.with_name(f".{dest.name}.partial-{os.getpid()}")

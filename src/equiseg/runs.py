@@ -111,7 +111,8 @@ class Run:
     def resolution(self) -> Resolution | None:
         """The µm per pixel of the data the run trained on: ``resolution.yaml``, or for runs made
         before it was recorded, the median of the dataset's ``metadata.json`` where that folder
-        is still there; None when neither is."""
+        is still there; None when neither is.
+        """
         if self.resolution_file.is_file():
             return Resolution(**{k: float(v) for k, v in read_yaml(self.resolution_file).items()})
         root = self.data_root()
@@ -121,14 +122,16 @@ class Run:
 
     def synthetic(self) -> str | None:
         """The settings of the built-in synthetic dataset the run trained on (``train=16 val=4 ...``);
-        None for a run on a dataset folder."""
+        None for a run on a dataset folder.
+        """
         if not self.synthetic_file.is_file():
             return None
         return self.synthetic_file.read_text().splitlines()[0].removeprefix("synthetic: ")
 
     def record_start(self, config: Config, root: Path, synthetic: tuple[str, str] | None = None) -> None:
         """Write what a training starts with: the config, the dataset folder and, for the built-in
-        synthetic data, ``synthetic`` = (its settings on one line, the warning given)."""
+        synthetic data, ``synthetic`` = (its settings on one line, the warning given).
+        """
         config.to_yaml(self.config_file)
         self.data_file.write_text(f"{Path(root).resolve()}\n")
         self.data_digest_file.write_text(f"{dataset_digest(root)}\n")
@@ -246,7 +249,8 @@ def load_model(checkpoint: Path | str, device: str | torch.device = "cpu") -> tu
 
 def save_model(model: torch.nn.Module, config: Config, path: Path | str) -> Path:
     """A checkpoint of ``model`` (built from ``config``) that `load_model` reads: the weights and
-    the config, as training writes them (without the optimiser state)."""
+    the config, as training writes them (without the optimiser state).
+    """
     path = Path(path)
     torch.save({"hyper_parameters": {"config": config.to_dict()},
                 "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}}, path)

@@ -65,7 +65,8 @@ def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
 class Runtime:
     """How inference runs: on ``device``, ``batch`` tiles per forward pass, at ``precision``, with
     the model optimized for inference (``optimize``, see
-    `equiseg.models.optimize.optimize_for_inference`) or as trained."""
+    `equiseg.models.optimize.optimize_for_inference`) or as trained.
+    """
 
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     batch: int = 1
@@ -95,7 +96,8 @@ class Runtime:
 
     def kernels(self) -> contextlib.AbstractContextManager:
         """On a CUDA device, cuDNN's benchmark mode for the block: tiles have one size, so the
-        fastest algorithm is searched once and reused (TF32 and determinism settings kept)."""
+        fastest algorithm is searched once and reused (TF32 and determinism settings kept).
+        """
         if self.device.type != "cuda":
             return contextlib.nullcontext()
         cudnn = torch.backends.cudnn

@@ -79,7 +79,8 @@ class RayExecutor:
     @contextlib.contextmanager
     def cluster(self) -> Iterator[Any]:
         """The ``ray`` module, connected for the block: to the Ray this process already runs, to
-        ``address``, or to a local cluster started here and stopped after the block."""
+        ``address``, or to a local cluster started here and stopped after the block.
+        """
         ray = require("ray")
         started = not ray.is_initialized()
         if started:

@@ -124,7 +124,8 @@ def trial_config(base: Config, values: dict[str, Any]) -> Config:
 
 class ReportValidation(L.Callback):
     """After each validation, hand the validation loss to ``report(epoch, value)`` (which may
-    stop the trial by raising)."""
+    stop the trial by raising).
+    """
 
     def __init__(self, report: Callable[[int, float], None]) -> None:
         self.report = report
@@ -157,7 +158,8 @@ class TuneResult:
 def tune(base: Config, space: tuple[Param, ...], trials: int, out: Path, metric: Metric = Metric.VAL_LOSS,
          executor: Executor | None = None, say: Callable[[str], None] = print) -> TuneResult:
     """Search ``space`` around ``base`` with ``trials`` trials into ``out`` (see the module docstring);
-    a search already in ``out`` continues up to ``trials`` finished trials."""
+    a search already in ``out`` continues up to ``trials`` finished trials.
+    """
     if trials < 1:
         raise ValueError(f"trials must be at least 1, got {trials}")
     for param in space:  # every key must be one the config has, with a value of its type

@@ -201,7 +201,8 @@ def test_unknown_splits_and_negative_counts_are_refused(tmp_path):
 def test_the_crowded_world_packs_touching_nuclei_and_crowding_0_is_the_sparse_world():
     """Same seeds at 512 px: crowding 0 is byte for byte the default (sparse) world; crowding 1
     has several times its cells, with most nearest neighbours closer than 60 px, so that
-    disks of radius 30 overlap (about 50-400 cells per 1024 px patch, i.e. a quarter per 512)."""
+    disks of radius 30 overlap (about 50-400 cells per 1024 px patch, i.e. a quarter per 512).
+    """
     from scipy.spatial import cKDTree
 
     sparse, crowded, close = [], [], []
@@ -223,7 +224,8 @@ def test_the_crowded_world_packs_touching_nuclei_and_crowding_0_is_the_sparse_wo
 
 def test_a_quarter_turn_of_an_image_is_rot90_exactly():
     """The crop turner at 90°: the whole frame stays covered and equals ``np.rot90`` (clockwise on screen, x
-    towards y) for RGB and labels alike; the fill is never used."""
+    towards y) for RGB and labels alike; the fill is never used.
+    """
     from equiseg.data.synthetic.patches import _turned_image
 
     rng = np.random.default_rng(0)
@@ -235,11 +237,13 @@ def test_a_quarter_turn_of_an_image_is_rot90_exactly():
     np.testing.assert_array_equal(turned, np.rot90(labels, k=-1))
 
 
+@pytest.mark.slow
 def test_rotated_crops_turn_the_same_world_keep_the_cell_block_and_show_glass_in_the_corners():
     """``rotated=True``: the same world as unrotated, seen through crops at random angles. The angle is read
     back from how the cell block's offset moved about the tissue patch's centre; the cells are the unrotated
     cells turned by it (to 1 px, the floor of a turned pixel centre), the cell patch is still the fine view
-    of its (moved) tissue block, off-axis crops have glass corners, and the angles cover all quadrants."""
+    of its (moved) tissue block, off-axis crops have glass corners, and the angles cover all quadrants.
+    """
     angles, size = [], SIZE
     for k in range(12):
         seq = np.random.SeedSequence([SEED, k])

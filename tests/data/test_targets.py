@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from equiseg.data.targets import IGNORE_INDEX, cell_class_mask, tissue_class_mask, tissue_crop
+from equiseg.data.targets import IGNORE_INDEX, CellTarget, TargetKind, cell_class_mask, tissue_class_mask, tissue_crop
+from equiseg.evaluation.robustness import transform_points_d4
+from equiseg.groups import D4
 
 
 def test_isolated_disk_has_the_area_of_its_radius():
@@ -73,10 +75,6 @@ def test_tissue_crop_fills_outside():
 
 # --- target designs: disks and centres ----------------------------------------------------------------------------
 
-from equiseg.data.targets import CellTarget, TargetKind
-from equiseg.evaluation.robustness import transform_points_d4
-from equiseg.groups import D4
-
 
 def _turned(array, g):
     return D4.act_on_image(g, torch.as_tensor(array)[None]).numpy()[0]
@@ -85,7 +83,8 @@ def _turned(array, g):
 @pytest.mark.parametrize("target", [CellTarget(TargetKind.DISKS, radius=6), CellTarget(TargetKind.CENTRES, sigma=2.0)])
 def test_a_target_of_turned_points_is_the_turned_target_even_at_exact_ties(target):
     """Equidistant centres of different classes (a tie on a whole row and column of pixels)
-    and a random crowd: the code map commutes with all eight D4 elements."""
+    and a random crowd: the code map commutes with all eight D4 elements.
+    """
     rng = np.random.default_rng(0)
     crowd = np.stack([rng.integers(0, 31, 40), rng.integers(0, 25, 40), rng.integers(1, 3, 40)], 1)
     ties = np.array([[8, 8, 1], [14, 8, 2], [8, 14, 2], [14, 14, 1]])
@@ -104,7 +103,7 @@ def test_overlapping_disks_of_different_classes_tie_to_the_higher_class():
 
 
 def test_centre_codes_by_hand():
-    """sigma 1: reach 4, distances 0..3 coded; two cells of different classes 5 px apart."""
+    """Sigma 1: reach 4, distances 0..3 coded; two cells of different classes 5 px apart."""
     target = CellTarget(TargetKind.CENTRES, sigma=1.0)
     codes = target.encode(np.array([[2, 2, 1], [7, 2, 2]]), (5, 10))
     assert target.reach == 4

@@ -77,7 +77,8 @@ def test_cli_exit_status_and_json(tiny_dataset):
 
 def test_images_that_are_not_8_bit_rgb_are_clean_but_noted_with_the_rule_applied(tiny_dataset):
     """RGBA (alpha dropped), grey (repeated) and 16-bit grey (scaled) files pass, each named with
-    what reading does to it; a plain RGB file gets no note."""
+    what reading does to it; a plain RGB file gets no note.
+    """
     cell = tiny_dataset / "images/train/cell/001.jpg"
     tissue = tiny_dataset / "images/train/tissue/001.jpg"
     rgb = np.asarray(Image.open(cell).convert("RGB"))

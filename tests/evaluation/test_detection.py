@@ -242,7 +242,8 @@ def test_detect_cells_suppression_equals_the_brute_force_greedy(kind):
 def brute_force_per_class(probs, min_distance, threshold):
     """detect_cells(per_class=True) without smoothing, the slow obvious way: the local maxima of
     each class map, then one greedy pass over all of them by descending score (ties: row,
-    column, class)."""
+    column, class).
+    """
     from scipy.ndimage import maximum_filter
 
     p = probs.numpy().astype(np.float32)
@@ -270,7 +271,8 @@ def test_per_class_peaks_equal_the_brute_force_greedy():
 
 def test_per_class_peaks_separate_touching_cells_that_the_foreground_merges():
     """Two touching TC cells and a BC cell beside them, as a centre-target model sees them:
-    per-class peaks find all three; the foreground rule at the disk settings finds fewer."""
+    per-class peaks find all three; the foreground rule at the disk settings finds fewer.
+    """
     from equiseg.data.targets import CellTarget, TargetKind
 
     cells = np.array([[30, 30, 2], [52, 30, 2], [41, 50, 1]])

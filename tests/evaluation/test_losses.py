@@ -72,7 +72,8 @@ def test_centre_targets_at_their_peaks_score_as_the_hard_loss_of_their_classes()
 
 def test_centre_loss_is_the_soft_cross_entropy_and_prefers_the_gaussian():
     """CE = -sum_c y_c log p_c with y the Gaussian soft target, by hand on two pixels; the soft
-    target itself as the prediction scores lower than a confident hard prediction."""
+    target itself as the prediction scores lower than a confident hard prediction.
+    """
     from equiseg.data.targets import CellTarget, TargetKind
 
     target = CellTarget(TargetKind.CENTRES, sigma=1.0)

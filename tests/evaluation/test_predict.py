@@ -65,9 +65,11 @@ def random_image(height: int, width: int, seed: int = 0) -> np.ndarray:
 def row_major_blend(model: nn.Module, image: torch.Tensor, tile: int, overlap: int, runtime: Runtime,
                     block_side: int) -> torch.Tensor:
     """The tiled blend spelled out: every window's weighted probabilities summed into the whole
-    map in row-major window order, then normalised; windows batched in block order."""
+    map in row-major window order, then normalised; windows batched in block order.
+    """
     _, height, width = image.shape
-    read = lambda top, left, h, w: image[:, top:top + h, left:left + w]
+    def read(top, left, h, w):
+        return image[:, top:top + h, left:left + w]
     order = [w for block in window_blocks(height, width, tile, overlap, block_side) for w in block.windows]
     probs = dict(window_probabilities(model, read, order, runtime))
     weight, out, total = tile_weight(tile, overlap), torch.zeros(3, height, width), torch.zeros(height, width)
@@ -91,7 +93,8 @@ def row_major_blend(model: nn.Module, image: torch.Tensor, tile: int, overlap: i
 def test_streamed_blocks_equal_the_whole_image_bit_for_bit(height, width, tile, overlap, batch):
     model, image = tiny_model(), image_to_tensor(random_image(height, width))
     runtime = Runtime(batch=batch)
-    read = lambda top, left, h, w: image[:, top:top + h, left:left + w]
+    def read(top, left, h, w):
+        return image[:, top:top + h, left:left + w]
     whole = predict_probabilities(model, image, tile, overlap, runtime)
     for block_side in (1, 2 * tile - overlap, 2048):  # one window per block, a few, one block
         streamed = torch.full_like(whole, torch.nan)
@@ -107,10 +110,12 @@ def test_streamed_blocks_equal_the_whole_image_bit_for_bit(height, width, tile, 
 @pytest.mark.parametrize(("height", "width", "tile", "overlap"), [(70, 200, 16, 4), (61, 177, 16, 9), (50, 30, 64, 8)])
 def test_stripes_of_columns_equal_the_whole_image_bit_for_bit(height, width, tile, overlap):
     """Each stripe runs the windows that reach into it, so its probabilities are the whole
-    image's there; memory then follows the stripe's width (the pieces kept never reach past it)."""
+    image's there; memory then follows the stripe's width (the pieces kept never reach past it).
+    """
     model, image = tiny_model(), image_to_tensor(random_image(height, width))
     runtime = Runtime()
-    read = lambda top, left, h, w: image[:, top:top + h, left:left + w]
+    def read(top, left, h, w):
+        return image[:, top:top + h, left:left + w]
     whole = predict_probabilities(model, image, tile, overlap, runtime)
     for cuts in ([0, 5, 6, width // 2, width // 2 + 1, width], [0, width // 3, width], [0, width]):  # 1 px too
         streamed = torch.full_like(whole, torch.nan)

@@ -37,8 +37,9 @@ def test_the_optimized_model_keeps_exact_equivariance(family):
 
 
 def test_a_batch_norm_folds_by_hand():
-    """conv (weight 2, bias 1) then norm (mean 3, var 4 - eps, weight 5, bias 6):
-    y = 5 (2x + 1 - 3) / 2 + 6 = 5x + 1, one conv of weight 5 and bias 1."""
+    """Conv (weight 2, bias 1) then norm (mean 3, var 4 - eps, weight 5, bias 6):
+    y = 5 (2x + 1 - 3) / 2 + 6 = 5x + 1, one conv of weight 5 and bias 1.
+    """
     conv = nn.Conv2d(1, 1, 1)
     norm = nn.BatchNorm2d(1)
     with torch.no_grad():

@@ -64,7 +64,8 @@ def test_steerable_families_are_exact_for_the_grid_part_of_their_group(family, s
 
 def test_blur_pool_by_hand():
     """Output pixel (i, j) is the [1, 3, 3, 1]/8 (x) [1, 3, 3, 1]/8 average of input rows 2i-1..2i+2 and
-    columns 2j-1..2j+2, zeros outside."""
+    columns 2j-1..2j+2, zeros outside.
+    """
     x = torch.zeros(1, 1, 4, 4)
     x[0, 0, 1, 1] = 64.0  # row 1 lies in the windows of output rows 0 (weight 3) and 1 (weight 1)
     torch.testing.assert_close(BlurPool2d()(x)[0, 0], torch.tensor([[9.0, 3.0], [3.0, 1.0]]))

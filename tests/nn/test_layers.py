@@ -93,7 +93,8 @@ def test_lifting_bank_holds_rotated_copies():
 def test_banks_place_every_transformed_filter_by_field_and_element(group):
     """With several channels: bank row (c_out, g) and input block c_in hold T_g of filter (c_out, c_in),
     T_g the group's action on the plane (lifting) or its regular action on the filter's group axis and
-    plane (group conv): the layout the single gather builds."""
+    plane (group conv): the layout the single gather builds.
+    """
     lifting, conv = LiftingConv2d(3, 2, group, bias=False), GroupConv2d(3, 2, group, bias=False)
     lifted, bank = lifting.expand()[0], conv.expand()[0]
     order = group.order
@@ -109,7 +110,8 @@ def test_banks_place_every_transformed_filter_by_field_and_element(group):
 @pytest.mark.parametrize("mode", list(GroupPool))
 def test_pool_over_group_is_invariant_on_the_group_axis(group, mode):
     x = torch.randn(2, 3 * group.order, 8, 10)
-    pool = lambda y: pool_over_group(y, group, mode)
+    def pool(y):
+        return pool_over_group(y, group, mode)
     assert_equivariant(equivariance_errors(pool, x, group.elements, act_in=regular_out(group)))
 
 
@@ -138,7 +140,8 @@ def test_group_batch_norm_is_equivariant_and_shares_statistics(group, training):
 def test_group_batch_norm_computes_its_definition(group, momentum, affine, monkeypatch):
     """The per-channel passes (training) and the repeated running statistics (evaluation) give
     what BatchNorm2d over the (B, C, |G|*H, W) view gives: outputs, input and parameter
-    gradients, running statistics over several steps."""
+    gradients, running statistics over several steps.
+    """
     view, fields = (GroupBatchNorm2d(3, group, momentum=momentum) for _ in range(2))
     for norm in (view, fields):
         norm.norm.affine = affine
@@ -183,7 +186,8 @@ def test_group_batch_norm_keeps_its_channel_buffers_only_while_they_hold():
     """Evaluation repeats the running statistics per channel once, and again after any of them changes."""
     norm = GroupBatchNorm2d(2, D4).eval()
     x = torch.randn(1, 2 * D4.order, 4, 4)
-    reference = lambda: norm.norm(x.reshape(1, 2, -1, 4)).reshape(x.shape)  # the definition, on the view
+    def reference():
+        return norm.norm(x.reshape(1, 2, -1, 4)).reshape(x.shape)  # the definition, on the view
     with torch.no_grad():
         first = norm(x)
         torch.testing.assert_close(first, reference())
@@ -304,7 +308,8 @@ def test_even_kernels_are_refused(kernel_size):
 
 def test_field_values_are_repeated_per_channel_exactly_in_their_own_dtypes():
     """The group batch norm repeats its per-field values with one stack: each keeps its dtype and
-    its value (no rounding through another type), and None stays None."""
+    its value (no rounding through another type), and None stays None.
+    """
     from equiseg.nn.group_ops import _per_channel
 
     values = (torch.rand(3), None, torch.rand(3, dtype=torch.float64) / 3, torch.rand(3).half())

@@ -117,7 +117,8 @@ def test_c8_is_not_exact_for_flips_and_d8_is():
 def test_the_eighth_turn_moves_the_bank_like_the_regular_representation(group):
     """The filter for element g·h is the filter for h moved by g (here g = 45°): the bank of the lifting layer at
     index cayley[1, h] equals the continuous filter of index h turned by 45°, sampled -- checked against the basis
-    turned twice (two eighth turns = a quarter turn, exact on the grid)."""
+    turned twice (two eighth turns = a quarter turn, exact on the grid).
+    """
     layer = SteerableLiftingConv2d(1, 1, group, bias=False)
     bank = layer.expand()[0][:, 0]  # (|G|, k, k)
     two = group.cayley[1, 1]
@@ -136,7 +137,8 @@ def test_group_conv_free_values_and_gradients(group):
 
 def test_steerable_filters_are_closer_to_45_degree_equivariance_than_p4_filters():
     """One lifting layer and a pool over the group, no downsampling: the 45° error (resampling floor excluded)
-    is several times smaller with C8 filters than with p4's, whose copies turn only by quarter turns."""
+    is several times smaller with C8 filters than with p4's, whose copies turn only by quarter turns.
+    """
     probe = band_limited_noise(48, seed=1)
     errors = {}
     for name, make, group in (("p4", lambda: LiftingConv2d(3, 4, C4), C4),

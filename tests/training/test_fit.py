@@ -122,6 +122,7 @@ def test_a_clean_dataset_is_decoded_once_until_a_file_changes(synthetic_small, t
     assert len(calls) == 2
 
 
+@pytest.mark.slow
 def test_two_process_ddp_on_cpu(synthetic_small, tmp_path):
     command = [sys.executable, "-m", "equiseg.cli", "train", "--out", str(tmp_path / "run"), "--processes", "2",
                "--strategy", "ddp", f"data.root={synthetic_small}", "model.family=p4", "model.width=2",
@@ -234,10 +235,12 @@ fit(Config.from_dict(json.loads(sys.argv[1])), run_dir=sys.argv[2], progress=Fal
 """
 
 
+@pytest.mark.slow
 def test_a_run_killed_mid_epoch_resumes_bitwise_from_its_step_checkpoint(synthetic_small, tmp_path):
-    """kill -9 in a subprocess after step 3 of 6 (the first batch of epoch 1 of 3, two batches
+    """Kill -9 in a subprocess after step 3 of 6 (the first batch of epoch 1 of 3, two batches
     an epoch), checkpoints every step: the resumed run skips the batch it had trained and ends
-    with the uninterrupted run's weights, bit for bit."""
+    with the uninterrupted run's weights, bit for bit.
+    """
     import json
 
     config = tiny_config(synthetic_small, train={"epochs": 3, "checkpoint_every_n_steps": 1},
@@ -277,10 +280,12 @@ def test_partial_checkpoints_of_killed_writers_are_removed_when_a_run_starts(tmp
     assert sorted(p.name for p in folder.iterdir()) == sorted([live.name, "last.ckpt"])
 
 
+@pytest.mark.slow
 def test_compiled_training_matches_eager_and_writes_the_same_checkpoint(synthetic_small, tmp_path):
     """``train.compile``: the compiled U-Net (inductor, the group batch norm's formula path inside
     the graph) takes the eager step to float rounding, and the run's checkpoint has the eager keys
-    and loads without compiling."""
+    and loads without compiling.
+    """
     config = tiny_config(synthetic_small, model={"family": "p4m", "width": 1, "depth": 1},
                          train={"compile": "default"})
     eager, compiled = (SegmentationModule(tiny_config(synthetic_small, model=config.to_dict()["model"]).to_dict()),

@@ -1,5 +1,6 @@
 """The run config's schema: frozen dataclasses, one a section (``model``, ``data``, ``train``, ``detect``),
-each field with its type, default and meaning, checked when it is made."""
+each field with its type, default and meaning, checked when it is made.
+"""
 
 from __future__ import annotations
 
@@ -300,7 +301,6 @@ class Config:
 
     def build_model(self) -> Any:
         """The U-Net this config trains (fresh weights): its family, width, depth, input channels, classes."""
-
         m = self.model
         return build_model(m.family, m.width, m.depth, self.in_channels, num_classes=len(self.task.class_names),
                            pool=m.pool)

@@ -1,5 +1,6 @@
 """Configs to and from plain data: YAML files, ``KEY=VALUE`` overrides parsed as YAML scalars, dataclasses
-filled from nested dicts with one-line errors naming the key, and back to plain values and JSON."""
+filled from nested dicts with one-line errors naming the key, and back to plain values and JSON.
+"""
 
 from __future__ import annotations
 
@@ -35,7 +36,8 @@ def read_yaml(path: Path | str) -> dict[str, Any]:
 def from_plain(cls: type, data: Any, where: str = "") -> Any:
     """An instance of the dataclass ``cls`` from builtin values (as YAML gives them), each field
     converted to its annotated type (nested dataclasses, enums, optional and tuple fields); an
-    unknown key, a missing field or a wrong value is a `ConfigError` naming it."""
+    unknown key, a missing field or a wrong value is a `ConfigError` naming it.
+    """
     return _from_plain(cls, data, where)
 
 
@@ -66,7 +68,8 @@ def plain(value: Any) -> Any:
     """``value`` as builtin values that YAML, JSON and ``torch.load(weights_only=True)`` take:
     dataclasses as dicts (augmentation as its own dict form), tuples as lists, enums by value,
     paths as strings, numpy scalars as Python numbers, and NaN as None (the one place NaN
-    becomes null; readers turn it back)."""
+    becomes null; readers turn it back).
+    """
     if isinstance(value, AugmentConfig):
         return value.to_dict()
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
@@ -124,7 +127,8 @@ def _has_defaults(cls: type) -> bool:
 
 def _convert(default: Any, raw: Any, key: str, hint: Any) -> Any:
     """``raw`` (a YAML value) as the field's type ``hint`` (``int``, ``float | None``, an enum, a
-    nested dataclass, ...); the default tells augmentation presets and nested sections apart."""
+    nested dataclass, ...); the default tells augmentation presets and nested sections apart.
+    """
     args = typing.get_args(hint)
     optional = type(None) in args
     kind = next((a for a in args if a is not type(None)), hint) if args and typing.get_origin(hint) is not tuple else hint

@@ -36,7 +36,7 @@ import enum
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any
+from typing import Any, ClassVar, Protocol, cast
 
 import torch
 import torch.nn.functional as F
@@ -64,7 +64,16 @@ _OD_UNIT = -math.log(_MIN_INTENSITY)
 # --- configuration ---------------------------------------------------------------------------
 
 
-def _check_numbers(group: object) -> None:
+class _Transform(Protocol):
+    """What the checks below read of a transform's config: a dataclass with a probability ``p``."""
+
+    __dataclass_fields__: ClassVar[dict[str, Any]]
+
+    @property
+    def p(self) -> float: ...
+
+
+def _check_numbers(group: _Transform) -> None:
     """Every field of a transform's config is a finite number >= 0 and ``p`` a probability.
 
     Raises TypeError for a value that is not a number, ValueError for one out of range.
@@ -84,11 +93,12 @@ def _check_numbers(group: object) -> None:
 
 def _strength(at_most: float | None = None, why: str = "") -> Any:
     """A field that sets how strongly a transform acts: 0 (the default) leaves it off, and
-    ``at_most`` (with the reason ``why``) bounds it."""
+    ``at_most`` (with the reason ``why``) bounds it.
+    """
     return field(default=0.0, metadata={"strength": True, "at_most": at_most, "why": why})
 
 
-def _check_transform(group: object) -> None:
+def _check_transform(group: _Transform) -> None:
     """A transform's config: numbers as `_check_numbers` wants them, strengths within their bounds."""
     _check_numbers(group)
     for f in fields(group):
@@ -97,7 +107,7 @@ def _check_transform(group: object) -> None:
             raise ValueError(f"{type(group).__name__}.{f.name} must be <= {bound} ({f.metadata['why']}), got {value}")
 
 
-def _enabled(group: object) -> bool:
+def _enabled(group: _Transform) -> bool:
     """Whether a transform runs: ``p`` > 0 and, if it has strengths, one of them > 0."""
     strengths = [getattr(group, f.name) for f in fields(group) if f.metadata.get("strength")]
     return group.p > 0 and (not strengths or any(value > 0 for value in strengths))
@@ -188,7 +198,8 @@ class StainJitter:
 
 class AugmentPreset(enum.Enum):
     """The named augmentations (``data.augment: heavy``): none, the baseline's heavy pipeline,
-    and the heavy pipeline without the symmetries an equivariant model already has."""
+    and the heavy pipeline without the symmetries an equivariant model already has.
+    """
 
     NONE = "none"
     HEAVY = "heavy"
@@ -265,7 +276,8 @@ class AugmentConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Mapping[str, float]]) -> AugmentConfig:
         """The config from nested dicts as `to_dict` writes them; missing transforms are off."""
-        groups = {f.name: type(f.default) for f in fields(cls)}
+        # each field's default is a transform's config (`Dihedral()`, `Rotation()`, ...)
+        groups = {f.name: cast("type[_Transform]", type(f.default)) for f in fields(cls)}
         unknown = set(d) - set(groups)
         if unknown:
             raise ValueError(f"unknown augmentation(s) {sorted(unknown)}; expected some of {list(groups)}")

@@ -25,7 +25,8 @@ from equiseg.data.targets import IGNORE_INDEX, tissue_class_mask, tissue_crop
 
 class ContextKind(enum.Enum):
     """Where a cell model's tissue context comes from (``data.context``): none, the ground-truth
-    tissue mask, or a tissue model's probabilities."""
+    tissue mask, or a tissue model's probabilities.
+    """
 
     NONE = "none"
     TRUTH = "truth"

@@ -18,9 +18,12 @@ from equiseg.data.targets import PAPER_TARGET, CellTarget, Task, tissue_class_ma
 
 def sample_target(sample: Sample, task: Task, target: CellTarget) -> tuple[np.ndarray, np.ndarray]:
     """The (image, class-index target) pair of a sample for ``task``."""
+    labels = sample.cells if task is Task.CELLS else sample.tissue_mask
+    if labels is None:
+        raise ValueError(f"sample {sample.meta.sample_id}: no {task.value} labels (an unlabelled input)")
     if task is Task.CELLS:
-        return sample.cell_image, target.encode(sample.cells, sample.cell_image.shape[:2])
-    return sample.tissue_image, tissue_class_mask(sample.tissue_mask)
+        return sample.cell_image, target.encode(labels, sample.cell_image.shape[:2])
+    return sample.tissue_image, tissue_class_mask(labels)
 
 
 def model_input(image: np.ndarray, context: torch.Tensor | None) -> torch.Tensor:
@@ -134,16 +137,19 @@ class ResumableLoader(DataLoader):
     """The training loader, with the ``state_dict``/``load_state_dict`` pair that Lightning saves
     in each checkpoint and gives back on resume: the epoch and how many batches of it were
     trained (``batches_done``, read from Lightning's own progress when it saves), so a run
-    resumed from a checkpoint taken mid-epoch skips exactly those batches."""
+    resumed from a checkpoint taken mid-epoch skips exactly those batches.
+    """
 
     def __init__(self, *args: Any, batches_done: Callable[[], int], **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._batches_done = batches_done
 
     def state_dict(self) -> dict[str, int]:
+        assert isinstance(self.sampler, EpochShuffle)  # the sampler `SegmentationDataModule` gives it
         return {"epoch": self.sampler.epoch, "batches_done": self._batches_done()}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        assert isinstance(self.sampler, EpochShuffle) and self.batch_size is not None  # as `_loader` makes it
         self.sampler.resume_at(state["epoch"], state["batches_done"] * self.batch_size)
 
 
@@ -174,7 +180,8 @@ class SegmentationDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit"):
-            self.dataset(Split.TRAIN), self.dataset(Split.VAL)
+            self.dataset(Split.TRAIN)
+            self.dataset(Split.VAL)
         if stage in (None, "test"):
             self.dataset(Split.TEST)
 
@@ -197,7 +204,11 @@ class SegmentationDataModule(L.LightningDataModule):
     def _batches_done(self) -> int:
         """Training batches finished in the current epoch (Lightning's count; 0 outside a fit)."""
         trainer = self.trainer
-        return 0 if trainer is None else trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        if trainer is None:
+            return 0
+        # batch_progress counts with a _ProcessedTracker; Lightning types the field as its base class
+        current = trainer.fit_loop.epoch_loop.batch_progress.current
+        return current.processed  # pyright: ignore[reportAttributeAccessIssue]
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(Split.TRAIN, shuffle=True)

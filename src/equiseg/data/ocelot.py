@@ -150,7 +150,8 @@ def _load_json(path: Path) -> object:
 
 def _unique_keys(path: Path, pairs: list[tuple[str, object]]) -> dict[str, object]:
     """A JSON object whose keys are unique: JSON itself lets the last of two equal keys win,
-    which would drop a sample of metadata.json without a word."""
+    which would drop a sample of metadata.json without a word.
+    """
     seen: dict[str, object] = {}
     for key, value in pairs:
         if key in seen:
@@ -196,7 +197,8 @@ def read_rgb(path: Path | str) -> np.ndarray:
     images (dataset readers and ``equiseg predict`` alike). Grey is repeated into three
     channels, alpha is dropped, 16-bit images (TIFF or PNG) are scaled by round(v / 257), the
     same everywhere; TIFF through tifffile, everything else through Pillow, which
-    refuses images over its decompression-bomb limit (about 179 Mpx): a ValueError naming the file."""
+    refuses images over its decompression-bomb limit (about 179 Mpx): a ValueError naming the file.
+    """
     path = Path(path)
     if path.suffix.lower() in (".tif", ".tiff"):
         array = tifffile.imread(path)
@@ -219,7 +221,8 @@ def read_rgb(path: Path | str) -> np.ndarray:
 
 def rgb_conversion(path: Path | str) -> str | None:
     """What `read_rgb` does to this file to make it 8-bit RGB, in words, from the file's
-    header alone (no decoding); None for a file that is 8-bit RGB already."""
+    header alone (no decoding); None for a file that is 8-bit RGB already.
+    """
     path = Path(path)
     if path.suffix.lower() in (".tif", ".tiff"):
         with tifffile.TiffFile(path) as tiff:

@@ -122,7 +122,8 @@ def _nearest_centres(cells: np.ndarray, shape: tuple[int, int], reach: float) ->
     """For each pixel, the class (0: none) and squared distance of its nearest cell within
     ``reach`` px. Exact ties between cells of different classes go to the higher class, a rule
     that does not depend on coordinates, so the result turns with the image (and does not
-    depend on the order of the points)."""
+    depend on the order of the points).
+    """
     height, width = shape
     labels = np.zeros(shape, np.uint8)
     best = np.full(shape, np.inf)

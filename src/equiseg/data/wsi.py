@@ -109,7 +109,8 @@ class Slide:
 
     def read(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
         """(height, width, 3) uint8 of ``level`` from level-0 pixel (x, y); beyond the slide its
-        background colour (OpenSlide's transparent pixels drawn over it)."""
+        background colour (OpenSlide's transparent pixels drawn over it).
+        """
         rgba = np.asarray(self._slide.read_region((int(x), int(y)), level, (int(width), int(height))))
         alpha = rgba[..., 3:4].astype(np.float32) / 255
         if np.all(alpha == 1):
@@ -119,7 +120,8 @@ class Slide:
 
     def best_level(self, downsample: float) -> int:
         """The smallest level (fewest pixels) whose downsample is at most ``downsample``, with a
-        `SNAP` tolerance (a level stored as 4.0003 serves a request for 4)."""
+        `SNAP` tolerance (a level stored as 4.0003 serves a request for 4).
+        """
         fits = [k for k, d in enumerate(self.downsamples) if d <= downsample * (1 + SNAP)]
         return fits[-1] if fits else 0
 
@@ -218,7 +220,8 @@ class ScaledView:
 
 def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
     """Otsu's threshold of values in [0, 1]: the cut between bins that maximises the
-    between-class variance of the histogram (Otsu 1979)."""
+    between-class variance of the histogram (Otsu 1979).
+    """
     hist, edges = np.histogram(values, bins=bins, range=(0.0, 1.0))
     hist = hist.astype(np.float64)
     centres = (edges[:-1] + edges[1:]) / 2

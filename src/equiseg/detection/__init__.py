@@ -1,5 +1,6 @@
 """Cells as points: found on probability maps (`peaks`), scored by the OCELOT 2023 rules
-(`score`), and read and written in the official ``cell_classification.json`` format (`points_json`)."""
+(`score`), and read and written in the official ``cell_classification.json`` format (`points_json`).
+"""
 
 from equiseg.detection.peaks import (
     BlockDetector,

@@ -1,5 +1,6 @@
 """Cells as points read off probability maps: smoothed peaks, their suppression, and the same
-in blocks of a streamed map (bit for bit what the whole map gives)."""
+in blocks of a streamed map (bit for bit what the whole map gives).
+"""
 
 from __future__ import annotations
 
@@ -55,14 +56,16 @@ def find_cells(probs: torch.Tensor, settings: DetectConfig) -> np.ndarray:
 
 def detection_halo(sigma: float, min_distance: int) -> int:
     """The context in px that `peak_candidates` needs around a core, on each side inside
-    the image: the blur's radius plus ``min_distance`` (the reach of the max filter)."""
+    the image: the blur's radius plus ``min_distance`` (the reach of the max filter).
+    """
     return _blur_radius(sigma) + min_distance
 
 
 def _block_edges(block: torch.Tensor, origin: tuple[int, int], image_size: tuple[int, int],
                  core: tuple[int, int, int, int], halo: int) -> tuple[bool, bool, bool, bool]:
     """Which sides of the block (top, bottom, left, right) are the image's edge, after checking that
-    the block lies in the map and reaches ``halo`` px beyond the core on every other side."""
+    the block lies in the map and reaches ``halo`` px beyond the core on every other side.
+    """
     if block.ndim != 3 or block.shape[0] < 2:
         raise ValueError(f"expected (C, h, w) probabilities with C >= 2, got {tuple(block.shape)}")
     _, h, w = block.shape
@@ -263,7 +266,8 @@ class BlockDetector:
 
     def state_dict(self) -> dict:
         """What the detector holds after the blocks added so far (tensors and ints: ``torch.save``
-        writes it and ``torch.load(weights_only=True)`` reads it), for `load_state_dict`."""
+        writes it and ``torch.load(weights_only=True)`` reads it), for `load_state_dict`.
+        """
         return {"rows": (self._top, self._bottom, self._left), "above": self._above, "next_above": self._next_above,
                 "beside": self._beside,
                 "candidates": torch.from_numpy(np.concatenate(self._candidates) if self._candidates
@@ -278,7 +282,8 @@ class BlockDetector:
     def candidates(self) -> np.ndarray:
         """All candidates (`peak_candidates` rows), once every block is in: what
         `points` suppresses. Those of a stripe of a wider map that lie at least the halo
-        from the stripe's inner edges are the wider map's there."""
+        from the stripe's inner edges are the wider map's there.
+        """
         if self._bottom != self.height or self._left != self.width:
             raise ValueError(f"blocks up to row {self._bottom} and column {self._left} of the "
                              f"{self.height}x{self.width} map were added")
@@ -297,7 +302,8 @@ def _gaussian_blur(x: torch.Tensor, sigma: float,
                    edges: tuple[bool, bool, bool, bool] = (True, True, True, True)) -> torch.Tensor:
     """Separable Gaussian blur of (1, C, h, w), rows first; replicate padding on the sides that
     ``edges`` (top, bottom, left, right) mark as the image's edge, and each other side loses
-    the radius (a valid convolution there, so a block's blur equals the whole map's)."""
+    the radius (a valid convolution there, so a block's blur equals the whole map's).
+    """
     radius = _blur_radius(sigma)
     t = torch.arange(-radius, radius + 1, dtype=x.dtype)
     kernel = torch.exp(-(t**2) / (2 * sigma**2))

@@ -1,5 +1,6 @@
 """The official OCELOT prediction and ground-truth format, ``cell_classification.json``: points
-of 1024 x 1024 patches as ``{"name": "image_i", "point": [x, y, class], "probability": p}``."""
+of 1024 x 1024 patches as ``{"name": "image_i", "point": [x, y, class], "probability": p}``.
+"""
 
 from __future__ import annotations
 

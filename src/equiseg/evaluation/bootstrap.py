@@ -51,7 +51,8 @@ class Interval:
 def counts_array(per_image: list[list[dict]]) -> np.ndarray:
     """(seeds, images, classes, 3) int counts (TP, FP, GT) from each seed's per-image scores
     (``tp/BC``, ``fp/BC``, ``gt/BC``, ... as `evaluate_model`
-    records them)."""
+    records them).
+    """
     return np.array([[[[image[f"{kind}/{name}"] for kind in ("tp", "fp", "gt")] for name in CELL_CLASSES.values()]
                       for image in seed] for seed in per_image], dtype=np.float64)
 
@@ -65,7 +66,8 @@ def _f1(sums: np.ndarray) -> np.ndarray:
 
 def _statistics(counts: np.ndarray, seed_weights: np.ndarray, image_weights: np.ndarray) -> np.ndarray:
     """(draws, 1 + classes): mF1 and per-class F1 of each draw, from (S, I, K, 3) counts and the
-    draws' multiplicities of each seed (draws, S) and image (draws, I)."""
+    draws' multiplicities of each seed (draws, S) and image (draws, I).
+    """
     sums = np.einsum("bi,sikc->bskc", image_weights, counts)  # (draws, S, K, 3)
     f1 = _f1(sums)  # (draws, S, K)
     per_seed = np.concatenate([f1.mean(axis=2, keepdims=True), f1], axis=2)  # (draws, S, 1 + K)
@@ -96,8 +98,9 @@ def score_intervals(counts: np.ndarray, draws: int = 2000, seed: int = 0) -> dic
 
 
 def paired_difference(a: np.ndarray, b: np.ndarray, draws: int = 2000, seed: int = 0) -> dict[str, Interval]:
-    """a minus b, for mF1 and per-class F1 (means over seeds), with 95 % intervals; both
-    (seeds, images, classes, 3), seed k and image j the same in both."""
+    """A minus b, for mF1 and per-class F1 (means over seeds), with 95 % intervals; both
+    (seeds, images, classes, 3), seed k and image j the same in both.
+    """
     if a.shape != b.shape:
         raise ValueError(f"paired counts must have one shape, got {a.shape} and {b.shape}")
     s, i = a.shape[:2]

@@ -53,7 +53,8 @@ class DataRecord:
     @classmethod
     def of_folder(cls, root: Path | str) -> DataRecord:
         """The dataset folder ``root``: ``SYNTHETIC`` when its metadata says equiseg's generator
-        wrote every pair (organ "synthetic"), else ``FOLDER``."""
+        wrote every pair (organ "synthetic"), else ``FOLDER``.
+        """
         root = Path(root)
         pairs = read_metadata(root / "metadata.json") if (root / "metadata.json").is_file() else {}
         generated = bool(pairs) and all(meta.organ == "synthetic" for meta in pairs.values())
@@ -76,7 +77,8 @@ class DataRecord:
 
     def describe(self) -> str:
         """The data in words, for a report: "synthetic images from equiseg's generator (train=16 ...)",
-        "the dataset folder /data/ocelot (sha256 1a2b3c4d5e6f)" or "data not recorded"."""
+        "the dataset folder /data/ocelot (sha256 1a2b3c4d5e6f)" or "data not recorded".
+        """
         digest = f"sha256 {self.digest[:12]}" if self.digest else "digest not recorded"
         match self.source:
             case DataSource.SYNTHETIC if self.synthetic is not None:

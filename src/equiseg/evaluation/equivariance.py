@@ -16,7 +16,7 @@ from equiseg.runtime import exact_float32
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    """max |a - b| / max |b|: the worst pixel's error as a fraction of the largest value."""
+    """Max |a - b| / max |b|: the worst pixel's error as a fraction of the largest value."""
     scale = b.abs().max().clamp_min(torch.finfo(b.dtype).tiny)
     return float((a - b).abs().max() / scale)
 
@@ -103,7 +103,8 @@ SPLINE_ORDER = 5  # the interpolator of the arbitrary-angle measure: quintic B-s
 def rotate_image(x: torch.Tensor, degrees: float) -> torch.Tensor:
     """(..., H, W) turned by ``degrees`` counter-clockwise as shown, about the image centre, with
     quintic spline interpolation (``scipy.ndimage.rotate``, order 5, zeros outside); float64 on
-    the CPU inside, ``x``'s dtype out."""
+    the CPU inside, ``x``'s dtype out.
+    """
     array = x.detach().cpu().double().numpy()
     # ndimage.rotate turns the (row, column) plane; rows grow downwards, so a positive angle turns
     # the picture counter-clockwise as shown, as torch.rot90(k=1) does
@@ -115,7 +116,8 @@ def rotate_image(x: torch.Tensor, degrees: float) -> torch.Tensor:
 def band_limited_noise(size: int, channels: int = 3, sigma: float = 3.0, seed: int = 0) -> torch.Tensor:
     """(1, channels, size, size) Gaussian noise smoothed by a Gaussian of ``sigma`` px and
     scaled to [0, 1]: an input whose rotation interpolators reproduce well (few frequencies near
-    the grid's limit)."""
+    the grid's limit).
+    """
     rng = torch.Generator().manual_seed(seed)
     noise = torch.randn(channels, size, size, generator=rng, dtype=torch.float64).numpy()
     smooth = ndimage.gaussian_filter(noise, (0, sigma, sigma), mode="wrap")
@@ -153,7 +155,8 @@ def arbitrary_angle_error(f: Callable[[torch.Tensor], torch.Tensor] | None, x: t
 
 def smoothed(x: torch.Tensor, sigma: float = 1.5) -> torch.Tensor:
     """``x`` (..., H, W) blurred in the plane by a Gaussian of ``sigma`` px (reflecting edges), float32: a
-    band-limited probe made from a real image, so that rotating it resamples little."""
+    band-limited probe made from a real image, so that rotating it resamples little.
+    """
     array = x.detach().cpu().double().numpy()
     blurred = ndimage.gaussian_filter(array, [0] * (array.ndim - 2) + [sigma, sigma], mode="reflect")
     return torch.from_numpy(blurred).float()

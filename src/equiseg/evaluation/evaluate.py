@@ -56,7 +56,8 @@ class Evaluation:
 
     def json_refusal(self) -> str | None:
         """Why ``cell_classification.json`` cannot hold these images' points, or None (see
-        `official_format_refusal`)."""
+        `official_format_refusal`).
+        """
         return official_format_refusal(self.shapes, self.ids) if self.points else None
 
     @property
@@ -135,7 +136,8 @@ def evaluate_model(model: nn.Module, config: Config, root: Path | str, split: st
 def _image_cells(probs: torch.Tensor, config: Config, valid: torch.Tensor | None, truth: np.ndarray,
                  row: dict[str, float]) -> np.ndarray:
     """The cells found on one probability map (those in the valid region), with the image's matches
-    against ``truth`` added to its ``row`` so that scores can be resampled over images (a bootstrap)."""
+    against ``truth`` added to its ``row`` so that scores can be resampled over images (a bootstrap).
+    """
     found = find_cells(probs, config.detect)
     if valid is not None and len(found):
         found = found[valid[found[:, 1].astype(int), found[:, 0].astype(int)].numpy()]

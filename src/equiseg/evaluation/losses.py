@@ -1,5 +1,6 @@
 """Dice + cross-entropy, on hard class targets (the loss of the paper, Liem 2025) or on the soft targets of
-centre maps, with an ignore value excluded from both."""
+centre maps, with an ignore value excluded from both.
+"""
 
 from __future__ import annotations
 

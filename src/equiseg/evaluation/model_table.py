@@ -17,7 +17,8 @@ ANGLE_PROBE = 128  # px of its band-limited probe (the central disk compared is 
 
 def tissue_probe(image: np.ndarray, side: int = ANGLE_PROBE, sigma: float = 1.5) -> torch.Tensor:
     """The central ``side`` px of a real H&E image (H, W, 3) uint8, smoothed by a Gaussian of
-    ``sigma`` px so that rotating it resamples little: (1, 3, side, side) in [0, 1]."""
+    ``sigma`` px so that rotating it resamples little: (1, 3, side, side) in [0, 1].
+    """
     height, width = image.shape[:2]
     if min(height, width) < side:
         raise ValueError(f"the tissue image is {width}x{height} px; the probe needs {side} px a side")

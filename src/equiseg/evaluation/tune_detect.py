@@ -45,7 +45,8 @@ def score_settings(maps: list[torch.Tensor], truths: list[np.ndarray],
                    grid: dict[str, tuple] = GRID) -> list[dict]:
     """Every setting of ``grid`` scored on probability maps (C, H, W) with their true cells:
     rows of the settings and ``mf1``, ``f1/BC``, ``f1/TC``, ``precision``, ``recall`` (all
-    classes together), in grid order."""
+    classes together), in grid order.
+    """
     return score_candidates([image_candidates(probs, grid) for probs in maps], truths, grid)
 
 
@@ -57,7 +58,8 @@ def _detectors(grid: dict[str, tuple]) -> list[tuple[str, float, int]]:
 def image_candidates(probs: torch.Tensor, grid: dict[str, tuple] = GRID) -> list[np.ndarray]:
     """One image's cell candidates for each (peaks, sigma, min_distance) of ``grid`` (grid
     order): every peak above the grid's lowest threshold, unsuppressed. What scoring the grid
-    needs of the image, a small fraction of its probability map (which need not be kept)."""
+    needs of the image, a small fraction of its probability map (which need not be kept).
+    """
     _, h, w = probs.shape
     floor = min(grid["threshold"])
     found = []

@@ -38,7 +38,8 @@ JSON_NAME = "cell_classification.json"
 class _Pictures:
     """``<stem>_overlay.png`` and ``<stem>_probs.png`` built a finished block at a time from
     every ``step``-th row and column, as uint8 only (never a float copy of the whole map); per
-    pixel what ``prediction_overlay`` and ``probability_picture`` make of the whole map."""
+    pixel what ``prediction_overlay`` and ``probability_picture`` make of the whole map.
+    """
 
     def __init__(self, height: int, width: int, step: int, probs: bool) -> None:
         self.step = step
@@ -73,7 +74,8 @@ class _Pictures:
 
 def picture_step(height: int, width: int) -> int:
     """The pictures of an H x W image keep every k-th row and column: the least k that brings
-    the longer side to at most `PICTURE_SIDE` px (1: full size)."""
+    the longer side to at most `PICTURE_SIDE` px (1: full size).
+    """
     return -(-max(height, width) // PICTURE_SIDE)
 
 

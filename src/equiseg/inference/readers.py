@@ -1,5 +1,6 @@
 """Image files read a window at a time where their format allows: the readers behind streamed
-prediction (`equiseg.inference.predict`), and the probability maps written block by block."""
+prediction (`equiseg.inference.predict`), and the probability maps written block by block.
+"""
 
 from __future__ import annotations
 
@@ -150,7 +151,8 @@ class NpyBlocks:
     """A (C, H, W) ``.npy`` file (the format ``np.save`` writes; float16 unless ``dtype`` says
     otherwise) filled a block at a time. Plain writes rather than ``np.lib.format.open_memmap``:
     pages written through a memory map stay resident, and count in the process's memory, until
-    the map is closed."""
+    the map is closed.
+    """
 
     def __init__(self, path: Path | str, shape: tuple[int, int, int], dtype: np.dtype = np.float16) -> None:
         self.path, self.shape, self.dtype = Path(path), shape, np.dtype(dtype)
@@ -163,7 +165,8 @@ class NpyBlocks:
     def write(self, top: int, left: int, block: torch.Tensor) -> None:
         """Rows top .. top + h - 1 and columns left .. left + w - 1 of every channel, from
         (C, h, w) probabilities: one write per channel and row (per channel where the block
-        spans whole rows)."""
+        spans whole rows).
+        """
         channels, height, width = self.shape
         _, rows, columns = block.shape
         values = block.numpy().astype(self.dtype)

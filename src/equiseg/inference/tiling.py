@@ -39,7 +39,8 @@ def tile_grid(height: int, width: int, tile: int, overlap: int) -> list[tuple[in
 
 def tile_weight(tile: int, overlap: int) -> torch.Tensor:
     """(tile, tile) blending weight: 1 inside, a linear ramp over the ``overlap`` px at each edge
-    (where a U-Net sees less context); a window's share of the blend in overlaps."""
+    (where a U-Net sees less context); a window's share of the blend in overlaps.
+    """
     ramp = torch.minimum(torch.arange(tile) + 1, torch.arange(tile).flip(0) + 1).float().clamp(max=overlap + 1)
     return (ramp[:, None] * ramp[None, :]) / (overlap + 1) ** 2
 
@@ -47,7 +48,8 @@ def tile_weight(tile: int, overlap: int) -> torch.Tensor:
 @dataclass(frozen=True)
 class Skip:
     """Windows that need not go through the model (glass on a slide): ``where(window)`` is True
-    for them, and each gets probability 1 for class 0 (background) of ``classes``."""
+    for them, and each gets probability 1 for class 0 (background) of ``classes``.
+    """
 
     where: Callable[[tuple[int, int, int, int]], bool]
     classes: int
@@ -83,7 +85,8 @@ def _batched(model: nn.Module, read: WindowReader, windows: list[tuple[int, int,
     """The windows' probabilities in order, a batch behind the model: batch k is handed out once
     batch k + 1 has been read and queued, so that on a GPU the host reads the next windows and
     blends the last ones while the device computes (on the CPU the order of work is the same and
-    nothing overlaps; one more batch of probabilities is held)."""
+    nothing overlaps; one more batch of probabilities is held).
+    """
     model = inference_model(model) if runtime.optimize else model
     cuda = runtime.device.type == "cuda"
     pending = None
@@ -121,7 +124,8 @@ def _load_batch(read: WindowReader, chunk: list[tuple[int, int, int, int]], devi
     """The windows' inputs as one float32 batch on ``device``, each read and copied into its place
     (``torch.stack`` of the windows would build the batch on the host first: one more pass, over a
     buffer that is fresh pages from 32 MB up). To a GPU each window goes through pinned memory,
-    so that its copy is queued and does not wait for the work already queued."""
+    so that its copy is queued and does not wait for the work already queued.
+    """
     cuda = device.type == "cuda"
     x = None
     for i, window in enumerate(chunk):
@@ -141,7 +145,8 @@ _OPTIMIZED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def inference_model(model: nn.Module) -> nn.Module:
     """`optimize_for_inference` of ``model``, made once and kept while
     ``model`` lives and its parameters and buffers are unchanged (an optimiser step, a load or a
-    move makes a new one)."""
+    move makes a new one).
+    """
     key = tuple((t._version, t.data_ptr()) for t in (*model.parameters(), *model.buffers()))
     cached = _OPTIMIZED.get(model)
     if cached is None or cached[0] != key:
@@ -173,7 +178,8 @@ def predict_probabilities(model: nn.Module, image: torch.Tensor, tile: int | Non
     eval mode.
     """
     _, height, width = image.shape
-    read = lambda top, left, h, w: image[:, top:top + h, left:left + w]
+    def read(top, left, h, w):
+        return image[:, top:top + h, left:left + w]
     out = None
     for top, left, probs in stream_blocks(model, read, height, width, tile, overlap, runtime):
         if out is None:
@@ -243,7 +249,8 @@ def block_count(height: int, width: int, tile: int | None, overlap: int, block_s
 @dataclass
 class _Piece:
     """The weighted probabilities of one window over a rectangle outside its own block's region,
-    kept until the blocks that own those pixels add them."""
+    kept until the blocks that own those pixels add them.
+    """
 
     order: tuple[int, int]  # (top, left) of its window: the order of sums is row-major in windows
     top: int
@@ -257,7 +264,8 @@ class StreamState:
     for later blocks. Given to it, it is kept up to date as each block is yielded; saved
     (`state_dict`) and given to a new call over the same image, that call continues with
     the next block, and the blocks equal the uninterrupted stream's bit for bit (with batch 1:
-    batches that ran across the cut are formed anew)."""
+    batches that ran across the cut are formed anew).
+    """
 
     blocks_done: int = 0
     pieces: list[_Piece] = field(default_factory=list)
@@ -328,7 +336,8 @@ def _stream_tiled(model: nn.Module, read: WindowReader, blocks: list[WindowBlock
                   runtime: Runtime, skip: Skip | None, state: StreamState,
                   right: int) -> Iterator[tuple[int, int, torch.Tensor]]:
     """`stream_blocks` over ``blocks`` (of a tiled image) from ``state.blocks_done`` on,
-    up to column ``right``."""
+    up to column ``right``.
+    """
     start = state.blocks_done
     # one stream of windows, so that batches run on across blocks (a window's output can depend
     # on its batch's size in the last bit: predict_probabilities batches them the same way)
@@ -351,7 +360,8 @@ def _finish_block(block: WindowBlock, results: Iterator[tuple[tuple[int, int, in
     """The probabilities (C, h, w) over ``block``'s region from its windows' ``results`` and the
     ``pieces`` earlier blocks left in it, each pixel summing its windows in row-major order.
     The parts of this block's windows that reach beyond its region, up to column
-    ``right_edge`` (the image's, or its stripe's, right edge), are appended to ``pieces``."""
+    ``right_edge`` (the image's, or its stripe's, right edge), are appended to ``pieces``.
+    """
     out = total = None
     waiting = sorted(pieces, key=lambda piece: piece.order)
     done = 0
@@ -380,7 +390,8 @@ def _finish_block(block: WindowBlock, results: Iterator[tuple[tuple[int, int, in
 def _add_part(out: torch.Tensor, total: torch.Tensor, block: WindowBlock, weight: torch.Tensor,
               piece: _Piece) -> None:
     """Add the part of ``piece`` inside ``block``'s region to its sums: out (C, h, w) of the
-    weighted probabilities and total (h, w) of the weights, both over the region."""
+    weighted probabilities and total (h, w) of the weights, both over the region.
+    """
     row, col = piece.top, piece.left
     a, b = max(row, block.top), min(row + piece.terms.shape[1], block.bottom)
     c, d = max(col, block.left), min(col + piece.terms.shape[2], block.right)

@@ -57,7 +57,7 @@ class ConvFamily(enum.Enum):
 
 
 def conv_block(family: ConvFamily, in_width: int, out_width: int, lifting: bool = False) -> nn.Sequential:
-    """conv 3x3 (no bias: the norm follows) -> batch norm -> ReLU, in the family's feature type.
+    """Conv 3x3 (no bias: the norm follows) -> batch norm -> ReLU, in the family's feature type.
 
     Widths count fields for the group families (each |G| channels) and channels otherwise;
     ``lifting`` marks the first block of a group family, whose input is a plain image.
@@ -184,7 +184,8 @@ class UNet(nn.Module):
 
     def unpadded(self, x: torch.Tensor) -> torch.Tensor:
         """The network itself, for H and W multiples of 2**depth (no padding, no crop): what an
-        exported file holds."""
+        exported file holds.
+        """
         # encoder: level 0 at full size, each further level after a 2x2 pooling
         skips = []
         for level, block in enumerate(self.encoder):

@@ -158,7 +158,8 @@ class FieldBatchNorm(torch.autograd.Function):
 
 def _per_channel(order: int, *per_field: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
     """Each (C,) tensor repeated to (C * order,), field-major (None stays None), each in its own
-    dtype: one stack and one repeat for them all, not a repeat each (fewer operations to issue)."""
+    dtype: one stack and one repeat for them all, not a repeat each (fewer operations to issue).
+    """
     present = [t for t in per_field if t is not None]
     # one dtype that holds each exactly (float64 holds every float type's values)
     dtype = present[0].dtype if all(t.dtype == present[0].dtype for t in present) else torch.float64
@@ -205,7 +206,8 @@ def _accumulator(x: torch.Tensor) -> torch.dtype:
 
 class _Formulas:
     """`FieldBatchNorm`'s passes as tensor operations (statistics in float32, or float64 for
-    float64 input)."""
+    float64 input).
+    """
 
     @staticmethod
     def moments(x, order, running_mean, running_var, momentum, eps):

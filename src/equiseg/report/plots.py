@@ -109,7 +109,8 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 
 def best_and_worst(per_image: list[dict], has_cells: list[bool]) -> list[tuple[str, int]]:
     """("best", i) and ("worst", i) by per-image Dice, among images with cells (an empty image
-    is trivially "best"); all images when none has cells."""
+    is trivially "best"); all images when none has cells.
+    """
     dice = [p["dice/mean"] if cells else np.nan for p, cells in zip(per_image, has_cells)]
     if np.isnan(dice).all():
         dice = [p["dice/mean"] for p in per_image]

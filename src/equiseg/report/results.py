@@ -60,7 +60,8 @@ class TransformScores:
 class Certificate:
     """Measured equivariance (`certificate`): ``{"group": ...,
     "rot45": ...}`` relative errors for ``group`` (the family's, D4 for plain models) on the test
-    images and, when a Grand Challenge input was given, on the real patch (else None)."""
+    images and, when a Grand Challenge input was given, on the real patch (else None).
+    """
 
     group: str
     test: Scores
@@ -87,7 +88,8 @@ class TTAResult:
 class Case:
     """One test image kept for the report's case figure: the ``kind`` of case ("best" or "worst"
     by per-image Dice, see `best_and_worst`), which image and its
-    Dice. Its pictures are in the run's cases file (`save_cases`)."""
+    Dice. Its pictures are in the run's cases file (`save_cases`).
+    """
 
     kind: str
     index: int
@@ -103,7 +105,8 @@ class Case:
 class CasePicture:
     """What the case figure draws of one `Case`: the cell image (H, W, 3) uint8, the
     model's probabilities (C, H, W) (stored as float16), its points (N, 4: x, y, class,
-    probability) and the true cells (M, 3: x, y, class); px, (x, y) = (column, row)."""
+    probability) and the true cells (M, 3: x, y, class); px, (x, y) = (column, row).
+    """
 
     image: np.ndarray
     probs: np.ndarray
@@ -192,7 +195,8 @@ class TissueResult:
 @dataclass(frozen=True)
 class LRTrial:
     """One run of a study's learning-rate search: a variant at ``lr``, its lowest validation loss
-    and that epoch, and whether the variant took this rate."""
+    and that epoch, and whether the variant took this rate.
+    """
 
     variant: str
     lr: float
@@ -210,7 +214,8 @@ class StudyResult:
     """A whole study: every run's result in matrix order (variant, fraction, seed), the tissue
     model (None without context variants), the dataset's split sizes, the ``minutes`` of the
     invocation that made it, of which ``reused`` runs had been trained before, and the ``data``
-    it ran on (``UNKNOWN`` in a results.json written before studies recorded it)."""
+    it ran on (``UNKNOWN`` in a results.json written before studies recorded it).
+    """
 
     study: str
     results: tuple[RunResult, ...]
@@ -285,7 +290,8 @@ def from_json(kind: type[Result], text: str) -> Result:
 
 def save_cases(path: Path, pictures: dict[str, CasePicture]) -> Path:
     """Write the pictures of a run's cases (keyed by case kind) to ``path`` (.npz); probabilities
-    as float16, which is plenty for a picture and halves the file."""
+    as float16, which is plenty for a picture and halves the file.
+    """
     arrays = {}
     for kind, picture in pictures.items():
         arrays |= {f"{kind}.image": picture.image, f"{kind}.probs": picture.probs.astype(np.float16),

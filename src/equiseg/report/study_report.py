@@ -76,7 +76,8 @@ class Report:
 @dataclass(frozen=True)
 class ContextComparison:
     """A context variant at one fraction against its sibling without context (same family and
-    augmentation; None when the study has none): their runs, and the per-seed change of mF1."""
+    augmentation; None when the study has none): their runs, and the per-seed change of mF1.
+    """
 
     variant: str
     context: ContextKind
@@ -344,7 +345,8 @@ def efficiency_figure(result: StudyResult) -> Figure:
 def robustness_figure(result: StudyResult) -> Figure:
     """mF1 and Dice against the rotation of the test images (no flips), full fraction, mean over seeds; and,
     where the certificates hold it, the arbitrary-angle equivariance error of the probabilities against the
-    angle, with the resampling floor (the identity network's error on the same smoothed test images)."""
+    angle, with the resampling floor (the identity network's error on the same smoothed test images).
+    """
     turns = sorted((t for t in result.results[0].robustness if not t.flip), key=lambda t: t.degrees)
     full = [r for v in result.variants for r in result.runs(v, result.full)]
     angles = sorted({t.degrees for t in turns if not t.d4 and all(f"arb{t.degrees:g}" in r.certificate.test
@@ -413,7 +415,8 @@ def loss_curves(result: StudyResult) -> Figure:
 
 def cases_picture(result: StudyResult) -> Figure | None:
     """The best and worst test image of each variant's first run at the full fraction, as the study kept
-    them; None when no run kept any."""
+    them; None when no run kept any.
+    """
     cases = [{"title": f"{v}: {case.kind} ({case.image_id}, Dice {case.dice:.2f})", "image": picture.image,
               "probs": picture.probs, "points": picture.points, "gt": picture.gt}
              for v in result.variants for case, picture in result.runs(v, result.full)[0].case_pictures()]
@@ -481,7 +484,8 @@ LR_NOTE = ("Each variant without a stated rate trained once per rate on the larg
 @dataclass(frozen=True)
 class PairedComparison:
     """A variant against the study's baseline at one training set: each one's mF1 and per-class
-    F1 with intervals, and their paired difference (variant minus baseline)."""
+    F1 with intervals, and their paired difference (variant minus baseline).
+    """
 
     variant: str
     fraction: float
@@ -564,7 +568,8 @@ def paired_reading(result: StudyResult, paired: list[PairedComparison], target: 
 
 def paired_figure(result: StudyResult, paired: list[PairedComparison]) -> Figure:
     """mF1 of every variant against the number of training images (95 % intervals), and each
-    variant's paired difference to the baseline."""
+    variant's paired difference to the baseline.
+    """
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     variants = [result.baseline, *dict.fromkeys(c.variant for c in paired)]
     for k, v in enumerate(variants):

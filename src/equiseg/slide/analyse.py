@@ -74,7 +74,8 @@ def _check_region(slide: Slide, region: tuple[int, int, int, int] | None) -> tup
 
 def _check_models(cell_model: SlideModel, tissue_model: SlideModel | None) -> bool:
     """Whether the cell model takes tissue context, after refusing models of the wrong task and a
-    context model without a tissue model."""
+    context model without a tissue model.
+    """
     if cell_model.config.task is not Task.CELLS:
         raise ValueError(f"{cell_model.source}: a {cell_model.config.task.value} model, not a cell model")
     if tissue_model is not None and tissue_model.config.task is not Task.TISSUE:
@@ -88,7 +89,8 @@ def _check_models(cell_model: SlideModel, tissue_model: SlideModel | None) -> bo
 def _write_outputs(outputs: SlideOutputs, slide: Slide, box: tuple[int, int, int, int], view: ScaledView,
                    found: np.ndarray, tissue: TissueMask, tissue_map: TissueMap | None) -> np.ndarray:
     """The cells in level-0 px (each at its pixel's centre, off-tissue ones dropped, in the order
-    found), written with the thumbnail and, given a tissue map, the cancer areas."""
+    found), written with the thumbnail and, given a tissue map, the cancer areas.
+    """
     x0, y0 = view.level0(found[:, 0] + 0.5, found[:, 1] + 0.5)
     points = np.column_stack([x0, y0, found[:, 2], found[:, 3]]) if len(found) else np.zeros((0, 4))
     points = points[tissue.at(points[:, 0], points[:, 1])]
@@ -198,7 +200,8 @@ def _remove_work(work: Path) -> None:
 def check_slides(paths: list[Path], out_dir: Path | str, resume: bool = False,
                  region: tuple[int, int, int, int] | None = None, mpp: float | None = None) -> None:
     """Refuse, before any work: slides that OpenSlide cannot open or whose resolution is
-    unknown, a region off a slide, outputs that would collide or overwrite finished ones."""
+    unknown, a region off a slide, outputs that would collide or overwrite finished ones.
+    """
     stems = [Path(p).stem for p in paths]
     if len(set(stems)) != len(stems):
         raise ValueError("two slides share a name; their outputs would overwrite each other")
@@ -214,7 +217,8 @@ def analyse_slides(paths: list[Path], cell_model: SlideModel, out_dir: Path | st
                    tissue_model: SlideModel | None = None, on_slide: Callable[[int, int, SlideCells], None] | None = None,
                    **options) -> list[SlideCells]:
     """`analyse_slide` for each slide into ``out_dir``; ``on_slide(done, total, result)`` after
-    each; a ``progress`` in ``options`` gets stages named "k/n NAME: stage"."""
+    each; a ``progress`` in ``options`` gets stages named "k/n NAME: stage".
+    """
     check_slides(paths, out_dir, options.get("resume", False), options.get("region"), options.get("mpp"))
     progress = options.pop("progress", None)
     results = []

@@ -18,7 +18,8 @@ from equiseg.slide.models import SlideModel
 class _EveryNth(torch.utils.data.Sampler):
     """Slides ``rank``, ``rank + n``, ... of the list: each once over all processes (Lightning's
     distributed sampler would repeat slides to even out the counts, and two processes would
-    then write the same slide's files)."""
+    then write the same slide's files).
+    """
 
     def __init__(self, count: int, rank: int, n: int) -> None:
         self.indices = list(range(rank, count, n))

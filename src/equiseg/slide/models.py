@@ -33,7 +33,8 @@ class SlideModel:
     def load(cls, path: Path | str, device: str | torch.device = "cpu",
              resolution: Resolution | None = None) -> SlideModel:
         """The model of a run folder or checkpoint, with its run's resolution (``resolution``
-        replaces it; needed for a checkpoint outside a run folder that recorded none)."""
+        replaces it; needed for a checkpoint outside a run folder that recorded none).
+        """
         path = Path(path)
         model, config = load_model(path, device)
         resolution = resolution or Run.of(path).resolution()

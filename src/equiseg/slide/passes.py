@@ -1,5 +1,6 @@
 """The two passes over a slide: the tissue model at its resolution into a float16 map on disk, and
-the cell model streamed in stripes of blocks of overlapping tiles (resumable from the last saved block row)."""
+the cell model streamed in stripes of blocks of overlapping tiles (resumable from the last saved block row).
+"""
 
 from __future__ import annotations
 
@@ -44,7 +45,8 @@ class TissueMap:
     """A tissue model's probabilities over a view of the slide, on disk as (C, H, W)
     `TISSUE_MAP_DTYPE` (float16: the context differs from float32's by at most 5e-4, half
     the disk: about 6 MB per mm² of slide), and how a cell window of another view takes its
-    block of them."""
+    block of them.
+    """
 
     def __init__(self, path: Path, view: ScaledView) -> None:
         self.path, self.view = path, view
@@ -53,7 +55,8 @@ class TissueMap:
     def context(self, cell_view: ScaledView, window: tuple[int, int, int, int]) -> torch.Tensor:
         """(C, h, w) float32: the probabilities over ``window`` of ``cell_view`` resampled
         bilinearly onto its grid (zero outside this map), as an OCELOT pair's cell patch takes
-        its block of the tissue patch."""
+        its block of the tissue patch.
+        """
         _, _, h, w = window
         x0, y0, x1, y1 = _window_box(cell_view, window)
         tissue = self.view
@@ -90,7 +93,8 @@ def tissue_pass(model: SlideModel, slide: Slide, box: tuple[int, int, int, int],
 def stripes(width: int, tile: int, overlap: int, side: int) -> list[tuple[int, int]]:
     """Column ranges (c0, c1) that cut a view ``width`` px wide into stripes of at most about
     ``side`` px, each cut through the middle of a window where it overlaps no other (so that
-    the two stripes share one column of windows)."""
+    the two stripes share one column of windows).
+    """
     count = max(1, math.ceil(width / side))
     step = tile - overlap
     cuts = [0]

@@ -1,6 +1,7 @@
 """What a slide analysis writes, in level-0 pixels of the slide: the cells as QuPath GeoJSON
 (Point detections with ``classification {name, color}`` and a probability measurement) and CSV, the
-tissue classes as polygons, a thumbnail, and the summary."""
+tissue classes as polygons, a thumbnail, and the summary.
+"""
 
 from __future__ import annotations
 
@@ -82,7 +83,8 @@ class SlideOutputs:
 
 def tissue_polygons(tissue_map: TissueMap | None, tissue: TissueMask, box: tuple[int, int, int, int]) -> dict:
     """A FeatureCollection of annotations: the tissue found, and the tissue model's cancer areas
-    inside it, on the tissue mask's grid (level-0 coordinates)."""
+    inside it, on the tissue mask's grid (level-0 coordinates).
+    """
     x, y, w, h = box
     rows, cols = tissue.pixels(x, y, x + w, y + h)
     found = tissue.mask[rows, cols]
@@ -119,7 +121,8 @@ def tissue_polygons(tissue_map: TissueMap | None, tissue: TissueMask, box: tuple
 
 def _polygons(mask: np.ndarray) -> list[list[list[tuple[float, float]]]]:
     """The outlines of a boolean map's regions, each an outer ring then its holes, closed rings
-    of (x, y) in pixel-centre coordinates (contourpy's filled contours at 0.5)."""
+    of (x, y) in pixel-centre coordinates (contourpy's filled contours at 0.5).
+    """
     if not mask.any():
         return []
     padded = np.pad(mask.astype(np.float64), 1)  # so that regions at the border close

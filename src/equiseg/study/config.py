@@ -1,5 +1,6 @@
 """A study's config: its variants, training sets, seeds and statistics, read from YAML, and the widths
-that match each variant's parameter count to the reference."""
+that match each variant's parameter count to the reference.
+"""
 
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ GC_INPUT_ENV = "EQUISEG_GC_INPUT"
 class Variant:
     """One row of the study: a conv family, an augmentation preset, a width (None: matched), the
     tissue context it takes, a learning rate of its own (None: the base's, or the search's) and
-    its downsampling (``pool``: None, the base's ``model.pool``; or ``max`` / ``blur``)."""
+    its downsampling (``pool``: None, the base's ``model.pool``; or ``max`` / ``blur``).
+    """
 
     label: str
     family: ConvFamily
@@ -111,7 +113,8 @@ class StudyConfig:
     def run_config(self, variant: Variant, fraction: float, seed: int, width: int, data_root: str,
                    tissue_model: str | None = None, lr: float | None = None) -> Config:
         """The full run config of one cell of the matrix (``tissue_model``: for context variants;
-        ``lr``: the variant's learning rate, else the base's)."""
+        ``lr``: the variant's learning rate, else the base's).
+        """
         base = Config.from_dict(self.base)
         epochs, val_every = base.train.epochs, base.train.val_every
         if self.equal_steps:
@@ -134,7 +137,6 @@ class StudyConfig:
 
 def matched_widths(study: StudyConfig) -> dict[str, int]:
     """Each variant's width: given, or matched to plain ``reference_width``'s parameter count."""
-
     depth = Config.from_dict(study.base).model.depth
     reference = parameter_count("plain", study.reference_width, depth)
     return {v.label: v.width or match_width(v.family, reference, depth) for v in study.variants}
@@ -147,7 +149,6 @@ def real_samples(study: StudyConfig) -> list:
     Raises:
         ConfigError: the folder given is not there (checked before any run trains).
     """
-
     if study.gc_input:
         path, source = study.gc_input, "gc_input"
     elif os.environ.get(GC_INPUT_ENV):

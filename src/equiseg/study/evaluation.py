@@ -1,5 +1,6 @@
 """One trained run of a study evaluated into a cached `RunResult`: scores, rotation robustness, the
-equivariance certificate, test-time augmentation and the pictures of its best and worst cases."""
+equivariance certificate, test-time augmentation and the pictures of its best and worst cases.
+"""
 
 from __future__ import annotations
 
@@ -55,7 +56,6 @@ def evaluate_study_run(run_dir: Path, root: Path, study: StudyConfig, cell: tupl
     test split is done every image's probabilities are held as float16, C x H x W x 2 bytes each.
     A cache that is not this version's (an older equiseg's) is recomputed too.
     """
-
     cache = Run(run_dir).study_cache
     known = _read_cache(cache, RunResult)
     if known is not None and (not with_cases or (known.cases_file and (run_dir / known.cases_file).is_file())):
@@ -124,7 +124,8 @@ def _robustness(model: torch.nn.Module, config: Config, root: Path, study: Study
 def _certificate(model: torch.nn.Module, config: Config, root: Path, gc_samples: list,
                  context: ContextFn | None, study_angles: tuple[float, ...]) -> Certificate:
     """The equivariance certificate on (up to) four test images and, if given, the real patch(es), at the
-    study's angles."""
+    study's angles.
+    """
     test = OcelotFolder(root, "test")
     samples = [test[i] for i in range(min(len(test), 4))]
     images = [model_input(s.cell_image, context and context(s)) for s in samples]
@@ -173,7 +174,6 @@ def _study_context(config: Config, contexts: dict[str, ContextFn], device: torch
 
 def evaluate_tissue(run_dir: Path, root: Path, runtime: Runtime | None = None) -> TissueResult:
     """The tissue model's test scores (Dice, mIoU), cached in study.json beside it."""
-
     cache = Run(run_dir).study_cache
     known = _read_cache(cache, TissueResult)
     if known is not None:

@@ -1,5 +1,6 @@
 """The study matrix run here or on Ray: the data, the learning-rate search, the tissue model, every
-(variant, training set, seed) trained and evaluated (finished ones reused), then results.json and the report."""
+(variant, training set, seed) trained and evaluated (finished ones reused), then results.json and the report.
+"""
 
 from __future__ import annotations
 
@@ -44,7 +45,6 @@ def run_study(study: StudyConfig, out: Path, say: Callable[[str], None] = print,
     or as Ray tasks, each on the device Ray gives it); the tissue model, the data and the
     report stay in this process.
     """
-
     base = Config.from_dict(study.base)
     if not base.data.root and base.data.require_real:
         raise ConfigError(f"study {study.name}: {REQUIRE_REAL}")  # before anything is written
@@ -108,7 +108,8 @@ def _announcer(cells: list[tuple[Variant, float, int]], started: float,
 
 def study_data(base: Config, out: Path, say: Callable[[str], None] = print) -> tuple[Path, DataRecord]:
     """The dataset folder of a study on ``base`` and its record: ``data.root``, or the built-in
-    synthetic data of ``data.synthetic``, generated into ``out/data`` (and said so)."""
+    synthetic data of ``data.synthetic``, generated into ``out/data`` (and said so).
+    """
     if base.data.root:
         return Path(base.data.root), DataRecord.of_folder(base.data.root)
     say(synthetic_notice(base.data.synthetic))
@@ -120,7 +121,8 @@ def train_and_evaluate(config: Config, run_dir: Path, root: Path, study: StudyCo
                        cell: tuple[Variant, float, int], gc_samples: list, contexts: dict[str, ContextFn] | None,
                        runtime: Runtime, with_cases: bool) -> RunResult:
     """One job of a study: train ``config`` into ``run_dir`` (or reuse it) and evaluate it
-    (`evaluate_study_run`); a plain function of picklable arguments, for any executor."""
+    (`evaluate_study_run`); a plain function of picklable arguments, for any executor.
+    """
     reused = train_or_reuse(config, run_dir, progress=False)
     result = evaluate_study_run(run_dir, root, study, cell, gc_samples, contexts, runtime, with_cases)
     return replace(result, reused=reused)
@@ -140,7 +142,8 @@ def _search_dir(out: Path, label: str, lr: float) -> Path:
 def _take_search_run(source: Path, run_dir: Path, config: Config, say: Callable[[str], None]) -> None:
     """Copy the learning-rate search's run at the chosen rate into the study's cell it equals
     (the largest training set, the first seed), unless that cell holds a finished run already:
-    the same config trained twice would give the same run (training is seeded), so once is enough."""
+    the same config trained twice would give the same run (training is seeded), so once is enough.
+    """
     if Run(run_dir).finished(config) or not Run(source).finished(config):
         return
     if run_dir.exists():
@@ -160,7 +163,8 @@ def _lr_search(study: StudyConfig, out: Path, root: Path, widths: dict[str, int]
                executor: Executor | None = None) -> tuple[LRTrial, ...]:
     """Each variant without a rate of its own trained once per rate of ``study.lr_search`` (the
     largest training set, the first seed, into ``out/runs/_lr``); the rate with the lowest
-    validation loss is chosen (ties: the smaller rate). Nothing without ``lr_search``."""
+    validation loss is chosen (ties: the smaller rate). Nothing without ``lr_search``.
+    """
     searched = [v for v in study.variants if v.lr is None] if study.lr_search else []
     grid = [(variant, lr) for variant in searched for lr in sorted(study.lr_search)]
     jobs = [(study.run_config(variant, fraction, study.seeds[0], widths[variant.label], str(root),

@@ -61,8 +61,6 @@ def check_data(root: Path) -> None:
 
 def build_loggers(config: Config, run_dir: Path) -> list:
     """CSV and TensorBoard always available; Comet (offline without a key) and MLflow when installed."""
-
-
     result = []
     for name in config.train.loggers:
         match name:
@@ -176,7 +174,8 @@ def _checked_inputs(config: Config) -> tuple[Path, ContextFn | None]:
 
 def _check_fits(config: Config, root: Path) -> None:
     """The dataset can train this config: training and validation splits not empty, and random
-    crops no larger than the smallest training image (from the metadata's patch sizes)."""
+    crops no larger than the smallest training image (from the metadata's patch sizes).
+    """
     for split in (Split.TRAIN, Split.VAL):
         if not len(OcelotFolder(root, split, labels=False)):
             raise ConfigError(f"{root}: the {split.value} split is empty; training needs it")
@@ -192,7 +191,8 @@ def _check_fits(config: Config, root: Path) -> None:
 
 def _run_folder(config: Config, root: Path, runs: Path | str, run_dir: Path | str | None, resuming: bool) -> Path:
     """The run folder, made and started (config, dataset, synthetic origin) by rank 0; DDP's other
-    processes, which re-launch this command, join rank 0's folder."""
+    processes, which re-launch this command, join rank 0's folder.
+    """
     launched = os.environ.get(_RUN_DIR_ENV) if int(os.environ.get("LOCAL_RANK", "0")) > 0 else None
     if launched:
         return Path(launched)
@@ -266,7 +266,8 @@ def _alive(pid: str) -> bool:
 def _trainer(config: Config, run_dir: Path, progress: bool, callbacks: list) -> L.Trainer:
     """Lightning's Trainer for a run: its config's devices and precision, the run's loggers, and
     two checkpoints (best by val/loss, and the last epoch, also every
-    ``train.checkpoint_every_n_steps`` steps), written atomically by `AtomicCheckpointIO`."""
+    ``train.checkpoint_every_n_steps`` steps), written atomically by `AtomicCheckpointIO`.
+    """
     folder = Run(run_dir).checkpoints
     remove_stale_partials(folder)
     best = ModelCheckpoint(dirpath=folder, filename="best", monitor="val/loss", mode="min",

@@ -57,7 +57,8 @@ class SegmentationModule(L.LightningModule):
         """The augmentation's generator for a batch: seeded by its items' draws (see
         `EpochShuffle`), on the batch's device, so a batch is
         augmented the same way whenever and wherever it is trained; None (torch's global
-        generator) for items asked for by bare index."""
+        generator) for items asked for by bare index.
+        """
         draws = [int(d) for d in batch.get("draw", [-1])]
         if min(draws) < 0:
             return None

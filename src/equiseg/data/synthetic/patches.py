@@ -1,5 +1,6 @@
 """Synthetic OCELOT pairs: one world (`equiseg.data.synthetic.world`) rendered as a tissue patch
-and the 4x-finer cell patch inside it, and whole datasets of them in the Zenodo layout."""
+and the 4x-finer cell patch inside it, and whole datasets of them in the Zenodo layout.
+"""
 
 from __future__ import annotations
 
@@ -80,7 +81,8 @@ def _turned_image(image: np.ndarray, centre: tuple[float, float], angle: float, 
     """``image`` (H, W[, C]) turned by ``angle`` about the px point ``centre`` (x, y), in its own frame:
     output pixel p shows the source at ``centre + R(-angle) (p - centre)`` (spline ``order``); where that
     point lies outside the source, ``fill`` (same shape as ``image``) shows instead, blended over one px
-    of anti-aliased edge. Returns the image (same dtype) and the covered fraction (H, W) float32."""
+    of anti-aliased edge. Returns the image (same dtype) and the covered fraction (H, W) float32.
+    """
     h, w = image.shape[:2]
     ys, xs = np.mgrid[0:h, 0:w].astype(np.float64) + 0.5
     source = _turn(np.stack([xs.ravel(), ys.ravel()], axis=1), np.array(centre), -angle)
@@ -104,7 +106,8 @@ def _turned_image(image: np.ndarray, centre: tuple[float, float], angle: float, 
 
 def _crop_angle(offset: tuple[float, float], rng: np.random.Generator) -> tuple[float, tuple[float, float]]:
     """An angle (rad) uniform over those that keep the cell block inside the tissue patch once both turn
-    about the tissue patch's centre, and the cell patch's centre offset after the turn."""
+    about the tissue patch's centre, and the cell patch's centre offset after the turn.
+    """
     for _ in range(1000):  # at least a quarter of all angles qualify for any offset in [1/8, 7/8]²
         angle = float(rng.uniform(0, 2 * np.pi))
         moved = _turn(np.array([offset]), np.array([0.5, 0.5]), angle)[0]

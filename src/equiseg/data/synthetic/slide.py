@@ -136,7 +136,8 @@ class SyntheticSlide:
     def render_region(self, x: int, y: int, width: int, height: int) -> np.ndarray:
         """Level-0 px ``[x, x + width) x [y, y + height)`` rendered afresh from the slide's arguments:
         (height, width, 3) uint8, bit for bit what the TIFF holds there. Rebuilds the world first
-        (placing all nuclei takes ~1.5 s for a 48000 px slide), then renders the blocks it touches."""
+        (placing all nuclei takes ~1.5 s for a 48000 px slide), then renders the blocks it touches.
+        """
         if min(width, height) < 1 or x < 0 or y < 0 or x + width > self.width or y + height > self.height:
             raise ValueError(f"region x={x}, y={y}, {width} x {height} px is not inside the "
                              f"{self.width} x {self.height} px slide")
@@ -252,7 +253,8 @@ class _Outline:
     def _border(self, t: np.ndarray) -> np.ndarray:
         """The fall-off at µm ``t`` along one axis: a bowl that favours the centre (its sum over the two
         axes depends only on the distance to the centre, so the section is round at large), and a wall
-        that rises to ``_BORDER`` at the slide's edge and stays there beyond."""
+        that rises to ``_BORDER`` at the slide's edge and stays there beyond.
+        """
         inside = np.minimum(t, self.side - t)
         wall = _BORDER * np.clip(1 - inside / (_BORDER_WIDTH * self.side), 0, 1) ** 2
         return _BOWL * (2 * t / self.side - 1) ** 2 + wall
@@ -400,7 +402,8 @@ def _place_slide_nuclei(root: np.random.SeedSequence, world: World, outline: _Ou
 def _kept_nuclei(root: np.random.SeedSequence, world: World, outline: _Outline,
                  bands: dict[NucleusKind, list[np.ndarray]]) -> tuple[Nuclei, ...]:
     """Each kind's centres (per band) that lie on the fully stained section and outside lumens, with
-    their shapes drawn, as one `Nuclei` per kind sorted by y."""
+    their shapes drawn, as one `Nuclei` per kind sorted by y.
+    """
     groups = []
     for kind, per_band in bands.items():
         parts = []
@@ -422,7 +425,8 @@ def _lattice_band(rng: np.random.Generator, world: World, spacing: float, turn: 
                   side: float, y0: float, y1: float) -> np.ndarray:
     """Tumour cells of one band, (N, 2) µm: the sites of the hexagonal lattice (``spacing`` µm, turned
     by ``turn`` rad about the slide's centre) that lie in [0, side) x [y0, y1), jittered by 12 % of
-    the spacing, each kept with probability ``kept`` in cancer areas and 0.012 elsewhere."""
+    the spacing, each kept with probability ``kept`` in cancer areas and 0.012 elsewhere.
+    """
     mid, height = side / 2, spacing * math.sqrt(3) / 2
     cos, sin = math.cos(turn), math.sin(turn)
     xs, ys = [], []
@@ -492,7 +496,8 @@ class _Slide:
 
     def block(self, row: int, col: int) -> np.ndarray:
         """Render block (row, col): level-0 px ``[col, col + 1) * BLOCK x [row, row + 1) * BLOCK`` cut to
-        the slide, (h, w, 3) uint8."""
+        the slide, (h, w, 3) uint8.
+        """
         view = View(col * BLOCK * self.mpp, row * BLOCK * self.mpp, self.mpp, BLOCK, 1)
         stain = self.outline.stain_on(view)
         rng = child(self.root, _Stream.PIXELS, row, col)
@@ -521,7 +526,8 @@ class _Slide:
 def _write_tiff(path: Path, slide: _Slide, sides: list[int], tile: int, description: str,
                 on_progress: Callable[[int, int], None] | None) -> None:
     """Write the pyramid: level 0 from a generator of tiles rendered a row of blocks at a time, the
-    lower levels from arrays filled by the same pass (level 0 is never held whole)."""
+    lower levels from arrays filled by the same pass (level 0 is never held whole).
+    """
     size, blocks = slide.size, math.ceil(slide.size / BLOCK)  # render blocks per side
     lower = [np.zeros((side, side, 3), np.uint8) for side in sides[1:]]
 
@@ -559,7 +565,8 @@ def _write_tiff(path: Path, slide: _Slide, sides: list[int], tile: int, descript
 
 def _sum4(image: np.ndarray) -> np.ndarray:
     """Sums of the whole 4 x 4 blocks of (H, W, C) ``image``: (H // 4, W // 4, C), same dtype (strided
-    adds: several times faster than a reshaped sum over two axes)."""
+    adds: several times faster than a reshaped sum over two axes).
+    """
     h, w = image.shape[0] // 4 * 4, image.shape[1] // 4 * 4
     rows = image[0:h:4] + image[1:h:4] + image[2:h:4] + image[3:h:4]
     return rows[:, 0:w:4] + rows[:, 1:w:4] + rows[:, 2:w:4] + rows[:, 3:w:4]

@@ -37,7 +37,7 @@ from enum import IntEnum
 
 import numpy as np
 from scipy import ndimage
-from scipy.spatial import cKDTree
+from scipy.spatial import cKDTree  # pyright: ignore[reportAttributeAccessIssue]  # from a compiled module
 from scipy.special import ndtri
 
 CELL_MPP = 0.2  # µm per cell-patch pixel, before per-sample jitter
@@ -170,7 +170,7 @@ class Nuclei:
     rim: np.ndarray
     nucleoli: np.ndarray  # (N, 2, 4)
 
-    def take(self, keep: np.ndarray) -> Nuclei:
+    def take(self, keep: np.ndarray | slice) -> Nuclei:
         return Nuclei(self.kind, *(getattr(self, f)[keep] for f in
                                     ("x", "y", "a", "b", "angle", "harm", "dens", "tex", "rim", "nucleoli")))
 
@@ -212,7 +212,7 @@ def make_nuclei(rng: np.random.Generator, kind: NucleusKind, x: np.ndarray, y: n
         dens = style["fibro_h"] * rng.uniform(0.85, 1.15, n)
         tex, rim = dens * 0.25, np.zeros(n)
     arrays = (np.asarray(v, np.float32) for v in (x, y, a, b, angle, harm, dens, tex, rim))
-    return Nuclei(kind, *arrays, nucleoli)
+    return Nuclei(kind, *arrays, nucleoli=nucleoli)
 
 
 def _draw_nuclei(nuc: Nuclei, view: View, blur: float, uniform: np.ndarray, textured: np.ndarray,
@@ -334,7 +334,8 @@ class World:
 
     def fibre_direction(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         """Angle (rad) of the collagen fibres at µm points: perpendicular to the phase gradient of the stripe
-        family that dominates there (the first where the stroma field is positive)."""
+        family that dominates there (the first where the stroma field is positive).
+        """
         h = 0.25
         wx = (self.warp.at(x + h, y) - self.warp.at(x - h, y)) / (2 * h)
         wy = (self.warp.at(x, y + h) - self.warp.at(x, y - h)) / (2 * h)
@@ -345,7 +346,8 @@ class World:
 
 def child(seq: np.random.SeedSequence, *key: int) -> np.random.Generator:
     """Generator for the independent stream of ``seq`` named by the non-negative integers ``key``
-    (``seq``'s spawn key extended by them), without mutating ``seq``."""
+    (``seq``'s spawn key extended by them), without mutating ``seq``.
+    """
     return np.random.default_rng(np.random.SeedSequence(seq.entropy, spawn_key=(*seq.spawn_key, *key),
                                                         pool_size=seq.pool_size))
 
@@ -354,7 +356,8 @@ def make_world(seq: np.random.SeedSequence, size: int, crowding: float = 0.0) ->
     rng = child(seq, 0)
     cell_mpp = round(CELL_MPP * rng.uniform(0.97, 1.03), 6)
     side = size * cell_mpp * SCALE  # µm of the tissue patch
-    offset = tuple(float(v) for v in rng.integers(2, 15, 2) / 16)  # centre on a 1/16 grid in [1/8, 7/8]
+    offset_x, offset_y = (float(v) for v in rng.integers(2, 15, 2) / 16)  # centre on a 1/16 grid in [1/8, 7/8]
+    offset = (offset_x, offset_y)
     lo, hi = -MARGIN, side + MARGIN
     cell_view_x0 = offset[0] * side - size * cell_mpp / 2
     cell_view_y0 = offset[1] * side - size * cell_mpp / 2
@@ -460,7 +463,8 @@ def place_nuclei(rng: np.random.Generator, world: World, lo: float, hi: float, c
 def _tumour_lattice(rng: np.random.Generator, world: World, lo: float, hi: float, crowding: float,
                     crowd: np.random.Generator) -> np.ndarray:
     """(N, 2) tumour centres: a rotated, jittered hex lattice, thinned by context (kept in cancer
-    areas, a few isolated tumour cells in stroma)."""
+    areas, a few isolated tumour cells in stroma).
+    """
     spacing, turn = rng.uniform(16, 22), rng.uniform(0, np.pi / 3)
     spacing += crowding * (crowd.uniform(10.5, 13.0) - spacing)
     reach = int((hi - lo) / spacing) + 2
@@ -483,7 +487,8 @@ def _tumour_lattice(rng: np.random.Generator, world: World, lo: float, hi: float
 def lymphocyte_intensity(world: World, aggregates: Noise, gain: float, cap: float, points: np.ndarray) -> np.ndarray:
     """The lymphocytes' Poisson intensity at ``points`` (N, 2) µm, at most ``cap``: log-normal in the
     aggregate field, an eighth of it inside cancer areas. A point is kept when a uniform draw on
-    [0, cap) falls below it."""
+    [0, cap) falls below it.
+    """
     intensity = np.minimum(np.exp(gain * aggregates.at(points[:, 0], points[:, 1]) - gain ** 2 / 2), cap)
     return intensity * np.where(world.cancer_at(points[:, 0], points[:, 1]) > world.cancer_level, 0.12, 1.0)
 
@@ -491,7 +496,8 @@ def lymphocyte_intensity(world: World, aggregates: Noise, gain: float, cap: floa
 def clear_of(points: np.ndarray, others: np.ndarray, earlier: np.ndarray, distance: float) -> np.ndarray:
     """The ``points`` (N, 2) farther than ``distance`` µm from all ``others`` and from every earlier
     candidate: those of ``earlier`` (on a slide, the band before, kept or not) and those before it
-    in ``points``."""
+    in ``points``.
+    """
     keep = np.ones(len(points), bool)
     if len(others) and len(points):
         keep &= cKDTree(others).query(points, k=1)[0] > distance
@@ -546,6 +552,7 @@ def render(world: World, view: View, rng: np.random.Generator,
     uniform, textured, cover = (a.reshape(shape).astype(np.float32) for a in (uniform, textured, cover))
     if view.supersample == 1:  # chromatin granules are resolved only in the fine view; elsewhere their mean (1)
         grain = style["texture"] * math.exp(-((blur / 0.4) ** 2))
+        assert world.chromatin is not None  # a patch's world has it; a slide's renderer puts in its window
         textured *= np.exp(np.float32(grain) * world.chromatin.on(view) - np.float32(grain ** 2 / 2))
     hema = hema + uniform + textured
     eosin = eosin * (1 - 0.65 * np.minimum(cover, 1)) + 0.08 * cover
@@ -562,7 +569,8 @@ def render(world: World, view: View, rng: np.random.Generator,
 
 def colour(world: World, hema: np.ndarray, eosin: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Beer-Lambert RGB (H, W, 3) uint8 of hematoxylin and eosin densities (H, W) float32, with uniform
-    pixel noise of std ``world.noise`` grey levels drawn from ``rng`` (H * W values per channel)."""
+    pixel noise of std ``world.noise`` grey levels drawn from ``rng`` (H * W values per channel).
+    """
     rgb = np.empty((*hema.shape, 3), np.uint8)
     half_width = np.float32(world.noise * math.sqrt(3))  # uniform pixel noise with std ``noise``
     for channel in range(3):
