@@ -84,8 +84,7 @@ def _verify_sample(root: Path, split: str, meta: PairMeta, notes: list[DatasetEr
         expected = None if size is None else (size, size)
         try:
             shapes[kind] = read_image(paths[kind], expected).shape[:2]
-            conversion = None if notes is None else rgb_conversion(paths[kind])
-            if conversion:
+            if notes is not None and (conversion := rgb_conversion(paths[kind])):
                 notes.append(DatasetError(paths[kind], f"read as RGB by rule: {conversion}"))
         except DatasetError as error:
             problems.append(error)

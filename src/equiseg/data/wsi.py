@@ -21,6 +21,7 @@ import math
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -200,7 +201,7 @@ class ScaledView:
         rows, cols = min(READ_TILE, self.height - r0), min(READ_TILE, self.width - c0)
         d = self.slide.downsamples[self.level]
         if self._copy:  # whole level pixels: copied as stored
-            square = self.slide.read(self.level, self.x0 + c0 * d, self.y0 + r0 * d, cols, rows)
+            square = self.slide.read(self.level, int(self.x0 + c0 * d), int(self.y0 + r0 * d), cols, rows)
         else:
             # the square's extent in the level's continuous pixels, read with a margin that covers
             # the filter's support, then resampled from exactly that extent
@@ -294,7 +295,7 @@ def find_tissue(slide: Slide, mpp: float = MASK_MPP) -> TissueMask:
     threshold = float(np.clip(otsu_threshold(saturation), *SATURATION_BOUNDS))
     mask = ndimage.binary_opening(saturation > threshold)
     mask = ndimage.binary_fill_holes(mask)
-    labels, count = ndimage.label(mask)
+    labels, count = cast(tuple[np.ndarray, int], ndimage.label(mask))  # without `output`: (labels, count)
     if count:
         sizes = np.bincount(labels.ravel())[1:] * view.mpp ** 2 / 1e6
         mask = np.isin(labels, np.flatnonzero(sizes >= MIN_TISSUE_MM2) + 1)
