@@ -165,7 +165,7 @@ def suppress_peaks(candidates: np.ndarray, min_distance: int) -> np.ndarray:
     # A k-d tree is asked only about the points kept (a few thousand at most), not about every
     # candidate: a flat plateau of a saturated softmax makes every one of its pixels a
     # candidate, each with hundreds of neighbours.
-    from scipy.spatial import cKDTree
+    from scipy.spatial import cKDTree  # pyright: ignore[reportAttributeAccessIssue]  # from a compiled module
 
     points = candidates[:, :2]
     tree = cKDTree(points)
@@ -237,6 +237,7 @@ class BlockDetector:
             self._above = self._next_above
             self._next_above = torch.zeros(block.shape[0], min(context, self._bottom), self.width)
             self._beside = block[:, :, :0]
+        assert self._beside is not None and self._next_above is not None  # set by the first block (a new row)
         # the block with the final rows above it and columns left of it: rows first .. bottom - 1,
         # columns left - m .. left + w - 1
         above = self._above if self._above is not None else block[:, :0, :0].new_zeros(block.shape[0], 0, self.width)

@@ -63,11 +63,12 @@ class GroupTTA(nn.Module):
         self.model, self.group = model, group
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        total = None
+        total: torch.Tensor | None = None
         for g in self.group.elements:
             probs = self.model(Group.act_on_image(g, x)).softmax(dim=1)
             back = Group.act_on_image(Group.inverse(g), probs)
             total = back if total is None else total + back
+        assert total is not None  # a group has at least the identity
         return (total / self.group.order).clamp_min(1e-12).log()
 
 

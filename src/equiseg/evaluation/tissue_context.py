@@ -51,7 +51,8 @@ class TissueContextNet(nn.Module):
         return tissue_crop(self.tissue_model(tissue).softmax(dim=1), blocks, size, mode="bilinear")
 
     def forward(self, cell: torch.Tensor, tissue: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-        return self.cell_model(torch.cat([cell, self.context(tissue, blocks, cell.shape[-2:])], dim=1))
+        height, width = cell.shape[-2:]
+        return self.cell_model(torch.cat([cell, self.context(tissue, blocks, (height, width))], dim=1))
 
 
 def transform_block(block: tuple[float, float, float, float], g: GroupElement, tissue_height: int,
@@ -85,7 +86,7 @@ def model_context(tissue_model: nn.Module, tissue_image: torch.Tensor, meta: Pai
     context reaches beyond the cell block), then the block is cut out bilinearly.
     """
     probs = tissue_probabilities(tissue_model, tissue_image)
-    block = cell_block_tensor(meta, cell_shape, tuple(tissue_image.shape[-2:]))
+    block = cell_block_tensor(meta, cell_shape, (tissue_image.shape[-2], tissue_image.shape[-1]))
     return tissue_crop(probs[None], block, cell_shape, mode="bilinear")[0]
 
 

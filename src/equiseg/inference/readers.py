@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import tifffile
 import torch
+from numpy.typing import DTypeLike
 
 from equiseg.data.ocelot import as_rgb, image_to_tensor, read_rgb
 
@@ -70,7 +71,8 @@ class RgbFile:
             return None
         tiff = tifffile.TiffFile(self.path)
         page = tiff.pages[0]
-        if (tiff.series and tiff.series[0].shape == page.shape and page.dtype in (np.uint8, np.uint16)
+        if (isinstance(page, tifffile.TiffPage)  # the first page always is one (later ones may be frames)
+                and tiff.series and tiff.series[0].shape == page.shape and page.dtype in (np.uint8, np.uint16)
                 and (page.axes == "YX" or (page.axes == "YXS" and page.shape[-1] in (1, 3, 4)))):
             self._tiff = tiff
             return page
@@ -84,9 +86,11 @@ class RgbFile:
                              f"{self.height}x{self.width} image")
         if self.reading is ImageReading.DECODED:
             return self._image[top:bottom, left:right]
-        page, handle = self._page, self._tiff.filehandle
+        tiff, page = self._open_tiff(), self._page
+        handle = tiff.filehandle
         samples = page.shape[2] if page.axes == "YXS" else 1
-        dtype = np.dtype(self._tiff.byteorder + page.dtype.char)
+        assert page.dtype is not None  # uint8 or uint16, as `_lazy_page` checked
+        dtype = np.dtype(tiff.byteorder + page.dtype.char)
         if self.reading is ImageReading.CONTIGUOUS:
             pixel_bytes = samples * dtype.itemsize
             start = page.dataoffsets[0] + (top * self.width + left) * pixel_bytes
@@ -120,13 +124,14 @@ class RgbFile:
         if index in self._segments:
             self._segments.move_to_end(index)
             return self._segments[index]
-        page, handle = self._page, self._tiff.filehandle
+        page, handle = self._page, self._open_tiff().filehandle
         offset, count = page.dataoffsets[index], page.databytecounts[index]
         if not count:
             return None
         handle.seek(offset)
         segment, (_, _, y, x, _), _ = page.decode(handle.read(count), index, jpegtables=page.jpegtables,
                                                   jpegheader=page.jpegheader)
+        assert segment is not None  # None only for a segment with no bytes, skipped above
         # (depth 1, h, w, samples) -> (h, w, samples); tiles at the right and bottom edges are
         # stored whole: crop them to the image
         segment = segment[0, :self.height - y, :self.width - x]
@@ -134,6 +139,12 @@ class RgbFile:
         while sum(kept.nbytes for kept in self._segments.values()) > SEGMENT_CACHE_BYTES and len(self._segments) > 1:
             self._segments.popitem(last=False)
         return segment
+
+    def _open_tiff(self) -> tifffile.TiffFile:
+        """The TIFF read lazily, while it is open."""
+        if self._tiff is None:
+            raise ValueError(f"{self.path}: the file is closed")
+        return self._tiff
 
     def window(self, top: int, left: int, height: int, width: int) -> torch.Tensor:
         """(3, h, w) float32 in [0, 1] of one window (`image_to_tensor`)."""
@@ -154,7 +165,7 @@ class NpyBlocks:
     the map is closed.
     """
 
-    def __init__(self, path: Path | str, shape: tuple[int, int, int], dtype: np.dtype = np.float16) -> None:
+    def __init__(self, path: Path | str, shape: tuple[int, int, int], dtype: DTypeLike = np.float16) -> None:
         self.path, self.shape, self.dtype = Path(path), shape, np.dtype(dtype)
         with open(self.path, "wb") as file:
             np.lib.format.write_array_header_1_0(file, {

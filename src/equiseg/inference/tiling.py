@@ -77,7 +77,7 @@ def window_probabilities(model: nn.Module, read: WindowReader, windows: list[tup
     skipped = {w for w in windows if skip.where(w)} if skip is not None else set()
     computed = _batched(model, read, [w for w in windows if w not in skipped], runtime)
     for w in windows:
-        yield (w, skip.background(w[2], w[3])) if w in skipped else next(computed)
+        yield (w, skip.background(w[2], w[3])) if skip is not None and w in skipped else next(computed)
 
 
 def _batched(model: nn.Module, read: WindowReader, windows: list[tuple[int, int, int, int]],
@@ -136,6 +136,7 @@ def _load_batch(read: WindowReader, chunk: list[tuple[int, int, int, int]], devi
             staged = torch.empty(tile.shape, dtype=torch.float32, pin_memory=True)
             tile = staged.copy_(tile)
         x[i].copy_(tile, non_blocking=cuda)
+    assert x is not None  # a chunk has a window
     return x
 
 
@@ -185,6 +186,7 @@ def predict_probabilities(model: nn.Module, image: torch.Tensor, tile: int | Non
         if out is None:
             out = torch.empty(probs.shape[0], height, width)
         out[:, top:top + probs.shape[1], left:left + probs.shape[2]] = probs
+    assert out is not None  # an image has a block
     return out
 
 
@@ -366,7 +368,7 @@ def _finish_block(block: WindowBlock, results: Iterator[tuple[tuple[int, int, in
     waiting = sorted(pieces, key=lambda piece: piece.order)
     done = 0
     for (row, col, h, w), probs in results:
-        if out is None:
+        if out is None or total is None:  # the first window: both are made
             out = torch.zeros(probs.shape[0], block.bottom - block.top, block.right - block.left)
             total = torch.zeros(block.bottom - block.top, block.right - block.left)
         # the pieces of windows before this one (row-major) go first: that is each pixel's order of sums
@@ -382,6 +384,7 @@ def _finish_block(block: WindowBlock, results: Iterator[tuple[tuple[int, int, in
                                  terms[:, :inside, block.right - col:right_edge - col].clone()))
         if row + h > block.bottom:
             pieces.append(_Piece((row, col), block.bottom, col, terms[:, inside:, :right_edge - col].clone()))
+    assert out is not None and total is not None  # a block has a window
     for piece in waiting[done:]:
         _add_part(out, total, block, weight, piece)
     return out / total

@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import lightning
 import torch
@@ -45,13 +46,15 @@ class _SlideTask(lightning.LightningModule):
 
     def predict_dataloader(self) -> torch.utils.data.DataLoader:
         sampler = _EveryNth(len(self.paths), self.trainer.global_rank, self.trainer.world_size)
-        return torch.utils.data.DataLoader(self.paths, batch_size=None, sampler=sampler)
+        # a list is a map-style dataset (__getitem__, __len__); torch types the argument as its Dataset class
+        return torch.utils.data.DataLoader(self.paths, batch_size=None,  # pyright: ignore[reportArgumentType]
+                                           sampler=sampler)
 
     def predict_step(self, path: Path, batch_idx: int) -> dict:
         runtime = Runtime(self.device, self.runtime.batch, self.runtime.precision, self.runtime.optimize)
         cell = SlideModel(self.cell, self.cell_info.config, self.cell_info.resolution, self.cell_info.source)
         tissue = (SlideModel(self.tissue, self.tissue_info.config, self.tissue_info.resolution, self.tissue_info.source)
-                  if self.tissue_info is not None else None)
+                  if self.tissue_info is not None and self.tissue is not None else None)
         return analyse_slide(path, cell, self.out_dir, tissue, runtime=runtime, **self.options).summary
 
 
@@ -76,6 +79,7 @@ def analyse_slides_distributed(paths: list[Path], cell_model: SlideModel, out_di
                                 enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
                                 num_nodes=nodes)
     task = _SlideTask(list(paths), cell_model, tissue_model, Path(out_dir), runtime, options)
-    summaries = trainer.predict(task, return_predictions=True) or []
+    # one predict dataloader: a flat list of the steps' summaries (a list per dataloader only with several)
+    summaries = cast(list[dict], trainer.predict(task, return_predictions=True) or [])
     trainer.strategy.barrier()  # every slide done before rank 0 reports
     return trainer.global_rank, summaries

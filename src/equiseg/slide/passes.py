@@ -120,8 +120,9 @@ def cell_pass(model: SlideModel, view: ScaledView, tissue: TissueMask, tissue_ma
     detect = model.config.detect
     classes = len(model.config.task.class_names)
     if tissue_map is not None:
-        def read(top: int, left: int, h: int, w: int) -> torch.Tensor:
-            return torch.cat([view.window(top, left, h, w), tissue_map.context(view, (top, left, h, w))])
+        def read(top: int, left: int, height: int, width: int) -> torch.Tensor:
+            return torch.cat([view.window(top, left, height, width),
+                              tissue_map.context(view, (top, left, height, width))])
     else:
         read = view.window
     halo = detection_halo(detect.sigma, detect.min_distance)
