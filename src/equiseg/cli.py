@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+
+if TYPE_CHECKING:  # the CLI imports equiseg inside each command, for its start-up time
+    from equiseg.runtime import Runtime
+    from equiseg.scale import Executor
 
 app = typer.Typer(
     help="Rotation-equivariant U-Nets for histopathology segmentation (OCELOT 2023).",
@@ -56,6 +63,46 @@ OldCellModelOption = Annotated[Path | None, typer.Option("--cell-model", hidden=
 OldDevicesOption = Annotated[int | None, typer.Option("--devices", hidden=True)]
 
 
+def _options(*specs: tuple[str, object, object]) -> list[inspect.Parameter]:
+    """Keyword-only parameters (name, default, annotated option) that a decorator adds to a command."""
+    return [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=option)
+            for name, default, option in specs]
+
+
+def _resolved(annotation: object, names: dict[str, Any]) -> object:
+    """An annotation as the object typer reads its option from; one naming a type imported only for
+    the type checker (a parameter that another decorator fills) stays as written.
+    """
+    if not isinstance(annotation, str):
+        return annotation
+    try:
+        return eval(annotation, names)
+    except NameError:
+        return annotation
+
+
+def _injects(name: str, options: list[inspect.Parameter], make: Callable[..., Any]):
+    """A decorator: the command gains ``options`` (the same in every command that has them) and is
+    called with ``make(**their values)`` as its parameter ``name`` (a one-line error, exit 2, when
+    ``make`` refuses them).
+    """
+
+    def decorate(command):
+        kept = [p.replace(annotation=_resolved(p.annotation, command.__globals__))
+                for key, p in inspect.signature(command).parameters.items() if key != name]
+
+        @functools.wraps(command)
+        def with_options(*args: Any, **kwargs: Any) -> Any:
+            made = make(**{option.name: kwargs.pop(option.name) for option in options})
+            return command(*args, **{name: made}, **kwargs)
+
+        with_options.__signature__ = inspect.Signature([*kept, *options])  # pyright: ignore[reportAttributeAccessIssue]
+        with_options.__annotations__ = {p.name: p.annotation for p in [*kept, *options]}
+        return with_options
+
+    return decorate
+
+
 def _renamed(new: object, old: object, old_name: str, new_name: str) -> object:
     """The value of an option given under its new name, or under its 0.1 name with a notice on stderr."""
     if old is None:
@@ -92,6 +139,12 @@ def _runtime(device: str, batch: int, precision: str, optimize: bool = True):
         return Runtime.of(device, batch, precision, optimize)
     except ValueError as error:
         raise _fail(str(error)) from None
+
+
+# a command that runs a model gets the device options, and their Runtime as ``runtime``
+_runs_a_model = _injects("runtime", _options(("device", "auto", DeviceOption), ("batch", 1, BatchOption),
+                                             ("precision", "32", PrecisionOption), ("optimize", True, OptimizeOption)),
+                         _runtime)
 
 
 _debug = {"on": False}  # set by --debug (or EQUISEG_DEBUG=1) before a command runs
@@ -410,6 +463,7 @@ def presets(as_json: JsonOption = False) -> None:
 
 
 @app.command()
+@_runs_a_model
 def evaluate(
     model: ModelOption = None,
     old_model: OldModelArgument = None,
@@ -422,10 +476,7 @@ def evaluate(
     oracle_context: Annotated[bool, typer.Option(
         help="For a cell model with tissue context: feed it the ground-truth tissue mask instead (an upper bound; "
              "the output says oracle).")] = False,
-    device: DeviceOption = "auto",
-    batch: BatchOption = 1,
-    precision: PrecisionOption = "32",
-    optimize: OptimizeOption = True,
+    runtime: Runtime | None = None,  # from the device options (_runs_a_model)
     as_json: JsonOption = False,
 ) -> None:
     """Score a trained model on a split: loss, Dice, IoU, mIoU and the OCELOT detection score (mF1).
@@ -442,7 +493,6 @@ def evaluate(
     from equiseg.runs import Run
 
     model = _model(model, old_model)
-    runtime = _runtime(device, batch, precision, optimize)
     try:
         progress, update = _progress(f"evaluating on {split} ({runtime})")
         with progress:
@@ -462,14 +512,12 @@ def evaluate(
 
 
 @app.command("tune-detect")
+@_runs_a_model
 def tune_detect(
     model: ModelOption = None,
     old_model: OldModelArgument = None,
     split: Annotated[str, typer.Option(help="The split to tune on (never the test split you report).")] = "val",
-    device: DeviceOption = "auto",
-    batch: BatchOption = 1,
-    precision: PrecisionOption = "32",
-    optimize: OptimizeOption = True,
+    runtime: Runtime | None = None,  # from the device options (_runs_a_model)
     as_json: JsonOption = False,
 ) -> None:
     """Choose a cell model's detection settings (detect.peaks, sigma, min_distance, threshold) on the validation split.
@@ -486,7 +534,6 @@ def tune_detect(
     from equiseg.runs import Run
 
     model = _model(model, old_model)
-    runtime = _runtime(device, batch, precision, optimize)
     try:
         progress, update = _progress(f"probability maps of {split} ({runtime})")
         with progress:
@@ -626,6 +673,7 @@ def export_gt(
 
 
 @app.command()
+@_runs_a_model
 def predict(
     images: Annotated[list[Path], typer.Argument(help="JPEG, PNG or TIFF images of any size.", show_default=False)],
     model: ModelOption = None,
@@ -633,10 +681,7 @@ def predict(
     tile: TileOption = 1024,
     overlap: OverlapOption = 128,
     no_probs: Annotated[bool, typer.Option("--no-probs", help="Write no probability maps (.npy, .png).")] = False,
-    device: DeviceOption = "auto",
-    batch: BatchOption = 1,
-    precision: PrecisionOption = "32",
-    optimize: OptimizeOption = True,
+    runtime: Runtime | None = None,  # from the device options (_runs_a_model)
     as_json: JsonOption = False,
 ) -> None:
     """Predict images: probability maps (.npy and .png), an overlay, and the cells (CSV and official JSON).
@@ -654,7 +699,6 @@ def predict(
         model = _model(None, images[0])
         images = images[1:]
     model = _model(model, None)
-    runtime = _runtime(device, batch, precision, optimize)
     try:
         progress, update = _progress("predicting")
         with progress:
@@ -745,6 +789,7 @@ def _slide_progress():
 
 
 @app.command()
+@_runs_a_model
 def slide(
     slides: Annotated[list[Path], typer.Argument(help="Whole-slide images (SVS, NDPI, MRXS, SCN, tiled TIFF, ... "
                                                       "anything OpenSlide opens).", show_default=False)],
@@ -765,10 +810,7 @@ def slide(
     nodes: Annotated[int, typer.Option(
         min=1, help="Machines for --processes (run the same command on each, with MASTER_ADDR, MASTER_PORT and "
                     "NODE_RANK set; the output folder shared).")] = 1,
-    device: DeviceOption = "auto",
-    batch: BatchOption = 1,
-    precision: PrecisionOption = "32",
-    optimize: OptimizeOption = True,
+    runtime: Runtime | None = None,  # from the device options (_runs_a_model)
     as_json: JsonOption = False,
     old_cell_model: OldCellModelOption = None,
     old_devices: OldDevicesOption = None,
@@ -789,7 +831,6 @@ def slide(
     missing = [str(p) for p in slides if not p.is_file()]
     if missing:
         raise _fail(f"no such file(s): {', '.join(missing)}")
-    runtime = _runtime(device, batch, precision, optimize)
     try:
         box = parse_region(region) if region is not None else None
         check_slides(slides, out, resume, box, mpp)
@@ -829,13 +870,11 @@ def _analyse_slides(slides: list[Path], cells, tissue, out: Path, workers: int, 
 
 
 @app.command()
+@_runs_a_model
 def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the data, runs and report.")] = Path("demo"),
     epochs: Annotated[int | None, typer.Option(help="Override the presets' epochs (for a quicker look).")] = None,
-    device: DeviceOption = "auto",
-    batch: BatchOption = 1,
-    precision: PrecisionOption = "32",
-    optimize: OptimizeOption = True,
+    runtime: Runtime | None = None,  # from the device options (_runs_a_model)
     as_json: JsonOption = False,
 ) -> None:
     """The paper's comparison (Liem, 2025), small: synthetic data, isotropic vs plain U-Net at matched parameters.
@@ -848,7 +887,7 @@ def demo(
     from equiseg.demo import run_demo
 
     report = run_demo(out, epochs=epochs, say=(lambda line: typer.echo(line, err=True)) if as_json else typer.echo,
-                      runtime=_runtime(device, batch, precision, optimize))
+                      runtime=runtime)
     _emit(as_json, {"out": str(out), "report": str(report)})
 
 
@@ -861,30 +900,32 @@ CpusOption = Annotated[float, typer.Option("--cpus-per-run", help="CPUs Ray give
 GpusOption = Annotated[float, typer.Option("--gpus-per-run", help="GPUs Ray gives each run (0.5: two share one).")]
 
 
-def _executor(kind: str, address: str | None, cpus: float, gpus: float):
+def _executor(executor: str, address: str | None, cpus_per_run: float, gpus_per_run: float):
     """The executor of the --executor options, or a one-line error (exit 2)."""
-    from equiseg.scale import executor
+    from equiseg.scale import executor as make
 
     try:
-        return executor(kind, address, cpus, gpus)
+        return make(executor, address, cpus_per_run, gpus_per_run)
     except (ValueError, ModuleNotFoundError) as error:
         raise _fail(str(error)) from None
 
 
+# a command that runs independent jobs gets the executor options, and its Executor as ``jobs``
+_runs_jobs = _injects("jobs", _options(("executor", "local", ExecutorOption), ("address", None, AddressOption),
+                                       ("cpus_per_run", 1.0, CpusOption), ("gpus_per_run", 0.0, GpusOption)),
+                      _executor)
+
+
 @app.command()
+@_runs_a_model
+@_runs_jobs
 def study(
     config: Annotated[str, typer.Option("--config", "-c", help="A study preset (e.g. study-small; see `equiseg "
                                                                "presets`) or a study config file (YAML).")],
     out: Annotated[Path | None, typer.Option("--out", "-o", show_default=False,
                                              help="Study folder; default: studies/NAME.")] = None,
-    executor: ExecutorOption = "local",
-    address: AddressOption = None,
-    cpus_per_run: CpusOption = 1.0,
-    gpus_per_run: GpusOption = 0.0,
-    device: DeviceOption = "auto",
-    batch: BatchOption = 1,
-    precision: PrecisionOption = "32",
-    optimize: OptimizeOption = True,
+    jobs: Executor | None = None,  # from the executor options (_runs_jobs)
+    runtime: Runtime | None = None,  # from the device options (_runs_a_model)
     as_json: JsonOption = False,
 ) -> None:
     """Run a study: variants x training sets x seeds, then one report (HTML and Markdown).
@@ -899,12 +940,11 @@ def study(
     from equiseg.data.ocelot import DatasetError
     from equiseg.study import StudyConfig, run_study
 
-    jobs = _executor(executor, address, cpus_per_run, gpus_per_run)
     try:
         spec = StudyConfig.from_yaml(config)
         folder = out or Path("studies") / spec.name
         report = run_study(spec, folder, say=(lambda line: typer.echo(line, err=True)) if as_json else typer.echo,
-                           runtime=_runtime(device, batch, precision, optimize), executor=jobs)
+                           runtime=runtime, executor=jobs)
     except (ConfigError, DatasetError, FileNotFoundError) as error:
         raise _fail(str(error)) from None
     if not _emit(as_json, {"study": spec.name, "out": str(folder), "report": str(report)}):
@@ -912,6 +952,7 @@ def study(
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@_runs_jobs
 def tune(
     ctx: typer.Context,
     space: Annotated[Path, typer.Option(help="Search space (YAML): config keys to ranges {low, high[, log][, int]} "
@@ -925,10 +966,7 @@ def tune(
                                              "the validation loss).")] = "val/loss",
     out: Annotated[Path | None, typer.Option("--out", "-o", show_default=False,
                                              help="Search folder; default: tune/NAME.")] = None,
-    executor: ExecutorOption = "local",
-    address: AddressOption = None,
-    cpus_per_run: CpusOption = 1.0,
-    gpus_per_run: GpusOption = 0.0,
+    jobs: Executor | None = None,  # from the executor options (_runs_jobs)
     as_json: JsonOption = False,
 ) -> None:
     """Search hyper-parameters with Optuna (TPE proposals, poor trials stopped early), here or on Ray.
@@ -946,7 +984,6 @@ def tune(
     from equiseg.tune import Metric, read_space
     from equiseg.tune import tune as run_tune
 
-    jobs = _executor(executor, address, cpus_per_run, gpus_per_run)
     overrides = list(ctx.args) + ([f"data.root={data}"] if data is not None else [])
     try:
         require("optuna")
@@ -964,6 +1001,7 @@ def tune(
 
 
 @app.command()
+@_runs_a_model
 def challenge(
     input_dir: Annotated[Path, typer.Argument(
         help="Grand Challenge input: images/{cell,tissue}_patches/*.tif, metadata.json.", show_default=False)],
@@ -972,10 +1010,7 @@ def challenge(
     tissue_model: TissueModelOption = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", show_default=False,
                                              help="Where cell_classification.json goes.")] = None,
-    device: DeviceOption = "auto",
-    batch: BatchOption = 1,
-    precision: PrecisionOption = "32",
-    optimize: OptimizeOption = True,
+    runtime: Runtime | None = None,  # from the device options (_runs_a_model)
     as_json: JsonOption = False,
     old_cell_model: OldCellModelOption = None,
 ) -> None:
@@ -990,7 +1025,6 @@ def challenge(
 
     model = _model(model, old_cell_model, "--cell-model")
     out = _required(_renamed(out, old_output, "a positional output folder", "--out"), "--out")
-    runtime = _runtime(device, batch, precision, optimize)
     try:
         progress, update = _progress(f"predicting pairs ({runtime})")
         with progress:

@@ -72,12 +72,19 @@ class Param:
     integer: bool = False
     choices: tuple | None = None
 
+    @property
+    def int_range(self) -> tuple[int, int]:
+        """(low, high) of a range, as whole numbers."""
+        if self.low is None or self.high is None:
+            raise ValueError(f"{self.key}: a list of choices, not a range")
+        return int(self.low), int(self.high)
+
     def suggest(self, trial: Any) -> Any:
         """The value an Optuna trial proposes."""
         if self.choices is not None:
             return trial.suggest_categorical(self.key, list(self.choices))
         if self.integer:
-            return trial.suggest_int(self.key, int(self.low), int(self.high), log=self.log)
+            return trial.suggest_int(self.key, *self.int_range, log=self.log)
         return trial.suggest_float(self.key, self.low, self.high, log=self.log)
 
     def ray_domain(self, tune: Any) -> Any:
@@ -85,8 +92,8 @@ class Param:
         if self.choices is not None:
             return tune.choice(list(self.choices))
         if self.integer:
-            return tune.lograndint(int(self.low), int(self.high) + 1) if self.log else tune.randint(
-                int(self.low), int(self.high) + 1)
+            low, high = self.int_range
+            return tune.lograndint(low, high + 1) if self.log else tune.randint(low, high + 1)
         return tune.loguniform(self.low, self.high) if self.log else tune.uniform(self.low, self.high)
 
 
@@ -230,7 +237,10 @@ def _ray_trainable(values: dict[str, Any], base: Config, out: Path, metric: Metr
     run_dir = out / "trials" / f"trial-{ray_tune.get_context().get_trial_id()}"
     fit(trial_config(base, values), run_dir=run_dir, progress=False,
         callbacks=[ReportValidation(lambda epoch, loss: ray_tune.report({"val_loss": loss, "epoch": epoch}))])
-    ray_tune.report({"val_loss": Run(run_dir).best_validation()[0], "final": _score(run_dir, metric),
+    best = Run(run_dir).best_validation()
+    if best is None:
+        raise RuntimeError(f"{run_dir}: the trial finished without a validation")
+    ray_tune.report({"val_loss": best[0], "final": _score(run_dir, metric),
                      "done_training": 1})
     return {}
 
@@ -260,7 +270,8 @@ def _tune_ray(base: Config, space: tuple[Param, ...], trials: int, out: Path, me
                 run_config=ray_tune.RunConfig(name="ray", storage_path=str(storage), verbose=0))
         grid = tuner.fit()
     rows = []
-    for k, result in enumerate(grid):
+    for k in range(len(grid)):  # a ResultGrid is indexed (it has no __iter__)
+        result = grid[k]
         finished = result.error is None and result.metrics.get("done_training") == 1
         value = result.metrics.get("final", math.nan) if finished else math.nan
         rows.append({"number": k, "state": "COMPLETE" if finished else "PRUNED" if result.error is None else "FAIL",
@@ -312,7 +323,7 @@ def _importance_figure(path: Path, out: Path, space: tuple[Param, ...], metric: 
         if p.choices is not None:
             distributions[p.key] = optuna.distributions.CategoricalDistribution(list(p.choices))
         elif p.integer:
-            distributions[p.key] = optuna.distributions.IntDistribution(int(p.low), int(p.high), log=p.log)
+            distributions[p.key] = optuna.distributions.IntDistribution(*p.int_range, log=p.log)
         else:
             distributions[p.key] = optuna.distributions.FloatDistribution(p.low, p.high, log=p.log)
     study = optuna.create_study(direction=metric.direction)

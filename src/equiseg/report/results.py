@@ -13,11 +13,14 @@ score back as NaN; nowhere else converts. Scores are ``{name: value}`` as
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import types
+import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -51,9 +54,6 @@ class TransformScores:
     degrees: float
     scores: Scores
 
-    @classmethod
-    def from_dict(cls, d: dict) -> TransformScores:
-        return cls(str(d["name"]), bool(d["d4"]), bool(d["flip"]), float(d["degrees"]), _scores(d["scores"]))
 
 
 @dataclass(frozen=True)
@@ -67,9 +67,6 @@ class Certificate:
     test: Scores
     real: Scores | None = None
 
-    @classmethod
-    def from_dict(cls, d: dict) -> Certificate:
-        return cls(str(d["group"]), _scores(d["test"]), None if d["real"] is None else _scores(d["real"]))
 
 
 @dataclass(frozen=True)
@@ -79,9 +76,6 @@ class TTAResult:
     scores: Scores
     seconds: float
 
-    @classmethod
-    def from_dict(cls, d: dict) -> TTAResult:
-        return cls(_scores(d["scores"]), float(d["seconds"]))
 
 
 @dataclass(frozen=True)
@@ -96,9 +90,6 @@ class Case:
     image_id: str
     dice: float
 
-    @classmethod
-    def from_dict(cls, d: dict) -> Case:
-        return cls(str(d["kind"]), int(d["index"]), str(d["image_id"]), _float(d["dice"]))
 
 
 @dataclass(frozen=True)
@@ -154,19 +145,6 @@ class RunResult:
         """Whether the lowest validation loss came before the last epoch trained (unknown: True)."""
         return self.best_epoch < 0 or self.best_epoch < self.epochs_trained - 1
 
-    @classmethod
-    def from_dict(cls, d: dict) -> RunResult:
-        return cls(
-            variant=str(d["variant"]), augment=str(d["augment"]), fraction=float(d["fraction"]), seed=int(d["seed"]),
-            run_dir=str(d["run_dir"]), reused=bool(d["reused"]), parameters=int(d["parameters"]),
-            family=ConvFamily(d["family"]), width=int(d["width"]), context=ContextKind(d["context"]),
-            scores=_scores(d["scores"]), per_image=tuple(_scores(p) for p in d["per_image"]),
-            seconds=float(d["seconds"]), robustness=tuple(TransformScores.from_dict(t) for t in d["robustness"]),
-            certificate=Certificate.from_dict(d["certificate"]),
-            oracle=None if d["oracle"] is None else _scores(d["oracle"]),
-            tta=None if d["tta"] is None else TTAResult.from_dict(d["tta"]),
-            cases=tuple(Case.from_dict(c) for c in d["cases"]), cases_file=d["cases_file"], lr=_float(d["lr"]),
-            train_count=int(d["train_count"]), best_epoch=int(d["best_epoch"]), epochs_trained=int(d["epochs_trained"]))
 
     def case_pictures(self) -> list[tuple[Case, CasePicture]]:
         """Each kept case with its pictures, read from the cases file."""
@@ -186,10 +164,6 @@ class TissueResult:
     parameters: int
     scores: Scores
 
-    @classmethod
-    def from_dict(cls, d: dict) -> TissueResult:
-        return cls(str(d["run_dir"]), ConvFamily(d["family"]), int(d["width"]), int(d["parameters"]),
-                   _scores(d["scores"]))
 
 
 @dataclass(frozen=True)
@@ -204,9 +178,6 @@ class LRTrial:
     best_epoch: int
     chosen: bool
 
-    @classmethod
-    def from_dict(cls, d: dict) -> LRTrial:
-        return cls(str(d["variant"]), float(d["lr"]), _float(d["val_loss"]), int(d["best_epoch"]), bool(d["chosen"]))
 
 
 @dataclass(frozen=True)
@@ -229,13 +200,6 @@ class StudyResult:
     bootstrap: int = 2000
     data: DataRecord = NOT_RECORDED
 
-    @classmethod
-    def from_dict(cls, d: dict) -> StudyResult:
-        return cls(str(d["study"]), tuple(RunResult.from_dict(r) for r in d["results"]), int(d["train_images"]),
-                   int(d["test_images"]), float(d["minutes"]), int(d["reused"]),
-                   None if d["tissue"] is None else TissueResult.from_dict(d["tissue"]),
-                   d["baseline"], tuple(LRTrial.from_dict(t) for t in d["lr_trials"]), int(d["bootstrap"]),
-                   DataRecord.from_dict(d.get("data")))
 
     def train_count(self, fraction: float) -> int:
         """The number of training images at ``fraction`` (as its runs recorded it)."""
@@ -283,7 +247,7 @@ def from_json(kind: type[Result], text: str) -> Result:
         data = json.loads(text)
         if data.get("format") != FORMAT:
             raise ResultFormatError(f"format {data.get('format')!r}, not {FORMAT}")
-        return kind.from_dict(data)
+        return _record(kind, data)
     except (KeyError, TypeError, ValueError, AttributeError) as error:
         raise ResultFormatError(f"not a {kind.__name__} of format {FORMAT}: {error!r}") from error
 
@@ -306,6 +270,34 @@ def load_cases(path: Path) -> dict[str, CasePicture]:
         kinds = dict.fromkeys(name.split(".")[0] for name in data.files)
         return {kind: CasePicture(data[f"{kind}.image"], data[f"{kind}.probs"].astype(np.float32),
                                   data[f"{kind}.points"], data[f"{kind}.gt"]) for kind in kinds}
+
+
+def _record(cls: type, d: dict) -> Any:
+    """The result dataclass ``cls`` from its JSON dict, each field read as it is annotated (a key
+    missing is an error, except a field whose type reads itself, as `DataRecord` does).
+    """
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for field in dataclasses.fields(cls):
+        kind = hints[field.name]
+        values[field.name] = kind.from_dict(d.get(field.name)) if hasattr(kind, "from_dict") else _read(kind, d[field.name])
+    return cls(**values)
+
+
+def _read(kind: Any, value: Any) -> Any:
+    """A JSON value as the annotated ``kind``: optional values, tuples, scores (null is NaN),
+    nested results, floats (null is NaN), enums and builtins.
+    """
+    args = typing.get_args(kind)
+    if typing.get_origin(kind) in (types.UnionType, typing.Union):  # X | None
+        return None if value is None else _read(next(a for a in args if a is not type(None)), value)
+    if typing.get_origin(kind) is tuple:
+        return tuple(_read(args[0], item) for item in value)
+    if typing.get_origin(kind) is dict:
+        return _scores(value)
+    if dataclasses.is_dataclass(kind):
+        return _record(kind, value)
+    return _float(value) if kind is float else kind(value)
 
 
 def _float(value: float | None) -> float:

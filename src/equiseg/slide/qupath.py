@@ -10,6 +10,7 @@ import json
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import contourpy
 import numpy as np
@@ -25,6 +26,16 @@ CELL_NAMES = {1: "Background cell", 2: "Tumor cell"}
 TISSUE_NAMES = {1: "Cancer area"}
 THUMBNAIL_SIDE = 2048  # px: the thumbnail's longer side at most
 _UUID_NAMESPACE = uuid.UUID("4f1c3a52-8e0b-4b7e-9a51-3d2f6c0e7b19")  # equiseg's: cell ids repeat across runs
+
+
+class _Output:
+    """One file of a slide's outputs, ``FOLDER/STEM.SUFFIX``, read as an attribute of `SlideOutputs`."""
+
+    def __init__(self, suffix: str) -> None:
+        self.suffix = suffix
+
+    def __get__(self, outputs: SlideOutputs | None, owner: type) -> Path:
+        return Path(f"STEM.{self.suffix}") if outputs is None else outputs.folder / f"{outputs.stem}.{self.suffix}"
 
 
 @dataclass(frozen=True)
@@ -52,28 +63,12 @@ class SlideOutputs:
     folder: Path
     stem: str
 
-    def _file(self, suffix: str) -> Path:
-        return self.folder / f"{self.stem}.{suffix}"
-
-    @property
-    def cells_geojson(self) -> Path:
-        return self._file("cells.geojson")
-
-    @property
-    def cells_csv(self) -> Path:
-        return self._file("cells.csv")
-
-    @property
-    def tissue_geojson(self) -> Path:
-        return self._file("tissue.geojson")
-
-    @property
-    def thumbnail(self) -> Path:
-        return self._file("thumbnail.png")
-
-    @property
-    def summary(self) -> Path:
-        return self._file("summary.json")
+    # the files, one line a path: FOLDER/STEM.SUFFIX
+    cells_geojson = _Output("cells.geojson")
+    cells_csv = _Output("cells.csv")
+    tissue_geojson = _Output("tissue.geojson")
+    thumbnail = _Output("thumbnail.png")
+    summary = _Output("summary.json")
 
     @property
     def work(self) -> Path:
@@ -127,7 +122,8 @@ def _polygons(mask: np.ndarray) -> list[list[list[tuple[float, float]]]]:
         return []
     padded = np.pad(mask.astype(np.float64), 1)  # so that regions at the border close
     generator = contourpy.contour_generator(z=padded, fill_type=contourpy.FillType.OuterOffset)
-    points, offsets = generator.filled(0.5, 2.0)
+    # with FillType.OuterOffset: (points, offsets), one array of each per outline
+    points, offsets = cast(tuple[list[np.ndarray], list[np.ndarray]], generator.filled(0.5, 2.0))
     polygons = []
     for outline, cuts in zip(points, offsets):
         rings = [[(float(px) - 1, float(py) - 1) for px, py in outline[a:b]] for a, b in itertools.pairwise(cuts)]

@@ -70,7 +70,7 @@ def build_loggers(config: Config, run_dir: Path) -> list:
                 result.append(loggers.TensorBoardLogger(run_dir, name="tensorboard", version="", default_hp_metric=False))
             case "comet":
                 try:
-                    import comet_ml  # noqa: F401
+                    import comet_ml  # noqa: F401  # pyright: ignore[reportMissingImports]  # an optional extra
                 except ImportError:
                     warnings.warn("comet logger asked for but comet_ml is not installed: skipped", stacklevel=2)
                     continue
@@ -79,7 +79,7 @@ def build_loggers(config: Config, run_dir: Path) -> list:
                                                   offline_directory=str(run_dir / "comet")))
             case "mlflow":
                 try:
-                    import mlflow  # noqa: F401
+                    import mlflow  # noqa: F401  # pyright: ignore[reportMissingImports]  # an optional extra
                 except ImportError:
                     warnings.warn("mlflow logger asked for but mlflow is not installed: skipped", stacklevel=2)
                     continue
@@ -126,6 +126,8 @@ def fit(config: Config | None, runs: Path | str = "runs", resume: Path | str | N
             raise FileNotFoundError(f"{ckpt_path}: no last checkpoint to resume from")
         load_model(ckpt_path)  # a hostile or foreign file is refused here, naming it
         config = Run(run_dir).config()
+    if config is None:
+        raise ValueError("fit needs a config, or a run folder to resume")
     root, context = _checked_inputs(config)
     run_dir = _run_folder(config, root, runs, run_dir, resuming=resume is not None)
     L.seed_everything(config.train.seed, workers=True, verbose=False)
@@ -283,8 +285,10 @@ def _trainer(config: Config, run_dir: Path, progress: bool, callbacks: list) -> 
                                      every_n_train_steps=config.train.checkpoint_every_n_steps))
     stopping = ([EarlyStopping(monitor="val/loss", mode="min", patience=config.train.early_stopping)]
                 if config.train.early_stopping else [])
+    # the config's precision is any string Lightning takes (it checks it); Lightning's Literal of them is private
     return L.Trainer(default_root_dir=run_dir, max_epochs=config.train.epochs, accelerator=config.train.accelerator,
-                     devices=config.train.devices, strategy=config.train.strategy, precision=config.train.precision,
+                     devices=config.train.devices, strategy=config.train.strategy,
+                     precision=config.train.precision,  # pyright: ignore[reportArgumentType]
                      logger=build_loggers(config, run_dir),
                      callbacks=[EpochSeed(config.train.seed), *stopping,
                                 *([LearningRateMonitor("epoch")] if config.train.loggers else []), best, *lasts,
