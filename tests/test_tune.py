@@ -2,6 +2,8 @@
 
 import csv
 import json
+import math
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -10,7 +12,7 @@ from equiseg.config import Config, ConfigError
 from equiseg.report.results import StudyResult, from_json
 from equiseg.scale import LocalExecutor, RayExecutor, executor
 from equiseg.study import StudyConfig, run_study
-from equiseg.tune import Metric, read_space, tune
+from equiseg.tune import Metric, Param, _ray_rows, read_space, tune
 from tests_support import tiny_config
 
 optuna = pytest.importorskip("optuna")  # the optional extra equiseg[scale] (in dev)
@@ -45,6 +47,18 @@ def test_a_search_space_reads_ranges_and_choices_and_refuses_nonsense(tmp_path):
             read_space(write_space(tmp_path, bad))
     with pytest.raises(ValueError, match="use local or ray"):
         executor("slurm")
+
+
+def test_ray_rows_keep_a_trial_that_failed_before_it_reported():
+    # Ray gives such a trial no metrics, so no config: its row has no values, and the others still come
+    done = SimpleNamespace(error=None, metrics={"done_training": 1, "final": 0.5, "config": {"train.lr": 0.1}})
+    done.config = done.metrics["config"]
+    failed = SimpleNamespace(error=RuntimeError("no data"), metrics=None, config=None)
+    lines = []
+    rows = _ray_rows([done, failed], (Param("train.lr", 0.01, 1.0),), Metric.VAL_LOSS, say=lines.append)
+    assert [(r["state"], r["train.lr"], r["value"]) for r in rows[:1]] == [("COMPLETE", 0.1, 0.5)]
+    assert rows[1]["state"] == "FAIL" and rows[1]["train.lr"] is None and math.isnan(rows[1]["value"])
+    assert lines == ["trial 0: complete, val/loss 0.5000", "trial 1: fail"]
 
 
 def test_optuna_search_writes_the_best_config_and_resumes(synthetic_small, tmp_path):

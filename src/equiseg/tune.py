@@ -32,7 +32,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import matplotlib
@@ -46,6 +46,9 @@ from equiseg.evaluation.evaluate import evaluate_model
 from equiseg.runs import Run, load_model
 from equiseg.scale import Executor, LocalExecutor, RayExecutor, require
 from equiseg.training.fit import fit
+
+if TYPE_CHECKING:  # an optional dependency, imported where a search runs on it
+    from ray.tune import ResultGrid
 
 STUDY_NAME = "equiseg-tune"
 
@@ -269,13 +272,22 @@ def _tune_ray(base: Config, space: tuple[Param, ...], trials: int, out: Path, me
                     scheduler=ASHAScheduler(metric="val_loss", mode="min", time_attr="epoch", grace_period=1)),
                 run_config=ray_tune.RunConfig(name="ray", storage_path=str(storage), verbose=0))
         grid = tuner.fit()
+    return _ray_rows(grid, space, metric, say)
+
+
+def _ray_rows(grid: ResultGrid, space: tuple[Param, ...], metric: Metric,
+              say: Callable[[str], None]) -> list[dict[str, Any]]:
+    """A row per Ray trial, as the Optuna search gives them. A trial that failed before it
+    reported has no metrics, and so no config: its values are None.
+    """
     rows = []
     for k in range(len(grid)):  # a ResultGrid is indexed (it has no __iter__)
         result = grid[k]
-        finished = result.error is None and result.metrics.get("done_training") == 1
-        value = result.metrics.get("final", math.nan) if finished else math.nan
+        metrics, values = result.metrics or {}, result.config or {}
+        finished = result.error is None and metrics.get("done_training") == 1
+        value = metrics.get("final", math.nan) if finished else math.nan
         rows.append({"number": k, "state": "COMPLETE" if finished else "PRUNED" if result.error is None else "FAIL",
-                     **{p.key: result.config.get(p.key) for p in space}, "value": float(value)})
+                     **{p.key: values.get(p.key) for p in space}, "value": float(value)})
         say(f"trial {k}: {rows[-1]['state'].lower()}" + (f", {metric.value} {value:.4f}" if finished else ""))
     return rows
 
