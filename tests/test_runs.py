@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from equiseg import build_model
+from equiseg.report.plots import read_epoch_metrics
 from equiseg.runs import Run, dataset_digest, load_model, save_model
 from equiseg.training.fit import fit
 from tests_support import tiny_config
@@ -18,6 +19,11 @@ def test_the_layout_is_named_in_one_place(tmp_path):
     assert run.config_file.name == "config.yaml" and run.metrics.name == "metrics.csv"
     assert run.eval_dir("val") == tmp_path / "r/eval-val" and run.study_cache.name == "study.json"
     assert Run.of(run.best) == run == Run.of(run.path)
+
+
+def test_epoch_metrics_are_read_from_a_run_folder_given_as_a_string(tmp_path):
+    Run(tmp_path).metrics.write_text("epoch,step,train/loss_epoch,val/loss\n0,3,0.9,\n0,3,,0.8\n1,7,0.5,0.6\n")
+    assert read_epoch_metrics(str(tmp_path)) == {"train/loss": {0: 0.9, 1: 0.5}, "val/loss": {0: 0.8, 1: 0.6}}
 
 
 def test_create_gives_every_caller_its_own_folder_even_in_the_same_second(tmp_path):

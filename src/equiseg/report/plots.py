@@ -11,6 +11,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.figure import Figure
 
 from equiseg.pictures import draw_points, prediction_overlay, probability_picture
 from equiseg.runs import Run
@@ -19,7 +20,7 @@ from equiseg.runs import Run
 def read_epoch_metrics(run_dir: Path | str) -> dict[str, dict[int, float]]:
     """Epoch-level metrics of a run from its metrics.csv: name -> {epoch: value}."""
     out: dict[str, dict[int, float]] = {}
-    path = Run(run_dir).metrics
+    path = Run(Path(run_dir)).metrics
     if not path.is_file():
         return out
     for row in csv.DictReader(path.open()):
@@ -41,7 +42,7 @@ def plot_loss_curves(runs: dict[str, Path], path: Path | str) -> Path:
     return Path(path)
 
 
-def loss_curves_figure(runs: dict[str, Path]) -> plt.Figure:
+def loss_curves_figure(runs: dict[str, Path]) -> Figure:
     """The figure of `plot_loss_curves`, not yet saved (the caller closes it)."""
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for k, (label, run_dir) in enumerate(runs.items()):
@@ -73,7 +74,7 @@ def plot_cases(cases: list[dict], path: Path | str) -> Path:
     return Path(path)
 
 
-def cases_figure(cases: list[dict]) -> plt.Figure:
+def cases_figure(cases: list[dict]) -> Figure:
     """The figure of `plot_cases`, not yet saved (the caller closes it)."""
     rows = len(cases)
     fig, axes = plt.subplots(rows, 3, figsize=(10.5, 3.6 * rows), squeeze=False)

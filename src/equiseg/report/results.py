@@ -295,7 +295,7 @@ def _read(kind: Any, value: Any) -> Any:
         return tuple(_read(args[0], item) for item in value)
     if typing.get_origin(kind) is dict:
         return _scores(value)
-    if dataclasses.is_dataclass(kind):
+    if isinstance(kind, type) and dataclasses.is_dataclass(kind):
         return _record(kind, value)
     return _float(value) if kind is float else kind(value)
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
+import matplotlib.figure
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -163,7 +164,7 @@ def reading(result: StudyResult, comparisons: list[ContextComparison]) -> list[s
         angles = [t.degrees for t in result.results[0].robustness if not t.d4]
         which = "D4" + (" and " + ", ".join(f"{a:g}°" for a in angles) if angles else "")
         if spreads:
-            steady, shaky = min(spreads, key=spreads.get), max(spreads, key=spreads.get)
+            steady, shaky = min(spreads, key=spreads.__getitem__), max(spreads, key=spreads.__getitem__)
             lines.append(f"Under rotation of the test images ({which}) the mF1 of {steady} varies least "
                          f"(mean range {spreads[steady]:.3f}) and that of {shaky} most ({spreads[shaky]:.3f}).")
         failed = [f"{r.variant} seed {r.seed}" for r in result.results
@@ -300,7 +301,7 @@ def context_comparisons(result: StudyResult) -> list[ContextComparison]:
         for f in result.fractions:
             runs = result.runs(v, f)
             base = {r.seed: r for r in result.runs(sibling, f)} if sibling else {}
-            paired = [r.scores.get("mf1") - base[r.seed].scores.get("mf1") for r in runs if r.seed in base]
+            paired = [r.scores["mf1"] - base[r.seed].scores["mf1"] for r in runs if r.seed in base]
             out.append(ContextComparison(v, first[v].context, sibling, f, runs, list(base.values()), paired))
     return out
 
@@ -393,7 +394,7 @@ def context_figure(comparisons: list[ContextComparison], fractions: list[float])
     for k, f in enumerate(fractions):
         xs = [i - 0.4 + step * (k + 0.5) for i in range(len(variants))]
         values = [pairs.get((v, f), []) for v in variants]
-        ax.bar(xs, [np.mean(d) if d else 0 for d in values], width=step * 0.9, color=f"C{k}", alpha=0.6,
+        ax.bar(xs, [float(np.mean(d)) if d else 0.0 for d in values], width=step * 0.9, color=f"C{k}", alpha=0.6,
                label=f"fraction {f:g}")
         for x, d in zip(xs, values):
             ax.plot([x] * len(d), d, "k.", markersize=5)
@@ -672,7 +673,7 @@ def _max(values) -> str:
     return f"{max(values):.1e}" if values else "-"
 
 
-def _png(fig: plt.Figure, dpi: int = 110) -> bytes:
+def _png(fig: matplotlib.figure.Figure, dpi: int = 110) -> bytes:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=dpi)
     plt.close(fig)

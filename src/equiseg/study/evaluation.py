@@ -168,7 +168,9 @@ def _study_context(config: Config, contexts: dict[str, ContextFn], device: torch
         return None
     key = str(config.data.tissue_model)
     if key not in contexts:
-        contexts[key] = cached(run_context(config.data, evaluation=True, device=device))
+        context = run_context(config.data, evaluation=True, device=device)
+        assert context is not None  # a context other than NONE has its function
+        contexts[key] = cached(context)
     return contexts[key]
 
 

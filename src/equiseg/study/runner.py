@@ -170,7 +170,7 @@ def _lr_search(study: StudyConfig, out: Path, root: Path, widths: dict[str, int]
     jobs = [(study.run_config(variant, fraction, study.seeds[0], widths[variant.label], str(root),
                               tissue and tissue.run_dir, lr), _search_dir(out, variant.label, lr))
             for variant, lr in grid]
-    found = (executor or LocalExecutor()).map(_train_job, jobs)
+    found: list[tuple[float, int] | None] = (executor or LocalExecutor()).map(_train_job, jobs)
     trials = []
     for variant in searched:
         rows = [(lr, *(best if best is not None else (math.nan, -1)))
