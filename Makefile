@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test docs bench lint clean
+.PHONY: demo test docs bench lint typecheck clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,9 @@ bench: $(STAMP)  ## speed benchmarks (not part of the tests)
 
 lint: $(STAMP)  ## ruff (imports, bugbear, pyupgrade, docstrings; pyproject.toml says which)
 	$(BIN)/ruff check src tests benchmarks docs/hooks
+
+typecheck: $(STAMP)  ## pyright in basic mode over src ([tool.pyright] in pyproject.toml); any error fails
+	$(BIN)/pyright
 
 clean:
 	rm -rf $(VENV) build site src/*.egg-info .pytest_cache
