@@ -148,3 +148,78 @@ def test_a_bug_is_one_line_with_exit_1_and_its_traceback_only_with_debug(monkeyp
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: unexpected RuntimeError: a planted bug")
     assert "--debug" in lines[0]
+
+
+# --- outputs: only equiseg's own files are ever replaced ------------------------------------------------------------
+
+
+@pytest.fixture
+def predict_setup(tmp_path):
+    checkpoint = tmp_path / "tiny.ckpt"
+    save_model(build_model("plain", width=4, depth=2), tiny_config(tmp_path), checkpoint)
+    for name in ("a", "b"):
+        Image.fromarray(np.full((20, 24, 3), 200, np.uint8)).save(tmp_path / f"{name}.png")
+    return checkpoint
+
+
+def _predict(checkpoint, *images, out, extra=()):
+    return runner.invoke(app, ["predict", "--model", str(checkpoint), *map(str, images), "--out", str(out),
+                               "--no-probs", "--device", "cpu", *extra])
+
+
+def test_a_prediction_run_again_replaces_only_its_own_files(tmp_path, predict_setup):
+    out = tmp_path / "out"
+    assert _predict(predict_setup, tmp_path / "a.png", out=out).exit_code == 0
+    assert _predict(predict_setup, tmp_path / "b.png", out=out).exit_code == 0  # its own earlier output: replaced
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [
+        "b_cells.csv", "b_overlay.png", "cell_classification.json", "images.txt"]
+    (out / "my_notes.txt").write_text("mine")
+    result = _predict(predict_setup, tmp_path / "a.png", out=out)
+    assert_one_line_refusal(result, str(out), "equiseg did not write", "my_notes.txt", "--force")
+    assert (out / "b_cells.csv").is_file()  # the refused run changed nothing
+    result = _predict(predict_setup, tmp_path / "a.png", out=out, extra=["--force"])
+    assert result.exit_code == 0, result.output
+    assert (out / "my_notes.txt").read_text() == "mine" and not (out / "b_cells.csv").exists()
+    assert (out / "a_cells.csv").is_file() and not list(out.glob(".equiseg-staging-*"))
+
+
+def test_predict_into_the_working_folder_or_a_folder_with_a_foreign_images_txt_touches_nothing(tmp_path, predict_setup,
+                                                                                                monkeypatch):
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "notes.txt").write_text("mine")
+    (work / "images.txt").write_text("my own list")
+    monkeypatch.chdir(work)
+    result = _predict(predict_setup, tmp_path / "a.png", out=".")
+    assert_one_line_refusal(result, "equiseg did not write", "images.txt")
+    assert sorted(p.name for p in work.iterdir()) == ["images.txt", "notes.txt"]
+    result = _predict(predict_setup, tmp_path / "a.png", out=".", extra=["--force"])  # would write images.txt
+    assert_one_line_refusal(result, "images.txt", "has the name of one of its outputs")
+    assert (work / "images.txt").read_text() == "my own list" and (work / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in work.iterdir()) == ["images.txt", "notes.txt"]
+
+
+def test_a_file_name_with_a_line_break_is_refused_not_written_into_images_txt(tmp_path, predict_setup):
+    odd = tmp_path / "x\nimage_9\tevil.png"
+    (tmp_path / "a.png").rename(odd)
+    result = _predict(predict_setup, odd, out=tmp_path / "out")
+    assert_one_line_refusal(result, "line break")
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_never_overwrites_a_file_equiseg_did_not_write_and_cleans_a_killed_runs_partial(tmp_path,
+                                                                                                predict_setup):
+    mine = tmp_path / "model.pt"
+    mine.write_text("my own model")
+    result = runner.invoke(app, ["export", "--model", str(predict_setup), "--format", "torchscript",
+                                 "--out", str(mine)])
+    assert_one_line_refusal(result, str(mine), "equiseg did not write")
+    assert mine.read_text() == "my own model"
+    out = tmp_path / "exported.pt"
+    stale = tmp_path / ".exported.pt.partial-999999999"  # a killed export's (no such process)
+    stale.write_bytes(b"half")
+    for _ in range(2):  # the second run replaces equiseg's own file
+        result = runner.invoke(app, ["export", "--model", str(predict_setup), "--format", "torchscript",
+                                     "--out", str(out)])
+        assert result.exit_code == 0, result.output
+    assert out.stat().st_size > 0 and not stale.exists()

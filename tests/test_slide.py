@@ -21,6 +21,7 @@ from equiseg.data.synthetic import render_pair
 from equiseg.data.wsi import ScaledView, Slide, find_tissue, otsu_threshold
 from equiseg.detection import find_cells
 from equiseg.evaluation.tissue_context import model_context
+from equiseg.files import owned
 from equiseg.inference.predict import predict_file
 from equiseg.inference.tiling import predict_probabilities
 from equiseg.runs import Run, save_model
@@ -323,8 +324,8 @@ def test_cli_writes_a_slide_and_refuses_bad_input_in_one_line(slide_path, cell_r
     result = CliRunner().invoke(app, [*args, "--region", "768,0,512,512"])
     assert result.exit_code == 0, result.output
     assert "slide.tif:" in result.output and "cell(s)" in result.output
-    assert sorted(p.name for p in out.iterdir()) == ["slide.cells.csv", "slide.cells.geojson", "slide.summary.json",
-                                                     "slide.thumbnail.png"]
+    assert sorted(p.name for p in out.iterdir() if p.name != ".equiseg-outputs.json") == [
+        "slide.cells.csv", "slide.cells.geojson", "slide.summary.json", "slide.thumbnail.png"]
     for extra, message in [(["--region", "0,0,5000,10", "--out", str(tmp_path / "new")],
                              "is not inside the 1536x1280 slide"),
                            (["--region", "1,2,3"], "--region must be x,y,w,h"),
@@ -392,4 +393,6 @@ def test_slides_spread_over_two_processes_give_the_same_files(tmp_path, cell_run
     for path in paths:
         assert (tmp_path / "two" / f"{path.stem}.cells.csv").read_text() == \
             (tmp_path / "one" / f"{path.stem}.cells.csv").read_text()
-    assert not list((tmp_path / "two").glob(".*"))  # no work folders or partial files left
+    # no work folders or partial files left; every file listed once in the manifest, whichever process wrote it
+    assert [p.name for p in (tmp_path / "two").glob(".*")] == [".equiseg-outputs.json"]
+    assert owned(tmp_path / "two") == {p.name for p in (tmp_path / "two").iterdir()} - {".equiseg-outputs.json"}

@@ -21,6 +21,7 @@ from equiseg.data.ocelot import GrandChallengeInput, image_to_tensor, parse_pair
 from equiseg.data.targets import Task
 from equiseg.detection import find_cells, write_points_json
 from equiseg.evaluation.tissue_context import load_tissue_model, model_context
+from equiseg.files import owned_file
 from equiseg.inference.tiling import predict_probabilities
 from equiseg.runs import load_model
 from equiseg.runtime import Runtime
@@ -100,4 +101,7 @@ def run_challenge(input_dir: Path, output_dir: Path, cell_model: Path | str, tis
         points.append(np.array(model(sample.cell_image, sample.tissue_image, pair_id), dtype=np.float64).reshape(-1, 4))
         if on_pair is not None:
             on_pair(pair_id + 1, len(data))
-    return write_points_json(Path(output_dir) / "cell_classification.json", points)
+    dest = Path(output_dir) / "cell_classification.json"
+    with owned_file(dest) as partial:
+        write_points_json(partial, points)
+    return dest

@@ -7,13 +7,15 @@ import inspect
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
 if TYPE_CHECKING:  # the CLI imports equiseg inside each command, for its start-up time
     from equiseg.runtime import Runtime
     from equiseg.scale import Executor
+
+_T = TypeVar("_T")
 
 app = typer.Typer(
     help="Rotation-equivariant U-Nets for histopathology segmentation (OCELOT 2023).",
@@ -56,6 +58,9 @@ ProcessesOption = Annotated[int | None, typer.Option(
 TileOption = Annotated[int, typer.Option(help="Tile side in px at the model's resolution; larger images go through "
                                              "in overlapping tiles.")]
 OverlapOption = Annotated[int, typer.Option(help="Overlap of neighbouring tiles, px.")]
+ForceOption = Annotated[bool, typer.Option(
+    "--force", help="Write into an output folder that also holds files equiseg did not write: only equiseg's own "
+                    "earlier outputs there are replaced (those its .equiseg-outputs.json lists); the others are kept.")]
 # the spellings of equiseg 0.1, accepted until 0.3 with a one-line notice (hidden from --help)
 OldModelArgument = Annotated[Path | None, typer.Argument(hidden=True, show_default=False)]
 OldFolderArgument = Annotated[Path | None, typer.Argument(hidden=True, show_default=False)]
@@ -103,7 +108,7 @@ def _injects(name: str, options: list[inspect.Parameter], make: Callable[..., An
     return decorate
 
 
-def _renamed(new: object, old: object, old_name: str, new_name: str) -> object:
+def _renamed(new: _T | None, old: _T | None, old_name: str, new_name: str) -> _T | None:
     """The value of an option given under its new name, or under its 0.1 name with a notice on stderr."""
     if old is None:
         return new
@@ -113,7 +118,7 @@ def _renamed(new: object, old: object, old_name: str, new_name: str) -> object:
     return old
 
 
-def _required(value: object, name: str) -> object:
+def _required(value: _T | None, name: str) -> _T:
     if value is None:
         raise _fail(f"missing option {name}")
     return value
@@ -121,10 +126,10 @@ def _required(value: object, name: str) -> object:
 
 def _model(model: Path | None, old: Path | None, old_name: str = "a positional model") -> Path:
     """``--model``, or the 0.1 spelling of the command (a positional RUN or ``--cell-model``) with a notice."""
-    return _required(_renamed(model, old, old_name, "--model"), "--model")  # type: ignore[return-value]
+    return _required(_renamed(model, old, old_name, "--model"), "--model")
 
 
-def _emit(as_json: bool, result: dict) -> bool:
+def _emit(as_json: bool, result: dict | list) -> bool:
     """Print ``result`` as JSON when asked; returns whether it did (then print nothing else)."""
     if as_json:
         typer.echo(json.dumps(result, indent=2, default=str))
@@ -476,6 +481,7 @@ def evaluate(
     oracle_context: Annotated[bool, typer.Option(
         help="For a cell model with tissue context: feed it the ground-truth tissue mask instead (an upper bound; "
              "the output says oracle).")] = False,
+    force: ForceOption = False,
     runtime: Runtime | None = None,  # from the device options (_runs_a_model)
     as_json: JsonOption = False,
 ) -> None:
@@ -490,17 +496,19 @@ def evaluate(
     """
     from equiseg.data.ocelot import DatasetError
     from equiseg.evaluation.evaluate import evaluate_run, write_evaluation
+    from equiseg.files import check_outputs
     from equiseg.runs import Run
 
     model = _model(model, old_model)
     try:
+        check_outputs(out or Run.of(model).eval_dir(split), force)
         progress, update = _progress(f"evaluating on {split} ({runtime})")
         with progress:
             result, cfg = evaluate_run(model, split, data=data, tissue_model=tissue_model,
                                        oracle_context=oracle_context, runtime=runtime, on_image=update)
-    except (DatasetError, FileNotFoundError, ValueError) as error:
+        paths = write_evaluation(result, out or Run.of(model).eval_dir(split), split, force)
+    except (DatasetError, FileNotFoundError, ValueError, OSError) as error:
         raise _fail(str(error)) from None
-    paths = write_evaluation(result, out or Run.of(model).eval_dir(split), split)
     if _emit(as_json, {"model": str(model), "name": cfg.name, "family": cfg.model.family.value,
                        "width": cfg.model.width, "split": split, "images": len(result.ids),
                        "context": result.context.value, "scores": result.scores,
@@ -657,16 +665,14 @@ def export_gt(
     as_json: JsonOption = False,
 ) -> None:
     """Write a split's cell annotations as an official ground-truth file (with num_images)."""
-    from equiseg.data.ocelot import DatasetError, OcelotFolder, read_cells
-    from equiseg.detection import write_points_json
+    from equiseg.data.ocelot import DatasetError
+    from equiseg.detection.points_json import write_ground_truth
 
     data = _required(_renamed(data, old_data, "a positional dataset folder", "--data"), "--data")
     try:
-        folder = OcelotFolder(data, split)
-        cells = [read_cells(folder.paths(sid)["cells"]) for sid in folder.ids]
-    except (DatasetError, ValueError) as error:
+        path, cells = write_ground_truth(data, split, out)
+    except (DatasetError, ValueError, OSError) as error:
         raise _fail(str(error)) from None
-    path = write_points_json(out or Path(f"cell_gt_{split}.json"), cells, ground_truth=True)
     if not _emit(as_json, {"file": str(path), "split": split, "images": len(cells),
                            "cells": sum(len(c) for c in cells)}):
         typer.echo(f"wrote {path}: {sum(len(c) for c in cells)} cells in {len(cells)} images")
@@ -681,6 +687,7 @@ def predict(
     tile: TileOption = 1024,
     overlap: OverlapOption = 128,
     no_probs: Annotated[bool, typer.Option("--no-probs", help="Write no probability maps (.npy, .png).")] = False,
+    force: ForceOption = False,
     runtime: Runtime | None = None,  # from the device options (_runs_a_model)
     as_json: JsonOption = False,
 ) -> None:
@@ -703,7 +710,7 @@ def predict(
         progress, update = _progress("predicting")
         with progress:
             result = predict_run(model, images, out, tile=tile, overlap=overlap, on_image=update,
-                                 probs=not no_probs, runtime=runtime)
+                                 probs=not no_probs, runtime=runtime, force=force)
     except (FileNotFoundError, ValueError, OSError) as error:
         raise _fail(str(error)) from None
     if _emit(as_json, {"model": str(model), "out": str(out),
@@ -828,6 +835,7 @@ def slide(
 
     model = _model(model, old_cell_model, "--cell-model")
     processes = _renamed(processes, old_devices, "--devices", "--processes") or 1
+    assert runtime is not None  # _runs_a_model gives it
     missing = [str(p) for p in slides if not p.is_file()]
     if missing:
         raise _fail(f"no such file(s): {', '.join(missing)}")

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from equiseg.config import Config
-from equiseg.files import written_whole
+from equiseg.files import owned_file
 from equiseg.models import UNet, optimize_for_inference
 from equiseg.runs import load_model
 
@@ -90,7 +90,7 @@ def export_model(run: Path | str, fmt: ExportFormat, out: Path | str) -> Path:
     side = 2 * 2**config.model.depth  # the example's size; the file takes any multiple of 2**depth
     example = torch.rand(2, config.in_channels, side, side)
     card = model_card(config, checkpoint)
-    with written_whole(out) as partial:
+    with owned_file(out) as partial:
         match fmt:
             case ExportFormat.ONNX:
                 _onnx(unpadded, example, partial, card)

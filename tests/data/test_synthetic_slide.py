@@ -163,13 +163,21 @@ def test_nothing_is_left_behind_by_a_failure(tmp_path):
         write_synthetic_slide(tmp_path / "file" / "s.tif", size=1024)
     assert [p.name for p in tmp_path.iterdir()] == ["file"]
 
-    earlier = tmp_path / "s.tif"
-    earlier.write_bytes(b"an earlier slide")
+    earlier = write_synthetic_slide(tmp_path / "s.tif", size=1024, crowding=0.0).path
+    before = earlier.read_bytes()
 
     def interrupt(done, total):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
         write_synthetic_slide(earlier, size=2048, crowding=0.0, on_progress=interrupt)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "s.tif"]
-    assert earlier.read_bytes() == b"an earlier slide"
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["file", "s.cells.csv", "s.tif"]
+    assert earlier.read_bytes() == before
+
+
+def test_a_file_equiseg_did_not_write_is_never_overwritten(tmp_path):
+    mine = tmp_path / "s.tif"
+    mine.write_bytes(b"my own slide")
+    with pytest.raises(ValueError, match="equiseg did not write"):
+        write_synthetic_slide(mine, size=1024)
+    assert mine.read_bytes() == b"my own slide" and sorted(p.name for p in tmp_path.iterdir()) == ["s.tif"]

@@ -243,9 +243,9 @@ def test_peak_candidates_refuses_a_core_without_its_halo():
 def test_json_is_skipped_for_other_sizes_and_cells_keep_their_coordinates(tmp_path):
     Image.fromarray(disks(60, 1100, [(200, 30), (1050, 30)])).save(tmp_path / "wide.png")
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "images.txt").write_text("image_0\told.png\n")  # an earlier prediction, replaced whole
-    (out / "cell_classification.json").write_text("{}")
+    Image.fromarray(disks(40, 40, [(20, 20)])).save(tmp_path / "small.png")  # an earlier prediction, replaced
+    predict_files(RedIsCell(), tiny_config(tmp_path), [tmp_path / "small.png"], out, tile=32, overlap=8)
+    assert (out / "cell_classification.json").is_file()
     result = predict_files(RedIsCell(), tiny_config(tmp_path), [tmp_path / "wide.png"], out, tile=256, overlap=32)
     assert result.json_path is None and not (out / "cell_classification.json").exists()
     assert result.json_skipped == ("cell_classification.json skipped: the official format holds patches of at most "
@@ -255,13 +255,14 @@ def test_json_is_skipped_for_other_sizes_and_cells_keep_their_coordinates(tmp_pa
     rows = (out / "wide_cells.csv").read_text().splitlines()
     assert rows[0] == "x,y,class,probability"
     assert sorted(r.rsplit(",", 1)[0] for r in rows[1:]) == ["1050,30,1", "200,30,1"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "wide.png"]  # no partial folder left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "small.png", "wide.png"]  # no partial folder left
+    assert not list(out.glob("small*")) and not list(out.glob(".equiseg-staging-*"))
 
 
 def test_an_output_folder_of_other_files_is_refused_and_kept(tmp_path):
     Image.fromarray(disks(40, 40, [(20, 20)])).save(tmp_path / "a.png")
     (tmp_path / "notes.txt").write_text("mine")
-    with pytest.raises(ValueError, match="holds other files"):
+    with pytest.raises(ValueError, match="holds files equiseg did not write"):
         predict_files(RedIsCell(), tiny_config(tmp_path), [tmp_path / "a.png"], tmp_path, tile=32, overlap=8)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "notes.txt"]
 
@@ -298,7 +299,8 @@ def test_cli_no_probs_writes_no_probability_maps_and_says_why_no_json(tmp_path):
     result = CliRunner().invoke(app, ["predict", "--model", str(checkpoint), str(tmp_path / "a.png"), "--out", str(out),
                                       "--tile", "64", "--overlap", "8", "--no-probs"])
     assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in out.iterdir()) == ["a_cells.csv", "a_overlay.png", "images.txt"]
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["a_cells.csv", "a_overlay.png",
+                                                                                   "images.txt"]
     assert "cell_classification.json skipped: the official format holds patches of at most 1024x1024 px; " \
            "image_0 (a.png) is 1030x20" in result.output
     # an image that fits the format gets the official file too

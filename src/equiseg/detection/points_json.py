@@ -10,7 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from equiseg.data.ocelot import CELL_CLASSES
+from equiseg.data.ocelot import CELL_CLASSES, OcelotFolder, read_cells
+from equiseg.files import owned_file
 
 IMAGE_SIDE = 1024  # the official format holds 1024 x 1024 patches: x and y in 0..1023
 
@@ -103,3 +104,20 @@ def read_num_images(path: Path | str) -> int:
     if "num_images" not in data:
         raise PointsFormatError(f"{path}: a ground-truth file needs 'num_images'")
     return int(data["num_images"])
+
+
+def write_ground_truth(root: Path | str, split: str, out: Path | str | None = None) -> tuple[Path, list[np.ndarray]]:
+    """A split's cell annotations as an official ground-truth file (with ``num_images``), as
+    ``equiseg export-gt`` writes it: ``out`` (default ``cell_gt_SPLIT.json``), never over a file
+    equiseg did not write (`equiseg.files.owned_file`). Returns the file and each image's cells.
+
+    Raises:
+        DatasetError, ValueError: no such split, or a cell file that is not ``x,y,class``.
+        ForeignFileError: ``out`` exists and equiseg did not write it.
+    """
+    folder = OcelotFolder(root, split)
+    cells = [read_cells(folder.paths(sid)["cells"]) for sid in folder.ids]
+    dest = Path(out) if out is not None else Path(f"cell_gt_{split}.json")
+    with owned_file(dest) as partial:
+        write_points_json(partial, cells, ground_truth=True)
+    return dest, cells

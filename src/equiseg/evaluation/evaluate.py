@@ -28,7 +28,7 @@ from equiseg.evaluation.data_record import DataRecord
 from equiseg.evaluation.losses import DiceCELoss
 from equiseg.evaluation.metrics import confusion_matrix, segmentation_scores
 from equiseg.evaluation.tissue_context import run_context
-from equiseg.files import replaced_whole
+from equiseg.files import owned_outputs
 from equiseg.inference.tiling import predict_probabilities
 from equiseg.runs import Run, load_model
 from equiseg.runtime import Runtime
@@ -120,6 +120,7 @@ def evaluate_model(model: nn.Module, config: Config, root: Path | str, split: st
         cm += image_cm
         per_image.append({"loss": loss, "dice/mean": segmentation_scores(image_cm, names)["dice/mean"]})
         if task is Task.CELLS:
+            assert cells is not None  # sample_target refuses a sample without labels
             found = _image_cells(probs, config, valid, cells, per_image[-1])
             points.append(found)
             gts.append(cells)
@@ -167,7 +168,7 @@ def evaluation_context(config: Config, context: ContextFn | None = None, oracle:
     return context or run_context(config.data, evaluation=True, device=device), ContextSource.TISSUE_MODEL
 
 
-def write_evaluation(evaluation: Evaluation, out_dir: Path | str, split: str) -> dict[str, Path]:
+def write_evaluation(evaluation: Evaluation, out_dir: Path | str, split: str, force: bool = False) -> dict[str, Path]:
     """``scores-<split>.json`` (the split, the data it ran on as a `DataRecord`, where the tissue
     context came from, the image ids, the scores and each image's row) and, for cells,
     ``cell_classification.json`` (official format).
@@ -175,13 +176,13 @@ def write_evaluation(evaluation: Evaluation, out_dir: Path | str, split: str) ->
     The official format holds patches of at most 1024 x 1024 px: with a larger image the JSON
     is not written (its points would have to move; `Evaluation.json_refusal` says why)
     and the cells go to ``cells-<split>.csv`` (image,id,x,y,class,probability) instead. The
-    files are written beside ``out_dir`` and moved into place together
-    (`equiseg.files.replaced_whole`): an earlier evaluation there is replaced whole, never
-    left beside the new one; a folder of other files is refused.
+    files are staged and moved into ``out_dir`` together (`equiseg.files.owned_outputs`):
+    equiseg's earlier outputs there are replaced, never left beside the new ones; a folder
+    holding anything else is refused (``force``: its other files are kept as they are).
     """
     out_dir = Path(out_dir)
     names = {"scores": f"scores-{split}.json"}
-    with replaced_whole(out_dir, "scores-*.json") as partial:
+    with owned_outputs(out_dir, force) as partial:
         (partial / names["scores"]).write_text(json_text({
             "split": split, "data": evaluation.data, "context": evaluation.context, "ids": evaluation.ids,
             "scores": evaluation.scores, "per_image": evaluation.per_image}))

@@ -24,7 +24,7 @@ from equiseg.config import Config
 from equiseg.data.context import ContextKind
 from equiseg.data.targets import Task
 from equiseg.detection import BlockDetector, official_format_refusal, write_points_json
-from equiseg.files import replaced_whole
+from equiseg.files import owned_outputs
 from equiseg.inference.readers import ImageReading, NpyBlocks, RgbFile
 from equiseg.inference.tiling import model_runtime, stream_blocks
 from equiseg.pictures import class_overlay, dot_radius, draw_points, probability_picture
@@ -183,24 +183,28 @@ def predict_file(model: torch.nn.Module, config: Config, path: Path, out_dir: Pa
 
 def predict_files(model: torch.nn.Module, config: Config, paths: list[Path], out_dir: Path, tile: int = 1024,
                   overlap: int = 128, on_image: Callable[[int, int], None] | None = None, probs: bool = True,
-                  runtime: Runtime | None = None) -> Predictions:
+                  runtime: Runtime | None = None, force: bool = False) -> Predictions:
     """Predict every file (`predict_file`) into ``out_dir``, and list them in images.txt.
 
     ``cell_classification.json`` (the official format, image_i = the i-th file) is written only
     when every image fits that format (`official_format_refusal`:
     no side over 1024 px, so no point moves); otherwise `Predictions.json_skipped` says
     why, naming the first larger image. The cells are in the CSV files either way. All of it
-    is written beside ``out_dir`` and moved into place at the end (`equiseg.files.replaced_whole`):
-    an earlier prediction there is replaced whole, a folder of other files is refused.
+    is staged and moved into ``out_dir`` at the end (`equiseg.files.owned_outputs`): equiseg's
+    earlier outputs there are replaced, a folder holding anything else is refused (``force``: its
+    other files are kept as they are), and nothing of the user's is touched.
     ``on_image(done, total)`` is called after each image.
     """
     stems = [p.stem for p in paths]
     if len(set(stems)) != len(stems):
         raise ValueError("two input files share a name; their outputs would overwrite each other")
+    odd = [str(p) for p in paths if any(ord(c) < 32 for c in str(p))]
+    if odd:  # images.txt is one line per image: a newline in a name would forge an entry
+        raise ValueError(f"{odd[0]!r}: a file name with a line break or another control character; rename it")
     runtime = runtime or model_runtime(model)
     model = runtime.place(model)
     images = []
-    with replaced_whole(out_dir, "images.txt") as partial:
+    with owned_outputs(out_dir, force) as partial:
         for i, path in enumerate(paths):
             images.append(predict_file(model, config, path, partial, tile, overlap, probs, runtime))
             if on_image is not None:
@@ -217,7 +221,7 @@ def predict_files(model: torch.nn.Module, config: Config, paths: list[Path], out
 
 def predict_run(model: Path | str, paths: list[Path], out_dir: Path, tile: int = 1024, overlap: int = 128,
                 on_image: Callable[[int, int], None] | None = None, probs: bool = True,
-                runtime: Runtime | None = None) -> Predictions:
+                runtime: Runtime | None = None, force: bool = False) -> Predictions:
     """`predict_files` with the model of a run folder or checkpoint, as ``equiseg predict`` runs it.
 
     Args:
@@ -245,4 +249,4 @@ def predict_run(model: Path | str, paths: list[Path], out_dir: Path, tile: int =
         raise ValueError(f"{model} takes tissue context (data.context={config.data.context.value}), which a lone "
                          "image lacks: use `equiseg challenge` (cell and tissue patches) or `equiseg evaluate`")
     return predict_files(net, config, [Path(p) for p in paths], Path(out_dir), tile=tile, overlap=overlap,
-                         on_image=on_image, probs=probs, runtime=runtime)
+                         on_image=on_image, probs=probs, runtime=runtime, force=force)

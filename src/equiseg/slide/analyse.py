@@ -17,7 +17,7 @@ from equiseg.data.context import ContextKind
 from equiseg.data.ocelot import CELL_CLASSES
 from equiseg.data.targets import Task
 from equiseg.data.wsi import ScaledView, Slide, TissueMask, find_tissue
-from equiseg.files import written_whole
+from equiseg.files import owned_file
 from equiseg.inference.tiling import model_runtime
 from equiseg.runtime import Runtime
 from equiseg.slide.models import SlideModel
@@ -97,7 +97,7 @@ def _write_outputs(outputs: SlideOutputs, slide: Slide, box: tuple[int, int, int
     write_cells(outputs, slide, points)
     if tissue_map is not None:
         collection = tissue_polygons(tissue_map, tissue, box)
-        with written_whole(outputs.tissue_geojson) as partial:
+        with owned_file(outputs.tissue_geojson) as partial:
             partial.write_text(json.dumps(collection))
     write_thumbnail(outputs, slide, box, points)
     return points
@@ -184,7 +184,7 @@ def analyse_slide(path: Path | str, cell_model: SlideModel, out_dir: Path | str,
             points = _write_outputs(outputs, slide, box, view, found, tissue, tissue_map)
         summary = _summary(slide, box, points, tissue, view, (cell_model, tissue_model), (tile, overlap, runtime), timer)
         del tissue_map  # the memory map holds the file open
-        with written_whole(outputs.summary) as partial:
+        with owned_file(outputs.summary) as partial:
             partial.write_text(json.dumps(summary, indent=2) + "\n")
     _remove_work(outputs.work)
     return SlideCells(path, points, summary, outputs)

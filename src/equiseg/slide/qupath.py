@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from equiseg.data.wsi import ScaledView, Slide, TissueMask
-from equiseg.files import written_whole
+from equiseg.files import owned_file
 from equiseg.pictures import CELL_COLOURS, TISSUE_COLOURS, dot_radius, draw_points
 from equiseg.slide.passes import TissueMap
 
@@ -142,13 +142,13 @@ def _feature(slide_id: str, x: float, y: float, cls: int, probability: float) ->
 
 def write_cells(outputs: SlideOutputs, slide: Slide, points: np.ndarray) -> None:
     slide_id = slide.quickhash or slide.path.name
-    with written_whole(outputs.cells_geojson) as partial, open(partial, "w") as file:
+    with owned_file(outputs.cells_geojson) as partial, open(partial, "w") as file:
         # one feature a line: the file streams out, and a reader sees where each cell starts
         file.write('{"type": "FeatureCollection", "features": [\n')
         file.writelines(("" if k == 0 else ",\n") + json.dumps(_feature(slide_id, x, y, int(cls), float(p)))
                         for k, (x, y, cls, p) in enumerate(points))
         file.write("\n]}\n")
-    with written_whole(outputs.cells_csv) as partial, open(partial, "w") as file:
+    with owned_file(outputs.cells_csv) as partial, open(partial, "w") as file:
         file.write("x,y,x_um,y_um,class,name,probability\n")
         file.writelines(f"{int(x)},{int(y)},{x * slide.mpp:.2f},{y * slide.mpp:.2f},{int(cls)},"
                        f"{CELL_NAMES.get(int(cls), int(cls))},{p:.4f}\n" for x, y, cls, p in points)
@@ -162,7 +162,7 @@ def write_thumbnail(outputs: SlideOutputs, slide: Slide, box: tuple[int, int, in
     scaled[:, 0] = (scaled[:, 0] - x) / view.scale
     scaled[:, 1] = (scaled[:, 1] - y) / view.scale
     radius = max(1, min(dot_radius(view.height), round(6 / view.scale)))
-    with written_whole(outputs.thumbnail) as partial:
+    with owned_file(outputs.thumbnail) as partial:
         Image.fromarray(draw_points(picture, scaled, radius=radius)).save(partial, format="PNG")
 
 

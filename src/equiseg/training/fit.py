@@ -23,7 +23,7 @@ from equiseg.data.targets import Task
 from equiseg.data.verify import verify_dataset
 from equiseg.datasets import REQUIRE_REAL, data_root, synthetic_notice, synthetic_record
 from equiseg.evaluation.tissue_context import run_context
-from equiseg.files import written_whole
+from equiseg.files import remove_stale, written_whole
 from equiseg.runs import Run, load_model
 from equiseg.training.module import SegmentationModule
 
@@ -246,23 +246,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 def remove_stale_partials(folder: Path) -> list[Path]:
     """Remove the partial checkpoint files that killed processes left in ``folder``; returns them."""
-    stale = [p for p in folder.glob(".*.partial-*") if not _alive(p.name.rsplit("-", 1)[-1])]
-    for path in stale:
-        path.unlink(missing_ok=True)
-    return stale
-
-
-def _alive(pid: str) -> bool:
-    """Whether a process with this id runs here (a partial file of a living writer is left alone)."""
-    if not pid.isdigit():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        pass
-    return True
+    return remove_stale(folder, ".*.partial-*")
 
 
 def _trainer(config: Config, run_dir: Path, progress: bool, callbacks: list) -> L.Trainer:

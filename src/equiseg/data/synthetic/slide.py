@@ -57,7 +57,7 @@ from equiseg.data.synthetic.world import (
     render,
     world_fields,
 )
-from equiseg.files import written_whole
+from equiseg.files import owned_file
 
 BLOCK = 1024  # px of level 0 rendered at once (a square view), and the height of a band of rows
 MIN_SIZE = 1024  # px: at least one whole render block
@@ -196,7 +196,7 @@ def write_synthetic_slide(path: Path | str, size: int = 12000, seed: int = 0, cr
     levels = _level_sides(size)
     description = (f"{_DESCRIPTION}: seed {seed}, {size} x {size} px at {mpp:g} um/px, "
                    f"crowding {crowding:g}, {len(cells)} cells")
-    with written_whole(dest) as tif_partial, written_whole(cells_dest) as cells_partial:
+    with owned_file(dest) as tif_partial, owned_file(cells_dest) as cells_partial:
         _write_tiff(tif_partial, slide, levels, tile, description, on_progress)
         _write_cells(cells_partial, cells)
     return SyntheticSlide(dest, cells_dest, size, size, float(mpp), tuple((side, side) for side in levels),
