@@ -31,7 +31,7 @@ lint: $(STAMP)  ## ruff (imports, bugbear, pyupgrade, docstrings; pyproject.toml
 	$(BIN)/ruff check src tests benchmarks docs/hooks
 
 typecheck: $(STAMP)  ## pyright in basic mode over src ([tool.pyright] in pyproject.toml); any error fails
-	$(BIN)/pyright
+	$(BIN)/pyright --project pyproject.toml
 
 clean:
 	rm -rf $(VENV) build site src/*.egg-info .pytest_cache

@@ -37,6 +37,12 @@ def assert_one_line_refusal(result, *words):
     ("train.accelerator=quantum", ["train.accelerator", "quantum"]),
     ("data.train_fraction=0", ["data.train_fraction"]),
     ("data.crop_size=128", ["data.crop_size=128", "64 px"]),
+    ("name=../outside", ["name", "plain name", "../outside"]),
+    ("name=/tmp/x", ["name", "plain name"]),
+    ("train.lr=.inf", ["train.lr", "finite"]),
+    ("train.lr=inf", ["train.lr"]),
+    ("detect.sigma=.nan", ["detect.sigma", "finite"]),
+    ("train.dice_weight=-.inf", ["train.dice_weight"]),
 ])
 def test_a_config_mistake_is_one_line_and_no_run_folder(synthetic_small, tmp_path, override, words):
     result = runner.invoke(app, ["train", "--data", str(synthetic_small), "--out", str(tmp_path / "runs" / "run"),
@@ -223,3 +229,55 @@ def test_export_never_overwrites_a_file_equiseg_did_not_write_and_cleans_a_kille
                                      "--out", str(out)])
         assert result.exit_code == 0, result.output
     assert out.stat().st_size > 0 and not stale.exists()
+
+
+
+# --- paths that would leave their folder ------------------------------------------------------------------------------
+
+
+def _rewrite_ids(root, rename):
+    import json
+
+    meta = json.loads((root / "metadata.json").read_text())
+    meta["sample_pairs"] = {rename.get(k, k): v for k, v in meta["sample_pairs"].items()}
+    (root / "metadata.json").write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("bad_id", ["../../outside", "/etc/passwd", ".hidden"])
+def test_a_sample_id_that_is_not_a_plain_name_is_refused(tmp_path, bad_id):
+    root = tiny_dataset_with_cells(tmp_path)
+    first = next(iter(__import__("json").loads((root / "metadata.json").read_text())["sample_pairs"]))
+    _rewrite_ids(root, {first: bad_id})
+    result = runner.invoke(app, ["verify", "--data", str(root)])
+    assert_one_line_refusal_or_problem(result, "metadata.json", "plain name")
+
+
+def assert_one_line_refusal_or_problem(result, *words):
+    """Verify reports problems on stdout (exit 1); a refusal is one line on stderr (exit 2)."""
+    assert result.exit_code in (1, 2) and "Traceback" not in result.output, result.output
+    assert all(word in result.output for word in words), result.output
+
+
+def test_a_link_out_of_the_dataset_is_refused_without_showing_the_file(tmp_path):
+    root = tiny_dataset_with_cells(tmp_path)
+    secret = tmp_path / "secret.csv"
+    secret.write_text("root:x:0:0:root:/root:/bin/bash\n")
+    csv = next((root / "annotations").rglob("*.csv"))
+    csv.unlink()
+    csv.symlink_to(secret)
+    result = runner.invoke(app, ["verify", "--data", str(root)])
+    assert_one_line_refusal_or_problem(result, csv.name, "outside the dataset folder")
+    assert "root:x" not in result.output
+    result = runner.invoke(app, ["export-gt", "--data", str(root), "--split", csv.parent.parent.name,
+                                 "--out", str(tmp_path / "gt.json")])
+    assert_one_line_refusal(result, csv.name, "outside the dataset folder")
+    assert "root:x" not in result.output and not (tmp_path / "gt.json").exists()
+
+
+@pytest.mark.parametrize("given", ["null", "has#hash", "~"])
+def test_a_dataset_path_is_a_path_never_yaml(tmp_path, monkeypatch, given):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("EQUISEG_CACHE", str(tmp_path / "cache"))
+    result = runner.invoke(app, ["train", "--data", given, "--out", str(tmp_path / "run")])
+    assert_one_line_refusal(result, given)
+    assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()  # no synthetic data instead

@@ -377,6 +377,8 @@ def verify(
 def _train_overrides(ctx: typer.Context, data: Path | None, processes: int | None, strategy: str | None,
                      resume: bool, out: Path | None, old_runs: Path | None) -> tuple[list[str], Path | None]:
     """The KEY=VALUE overrides of ``train``'s options, and the run folder of 0.1's ``--resume RUN``."""
+    from equiseg.config import path_override
+
     if old_runs is not None:
         typer.echo("note: --runs DIR is now --out RUN_DIR, the run folder itself (the old spelling is accepted "
                    "until equiseg 0.3)", err=True)
@@ -388,7 +390,7 @@ def _train_overrides(ctx: typer.Context, data: Path | None, processes: int | Non
     loose = [word for word in overrides if "=" not in word]
     if loose:
         raise _fail(f"{loose[0]!r} is not an option nor a KEY=VALUE override")
-    overrides += [f"data.root={data}"] if data is not None else []
+    overrides += [path_override("data.root", data)] if data is not None else []
     overrides += [f"train.devices={processes}"] if processes is not None else []
     overrides += [f"train.strategy={strategy}"] if strategy is not None else []
     return overrides, out
@@ -985,14 +987,14 @@ def tune(
     continues: the local search keeps its trials in OUT/optuna.db, Ray Tune in OUT/ray.
     Needs `pip install 'equiseg[scale]'` (Ray and Optuna).
     """
-    from equiseg.config import ConfigError
+    from equiseg.config import ConfigError, path_override
     from equiseg.data.ocelot import DatasetError
     from equiseg.presets import load_config
     from equiseg.scale import require
     from equiseg.tune import Metric, read_space
     from equiseg.tune import tune as run_tune
 
-    overrides = list(ctx.args) + ([f"data.root={data}"] if data is not None else [])
+    overrides = list(ctx.args) + ([path_override("data.root", data)] if data is not None else [])
     try:
         require("optuna")
         chosen = Metric(metric) if metric in {m.value for m in Metric} else None

@@ -19,8 +19,16 @@ from equiseg.config.schema import (
     SyntheticConfig,
     TrainConfig,
 )
-from equiseg.config.serialize import ConfigError, apply_overrides, from_plain, json_text, plain, read_yaml
+from equiseg.config.serialize import (
+    ConfigError,
+    apply_overrides,
+    from_plain,
+    json_text,
+    path_override,
+    plain,
+    read_yaml,
+)
 
 __all__ = ["ACCELERATORS", "LOGGERS", "PEAK_RULES", "Compile", "Config", "ConfigError", "DataConfig", "DetectConfig",
            "ModelConfig", "Schedule", "SyntheticConfig", "TrainConfig", "apply_overrides", "from_plain", "json_text",
-           "plain", "read_yaml"]
+           "path_override", "plain", "read_yaml"]

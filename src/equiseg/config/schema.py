@@ -4,7 +4,10 @@ each field with its type, default and meaning, checked when it is made.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +24,26 @@ from equiseg.models.unet import ConvFamily, Pooling
 LOGGERS = ("csv", "tensorboard", "comet", "mlflow")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
 PEAK_RULES = ("foreground", "per-class")
+
+
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+=-]*")
+
+
+def check_name(value: str, key: str) -> None:
+    """Refuse a name that becomes a folder name (a run's, a study's, a variant's) unless it is one plain
+    name: letters, digits and ``. _ + = -``, not starting with a dot, so no path can leave its folder.
+    """
+    if not isinstance(value, str) or not NAME_PATTERN.fullmatch(value):
+        raise ValueError(f"{key} must be a plain name (letters, digits and . _ + = -, not starting with . or -; "
+                         f"it names a folder), got {value!r}")
+
+
+def _finite(section: object, prefix: str) -> None:
+    """Every float of ``section`` is a finite number; else a ValueError naming it."""
+    for item in dataclasses.fields(section):  # pyright: ignore[reportArgumentType]  (every section is a dataclass)
+        value = getattr(section, item.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{prefix}.{item.name} must be a finite number, got {value}")
 
 
 def _at_least(section: object, prefix: str, **bounds: float) -> None:
@@ -51,6 +74,7 @@ class ModelConfig:
     pool: Pooling = Pooling.MAX
 
     def __post_init__(self) -> None:
+        _finite(self, "model")
         _at_least(self, "model", width=1, depth=1)
 
 
@@ -82,6 +106,7 @@ class SyntheticConfig:
     rotated: bool = False
 
     def __post_init__(self) -> None:
+        _finite(self, "data.synthetic")
         _at_least(self, "data.synthetic", train=1, val=1, test=0, size=32)
         if not 0 <= self.crowding <= 1:
             raise ValueError(f"data.synthetic.crowding must lie in [0, 1], got {self.crowding}")
@@ -132,6 +157,7 @@ class DataConfig:
     tissue_model: str | None = None
 
     def __post_init__(self) -> None:
+        _finite(self, "data")
         _at_least(self, "data", crop_size=1, radius=1, batch_size=1, num_workers=0)
         self.cell_target  # noqa: B018 (range checks of sigma)
         if not 0 < self.train_fraction <= 1:
@@ -225,6 +251,7 @@ class TrainConfig:
     compile: Compile = Compile.NONE
 
     def __post_init__(self) -> None:
+        _finite(self, "train")
         _at_least(self, "train", epochs=1, devices=1, dice_weight=0, ce_weight=0, checkpoint_every_n_steps=1,
                   warmup_epochs=0, plateau_patience=1, early_stopping=1, val_every=1)
         if not self.lr > 0:
@@ -259,6 +286,7 @@ class DetectConfig:
     peaks: str = "foreground"
 
     def __post_init__(self) -> None:
+        _finite(self, "detect")
         _at_least(self, "detect", sigma=0, min_distance=1)
         if self.peaks not in PEAK_RULES:
             raise ValueError(f"detect.peaks must be one of {', '.join(PEAK_RULES)}, got {self.peaks!r}")
@@ -291,6 +319,7 @@ class Config:
     detect: DetectConfig = field(default_factory=DetectConfig)
 
     def __post_init__(self) -> None:
+        check_name(self.name, "name")
         if self.task is Task.TISSUE and self.data.context is not ContextKind.NONE:
             raise ValueError("data.context is for the cell task; a tissue model takes no tissue context")
 

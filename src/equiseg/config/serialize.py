@@ -41,6 +41,13 @@ def from_plain(cls: type, data: Any, where: str = "") -> Any:
     return _from_plain(cls, data, where)
 
 
+def path_override(key: str, path: Path | str) -> str:
+    """The override ``key=path`` with the path quoted, so that YAML reads it as the string it is
+    (``null``, ``#``, ``: `` and leading spaces included), never as another value.
+    """
+    return f"{key}={json.dumps(str(path))}"
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
     """Apply ``a.b.c=value`` strings to nested dicts (values parsed as YAML scalars)."""
     data = _deep_copy(data)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import enum
 import json
 import math
+import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,9 @@ class Split(enum.Enum):
 CELL_CLASSES = {1: "BC", 2: "TC"}
 TISSUE_BACKGROUND, TISSUE_CANCER, TISSUE_UNKNOWN = 1, 2, 255
 TISSUE_VALUES = (TISSUE_BACKGROUND, TISSUE_CANCER, TISSUE_UNKNOWN)
+
+
+SAMPLE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # a sample id names files: one plain name
 
 
 class DatasetError(Exception):
@@ -166,6 +170,10 @@ def read_metadata(path: Path | str) -> dict[str, PairMeta]:
     data = _load_json(path)
     if not isinstance(data, dict) or not isinstance(data.get("sample_pairs"), dict):
         raise DatasetError(path, "expected an object with 'sample_pairs' (the Zenodo metadata.json)")
+    for sid in data["sample_pairs"]:
+        if not SAMPLE_ID.fullmatch(sid):
+            raise DatasetError(path, f"sample id {sid!r} is not a plain name (letters, digits and . _ -, not "
+                                     "starting with a dot): it names the files of its pair")
     return {sid: parse_pair(sid, record, path) for sid, record in data["sample_pairs"].items()}
 
 
@@ -358,8 +366,13 @@ class OcelotFolder(Sequence[Sample]):
         self.ids = sorted(sid for sid, meta in self.metadata.items() if meta.subset == split.value)
 
     def paths(self, sample_id: str) -> dict[str, Path]:
-        """The four files of a sample: cell_image, tissue_image, cells, tissue_mask."""
-        return pair_paths(self.root, self.split, sample_id)
+        """The four files of a sample: cell_image, tissue_image, cells, tissue_mask.
+
+        Raises:
+            DatasetError: one of them is a link to a file outside the dataset folder (a dataset is
+                never a way to read other files).
+        """
+        return checked_pair_paths(self.root, self.split, sample_id)
 
     def cells(self, index: int) -> np.ndarray:
         """The cell points of the ``index``-th sample (checked as in ``self[index]``), its images not decoded."""
@@ -385,6 +398,21 @@ class OcelotFolder(Sequence[Sample]):
 
     def __iter__(self) -> Iterator[Sample]:
         return (self[i] for i in range(len(self)))
+
+
+def checked_pair_paths(root: Path, split: Split | str, sample_id: str) -> dict[str, Path]:
+    """`pair_paths` for reading: each file must lie inside ``root`` once links are followed.
+
+    Raises:
+        DatasetError: a file (or a folder on its way) is a link out of the dataset folder: a
+            dataset is never a way to read other files.
+    """
+    paths = pair_paths(root, split, sample_id)
+    inside = Path(root).resolve()
+    for path in paths.values():
+        if not path.resolve().is_relative_to(inside):
+            raise DatasetError(path, "leads outside the dataset folder (a link); copy the file in instead")
+    return paths
 
 
 def pair_paths(root: Path, split: Split | str, sample_id: str) -> dict[str, Path]:

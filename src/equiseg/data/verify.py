@@ -9,7 +9,7 @@ from equiseg.data.ocelot import (
     DatasetError,
     PairMeta,
     Split,
-    pair_paths,
+    checked_pair_paths,
     parse_cells,
     read_image,
     read_metadata,
@@ -77,7 +77,10 @@ def verify_dataset(root: Path | str, on_sample: Callable[[int, int], None] | Non
 
 
 def _verify_sample(root: Path, split: str, meta: PairMeta, notes: list[DatasetError] | None) -> list[DatasetError]:
-    paths = pair_paths(root, split, meta.sample_id)
+    try:
+        paths = checked_pair_paths(root, split, meta.sample_id)
+    except DatasetError as error:
+        return [error]
     problems = []
     shapes = {}  # the size the metadata implies, else the size the image has
     for kind, size in (("cell_image", meta.cell_size), ("tissue_image", meta.tissue_size)):

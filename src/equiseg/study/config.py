@@ -8,7 +8,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from equiseg.config import Config, ConfigError, apply_overrides, from_plain, read_yaml
+from equiseg.config import Config, ConfigError, apply_overrides, from_plain, path_override, read_yaml
+from equiseg.config.schema import check_name
 from equiseg.data.augment import AugmentPreset
 from equiseg.data.context import ContextKind
 from equiseg.data.ocelot import GrandChallengeInput
@@ -53,8 +54,13 @@ class StudyConfig:
     bootstrap: int = 2000
 
     def __post_init__(self) -> None:
+        check_name(self.name, "name")
+        for variant in self.variants:
+            check_name(variant.label, "variant")
         if not self.variants:
             raise ValueError("no variants")
+        if not self.seeds:
+            raise ValueError("seeds: give at least one seed")
         if any(not 0 < f <= 1 for f in self.fractions):
             raise ValueError("fractions must lie in (0, 1]")
         if any(n < 1 for n in self.train_images):
@@ -107,7 +113,7 @@ class StudyConfig:
 
     def tissue_config(self, data_root: str) -> Config:
         """The tissue model's run config: the base, the ``tissue`` overrides, task tissue."""
-        overrides = ["name=tissue", "task=tissue", "data.augment=none", f"data.root={data_root}", *self.tissue]
+        overrides = ["name=tissue", "task=tissue", "data.augment=none", path_override("data.root", data_root), *self.tissue]
         return Config.from_dict(apply_overrides(self.base, overrides))
 
     def run_config(self, variant: Variant, fraction: float, seed: int, width: int, data_root: str,
@@ -123,7 +129,7 @@ class StudyConfig:
         overrides = [f"name={variant.label}-f{fraction:g}-s{seed}", f"model.family={variant.family.value}",
                      f"model.width={width}", f"data.augment={variant.augment.value}", f"data.train_fraction={fraction}",
                      f"train.seed={seed}", f"train.epochs={epochs}", f"train.val_every={val_every}",
-                     f"data.root={data_root}"]
+                     path_override("data.root", data_root)]
         if lr is not None:
             overrides.append(f"train.lr={lr}")
         if variant.pool is not None:
@@ -131,7 +137,7 @@ class StudyConfig:
         if variant.context is not ContextKind.NONE:
             if tissue_model is None:
                 raise ValueError(f"variant {variant.label} takes tissue context: a tissue model is needed")
-            overrides += [f"data.context={variant.context.value}", f"data.tissue_model={tissue_model}"]
+            overrides += [f"data.context={variant.context.value}", path_override("data.tissue_model", tissue_model)]
         return Config.from_dict(apply_overrides(self.base, overrides))
 
 

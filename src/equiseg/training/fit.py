@@ -53,10 +53,11 @@ def check_data(root: Path) -> None:
     problems = verify_dataset(root)
     if not problems and key is not None:
         _VERIFIED.add(key)
-    if problems:
-        listing = "\n  ".join(str(p) for p in problems[:20])
-        more = f"\n  ... and {len(problems) - 20} more (run `equiseg verify {root}`)" if len(problems) > 20 else ""
-        raise DatasetError(root, f"{len(problems)} problem(s) in the dataset:\n  {listing}{more}")
+    if len(problems) == 1:
+        raise problems[0]
+    if problems:  # one line all the same: the first, and where to see them all
+        raise DatasetError(root, f"{len(problems)} problems in the dataset, the first: {problems[0]} "
+                                 f"(`equiseg verify --data {root}` lists them all)")
 
 
 def build_loggers(config: Config, run_dir: Path) -> list:
