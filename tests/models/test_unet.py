@@ -1,9 +1,16 @@
 """Whole models: exact equivariance per family, gradients, folding, sizes, width matching."""
 
+from pathlib import Path
+
+import numpy as np
 import pytest
+import tifffile
 import torch
+import torch.nn.functional as F
 
 from equiseg import build_model
+from equiseg.data.synthetic import render_pair
+from equiseg.detection import detect_cells
 from equiseg.evaluation.equivariance import equivariance_errors, model_equivariance_error
 from equiseg.groups import C4, D4
 from equiseg.models import (
@@ -17,6 +24,7 @@ from equiseg.models import (
     optimize_for_inference,
     parameter_count,
 )
+from equiseg.models.unet import reflect_pad
 from equiseg.nn import ExpandedConv2d, fold_to_conv2d
 
 TOL = 1e-5
@@ -132,6 +140,37 @@ def test_odd_sizes_are_padded_and_cropped_back():
     assert model_equivariance_error(model, torch.randn(1, 3, 120, 120), D4) <= TOL
 
 
+@pytest.mark.parametrize("family", EXACT + STEERABLE, ids=lambda f: f.value)
+@pytest.mark.parametrize(("side", "depth"), [(30, 2), (30, 3), (4, 4)])
+def test_padded_square_sizes_stay_exact(family, side, depth):
+    """30 px pads to 32 (1 row and column of mirror image a side), 4 px to 16 (6 a side: mirrored
+    onward, the pad being larger than the side); exact for every element of the family's group.
+    """
+    x = torch.randn(1, 3, side, side)
+    model = warm_batch_norm(small(family, depth=depth), torch.randn(1, 3, 32, 32))
+    errors = equivariance_errors(model, x, family.group.elements)
+    assert max(errors.values()) <= TOL, errors
+
+
+def test_reflect_pad_mirrors_about_the_edge_and_onward():
+    x = torch.randn(2, 3, 7, 5)
+    torch.testing.assert_close(reflect_pad(x, (2, 3, 4, 1)), F.pad(x, (2, 3, 4, 1), mode="reflect"), rtol=0, atol=0)
+    row = torch.arange(3.0).view(1, 1, 1, 3)  # 0 1 2 mirrored onward: period 4
+    padded = reflect_pad(row, (5, 6, 2, 2))
+    assert padded[0, 0, 0].tolist() == [1, 0, 1, 2, 1, 0, 1, 2, 1, 0, 1, 2, 1, 0]
+    assert padded.shape == (1, 1, 5, 14) and bool((padded == padded[:, :, :1]).all())  # one row: repeated
+    for side in range(1, 5):  # numpy's "reflect" too, tiny sides included (the export guide says so)
+        image = np.random.default_rng(side).random((side, side + 1, 3))
+        ours = reflect_pad(torch.from_numpy(image).permute(2, 0, 1)[None], (9, 4, 7, 6))[0].permute(1, 2, 0)
+        assert np.array_equal(ours.numpy(), np.pad(image, ((7, 6), (9, 4), (0, 0)), "reflect"))
+    for side in range(1, 6):  # with equal pads on opposite sides it turns and flips with the image
+        for pad in range(8):
+            x = torch.randn(1, 2, side, side)
+            pads = (pad, pad, pad, pad)
+            assert torch.equal(reflect_pad(x.flip(-1), pads), reflect_pad(x, pads).flip(-1))
+            assert torch.equal(reflect_pad(x.rot90(1, (-2, -1)), pads), reflect_pad(x, pads).rot90(1, (-2, -1)))
+
+
 def test_odd_sizes_can_be_refused_with_a_clear_message():
     model = UNet(ConvFamily.PLAIN, 4, depth=4, pad_input=False)
     with pytest.raises(ValueError, match=r"100x100 px.*multiples of 16.*112x112"):
@@ -172,3 +211,100 @@ def test_macs_by_hand_for_a_depth_zero_net():
     # a p4 lifting conv expands to 4 fields x 4 rotations = 16 channels; pooled before the head
     model = build_model("p4", 4, depth=0)
     assert count_macs(model, 8, 8) == 64 * (16 * 3 * 9 + 3 * 4)
+
+
+OCELOT_CELLS = Path(__file__).resolve().parents[3] / "shared/ocelot/gc_input/images/cell_patches/000.tif"
+
+
+def dark_is_nucleus(depth: int = 4) -> UNet:
+    """A plain U-Net of width 1 set by hand: its cell (BC) logit grows with darkness, as a trained
+    model's does (nuclei are the darkest tissue; black, darker still, reads as nucleus to it).
+
+    Level 0 holds the darkness relu(0.75 - mean RGB); each level below holds the one above
+    max-pooled (so a dark pixel darkens its whole 2**l cell at level l); each decoder level is 0.3
+    of the level below (upsampled) plus 0.7 of its own darkness averaged over 3x3; the head gives
+    background 0, BC 20 u - 4 and TC -30.
+    """
+    model = build_model("plain", 1, depth=depth).eval()
+    with torch.no_grad():
+        for tensor in (*model.parameters(), *model.buffers()):
+            tensor.zero_()
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):  # the identity, with a shift where one is set
+                module.running_var.fill_(1 - module.eps)
+                module.weight.fill_(1)
+        model.encoder[0][0].weight[0, :, 1, 1] = -1 / 3
+        model.encoder[0][1].bias[0] = 0.75
+        for block in model.encoder[1:]:
+            block[0].weight[0, 0, 1, 1] = 1
+        for level, block in enumerate(model.decoder):
+            block[0].weight[0, 0, 1, 1] = 0.3  # channel 0 of the level below
+            block[0].weight[0, 2 ** (level + 1)] = 0.7 / 9  # channel 0 of this level's skip
+        model.head.weight[1, 0] = 20
+        model.head.bias[1:] = torch.tensor([-4.0, -30.0])
+    return model
+
+
+def zero_padded(model: UNet, x: torch.Tensor) -> torch.Tensor:
+    """``model``'s logits as 0.1 computed them: the sides padded with zeros (black), evenly, then cropped."""
+    height, width = x.shape[-2:]
+    multiple = 2**model.depth
+    pad_h, pad_w = (-height) % multiple, (-width) % multiple
+    top, left = pad_h // 2, pad_w // 2
+    logits = model.unpadded(F.pad(x, (left, pad_w - left, top, pad_h - top)))
+    return logits[..., top:top + height, left:left + width]
+
+
+def border_cells(cells: np.ndarray, height: int, width: int, band: int) -> np.ndarray:
+    """Which of the cells (rows x, y, ...) lie in the ``band`` px along the image's four sides."""
+    x, y = cells[:, 0], cells[:, 1]
+    return (x < band) | (x >= width - band) | (y < band) | (y >= height - band)
+
+
+def cells_per_length(cells: np.ndarray, height: int, width: int, band: int) -> tuple[float, float]:
+    """Cells per px of row (or column) length in the border ``band`` and in the interior: cells
+    per area there, times ``band``.
+    """
+    border = border_cells(cells, height, width, band)
+    interior_area = (height - 2 * band) * (width - 2 * band)
+    return (band * border.sum() / (height * width - interior_area), band * (~border).sum() / interior_area)
+
+
+def centre_crop(image: np.ndarray, height: int, width: int) -> torch.Tensor:
+    """(1, 3, height, width) in [0, 1] from the centre of an (H, W, 3) uint8 image."""
+    top, left = (image.shape[0] - height) // 2, (image.shape[1] - width) // 2
+    return torch.from_numpy(image[top:top + height, left:left + width]).permute(2, 0, 1).float()[None] / 255
+
+
+@torch.no_grad()
+def test_border_rows_carry_no_more_cells_than_the_interior_on_a_real_image():
+    """Issue 27: zero padding is black, and black reads as nucleus. On 300 x 500 px of a real
+    H&E patch (4 rows and 12 columns of padding at depth 4), the 16 px along the sides held 3 to
+    4 times the interior's cells per length with black borders; mirrored, about as many as inside.
+    """
+    if not OCELOT_CELLS.exists():
+        pytest.skip("the real OCELOT cell patch is not in ../shared/ocelot")
+    x = centre_crop(tifffile.imread(OCELOT_CELLS), 300, 500)
+    model = dark_is_nucleus()
+    border, interior = cells_per_length(detect_cells(model(x)[0].softmax(0)), 300, 500, band=16)
+    black_border, black_interior = cells_per_length(detect_cells(zero_padded(model, x)[0].softmax(0)), 300, 500, 16)
+    assert black_border > 3 * black_interior  # what the test can tell apart: 0.1 failed it
+    assert border <= 1.5 * interior, (border, interior)
+
+
+@torch.no_grad()
+def test_padding_adds_no_cells_at_the_border_of_a_synthetic_patch():
+    """On 300 x 500 px cut from the middle of a synthetic H&E patch, the model finds the same cells
+    along the sides as where it sees the whole patch around them (no padding there); black
+    padding added cells.
+    """
+    image = render_pair(7, 1024).cell_image
+    model = dark_is_nucleus()
+    seen_whole = model(torch.from_numpy(image).permute(2, 0, 1).float()[None] / 255)[0].softmax(0)
+    top, left = (1024 - 300) // 2, (1024 - 500) // 2
+    x = centre_crop(image, 300, 500)
+    around = border_cells(detect_cells(seen_whole[:, top:top + 300, left:left + 500]), 300, 500, 16).sum()
+    mirrored = border_cells(detect_cells(model(x)[0].softmax(0)), 300, 500, 16).sum()
+    black = border_cells(detect_cells(zero_padded(model, x)[0].softmax(0)), 300, 500, 16).sum()
+    assert black >= around + 4  # 0.1's padding, what the test can tell apart
+    assert mirrored <= around + 1, (mirrored, around)

@@ -127,6 +127,38 @@ def _up(x: torch.Tensor) -> torch.Tensor:
     return F.interpolate(x, scale_factor=2.0, mode="nearest")
 
 
+def reflect_pad(x: torch.Tensor, pad: tuple[int, int, int, int]) -> torch.Tensor:
+    """``x`` (..., H, W) padded by ``pad`` = (left, right, top, bottom) px of its own mirror image.
+
+    Padded row ``-k`` is row ``k`` of the image and row ``H - 1 + k`` is row ``H - 1 - k`` (the
+    edge row is not repeated: ``F.pad``'s ``"reflect"``), likewise the columns. A pad not smaller
+    than its side goes on mirroring: the rows repeat with period 2 (H - 1), a triangle wave, and a
+    side of one pixel repeats that pixel. The row taken at offset i depends only on (H, top,
+    bottom) and turns with the image: with r(i) that row, r(H - 1 - i) = H - 1 - r(i), so with
+    top = bottom padding commutes with flipping the rows, and the same rule for the columns
+    makes it commute with the transpose when H = W and the four pads are equal: with all of D4.
+    """
+    left, right, top, bottom = pad
+    height, width = x.shape[-2:]
+    if max(top, bottom) < height and max(left, right) < width:
+        return F.pad(x, pad, mode="reflect")
+    rows = _mirrored(height, top, bottom, x.device)
+    columns = _mirrored(width, left, right, x.device)
+    return x.index_select(-2, rows).index_select(-1, columns)
+
+
+def _mirrored(length: int, before: int, after: int, device: torch.device) -> torch.Tensor:
+    """The index into 0 .. length - 1 of each position -before .. length - 1 + after, mirrored
+    at both ends again and again (`reflect_pad`).
+    """
+    position = torch.arange(-before, length + after, device=device)
+    if length == 1:
+        return torch.zeros_like(position)
+    period = 2 * (length - 1)
+    position = position.remainder(period)
+    return torch.where(position < length, position, period - position)
+
+
 class UNet(nn.Module):
     """A U-Net with one conv (+ norm + ReLU) per level, parameterised by its conv family.
 
@@ -142,10 +174,13 @@ class UNet(nn.Module):
         f(T_g x) = T_g f(x)   for all g in G,
 
     exactly up to float rounding when H and W are multiples of 2**depth (pooling then tiles
-    every level evenly). Other sizes are zero-padded to the next multiple, split evenly between
-    the two sides, and the logits cropped back; this stays exact when the total padding of each
-    side pair is even, and is only approximately equivariant when it is odd (one extra row or
-    column lands on one side). With ``pad_input=False`` such sizes are refused instead.
+    every level evenly). Other sizes are padded to the next multiple with the image's mirror image
+    (`reflect_pad`; it looks like the tissue around it, where zeros, black, read as nuclei along
+    the border), split evenly between the two sides, and the logits cropped back.
+    Reflection about the edges commutes with flipping an axis when both of its sides get the same
+    pad, and rows and columns are padded by one rule, so this stays exact when the total padding
+    of each side pair is even, and is only approximately equivariant when it is odd (one extra
+    row or column lands on one side). With ``pad_input=False`` such sizes are refused instead.
 
     Args:
         family: the conv family.
@@ -213,7 +248,7 @@ class UNet(nn.Module):
                 "or build it with pad_input=True"
             )
         top, left = pad_h // 2, pad_w // 2
-        return F.pad(x, (left, pad_w - left, top, pad_h - top)), (top, left)
+        return reflect_pad(x, (left, pad_w - left, top, pad_h - top)), (top, left)
 
     def extra_repr(self) -> str:
         return (f"family={self.family.value}, width={self.width}, depth={self.depth}"
