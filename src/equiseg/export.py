@@ -3,7 +3,8 @@
 The file holds the model optimized for inference (`optimize_for_inference`:
 equivariant convs expanded, batch norm folded) without the U-Net's padding: its input is
 (N, C, H, W) float32 with H and W multiples of 2**depth (any such size; pad other images
-yourself), its output the logits (N, classes, H, W); softmax over axis 1 gives probabilities.
+yourself, as equiseg does by reflection, evenly on both sides, then crop the logits back), its
+output the logits (N, classes, H, W); softmax over axis 1 gives probabilities.
 C = 3 (RGB in [0, 1], i.e. uint8 / 255, no mean or std), plus 2 tissue-context channels
 (background, cancer probabilities on the cell patch's grid) for models trained with context.
 
@@ -61,7 +62,8 @@ def model_card(config: Config, checkpoint: Path) -> dict[str, Any]:
         "family": config.model.family.value,
         "width": config.model.width,
         "depth": config.model.depth,
-        "input": f"image: float32 (N, {config.in_channels}, H, W), H and W multiples of {multiple}",
+        "input": f"image: float32 (N, {config.in_channels}, H, W), H and W multiples of {multiple} "
+                 "(pad other sizes by reflection, evenly on both sides, and crop the logits back)",
         "input_channels": ["R", "G", "B", *(["tissue background", "tissue cancer"] if context else [])],
         "normalisation": "RGB as uint8 / 255 (values in [0, 1]); no mean or std"
                          + ("; tissue channels are probabilities on the cell patch's grid" if context else ""),
