@@ -281,3 +281,156 @@ def test_a_dataset_path_is_a_path_never_yaml(tmp_path, monkeypatch, given):
     result = runner.invoke(app, ["train", "--data", given, "--out", str(tmp_path / "run")])
     assert_one_line_refusal(result, given)
     assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()  # no synthetic data instead
+
+
+# --- images: sizes declared in the header, truncation, one conversion rule -------------------------------------------
+
+
+def forged_tiff(path, height, width, tile=None, planar=False):
+    """A TIFF of a few hundred bytes whose header declares ``height`` x ``width`` px: a 16 x 16
+    zlib image written by tifffile, then its size tags (and the strip or tile size, one segment
+    holding it all) rewritten in place. Nothing of the declared size is ever allocated here.
+    """
+    import struct
+
+    import tifffile
+
+    image = np.zeros((3, 16, 16) if planar else (16, 16, 3), np.uint8)
+    tifffile.imwrite(path, image, photometric="rgb", compression="zlib", metadata=None,
+                     tile=(16, 16) if tile else None, planarconfig="separate" if planar else None)
+    sizes = {"ImageWidth": width, "ImageLength": height}
+    sizes.update({"TileWidth": tile, "TileLength": tile} if tile else {"RowsPerStrip": height})
+    with tifffile.TiffFile(path) as tiff:
+        places = {name: tiff.pages[0].tags[name].valueoffset for name in sizes}
+    with open(path, "r+b") as file:
+        for name, value in sizes.items():
+            file.seek(places[name])
+            file.write(struct.pack("<I", value))
+    return path
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path):
+    return save_model(build_model("plain", width=4, depth=2), tiny_config(tmp_path), tmp_path / "tiny.ckpt")
+
+
+@pytest.mark.parametrize("layout, words", [
+    ("strip", ["strips of 100000x100000 px", "10,000,000,000 px"]),      # read a strip at a time: one strip
+    ("tile", ["tiles of 65536x65536 px"]),                               # read a tile at a time: one tile
+    ("planar", ["an image of 100000x100000 px"]),                        # a layout decoded whole
+])
+def test_a_tiff_that_declares_a_huge_image_is_refused_before_decoding(tmp_path, tiny_checkpoint, layout, words):
+    bomb = forged_tiff(tmp_path / "bomb.tif", *((65536, 65536) if layout == "tile" else (100000, 100000)),
+                       tile=65536 if layout == "tile" else None, planar=layout == "planar")
+    assert bomb.stat().st_size < 1000
+    result = runner.invoke(app, ["predict", "--model", str(tiny_checkpoint), str(bomb), "--out", str(tmp_path / "out")])
+    assert_one_line_refusal(result, str(bomb), "decompression-bomb limit", *words)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_streamed_tiff_too_wide_for_its_bands_is_refused(tmp_path, tiny_checkpoint, monkeypatch):
+    import tifffile
+
+    wide = tmp_path / "wide.tif"
+    tifffile.imwrite(wide, np.zeros((64, 96, 3), np.uint8), photometric="rgb", compression="zlib", tile=(16, 16))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2000)  # limit 4,000 px: a 256-px tile is in, 64 rows x 96 are not
+    result = runner.invoke(app, ["predict", "--model", str(tiny_checkpoint), str(wide), "--out", str(tmp_path / "out")])
+    assert_one_line_refusal(result, str(wide), "width of 96 px", "64 rows", "decompression-bomb limit")
+    assert not (tmp_path / "out").exists()
+
+
+def _challenge_input(root, cell_stack, tissue_stack, entries=1):
+    import json
+
+    import tifffile
+
+    from equiseg.data.ocelot import pair_record
+
+    for kind, stack in (("cell_patches", cell_stack), ("tissue_patches", tissue_stack)):
+        (root / "images" / kind).mkdir(parents=True)
+        path = root / "images" / kind / "000.tif"
+        if isinstance(stack, np.ndarray):
+            tifffile.imwrite(path, stack, photometric="rgb" if stack.shape[-1] in (3, 4) else None)
+        else:
+            stack(path)
+    record = pair_record("test", 0.2, 0.8, 0.5, 0.5, cell_size=64, tissue_size=64)
+    (root / "metadata.json").write_text(json.dumps([record] * entries))
+    return root
+
+
+def _challenge(tmp_path, checkpoint, root):
+    return runner.invoke(app, ["challenge", str(root), "--model", str(checkpoint), "--out", str(tmp_path / "out")])
+
+
+def test_a_challenge_input_that_declares_huge_patches_is_refused(tmp_path, tiny_checkpoint):
+    root = _challenge_input(tmp_path / "gc", lambda path: forged_tiff(path, 100000, 100000),
+                            np.zeros((1, 64, 64, 3), np.uint8))
+    cells = root / "images" / "cell_patches" / "000.tif"
+    result = _challenge(tmp_path, tiny_checkpoint, root)
+    assert_one_line_refusal(result, str(cells), "patches of 100000x100000 px", "decompression-bomb limit")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_challenge_input_with_an_empty_metadata_list_is_refused(tmp_path, tiny_checkpoint):
+    stack = np.zeros((1, 64, 64, 3), np.uint8)
+    root = _challenge_input(tmp_path / "gc", stack, stack, entries=0)
+    result = _challenge(tmp_path, tiny_checkpoint, root)
+    assert_one_line_refusal(result, str(root / "metadata.json"), "empty list", "no pairs")
+    assert not (tmp_path / "out").exists()
+
+
+def test_challenge_reads_a_16_bit_stack_by_the_rule_predict_reads_it(tmp_path, tiny_checkpoint):
+    """Grey repeated, alpha dropped, 16-bit scaled by round(v / 257): `read_rgb`'s rule, for every reader."""
+    import tifffile
+
+    from equiseg.data.ocelot import GrandChallengeInput, read_rgb
+
+    rng = np.random.default_rng(0)
+    cells16 = rng.integers(0, 65536, (2, 64, 64, 3), dtype=np.uint16)
+    tissue_grey = rng.integers(0, 256, (2, 64, 64), dtype=np.uint8)
+    root = _challenge_input(tmp_path / "gc", cells16, tissue_grey, entries=2)
+    data = GrandChallengeInput(root)
+    for i in range(2):
+        tifffile.imwrite(tmp_path / "one16.tif", cells16[i], photometric="rgb")
+        tifffile.imwrite(tmp_path / "grey.tif", tissue_grey[i])
+        np.testing.assert_array_equal(data[i].cell_image, read_rgb(tmp_path / "one16.tif"))
+        np.testing.assert_array_equal(data[i].cell_image, np.round(cells16[i] / 257).astype(np.uint8))
+        np.testing.assert_array_equal(data[i].tissue_image, read_rgb(tmp_path / "grey.tif"))
+    result = _challenge(tmp_path, tiny_checkpoint, root)
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "out" / "cell_classification.json").is_file()
+
+
+def _cut(path):
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+    return path
+
+
+@pytest.mark.parametrize("kind", ["png", "tif", "tif-tiles", "tif-strips"])
+def test_a_truncated_image_is_one_line_naming_the_file(tmp_path, tiny_checkpoint, kind):
+    import tifffile
+
+    image = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    path = tmp_path / f"cut.{kind[:3]}"
+    if kind == "png":
+        Image.fromarray(image).save(path)
+    else:
+        tifffile.imwrite(path, image, photometric="rgb", **{
+            "tif": {}, "tif-tiles": {"compression": "zlib", "tile": (16, 16)},
+            "tif-strips": {"compression": "zlib", "rowsperstrip": 8}}[kind])
+    result = runner.invoke(app, ["predict", "--model", str(tiny_checkpoint), str(_cut(path)),
+                                 "--out", str(tmp_path / "out")])
+    assert_one_line_refusal(result, str(path))
+    said = result.output.strip().split(str(path))[-1]  # the test's folder is named "truncated" too
+    assert "truncated" in said and len(said) < 120 and not (tmp_path / "out").exists()
+
+
+def test_a_truncated_challenge_stack_is_one_line_naming_the_file(tmp_path, tiny_checkpoint):
+    stack = np.random.default_rng(0).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+    root = _challenge_input(tmp_path / "gc", stack, stack, entries=2)
+    tissue = _cut(root / "images" / "tissue_patches" / "000.tif")
+    result = _challenge(tmp_path, tiny_checkpoint, root)
+    assert_one_line_refusal(result, str(tissue))
+    assert "truncated" in result.output.split(str(tissue))[-1] and not (tmp_path / "out").exists()
+

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from equiseg import build_model
 from equiseg.cli import app
-from equiseg.data.ocelot import as_rgb, image_to_tensor, read_rgb
+from equiseg.data.ocelot import ImageRefused, as_rgb, image_to_tensor, read_rgb
 from equiseg.detection import BlockDetector, detect_cells, find_cells, peak_candidates, read_points_json
 from equiseg.inference import predict, readers
 from equiseg.inference import tiling as inference
@@ -273,7 +273,7 @@ def test_a_failed_prediction_leaves_the_earlier_one_whole(tmp_path):
     first = predict_files(RedIsCell(), tiny_config(tmp_path), [tmp_path / "a.png"], out, tile=32, overlap=8)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     (tmp_path / "broken.png").write_bytes(b"not a png")
-    with pytest.raises(OSError):
+    with pytest.raises(ImageRefused, match="broken.png: unreadable"):
         predict_files(RedIsCell(), tiny_config(tmp_path), [tmp_path / "a.png", tmp_path / "broken.png"], out,
                       tile=32, overlap=8)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before and first.json_path.is_file()

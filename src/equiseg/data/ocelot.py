@@ -23,6 +23,8 @@ import enum
 import json
 import math
 import re
+import struct
+import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -200,31 +202,139 @@ class Resolution:
         return {"cell_mpp": self.cell_mpp, "tissue_mpp": self.tissue_mpp}
 
 
+class ImageRefused(ValueError):
+    """An image file that equiseg does not decode: its header declares more pixels to decode at
+    once than `decode_limit`, its pixel data is cut short, or it cannot be decoded.
+    ``str(error)`` is ``"path: message"``.
+    """
+
+    def __init__(self, path: Path | str, message: str) -> None:
+        self.path, self.message = Path(path), message
+        super().__init__(f"{self.path}: {message}")
+
+
+def decode_limit() -> int | None:
+    """The most pixels equiseg decodes at once from one image file, whatever its format: Pillow's
+    decompression-bomb limit, 2 x ``PIL.Image.MAX_IMAGE_PIXELS`` (178,956,970 px unless that is
+    changed; no limit when it is None). One rule for every reader: `read_rgb` (so the dataset
+    readers and ``equiseg predict`` of a JPEG or PNG), each tile or strip that
+    `equiseg.inference.readers.RgbFile` decodes, each pair of the Grand Challenge input.
+    """
+    return None if Image.MAX_IMAGE_PIXELS is None else 2 * int(Image.MAX_IMAGE_PIXELS)
+
+
+def check_decoded_size(path: Path | str, height: int, width: int, what: str = "an image") -> None:
+    """Refuse to decode ``what`` of ``height`` x ``width`` px at once when that is more than
+    `decode_limit`: called with the size the file's header declares, before anything is decoded
+    (a few KB on disk can declare gigabytes).
+
+    Raises:
+        ImageRefused: naming the file and the declared size.
+    """
+    limit = decode_limit()
+    if limit is not None and height * width > limit:
+        raise ImageRefused(path, f"refused, its header declares {what} of {width}x{height} px ({height * width:,} px) "
+                                 f"to decode at once, over the decompression-bomb limit of {limit:,} px")
+
+
+def unreadable(path: Path | str, error: BaseException, what: str = "image") -> ImageRefused:
+    """The one-line refusal of a ``what`` that fails to decode: ``error``'s first line, shortened."""
+    cause = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    cause = cause if len(cause) <= 120 else cause[:117] + "..."
+    return ImageRefused(path, f"unreadable or truncated {what} ({cause})")
+
+
+def pillow_refusal(path: Path | str, error: Image.DecompressionBombError) -> ImageRefused:
+    """Pillow's decompression-bomb refusal (the limit `decode_limit` names) as one line naming the file."""
+    return ImageRefused(path, f"refused, its header declares more pixels than the decompression-bomb limit of "
+                              f"{decode_limit() or 0:,} px to decode at once ({error})")
+
+
+# what decoding a damaged image raises (Pillow: OSError, SyntaxError, EOFError; tifffile: TiffFileError,
+# a ValueError, and zlib.error from a cut deflate stream; struct.error from a cut header)
+DECODE_ERRORS = (OSError, SyntaxError, EOFError, ValueError, zlib.error, struct.error)
+
+
 def read_rgb(path: Path | str) -> np.ndarray:
     """An image file (JPEG, PNG, TIFF) as (H, W, 3) uint8, decoded whole: the one decoder of RGB
     images (dataset readers and ``equiseg predict`` alike). Grey is repeated into three
     channels, alpha is dropped, 16-bit images (TIFF or PNG) are scaled by round(v / 257), the
-    same everywhere; TIFF through tifffile, everything else through Pillow, which
-    refuses images over its decompression-bomb limit (about 179 Mpx): a ValueError naming the file.
+    same everywhere; TIFF through tifffile, everything else through Pillow.
+
+    Raises:
+        ImageRefused: the header declares more than `decode_limit` pixels (checked before
+            decoding; Pillow's decompression-bomb check, the same limit, for its formats), the
+            file is truncated, or it does not decode; the message names the file.
+        FileNotFoundError: no such file.
     """
     path = Path(path)
-    if path.suffix.lower() in (".tif", ".tiff"):
-        array = tifffile.imread(path)
-        if array.ndim == 4 and array.shape[0] == 1:
-            array = array[0]
-        if array.ndim == 3 and array.shape[0] in (3, 4) and array.shape[-1] not in (3, 4):
-            array = np.moveaxis(array, 0, -1)  # channels first -> last
-        if array.dtype not in (np.uint8, np.uint16) or not (
-                array.ndim == 2 or (array.ndim == 3 and array.shape[-1] in (3, 4))):
-            raise ValueError(f"{path}: expected an RGB image, got shape {array.shape} {array.dtype}")
-        return as_rgb(array)
     try:
+        if path.suffix.lower() in (".tif", ".tiff"):
+            return _read_tiff(path)
         with Image.open(path) as image:
             if image.mode.startswith("I"):  # 16-bit grey ("I;16", or "I" as Pillow opens 16-bit PNG)
                 return as_rgb(np.asarray(image).astype(np.uint16))
             return np.asarray(image.convert("RGB"))
     except Image.DecompressionBombError as error:  # a few KB on disk that would decode to gigabytes
-        raise ValueError(f"{path}: refused, more pixels than Pillow's decompression-bomb limit ({error})") from None
+        raise pillow_refusal(path, error) from None
+    except (ImageRefused, FileNotFoundError):
+        raise
+    except DECODE_ERRORS as error:
+        raise unreadable(path, error) from None
+
+
+def _read_tiff(path: Path) -> np.ndarray:
+    """`read_rgb` of a TIFF: the first series, its size and layout checked from the header first."""
+    with tifffile.TiffFile(path) as tiff:
+        if not tiff.series:
+            raise ImageRefused(path, "unreadable or truncated image (no image in the TIFF)")
+        series = tiff.series[0]
+        height, width = tiff_rgb_size(path, series.shape, series.dtype)
+        check_decoded_size(path, height, width)
+        for page in series.pages:
+            if page is not None:
+                check_tiff_data(path, page, tiff.filehandle.size)
+        return tiff_rgb(path, series.asarray())
+
+
+def tiff_rgb_size(path: Path | str, shape: Sequence[int], dtype: np.dtype | None) -> tuple[int, int]:
+    """(H, W) of a TIFF image whose header declares ``shape`` and ``dtype``, if the RGB rule reads
+    it: (H, W), (H, W, 3|4) or (3|4, H, W), optionally (1, ...), of uint8 or uint16.
+
+    Raises:
+        ImageRefused: any other shape or type.
+    """
+    dims = tuple(shape)[1:] if len(shape) == 4 and shape[0] == 1 else tuple(shape)
+    if len(dims) == 3 and dims[0] in (3, 4) and dims[-1] not in (3, 4):
+        dims = (*dims[1:], dims[0])  # channels first -> last
+    if dtype not in (np.uint8, np.uint16) or not (len(dims) == 2 or (len(dims) == 3 and dims[-1] in (3, 4))):
+        raise ImageRefused(path, f"expected an RGB image, got shape {tuple(shape)} {dtype}")
+    return dims[0], dims[1]
+
+
+def tiff_rgb(path: Path | str, array: np.ndarray) -> np.ndarray:
+    """A decoded TIFF image (a shape `tiff_rgb_size` accepts) as (H, W, 3) uint8 by `as_rgb`."""
+    tiff_rgb_size(path, array.shape, array.dtype)
+    if array.ndim == 4:
+        array = array[0]
+    if array.ndim == 3 and array.shape[0] in (3, 4) and array.shape[-1] not in (3, 4):
+        array = np.moveaxis(array, 0, -1)  # channels first -> last
+    return as_rgb(array)
+
+
+def check_tiff_data(path: Path | str, page: tifffile.TiffPage | tifffile.TiffFrame, file_size: int) -> None:
+    """Refuse a TIFF page whose header places pixel data beyond the end of the file: a truncated
+    file, named as such before any decoding (tifffile would pad or fail later, in other words).
+
+    Raises:
+        ImageRefused: naming the file, where its data should end and its size.
+    """
+    end = max((offset + count for offset, count in zip(page.dataoffsets, page.databytecounts) if count), default=0)
+    if page.is_contiguous and page.dataoffsets:  # uncompressed, read from the first offset whatever the counts say
+        end = max(end, page.dataoffsets[0] + page.nbytes)
+    if end > file_size:
+        raise ImageRefused(path, f"truncated: its header places pixel data up to byte {end:,}, "
+                                 f"but the file has {file_size:,} bytes")
 
 
 def rgb_conversion(path: Path | str) -> str | None:
@@ -275,8 +385,8 @@ def read_image(path: Path, shape: tuple[int, int] | None = None) -> np.ndarray:
         raise DatasetError(path, "missing")
     try:
         array = read_rgb(path)
-    except (OSError, SyntaxError, ValueError, tifffile.TiffFileError) as error:
-        raise DatasetError(path, f"unreadable or truncated image ({error})") from None
+    except ImageRefused as error:
+        raise DatasetError(path, error.message) from None
     if shape is not None and array.shape[:2] != tuple(shape):
         raise DatasetError(path, f"size {array.shape[1]}x{array.shape[0]}, expected {shape[1]}x{shape[0]}")
     return array
@@ -291,8 +401,10 @@ def read_tissue_mask(path: Path, shape: tuple[int, int] | None = None) -> np.nda
             if image.mode not in ("L", "P", "I", "I;16"):
                 raise DatasetError(path, f"expected a one-channel mask, got mode {image.mode}")
             array = np.asarray(image)
-    except (OSError, SyntaxError, ValueError) as error:
-        raise DatasetError(path, f"unreadable or truncated mask ({error})") from None
+    except Image.DecompressionBombError as error:  # the limit of every image reader (`decode_limit`)
+        raise DatasetError(path, pillow_refusal(path, error).message) from None
+    except DECODE_ERRORS as error:
+        raise DatasetError(path, unreadable(path, error, "mask").message) from None
     if shape is not None and array.shape != tuple(shape):
         raise DatasetError(path, f"size {array.shape[1]}x{array.shape[0]}, expected {shape[1]}x{shape[0]}")
     bad = np.setdiff1d(np.unique(array), TISSUE_VALUES)
@@ -429,39 +541,75 @@ def pair_paths(root: Path, split: Split | str, sample_id: str) -> dict[str, Path
 class GrandChallengeInput(Sequence[Sample]):
     """The Grand Challenge container's input: stacked TIFFs and a metadata list; no labels.
 
-    Sample ``i`` (the ``pair_id``) is slice ``i`` of the stacks; both stacks are read as
-    memory maps where the TIFF allows it, so a long phase is not loaded whole.
+    Sample ``i`` (the ``pair_id``) is page ``i`` of each stack (a stack of one page may be a
+    single (H, W, 3) image). The stacks' headers are checked when the folder is opened (one page
+    per metadata entry, a layout the RGB rule reads, at most `decode_limit` pixels a page); a
+    pair is decoded when asked for, so a long phase is never loaded whole, and converted by the
+    rule of `read_rgb` (grey repeated, alpha dropped, 16-bit scaled by round(v / 257)), as
+    ``equiseg predict`` reads the same file.
+
+    Raises:
+        DatasetError: naming the file: metadata.json missing, not a list or empty, a stack
+            missing, unreadable, truncated, of another count or layout, or over the size limit.
     """
+
+    KINDS = ("cell_patches", "tissue_patches")
 
     def __init__(self, root: Path | str) -> None:
         self.root = Path(root)
-        data = _load_json(self.root / "metadata.json")
+        listing = self.root / "metadata.json"
+        data = _load_json(listing)
         if not isinstance(data, list):
-            raise DatasetError(self.root / "metadata.json", "expected a JSON list indexed by pair_id")
-        self.metadata = [parse_pair(f"{i:03d}", record, self.root / "metadata.json") for i, record in enumerate(data)]
-        self._stacks = {}
-        for kind in ("cell_patches", "tissue_patches"):
-            files = sorted((self.root / "images" / kind).glob("*.tif*"))
-            if not files:
-                raise DatasetError(self.root / "images" / kind, "no TIFF found")
-            try:
-                stack = tifffile.imread(files[0])
-            except (OSError, ValueError, tifffile.TiffFileError) as error:
-                raise DatasetError(files[0], f"unreadable TIFF ({error})") from None
-            if stack.ndim == 3:
-                stack = stack[None]  # one pair: (H, W, 3) -> (1, H, W, 3)
-            if stack.ndim != 4 or stack.shape[-1] != 3 or stack.dtype != np.uint8:
-                raise DatasetError(files[0], f"expected (N, H, W, 3) uint8, got {stack.shape} {stack.dtype}")
-            if len(stack) != len(self.metadata):
-                raise DatasetError(files[0], f"{len(stack)} patches but {len(self.metadata)} metadata entries")
-            self._stacks[kind] = stack
+            raise DatasetError(listing, "expected a JSON list indexed by pair_id")
+        if not data:
+            raise DatasetError(listing, "an empty list: no pairs to predict (entry i describes pair_id i)")
+        self.metadata = [parse_pair(f"{i:03d}", record, listing) for i, record in enumerate(data)]
+        self._stacks = {kind: self._stack(kind) for kind in self.KINDS}
+
+    def _stack(self, kind: str) -> Path:
+        """The TIFF of one kind of patch, its header checked."""
+        files = sorted((self.root / "images" / kind).glob("*.tif*"))
+        if not files:
+            raise DatasetError(self.root / "images" / kind, "no TIFF found")
+        try:
+            with tifffile.TiffFile(files[0]) as tiff:
+                if not tiff.series:
+                    raise ImageRefused(files[0], "unreadable or truncated image (no image in the TIFF)")
+                series = tiff.series[0]
+                count, page = len(series.pages), series.keyframe
+                height, width = tiff_rgb_size(files[0], page.shape, page.dtype)
+                check_decoded_size(files[0], height, width, "patches")
+                for each in series.pages:  # a truncated stack is refused before any pair runs
+                    assert each is not None  # every page of a series is there
+                    check_tiff_data(files[0], each, tiff.filehandle.size)
+        except ImageRefused as error:
+            raise DatasetError(files[0], error.message) from None
+        except DECODE_ERRORS as error:
+            raise DatasetError(files[0], unreadable(files[0], error, "TIFF").message) from None
+        if count != len(self.metadata):
+            raise DatasetError(files[0], f"{count} patches but {len(self.metadata)} metadata entries")
+        return files[0]
+
+    def patch(self, kind: str, pair_id: int) -> np.ndarray:
+        """Page ``pair_id`` of the stack of ``kind`` (one of `KINDS`) as (H, W, 3) uint8."""
+        path = self._stacks[kind]
+        try:
+            with tifffile.TiffFile(path) as tiff:
+                page = tiff.series[0].pages[pair_id]
+                assert page is not None  # every page of a series is there
+                check_tiff_data(path, page, tiff.filehandle.size)
+                return tiff_rgb(path, page.asarray())
+        except ImageRefused as error:
+            raise DatasetError(path, error.message) from None
+        except DECODE_ERRORS as error:
+            raise DatasetError(path, unreadable(path, error, f"patch {pair_id}").message) from None
 
     def __len__(self) -> int:
         return len(self.metadata)
 
     def __getitem__(self, pair_id: int) -> Sample:  # type: ignore[override]
-        return Sample(np.asarray(self._stacks["cell_patches"][pair_id]),
-                      np.asarray(self._stacks["tissue_patches"][pair_id]), None, None, self.metadata[pair_id])
+        return Sample(self.patch("cell_patches", pair_id), self.patch("tissue_patches", pair_id), None, None,
+                      self.metadata[pair_id])
 
     def __iter__(self) -> Iterator[Sample]:
         return (self[i] for i in range(len(self)))

@@ -13,9 +13,20 @@ import tifffile
 import torch
 from numpy.typing import DTypeLike
 
-from equiseg.data.ocelot import as_rgb, image_to_tensor, read_rgb
+from equiseg.data.ocelot import (
+    DECODE_ERRORS,
+    ImageRefused,
+    as_rgb,
+    check_decoded_size,
+    check_tiff_data,
+    decode_limit,
+    image_to_tensor,
+    read_rgb,
+    unreadable,
+)
 
 SEGMENT_CACHE_BYTES = 64 * 2**20  # decoded TIFF tiles or strips that RgbFile keeps for the next windows
+STREAM_ROWS = 256  # rows across an image's width that streaming holds at once (window overlap, detector halo)
 
 
 class ImageReading(enum.Enum):
@@ -39,6 +50,16 @@ class RgbFile:
     Anything else is decoded whole into (H, W, 3) uint8, never float. Conversion as
     `read_rgb`. `close` it after use.
 
+    Size limits, from the header before anything is decoded, one rule with every reader
+    (`equiseg.data.ocelot.decode_limit`, about 179 Mpx): nothing over the limit is decoded at
+    once, so an image decoded whole may hold that many pixels, and a TIFF read lazily may be of
+    any height but each of its tiles or strips within the limit; and since streaming holds
+    strips of about `STREAM_ROWS` rows across the width (the windows' overlap, the detector's
+    halo), a band of that many rows across the width must be within it too (at most 699,050 px
+    wide by default). A TIFF whose header places pixel data beyond the end of the file is
+    refused as truncated. Every refusal is an `ImageRefused` naming the file (and the declared
+    size).
+
     Attributes:
         path: the file.
         height, width: its size, px.
@@ -58,22 +79,53 @@ class RgbFile:
         self._page = page
         self.height, self.width = page.shape[:2]
         self.reading = ImageReading.CONTIGUOUS if page.is_memmappable else ImageReading.SEGMENTS
+        try:
+            self._check_sizes()
+            if self.reading is ImageReading.SEGMENTS:
+                self.region(0, 1, 0, 1)  # a codec that is not installed shows up here, not halfway through
+        except ImageRefused:
+            self.close()
+            raise
+        except ValueError as error:
+            self.close()
+            raise ValueError(f"{self.path}: {error}") from None
+
+    def _check_sizes(self) -> None:
+        """Refuse a TIFF read lazily whose header declares a tile or strip, or a band of `STREAM_ROWS`
+        rows across the width, over `decode_limit`, or pixel data beyond the end of the file.
+        """
+        tiff, page = self._open_tiff(), self._page
+        check_tiff_data(self.path, page, tiff.filehandle.size)
         if self.reading is ImageReading.SEGMENTS:
-            try:  # a codec that is not installed shows up here, not halfway through the image
-                self.region(0, 1, 0, 1)
-            except ValueError as error:
-                self.close()
-                raise ValueError(f"{self.path}: {error}") from None
+            tiled = page.is_tiled
+            check_decoded_size(self.path, page.tilelength if tiled else page.rowsperstrip,
+                               page.tilewidth if tiled else self.width, "tiles" if tiled else "strips")
+        band, limit = min(self.height, STREAM_ROWS) * self.width, decode_limit()
+        if limit is not None and band > limit:
+            raise ImageRefused(self.path, f"refused, its header declares a width of {self.width:,} px: streaming "
+                                          f"holds {min(self.height, STREAM_ROWS)} rows across it ({band:,} px), over "
+                                          f"the decompression-bomb limit of {limit:,} px")
 
     def _lazy_page(self) -> tifffile.TiffPage | None:
         """The TIFF page to read lazily, or None (not a TIFF, or a layout read whole)."""
         if self.path.suffix.lower() not in (".tif", ".tiff"):
             return None
-        tiff = tifffile.TiffFile(self.path)
-        page = tiff.pages[0]
-        if (isinstance(page, tifffile.TiffPage)  # the first page always is one (later ones may be frames)
-                and tiff.series and tiff.series[0].shape == page.shape and page.dtype in (np.uint8, np.uint16)
-                and (page.axes == "YX" or (page.axes == "YXS" and page.shape[-1] in (1, 3, 4)))):
+        try:
+            tiff = tifffile.TiffFile(self.path)
+        except FileNotFoundError:
+            raise
+        except DECODE_ERRORS as error:
+            raise unreadable(self.path, error) from None
+        try:
+            page = tiff.pages[0]
+            lazy = (isinstance(page, tifffile.TiffPage)  # the first page always is one (later ones may be frames)
+                    and tiff.series and tiff.series[0].shape == page.shape and page.dtype in (np.uint8, np.uint16)
+                    and (page.axes == "YX" or (page.axes == "YXS" and page.shape[-1] in (1, 3, 4))))
+        except DECODE_ERRORS as error:
+            tiff.close()
+            raise unreadable(self.path, error) from None
+        if lazy:
+            assert isinstance(page, tifffile.TiffPage)
             self._tiff = tiff
             return page
         tiff.close()
@@ -129,8 +181,11 @@ class RgbFile:
         if not count:
             return None
         handle.seek(offset)
-        segment, (_, _, y, x, _), _ = page.decode(handle.read(count), index, jpegtables=page.jpegtables,
-                                                  jpegheader=page.jpegheader)
+        try:
+            segment, (_, _, y, x, _), _ = page.decode(handle.read(count), index, jpegtables=page.jpegtables,
+                                                      jpegheader=page.jpegheader)
+        except DECODE_ERRORS as error:  # a cut or damaged segment (the file's length was checked)
+            raise unreadable(self.path, error, f"{'tile' if page.is_tiled else 'strip'} {index}") from None
         assert segment is not None  # None only for a segment with no bytes, skipped above
         # (depth 1, h, w, samples) -> (h, w, samples); tiles at the right and bottom edges are
         # stored whole: crop them to the image
