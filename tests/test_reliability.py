@@ -434,3 +434,36 @@ def test_a_truncated_challenge_stack_is_one_line_naming_the_file(tmp_path, tiny_
     assert_one_line_refusal(result, str(tissue))
     assert "truncated" in result.output.split(str(tissue))[-1] and not (tmp_path / "out").exists()
 
+
+# --- a killed synth ---------------------------------------------------------------------------------------------------
+
+
+def test_a_killed_synth_leaves_no_dataset_and_the_rerun_starts_over(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "synthetic"
+    kill = ("import os, sys; from equiseg.data.synthetic import generate_dataset; "
+            "generate_dataset(sys.argv[1], {'train': 6}, size=32, seed=4, crowding=0, "
+            "on_sample=lambda done, total: done == 2 and os.kill(os.getpid(), 9))")
+    killed = subprocess.run([sys.executable, "-c", kill, str(out)], capture_output=True)
+    assert killed.returncode == -9, killed.stderr
+    staging = list(tmp_path.glob(".synthetic.partial-*"))
+    assert not out.exists() and len(staging) == 1  # two pairs written, beside the destination
+    assert runner.invoke(app, ["verify", "--data", str(out)]).exit_code != 0  # nothing there to call clean
+    result = runner.invoke(app, ["synth", "--out", str(out), "--train", "6", "--val", "0", "--test", "0",
+                                 "--size", "32", "--seed", "4", "--crowding", "0"])
+    assert result.exit_code == 0, result.output
+    assert not staging[0].exists() and sorted(p.name for p in tmp_path.iterdir()) == ["synthetic"]
+    assert runner.invoke(app, ["verify", "--data", str(out)]).exit_code == 0
+
+
+def test_an_interrupted_synth_leaves_nothing(tmp_path):
+    from equiseg.data.synthetic import generate_dataset
+
+    def interrupt(done, total):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        generate_dataset(tmp_path / "synthetic", {"train": 3}, size=32, on_sample=interrupt)
+    assert list(tmp_path.iterdir()) == []

@@ -29,18 +29,20 @@ def cache_dir() -> Path:
 def generate_synthetic(root: Path, spec: SyntheticConfig) -> Path:
     """The synthetic dataset ``spec`` at ``root``, generated unless a complete one is there.
 
-    It is written to a sibling folder and renamed into place, so ``root`` only ever holds a
-    whole dataset; an interrupted generation is never reused.
+    `generate_dataset` writes it beside ``root`` and renames it into place, so ``root`` only ever
+    holds a whole dataset; an interrupted generation is never reused (the next one starts over),
+    and of two processes generating the same dataset at once, the second to finish uses the first's.
     """
-    if not (root / "metadata.json").is_file():
-        partial = root.with_name(root.name + f".partial-{os.getpid()}")
-        if partial.exists():
-            shutil.rmtree(partial)
-        generate_dataset(partial, {"train": spec.train, "val": spec.val, "test": spec.test}, size=spec.size,
+    if (root / "metadata.json").is_file():
+        return root
+    if root.exists():
+        shutil.rmtree(root)  # an incomplete dataset that an older equiseg left, writing in place
+    try:
+        generate_dataset(root, {"train": spec.train, "val": spec.val, "test": spec.test}, size=spec.size,
                          seed=spec.seed, crowding=spec.crowding, rotated=spec.rotated)
-        if root.exists():
-            shutil.rmtree(root)  # an incomplete dataset from an older interrupted run
-        partial.rename(root)
+    except FileExistsError:
+        if not (root / "metadata.json").is_file():
+            raise
     return root
 
 

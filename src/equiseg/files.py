@@ -71,6 +71,35 @@ def written_whole(dest: Path | str) -> Iterator[Path]:
         partial.unlink(missing_ok=True)
 
 
+@contextlib.contextmanager
+def written_whole_folder(dest: Path | str) -> Iterator[Path]:
+    """`written_whole` for a folder: a staging folder ``.NAME.partial-PID`` beside ``dest`` to fill,
+    renamed to ``dest`` when the block completes (one atomic step; an empty folder at ``dest`` is
+    replaced) and removed if it fails, so ``dest`` only ever holds a whole folder. Staging folders
+    of ``dest`` that killed processes left are removed first.
+
+    Raises:
+        FileExistsError: ``dest`` holds something when the block completes (another writer
+            finished first); the staged folder is removed.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale(dest.parent, f".{_glob_literal(dest.name)}.partial-*")
+    staging = dest.with_name(f".{dest.name}.partial-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        yield staging
+        try:
+            os.replace(staging, dest)  # POSIX rename: replaces an empty folder, never a full one
+        except OSError:
+            if not dest.exists() or (dest.is_dir() and not any(dest.iterdir())):
+                raise
+            raise FileExistsError(f"{dest} exists and is not an empty folder (written meanwhile)") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def owned(folder: Path) -> set[str]:
     """The names in ``folder`` that equiseg wrote (its manifest; empty without one)."""
     try:

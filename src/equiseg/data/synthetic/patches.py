@@ -31,6 +31,7 @@ from equiseg.data.synthetic.world import (
     make_world,
     render,
 )
+from equiseg.files import written_whole_folder
 
 DEFAULT_COUNTS = MappingProxyType({"train": 8, "val": 4, "test": 4})
 
@@ -182,6 +183,11 @@ def generate_dataset(out_dir: Path | str, counts: Mapping[str, int] = DEFAULT_CO
     so asking for more samples leaves the earlier ones byte-identical. ``on_sample(done, total)``
     is called after each pair is written. ``crowding`` and ``rotated``: see `render_pair`.
 
+    The dataset is written into a staging folder beside ``out_dir`` and renamed into place when
+    complete (`equiseg.files.written_whole_folder`): ``out_dir`` only ever holds a whole dataset,
+    a failure leaves nothing, and the staging folder of a killed run is removed by the next, which
+    starts over.
+
     Raises:
         ValueError: ``size`` not a positive multiple of 32, an unknown split or a negative count.
         FileExistsError: ``out_dir`` exists and is not an empty folder.
@@ -198,19 +204,20 @@ def generate_dataset(out_dir: Path | str, counts: Mapping[str, int] = DEFAULT_CO
     splits = [split.value for split in Split for _ in range(int(counts.get(split.value, 0)))]
     width = max(3, len(str(len(splits))))
     records = {}
-    for k, split in enumerate(splits):
-        pair = render_pair(np.random.SeedSequence([seed, k]), size, crowding, rotated)
-        sample_id = f"{k + 1:0{width}d}"
-        write_pair(out, split, sample_id, pair.cell_image, pair.tissue_image, pair.cells, pair.tissue_mask)
-        # level 0 of each synthetic slide is at cell resolution, so the slide boxes are whole pixels
-        records[sample_id] = pair_record(split, pair.cell_mpp, pair.tissue_mpp, pair.patch_x_offset,
-                                         pair.patch_y_offset, cell_size=size, tissue_size=size,
-                                         slide_mpp=pair.cell_mpp, slide_name=f"synthetic-{seed}-{k}",
-                                         organ="synthetic")
-        if on_sample is not None:
-            on_sample(k + 1, len(splits))
-    crowded = f", crowding {crowding:g}" if crowding else ""
-    turned = ", crops at random angles" if rotated else ""
-    write_metadata(out, records,
-                   description=f"Synthetic H&E-like pairs from equiseg (seed {seed}, {size} px{crowded}{turned}).")
+    with written_whole_folder(out) as staging:
+        for k, split in enumerate(splits):
+            pair = render_pair(np.random.SeedSequence([seed, k]), size, crowding, rotated)
+            sample_id = f"{k + 1:0{width}d}"
+            write_pair(staging, split, sample_id, pair.cell_image, pair.tissue_image, pair.cells, pair.tissue_mask)
+            # level 0 of each synthetic slide is at cell resolution, so the slide boxes are whole pixels
+            records[sample_id] = pair_record(split, pair.cell_mpp, pair.tissue_mpp, pair.patch_x_offset,
+                                             pair.patch_y_offset, cell_size=size, tissue_size=size,
+                                             slide_mpp=pair.cell_mpp, slide_name=f"synthetic-{seed}-{k}",
+                                             organ="synthetic")
+            if on_sample is not None:
+                on_sample(k + 1, len(splits))
+        crowded = f", crowding {crowding:g}" if crowding else ""
+        turned = ", crops at random angles" if rotated else ""
+        write_metadata(staging, records, description=f"Synthetic H&E-like pairs from equiseg (seed {seed}, "
+                                                     f"{size} px{crowded}{turned}).")
     return out
