@@ -93,3 +93,15 @@ def test_images_that_are_not_8_bit_rgb_are_clean_but_noted_with_the_rule_applied
                      (f"note: {tissue}: read as RGB by rule: 16-bit grey: 16-bit scaled to 8 by round(v / 257), "
                       "grey repeated into R, G and B")]
     assert "clean (2 image(s) converted" in result.stderr
+
+
+def test_images_and_masks_over_the_size_limit_are_problems_naming_the_file(tiny_dataset, monkeypatch):
+    """One limit for every reader: a mask over it is a problem like an image, not a crash."""
+    mask = tiny_dataset / "annotations/test/tissue/004.png"
+    Image.fromarray(np.ones((64, 200), np.uint8)).save(mask)  # 12,800 px
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 5000)  # limit 10,000 px: the 64 x 64 images pass
+    problems = messages(verify_dataset(tiny_dataset))
+    assert len(problems) == 1 and problems[0].startswith("004.png: refused"), problems
+    assert "decompression-bomb limit of 10,000 px" in problems[0] and "12800" in problems[0]  # Pillow's count
+    result = runner.invoke(app, ["verify", "--data", str(tiny_dataset)])
+    assert result.exit_code == 1 and "Traceback" not in result.output and str(mask) in result.output
