@@ -54,6 +54,20 @@ def _at_least(section: object, prefix: str, **bounds: float) -> None:
             raise ValueError(f"{prefix}.{name} must be at least {bound}, got {value}")
 
 
+# Upper bounds of a U-Net, so that a config (or a checkpoint's config) that asks for a model too large
+# to build is refused in one line instead of running out of memory. The widest level (the bottleneck,
+# width * 2**depth units of |G| channels each) may have at most MAX_CHANNELS channels: 8 times the
+# paper's plain U-Net (64 * 2**4 = 1024), 2.8 times the widest a packaged preset or study asks for
+# (study-gpu's p4m, width 23 at depth 4: 2944; isotropic-paper: 1760), and 1.6 times what a study of
+# the paper's scale over the steerable families would (c16 or d8 matched to plain width 64: width 20,
+# 5120). A plain U-Net at the bound (width 512, depth 4) has about two billion parameters, 8 GB in
+# float32 before gradients and optimiser state. Depth at most MAX_DEPTH:
+# every image is padded to a multiple of 2**depth, and an OCELOT patch (1024 px) is down to one pixel
+# after 10 poolings (the presets and studies use 3 and 4).
+MAX_CHANNELS = 8192
+MAX_DEPTH = 10
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """The U-Net a run trains (the ``model`` section).
@@ -62,8 +76,9 @@ class ModelConfig:
         family: The convolution family (`ConvFamily`): ``plain``, ``isotropic``, ``p4``, ``p4m``,
             ``c8``, ``c16`` or ``d8``.
         width: Channels of the first level (doubled at each level down); for the group families
-            fields of |G| channels each.
-        depth: Levels down, i.e. 2x2 poolings; sides are padded to a multiple of ``2**depth``.
+            fields of |G| channels each. The widest level, ``width * 2**depth * |G|`` channels, may
+            have at most 8192 (`MAX_CHANNELS`).
+        depth: Levels down, i.e. 2x2 poolings, 1 to 10; sides are padded to a multiple of ``2**depth``.
         pool: How the U-Net goes down a level (`Pooling`): ``max`` (2x2 max pooling) or ``blur``
             (anti-aliased: a binomial low-pass at stride 2).
     """
@@ -76,6 +91,15 @@ class ModelConfig:
     def __post_init__(self) -> None:
         _finite(self, "model")
         _at_least(self, "model", width=1, depth=1)
+        if self.depth > MAX_DEPTH:
+            raise ValueError(f"model.depth must be at most {MAX_DEPTH} (each level halves the image; a 1024 px patch "
+                             f"is one pixel after 10), got {self.depth}")
+        family = ConvFamily(self.family)
+        channels = self.width * 2**self.depth * family.channels_per_unit
+        if channels > MAX_CHANNELS:
+            raise ValueError(f"model.width={self.width} with model.depth={self.depth} gives the {family.value} "
+                             f"U-Net a widest level of {channels} channels, more than the {MAX_CHANNELS} it may have: "
+                             "give a smaller model.width or model.depth")
 
 
 @dataclass(frozen=True)

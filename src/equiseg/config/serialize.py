@@ -27,10 +27,24 @@ def read_yaml(path: Path | str) -> dict[str, Any]:
     try:
         data = yaml.safe_load(Path(path).read_text()) or {}
     except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML ({error})") from None
+        raise ConfigError(f"{path}: not valid YAML{_where(error)}") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path}: not a text file (byte {error.start} is not UTF-8)") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of keys to values")
     return data
+
+
+def _where(error: yaml.YAMLError) -> str:
+    """Where and why a YAML file fails to parse, in one line: " at line L, column C: problem
+    (context on line K)".
+    """
+    mark, problem = getattr(error, "problem_mark", None), getattr(error, "problem", None)
+    if mark is None or problem is None:
+        return f" ({' '.join(str(error).split())})"
+    context, context_mark = getattr(error, "context", None), getattr(error, "context_mark", None)
+    opened = f" ({context} that starts on line {context_mark.line + 1})" if context and context_mark else ""
+    return f" at line {mark.line + 1}, column {mark.column + 1}: {' '.join(str(problem).split())}{opened}"
 
 
 def from_plain(cls: type, data: Any, where: str = "") -> Any:

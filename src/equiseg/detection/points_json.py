@@ -68,11 +68,8 @@ def read_points_json(path: Path | str, num_images: int | None = None) -> list[np
     past the largest image index. Every entry is checked as the official scorer checks it.
     """
     path = Path(path)
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise PointsFormatError(f"{path}: cannot read JSON ({error})") from None
-    if not isinstance(data, dict) or not isinstance(data.get("points"), list):
+    data = _read_json(path)
+    if not isinstance(data.get("points"), list):
         raise PointsFormatError(f"{path}: expected an object with a 'points' list")
     rows: dict[int, list] = {}
     for k, cell in enumerate(data["points"]):
@@ -98,12 +95,34 @@ def read_points_json(path: Path | str, num_images: int | None = None) -> list[np
     return [np.array(rows.get(i, []), dtype=np.float64).reshape(-1, 4) for i in range(n)]
 
 
+def _read_json(path: Path) -> dict:
+    """The JSON object in ``path``; a file that cannot be read, is not JSON, nests too deep to
+    read or is not an object with a ``points`` list is a `PointsFormatError` naming it.
+    """
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise PointsFormatError(f"{path}: cannot read JSON ({error})") from None
+    except RecursionError:
+        raise PointsFormatError(f"{path}: cannot read JSON (nested too deep)") from None
+    if not isinstance(data, dict) or not isinstance(data.get("points"), list):
+        raise PointsFormatError(f"{path}: expected an object with a 'points' list")
+    return data
+
+
 def read_num_images(path: Path | str) -> int:
-    """``num_images`` of a ground-truth file (required there)."""
-    data = json.loads(Path(path).read_text())
+    """``num_images`` of a ground-truth file (required there): a whole number, 0 or more.
+
+    Raises:
+        PointsFormatError: the file is not an official points file, or has no such ``num_images``.
+    """
+    data = _read_json(Path(path))
     if "num_images" not in data:
         raise PointsFormatError(f"{path}: a ground-truth file needs 'num_images'")
-    return int(data["num_images"])
+    n = data["num_images"]
+    if isinstance(n, bool) or not isinstance(n, int | float) or not float(n).is_integer() or n < 0:
+        raise PointsFormatError(f"{path}: num_images must be a whole number, 0 or more, got {n!r}")
+    return int(n)
 
 
 def write_ground_truth(root: Path | str, split: str, out: Path | str | None = None) -> tuple[Path, list[np.ndarray]]:

@@ -26,7 +26,7 @@ from equiseg.data.targets import Task
 from equiseg.detection import BlockDetector, official_format_refusal, write_points_json
 from equiseg.files import owned_outputs
 from equiseg.inference.readers import ImageReading, NpyBlocks, RgbFile
-from equiseg.inference.tiling import model_runtime, stream_blocks
+from equiseg.inference.tiling import check_tiling, model_runtime, stream_blocks
 from equiseg.pictures import class_overlay, dot_radius, draw_points, probability_picture
 from equiseg.runs import load_model
 from equiseg.runtime import Runtime
@@ -238,8 +238,10 @@ def predict_run(model: Path | str, paths: list[Path], out_dir: Path, tile: int =
     Raises:
         FileNotFoundError: an image that is not a file, or no such model.
         ValueError: a model that takes tissue context, which a lone image lacks (score it with
-            its tissue patches: ``equiseg challenge`` or ``equiseg evaluate``).
+            its tissue patches: ``equiseg challenge`` or ``equiseg evaluate``); a tile or overlap
+            that cannot cover an image (`check_tiling`).
     """
+    check_tiling(tile, overlap)
     missing = [str(p) for p in paths if not Path(p).is_file()]
     if missing:
         raise FileNotFoundError(f"no such file(s): {', '.join(missing)}")

@@ -23,6 +23,21 @@ def _starts(length: int, tile: int, step: int) -> list[int]:
     return sorted(set(starts))
 
 
+def check_tiling(tile: int | None, overlap: int) -> None:
+    """Refuse windows that cannot cover an image: a ``tile`` (None: whole images) of at least 1 px,
+    an ``overlap`` of at least 0 px and smaller than the tile.
+
+    Raises:
+        ValueError: naming the options (``--tile``, ``--overlap``) as the commands call them.
+    """
+    if tile is not None and tile < 1:
+        raise ValueError(f"--tile {tile}: a tile must be at least 1 px")
+    if overlap < 0:
+        raise ValueError(f"--overlap {overlap}: an overlap cannot be negative")
+    if tile is not None and overlap >= tile:
+        raise ValueError(f"--overlap {overlap} must be smaller than --tile {tile}")
+
+
 def tile_grid(height: int, width: int, tile: int, overlap: int) -> list[tuple[int, int, int, int]]:
     """The windows (top, left, h, w) that cover an H x W image, row by row.
 
@@ -30,8 +45,7 @@ def tile_grid(height: int, width: int, tile: int, overlap: int) -> list[tuple[in
     neighbours by at least ``overlap`` px; the last window of a row or column ends at the edge,
     so all windows of one image have the same shape.
     """
-    if overlap >= tile:
-        raise ValueError(f"overlap {overlap} must be smaller than the tile {tile}")
+    check_tiling(tile, overlap)
     step = tile - overlap
     h, w = min(tile, height), min(tile, width)
     return [(top, left, h, w) for top in _starts(height, tile, step) for left in _starts(width, tile, step)]
@@ -321,6 +335,7 @@ def stream_blocks(model: nn.Module, read: WindowReader, height: int, width: int,
             into it, so neighbouring stripes both run the windows across their seam. Memory
             then grows with the stripe's width, not the image's.
     """
+    check_tiling(tile, overlap)
     runtime = runtime or model_runtime(model)
     state = state if state is not None else StreamState()
     m0, m1 = columns if columns is not None else (0, width)

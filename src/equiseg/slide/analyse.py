@@ -18,9 +18,9 @@ from equiseg.data.ocelot import CELL_CLASSES
 from equiseg.data.targets import Task
 from equiseg.data.wsi import ScaledView, Slide, TissueMask, find_tissue
 from equiseg.files import owned_file
-from equiseg.inference.tiling import model_runtime
+from equiseg.inference.tiling import check_tiling, model_runtime
 from equiseg.runtime import Runtime
-from equiseg.slide.models import SlideModel
+from equiseg.slide.models import SlideModel, check_mpp
 from equiseg.slide.passes import Progress, TissueMap, cell_pass, tissue_box, tissue_pass
 from equiseg.slide.qupath import SlideOutputs, read_points, tissue_polygons, write_cells, write_thumbnail
 
@@ -161,7 +161,7 @@ def analyse_slide(path: Path | str, cell_model: SlideModel, out_dir: Path | str,
     context = _check_models(cell_model, tissue_model)
     path = Path(path)
     outputs = SlideOutputs(Path(out_dir), path.stem)
-    check_slides([path], out_dir, resume, region, mpp)
+    check_slides([path], out_dir, resume, region, mpp, tile, overlap)
     outputs.folder.mkdir(parents=True, exist_ok=True)
     with Slide(path, mpp) as slide:
         box = _check_region(slide, region)
@@ -198,10 +198,14 @@ def _remove_work(work: Path) -> None:
 
 
 def check_slides(paths: list[Path], out_dir: Path | str, resume: bool = False,
-                 region: tuple[int, int, int, int] | None = None, mpp: float | None = None) -> None:
-    """Refuse, before any work: slides that OpenSlide cannot open or whose resolution is
-    unknown, a region off a slide, outputs that would collide or overwrite finished ones.
+                 region: tuple[int, int, int, int] | None = None, mpp: float | None = None, tile: int = 1024,
+                 overlap: int = 128) -> None:
+    """Refuse, before any work: an ``mpp`` that is no positive number, windows that cannot cover
+    an image (`check_tiling`), slides that OpenSlide cannot open or whose resolution is unknown,
+    a region off a slide, outputs that would collide or overwrite finished ones.
     """
+    check_mpp(mpp, "--mpp")
+    check_tiling(tile, overlap)
     stems = [Path(p).stem for p in paths]
     if len(set(stems)) != len(stems):
         raise ValueError("two slides share a name; their outputs would overwrite each other")
@@ -219,7 +223,8 @@ def analyse_slides(paths: list[Path], cell_model: SlideModel, out_dir: Path | st
     """`analyse_slide` for each slide into ``out_dir``; ``on_slide(done, total, result)`` after
     each; a ``progress`` in ``options`` gets stages named "k/n NAME: stage".
     """
-    check_slides(paths, out_dir, options.get("resume", False), options.get("region"), options.get("mpp"))
+    check_slides(paths, out_dir, options.get("resume", False), options.get("region"), options.get("mpp"),
+                 options.get("tile", 1024), options.get("overlap", 128))
     progress = options.pop("progress", None)
     results = []
     for k, path in enumerate(paths):

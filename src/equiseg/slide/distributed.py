@@ -71,7 +71,8 @@ def analyse_slides_distributed(paths: list[Path], cell_model: SlideModel, out_di
     Lightning's ``MASTER_ADDR``, ``MASTER_PORT`` and ``NODE_RANK`` set.
     """
     runtime = runtime or model_runtime(cell_model.model)
-    check_slides(paths, out_dir, options.get("resume", False), options.get("region"), options.get("mpp"))
+    check_slides(paths, out_dir, options.get("resume", False), options.get("region"), options.get("mpp"),
+                 options.get("tile", 1024), options.get("overlap", 128))
     accelerator = "gpu" if runtime.device.type == "cuda" else "cpu"
     # Lightning 2.6's own use of a torch 2.13 deprecation, once per process: nothing a user can act on
     warnings.filterwarnings("ignore", message=".*LeafSpec.*is deprecated")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,6 +12,14 @@ from torch import nn
 from equiseg.config import Config
 from equiseg.data.ocelot import Resolution
 from equiseg.runs import Run, load_model
+
+
+def check_mpp(value: float | None, option: str) -> None:
+    """Refuse microns per pixel given as ``option`` (``--mpp``, ``--cell-mpp``) that are not a positive
+    finite number (None: not given) with a ValueError naming it.
+    """
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{option} must be positive (microns per pixel, a finite number), got {value}")
 
 
 @dataclass(frozen=True)
@@ -58,12 +67,11 @@ def load_slide_models(model: Path | str, tissue_model: Path | str | None = None,
     training data's; its tissue resolution stays the recorded one (4x the cell's without a record).
 
     Raises:
-        ValueError: ``cell_mpp`` not positive, or no recorded resolution and none given.
+        ValueError: ``cell_mpp`` not a positive number, or no recorded resolution and none given.
     """
     resolution = None
+    check_mpp(cell_mpp, "--cell-mpp")
     if cell_mpp is not None:
-        if not cell_mpp > 0:
-            raise ValueError(f"--cell-mpp must be positive, got {cell_mpp}")
         recorded = Run.of(model).resolution()
         resolution = Resolution(cell_mpp, recorded.tissue_mpp if recorded else 4 * cell_mpp)
     cells = SlideModel.load(model, device, resolution)
