@@ -2,7 +2,10 @@
 nothing written, no code run.
 """
 
+import errno
+import os
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -43,6 +46,10 @@ def assert_one_line_refusal(result, *words):
     ("train.lr=inf", ["train.lr"]),
     ("detect.sigma=.nan", ["detect.sigma", "finite"]),
     ("train.dice_weight=-.inf", ["train.dice_weight"]),
+    ("model.width=100000", ["model.width=100000", "widest level", "8192"]),  # could not be built
+    ("model.depth=60", ["model.depth", "at most 10"]),
+    ("train.precision=nonsense", ["train.precision='nonsense'", "Allowed precision values"]),
+    ("train.strategy=nonsense", ["train.strategy='nonsense'", "invalid strategy"]),
 ])
 def test_a_config_mistake_is_one_line_and_no_run_folder(synthetic_small, tmp_path, override, words):
     result = runner.invoke(app, ["train", "--data", str(synthetic_small), "--out", str(tmp_path / "runs" / "run"),
@@ -467,3 +474,237 @@ def test_an_interrupted_synth_leaves_nothing(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         generate_dataset(tmp_path / "synthetic", {"train": 3}, size=32, on_sample=interrupt)
     assert list(tmp_path.iterdir()) == []
+
+
+# --- user mistakes are one line, never "unexpected" --------------------------------------------------------------------
+
+
+@pytest.fixture
+def read_only(tmp_path, monkeypatch):
+    """A folder that refuses new entries, as a read-only folder does (the tests may run as root, for
+    whom chmod changes nothing): creating a file or folder anywhere inside it is a PermissionError.
+    """
+    folder = (tmp_path / "read-only").resolve()
+    folder.mkdir()
+    real_mkdir, real_open = os.mkdir, os.open
+
+    def inside(path) -> bool:
+        return Path(path).resolve().is_relative_to(folder) and not os.path.exists(path)
+
+    def mkdir(path, *args, **kwargs):
+        if inside(path):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_mkdir(path, *args, **kwargs)
+
+    def open_(path, flags, *args, **kwargs):
+        if flags & os.O_CREAT and inside(path):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", mkdir)
+    monkeypatch.setattr(os, "open", open_)
+    return folder
+
+
+def _files(folder):
+    """Every file under ``folder`` with its bytes."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("command", ["train", "challenge", "export"])
+def test_an_output_path_of_the_wrong_kind_is_one_line(tmp_path, predict_setup, synthetic_small, command):
+    mine = tmp_path / "notes.txt"
+    mine.write_text("mine")
+    match command:
+        case "train":  # a run folder that is a file
+            args, words = ["train", "--data", str(synthetic_small), "--out", str(mine)], [str(mine), "exists"]
+        case "challenge":  # a folder for cell_classification.json that is a file: refused before reading the input
+            args = ["challenge", str(tmp_path / "input"), "--model", str(predict_setup), "--out", str(mine)]
+            words = [str(mine), "is not a folder"]
+        case _:  # the file to export, given as a folder
+            args, words = ["export", "--model", str(predict_setup), "--format", "torchscript", "--out", str(tmp_path)], \
+                [str(tmp_path), "is a folder"]
+    assert_one_line_refusal(runner.invoke(app, args), *words)
+    assert mine.read_text() == "mine"
+
+
+@pytest.mark.parametrize("command", ["train", "export"])
+def test_a_read_only_output_folder_is_one_line_naming_the_path(tmp_path, predict_setup, synthetic_small, read_only,
+                                                               command):
+    if command == "train":
+        out = read_only / "run"
+        args = ["train", "--data", str(synthetic_small), "--out", str(out), "model.family=plain", "model.width=4",
+                "model.depth=2", "data.crop_size=32", "train.loggers=[csv]"]
+    else:
+        out = read_only / "model.pt"
+        args = ["export", "--model", str(predict_setup), "--format", "torchscript", "--out", str(out)]
+    assert_one_line_refusal(runner.invoke(app, args), str(out), "Permission denied")
+    assert list(read_only.iterdir()) == []
+
+
+@pytest.mark.parametrize("options, words", [
+    (["--tile", "0"], ["--tile 0", "at least 1 px"]),
+    (["--tile", "32", "--overlap", "32"], ["--overlap 32 must be smaller than --tile 32"]),
+    (["--tile", "32", "--overlap", "40"], ["--overlap 40", "--tile 32"]),
+    (["--tile", "32", "--overlap", "-1"], ["--overlap -1", "negative"]),
+])
+@pytest.mark.parametrize("command", ["predict", "slide"])
+def test_tiles_that_cannot_cover_an_image_are_one_line(tmp_path, predict_setup, command, options, words):
+    image = tmp_path / "a.png"  # slide refuses the options before it opens the slide
+    result = runner.invoke(app, [command, "--model", str(predict_setup), str(image), "--out", str(tmp_path / "out"),
+                                 "--device", "cpu", *options])
+    assert_one_line_refusal(result, *words)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("value", ["0", "-0.25", "nan", "inf"])
+def test_microns_per_pixel_that_are_no_positive_number_are_one_line(tmp_path, predict_setup, value):
+    result = runner.invoke(app, ["slide", "--model", str(predict_setup), str(tmp_path / "a.png"), "--out",
+                                 str(tmp_path / "out"), "--device", "cpu", "--mpp", value])
+    assert_one_line_refusal(result, "--mpp must be positive", f"got {float(value)}")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_cell_mpp_that_is_no_positive_number_is_one_line(tmp_path, predict_setup):
+    pytest.importorskip("openslide")
+    from tests_support import write_pyramid
+
+    slide = write_pyramid(tmp_path / "slide.tif", np.full((256, 256, 3), 230, np.uint8), 0.2)
+    result = runner.invoke(app, ["slide", "--model", str(predict_setup), str(slide), "--out", str(tmp_path / "out"),
+                                 "--device", "cpu", "--cell-mpp", "nan"])
+    assert_one_line_refusal(result, "--cell-mpp must be positive", "got nan")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_checkpoint_whose_config_asks_for_a_model_too_large_is_refused_before_it_is_built(tmp_path, predict_setup):
+    checkpoint = tmp_path / "huge.ckpt"
+    config = tiny_config(tmp_path).to_dict()
+    config["model"]["width"] = 10**9  # weights-only, yet building it would exhaust memory
+    torch.save({"hyper_parameters": {"config": config}, "state_dict": {}}, checkpoint)
+    for command in ("predict", "evaluate"):
+        args = [command, "--model", str(checkpoint), *([str(tmp_path / "a.png")] if command == "predict" else []),
+                "--out", str(tmp_path / "out")]
+        assert_one_line_refusal(runner.invoke(app, args), str(checkpoint), "model.width=1000000000", "8192")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_checkpoint_whose_weights_do_not_match_its_config_is_one_line(tmp_path):
+    checkpoint = save_model(build_model("plain", width=8, depth=2), tiny_config(tmp_path), tmp_path / "wrong.ckpt")
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "a.png")
+    result = runner.invoke(app, ["predict", "--model", str(checkpoint), str(tmp_path / "a.png"), "--out",
+                                 str(tmp_path / "out")])
+    assert_one_line_refusal(result, str(checkpoint), "the weights do not match",
+                            "first mismatch: model.encoder.0.0.weight: (8, 3, 3, 3) in the file, (4, 3, 3, 3) in the model")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("case", ["another model", "weights of another model"])
+def test_resuming_from_a_checkpoint_of_another_model_leaves_the_run_as_it_was(tmp_path, synthetic_small, case):
+    run = tmp_path / "run"
+    config = tiny_config(synthetic_small)
+    run.mkdir()
+    config.to_yaml(run / "config.yaml")
+    (run / "data.txt").write_text(f"{synthetic_small}\n")
+    (run / "checkpoints").mkdir()
+    wider = build_model("plain", width=8, depth=2)
+    # the last checkpoint of a run of width 8, or width 8's weights under this run's config
+    saved_config = tiny_config(synthetic_small, model={"width": 8}) if case == "another model" else config
+    save_model(wider, saved_config, run / "checkpoints" / "last.ckpt")
+    before = _files(run)
+    result = runner.invoke(app, ["train", "--out", str(run), "--resume"])
+    words = (["another model", "model.width: 8 in the checkpoint, 4 in config.yaml"] if case == "another model"
+             else ["the weights do not match"])
+    assert_one_line_refusal(result, str(run / "checkpoints" / "last.ckpt"), *words)
+    assert _files(run) == before  # config.yaml, data.txt and the checkpoint as they were, nothing added
+
+
+def test_a_deeply_nested_or_malformed_score_file_is_one_line(tmp_path):
+    gt = tmp_path / "gt.json"
+    gt.write_text('{"type": "Multiple points", "num_images": 1, "points": [], "version": {"major": 1, "minor": 0}}')
+    nested = tmp_path / "nested.json"
+    nested.write_text("[" * 200_000 + "]" * 200_000)
+    assert_one_line_refusal(runner.invoke(app, ["score", str(nested), str(gt)]), str(nested), "nested too deep")
+    for text, words in (("{oops", ["cannot read JSON"]), ("[1, 2]", ["'points' list"]),
+                        ('{"points": [], "num_images": "two"}', ["num_images", "'two'"]),
+                        ('{"points": []}', ["needs 'num_images'"])):
+        gt.write_text(text)
+        assert_one_line_refusal(runner.invoke(app, ["score", str(gt), str(gt)]), str(gt), *words)
+
+
+def test_a_malformed_yaml_config_is_one_line_naming_the_file_and_line(tmp_path, synthetic_small):
+    config = tmp_path / "bad.yaml"
+    config.write_text("model:\n  family: plain\n  width: [4\n  depth: 2\n")
+    result = runner.invoke(app, ["train", "--config", str(config), "--data", str(synthetic_small),
+                                 "--out", str(tmp_path / "run")])
+    assert_one_line_refusal(result, str(config), "not valid YAML at line 4", "flow sequence that starts on line 3")
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_unknown_strategy_option_is_refused_before_the_run_folder(tmp_path, synthetic_small):
+    result = runner.invoke(app, ["train", "--data", str(synthetic_small), "--out", str(tmp_path / "runs" / "run"),
+                                 "--strategy", "nonsense", "model.family=plain", "model.width=4", "model.depth=2",
+                                 "data.crop_size=32"])
+    assert_one_line_refusal(result, "train.strategy='nonsense' (--strategy)")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_tune_with_a_missing_dataset_or_text_bounds_is_one_line_and_writes_nothing(tmp_path):
+    pytest.importorskip("optuna")
+    space = tmp_path / "space.yaml"
+    space.write_text("train.lr: {low: 1.0e-4, high: 1.0e-2, log: true}\n")
+    out = tmp_path / "search"
+    result = runner.invoke(app, ["tune", "--space", str(space), "--data", str(tmp_path / "missing"), "--out", str(out),
+                                 "--trials", "1"])
+    assert_one_line_refusal(result, str(tmp_path / "missing"))
+    assert not out.exists()  # no optuna.db
+    space.write_text("train.lr: {low: small, high: 1.0e-2}\n")
+    result = runner.invoke(app, ["tune", "--space", str(space), "--out", str(out)])
+    assert_one_line_refusal(result, str(space), "train.lr.low must be a finite number", "'small'")
+    assert not out.exists()
+
+
+# --- a full disk: one line, exit 2, nothing partial left -------------------------------------------------------------
+
+
+@pytest.fixture
+def full_disk(monkeypatch):
+    """A switch that makes the disk full from then on: Path.write_text makes the file and fails
+    with ENOSPC, as on a full disk.
+    """
+
+    def write_text(self, *args, **kwargs):
+        self.open("w").close()
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    return lambda: monkeypatch.setattr(Path, "write_text", write_text)
+
+
+def test_training_on_a_full_disk_is_one_line_and_leaves_no_run_folder(tmp_path, synthetic_small, full_disk):
+    full_disk()
+    result = runner.invoke(app, ["train", "--data", str(synthetic_small), "--out", str(tmp_path / "runs" / "run"),
+                                 "model.family=plain", "model.width=4", "model.depth=2", "data.crop_size=32",
+                                 "train.loggers=[csv]"])
+    assert_one_line_refusal(result, str(tmp_path / "runs" / "run" / "config.yaml"), "No space left on device")
+    assert not (tmp_path / "runs").exists()  # no empty config.yaml: the folder this call made is gone
+
+
+def test_export_gt_on_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, full_disk):
+    root = tiny_dataset_with_cells(tmp_path)
+    out = tmp_path / "out"
+    full_disk()
+    result = runner.invoke(app, ["export-gt", "--data", str(root), "--out", str(out / "gt.json")])
+    assert_one_line_refusal(result, str(out / "gt.json"), "No space left on device")
+    assert list(out.iterdir()) == []  # no empty gt.json, no partial file
+
+
+def test_challenge_on_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, predict_setup, synthetic_small, full_disk):
+    from equiseg.data.ocelot import OcelotFolder, write_grand_challenge
+
+    gc = write_grand_challenge(tmp_path / "gc", list(OcelotFolder(synthetic_small, "test")))
+    out = tmp_path / "out"
+    out.mkdir()
+    full_disk()
+    result = runner.invoke(app, ["challenge", str(gc), "--model", str(predict_setup), "--out", str(out),
+                                 "--device", "cpu"])
+    assert_one_line_refusal(result, str(out.resolve() / "cell_classification.json"), "No space left on device")
+    assert list(out.iterdir()) == []

@@ -21,7 +21,7 @@ from equiseg.data.ocelot import GrandChallengeInput, image_to_tensor, parse_pair
 from equiseg.data.targets import Task
 from equiseg.detection import find_cells, write_points_json
 from equiseg.evaluation.tissue_context import load_tissue_model, model_context
-from equiseg.files import owned_file
+from equiseg.files import check_file, owned_file
 from equiseg.inference.tiling import predict_probabilities
 from equiseg.runs import load_model
 from equiseg.runtime import Runtime
@@ -93,6 +93,8 @@ class Model:
 def run_challenge(input_dir: Path, output_dir: Path, cell_model: Path | str, tissue_model: Path | str | None = None,
                   on_pair: Callable[[int, int], None] | None = None, runtime: Runtime | None = None) -> Path:
     """Read a Grand Challenge input folder, predict every pair, write ``cell_classification.json``."""
+    dest = Path(output_dir) / "cell_classification.json"
+    check_file(dest)  # a file in the way is refused before the work
     data = GrandChallengeInput(input_dir)
     model = Model([m.record for m in data.metadata], cell_model=cell_model, tissue_model=tissue_model, runtime=runtime)
     points = []
@@ -101,7 +103,6 @@ def run_challenge(input_dir: Path, output_dir: Path, cell_model: Path | str, tis
         points.append(np.array(model(sample.cell_image, sample.tissue_image, pair_id), dtype=np.float64).reshape(-1, 4))
         if on_pair is not None:
             on_pair(pair_id + 1, len(data))
-    dest = Path(output_dir) / "cell_classification.json"
     with owned_file(dest) as partial:
         write_points_json(partial, points)
     return dest

@@ -446,7 +446,7 @@ def train(
             run_dir = fit(None, resume=out)
         else:
             run_dir = fit(load_config(config, overrides), runs=old_runs or "runs", run_dir=out)
-    except (ConfigError, DatasetError, FileNotFoundError, FileExistsError, ValueError) as error:
+    except (ConfigError, DatasetError, ValueError, OSError) as error:  # OSError: a folder or file it cannot write
         raise _fail(str(error)) from None
     synthetic = Run(run_dir).synthetic()
     if _emit(as_json, {"run": str(run_dir), "synthetic": synthetic}):
@@ -590,7 +590,7 @@ def export_(
         raise _fail(f"--format {format!r}: use onnx, torchscript or pt2") from None
     try:
         path = export_model(model, fmt, out)
-    except (FileNotFoundError, ValueError) as error:
+    except (ValueError, OSError) as error:
         raise _fail(str(error)) from None
     if _emit(as_json, {"model": str(model), "format": fmt.value, "file": str(path)}):
         return
@@ -843,7 +843,7 @@ def slide(
         raise _fail(f"no such file(s): {', '.join(missing)}")
     try:
         box = parse_region(region) if region is not None else None
-        check_slides(slides, out, resume, box, mpp)
+        check_slides(slides, out, resume, box, mpp, tile, overlap)
         cells, tissue = load_slide_models(model, tissue_model, runtime.device, cell_mpp)
         options = {"region": box, "mpp": mpp, "tile": tile, "overlap": overlap, "resume": resume}
         summaries = _analyse_slides(slides, cells, tissue, out, processes * nodes, (processes, nodes), runtime, options)
@@ -1039,7 +1039,7 @@ def challenge(
         progress, update = _progress(f"predicting pairs ({runtime})")
         with progress:
             path = run_challenge(input_dir, out, model, tissue_model, on_pair=update, runtime=runtime)
-    except (DatasetError, FileNotFoundError, ValueError) as error:
+    except (DatasetError, ValueError, OSError) as error:
         raise _fail(str(error)) from None
     if not _emit(as_json, {"model": str(model), "file": str(path)}):
         typer.echo(f"wrote {path}")

@@ -27,6 +27,16 @@ class ForeignFileError(ValueError):
     """An output would replace, or share a folder with, files that equiseg did not write."""
 
 
+class OutputError(OSError):
+    """An output that cannot be written (a full disk, a read-only folder, a file where its folder
+    should be); the message names it in one line.
+    """
+
+
+def _reason(error: OSError) -> str:
+    return error.strerror or str(error)
+
+
 def alive(pid: str) -> bool:
     """Whether a process with this id runs here (the partial files of a living writer are left alone)."""
     if not pid.isdigit():
@@ -59,14 +69,28 @@ def written_whole(dest: Path | str) -> Iterator[Path]:
     block completes (one atomic step on a local file system) and removed if it fails: ``dest``
     holds a whole file or what it held before. Partial files of ``dest`` that killed processes
     left are removed first.
+
+    Raises:
+        OutputError: ``dest`` cannot be written (its folder cannot be made, a full disk, no
+            permission), naming it; nothing of it is left.
     """
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise OutputError(f"{dest.parent}: cannot make the folder of {dest.name} ({_reason(error)})") from error
     remove_stale(dest.parent, f".{_glob_literal(dest.name)}.partial-*")
     partial = dest.with_name(f".{dest.name}.partial-{os.getpid()}")
     try:
+        partial.touch()  # a folder that refuses files refuses here, before the writer's work
         yield partial
         partial.replace(dest)
+    except OSError as error:
+        # a failed write of this file (full disk, no permission) names the file; an error of
+        # anything else the block touched (an input it read) is left as it is
+        if isinstance(error, OutputError) or error.filename not in (None, str(partial), str(dest)):
+            raise
+        raise OutputError(f"{dest}: cannot write it ({_reason(error)})") from error
     finally:
         partial.unlink(missing_ok=True)
 
@@ -176,15 +200,29 @@ def owned_file(dest: Path | str, force: bool = False) -> Iterator[Path]:
     that folder's manifest. An existing ``dest`` that equiseg did not write is refused with a
     `ForeignFileError` (``force`` does not change that: a user's file is never overwritten).
     """
+    dest = check_file(dest)
+    with written_whole(dest) as partial:
+        yield partial
+        with _locked(dest.parent):  # processes writing into one folder (slides over DDP) add to one list
+            _write_manifest(dest.parent, owned(dest.parent) | {dest.name})
+
+
+def check_file(dest: Path | str) -> Path:
+    """Refuse a file that `owned_file` would refuse, before the work that makes it; returns it resolved.
+
+    Raises:
+        ForeignFileError: ``dest`` is a folder, or a file equiseg did not write, or a file stands
+            where one of its folders should be.
+    """
     dest = Path(dest).resolve()
     if dest.is_dir():
         raise ForeignFileError(f"{dest}: is a folder; give the file to write")
     if dest.exists() and dest.name not in owned(dest.parent):
         raise ForeignFileError(f"{dest}: exists and equiseg did not write it; give another file name")
-    with written_whole(dest) as partial:
-        yield partial
-        with _locked(dest.parent):  # processes writing into one folder (slides over DDP) add to one list
-            _write_manifest(dest.parent, owned(dest.parent) | {dest.name})
+    lowest = next(folder for folder in dest.parents if folder.exists())
+    if not lowest.is_dir():
+        raise ForeignFileError(f"{lowest}: exists and is not a folder, so {dest.name} cannot be written in it")
+    return dest
 
 
 def _move_in(staging: Path, folder: Path, others: set[str]) -> None:

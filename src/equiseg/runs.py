@@ -38,8 +38,9 @@ from pathlib import Path
 import torch
 import yaml
 
-from equiseg.config import Config, read_yaml
+from equiseg.config import Config, ConfigError, plain, read_yaml
 from equiseg.data.ocelot import Resolution, read_metadata
+from equiseg.files import written_whole
 
 
 class _InRun:
@@ -132,15 +133,39 @@ class Run:
         """Write what a training starts with: the config, the dataset folder and, for the built-in
         synthetic data, ``synthetic`` = (its settings on one line, the warning given).
         """
-        config.to_yaml(self.config_file)
-        self.data_file.write_text(f"{Path(root).resolve()}\n")
-        self.data_digest_file.write_text(f"{dataset_digest(root)}\n")
+        texts = {self.config_file: yaml.safe_dump(config.to_dict(), sort_keys=False),
+                 self.data_file: f"{Path(root).resolve()}\n", self.data_digest_file: f"{dataset_digest(root)}\n"}
         if (Path(root) / "metadata.json").is_file():
             resolution = Resolution.of(read_metadata(Path(root) / "metadata.json").values())
-            self.resolution_file.write_text(yaml.safe_dump(resolution.to_dict(), sort_keys=False))
+            texts[self.resolution_file] = yaml.safe_dump(resolution.to_dict(), sort_keys=False)
         if synthetic is not None:
             record, notice = synthetic
-            self.synthetic_file.write_text(f"synthetic: {record}\n{notice}\n")
+            texts[self.synthetic_file] = f"synthetic: {record}\n{notice}\n"
+        for path, text in texts.items():  # each whole or not at all (a full disk leaves no empty config.yaml)
+            with written_whole(path) as partial:
+                partial.write_text(text)
+
+    def resumable(self) -> Config:
+        """The config to continue this run with (``config.yaml``), once ``last.ckpt`` is found to be a
+        checkpoint of that config's model: a safe equiseg checkpoint (`load_model`) whose task,
+        ``model`` section and tissue context are the config's.
+
+        Raises:
+            FileNotFoundError: no ``last.ckpt``.
+            ValueError: ``last.ckpt`` is not a safe equiseg checkpoint, its weights do not match its
+                config, or it is a checkpoint of another model (naming the first difference).
+        """
+        if not self.last.is_file():
+            raise FileNotFoundError(f"{self.last}: no last checkpoint to resume from")
+        _, trained = load_model(self.last)
+        config = self.config()
+        ours, theirs = _model_keys(config), _model_keys(trained)
+        for key, value in theirs.items():
+            if value != ours[key]:
+                raise ValueError(f"{self.last}: a checkpoint of another model than the run's {self.config_file.name} "
+                                 f"({key}: {value} in the checkpoint, {ours[key]} in {self.config_file.name}); "
+                                 "--resume continues a run from its own last checkpoint")
+        return config
 
     def finished(self, config: Config) -> bool:
         """Whether this folder holds a run of exactly ``config`` that trained all its epochs, or
@@ -234,17 +259,52 @@ def load_model(checkpoint: Path | str, device: str | torch.device = "cpu") -> tu
         raise FileNotFoundError(f"{path}: no checkpoint there")
     try:
         state = torch.load(path, map_location=device, weights_only=True)
-        config = Config.from_dict(state["hyper_parameters"]["config"])
+        stored, weights = state["hyper_parameters"]["config"], dict(state["state_dict"])
     except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, TypeError, ValueError) as error:
         # a pickle that asks for code, a file that is no checkpoint, or one of another program
         raise ValueError(f"{path}: not a safe equiseg checkpoint ({type(error).__name__})") from None
+    try:  # the config's own checks: a model too large to build is refused before it is built
+        config = Config.from_dict(stored)
+    except ConfigError as error:
+        raise ValueError(f"{path}: the checkpoint's config is refused: {error}") from None
     tuned = Run.of(path).detect_file if path.parent.name == "checkpoints" else None
     if tuned is not None and tuned.is_file():
         config = Config.from_dict({**config.to_dict(), "detect": read_yaml(tuned)})
     model = config.build_model()
     prefix = "model."
-    model.load_state_dict({k[len(prefix):]: v for k, v in state["state_dict"].items() if k.startswith(prefix)})
+    model.load_state_dict(_matching(model, {k[len(prefix):]: v for k, v in weights.items()
+                                            if isinstance(k, str) and k.startswith(prefix)}, path))
     return model.to(device).eval(), config
+
+
+def _matching(model: torch.nn.Module, weights: dict, path: Path) -> dict:
+    """``weights``, once each is found to be a tensor of the shape ``model`` has under its name, and
+    every one of ``model``'s is there; else a one-line ValueError naming ``path`` and the first
+    name that does not match (in the model's order, then the file's).
+    """
+    expected = model.state_dict()
+    for key, tensor in expected.items():
+        given = weights.get(key)
+        if given is None:
+            reason = "missing in the file"
+        elif not isinstance(given, torch.Tensor) or given.shape != tensor.shape:
+            shape = tuple(given.shape) if isinstance(given, torch.Tensor) else type(given).__name__
+            reason = f"{shape} in the file, {tuple(tensor.shape)} in the model"
+        else:
+            continue
+        raise ValueError(f"{path}: the weights do not match the checkpoint's config (first mismatch: model.{key}: "
+                         f"{reason})")
+    extra = [key for key in weights if key not in expected]
+    if extra:
+        raise ValueError(f"{path}: the weights do not match the checkpoint's config (first mismatch: model.{extra[0]}: "
+                         "in the file, not in the model)")
+    return weights
+
+
+def _model_keys(config: Config) -> dict[str, object]:
+    """What decides which network a config trains, by config key."""
+    return {"task": config.task.value, **{f"model.{key}": value for key, value in plain(config.model).items()},
+            "data.context": config.data.context.value}
 
 
 def save_model(model: torch.nn.Module, config: Config, path: Path | str) -> Path:

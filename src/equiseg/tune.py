@@ -45,7 +45,7 @@ from equiseg.datasets import data_root
 from equiseg.evaluation.evaluate import evaluate_model
 from equiseg.runs import Run, load_model
 from equiseg.scale import Executor, LocalExecutor, RayExecutor, require
-from equiseg.training.fit import fit
+from equiseg.training.fit import checked_inputs, fit
 
 if TYPE_CHECKING:  # an optional dependency, imported where a search runs on it
     from ray.tune import ResultGrid
@@ -119,11 +119,25 @@ def read_space(path: Path | str) -> tuple[Param, ...]:
             continue
         if not isinstance(spec, dict) or not {"low", "high"} <= set(spec) or set(spec) - {"low", "high", "log", "int"}:
             raise ConfigError(f"{path}: {key} must be a list of choices or {{low, high[, log][, int]}}")
-        low, high, log = float(spec["low"]), float(spec["high"]), bool(spec.get("log", False))
+        low, high, log = _bound(path, key, spec, "low"), _bound(path, key, spec, "high"), bool(spec.get("log", False))
         if not low < high or (log and low <= 0):
             raise ConfigError(f"{path}: {key} needs low < high" + (" and low > 0 on a log scale" if log else ""))
         params.append(Param(str(key), low, high, log, bool(spec.get("int", False))))
     return tuple(params)
+
+
+def _bound(path: Path | str, key: str, spec: dict, end: str) -> float:
+    """``spec[end]`` (``low`` or ``high``) of the range of ``key`` as a finite number; a number that
+    YAML left a string (``1e-4``, which YAML 1.1 reads so) counts, other text is a ConfigError.
+    """
+    value = spec[end]
+    try:
+        number = float(value) if isinstance(value, int | float | str) and not isinstance(value, bool) else math.nan
+    except ValueError:
+        number = math.nan
+    if not math.isfinite(number):
+        raise ConfigError(f"{path}: {key}.{end} must be a finite number, got {value!r}")
+    return number
 
 
 def trial_config(base: Config, values: dict[str, Any]) -> Config:
@@ -174,6 +188,7 @@ def tune(base: Config, space: tuple[Param, ...], trials: int, out: Path, metric:
         raise ValueError(f"trials must be at least 1, got {trials}")
     for param in space:  # every key must be one the config has, with a value of its type
         trial_config(base, {param.key: param.choices[0] if param.choices else param.low})
+    checked_inputs(base)  # the dataset (and the rest a training checks) before anything is written in out
     out.mkdir(parents=True, exist_ok=True)
     executor = executor or LocalExecutor()
     if isinstance(executor, RayExecutor):

@@ -7,10 +7,13 @@ import logging
 import os
 import shutil
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import loggers
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
@@ -23,8 +26,8 @@ from equiseg.data.targets import Task
 from equiseg.data.verify import verify_dataset
 from equiseg.datasets import REQUIRE_REAL, data_root, synthetic_notice, synthetic_record
 from equiseg.evaluation.tissue_context import run_context
-from equiseg.files import remove_stale, written_whole
-from equiseg.runs import Run, load_model
+from equiseg.files import OutputError, remove_stale, written_whole
+from equiseg.runs import Run
 from equiseg.training.module import SegmentationModule
 
 _RUN_DIR_ENV = "EQUISEG_RUN_DIR"
@@ -123,27 +126,20 @@ def fit(config: Config | None, runs: Path | str = "runs", resume: Path | str | N
     if resume is not None:
         run_dir = Path(resume)
         ckpt_path = Run(run_dir).last
-        if not ckpt_path.is_file():
-            raise FileNotFoundError(f"{ckpt_path}: no last checkpoint to resume from")
-        load_model(ckpt_path)  # a hostile or foreign file is refused here, naming it
-        config = Run(run_dir).config()
+        # a hostile or foreign file, or a checkpoint of another model than config.yaml's, is refused
+        # here, naming it, before anything in the run folder changes
+        config = Run(run_dir).resumable()
     if config is None:
         raise ValueError("fit needs a config, or a run folder to resume")
-    root, context = _checked_inputs(config)
-    run_dir = _run_folder(config, root, runs, run_dir, resuming=resume is not None)
-    L.seed_everything(config.train.seed, workers=True, verbose=False)
-    data = SegmentationDataModule(root, config.task, config.data.cell_target, config.data.crop_size,
-                                  config.data.train_fraction, config.data.batch_size, config.data.num_workers,
-                                  config.train.seed, context=context)
-    module = SegmentationModule(config.to_dict())
-    # without progress output (studies, tests), Lightning's notices (devices, tips) stay quiet too
-    with _lightning_notices(progress), warnings.catch_warnings():
-        # Lightning's own deprecations and a notice about our GPU-side augmentation hook
-        warnings.filterwarnings("ignore", message=".*LeafSpec.*")
-        warnings.filterwarnings("ignore", message=".*overridden `on_after_batch_transfer`.*")
-        warnings.filterwarnings("ignore", message=".*exists and is not empty.*")  # resuming writes into it
-        warnings.filterwarnings("ignore", message=".*all_gather is deprecated.*")
-        trainer = _trainer(config, run_dir, progress, callbacks or [])
+    root, context = checked_inputs(config)
+    with _quiet(progress):
+        with _started(config, root, runs, run_dir, resuming=resume is not None) as run_dir:  # undone if it fails
+            L.seed_everything(config.train.seed, workers=True, verbose=False)
+            data = SegmentationDataModule(root, config.task, config.data.cell_target, config.data.crop_size,
+                                          config.data.train_fraction, config.data.batch_size,
+                                          config.data.num_workers, config.train.seed, context=context)
+            module = SegmentationModule(config.to_dict())
+            trainer = _trainer(config, run_dir, progress, callbacks or [])
         try:
             trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
         finally:
@@ -152,11 +148,12 @@ def fit(config: Config | None, runs: Path | str = "runs", resume: Path | str | N
     return run_dir
 
 
-def _checked_inputs(config: Config) -> tuple[Path, ContextFn | None]:
+def checked_inputs(config: Config) -> tuple[Path, ContextFn | None]:
     """The dataset folder (checked whole) and the tissue context of a run, before any output.
 
     Refuses built-in synthetic data for ``data.require_real`` and otherwise says loudly that
-    it is used; a missing or wrong tissue model is a `ConfigError`.
+    it is used; a missing or wrong tissue model, or Lightning settings that Lightning refuses
+    (`check_trainer`), are a `ConfigError`.
     """
     synthetic = None if config.data.root else config.data.synthetic
     if synthetic is not None and config.data.require_real:
@@ -165,6 +162,7 @@ def _checked_inputs(config: Config) -> tuple[Path, ContextFn | None]:
         log.warning(synthetic_notice(synthetic))
     if config.train.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise ConfigError(f"train.accelerator={config.train.accelerator}: PyTorch sees no GPU here (use auto or cpu)")
+    check_trainer(config)
     root = data_root(config)
     check_data(root)
     _check_fits(config, root)
@@ -192,24 +190,78 @@ def _check_fits(config: Config, root: Path) -> None:
                           f"({smallest} px): use data.crop_size={smallest} or less, or null for whole images")
 
 
-def _run_folder(config: Config, root: Path, runs: Path | str, run_dir: Path | str | None, resuming: bool) -> Path:
-    """The run folder, made and started (config, dataset, synthetic origin) by rank 0; DDP's other
-    processes, which re-launch this command, join rank 0's folder.
+def check_trainer(config: Config) -> None:
+    """Refuse, before any output, a ``train.strategy`` or ``train.precision`` that Lightning refuses
+    with the config's accelerator and devices (a ConfigError naming the key), as a Trainer of
+    them would at the start of training.
+    """
+    settings: dict[str, Any] = {"accelerator": config.train.accelerator, "devices": config.train.devices}
+    for key, value in (("strategy", config.train.strategy), ("precision", config.train.precision)):
+        probe: dict[str, Any] = {**settings, key: value}
+        try:
+            with _lightning_notices(False), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # a precision Lightning replaces says so again when training
+                L.Trainer(**probe, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                          enable_model_summary=False)
+        except (ValueError, TypeError, MisconfigurationException) as error:
+            option = " (--strategy)" if key == "strategy" else ""
+            raise ConfigError(f"train.{key}={value!r}{option}: Lightning refuses it: {' '.join(str(error).split())}"
+                              ) from None
+        settings[key] = value
+
+
+def _synthetic_record(config: Config) -> tuple[str, str] | None:
+    """What ``synthetic.txt`` records for a run on the built-in synthetic data (None otherwise)."""
+    synthetic = None if config.data.root else config.data.synthetic
+    return synthetic and (synthetic_record(synthetic), synthetic_notice(synthetic))
+
+
+@contextlib.contextmanager
+def _started(config: Config, root: Path, runs: Path | str, run_dir: Path | str | None,
+             resuming: bool) -> Iterator[Path]:
+    """The run folder, made and started (config, dataset, synthetic origin) by rank 0, for a block
+    that prepares the training in it; DDP's other processes, which re-launch this command, join
+    rank 0's folder. If the start or the block fails, what this call made is removed again: the
+    folder (and the folders above it that it made), or, in a given folder that was empty,
+    everything in it; a resumed run's folder is left as the failure left it.
     """
     launched = os.environ.get(_RUN_DIR_ENV) if int(os.environ.get("LOCAL_RANK", "0")) > 0 else None
     if launched:
-        return Path(launched)
-    if run_dir is None:
-        run_dir = Run.create(runs, config.name).path
-    else:
-        run_dir = Path(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)  # empty: fit checked it before any output
-    synthetic = None if config.data.root else config.data.synthetic
-    Run(run_dir).record_start(config, root, synthetic and (synthetic_record(synthetic), synthetic_notice(synthetic)))
-    os.environ[_RUN_DIR_ENV] = str(run_dir.resolve())
-    if resuming:
-        _set_aside_metrics(run_dir)
-    return run_dir
+        yield Path(launched)
+        return
+    target = Path(run_dir) if run_dir is not None else Path(runs)
+    made = next((p for p in reversed([target, *target.parents]) if not p.exists()), None)
+    try:
+        if run_dir is None:
+            folder = Run.create(runs, config.name).path
+            made = made or folder
+        else:
+            folder = Path(run_dir)
+            folder.mkdir(parents=True, exist_ok=True)  # empty: fit checked it before any output
+    except OSError as error:
+        raise OutputError(f"{target}: cannot make the run folder ({error.strerror or error})") from error
+    try:
+        Run(folder).record_start(config, root, _synthetic_record(config))
+        if resuming:
+            _set_aside_metrics(folder)
+        yield folder
+    except BaseException:
+        if not resuming:
+            _remove_made(folder, made)
+        raise
+    os.environ[_RUN_DIR_ENV] = str(folder.resolve())
+
+
+def _remove_made(run_dir: Path, made: Path | None) -> None:
+    """Remove ``made`` (the highest folder a failed start made), or the contents of ``run_dir``."""
+    if made is not None:
+        shutil.rmtree(made, ignore_errors=True)
+        return
+    for entry in run_dir.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
 
 
 class EpochSeed(L.Callback):
@@ -282,6 +334,20 @@ def _trainer(config: Config, run_dir: Path, progress: bool, callbacks: list) -> 
                      log_every_n_steps=1, check_val_every_n_epoch=config.train.val_every,
                      enable_progress_bar=progress, enable_model_summary=progress,
                      limit_train_batches=config.train.limit_train_batches, deterministic=False)
+
+
+@contextlib.contextmanager
+def _quiet(progress: bool) -> Iterator[None]:
+    """Training's warnings filters, and Lightning's notices (devices, tips) held back without
+    progress output (studies, tests).
+    """
+    with _lightning_notices(progress), warnings.catch_warnings():
+        # Lightning's own deprecations and a notice about our GPU-side augmentation hook
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+        warnings.filterwarnings("ignore", message=".*overridden `on_after_batch_transfer`.*")
+        warnings.filterwarnings("ignore", message=".*exists and is not empty.*")  # resuming writes into it
+        warnings.filterwarnings("ignore", message=".*all_gather is deprecated.*")
+        yield
 
 
 @contextlib.contextmanager
