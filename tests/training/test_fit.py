@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from equiseg.data.datamodule import SegmentationDataModule
+from equiseg.data.synthetic import generate_dataset
 from equiseg.data.targets import Task
 from equiseg.evaluation.evaluate import evaluate_model
 from equiseg.runs import Run, load_model
@@ -314,3 +315,49 @@ def test_compiled_training_matches_eager_and_writes_the_same_checkpoint(syntheti
     model, _ = load_model(run)  # an eager U-Net, as any run's
     assert getattr(model, "_compiled_call_impl", None) is None
     torch.testing.assert_close(model.state_dict(), {k.removeprefix("model."): v for k, v in saved["state_dict"].items()})
+
+
+_KILLED_AT_VALIDATION = """
+import json, os, signal, sys
+import lightning as L
+import torch
+from equiseg.config import Config
+from equiseg.training.fit import fit
+
+torch.set_num_threads(int(sys.argv[4]))
+
+class KillAtValidation(L.Callback):  # runs before the checkpoint callbacks: best.ckpt not yet written
+    def on_validation_end(self, trainer, module):
+        if trainer.current_epoch == int(sys.argv[3]) and not trainer.sanity_checking:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+fit(Config.from_dict(json.loads(sys.argv[1])), run_dir=sys.argv[2], progress=False, callbacks=[KillAtValidation()])
+"""
+
+
+@pytest.mark.slow
+def test_a_run_killed_at_its_best_validation_resumes_to_the_same_best_checkpoint(tmp_path):
+    """Kill -9 as the epoch whose validation loss is the run's lowest ends its validation, with
+    checkpoints every step: the resumed run runs that validation again and keeps the same
+    best.ckpt. A step checkpoint after an epoch's last batch made Lightning skip that validation
+    on resume, and best.ckpt held a later epoch's weights.
+    """
+    import json
+
+    root = generate_dataset(tmp_path / "data", {"train": 4, "val": 2, "test": 1}, size=64, seed=0)
+    config = tiny_config(root, train={"epochs": 4, "checkpoint_every_n_steps": 1, "lr": 3e-2},
+                         data={"augment": "heavy", "batch_size": 2, "crop_size": 32})
+    whole = fit(config, run_dir=tmp_path / "whole", progress=False)
+    best = torch.load(whole / "checkpoints/best.ckpt", weights_only=True)
+    assert 0 < best["epoch"] < config.train.epochs - 1  # a later epoch could take its place: the case tested
+    cut = tmp_path / "cut"
+    killed = subprocess.run([sys.executable, "-c", _KILLED_AT_VALIDATION, json.dumps(config.to_dict()), str(cut),
+                             str(best["epoch"]), str(torch.get_num_threads())],
+                            check=False, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -9, killed.stderr
+    fit(None, resume=cut, progress=False)
+    for name in ("best", "last"):
+        a = torch.load(whole / f"checkpoints/{name}.ckpt", weights_only=True)
+        b = torch.load(cut / f"checkpoints/{name}.ckpt", weights_only=True)
+        assert a["global_step"] == b["global_step"], name
+        assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"]), name

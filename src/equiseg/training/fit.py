@@ -17,6 +17,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import loggers
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities.types import STEP_OUTPUT
 
 from equiseg.config import Config, ConfigError
 from equiseg.data.context import ContextFn
@@ -281,6 +282,21 @@ class EpochSeed(L.Callback):
         L.seed_everything(self.seed * 100_003 + trainer.current_epoch, workers=True, verbose=False)
 
 
+class StepCheckpoint(ModelCheckpoint):
+    """``last.ckpt`` every N training steps, except after an epoch's last batch.
+
+    Resumed from a checkpoint taken there, Lightning counts the epoch as done and skips its
+    validation, so the best checkpoint (and a plateau schedule, early stopping) would go another
+    way than in the uninterrupted run; the epoch-end checkpoint, written after the validation,
+    stands for that step instead (tests/training/test_fit.py kills a run at every save).
+    """
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: STEP_OUTPUT, batch: Any,
+                           batch_idx: int) -> None:
+        if batch_idx + 1 < trainer.num_training_batches:
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Checkpoints written whole or not at all, with the partial file in the checkpoint's own folder.
 
@@ -317,9 +333,9 @@ def _trainer(config: Config, run_dir: Path, progress: bool, callbacks: list) -> 
     lasts = [ModelCheckpoint(dirpath=folder, filename="last", monitor=None, save_top_k=1,
                              enable_version_counter=False, save_on_train_epoch_end=True)]
     if config.train.checkpoint_every_n_steps:
-        lasts.append(ModelCheckpoint(dirpath=folder, filename="last", monitor=None, save_top_k=1,
-                                     enable_version_counter=False,
-                                     every_n_train_steps=config.train.checkpoint_every_n_steps))
+        lasts.append(StepCheckpoint(dirpath=folder, filename="last", monitor=None, save_top_k=1,
+                                    enable_version_counter=False,
+                                    every_n_train_steps=config.train.checkpoint_every_n_steps))
     stopping = ([EarlyStopping(monitor="val/loss", mode="min", patience=config.train.early_stopping)]
                 if config.train.early_stopping else [])
     # the config's precision is any string Lightning takes (it checks it); Lightning's Literal of them is private
