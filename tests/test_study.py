@@ -249,6 +249,9 @@ def test_an_old_cache_is_recomputed(tmp_path, monkeypatch):
     ({"variants": {}}, "no variants"),
     ({"fractions": [0.5, 1.5]}, r"fractions must lie in \(0, 1\]"),
     ({"seeds": ["a"]}, r"seeds\[0\]: expected an integer"),
+    ({"seeds": []}, "seeds: give at least one seed"),
+    ({"name": "../outside"}, "name must be a plain name"),
+    ({"variants": {"../x": {"family": "plain"}}}, "variant must be a plain name"),
     ({"variants": {"x": {"family": "c8", "pool": "avg"}}}, r"variants\.x\.pool: 'avg' is not one of max, blur"),
 ])
 def test_a_bad_study_config_is_one_error_naming_the_key(tmp_path, change, message):
