@@ -1,16 +1,23 @@
 import json
+import re
 
 import numpy as np
 import pytest
+import tifffile
+from PIL import Image
 
 from equiseg.data.ocelot import (
     DatasetError,
     GrandChallengeInput,
     OcelotFolder,
+    instances_stem,
+    pair_paths,
     pair_record,
     read_cells,
+    read_instances,
     read_metadata,
     write_grand_challenge,
+    write_instances,
 )
 
 
@@ -135,3 +142,64 @@ def test_cells_are_read_without_decoding_the_images(tmp_path, monkeypatch):
     monkeypatch.setattr(ocelot, "read_image", lambda *a, **k: (_ for _ in ()).throw(AssertionError("decoded")))
     for i, cells in enumerate(expected):
         np.testing.assert_array_equal(folder.cells(i), cells)
+
+
+# --- instance label images (issue 28) -------------------------------------------------------------------------------
+
+
+def labels_of(dtype, top):
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, top, (40, 48)).astype(dtype)
+    labels[0, 0] = top  # the largest label survives the round trip
+    return labels
+
+
+@pytest.mark.parametrize(("suffix", "dtype", "top"), [
+    (".png", np.uint8, 255), (".png", np.uint16, 65535),
+    (".tif", np.uint8, 255), (".tif", np.uint16, 65535), (".tif", np.uint32, 2 ** 31 - 1), (".tiff", np.int32, 70000),
+])
+def test_instance_label_images_round_trip_as_png_and_tiff_of_16_and_32_bit(tmp_path, suffix, dtype, top):
+    labels = labels_of(dtype, top)
+    path = tmp_path / f"001{suffix}"
+    if suffix == ".png":
+        Image.fromarray(labels).save(path)
+    else:
+        tifffile.imwrite(path, labels, compression="zlib")
+    read = read_instances(path, (40, 48))
+    assert read.dtype == np.int32
+    np.testing.assert_array_equal(read, labels.astype(np.int64))
+
+
+def test_write_instances_picks_a_16_bit_png_or_a_32_bit_tiff(tmp_path):
+    small, large = labels_of(np.int32, 65535), labels_of(np.int32, 65536)
+    assert write_instances(tmp_path / "a", small).name == "a.png"
+    assert write_instances(tmp_path / "b.c", large).name == "b.c.tif"  # a dotted sample id keeps its name
+    np.testing.assert_array_equal(read_instances(tmp_path / "a.png"), small)
+    np.testing.assert_array_equal(read_instances(tmp_path / "b.c.tif"), large)
+
+
+def test_bad_instance_label_images_are_named_errors(tmp_path):
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "rgb.png")
+    tifffile.imwrite(tmp_path / "float.tif", np.zeros((8, 8), np.float32))
+    tifffile.imwrite(tmp_path / "negative.tif", np.full((8, 8), -1, np.int32))
+    Image.fromarray(np.zeros((8, 9), np.uint16)).save(tmp_path / "small.png")
+    for name, fragment in (("rgb.png", "one-channel"), ("float.tif", "one-channel"), ("negative.tif", "[0, 2**31)"),
+                           ("small.png", "size 9x8, expected 8x8"), ("none.png", "missing")):
+        with pytest.raises(DatasetError, match=re.escape(fragment)) as error:
+            read_instances(tmp_path / name, (8, 8))
+        assert name in str(error.value)
+
+
+def test_samples_carry_instances_where_the_dataset_has_them_and_none_for_ocelot(tiny_dataset):
+    assert "cell_instances" not in pair_paths(tiny_dataset, "train", "001")
+    assert all(sample.instances is None for sample in OcelotFolder(tiny_dataset, "train"))
+    labels = np.zeros((64, 64), np.int32)
+    labels[10:20, 10:20] = 1
+    stem = instances_stem(tiny_dataset, "train", "001")
+    stem.parent.mkdir(parents=True)
+    tifffile.imwrite(stem.parent / "001.tiff", labels.astype(np.uint32))
+    assert pair_paths(tiny_dataset, "train", "001")["cell_instances"].name == "001.tiff"
+    train = OcelotFolder(tiny_dataset, "train")
+    np.testing.assert_array_equal(train[0].instances, labels)
+    assert train[1].instances is None  # per sample: one without a file has None
+    assert OcelotFolder(tiny_dataset, "train", labels=False)[0].instances is None

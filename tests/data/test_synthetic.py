@@ -46,7 +46,7 @@ def test_same_seed_gives_identical_files_and_another_seed_differs(tmp_path):
     counts = {"train": 2, "val": 1, "test": 1}
     first = all_files(generate_dataset(tmp_path / "a", counts, size=128, seed=3))
     second = all_files(generate_dataset(tmp_path / "b", counts, size=128, seed=3))
-    assert len(first) == 4 * 4 + 1
+    assert len(first) == 4 * 5 + 1  # images, CSV, tissue mask, instance labels
     assert first == second
     other = all_files(generate_dataset(tmp_path / "c", counts, size=128, seed=4))
     images = [path for path in first if path.suffix == ".jpg"]
@@ -56,7 +56,7 @@ def test_same_seed_gives_identical_files_and_another_seed_differs(tmp_path):
 def test_render_pair_is_deterministic_and_leaves_the_seed_sequence_alone():
     seq = np.random.SeedSequence([SEED, 0])
     one, two = render_pair(seq, 128), render_pair(seq, 128)
-    for name in ("cell_image", "tissue_image", "cells", "tissue_mask"):
+    for name in ("cell_image", "tissue_image", "cells", "tissue_mask", "instances"):
         np.testing.assert_array_equal(getattr(one, name), getattr(two, name))
     assert render_pair(np.random.SeedSequence([SEED, 1]), 128).cell_image.tobytes() != one.cell_image.tobytes()
 
@@ -66,7 +66,7 @@ def test_more_samples_leave_the_earlier_ones_unchanged(tmp_path):
     more = generate_dataset(tmp_path / "more", {"train": 3, "val": 1}, size=128, seed=5)
     few_files, more_files = all_files(few), all_files(more)
     samples = [path for path in few_files if path.name != "metadata.json"]
-    assert len(samples) == 2 * 4
+    assert len(samples) == 2 * 5
     assert all(few_files[path] == more_files[path] for path in samples)
     few_meta = json.loads((few / "metadata.json").read_text())["sample_pairs"]
     more_meta = json.loads((more / "metadata.json").read_text())["sample_pairs"]
@@ -104,6 +104,7 @@ def test_dataset_reads_back_through_ocelot_folder(tmp_path):
             pair = render_pair(np.random.SeedSequence([seed, k]), SIZE)
             np.testing.assert_array_equal(sample.cells, pair.cells)
             np.testing.assert_array_equal(sample.tissue_mask, pair.tissue_mask)
+            np.testing.assert_array_equal(sample.instances, pair.instances)
             total_cells += len(sample.cells)
     assert total_cells > 0
 
@@ -283,3 +284,67 @@ def test_rotated_crops_turn_the_same_world_keep_the_cell_block_and_show_glass_in
                 assert corner.min() > 200 and np.ptp(corner.astype(int).mean(axis=(0, 1))) < 25, k
     quadrants = {int(a // (np.pi / 2)) for a in angles}
     assert len(angles) >= 6 and len(quadrants) >= 3, angles
+
+
+# --- instance labels (issue 28) ---------------------------------------------------------------------------------------
+
+
+def assert_points_and_labels_agree(instances, cells):
+    """Label k is the k-th cell: its point's pixel is k, every label 1..N occurs and no other."""
+    np.testing.assert_array_equal(instances[cells[:, 1], cells[:, 0]], np.arange(1, len(cells) + 1))
+    np.testing.assert_array_equal(np.unique(instances[instances > 0]), np.arange(1, len(cells) + 1))
+
+
+@pytest.mark.parametrize(("size", "crowding", "rotated"), [(512, 0.0, False), (1024, 1.0, False),
+                                                           (512, 0.0, True), (512, 1.0, True)])
+def test_every_point_lies_in_its_own_label_and_every_label_holds_its_point(size, crowding, rotated):
+    """Sparse, crowded (hundreds of touching cells) and rotated worlds: label k is the k-th CSV row's nucleus,
+    the labels cover the dark nuclei, and the instance drawing changes no other array of the pair.
+    """
+    touching = 0
+    for k in range(2):
+        pair = render_pair(np.random.SeedSequence([SEED, k]), size, crowding, rotated)
+        instances, cells = pair.instances, pair.cells
+        assert instances.shape == (size, size) and instances.dtype == np.int32
+        assert_points_and_labels_agree(instances, cells)
+        sizes = np.bincount(instances.ravel())[1:]
+        assert np.median(sizes) > 100  # nuclei of several µm, not single pixels
+        nucleus, rest = grey(pair.cell_image)[instances > 0], grey(pair.cell_image)[instances == 0]
+        assert nucleus.mean() < rest.mean() - 20  # the labels are where the image draws nuclei
+        right = (instances[:, 1:] != instances[:, :-1]) & (instances[:, 1:] > 0) & (instances[:, :-1] > 0)
+        touching += int(right.sum())
+        if crowding and not rotated:
+            assert len(cells) >= 100  # a crowded 1024 px patch: over a hundred nuclei, many touching
+    if crowding:
+        assert touching > 0
+
+
+def test_labels_turn_with_the_image_under_quarter_turns_and_flips():
+    """A generated pair turned by rot90 or flipped: its labels turn with it and keep their points; the crop
+    turner at an exact quarter turn gives ``np.rot90`` of the labels, renumbered to the turned points.
+    """
+    from equiseg.data.synthetic.patches import _turned_instances
+
+    pair = render_pair(np.random.SeedSequence([SEED, 0]), SIZE, 1.0)
+    instances, cells, side = pair.instances, pair.cells, SIZE - 1
+    moves = {  # image transform -> where the point (x, y) goes
+        "rot90": (lambda a: np.rot90(a, k=-1), lambda x, y: (side - y, x)),
+        "flip x": (lambda a: a[:, ::-1], lambda x, y: (side - x, y)),
+        "flip y": (lambda a: a[::-1], lambda x, y: (x, side - y)),
+        "transpose": (lambda a: np.swapaxes(a, 0, 1), lambda x, y: (y, x)),
+    }
+    for turn, move in moves.values():
+        turned = turn(instances)
+        x, y = move(cells[:, 0], cells[:, 1])
+        np.testing.assert_array_equal(turned[y, x], np.arange(1, len(cells) + 1))
+        image = grey(turn(pair.cell_image))
+        means = np.bincount(turned.ravel(), image.ravel()) / np.bincount(turned.ravel())
+        original = np.bincount(instances.ravel(), grey(pair.cell_image).ravel()) / np.bincount(instances.ravel())
+        np.testing.assert_allclose(means, original)  # each label covers the same pixels of the turned image
+    x, y = moves["rot90"][1](cells[:, 0], cells[:, 1])
+    moved = np.stack([x, y, cells[:, 2]], axis=1)
+    order = np.lexsort((moved[:, 0], moved[:, 1]))
+    crop = _turned_instances(instances, moved[order], order, np.pi / 2)
+    renumber = np.zeros(len(cells) + 1, np.int32)
+    renumber[order + 1] = np.arange(1, len(cells) + 1)
+    np.testing.assert_array_equal(crop, renumber[np.rot90(instances, k=-1)])

@@ -5,6 +5,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from equiseg.cli import app
+from equiseg.data.ocelot import read_cells, read_instances
+from equiseg.data.synthetic import generate_dataset
 from equiseg.data.verify import verify_dataset
 
 runner = CliRunner()
@@ -105,3 +107,48 @@ def test_images_and_masks_over_the_size_limit_are_problems_naming_the_file(tiny_
     assert "decompression-bomb limit of 10,000 px" in problems[0] and "12800" in problems[0]  # Pillow's count
     result = runner.invoke(app, ["verify", "--data", str(tiny_dataset)])
     assert result.exit_code == 1 and "Traceback" not in result.output and str(mask) in result.output
+
+
+# --- instance labels (issue 28) ---------------------------------------------------------------------------------------
+
+
+def test_verify_checks_instance_labels_against_the_points_one_line_per_problem(tmp_path):
+    root = generate_dataset(tmp_path / "synth", {"train": 1, "val": 1}, size=256, seed=7, crowding=1.0)
+    assert verify_dataset(root) == []  # synth's labels and points agree
+    path = root / "annotations/train/cell_instances/001.png"
+    labels = read_instances(path)
+    count = int(labels.max())
+    assert count >= 3
+    labels[:4, :4] = count + 1  # a label without its point
+    cells = read_cells(root / "annotations/train/cell/001.csv")
+    labels[labels == 2] = 0  # label 2 moved away from its point ...
+    labels[-4:, -4:] = 2  # ... to a corner
+    found = int(labels[cells[1, 1], cells[1, 0]])
+    assert found != 2
+    Image.fromarray(labels.astype(np.uint16)).save(path)
+    assert messages(verify_dataset(root)) == sorted([
+        f"001.png: label {count + 1} has no point: the CSV has {count} cells",
+        f"001.png: label 2 does not contain its point ({cells[1, 0]}, {cells[1, 1]}) (CSV row 2), which lies in "
+        f"{'the background' if found == 0 else f'label {found}'}",
+    ])
+    labels[labels == 2] = 0  # label 2 gone: its point lies in no label of its own
+    Image.fromarray(labels.astype(np.uint16)).save(path)
+    assert f"001.png: point ({cells[1, 0]}, {cells[1, 1]}) (CSV row 2) has no label 2: it lies in the background" in \
+        messages(verify_dataset(root))
+
+
+def test_verify_names_bad_and_extra_instance_files_and_is_silent_without_them(tiny_dataset):
+    assert verify_dataset(tiny_dataset) == []  # OCELOT-like: no instance files, no instance checks
+    folder = tiny_dataset / "annotations/train/cell_instances"
+    folder.mkdir()
+    Image.fromarray(np.zeros((32, 64), np.uint16)).save(folder / "001.png")  # wrong size
+    Image.fromarray(np.zeros((64, 64), np.uint16)).save(folder / "001.tif")  # a second file of 001
+    Image.fromarray(np.zeros((64, 64), np.uint16)).save(folder / "099.png")  # no such sample
+    (folder / "notes.txt").write_text("x")
+    assert messages(verify_dataset(tiny_dataset)) == sorted([
+        "001.png: size 64x32, expected 64x64",
+        "001.tif: extra file: this sample has another instance label image here, which is read first "
+        "(.png, .tif, .tiff in this order)",
+        "099.png: extra file: no sample '099' of this split in metadata.json",
+        "notes.txt: extra file: expected only .png, .tif, .tiff here",
+    ])

@@ -6,6 +6,10 @@ Zenodo layout (also what ``equiseg synth`` writes)::
     ROOT/images/{split}/{cell,tissue}/NNN.jpg           RGB
     ROOT/annotations/{split}/cell/NNN.csv               "x,y,label" per line, no header; may be empty
     ROOT/annotations/{split}/tissue/NNN.png             one channel: 1 background, 2 cancer area, 255 unknown
+    ROOT/annotations/{split}/cell_instances/NNN.png     optional (OCELOT has none): the cell patch's nucleus
+                                                        instance labels, 0 background, k the cell of the CSV's
+                                                        k-th row (1-based); a 16-bit PNG as synth writes it,
+                                                        or 8-bit PNG, or NNN.tif / NNN.tiff of 8, 16 or 32 bit
 
 Grand Challenge input::
 
@@ -99,6 +103,8 @@ class Sample:
     """One pair: images (H, W, 3) uint8, cells (N, 3) int64 rows (x, y, class), tissue mask (H, W) uint8.
 
     ``cells`` and ``tissue_mask`` are None where the source has no labels (Grand Challenge input).
+    ``instances``: the cell patch's nucleus instance labels (H, W) int32 (`read_instances`), 0
+    background and k the cell of row k of ``cells`` (1-based); None where the dataset has none (OCELOT).
     """
 
     cell_image: np.ndarray
@@ -106,6 +112,7 @@ class Sample:
     cells: np.ndarray | None
     tissue_mask: np.ndarray | None
     meta: PairMeta
+    instances: np.ndarray | None = None
 
 
 def image_to_tensor(image: np.ndarray) -> torch.Tensor:
@@ -413,6 +420,68 @@ def read_tissue_mask(path: Path, shape: tuple[int, int] | None = None) -> np.nda
     return array.astype(np.uint8)
 
 
+INSTANCE_SUFFIXES = (".png", ".tif", ".tiff")  # instance label images, looked for in this order
+_INSTANCE_DTYPES = (np.uint8, np.uint16, np.uint32, np.int32)
+
+
+def read_instances(path: Path, shape: tuple[int, int] | None = None) -> np.ndarray:
+    """Nucleus instance labels as (H, W) int32: a one-channel PNG (8 or 16 bit) or TIFF (8, 16 or 32 bit
+    unsigned, or 32-bit signed without negative values), 0 background; ``shape`` is checked when given.
+    """
+    if not path.is_file():
+        raise DatasetError(path, "missing")
+    try:
+        if path.suffix.lower() in (".tif", ".tiff"):
+            array = _read_label_tiff(path)
+        else:
+            with Image.open(path) as image:
+                if image.mode not in ("L", "I", "I;16", "I;16B", "I;16L"):
+                    raise DatasetError(path, f"expected a one-channel label image, got mode {image.mode}")
+                array = np.asarray(image)
+    except Image.DecompressionBombError as error:
+        raise DatasetError(path, pillow_refusal(path, error).message) from None
+    except ImageRefused as error:
+        raise DatasetError(path, error.message) from None
+    except DECODE_ERRORS as error:
+        raise DatasetError(path, unreadable(path, error, "label image").message) from None
+    if shape is not None and array.shape != tuple(shape):
+        raise DatasetError(path, f"size {array.shape[1]}x{array.shape[0]}, expected {shape[1]}x{shape[0]}")
+    if array.size and (array.min() < 0 or array.max() > np.iinfo(np.int32).max):
+        raise DatasetError(path, f"labels must lie in [0, 2**31), got {array.min()} to {array.max()}")
+    return array.astype(np.int32)
+
+
+def _read_label_tiff(path: Path) -> np.ndarray:
+    """The first series of a TIFF label image, its shape, type and data checked from the header first."""
+    with tifffile.TiffFile(path) as tiff:
+        if not tiff.series:
+            raise ImageRefused(path, "unreadable or truncated label image (no image in the TIFF)")
+        series = tiff.series[0]
+        shape = tuple(series.shape)[1:] if len(series.shape) == 3 and series.shape[0] == 1 else tuple(series.shape)
+        if len(shape) != 2 or series.dtype not in _INSTANCE_DTYPES:
+            raise ImageRefused(path, f"expected a one-channel label image of 8, 16 or 32 bit integers, "
+                                     f"got shape {tuple(series.shape)} {series.dtype}")
+        check_decoded_size(path, shape[0], shape[1], "a label image")
+        for page in series.pages:
+            if page is not None:
+                check_tiff_data(path, page, tiff.filehandle.size)
+        return series.asarray().reshape(shape)
+
+
+def write_instances(path_stem: Path, instances: np.ndarray) -> Path:
+    """Write instance labels (H, W) beside their CSV: ``path_stem.png`` (16-bit) when every label fits in 16
+    bit, else ``path_stem.tif`` (32-bit, deflate); returns the path written.
+    """
+    labels = np.asarray(instances)
+    if labels.size and labels.max() > np.iinfo(np.uint16).max:
+        path = path_stem.parent / f"{path_stem.name}.tif"
+        tifffile.imwrite(path, np.ascontiguousarray(labels, dtype=np.uint32), compression="zlib")
+    else:
+        path = path_stem.parent / f"{path_stem.name}.png"
+        Image.fromarray(np.ascontiguousarray(labels, dtype=np.uint16)).save(path)
+    return path
+
+
 def parse_cells(path: Path, shape: tuple[int, int] | None = None) -> tuple[np.ndarray, list[DatasetError]]:
     """Cell points from a CSV of ``x,y,label`` lines, and every problem found (not just the first).
 
@@ -478,7 +547,7 @@ class OcelotFolder(Sequence[Sample]):
         self.ids = sorted(sid for sid, meta in self.metadata.items() if meta.subset == split.value)
 
     def paths(self, sample_id: str) -> dict[str, Path]:
-        """The four files of a sample: cell_image, tissue_image, cells, tissue_mask.
+        """The files of a sample: cell_image, tissue_image, cells, tissue_mask, and cell_instances where it has one.
 
         Raises:
             DatasetError: one of them is a link to a file outside the dataset folder (a dataset is
@@ -502,11 +571,13 @@ class OcelotFolder(Sequence[Sample]):
         tissue_shape = None if meta.tissue_size is None else (meta.tissue_size, meta.tissue_size)
         cell_image = read_image(paths["cell_image"], cell_shape)
         tissue_image = read_image(paths["tissue_image"], tissue_shape)
-        cells = mask = None
+        cells = mask = instances = None
         if self.labels:
             cells = read_cells(paths["cells"], cell_image.shape[:2])
             mask = read_tissue_mask(paths["tissue_mask"], tissue_image.shape[:2])
-        return Sample(cell_image, tissue_image, cells, mask, meta)
+            if "cell_instances" in paths:
+                instances = read_instances(paths["cell_instances"], cell_image.shape[:2])
+        return Sample(cell_image, tissue_image, cells, mask, meta, instances)
 
     def __iter__(self) -> Iterator[Sample]:
         return (self[i] for i in range(len(self)))
@@ -528,14 +599,27 @@ def checked_pair_paths(root: Path, split: Split | str, sample_id: str) -> dict[s
 
 
 def pair_paths(root: Path, split: Split | str, sample_id: str) -> dict[str, Path]:
-    """Where the Zenodo layout keeps the files of one sample."""
+    """Where the Zenodo layout keeps the files of one sample; ``cell_instances`` only where the sample has
+    an instance label image (the first of `INSTANCE_SUFFIXES` that exists), absent otherwise (OCELOT).
+    """
     split = Split(split).value
-    return {
+    paths = {
         "cell_image": root / "images" / split / "cell" / f"{sample_id}.jpg",
         "tissue_image": root / "images" / split / "tissue" / f"{sample_id}.jpg",
         "cells": root / "annotations" / split / "cell" / f"{sample_id}.csv",
         "tissue_mask": root / "annotations" / split / "tissue" / f"{sample_id}.png",
     }
+    stem = instances_stem(root, split, sample_id)
+    for suffix in INSTANCE_SUFFIXES:
+        if (path := stem.parent / f"{stem.name}{suffix}").is_file():
+            paths["cell_instances"] = path
+            break
+    return paths
+
+
+def instances_stem(root: Path, split: Split | str, sample_id: str) -> Path:
+    """The instance label image of a sample without its suffix: ``annotations/SPLIT/cell_instances/ID``."""
+    return Path(root) / "annotations" / Split(split).value / "cell_instances" / sample_id
 
 
 class GrandChallengeInput(Sequence[Sample]):
@@ -658,8 +742,11 @@ def write_metadata(root: Path | str, sample_pairs: dict[str, dict], description:
 
 
 def write_pair(root: Path | str, split: str, sample_id: str, cell_image: np.ndarray, tissue_image: np.ndarray,
-               cells: np.ndarray, tissue_mask: np.ndarray, jpeg_quality: int = 95) -> dict[str, Path]:
-    """Write one sample's four files in the Zenodo layout; returns their paths."""
+               cells: np.ndarray, tissue_mask: np.ndarray, jpeg_quality: int = 95,
+               instances: np.ndarray | None = None) -> dict[str, Path]:
+    """Write one sample's four files in the Zenodo layout, and its instance labels (`write_instances`)
+    when given; returns their paths.
+    """
     paths = pair_paths(Path(root), split, sample_id)
     for path in paths.values():
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -669,6 +756,10 @@ def write_pair(root: Path | str, split: str, sample_id: str, cell_image: np.ndar
     Image.fromarray(np.ascontiguousarray(tissue_mask, dtype=np.uint8), mode="L").save(paths["tissue_mask"])
     lines = [f"{int(x)},{int(y)},{int(c)}" for x, y, c in np.asarray(cells).reshape(-1, 3)]
     paths["cells"].write_text("".join(line + "\n" for line in lines))
+    if instances is not None:
+        stem = instances_stem(Path(root), split, sample_id)
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        paths["cell_instances"] = write_instances(stem, instances)
     return paths
 
 

@@ -25,6 +25,7 @@ from equiseg.data.ocelot import (
 )
 from equiseg.data.synthetic.world import (
     World,
+    cell_instances,
     cell_points,
     child,
     colour,
@@ -51,6 +52,9 @@ class SyntheticPair:
         patch_x_offset: centre of the cell patch as a fraction of the tissue patch's width,
             a multiple of 1/16 in [1/8, 7/8], so the cell block lies inside the tissue patch.
         patch_y_offset: the same along the height.
+        instances: (size, size) int32 nucleus instance labels of the cell patch: 0 background, k the
+            nucleus of the k-th row of ``cells`` (1-based), whose point it always contains
+            (`equiseg.data.synthetic.world.cell_instances`).
     """
 
     cell_image: np.ndarray
@@ -61,6 +65,7 @@ class SyntheticPair:
     tissue_mpp: float
     patch_x_offset: float
     patch_y_offset: float
+    instances: np.ndarray
 
 
 def check_size(size: int) -> None:
@@ -138,9 +143,27 @@ def _rotated_crop(pair: SyntheticPair, world: World, rng: np.random.Generator) -
     moved = np.floor(_turn(pair.cells[:, :2] + 0.5, np.array(centre), angle)).astype(np.int64)
     inside = np.all((moved >= 0) & (moved < size), axis=1)
     cells = np.concatenate([moved[inside], pair.cells[inside, 2:]], axis=1).reshape(-1, 3)
-    cells = cells[np.lexsort((cells[:, 0], cells[:, 1]))]
+    order = np.lexsort((cells[:, 0], cells[:, 1]))
+    cells = cells[order]
     return dataclasses.replace(pair, cell_image=cell_image, tissue_image=tissue_image, cells=cells,
-                               tissue_mask=mask, patch_x_offset=offset[0], patch_y_offset=offset[1])
+                               tissue_mask=mask, patch_x_offset=offset[0], patch_y_offset=offset[1],
+                               instances=_turned_instances(pair.instances, cells, np.flatnonzero(inside)[order],
+                                                           angle))
+
+
+def _turned_instances(instances: np.ndarray, cells: np.ndarray, source: np.ndarray, angle: float) -> np.ndarray:
+    """Instance labels turned as `_rotated_crop` turns the cell patch (nearest pixel, background outside
+    the crop) and renumbered to the turned ``cells``, whose row k came from the old row ``source[k]``:
+    nuclei whose point left the frame become background, and each point's pixel is its own label.
+    Draws no random numbers.
+    """
+    size = instances.shape[0]
+    turned, _ = _turned_image(instances, (size / 2, size / 2), angle, 0, np.zeros_like(instances))
+    renumber = np.zeros(max(int(instances.max(initial=0)), len(source) and int(source.max()) + 1) + 1, np.int32)
+    renumber[source + 1] = np.arange(1, len(source) + 1)
+    turned = renumber[turned]
+    turned[cells[:, 1], cells[:, 0]] = np.arange(1, len(cells) + 1)
+    return turned
 
 
 def render_pair(seed: int | np.random.SeedSequence, size: int = 1024, crowding: float = 0.0,
@@ -167,7 +190,7 @@ def render_pair(seed: int | np.random.SeedSequence, size: int = 1024, crowding: 
     if world.unknown is not None:
         mask[world.unknown.on(world.tissue_view) > world.unknown_level] = TISSUE_UNKNOWN
     pair = SyntheticPair(cell_image, tissue_image, cell_points(world), mask, world.cell_mpp, world.tissue_mpp,
-                         world.offset[0], world.offset[1])
+                         world.offset[0], world.offset[1], cell_instances(world))
     if rotated:
         pair = _rotated_crop(pair, world, child(seq, 4))
     return pair
@@ -208,7 +231,8 @@ def generate_dataset(out_dir: Path | str, counts: Mapping[str, int] = DEFAULT_CO
         for k, split in enumerate(splits):
             pair = render_pair(np.random.SeedSequence([seed, k]), size, crowding, rotated)
             sample_id = f"{k + 1:0{width}d}"
-            write_pair(staging, split, sample_id, pair.cell_image, pair.tissue_image, pair.cells, pair.tissue_mask)
+            write_pair(staging, split, sample_id, pair.cell_image, pair.tissue_image, pair.cells, pair.tissue_mask,
+                       instances=pair.instances)
             # level 0 of each synthetic slide is at cell resolution, so the slide boxes are whole pixels
             records[sample_id] = pair_record(split, pair.cell_mpp, pair.tissue_mpp, pair.patch_x_offset,
                                              pair.patch_y_offset, cell_size=size, tissue_size=size,

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -235,10 +236,13 @@ def _draw_nuclei(nuc: Nuclei, view: View, blur: float, uniform: np.ndarray, text
                      view, blur, edge, (uniform, textured, cover))
 
 
-def _draw_stamps(nuc: Nuclei, cx: np.ndarray, cy: np.ndarray, k: int, view: View, blur: float, edge: float,
-                 accumulators: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
-    """`_draw_nuclei` for nuclei with centres (cx, cy) in continuous px, all within K/2 px of their centre."""
-    size, mpp = view.size, view.mpp
+def _stamp_outline(nuc: Nuclei, cx: np.ndarray, cy: np.ndarray, k: int, mpp: float, edge: float
+                   ) -> tuple[np.ndarray, ...]:
+    """The stamp pixels of nuclei with centres (cx, cy) in continuous px that can be inside their outline
+    (or its ramp of ``edge`` µm): nucleus index n, stamp row r and column c, the pixel centre's µm offset
+    (x, y) from the nucleus centre, ``inside_um`` (radial µm to the outline, + inside), and the stamps'
+    first row and column (N,) in view px.
+    """
     steps = np.arange(k)
     col0, row0 = np.floor(cx - k / 2).astype(np.int64), np.floor(cy - k / 2).astype(np.int64)
     cols, rows = col0[:, None] + steps, row0[:, None] + steps  # (N, K)
@@ -261,6 +265,14 @@ def _draw_stamps(nuc: Nuclei, cx: np.ndarray, cy: np.ndarray, k: int, view: View
         h = nuc.harm[n]
         boundary = 1 + h[:, 0] * c2 + h[:, 1] * s2 + h[:, 2] * c3 + h[:, 3] * s3
     inside_um = (boundary - rho) * np.sqrt(x * x + y * y) / rho  # radial distance to the outline, + inside
+    return n, r, c, x, y, inside_um, row0, col0
+
+
+def _draw_stamps(nuc: Nuclei, cx: np.ndarray, cy: np.ndarray, k: int, view: View, blur: float, edge: float,
+                 accumulators: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
+    """`_draw_nuclei` for nuclei with centres (cx, cy) in continuous px, all within K/2 px of their centre."""
+    size, mpp = view.size, view.mpp
+    n, r, c, x, y, inside_um, row0, col0 = _stamp_outline(nuc, cx, cy, k, mpp, edge)
     inside = np.clip(np.float32(0.5) + inside_um / np.float32(edge), 0, 1)
     dens = nuc.dens[n] * inside
     if np.any(nuc.rim):
@@ -583,11 +595,68 @@ def colour(world: World, hema: np.ndarray, eosin: np.ndarray, rng: np.random.Gen
 
 def cell_points(world: World) -> np.ndarray:
     """Nucleus centres inside the cell patch as (N, 3) int64 rows (x, y, class), sorted by (y, x)."""
+    return _cell_sources(world)[0]
+
+
+def _cell_sources(world: World) -> tuple[np.ndarray, np.ndarray]:
+    """`cell_points` and, for each of its rows, the nucleus it comes from: (N, 2) rows (group, index in group)."""
     view = world.cell_view
-    rows = []
-    for group in world.nuclei:
+    rows, sources = [], []
+    for number, group in enumerate(world.nuclei):
         col, row = np.floor((group.x - view.x0) / view.mpp), np.floor((group.y - view.y0) / view.mpp)
         inside = (col >= 0) & (col < view.size) & (row >= 0) & (row < view.size)
         rows.append(np.stack([col[inside], row[inside], np.full(inside.sum(), group.kind.cell_class)], axis=1))
+        sources.append(np.stack([np.full(inside.sum(), number), np.flatnonzero(inside)], axis=1))
     cells = np.concatenate(rows).astype(np.int64).reshape(-1, 3)
-    return cells[np.lexsort((cells[:, 0], cells[:, 1]))]
+    order = np.lexsort((cells[:, 0], cells[:, 1]))
+    return cells[order], np.concatenate(sources).astype(np.int64).reshape(-1, 2)[order]
+
+
+def cell_instances(world: World) -> np.ndarray:
+    """The cell patch's nucleus instance labels: (size, size) int32, 0 background, k for the k-th row of
+    `cell_points` (1-based), drawn from the same nuclei as `render` and without random numbers.
+
+    A pixel belongs to the nucleus whose outline its centre lies deepest inside (radial µm to the outline,
+    the measure `render` ramps its edges by); ties go to the nucleus drawn first. Nuclei whose centre lies
+    outside the patch have no row, so the pixels they dominate are background; a nucleus cut by the patch
+    border keeps its inside part. The pixel of a nucleus's own centre (its point) is always its own.
+    """
+    view = world.cell_view
+    cells, sources = _cell_sources(world)
+    edge = math.hypot(view.mpp, 2.5 * world.blur)
+    pixels, depths, labels = [], [], []
+    for number, group in enumerate(world.nuclei):
+        ids = np.zeros(len(group.x), np.int64)
+        mine = np.flatnonzero(sources[:, 0] == number)
+        ids[sources[mine, 1]] = mine + 1
+        for pixel, depth, n in _outline_pixels(group, view, edge):
+            pixels.append(pixel)
+            depths.append(depth)
+            labels.append(ids[n])
+    out = np.zeros(view.size * view.size, np.int32)
+    if pixels:
+        pixel, depth, label = np.concatenate(pixels), np.concatenate(depths), np.concatenate(labels)
+        order = np.lexsort((-depth, pixel))  # per pixel, the deepest first (stable: ties keep drawing order)
+        pixel, label = pixel[order], label[order]
+        first = np.ones(len(pixel), bool)
+        first[1:] = pixel[1:] != pixel[:-1]
+        out[pixel[first]] = label[first]
+    out[cells[:, 1] * view.size + cells[:, 0]] = np.arange(1, len(cells) + 1)
+    return out.reshape(view.size, view.size)
+
+
+def _outline_pixels(nuc: Nuclei, view: View, edge: float) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """For chunks of the nuclei: the flat indices of the view's pixels whose centre lies inside a nucleus's
+    outline, how deep (µm), and which nucleus (index into ``nuc``); stamps as in `_draw_nuclei`.
+    """
+    size, mpp = view.size, view.mpp
+    cx, cy = (nuc.x - view.x0) / mpp, (nuc.y - view.y0) / mpp
+    reach = (nuc.reach() + edge) / mpp
+    near = (cx + reach > 0) & (cx - reach < size) & (cy + reach > 0) & (cy - reach < size)
+    order = np.flatnonzero(near)[np.argsort(reach[near], kind="stable")]
+    for chunk in np.array_split(order, math.ceil(len(order) / 48)) if len(order) else ():
+        k = math.ceil(2 * float(reach[chunk].max())) + 2
+        n, r, c, _, _, inside_um, row0, col0 = _stamp_outline(nuc.take(chunk), cx[chunk], cy[chunk], k, mpp, edge)
+        pr, pc = row0[n] + r, col0[n] + c
+        keep = (inside_um > 0) & (pr >= 0) & (pr < size) & (pc >= 0) & (pc < size)
+        yield (pr * size + pc)[keep], inside_um[keep], chunk[n[keep]]
