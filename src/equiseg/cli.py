@@ -731,7 +731,8 @@ def predict(
 def synth_slide(
     out: Annotated[Path | None, typer.Option(
         "--out", "-o", show_default=False,
-        help="The slide file to write (.tif); its true cells go beside it (NAME.cells.csv).")] = None,
+        help="The slide file to write (.tif); its true cells go beside it (NAME.cells.csv), and their "
+             "nucleus instance labels (NAME.instances.tif).")] = None,
     old_out: OldFolderArgument = None,
     size: Annotated[int, typer.Option(help="Side of the square slide in level-0 px (a multiple of 16, 1024 to "
                                            "131072).")] = 12000,
@@ -749,7 +750,8 @@ def synth_slide(
     on glass, rendered at level 0 block by block (memory stays well below the slide's size),
     lower levels 4x smaller each, microns per pixel in the resolution tags. For trying
     `equiseg slide` and for tests; NAME.cells.csv holds every nucleus centre (x, y in level-0
-    px, class 1 BC / 2 TC).
+    px, class 1 BC / 2 TC), NAME.instances.tif their nucleus instance labels (a tiled uint32 TIFF
+    of level 0's size: 0 background, k the cell of the CSV's k-th data row).
     """
     from equiseg.data.synthetic.slide import check_arguments, write_synthetic_slide
 
@@ -764,11 +766,13 @@ def synth_slide(
     except (ValueError, OSError) as error:
         raise _fail(str(error)) from None
     if _emit(as_json, {"slide": str(slide.path), "levels": [list(level) for level in slide.levels], "mpp": slide.mpp,
-                       "cells_file": str(slide.cells_path), "cells": len(slide.cells)}):
+                       "cells_file": str(slide.cells_path), "cells": len(slide.cells),
+                       "instances_file": str(slide.instances_path)}):
         return
     levels = ", ".join(f"{w}x{h}" for w, h in slide.levels)
-    typer.echo(f"wrote {slide.path} (levels {levels}; {slide.mpp:g} µm/px) and {slide.cells_path.name}: "
-               f"{len(slide.cells)} cells")
+    instances = slide.instances_path.name if slide.instances_path else "no instance labels"
+    typer.echo(f"wrote {slide.path} (levels {levels}; {slide.mpp:g} µm/px), {slide.cells_path.name}: "
+               f"{len(slide.cells)} cells, and {instances}")
 
 
 SlideTissueOption = Annotated[Path | None, typer.Option(

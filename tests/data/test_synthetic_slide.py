@@ -4,10 +4,11 @@ import dataclasses
 
 import numpy as np
 import pytest
+import tifffile
 from scipy import ndimage
 
 from equiseg.data.synthetic.slide import BLOCK, SyntheticSlide, _Slide, _TiledNoise, write_synthetic_slide
-from equiseg.data.synthetic.world import View, colour, render
+from equiseg.data.synthetic.world import View, colour, instance_labels, render
 
 openslide = pytest.importorskip("openslide")
 
@@ -96,6 +97,7 @@ def test_same_seed_gives_identical_files_and_another_seed_differs(tmp_path):
     other = write_synthetic_slide(tmp_path / "c.tif", size=1024, seed=6, crowding=0.5)
     assert one.path.read_bytes() == two.path.read_bytes()
     assert one.cells_path.read_bytes() == two.cells_path.read_bytes()
+    assert one.instances_path.read_bytes() == two.instances_path.read_bytes()
     np.testing.assert_array_equal(one.cells, np.loadtxt(one.cells_path, np.int64, delimiter=",", skiprows=1,
                                                         ndmin=2))
     assert one.cells_path.read_text().startswith("x,y,class\n")
@@ -171,7 +173,8 @@ def test_nothing_is_left_behind_by_a_failure(tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         write_synthetic_slide(earlier, size=2048, crowding=0.0, on_progress=interrupt)
-    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["file", "s.cells.csv", "s.tif"]
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["file", "s.cells.csv",
+                                                                                        "s.instances.tif", "s.tif"]
     assert earlier.read_bytes() == before
 
 
@@ -181,3 +184,31 @@ def test_a_file_equiseg_did_not_write_is_never_overwritten(tmp_path):
     with pytest.raises(ValueError, match="equiseg did not write"):
         write_synthetic_slide(mine, size=1024)
     assert mine.read_bytes() == b"my own slide" and sorted(p.name for p in tmp_path.iterdir()) == ["s.tif"]
+
+
+def test_instance_labels_hold_every_point_and_agree_across_block_seams(slide, level0):
+    """NAME.instances.tif: label k is the k-th cell of NAME.cells.csv, its point always inside; the labels are
+    the dark nuclei of level 0, and a view across the corner of four render blocks gives the file's labels.
+    """
+    assert slide.instances_path == slide.path.with_name("slide.instances.tif")
+    with tifffile.TiffFile(slide.instances_path) as tif:
+        page = tif.pages[0]
+        assert page.is_tiled and page.tilewidth == 256 and page.dtype == np.uint32
+        labels = page.asarray()
+    cells = slide.cells
+    assert labels.shape == (SIZE, SIZE) and len(cells) > 50
+    np.testing.assert_array_equal(labels[cells[:, 1], cells[:, 0]], np.arange(1, len(cells) + 1))
+    np.testing.assert_array_equal(np.unique(labels[labels > 0]), np.arange(1, len(cells) + 1))
+    assert grey(level0)[labels > 0].mean() < grey(level0)[(labels == 0) & slide.tissue_mask()].mean() - 20
+    made = _Slide.make(SEED, SIZE, 0.2, 1.0)
+    _, sources = made.cell_sources()
+    ids = [np.zeros(len(group.x), np.int64) for group in made.world.nuclei]
+    for k, (group, index) in enumerate(sources, start=1):
+        ids[group][index] = k
+    half = BLOCK // 2  # a view whose centre is the corner of four render blocks
+    view = View(half * 0.2, half * 0.2, 0.2, BLOCK, 1)
+    near = made._near_indices(view)
+    points = np.stack([cells[:, 0] - half, cells[:, 1] - half, np.arange(1, len(cells) + 1)], axis=1)
+    across = instance_labels(tuple(g.take(i) for g, i in zip(made.world.nuclei, near)),
+                             [i[n] for i, n in zip(ids, near)], view, made.world.blur, points)
+    np.testing.assert_array_equal(across, labels[half:half + BLOCK, half:half + BLOCK])

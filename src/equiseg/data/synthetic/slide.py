@@ -52,6 +52,7 @@ from equiseg.data.synthetic.world import (
     clear_of,
     colour,
     fibre_angles,
+    instance_labels,
     lymphocyte_intensity,
     make_nuclei,
     render,
@@ -104,6 +105,11 @@ class SyntheticSlide:
             fibroblasts), 2 = TC (tumour); every nucleus of the slide, all on tissue; sorted by (y, x).
         seed: the seed it was drawn from.
         crowding: the crowding it was drawn with, in [0, 1].
+        instances_path: the nucleus instance labels beside it, ``NAME.instances.tif``: one tiled
+            (``tile`` px, deflate) uint32 page of level 0's size, 0 background and k the nucleus of
+            the k-th data row of ``NAME.cells.csv`` (1-based, header not counted), drawn as the
+            patches' labels are (`equiseg.data.synthetic.world.instance_labels`), one render block at
+            a time; each cell's point lies in its label.
 
     `tissue_mask` gives the true section, `render_region` level-0 pixels afresh.
     """
@@ -117,6 +123,7 @@ class SyntheticSlide:
     cells: np.ndarray
     seed: int
     crowding: float
+    instances_path: Path | None = None
 
     def tissue_mask(self, downsample: int = 1) -> np.ndarray:
         """The true tissue section, ``(height // downsample, width // downsample)`` bool.
@@ -155,7 +162,8 @@ class SyntheticSlide:
 def write_synthetic_slide(path: Path | str, size: int = 12000, seed: int = 0, crowding: float = 1.0,
                           mpp: float = CELL_MPP, tile: int = 256,
                           on_progress: Callable[[int, int], None] | None = None) -> SyntheticSlide:
-    """Draw a synthetic slide and write it to ``path`` (a pyramidal TIFF) and its true cells beside it.
+    """Draw a synthetic slide and write it to ``path`` (a pyramidal TIFF), its true cells and their instance
+    labels beside it (``NAME.cells.csv``, ``NAME.instances.tif``: see `SyntheticSlide`).
 
     The TIFF is a generic tiled pyramid, as OpenSlide reads it (vendor ``generic-tiff``,
     ``openslide.mpp-x`` = ``mpp``): one page per level, level 0 first, each next level 4x smaller
@@ -163,7 +171,7 @@ def write_synthetic_slide(path: Path | str, size: int = 12000, seed: int = 0, cr
     mean of its uint8 values over each 4^k x 4^k block, rounded half to even (not a mean of the
     rounded level above). RGB, tiles of ``tile`` px, deflate (zlib), resolution tags in pixels
     per cm, lower pages marked reduced-resolution, an ImageDescription naming equiseg, the seed,
-    size, mpp and crowding; BigTIFF only when the pixels exceed 2 GiB. Both files are written
+    size, mpp and crowding; BigTIFF only when the pixels exceed 2 GiB. All three files are written
     beside their destinations as ``.NAME.partial-PID`` and renamed over them at the end, so a
     failure leaves whatever was there before and no partial file.
 
@@ -189,18 +197,20 @@ def write_synthetic_slide(path: Path | str, size: int = 12000, seed: int = 0, cr
     dest = Path(path)
     if dest.is_dir():
         raise ValueError(f"{dest}: is a folder; give the path of the .tif to write")
-    cells_dest = dest.with_suffix(".cells.csv")
+    cells_dest, instances_dest = dest.with_suffix(".cells.csv"), dest.with_suffix(".instances.tif")
     dest.parent.mkdir(parents=True, exist_ok=True)  # before the world is drawn: a bad folder fails at once
     slide = _Slide.make(seed, size, mpp, crowding)
-    cells = slide.cells()
+    cells, sources = slide.cell_sources()
     levels = _level_sides(size)
     description = (f"{_DESCRIPTION}: seed {seed}, {size} x {size} px at {mpp:g} um/px, "
                    f"crowding {crowding:g}, {len(cells)} cells")
-    with owned_file(dest) as tif_partial, owned_file(cells_dest) as cells_partial:
+    with (owned_file(dest) as tif_partial, owned_file(cells_dest) as cells_partial,
+          owned_file(instances_dest) as instances_partial):
         _write_tiff(tif_partial, slide, levels, tile, description, on_progress)
         _write_cells(cells_partial, cells)
+        _write_instances(instances_partial, slide, cells, sources, tile, description)
     return SyntheticSlide(dest, cells_dest, size, size, float(mpp), tuple((side, side) for side in levels),
-                          cells, int(seed), float(crowding))
+                          cells, int(seed), float(crowding), instances_dest)
 
 
 def check_arguments(size: int, seed: int, crowding: float, mpp: float, tile: int = 256) -> None:
@@ -486,13 +496,33 @@ class _Slide:
 
     def cells(self) -> np.ndarray:
         """Every nucleus centre as (N, 3) int64 rows (x, y, class) in level-0 px, sorted by (y, x)."""
-        rows = []
-        for group in self.world.nuclei:
+        return self.cell_sources()[0]
+
+    def cell_sources(self) -> tuple[np.ndarray, np.ndarray]:
+        """`cells` and, for each of its rows, the nucleus it comes from: (N, 2) rows (group, index in group)."""
+        rows, sources = [], []
+        for number, group in enumerate(self.world.nuclei):
             col, row = np.floor(group.x / self.mpp), np.floor(group.y / self.mpp)
             inside = (col >= 0) & (col < self.size) & (row >= 0) & (row < self.size)
             rows.append(np.stack([col[inside], row[inside], np.full(inside.sum(), group.kind.cell_class)], axis=1))
+            sources.append(np.stack([np.full(inside.sum(), number), np.flatnonzero(inside)], axis=1))
         cells = np.concatenate(rows).astype(np.int64).reshape(-1, 3)
-        return cells[np.lexsort((cells[:, 0], cells[:, 1]))]
+        order = np.lexsort((cells[:, 0], cells[:, 1]))
+        return cells[order], np.concatenate(sources).astype(np.int64).reshape(-1, 2)[order]
+
+    def labels(self, row: int, col: int, ids: list[np.ndarray], cells: np.ndarray) -> np.ndarray:
+        """The instance labels of render block (row, col), cut to the slide as `block` is: (h, w) int32, label
+        ``ids[g][i]`` for nucleus i of group g, and each of ``cells`` (N, 3) (sorted by y, level-0 px) gives
+        its own pixel the label of its row (1-based). Draws no random numbers.
+        """
+        view = View(col * BLOCK * self.mpp, row * BLOCK * self.mpp, self.mpp, BLOCK, 1)
+        near = self._near_indices(view)
+        groups = tuple(group.take(index) for group, index in zip(self.world.nuclei, near))
+        first, last = np.searchsorted(cells[:, 1], [row * BLOCK, (row + 1) * BLOCK])
+        points = np.stack([cells[first:last, 0] - col * BLOCK, cells[first:last, 1] - row * BLOCK,
+                           np.arange(first + 1, last + 1)], axis=1)
+        labels = instance_labels(groups, [i[index] for i, index in zip(ids, near)], view, self.world.blur, points)
+        return labels[:self.size - row * BLOCK, :self.size - col * BLOCK]
 
     def block(self, row: int, col: int) -> np.ndarray:
         """Render block (row, col): level-0 px ``[col, col + 1) * BLOCK x [row, row + 1) * BLOCK`` cut to
@@ -511,13 +541,17 @@ class _Slide:
 
     def _near(self, view: View) -> tuple[Nuclei, ...]:
         """The nuclei that can put density into ``view``."""
+        return tuple(group.take(index) for group, index in zip(self.world.nuclei, self._near_indices(view)))
+
+    def _near_indices(self, view: View) -> list[np.ndarray]:
+        """Per group, the indices (ascending) of the nuclei that can put density into ``view``."""
         x0, y0, stop = view.x0 - self.reach, view.y0 - self.reach, view.size * view.mpp + 2 * self.reach
-        groups = []
+        indices = []
         for group in self.world.nuclei:
             first, last = np.searchsorted(group.y, [y0, y0 + stop])
-            group = group.take(slice(first, last))
-            groups.append(group.take((group.x >= x0) & (group.x < x0 + stop)))
-        return tuple(groups)
+            x = group.x[first:last]
+            indices.append(first + np.flatnonzero((x >= x0) & (x < x0 + stop)))
+        return indices
 
 
 # --- writing -------------------------------------------------------------------------------------------------------
@@ -561,6 +595,34 @@ def _write_tiff(path: Path, slide: _Slide, sides: list[int], tile: int, descript
         for level in lower:
             side = level.shape[0]
             tif.write(level, subfiletype=1, resolution=(side / cm, side / cm), **options)
+
+
+def _write_instances(path: Path, slide: _Slide, cells: np.ndarray, sources: np.ndarray, tile: int,
+                     description: str) -> None:
+    """Write the instance labels of level 0 as one tiled uint32 page, a row of render blocks at a time."""
+    size, blocks = slide.size, math.ceil(slide.size / BLOCK)
+    ids = []
+    for number, group in enumerate(slide.world.nuclei):
+        mine = np.flatnonzero(sources[:, 0] == number)
+        ids.append(np.zeros(len(group.x), np.int64))
+        ids[-1][sources[mine, 1]] = mine + 1
+
+    def tiles() -> Iterator[np.ndarray]:
+        for row in range(blocks):
+            band = np.zeros((BLOCK, blocks * BLOCK), np.uint32)
+            for col in range(blocks):
+                labels = slide.labels(row, col, ids, cells)
+                band[:labels.shape[0], col * BLOCK:col * BLOCK + labels.shape[1]] = labels
+            for top in range(0, min(BLOCK, size - row * BLOCK), tile):
+                for left in range(0, size, tile):
+                    yield np.ascontiguousarray(band[top:top + tile, left:left + tile])
+
+    cm = size * slide.mpp * 1e-4
+    with tifffile.TiffWriter(path, bigtiff=4 * size * size > 2 ** 31) as tif:
+        tif.write(tiles(), shape=(size, size), dtype=np.uint32, tile=(tile, tile), photometric="minisblack",
+                  compression="zlib", compressionargs={"level": 1}, resolution=(size / cm, size / cm),
+                  resolutionunit="CENTIMETER", metadata=None,
+                  description=f"{description}; nucleus instance labels, k = row k of the cells CSV")
 
 
 def _sum4(image: np.ndarray) -> np.ndarray:

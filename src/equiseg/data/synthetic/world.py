@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -614,26 +614,41 @@ def _cell_sources(world: World) -> tuple[np.ndarray, np.ndarray]:
 
 def cell_instances(world: World) -> np.ndarray:
     """The cell patch's nucleus instance labels: (size, size) int32, 0 background, k for the k-th row of
-    `cell_points` (1-based), drawn from the same nuclei as `render` and without random numbers.
-
-    A pixel belongs to the nucleus whose outline its centre lies deepest inside (radial µm to the outline,
-    the measure `render` ramps its edges by); ties go to the nucleus drawn first. Nuclei whose centre lies
-    outside the patch have no row, so the pixels they dominate are background; a nucleus cut by the patch
-    border keeps its inside part. The pixel of a nucleus's own centre (its point) is always its own.
+    `cell_points` (1-based), drawn from the same nuclei as `render` by `instance_labels`, without random
+    numbers. Nuclei whose centre lies outside the patch have no row, so the pixels they dominate are
+    background; a nucleus cut by the patch border keeps its inside part.
     """
     view = world.cell_view
     cells, sources = _cell_sources(world)
-    edge = math.hypot(view.mpp, 2.5 * world.blur)
-    pixels, depths, labels = [], [], []
+    ids = []
     for number, group in enumerate(world.nuclei):
-        ids = np.zeros(len(group.x), np.int64)
         mine = np.flatnonzero(sources[:, 0] == number)
-        ids[sources[mine, 1]] = mine + 1
+        ids.append(np.zeros(len(group.x), np.int64))
+        ids[-1][sources[mine, 1]] = mine + 1
+    points = np.stack([cells[:, 0], cells[:, 1], np.arange(1, len(cells) + 1)], axis=1)
+    return instance_labels(world.nuclei, ids, view, world.blur, points)
+
+
+def instance_labels(nuclei: Sequence[Nuclei], ids: Sequence[np.ndarray], view: View, blur: float,
+                    points: np.ndarray) -> np.ndarray:
+    """Nucleus instance labels over ``view``: (size, size) int32, 0 background; ``ids[g][i]`` is the label
+    of nucleus i of ``nuclei[g]`` (0: none, its pixels are background).
+
+    A pixel belongs to the nucleus whose outline its centre lies deepest inside (radial µm to the outline,
+    the measure `render` ramps its edges by, blurred by ``blur`` µm); ties go to the nucleus drawn first.
+    Each pixel depends only on the nuclei that reach it, so adjacent views agree at their seams. Then each
+    of ``points`` (M, 3) rows (x, y, label) in view px that lie in the view gives its pixel its label: a
+    nucleus's own centre is always its own.
+    """
+    size = view.size
+    edge = math.hypot(view.mpp, 2.5 * blur)
+    pixels, depths, labels = [], [], []
+    for group, group_ids in zip(nuclei, ids):
         for pixel, depth, n in _outline_pixels(group, view, edge):
             pixels.append(pixel)
             depths.append(depth)
-            labels.append(ids[n])
-    out = np.zeros(view.size * view.size, np.int32)
+            labels.append(group_ids[n])
+    out = np.zeros(size * size, np.int32)
     if pixels:
         pixel, depth, label = np.concatenate(pixels), np.concatenate(depths), np.concatenate(labels)
         order = np.lexsort((-depth, pixel))  # per pixel, the deepest first (stable: ties keep drawing order)
@@ -641,8 +656,10 @@ def cell_instances(world: World) -> np.ndarray:
         first = np.ones(len(pixel), bool)
         first[1:] = pixel[1:] != pixel[:-1]
         out[pixel[first]] = label[first]
-    out[cells[:, 1] * view.size + cells[:, 0]] = np.arange(1, len(cells) + 1)
-    return out.reshape(view.size, view.size)
+    x, y = points[:, 0], points[:, 1]
+    inside = (x >= 0) & (x < size) & (y >= 0) & (y < size)
+    out[(y * size + x)[inside]] = points[inside, 2]
+    return out.reshape(size, size)
 
 
 def _outline_pixels(nuc: Nuclei, view: View, edge: float) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
