@@ -48,6 +48,7 @@ from equiseg.data.synthetic.world import (
     NucleusKind,
     View,
     World,
+    cells_in,
     child,
     clear_of,
     colour,
@@ -500,15 +501,7 @@ class _Slide:
 
     def cell_sources(self) -> tuple[np.ndarray, np.ndarray]:
         """`cells` and, for each of its rows, the nucleus it comes from: (N, 2) rows (group, index in group)."""
-        rows, sources = [], []
-        for number, group in enumerate(self.world.nuclei):
-            col, row = np.floor(group.x / self.mpp), np.floor(group.y / self.mpp)
-            inside = (col >= 0) & (col < self.size) & (row >= 0) & (row < self.size)
-            rows.append(np.stack([col[inside], row[inside], np.full(inside.sum(), group.kind.cell_class)], axis=1))
-            sources.append(np.stack([np.full(inside.sum(), number), np.flatnonzero(inside)], axis=1))
-        cells = np.concatenate(rows).astype(np.int64).reshape(-1, 3)
-        order = np.lexsort((cells[:, 0], cells[:, 1]))
-        return cells[order], np.concatenate(sources).astype(np.int64).reshape(-1, 2)[order]
+        return cells_in(self.world.nuclei, 0.0, 0.0, self.mpp, self.size)
 
     def labels(self, row: int, col: int, ids: list[np.ndarray], cells: np.ndarray) -> np.ndarray:
         """The instance labels of render block (row, col), cut to the slide as `block` is: (h, w) int32, label

@@ -601,10 +601,19 @@ def cell_points(world: World) -> np.ndarray:
 def _cell_sources(world: World) -> tuple[np.ndarray, np.ndarray]:
     """`cell_points` and, for each of its rows, the nucleus it comes from: (N, 2) rows (group, index in group)."""
     view = world.cell_view
+    return cells_in(world.nuclei, view.x0, view.y0, view.mpp, view.size)
+
+
+def cells_in(nuclei: tuple[Nuclei, ...], x0: float, y0: float, mpp: float,
+             size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The cells whose centre lies in the ``size`` px square view at (x0, y0) µm, ``mpp`` µm/px:
+    (N, 3) int64 rows (x, y, class) in view px, sorted by (y, x), and for each row the nucleus it
+    comes from, (N, 2) rows (group, index in group).
+    """
     rows, sources = [], []
-    for number, group in enumerate(world.nuclei):
-        col, row = np.floor((group.x - view.x0) / view.mpp), np.floor((group.y - view.y0) / view.mpp)
-        inside = (col >= 0) & (col < view.size) & (row >= 0) & (row < view.size)
+    for number, group in enumerate(nuclei):
+        col, row = np.floor((group.x - x0) / mpp), np.floor((group.y - y0) / mpp)
+        inside = (col >= 0) & (col < size) & (row >= 0) & (row < size)
         rows.append(np.stack([col[inside], row[inside], np.full(inside.sum(), group.kind.cell_class)], axis=1))
         sources.append(np.stack([np.full(inside.sum(), number), np.flatnonzero(inside)], axis=1))
     cells = np.concatenate(rows).astype(np.int64).reshape(-1, 3)
