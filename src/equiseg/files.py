@@ -56,11 +56,16 @@ def remove_stale(folder: Path, pattern: str) -> list[Path]:
     """
     stale = [p for p in folder.glob(pattern) if not alive(p.name.rsplit("-", 1)[-1])]
     for path in stale:
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
+        _remove(path)
     return stale
+
+
+def _remove(path: Path) -> None:
+    """Remove a file, a link or a folder with what it holds; nothing if it is not there."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
@@ -237,16 +242,11 @@ def _move_in(staging: Path, folder: Path, others: set[str]) -> None:
     before = owned(folder)
     _write_manifest(folder, before | new)
     for name in sorted(new):
-        target = folder / name
-        if target.is_dir() and not target.is_symlink():
-            shutil.rmtree(target)
-        os.replace(staging / name, target)
+        if (folder / name).is_dir() and not (folder / name).is_symlink():
+            shutil.rmtree(folder / name)  # os.replace does not replace a folder that holds files
+        os.replace(staging / name, folder / name)
     for name in sorted(before - new):
-        old = folder / name
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink(missing_ok=True)
+        _remove(folder / name)
     _write_manifest(folder, new)
 
 

@@ -161,7 +161,7 @@ def analyse_slide(path: Path | str, cell_model: SlideModel, out_dir: Path | str,
     context = _check_models(cell_model, tissue_model)
     path = Path(path)
     outputs = SlideOutputs(Path(out_dir), path.stem)
-    check_slides([path], out_dir, resume, region, mpp, tile, overlap)
+    _check_options(outputs, resume, mpp, tile, overlap)  # the region is checked on the slide opened below
     outputs.folder.mkdir(parents=True, exist_ok=True)
     with Slide(path, mpp) as slide:
         box = _check_region(slide, region)
@@ -204,17 +204,23 @@ def check_slides(paths: list[Path], out_dir: Path | str, resume: bool = False,
     an image (`check_tiling`), slides that OpenSlide cannot open or whose resolution is unknown,
     a region off a slide, outputs that would collide or overwrite finished ones.
     """
-    check_mpp(mpp, "--mpp")
-    check_tiling(tile, overlap)
     stems = [Path(p).stem for p in paths]
     if len(set(stems)) != len(stems):
         raise ValueError("two slides share a name; their outputs would overwrite each other")
     for path in paths:
-        summary = SlideOutputs(Path(out_dir), Path(path).stem).summary
-        if summary.is_file() and not resume:
-            raise ValueError(f"{summary} exists: use --resume to skip finished slides, or another --out")
+        _check_options(SlideOutputs(Path(out_dir), Path(path).stem), resume, mpp, tile, overlap)
         with Slide(path, mpp) as slide:
             _check_region(slide, region)
+
+
+def _check_options(outputs: SlideOutputs, resume: bool, mpp: float | None, tile: int, overlap: int) -> None:
+    """Refuse, before the slide is opened: an ``mpp`` that is no positive number, windows that cannot
+    cover an image, and finished outputs without ``resume``.
+    """
+    check_mpp(mpp, "--mpp")
+    check_tiling(tile, overlap)
+    if outputs.summary.is_file() and not resume:
+        raise ValueError(f"{outputs.summary} exists: use --resume to skip finished slides, or another --out")
 
 
 def analyse_slides(paths: list[Path], cell_model: SlideModel, out_dir: Path | str,
