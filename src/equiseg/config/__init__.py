@@ -1,7 +1,7 @@
 """Run configuration: frozen dataclasses (`schema`), read from and written to YAML, with dotted overrides
 (`serialize`).
 
-A config file has the sections ``model``, ``data``, ``train`` and ``detect``; any key may be
+A config file has the sections ``model``, ``data``, ``train``, ``detect`` and ``window``; any key may be
 left out and takes its default. On the command line ``train.epochs=5`` or
 ``data.augment=heavy`` override single values (parsed as YAML scalars).
 """
@@ -18,6 +18,7 @@ from equiseg.config.schema import (
     Schedule,
     SyntheticConfig,
     TrainConfig,
+    WindowConfig,
 )
 from equiseg.config.serialize import (
     ConfigError,
@@ -30,5 +31,5 @@ from equiseg.config.serialize import (
 )
 
 __all__ = ["ACCELERATORS", "LOGGERS", "PEAK_RULES", "Compile", "Config", "ConfigError", "DataConfig", "DetectConfig",
-           "ModelConfig", "Schedule", "SyntheticConfig", "TrainConfig", "apply_overrides", "from_plain", "json_text",
+           "ModelConfig", "Schedule", "SyntheticConfig", "TrainConfig", "WindowConfig", "apply_overrides", "from_plain", "json_text",
            "path_override", "plain", "read_yaml"]

@@ -20,6 +20,7 @@ from equiseg.data.context import CONTEXT_CHANNELS, ContextKind
 from equiseg.data.targets import DEFAULT_SIGMA, CellTarget, TargetKind, Task
 from equiseg.models import build_model
 from equiseg.models.unet import ConvFamily, Pooling
+from equiseg.models.window import CellWindowNet
 
 LOGGERS = ("csv", "tensorboard", "comet", "mlflow")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
@@ -321,6 +322,42 @@ class DetectConfig:
 
 
 @dataclass(frozen=True)
+class WindowConfig:
+    """Stage 2 of the two-stage cell model (the ``window`` section; read by ``task: nuclei`` only).
+
+    Each proposed cell is cut out in a square window centred on its pixel, and a
+    `equiseg.models.window.CellWindowNet` returns its nucleus mask and class there.
+
+    Attributes:
+        side_um: The window's side, µm (about three nucleus diameters: the cell, its neighbours' edges
+            and some tissue around it).
+        side_px: The window's side, px: odd, with ``(side_px - 1)`` a multiple of ``2**model.depth``.
+            Empty: the side nearest ``side_um`` at the training data's resolution, chosen when training
+            starts and written into the run's config.
+        jitter: Training windows are centred up to this many px off the true centre (each axis), as the
+            proposals of stage 1 are; 0 centres them exactly.
+        class_weight: Weight of the class's cross-entropy beside the mask's loss (binary cross-entropy
+            plus ``train.dice_weight`` times soft Dice).
+        proposals: The stage-1 model (a ``cells`` run folder or checkpoint) whose detected cells are
+            the proposals when the two stages run together; empty while training stage 2.
+    """
+
+    side_um: float = 24.0
+    side_px: int | None = None
+    jitter: int = 2
+    class_weight: float = 1.0
+    proposals: str | None = None
+
+    def __post_init__(self) -> None:
+        _finite(self, "window")
+        _at_least(self, "window", side_px=3, jitter=0, class_weight=0)
+        if not self.side_um > 0:
+            raise ValueError(f"window.side_um must be > 0, got {self.side_um}")
+        if self.side_px is not None and self.side_px % 2 == 0:
+            raise ValueError(f"window.side_px must be odd (the window's centre is the cell's pixel), got {self.side_px}")
+
+
+@dataclass(frozen=True)
 class Config:
     """One training run: what ``equiseg train -c`` reads (a preset or a YAML file, with
     ``KEY=VALUE`` overrides) and writes into the run folder as ``config.yaml``.
@@ -333,6 +370,7 @@ class Config:
         data: The data and its training samples (`DataConfig`).
         train: Optimisation and the trainer (`TrainConfig`).
         detect: Reading cells off probability maps (`DetectConfig`).
+        window: Stage 2 of the two-stage cell model (`WindowConfig`), for ``task: nuclei``.
     """
 
     name: str = "run"
@@ -341,9 +379,14 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     detect: DetectConfig = field(default_factory=DetectConfig)
+    window: WindowConfig = field(default_factory=WindowConfig)
 
     def __post_init__(self) -> None:
         check_name(self.name, "name")
+        side = self.window.side_px
+        if self.task is Task.NUCLEI and side is not None and (side - 1) % 2**self.model.depth:
+            raise ValueError(f"window.side_px={side}: a window model of depth {self.model.depth} needs (side - 1) "
+                             f"to be a multiple of {2**self.model.depth}")
         if self.task is Task.TISSUE and self.data.context is not ContextKind.NONE:
             raise ValueError("data.context is for the cell task; a tissue model takes no tissue context")
 
@@ -353,8 +396,12 @@ class Config:
         return 3 + (CONTEXT_CHANNELS if self.data.context is not ContextKind.NONE else 0)
 
     def build_model(self) -> Any:
-        """The U-Net this config trains (fresh weights): its family, width, depth, input channels, classes."""
+        """The network this config trains (fresh weights): a U-Net of its family, width, depth, input
+        channels and classes, or for ``task: nuclei`` a `CellWindowNet` of the same.
+        """
         m = self.model
+        if self.task is Task.NUCLEI:
+            return CellWindowNet(m.family, m.width, m.depth, self.in_channels, num_classes=len(self.task.class_names) - 1)
         return build_model(m.family, m.width, m.depth, self.in_channels, num_classes=len(self.task.class_names),
                            pool=m.pool)
 

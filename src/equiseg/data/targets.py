@@ -34,14 +34,18 @@ DEFAULT_RADIUS = 30
 
 
 class Task(enum.Enum):
-    """What a model segments: cell classes (0 background, 1 BC, 2 TC) or tissue (0 background, 1 cancer)."""
+    """What a model segments: cell classes (0 background, 1 BC, 2 TC), tissue (0 background, 1 cancer),
+    or, as stage 2 of the two-stage cell model, the nucleus and class of each proposed cell in a
+    window centred on it (``nuclei``: `equiseg.models.window.CellWindowNet`; it trains on instance labels).
+    """
 
     CELLS = "cells"
     TISSUE = "tissue"
+    NUCLEI = "nuclei"
 
     @property
     def class_names(self) -> list[str]:
-        return ["background", "BC", "TC"] if self is Task.CELLS else ["background", "cancer"]
+        return ["background", "cancer"] if self is Task.TISSUE else ["background", "BC", "TC"]
 
 
 class TargetKind(enum.Enum):

@@ -118,6 +118,16 @@ def grow_instances(foreground: np.ndarray, cells: np.ndarray, threshold: float =
     table = _read_cells(cells, (fg.shape[0], fg.shape[1]))
     components, _ = _label(fg >= threshold, _EIGHT)
     labels = _nearest_within(components, table, float(max_radius))
+    return settle_instances(labels, table)
+
+
+def settle_instances(labels: np.ndarray, cells: np.ndarray | _Cells) -> np.ndarray:
+    """``labels`` (H, W) int32 made to agree with the cells' points, in place, and returned: every cell
+    owns its centre's pixel (cells on one pixel: the tie rule of `grow_instances`), then each instance
+    keeps only the 4-connected piece holding its centre. Label k is row k - 1 of ``cells`` ((N, 3) or
+    (N, 4) rows (x, y, class[, score])).
+    """
+    table = cells if isinstance(cells, _Cells) else _read_cells(cells, (labels.shape[0], labels.shape[1]))
     _own_centres(labels, table)
     _keep_centre_pieces(labels, table)
     return labels

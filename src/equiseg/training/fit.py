@@ -22,14 +22,16 @@ from lightning.pytorch.utilities.types import STEP_OUTPUT
 from equiseg.config import Config, ConfigError
 from equiseg.data.context import ContextFn
 from equiseg.data.datamodule import SegmentationDataModule
-from equiseg.data.ocelot import DatasetError, OcelotFolder, Split
+from equiseg.data.ocelot import DatasetError, OcelotFolder, Resolution, Split
 from equiseg.data.targets import Task
 from equiseg.data.verify import verify_dataset
+from equiseg.data.windows import WindowDataModule
 from equiseg.datasets import REQUIRE_REAL, data_root, synthetic_notice, synthetic_record
 from equiseg.evaluation.tissue_context import run_context
 from equiseg.files import OutputError, remove_stale, written_whole
+from equiseg.models.window import window_side
 from equiseg.runs import Run
-from equiseg.training.module import SegmentationModule
+from equiseg.training.module import module_for
 
 _RUN_DIR_ENV = "EQUISEG_RUN_DIR"
 
@@ -133,13 +135,12 @@ def fit(config: Config | None, runs: Path | str = "runs", resume: Path | str | N
     if config is None:
         raise ValueError("fit needs a config, or a run folder to resume")
     root, context = checked_inputs(config)
+    config = resolved_window(config, root)
     with _quiet(progress):
         with _started(config, root, runs, run_dir, resuming=resume is not None) as run_dir:  # undone if it fails
             L.seed_everything(config.train.seed, workers=True, verbose=False)
-            data = SegmentationDataModule(root, config.task, config.data.cell_target, config.data.crop_size,
-                                          config.data.train_fraction, config.data.batch_size,
-                                          config.data.num_workers, config.train.seed, context=context)
-            module = SegmentationModule(config.to_dict())
+            data = datamodule_for(config, root, context)
+            module = module_for(config)
             trainer = _trainer(config, run_dir, progress, callbacks or [])
         try:
             trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
@@ -147,6 +148,33 @@ def fit(config: Config | None, runs: Path | str = "runs", resume: Path | str | N
             if trainer.is_global_zero:
                 merge_metrics(run_dir)
     return run_dir
+
+
+def resolved_window(config: Config, root: Path) -> Config:
+    """``config`` with ``window.side_px`` set for ``task: nuclei`` when it is empty: the side nearest
+    ``window.side_um`` at the training split's resolution (`window_side`); other configs unchanged.
+    """
+    if config.task is not Task.NUCLEI or config.window.side_px is not None:
+        return config
+    train = OcelotFolder(root, Split.TRAIN, labels=False)
+    mpp = Resolution.of(train.metadata[sid] for sid in train.ids).cell_mpp
+    side = window_side(config.window.side_um, mpp, config.model.depth)
+    return Config.from_dict({**config.to_dict(), "window": {**config.to_dict()["window"], "side_px": side}})
+
+
+def datamodule_for(config: Config, root: Path, context: ContextFn | None) -> L.LightningDataModule:
+    """The data of a run: cell or tissue images with their targets, or for ``task: nuclei`` the windows
+    centred on each labelled cell (``window.side_px`` must be set: `resolved_window`).
+    """
+    data = config.data
+    if config.task is Task.NUCLEI:
+        side = config.window.side_px
+        if side is None:
+            raise ValueError("window.side_px is not set: resolve it first (resolved_window)")
+        return WindowDataModule(root, side, config.window.jitter, data.train_fraction, data.batch_size,
+                                data.num_workers, config.train.seed, context=context)
+    return SegmentationDataModule(root, config.task, data.cell_target, data.crop_size, data.train_fraction,
+                                  data.batch_size, data.num_workers, config.train.seed, context=context)
 
 
 def checked_inputs(config: Config) -> tuple[Path, ContextFn | None]:
@@ -183,7 +211,16 @@ def _check_fits(config: Config, root: Path) -> None:
             raise ConfigError(f"{root}: the {split.value} split is empty; training needs it")
     crop = config.data.crop_size
     train = OcelotFolder(root, Split.TRAIN, labels=False)
-    sizes = [meta.cell_size if config.task is Task.CELLS else meta.tissue_size
+    if config.task is Task.NUCLEI:
+        for split in (Split.TRAIN, Split.VAL):
+            folder = OcelotFolder(root, split, labels=False)
+            bare = [sid for sid in folder.ids if "cell_instances" not in folder.paths(sid)]
+            if bare:
+                raise ConfigError(f"{root}: task nuclei trains on nucleus instance labels, and {len(bare)} "
+                                  f"{split.value} sample(s) have none (the first: annotations/{split.value}/"
+                                  f"cell_instances/{bare[0]}.png); OCELOT has only points")
+        return
+    sizes = [meta.tissue_size if config.task is Task.TISSUE else meta.cell_size
              for meta in (train.metadata[sid] for sid in train.ids)]
     smallest = min((s for s in sizes if s is not None), default=None)
     if crop is not None and smallest is not None and crop > smallest:

@@ -1,4 +1,6 @@
-"""SegmentationModule: the U-Net, its loss, augmentation and metrics, as a LightningModule."""
+"""The networks equiseg trains as LightningModules: the U-Net (`SegmentationModule`) and stage 2 of the two-stage
+cell model (`NucleusModule`), with their losses, augmentation and metrics.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ from typing import Any
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 from equiseg.config import Compile, Config, Schedule, TrainConfig
@@ -17,15 +20,11 @@ from equiseg.evaluation.losses import DiceCELoss
 from equiseg.evaluation.metrics import segmentation_scores
 
 
-class SegmentationModule(L.LightningModule):
-    """Trains ``config.build_model()`` with Adam on Dice + cross-entropy.
-
-    Augmentation (``config.data.augment``) runs on the batch after it reaches the device, so
-    it runs on the GPU when there is one. Logged: ``train/loss`` (per step and epoch),
-    ``val/loss``, ``val/dice_mean``, ``val/miou`` and per-class Dice (per epoch). The config
-    is stored in the checkpoint as plain builtin types, so checkpoints load with
-    ``torch.load(weights_only=True)``. With ``train.compile`` the U-Net is compiled in place
-    (``nn.Module.compile``): its parameters, and so the checkpoint's keys, are the eager ones.
+class ConfiguredModule(L.LightningModule):
+    """What every equiseg LightningModule shares: the config (stored in the checkpoint as plain builtin
+    types, so checkpoints load with ``torch.load(weights_only=True)``), the network it builds
+    (compiled in place with ``train.compile``: its parameters, and so the checkpoint's keys, are the
+    eager ones), the augmentation on the device, and Adam with the schedule.
     """
 
     def __init__(self, config: dict[str, Any]) -> None:
@@ -37,13 +36,9 @@ class SegmentationModule(L.LightningModule):
         self.model = cfg.build_model()
         if cfg.train.compile is not Compile.NONE:
             self.model.compile(mode=cfg.train.compile.value)
-        self.target = cfg.data.cell_target if cfg.task is Task.CELLS else None
-        self.loss = DiceCELoss(cfg.train.dice_weight, cfg.train.ce_weight, target=self.target)
         self.augment = None if cfg.data.augment == AugmentConfig.none() else Augment(cfg.data.augment)
-        # summed over the epoch and, under DDP, over processes by torchmetrics
-        self.val_confusion = MulticlassConfusionMatrix(len(self.class_names), ignore_index=IGNORE_INDEX)
 
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
+    def forward(self, image: torch.Tensor) -> Any:
         return self.model(image)
 
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
@@ -63,6 +58,29 @@ class SegmentationModule(L.LightningModule):
         if min(draws) < 0:
             return None
         return torch.Generator(batch["image"].device).manual_seed(position_seed(*draws))
+
+    def configure_optimizers(self) -> dict:
+        """Adam at ``train.lr`` with ``train.schedule`` per epoch (see `lr_schedule`)."""
+        train = self.config.train
+        optimizer = torch.optim.Adam(self.parameters(), lr=train.lr)
+        return {"optimizer": optimizer, "lr_scheduler": lr_schedule(optimizer, train)}
+
+
+class SegmentationModule(ConfiguredModule):
+    """Trains ``config.build_model()`` (a U-Net) with Adam on Dice + cross-entropy.
+
+    Augmentation (``config.data.augment``) runs on the batch after it reaches the device, so
+    it runs on the GPU when there is one. Logged: ``train/loss`` (per step and epoch),
+    ``val/loss``, ``val/dice_mean``, ``val/miou`` and per-class Dice (per epoch).
+    """
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__(config)
+        cfg = self.config
+        self.target = cfg.data.cell_target if cfg.task is Task.CELLS else None
+        self.loss = DiceCELoss(cfg.train.dice_weight, cfg.train.ce_weight, target=self.target)
+        # summed over the epoch and, under DDP, over processes by torchmetrics
+        self.val_confusion = MulticlassConfusionMatrix(len(self.class_names), ignore_index=IGNORE_INDEX)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.loss(self(batch["image"]), batch["target"])
@@ -86,11 +104,62 @@ class SegmentationModule(L.LightningModule):
         for name in self.class_names[1:]:
             self.log(f"val/dice_{name}", scores[f"dice/{name}"], sync_dist=True)
 
-    def configure_optimizers(self) -> dict:
-        """Adam at ``train.lr`` with ``train.schedule`` per epoch (see `lr_schedule`)."""
-        train = self.config.train
-        optimizer = torch.optim.Adam(self.parameters(), lr=train.lr)
-        return {"optimizer": optimizer, "lr_scheduler": lr_schedule(optimizer, train)}
+
+class NucleusModule(ConfiguredModule):
+    """Trains stage 2 of the two-stage cell model (``task: nuclei``, a `CellWindowNet`) on windows
+    centred on cells (`equiseg.data.windows.WindowDataset`).
+
+    Loss: the nucleus mask's ``train.dice_weight`` x soft Dice + ``train.ce_weight`` x binary
+    cross-entropy (`DiceCELoss` over the two logits (0, m), whose softmax is the sigmoid of m;
+    pixels beyond the image ignored), plus ``window.class_weight`` x the class's cross-entropy.
+    Logged: ``train/loss``, ``val/loss``, ``val/nucleus_dice`` (over the validation windows),
+    ``val/class_accuracy`` and ``val/class_f1_BC``, ``val/class_f1_TC``.
+    """
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__(config)
+        cfg = self.config
+        self.mask_loss = DiceCELoss(cfg.train.dice_weight, cfg.train.ce_weight)
+        self.val_nucleus = MulticlassConfusionMatrix(2, ignore_index=IGNORE_INDEX)
+        self.val_classes = MulticlassConfusionMatrix(len(self.class_names) - 1)
+
+    def _loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        mask, classes = self(batch["image"])
+        two = torch.cat([torch.zeros_like(mask), mask], dim=1)
+        loss = (self.mask_loss(two, batch["target"])
+                + self.config.window.class_weight * F.cross_entropy(classes.float(), batch["cell_class"]))
+        return loss, two, classes
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self._loss(batch)[0]
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(batch["image"]),
+                 sync_dist=True)
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        loss, two, classes = self._loss(batch)
+        self.log("val/loss", loss, on_epoch=True, prog_bar=True, batch_size=len(batch["image"]), sync_dist=True)
+        self.val_nucleus.update(two.argmax(1), batch["target"])
+        self.val_classes.update(classes.argmax(1), batch["cell_class"])
+
+    def on_validation_epoch_end(self) -> None:
+        nucleus = segmentation_scores(self.val_nucleus.compute().cpu(), ["outside", "nucleus"])
+        matrix = self.val_classes.compute().cpu().double()
+        self.val_nucleus.reset()
+        self.val_classes.reset()
+        self.log("val/nucleus_dice", nucleus["dice/nucleus"], prog_bar=True, sync_dist=True)
+        self.log("val/class_accuracy", float(matrix.diagonal().sum() / matrix.sum().clamp_min(1)), sync_dist=True)
+        f1 = 2 * matrix.diagonal() / (matrix.sum(0) + matrix.sum(1)).clamp_min(1)
+        for name, value in zip(self.class_names[1:], f1.tolist()):
+            self.log(f"val/class_f1_{name}", value, sync_dist=True)
+
+
+def module_for(config: Config) -> ConfiguredModule:
+    """The LightningModule that trains ``config``: `NucleusModule` for ``task: nuclei``, else
+    `SegmentationModule`.
+    """
+    kind = NucleusModule if config.task is Task.NUCLEI else SegmentationModule
+    return kind(config.to_dict())
 
 
 def lr_schedule(optimizer: torch.optim.Optimizer, train: TrainConfig) -> dict:

@@ -1,0 +1,114 @@
+"""The two-stage cell model on an image: proposals from stage 1, each cell's nucleus and class from stage 2,
+pasted into one label image whose instances move with the image under the group, one class per instance.
+"""
+
+import numpy as np
+import torch
+
+from equiseg.config import Config
+from equiseg.groups import D4
+from equiseg.inference.cell_instances import paste_instances, two_stage_instances, window_predictions
+from equiseg.models import ConvFamily
+from equiseg.models.window import CellWindowNet
+
+SIDE = 17
+
+
+def configs():
+    stage1 = Config.from_dict({"model": {"family": "p4m", "width": 1, "depth": 2},
+                               "detect": {"sigma": 1.0, "min_distance": 4, "threshold": 0.0, "peaks": "per-class"}})
+    stage2 = Config.from_dict({"task": "nuclei", "model": {"family": "p4m", "width": 1, "depth": 2},
+                               "window": {"side_px": SIDE}})
+    return stage1, stage2
+
+
+def warm(model, x):
+    model.train()
+    with torch.no_grad():
+        model(x)
+    return model.eval()
+
+
+def by_centre(result):
+    """Each instance as (centre, class) -> its pixels, so that two results compare whatever their numbering."""
+    out = {}
+    for k, (x, y, cls, _) in enumerate(result.cells.tolist(), start=1):
+        out[(int(x), int(y), int(cls))] = frozenset(zip(*np.nonzero(result.labels == k)))
+    return out
+
+
+def moved(instances, g, side):
+    """The instances of ``by_centre`` moved by g (a flip of x, then quarter turns counter-clockwise as shown)."""
+    grid = np.arange(side * side).reshape(side, side)
+    turned = D4.act_on_image(g, torch.from_numpy(grid)).numpy()
+    where = {int(v): (int(r), int(c)) for (r, c), v in np.ndenumerate(turned)}
+    row_col = {(r, c): where[int(grid[r, c])] for r in range(side) for c in range(side)}
+    return {(row_col[(y, x)][1], row_col[(y, x)][0], cls): frozenset(row_col[p] for p in pixels)
+            for (x, y, cls), pixels in instances.items()}
+
+
+def test_instances_move_with_the_image_under_the_group():
+    torch.manual_seed(3)
+    stage1_config, stage2_config = configs()
+    image = torch.rand(3, 48, 48)
+    stage1 = warm(stage1_config.build_model(), image[None])
+    stage2 = warm(stage2_config.build_model(), torch.rand(4, 3, SIDE, SIDE))
+    masks, _ = window_predictions(stage2, image, np.array([[24, 24]]), SIDE)
+    cut = float(np.median(masks))  # a threshold that cuts through the nuclei, so their shapes count
+    result = two_stage_instances(stage1, stage1_config, stage2, stage2_config, image, threshold=cut)
+    reference = by_centre(result)
+    sizes = sorted(len(p) for p in reference.values())
+    assert len(reference) > 5 and sizes[-1] > 10 and len(set(sizes)) > 3  # cells with outlines of several sizes
+    for g in D4.elements:
+        turned = two_stage_instances(stage1, stage1_config, stage2, stage2_config, D4.act_on_image(g, image),
+                                     threshold=cut)
+        assert by_centre(turned) == moved(reference, g, 48), g
+
+
+def test_a_plain_stage_two_breaks_the_symmetry_so_the_test_can_fail():
+    torch.manual_seed(3)
+    stage1_config, stage2_config = configs()
+    stage2_config = Config.from_dict({**stage2_config.to_dict(), "model": {"family": "plain", "width": 4, "depth": 2}})
+    image = torch.rand(3, 48, 48)
+    stage1 = warm(stage1_config.build_model(), image[None])
+    stage2 = warm(stage2_config.build_model(), torch.rand(4, 3, SIDE, SIDE))
+    masks, _ = window_predictions(stage2, image, np.array([[24, 24]]), SIDE)
+    cut = float(np.median(masks))  # a threshold that cuts through the nuclei, so their shapes count
+    reference = by_centre(two_stage_instances(stage1, stage1_config, stage2, stage2_config, image, threshold=cut))
+    g = D4.elements[1]
+    turned = two_stage_instances(stage1, stage1_config, stage2, stage2_config, D4.act_on_image(g, image), threshold=cut)
+    assert by_centre(turned) != moved(reference, g, 48)
+
+
+def test_pasting_gives_each_pixel_to_the_most_certain_window_and_each_cell_its_centre():
+    masks = np.zeros((2, 5, 5), np.float32)
+    masks[0, :, :] = 0.6  # cell 1 at (2, 2): its whole window
+    masks[1, :, :] = 0.8  # cell 2 at (5, 2): more certain where the windows meet
+    masks[1, 2, 0] = 0.55  # ... but cell 1 at pixel (x=3, y=2) is more certain there
+    labels = paste_instances(masks, np.array([[2, 2], [5, 2]]), (5, 8), classes=np.array([1, 2]),
+                             scores=np.array([0.9, 0.9]))
+    assert labels[2, 2] == 1 and labels[2, 5] == 2
+    assert labels[2, 3] == 1  # 0.6 > 0.55
+    assert labels[2, 4] == 2 and labels[0, 0] == 1 and labels[0, 7] == 2
+    # equal certainty: the higher score wins; then the higher class
+    equal = np.full((2, 5, 5), 0.7, np.float32)
+    labels = paste_instances(equal, np.array([[2, 2], [5, 2]]), (5, 8), np.array([1, 2]), np.array([0.5, 0.9]))
+    assert labels[2, 3] == 2
+    labels = paste_instances(equal, np.array([[2, 2], [5, 2]]), (5, 8), np.array([2, 1]), np.array([0.9, 0.9]))
+    assert labels[2, 3] == 1
+
+
+def test_a_cell_below_the_threshold_still_owns_its_centre():
+    masks = np.full((1, 5, 5), 0.1, np.float32)
+    labels = paste_instances(masks, np.array([[1, 1]]), (4, 4), np.array([1]), np.array([0.5]))
+    assert labels.sum() == 1 and labels[1, 1] == 1
+
+
+def test_window_predictions_are_one_per_cell_and_sum_to_one():
+    net = CellWindowNet(ConvFamily.P4, 1, depth=2).eval()
+    masks, classes = window_predictions(net, torch.rand(3, 20, 30), np.array([[0, 0, 1, 0.5], [29, 19, 2, 0.5]]), SIDE)
+    assert masks.shape == (2, SIDE, SIDE) and classes.shape == (2, 2)
+    assert np.allclose(classes.sum(1), 1) and ((masks >= 0) & (masks <= 1)).all()
+    empty = window_predictions(net, torch.rand(3, 20, 30), np.zeros((0, 4)), SIDE)
+    assert empty[0].shape == (0, SIDE, SIDE) and empty[1].shape == (0, 2)
+
