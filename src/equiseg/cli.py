@@ -483,11 +483,19 @@ def evaluate(
     oracle_context: Annotated[bool, typer.Option(
         help="For a cell model with tissue context: feed it the ground-truth tissue mask instead (an upper bound; "
              "the output says oracle).")] = False,
+    proposals: Annotated[Path | None, typer.Option(
+        "--proposals", show_default=False,
+        help="For stage 2 of a two-stage cell model (task nuclei): the cells run whose detected cells it segments "
+             "and classifies; default: its config's window.proposals.")] = None,
     force: ForceOption = False,
     runtime: Runtime | None = None,  # from the device options (_runs_a_model)
     as_json: JsonOption = False,
 ) -> None:
     """Score a trained model on a split: loss, Dice, IoU, mIoU and the OCELOT detection score (mF1).
+
+    A two-stage cell model (its stage 2, with --proposals naming stage 1) is scored as instances on a
+    dataset with instance labels: panoptic quality per class and averaged (PQ, matching at IoU > 0.5),
+    AJI, and the mF1 of the instances' centroids.
 
     A cell model trained with tissue context gets the tissue model's probabilities (as in the
     challenge), or the ground-truth mask with --oracle-context (labelled oracle in the table and
@@ -507,7 +515,8 @@ def evaluate(
         progress, update = _progress(f"evaluating on {split} ({runtime})")
         with progress:
             result, cfg = evaluate_run(model, split, data=data, tissue_model=tissue_model,
-                                       oracle_context=oracle_context, runtime=runtime, on_image=update)
+                                       oracle_context=oracle_context, runtime=runtime, on_image=update,
+                                       proposals=proposals)
         paths = write_evaluation(result, out or Run.of(model).eval_dir(split), split, force)
     except (DatasetError, FileNotFoundError, ValueError, OSError) as error:
         raise _fail(str(error)) from None

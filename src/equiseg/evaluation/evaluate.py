@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -14,62 +12,26 @@ from torch import nn
 from equiseg.config import Config, json_text
 from equiseg.data.context import ContextFn, ContextKind, truth_context
 from equiseg.data.datamodule import model_input, sample_target
-from equiseg.data.ocelot import CELL_CLASSES, OcelotFolder
+from equiseg.data.ocelot import CELL_CLASSES, OcelotFolder, Sample
 from equiseg.data.targets import IGNORE_INDEX, Task
 from equiseg.datasets import data_root
 from equiseg.detection import (
     detection_scores,
     find_cells,
     match_counts,
-    official_format_refusal,
     write_points_json,
 )
 from equiseg.evaluation.data_record import DataRecord
+from equiseg.evaluation.instance_evaluation import Predictor, evaluate_instances
 from equiseg.evaluation.losses import DiceCELoss
 from equiseg.evaluation.metrics import confusion_matrix, segmentation_scores
+from equiseg.evaluation.result import ContextSource, Evaluation
 from equiseg.evaluation.tissue_context import run_context
 from equiseg.files import owned_outputs
+from equiseg.inference.cell_instances import two_stage_instances
 from equiseg.inference.tiling import predict_probabilities
 from equiseg.runs import Run, load_model
 from equiseg.runtime import Runtime
-
-
-class ContextSource(enum.Enum):
-    """Where an evaluated model's tissue context came from."""
-
-    NONE = "none"                  # a model without context
-    TISSUE_MODEL = "tissue model"  # a tissue model's probabilities, as deployed
-    ORACLE = "oracle"              # the ground-truth tissue mask: an upper bound
-
-
-@dataclass
-class Evaluation:
-    """Scores of one split, what each image gave (for pictures and the prediction file), and which data it was."""
-
-    scores: dict[str, float]
-    ids: list[str]
-    points: list[np.ndarray]            # per image (N, 4): x, y, class, probability
-    per_image: list[dict[str, float]]   # per image: loss, dice/mean; cells: tp/BC, fp/BC, gt/BC, the same for TC
-    context: ContextSource = ContextSource.NONE  # where the model's tissue context came from
-    shapes: list[tuple[int, int]] = field(default_factory=list)  # per image (H, W), px
-    data: DataRecord | None = None  # the dataset: a folder and its digest, or equiseg's synthetic data
-
-    def json_refusal(self) -> str | None:
-        """Why ``cell_classification.json`` cannot hold these images' points, or None (see
-        `official_format_refusal`).
-        """
-        return official_format_refusal(self.shapes, self.ids) if self.points else None
-
-    @property
-    def context_line(self) -> str | None:
-        """One line saying where the tissue context came from, or None for a model without it."""
-        match self.context:
-            case ContextSource.ORACLE:
-                return ("tissue context: ORACLE (the ground-truth tissue mask) - an upper bound, not what a deployed "
-                        "model sees")
-            case ContextSource.TISSUE_MODEL:
-                return f"tissue context: {self.context.value}"
-        return None
 
 
 def evaluate_model(model: nn.Module, config: Config, root: Path | str, split: str = "test",
@@ -200,13 +162,16 @@ def write_evaluation(evaluation: Evaluation, out_dir: Path | str, split: str, fo
 SCORE_ROWS = [("loss", "Dice-CE loss"), ("dice/mean", "Dice (mean)"), ("dice/BC", "Dice BC"), ("dice/TC", "Dice TC"),
               ("dice/background", "Dice background"), ("dice/cancer", "Dice cancer"), ("miou", "mIoU"),
               ("precision/BC", "precision BC"), ("recall/BC", "recall BC"), ("f1/BC", "F1 BC"),
-              ("precision/TC", "precision TC"), ("recall/TC", "recall TC"), ("f1/TC", "F1 TC"), ("mf1", "mF1")]
+              ("precision/TC", "precision TC"), ("recall/TC", "recall TC"), ("f1/TC", "F1 TC"), ("mf1", "mF1"),
+              ("pq/BC", "PQ BC"), ("pq/TC", "PQ TC"), ("pq/mean", "PQ (mean)"), ("pq/all", "PQ (all nuclei)"),
+              ("aji", "AJI"), ("blended", "blended cells")]
 
 
 def evaluate_run(model: Path | str, split: str = "test", data: Path | str | None = None,
                  tissue_model: Path | str | None = None, oracle_context: bool = False,
                  runtime: Runtime | None = None,
-                 on_image: Callable[[int, int], None] | None = None) -> tuple[Evaluation, Config]:
+                 on_image: Callable[[int, int], None] | None = None,
+                 proposals: Path | str | None = None) -> tuple[Evaluation, Config]:
     """Score a trained model (a run folder, its best checkpoint, or a ``.ckpt``) on a split.
 
     What ``equiseg evaluate`` does, as one call: the dataset is ``data``, else the one the run
@@ -225,6 +190,10 @@ def evaluate_run(model: Path | str, split: str = "test", data: Path | str | None
         runtime: where and how the model runs (device, batch, precision, optimized); None: the
             CPU with the defaults (``Runtime.of("cpu")``).
         on_image: called with (images done, images in all) after each image (progress).
+        proposals: for stage 2 of a two-stage cell model (``task: nuclei``), the ``cells`` run whose
+            detected cells it segments and classifies; None: its config's ``window.proposals``. The
+            two stages are scored as instances (`evaluate_instances`: PQ, AJI and the mF1 of the
+            instances' centroids) on a dataset with instance labels.
 
     Returns:
         The evaluation and the model's config.
@@ -236,6 +205,17 @@ def evaluate_run(model: Path | str, split: str = "test", data: Path | str | None
     """
     runtime = runtime or Runtime.of("cpu")
     net, config = load_model(model, runtime.device)
+    root = Path(data) if data is not None else Run.of(model).data_root() or data_root(config)
+    if config.task is Task.NUCLEI:
+        if tissue_model is not None or oracle_context:
+            raise ValueError(f"{model} is stage 2 of a two-stage cell model: each stage takes the tissue model its "
+                             "config names; a tissue model or the oracle context cannot be given here")
+        stage1, stage1_config = load_model(_proposal_model(model, config, proposals), runtime.device)
+        predict, source = two_stage_predictor(stage1, stage1_config, net, config, runtime)
+        return evaluate_instances(predict, root, split, source, on_image), config
+    if proposals is not None:
+        raise ValueError(f"{model} is a {config.task.value} model: proposals are for stage 2 of a two-stage cell "
+                         "model (task nuclei)")
     if (tissue_model is not None or oracle_context) and config.data.context is ContextKind.NONE:
         raise ValueError(f"{model} was trained without tissue context: a tissue model and the oracle context "
                          "do not apply")
@@ -245,7 +225,38 @@ def evaluate_run(model: Path | str, split: str = "test", data: Path | str | None
     if tissue_model is not None:
         context = run_context(config.data, evaluation=True, tissue_model=tissue_model, device=runtime.device)
     context, _ = evaluation_context(config, context, oracle_context, runtime.device)
-    root = Path(data) if data is not None else Run.of(model).data_root() or data_root(config)
     evaluation = evaluate_model(net, config, root, split, on_image=on_image, context=context, oracle=oracle_context,
                                 runtime=runtime)
     return evaluation, config
+
+
+def two_stage_predictor(stage1: nn.Module, stage1_config: Config, stage2: nn.Module, stage2_config: Config,
+                        runtime: Runtime | None = None) -> tuple[Predictor, ContextSource]:
+    """The two-stage cell model as a `Predictor` (each stage with its own tissue context, from its config's
+    tissue model as evaluation gives it), and where its context came from.
+    """
+    if stage1_config.task is not Task.CELLS:
+        raise ValueError(f"the proposals must come from a cells model, not a {stage1_config.task.value} model")
+    device = runtime.device if runtime is not None else None
+    context1, source1 = evaluation_context(stage1_config, None, False, device)
+    context2, source2 = evaluation_context(stage2_config, None, False, device)
+
+    def inputs(sample: Sample, context: ContextFn | None) -> torch.Tensor:
+        return model_input(sample.cell_image, None if context is None else context(sample))
+
+    def predict(sample: Sample) -> tuple[np.ndarray, np.ndarray]:
+        found = two_stage_instances(stage1, stage1_config, stage2, stage2_config, inputs(sample, context1),
+                                    inputs(sample, context2), runtime=runtime)
+        return found.labels, found.cells
+
+    source = source2 if source2 is not ContextSource.NONE else source1
+    return predict, source
+
+
+def _proposal_model(model: Path | str, config: Config, proposals: Path | str | None) -> Path:
+    """The stage-1 run of a two-stage cell model: ``proposals``, else its config's ``window.proposals``."""
+    source = proposals if proposals is not None else config.window.proposals
+    if not source:
+        raise ValueError(f"{model} is stage 2 of a two-stage cell model (task nuclei): name the cells run that "
+                         "proposes its cells (--proposals RUN, or window.proposals in its config)")
+    return Path(source)

@@ -247,6 +247,9 @@ def predict_run(model: Path | str, paths: list[Path], out_dir: Path, tile: int =
         raise FileNotFoundError(f"no such file(s): {', '.join(missing)}")
     runtime = runtime or Runtime.of("cpu")
     net, config = load_model(model, runtime.device)
+    if config.task is Task.NUCLEI:
+        raise ValueError(f"{model}: stage 2 of a two-stage cell model (task nuclei), which `equiseg predict` does not "
+                         "run yet; `equiseg evaluate --model RUN --proposals CELLS_RUN` scores it")
     if config.data.context is not ContextKind.NONE:
         raise ValueError(f"{model} takes tissue context (data.context={config.data.context.value}), which a lone "
                          "image lacks: use `equiseg challenge` (cell and tissue patches) or `equiseg evaluate`")

@@ -1,0 +1,97 @@
+"""Scoring cells as instances on a split (PQ, AJI, the mF1 of centroids), and the two-stage model scored
+through `evaluate_run` and `equiseg evaluate --proposals`.
+"""
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from equiseg.cli import app
+from equiseg.config import Config
+from equiseg.data.synthetic import generate_dataset
+from equiseg.evaluation.evaluate import evaluate_run
+from equiseg.evaluation.instance_evaluation import centroid_points, evaluate_instances
+from equiseg.runs import save_model
+from tests_support import tiny_config
+
+
+@pytest.fixture(scope="module")
+def crowded(tmp_path_factory):
+    root = tmp_path_factory.mktemp("crowded") / "ds"
+    return generate_dataset(root, {"train": 2, "val": 1, "test": 2}, size=128, seed=5, crowding=1.0)
+
+
+def truth(sample):
+    cells = np.column_stack([sample.cells[:, :3], np.ones(len(sample.cells))]).astype(np.float64)
+    return sample.instances, cells
+
+
+def test_the_truth_scores_one_everywhere(crowded):
+    scores = evaluate_instances(truth, crowded, "test").scores
+    assert scores["pq/mean"] == scores["pq/all"] == scores["aji"] == 1.0
+    assert scores["mf1"] == 1.0  # each centroid lies within 15 px of its cell's point
+
+
+def test_swapped_classes_lose_the_class_scores_but_not_the_nuclei(crowded):
+    def swapped(sample):
+        labels, cells = truth(sample)
+        cells[:, 2] = 3 - cells[:, 2]
+        return labels, cells
+
+    scores = evaluate_instances(swapped, crowded, "test").scores
+    assert scores["pq/BC"] == scores["pq/TC"] == scores["mf1"] == 0.0
+    assert scores["pq/all"] == scores["aji"] == 1.0
+
+
+def test_nothing_found_scores_zero(crowded):
+    scores = evaluate_instances(lambda s: (np.zeros_like(s.instances), np.zeros((0, 4))), crowded, "test").scores
+    assert scores["pq/mean"] == scores["aji"] == scores["mf1"] == 0.0
+
+
+def test_centroids_are_the_pixel_holding_them():
+    labels = np.zeros((6, 6), np.int32)
+    labels[1:3, 1:4] = 1  # pixel centres x 1.5, 2.5, 3.5 and y 1.5, 2.5: centroid (2.5, 2.0), in pixel (2, 2)
+    points = centroid_points(labels, np.array([[1.0, 1.0, 2.0, 0.9], [5.0, 5.0, 1.0, 0.5]]))
+    assert points[0].tolist() == [2.0, 2.0, 2.0, 0.9]
+    assert points[1].tolist() == [5.0, 5.0, 1.0, 0.5]  # no pixels: its own point
+
+
+def two_stage_runs(crowded, tmp_path):
+    stage1 = Config.from_dict({**tiny_config(crowded, model={"family": "p4m", "width": 1}).to_dict(),
+                               "detect": {"sigma": 1.0, "min_distance": 4, "threshold": 0.0, "peaks": "per-class"}})
+    stage2 = Config.from_dict({**tiny_config(crowded, model={"family": "p4m", "width": 1}).to_dict(),
+                               "task": "nuclei", "window": {"side_px": 17}})
+    paths = []
+    for name, config in (("stage1.ckpt", stage1), ("stage2.ckpt", stage2)):
+        paths.append(save_model(config.build_model().eval(), config, tmp_path / name))
+    return paths
+
+
+def test_a_two_stage_model_is_scored_as_instances(crowded, tmp_path):
+    stage1, stage2 = two_stage_runs(crowded, tmp_path)
+    evaluation, config = evaluate_run(stage2, "test", data=crowded, proposals=stage1)
+    assert config.task.value == "nuclei" and len(evaluation.points) == 2
+    assert {"pq/BC", "pq/TC", "pq/mean", "pq/all", "aji", "mf1"} <= set(evaluation.scores)
+    assert all(len(p) for p in evaluation.points)  # a threshold of 0 proposes cells
+
+
+def test_stage_two_without_its_proposals_is_refused_in_one_line(crowded, tmp_path):
+    stage1, stage2 = two_stage_runs(crowded, tmp_path)
+    result = CliRunner().invoke(app, ["evaluate", "--model", str(stage2), "--data", str(crowded),
+                                      "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "name the cells run that proposes its cells" in result.output
+    assert result.output.strip().count("\n") == 0 and not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match="proposals are for stage 2"):
+        evaluate_run(stage1, "test", data=crowded, proposals=stage1)
+    with pytest.raises(ValueError, match="not a nuclei model|proposals must come from a cells model"):
+        evaluate_run(stage2, "test", data=crowded, proposals=stage2)
+
+
+def test_predict_says_what_runs_a_two_stage_model(crowded, tmp_path):
+    from equiseg.inference.predict import predict_run
+
+    _, stage2 = two_stage_runs(crowded, tmp_path)
+    image = next((crowded / "images" / "test" / "cell").iterdir())
+    with pytest.raises(ValueError, match="does not run yet; `equiseg evaluate --model RUN --proposals CELLS_RUN`"):
+        predict_run(stage2, [image], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
