@@ -66,6 +66,10 @@ OldModelArgument = Annotated[Path | None, typer.Argument(hidden=True, show_defau
 OldFolderArgument = Annotated[Path | None, typer.Argument(hidden=True, show_default=False)]
 OldCellModelOption = Annotated[Path | None, typer.Option("--cell-model", hidden=True)]
 OldDevicesOption = Annotated[int | None, typer.Option("--devices", hidden=True)]
+ProposalsOption = Annotated[Path | None, typer.Option(
+    "--proposals", show_default=False,
+    help="For stage 2 of a two-stage cell model (task nuclei): the cells run whose detected cells it segments "
+         "and classifies; default: its config's window.proposals.")]
 
 
 def _options(*specs: tuple[str, object, object]) -> list[inspect.Parameter]:
@@ -483,10 +487,7 @@ def evaluate(
     oracle_context: Annotated[bool, typer.Option(
         help="For a cell model with tissue context: feed it the ground-truth tissue mask instead (an upper bound; "
              "the output says oracle).")] = False,
-    proposals: Annotated[Path | None, typer.Option(
-        "--proposals", show_default=False,
-        help="For stage 2 of a two-stage cell model (task nuclei): the cells run whose detected cells it segments "
-             "and classifies; default: its config's window.proposals.")] = None,
+    proposals: ProposalsOption = None,
     force: ForceOption = False,
     runtime: Runtime | None = None,  # from the device options (_runs_a_model)
     as_json: JsonOption = False,
@@ -698,6 +699,7 @@ def predict(
     tile: TileOption = 1024,
     overlap: OverlapOption = 128,
     no_probs: Annotated[bool, typer.Option("--no-probs", help="Write no probability maps (.npy, .png).")] = False,
+    proposals: ProposalsOption = None,
     force: ForceOption = False,
     runtime: Runtime | None = None,  # from the device options (_runs_a_model)
     as_json: JsonOption = False,
@@ -710,6 +712,11 @@ def predict(
     (image_i = the i-th image given, listed in images.txt) is written only when every image fits
     it (no side over 1024 px: its coordinates are 0..1023), else one line says why; the cells of
     any image are in its _cells.csv, never moved.
+
+    With stage 2 of a two-stage cell model (and --proposals naming its stage 1) the cells are
+    instances: each image also gets _instances.tif (the nucleus label image, label k = row k of the
+    CSV), _cells.geojson (QuPath polygon detections with measurements), and its CSV the area,
+    perimeter, solidity and eccentricity of each nucleus; the overlay draws the outlines.
     """
     from equiseg.inference.predict import predict_run
 
@@ -721,7 +728,7 @@ def predict(
         progress, update = _progress("predicting")
         with progress:
             result = predict_run(model, images, out, tile=tile, overlap=overlap, on_image=update,
-                                 probs=not no_probs, runtime=runtime, force=force)
+                                 probs=not no_probs, runtime=runtime, force=force, proposals=proposals)
     except (FileNotFoundError, ValueError, OSError) as error:
         raise _fail(str(error)) from None
     if _emit(as_json, {"model": str(model), "out": str(out),

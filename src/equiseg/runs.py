@@ -315,3 +315,14 @@ def save_model(model: torch.nn.Module, config: Config, path: Path | str) -> Path
     torch.save({"hyper_parameters": {"config": config.to_dict()},
                 "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}}, path)
     return path
+
+
+def proposal_run(model: Path | str, config: Config, proposals: Path | str | None) -> Path:
+    """The stage-1 run (or checkpoint) of a two-stage cell model whose stage 2 is ``model``: ``proposals``,
+    else its config's ``window.proposals``; a one-line ValueError when neither names one.
+    """
+    source = proposals if proposals is not None else config.window.proposals
+    if not source:
+        raise ValueError(f"{model} is stage 2 of a two-stage cell model (task nuclei): name the cells run that "
+                         "proposes its cells (--proposals RUN, or window.proposals in its config)")
+    return Path(source)

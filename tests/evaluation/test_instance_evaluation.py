@@ -87,11 +87,46 @@ def test_stage_two_without_its_proposals_is_refused_in_one_line(crowded, tmp_pat
         evaluate_run(stage2, "test", data=crowded, proposals=stage2)
 
 
-def test_predict_says_what_runs_a_two_stage_model(crowded, tmp_path):
+def test_predict_refuses_stage_two_without_its_proposals(crowded, tmp_path):
     from equiseg.inference.predict import predict_run
 
     _, stage2 = two_stage_runs(crowded, tmp_path)
     image = next((crowded / "images" / "test" / "cell").iterdir())
-    with pytest.raises(ValueError, match="does not run yet; `equiseg evaluate --model RUN --proposals CELLS_RUN`"):
+    with pytest.raises(ValueError, match="name the cells run that proposes its cells"):
         predict_run(stage2, [image], tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_predict_writes_a_two_stage_model_s_cells_as_instances(crowded, tmp_path):
+    import json
+
+    import tifffile
+    from shapely.geometry import Point, shape
+
+    from equiseg.data.datamodule import model_input
+    from equiseg.data.ocelot import OcelotFolder
+    from equiseg.inference.cell_instances import two_stage_instances
+    from equiseg.inference.predict import predict_run
+    from equiseg.runs import load_model
+
+    stage1, stage2 = two_stage_runs(crowded, tmp_path)
+    sample = OcelotFolder(crowded, "test")[0]
+    image = crowded / "images" / "test" / "cell" / f"{sample.meta.sample_id}.jpg"
+    result = predict_run(stage2, [image], tmp_path / "out", proposals=stage1)
+    stem = tmp_path / "out" / sample.meta.sample_id
+    labels = tifffile.imread(f"{stem}_instances.tif")
+    # the same instances as the evaluation's two-stage path on the same pixels
+    (m1, c1), (m2, c2) = load_model(stage1), load_model(stage2)
+    expected = two_stage_instances(m1, c1, m2, c2, model_input(sample.cell_image, None))
+    assert labels.dtype == np.uint32 and np.array_equal(labels, expected.labels)
+    assert np.array_equal(result.images[0].points, expected.cells)
+    rows = (stem.parent / f"{stem.name}_cells.csv").read_text().splitlines()
+    assert rows[0] == "x,y,class,probability,area_um2,perimeter_um,solidity,eccentricity"
+    assert len(rows) - 1 == len(expected.cells) > 0
+    features = json.loads((stem.parent / f"{stem.name}_cells.geojson").read_text())["features"]
+    assert len(features) == len(expected.cells)
+    for feature, (x, y, cls, _) in zip(features, expected.cells.tolist()):
+        polygon = shape(feature["geometry"])
+        assert polygon.is_valid and polygon.contains(Point(x + 0.5, y + 0.5))
+        assert feature["properties"]["classification"]["name"] == {1: "Background cell", 2: "Tumor cell"}[int(cls)]
+        assert feature["properties"]["measurements"]["Area µm^2"] > 0

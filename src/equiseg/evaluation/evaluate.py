@@ -30,7 +30,7 @@ from equiseg.evaluation.tissue_context import run_context
 from equiseg.files import owned_outputs
 from equiseg.inference.cell_instances import two_stage_instances
 from equiseg.inference.tiling import predict_probabilities
-from equiseg.runs import Run, load_model
+from equiseg.runs import Run, load_model, proposal_run
 from equiseg.runtime import Runtime
 
 
@@ -210,7 +210,7 @@ def evaluate_run(model: Path | str, split: str = "test", data: Path | str | None
         if tissue_model is not None or oracle_context:
             raise ValueError(f"{model} is stage 2 of a two-stage cell model: each stage takes the tissue model its "
                              "config names; a tissue model or the oracle context cannot be given here")
-        stage1, stage1_config = load_model(_proposal_model(model, config, proposals), runtime.device)
+        stage1, stage1_config = load_model(proposal_run(model, config, proposals), runtime.device)
         predict, source = two_stage_predictor(stage1, stage1_config, net, config, runtime)
         return evaluate_instances(predict, root, split, source, on_image), config
     if proposals is not None:
@@ -251,12 +251,3 @@ def two_stage_predictor(stage1: nn.Module, stage1_config: Config, stage2: nn.Mod
 
     source = source2 if source2 is not ContextSource.NONE else source1
     return predict, source
-
-
-def _proposal_model(model: Path | str, config: Config, proposals: Path | str | None) -> Path:
-    """The stage-1 run of a two-stage cell model: ``proposals``, else its config's ``window.proposals``."""
-    source = proposals if proposals is not None else config.window.proposals
-    if not source:
-        raise ValueError(f"{model} is stage 2 of a two-stage cell model (task nuclei): name the cells run that "
-                         "proposes its cells (--proposals RUN, or window.proposals in its config)")
-    return Path(source)

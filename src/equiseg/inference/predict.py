@@ -18,19 +18,34 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from equiseg.config import Config
 from equiseg.data.context import ContextKind
 from equiseg.data.targets import Task
 from equiseg.detection import BlockDetector, official_format_refusal, write_points_json
 from equiseg.files import owned_outputs
+from equiseg.inference.instance_outputs import ImageInstances, two_stage_file, write_instances
 from equiseg.inference.readers import ImageReading, NpyBlocks, RgbFile
 from equiseg.inference.tiling import check_tiling, model_runtime, stream_blocks
-from equiseg.pictures import class_overlay, dot_radius, draw_points, probability_picture
-from equiseg.runs import load_model
+from equiseg.pictures import CELL_COLOURS, class_overlay, dot_radius, draw_points, probability_picture
+from equiseg.runs import Run, load_model, proposal_run
 from equiseg.runtime import Runtime
 
+
+def draw_outlines(image: np.ndarray, rings: list[np.ndarray], classes: np.ndarray) -> np.ndarray:
+    """A copy of ``image`` (H, W, 3) uint8 with each closed ring (x, y px, continuous) drawn one px wide
+    in its class's colour (`CELL_COLOURS`).
+    """
+    picture = Image.fromarray(image)
+    draw = ImageDraw.Draw(picture)
+    for ring, cls in zip(rings, np.asarray(classes).tolist()):
+        if len(ring) >= 2:
+            draw.line([(float(x), float(y)) for x, y in ring], fill=CELL_COLOURS.get(int(cls), (0, 0, 0)), width=1)
+    return np.asarray(picture)
+
+
+DEFAULT_MPP = 0.2  # µm/px: OCELOT's cell patches, for a checkpoint whose run folder does not say
 PICTURE_SIDE = 4096  # px: the pictures of a larger image keep every k-th row and column
 JSON_NAME = "cell_classification.json"
 
@@ -62,11 +77,16 @@ class _Pictures:
         if self.probs is not None:
             self.probs[where] = probability_picture(kept)
 
-    def save(self, stem: Path, points: np.ndarray) -> None:
-        """Write the pictures, with ``points`` (N, 4 image px) as dots on the overlay."""
+    def save(self, stem: Path, points: np.ndarray,
+             outlines: tuple[list[np.ndarray], np.ndarray] | None = None) -> None:
+        """Write the pictures, with ``points`` (N, 4 image px) as dots on the overlay, and ``outlines``
+        (rings in image px, and each one's class) drawn in their class's colour.
+        """
         scaled = np.array(points, dtype=np.float64).reshape(-1, 4)
         scaled[:, :2] /= self.step
         overlay = draw_points(self.overlay, scaled, radius=dot_radius(self.overlay.shape[0]), filled=True)
+        if outlines is not None:
+            overlay = draw_outlines(overlay, [ring / self.step for ring in outlines[0]], outlines[1])
         Image.fromarray(overlay).save(f"{stem}_overlay.png")
         if self.probs is not None:
             Image.fromarray(self.probs).save(f"{stem}_probs.png")
@@ -134,8 +154,20 @@ class Predictions:
         return lines
 
 
+@dataclass(frozen=True, eq=False)
+class StageTwo:
+    """Stage 2 of a two-stage cell model as predict runs it: the window net, its window's side (px) and
+    the µm per px its measurements take the image to be at (the resolution it trained at).
+    """
+
+    model: torch.nn.Module
+    side: int
+    mpp: float
+
+
 def predict_file(model: torch.nn.Module, config: Config, path: Path, out_dir: Path, tile: int = 1024,
-                 overlap: int = 128, probs: bool = True, runtime: Runtime | None = None) -> ImagePrediction:
+                 overlap: int = 128, probs: bool = True, runtime: Runtime | None = None,
+                 stage2: StageTwo | None = None) -> ImagePrediction:
     """Predict one image of any size, streaming it through in blocks of windows.
 
     Writes ``<stem>_overlay.png``, ``<stem>_cells.csv`` (x,y,class,probability in image px,
@@ -150,9 +182,15 @@ def predict_file(model: torch.nn.Module, config: Config, path: Path, out_dir: Pa
     `SEGMENT_CACHE_BYTES` of decoded TIFF segments, and the pictures (at most
     2 x 4096² x 3 bytes), plus the whole image as uint8 where its format cannot be read lazily.
 
+    With ``stage2`` the model is stage 1 of a two-stage cell model: its cells are the proposals that
+    stage 2 segments and classifies (`two_stage_file`), and the cells are written as instances
+    (`write_instances`: the label image, the CSV with measurements, QuPath polygons), drawn as
+    outlines on the overlay.
+
     Args:
         model: in eval mode, on ``runtime.device``.
         runtime: device, batch and precision (default: the model's device, batch 1, float32).
+        stage2: stage 2 of a two-stage cell model whose stage 1 ``model`` is.
     """
     path = Path(path)
     stem = out_dir / path.stem
@@ -174,7 +212,13 @@ def predict_file(model: torch.nn.Module, config: Config, path: Path, out_dir: Pa
             if detector is not None:
                 detector.add(top, left, block)
             pictures.add(top, left, block, image)
-    points = detector.points() if detector is not None else np.zeros((0, 4))
+        points = detector.points() if detector is not None else np.zeros((0, 4))
+        if stage2 is not None:
+            labels, points = two_stage_file(stage2.model, stage2.side, image, points, runtime)
+            found = ImageInstances.of(labels, points, stage2.mpp)
+            write_instances(stem, found)
+            pictures.save(stem, np.zeros((0, 4)), outlines=(found.outlines, points[:, 2]))
+            return ImagePrediction(path, height, width, points, step, image.reading)
     pictures.save(stem, points)
     lines = ["x,y,class,probability"] + [f"{int(x)},{int(y)},{int(c)},{q:.4f}" for x, y, c, q in points]
     Path(f"{stem}_cells.csv").write_text("\n".join(lines) + "\n")
@@ -183,7 +227,7 @@ def predict_file(model: torch.nn.Module, config: Config, path: Path, out_dir: Pa
 
 def predict_files(model: torch.nn.Module, config: Config, paths: list[Path], out_dir: Path, tile: int = 1024,
                   overlap: int = 128, on_image: Callable[[int, int], None] | None = None, probs: bool = True,
-                  runtime: Runtime | None = None, force: bool = False) -> Predictions:
+                  runtime: Runtime | None = None, force: bool = False, stage2: StageTwo | None = None) -> Predictions:
     """Predict every file (`predict_file`) into ``out_dir``, and list them in images.txt.
 
     ``cell_classification.json`` (the official format, image_i = the i-th file) is written only
@@ -193,7 +237,8 @@ def predict_files(model: torch.nn.Module, config: Config, paths: list[Path], out
     is staged and moved into ``out_dir`` at the end (`equiseg.files.owned_outputs`): equiseg's
     earlier outputs there are replaced, a folder holding anything else is refused (``force``: its
     other files are kept as they are), and nothing of the user's is touched.
-    ``on_image(done, total)`` is called after each image.
+    ``on_image(done, total)`` is called after each image. With ``stage2``, ``model`` is stage 1 of a
+    two-stage cell model (see `predict_file`).
     """
     stems = [p.stem for p in paths]
     if len(set(stems)) != len(stems):
@@ -206,7 +251,7 @@ def predict_files(model: torch.nn.Module, config: Config, paths: list[Path], out
     images = []
     with owned_outputs(out_dir, force) as partial:
         for i, path in enumerate(paths):
-            images.append(predict_file(model, config, path, partial, tile, overlap, probs, runtime))
+            images.append(predict_file(model, config, path, partial, tile, overlap, probs, runtime, stage2))
             if on_image is not None:
                 on_image(i + 1, len(paths))
         (partial / "images.txt").write_text("".join(f"image_{i}\t{p}\n" for i, p in enumerate(paths)))
@@ -221,7 +266,8 @@ def predict_files(model: torch.nn.Module, config: Config, paths: list[Path], out
 
 def predict_run(model: Path | str, paths: list[Path], out_dir: Path, tile: int = 1024, overlap: int = 128,
                 on_image: Callable[[int, int], None] | None = None, probs: bool = True,
-                runtime: Runtime | None = None, force: bool = False) -> Predictions:
+                runtime: Runtime | None = None, force: bool = False,
+                proposals: Path | str | None = None) -> Predictions:
     """`predict_files` with the model of a run folder or checkpoint, as ``equiseg predict`` runs it.
 
     Args:
@@ -234,6 +280,9 @@ def predict_run(model: Path | str, paths: list[Path], out_dir: Path, tile: int =
             CPU with the defaults (``Runtime.of("cpu")``).
         on_image: called with (images done, images in all) after each image (progress).
         probs: write the probability maps (``*_probs.npy``, ``*_probs.png``).
+        proposals: for stage 2 of a two-stage cell model (``task: nuclei``), the cells run that
+            proposes its cells; None: its config's ``window.proposals``. The cells are then written
+            as instances (see `predict_file`).
 
     Raises:
         FileNotFoundError: an image that is not a file, or no such model.
@@ -247,11 +296,29 @@ def predict_run(model: Path | str, paths: list[Path], out_dir: Path, tile: int =
         raise FileNotFoundError(f"no such file(s): {', '.join(missing)}")
     runtime = runtime or Runtime.of("cpu")
     net, config = load_model(model, runtime.device)
-    if config.task is Task.NUCLEI:
-        raise ValueError(f"{model}: stage 2 of a two-stage cell model (task nuclei), which `equiseg predict` does not "
-                         "run yet; `equiseg evaluate --model RUN --proposals CELLS_RUN` scores it")
+    stage2 = None
+    if config.task is Task.NUCLEI:  # the model is stage 2: stage 1 proposes the cells
+        stage2 = _stage_two(model, net, config, proposals)
+        net, config = load_model(proposal_run(model, config, proposals), runtime.device)
+        if config.task is not Task.CELLS:
+            raise ValueError(f"the proposals must come from a cells model, not a {config.task.value} model")
+    elif proposals is not None:
+        raise ValueError(f"{model} is a {config.task.value} model: proposals are for stage 2 of a two-stage cell "
+                         "model (task nuclei)")
     if config.data.context is not ContextKind.NONE:
         raise ValueError(f"{model} takes tissue context (data.context={config.data.context.value}), which a lone "
                          "image lacks: use `equiseg challenge` (cell and tissue patches) or `equiseg evaluate`")
     return predict_files(net, config, [Path(p) for p in paths], Path(out_dir), tile=tile, overlap=overlap,
-                         on_image=on_image, probs=probs, runtime=runtime, force=force)
+                         on_image=on_image, probs=probs, runtime=runtime, force=force, stage2=stage2)
+
+
+def _stage_two(model: Path | str, net: torch.nn.Module, config: Config, proposals: Path | str | None) -> StageTwo:
+    """Stage 2 as `predict_file` runs it: refused with tissue context (a lone image has none)."""
+    if config.data.context is not ContextKind.NONE:
+        raise ValueError(f"{model} takes tissue context (data.context={config.data.context.value}), which a lone "
+                         "image lacks: use `equiseg evaluate`")
+    side = config.window.side_px
+    if side is None:
+        raise ValueError(f"{model}: its config has no window.side_px (it is set when stage 2 trains)")
+    resolution = Run.of(model).resolution()
+    return StageTwo(net, side, resolution.cell_mpp if resolution is not None else DEFAULT_MPP)

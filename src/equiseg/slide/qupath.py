@@ -18,11 +18,10 @@ from PIL import Image
 
 from equiseg.data.wsi import ScaledView, Slide, TissueMask
 from equiseg.files import owned_file
+from equiseg.inference.instance_outputs import CELL_NAMES
 from equiseg.pictures import CELL_COLOURS, TISSUE_COLOURS, dot_radius, draw_points
 from equiseg.slide.passes import TissueMap
 
-# QuPath's names for the two OCELOT cell classes (BC, TC), and the colours of equiseg's pictures
-CELL_NAMES = {1: "Background cell", 2: "Tumor cell"}
 TISSUE_NAMES = {1: "Cancer area"}
 THUMBNAIL_SIDE = 2048  # px: the thumbnail's longer side at most
 _UUID_NAMESPACE = uuid.UUID("4f1c3a52-8e0b-4b7e-9a51-3d2f6c0e7b19")  # equiseg's: cell ids repeat across runs

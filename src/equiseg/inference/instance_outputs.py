@@ -1,0 +1,119 @@
+"""What a prediction of cells as instances writes for one image, and the two-stage model on an image file.
+
+Files (``STEM`` the image's name without its suffix):
+
+- ``STEM_instances.tif``: the instance label image, uint32 (0 background, k the cell of row k of
+  the CSV), zlib-compressed and tiled, the image's size.
+- ``STEM_cells.csv``: one row per cell: x, y (the pixel of its point), class (1 BC, 2 TC),
+  probability, and its nucleus's area_um2, perimeter_um, solidity and eccentricity.
+- ``STEM_cells.geojson``: a FeatureCollection of QuPath detections with Polygon geometry (the
+  nuclei's outlines, in image px, continuous: a pixel's centre is i + 0.5), classification and
+  measurements, which QuPath imports by drag and drop onto the image.
+
+Areas and lengths in µm take the image to be at ``mpp`` µm per px: the resolution the model was
+trained at (a model sees an image at its own resolution).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tifffile
+import torch
+from torch import nn
+
+from equiseg.detection.instances import instance_outlines, measure_instances, polygon_features
+from equiseg.inference.cell_instances import paste_instances
+from equiseg.inference.readers import RgbFile
+from equiseg.pictures import CELL_COLOURS
+from equiseg.runtime import Runtime
+
+# QuPath's names for the two OCELOT cell classes (BC, TC)
+CELL_NAMES = {1: "Background cell", 2: "Tumor cell"}
+MEASUREMENT_COLUMNS = ("area_um2", "perimeter_um", "solidity", "eccentricity")
+
+
+@dataclass(frozen=True, eq=False)
+class ImageInstances:
+    """The cells of one image as instances: ``labels`` (H, W) int32 (k the cell of row k - 1), ``cells``
+    (N, 4) rows (x, y, class, probability), each nucleus's measurements and outline (image px).
+    """
+
+    labels: np.ndarray
+    cells: np.ndarray
+    measurements: dict[str, np.ndarray]
+    outlines: list[np.ndarray]
+
+    @classmethod
+    def of(cls, labels: np.ndarray, cells: np.ndarray, mpp: float) -> ImageInstances:
+        """Measure and outline the instances of ``labels``."""
+        count = len(cells)
+        return cls(labels, np.asarray(cells, np.float64).reshape(-1, 4), measure_instances(labels, count, mpp),
+                   instance_outlines(labels, count))
+
+
+def write_instances(stem: Path | str, found: ImageInstances) -> list[Path]:
+    """Write ``STEM_instances.tif``, ``STEM_cells.csv`` and ``STEM_cells.geojson`` (see the module)."""
+    stem = str(stem)
+    labels_path, csv_path, geojson_path = (Path(f"{stem}_instances.tif"), Path(f"{stem}_cells.csv"),
+                                           Path(f"{stem}_cells.geojson"))
+    tifffile.imwrite(labels_path, found.labels.astype(np.uint32), tile=(256, 256), compression="zlib")
+    header = "x,y,class,probability," + ",".join(MEASUREMENT_COLUMNS)
+    lines = [header]
+    for k, (x, y, c, q) in enumerate(found.cells.tolist()):
+        values = [found.measurements[key][k] for key in MEASUREMENT_COLUMNS]
+        lines.append(f"{int(x)},{int(y)},{int(c)},{q:.4f}," + ",".join(_number(v) for v in values))
+    csv_path.write_text("\n".join(lines) + "\n")
+    features = polygon_features(found.outlines, found.cells[:, 2], found.cells[:, 3], found.measurements,
+                                CELL_NAMES, CELL_COLOURS)
+    geojson_path.write_text(json.dumps({"type": "FeatureCollection", "features": features}))
+    return [labels_path, csv_path, geojson_path]
+
+
+def _number(value: float) -> str:
+    return f"{value:.4f}" if math.isfinite(value) else ""
+
+
+def file_window(image: RgbFile, x: int, y: int, side: int) -> np.ndarray:
+    """The (side, side, 3) uint8 window centred on pixel (x, y) of an image file, mirrored beyond its
+    edges as training windows are (``np.pad``'s ``reflect``: `equiseg.data.windows`).
+    """
+    half = side // 2
+    top, bottom = max(y - half, 0), min(y + half + 1, image.height)
+    left, right = max(x - half, 0), min(x + half + 1, image.width)
+    inside = image.region(top, bottom, left, right)
+    pad = ((top - (y - half), (y + half + 1) - bottom), (left - (x - half), (x + half + 1) - right), (0, 0))
+    return np.pad(inside, pad, mode="reflect") if any(a or b for a, b in pad[:2]) else inside
+
+
+def two_stage_file(stage2: nn.Module, side: int, image: RgbFile, proposals: np.ndarray,
+                   runtime: Runtime | None = None, batch: int = 64, threshold: float = 0.5) -> tuple[np.ndarray,
+                                                                                                      np.ndarray]:
+    """Stage 2 of the two-stage cell model on every proposal of an image file: (labels (H, W) int32,
+    cells (N, 4) rows (x, y, class, probability)), pasted as `paste_instances` does.
+
+    Memory: the label image (4 bytes a px) and each proposal's window of nucleus probabilities
+    (``side``² float32 each), besides one batch of windows.
+    """
+    proposals = np.asarray(proposals, np.float64).reshape(-1, 4)
+    device = runtime.device if runtime is not None else next(stage2.parameters()).device
+    masks = np.zeros((len(proposals), side, side), np.float32)
+    class_probs = np.zeros((len(proposals), 2), np.float32)
+    with torch.inference_mode():
+        for start in range(0, len(proposals), batch):
+            chunk = proposals[start:start + batch, :2].astype(np.int64)
+            windows = np.stack([file_window(image, x, y, side) for x, y in chunk.tolist()])
+            tensor = torch.from_numpy(windows).permute(0, 3, 1, 2).float().div(255).to(device)
+            with runtime.autocast() if runtime is not None else torch.autocast("cpu", enabled=False):
+                mask, logits = stage2(tensor)
+            masks[start:start + len(chunk)] = torch.sigmoid(mask[:, 0].float()).cpu().numpy()
+            class_probs[start:start + len(chunk)] = torch.softmax(logits.float(), dim=1).cpu().numpy()
+    classes = class_probs.argmax(1) + 1
+    labels = paste_instances(masks, proposals, (image.height, image.width), classes,
+                             proposals[:, 3], threshold)
+    cells = np.column_stack([proposals[:, :2], classes, class_probs.max(1, initial=0.0)]).reshape(-1, 4)
+    return labels, cells
