@@ -210,9 +210,7 @@ def evaluate_run(model: Path | str, split: str = "test", data: Path | str | None
         if tissue_model is not None or oracle_context:
             raise ValueError(f"{model} is stage 2 of a two-stage cell model: each stage takes the tissue model its "
                              "config names; a tissue model or the oracle context cannot be given here")
-        stage1, stage1_config = load_model(proposal_run(model, config, proposals), runtime.device)
-        predict, source = two_stage_predictor(stage1, stage1_config, net, config, runtime)
-        return evaluate_instances(predict, root, split, source, on_image), config
+        return _evaluate_two_stage(model, net, config, proposals, root, split, runtime, on_image), config
     if proposals is not None:
         raise ValueError(f"{model} is a {config.task.value} model: proposals are for stage 2 of a two-stage cell "
                          "model (task nuclei)")
@@ -228,6 +226,15 @@ def evaluate_run(model: Path | str, split: str = "test", data: Path | str | None
     evaluation = evaluate_model(net, config, root, split, on_image=on_image, context=context, oracle=oracle_context,
                                 runtime=runtime)
     return evaluation, config
+
+
+def _evaluate_two_stage(model: Path | str, stage2: nn.Module, config: Config, proposals: Path | str | None,
+                        root: Path, split: str, runtime: Runtime,
+                        on_image: Callable[[int, int], None] | None) -> Evaluation:
+    """A two-stage cell model (its stage 2 at ``model``) scored as instances (`evaluate_instances`)."""
+    stage1, stage1_config = load_model(proposal_run(model, config, proposals), runtime.device)
+    predict, source = two_stage_predictor(stage1, stage1_config, stage2, config, runtime)
+    return evaluate_instances(predict, root, split, source, on_image)
 
 
 def two_stage_predictor(stage1: nn.Module, stage1_config: Config, stage2: nn.Module, stage2_config: Config,
