@@ -73,7 +73,9 @@ class Model:
             raise ValueError(f"{path} was trained without tissue context, so it cannot use a tissue model")
 
     def probabilities(self, cell_patch: np.ndarray, tissue_patch: np.ndarray, pair_id: int) -> torch.Tensor:
-        """The cell model's class probabilities (3, H, W) for one pair, on the CPU."""
+        """The cell model's class probabilities (3, H, W) for one pair, on the CPU (with a nucleus output
+        (``data.nuclei``), p(nucleus) after them: (4, H, W)).
+        """
         for name, patch in (("cell", cell_patch), ("tissue", tissue_patch)):
             if patch.dtype != np.uint8 or patch.ndim != 3 or patch.shape[-1] != 3:
                 raise ValueError(f"expected a uint8 (H, W, 3) {name} patch, got {patch.shape} {patch.dtype}")
@@ -85,7 +87,8 @@ class Model:
             return predict_probabilities(self.model, model_input(cell_patch, context), tile=1024, runtime=self.runtime)
 
     def __call__(self, cell_patch: np.ndarray, tissue_patch: np.ndarray, pair_id: int) -> list[tuple]:
-        found = find_cells(self.probabilities(cell_patch, tissue_patch, pair_id), self.config.detect)
+        probs = self.probabilities(cell_patch, tissue_patch, pair_id)
+        found = find_cells(probs[:self.config.class_channels], self.config.detect)  # a p(nucleus) is no class
         # detected cells are pixels of the patch, so x and y are already in range: nothing is moved
         return [(int(x), int(y), int(c), float(p)) for x, y, c, p in found]
 

@@ -4,7 +4,10 @@ The file holds the model optimized for inference (`optimize_for_inference`:
 equivariant convs expanded, batch norm folded) without the U-Net's padding: its input is
 (N, C, H, W) float32 with H and W multiples of 2**depth (any such size; pad other images
 yourself, as equiseg does by reflection, evenly on both sides, then crop the logits back), its
-output the logits (N, classes, H, W); softmax over axis 1 gives probabilities.
+output the logits (N, classes, H, W); softmax over axis 1 gives probabilities. A cell model with a
+nucleus output (``data.nuclei``) gives (N, 4, H, W): softmax over channels 0..2 gives the class
+probabilities, and channel 3 is a nucleus logit (its sigmoid is p(nucleus)); its card says so
+(``output``, ``nucleus_channel``).
 C = 3 (RGB in [0, 1], i.e. uint8 / 255, no mean or std), plus 2 tissue-context channels
 (background, cancer probabilities on the cell patch's grid) for models trained with context.
 
@@ -67,12 +70,22 @@ def model_card(config: Config, checkpoint: Path) -> dict[str, Any]:
         "input_channels": ["R", "G", "B", *(["tissue background", "tissue cancer"] if context else [])],
         "normalisation": "RGB as uint8 / 255 (values in [0, 1]); no mean or std"
                          + ("; tissue channels are probabilities on the cell patch's grid" if context else ""),
-        "output": "logits: float32 (N, classes, H, W); softmax over axis 1 gives class probabilities",
+        "output": _output_line(config),
         "classes": config.task.class_names,
+        **({"nucleus_channel": config.class_channels} if config.data.nuclei else {}),
         "size_multiple": multiple,
         "detect": config.detect.__dict__ if config.task.value == "cells" else None,
         "cell_mpp_of_training_data": "the run's dataset (OCELOT: about 0.2 µm/px)",
     }
+
+
+def _output_line(config: Config) -> str:
+    """What the file's output is: the class logits, and a nucleus logit after them where the model has one."""
+    if not config.data.nuclei:
+        return "logits: float32 (N, classes, H, W); softmax over axis 1 gives class probabilities"
+    classes, last = config.class_channels, config.class_channels - 1
+    return (f"logits: float32 (N, {classes + 1}, H, W); softmax over channels 0..{last} of axis 1 gives class "
+            f"probabilities; channel {classes} is a nucleus logit: its sigmoid is p(nucleus)")
 
 
 def export_model(run: Path | str, fmt: ExportFormat, out: Path | str) -> Path:

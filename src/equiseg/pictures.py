@@ -40,10 +40,23 @@ def dot_radius(height: int) -> int:
     return max(4, height // 150)
 
 
+CLASS_CHANNELS = 3  # a map's channels that are classes: a cell map's three (a fourth is p(nucleus)), a tissue map's two
+
+
+def predicted_classes(probs: np.ndarray, classes: int = CLASS_CHANNELS) -> np.ndarray:
+    """(H, W) the most probable class of each pixel of a (C, H, W) map, among its first ``classes``
+    channels: a channel after them (a cell model's p(nucleus), `equiseg.models.unet.probabilities`)
+    is no class.
+    """
+    return probs[:classes].argmax(0)
+
+
 def prediction_overlay(image: np.ndarray, probs: np.ndarray, points: np.ndarray | None = None,
-                       gt_points: np.ndarray | None = None) -> np.ndarray:
-    """The image with the predicted classes tinted, predicted cells as dots, ground truth as rings."""
-    out = class_overlay(image, probs.argmax(0))
+                       gt_points: np.ndarray | None = None, classes: int = CLASS_CHANNELS) -> np.ndarray:
+    """The image with the predicted classes tinted (`predicted_classes`), predicted cells as dots,
+    ground truth as rings.
+    """
+    out = class_overlay(image, predicted_classes(probs, classes))
     size = dot_radius(image.shape[0])
     if gt_points is not None:
         out = draw_points(out, gt_points, radius=size + 4, filled=False)
@@ -53,7 +66,9 @@ def prediction_overlay(image: np.ndarray, probs: np.ndarray, points: np.ndarray 
 
 
 def probability_picture(probs: np.ndarray) -> np.ndarray:
-    """(C, H, W) probabilities of a 3-class cell model as RGB: red = TC, green = BC, black = background."""
+    """(C, H, W) probabilities of a 3-class cell model as RGB: red = TC, green = BC, black = background
+    (a fourth channel, p(nucleus), is not drawn).
+    """
     rgb = np.zeros((*probs.shape[1:], 3), np.float32)
     rgb[..., 1] = probs[1]
     if probs.shape[0] > 2:

@@ -267,3 +267,55 @@ def test_polygon_features_for_qupath():
         measurements["eccentricity"][2], 4)}
     assert set(MEASUREMENT_NAMES.values()) < set(properties["measurements"])
     assert "id" not in polygon_features(outlines, classes, probability, {}, {}, {})[0]
+
+
+def one_stage_map(shape=(40, 48)):
+    """A hand-made (4, H, W) probability map of a one-stage model: a BC cell at (x, y) = (12, 14) and a
+    TC cell at (32, 20), each a Gaussian peak of its class over the background and a nucleus of radius 5
+    (p = 0.9; 0.1 elsewhere). Inside the BC nucleus a strip of pixels leans TC, as a model's map can.
+    """
+    rows, cols = np.mgrid[0:shape[0], 0:shape[1]]
+    probs = np.zeros((4, *shape), np.float32)
+    for (x, y), cls in (((12, 14), 1), ((32, 20), 2)):
+        d2 = (cols - x) ** 2 + (rows - y) ** 2
+        probs[cls] = np.maximum(probs[cls], 0.95 * np.exp(-d2 / (2 * 4.0**2)))
+        probs[3] = np.maximum(probs[3], np.where(d2 <= 25, 0.9, 0.1))
+    strip = (rows == 10) & (abs(cols - 12) <= 2)  # the BC peak's 0.46-0.53 there, shared 45 : 55 with TC
+    probs[2][strip], probs[1][strip] = 0.55 * probs[1][strip], 0.45 * probs[1][strip]
+    probs[0] = 1 - probs[1] - probs[2]
+    assert probs.min() >= 0
+    return probs, rows, cols
+
+
+def test_one_stage_instances_grow_nuclei_from_the_centres_with_one_class_each():
+    from equiseg.config import DetectConfig
+    from equiseg.detection.instances import cell_class_map, one_stage_instances
+    from equiseg.evaluation.instance_metrics import blended_share
+
+    probs, rows, cols = one_stage_map()
+    detect = DetectConfig(sigma=1.0, min_distance=6, threshold=0.5)
+    for given in (probs, torch.from_numpy(probs)):
+        labels, cells = one_stage_instances(given, detect)
+        assert labels.dtype == np.int32 and cells.shape == (2, 4)
+        assert sorted(map(tuple, cells[:, :3].tolist())) == [(12.0, 14.0, 1.0), (32.0, 20.0, 2.0)]
+        for k, (x, y, cls, probability) in enumerate(cells):
+            disk = (cols - x) ** 2 + (rows - y) ** 2 <= 25
+            np.testing.assert_array_equal(labels == k + 1, disk)  # the nucleus, nothing more
+            # one class per instance: the mean class probability's; the strip does not make it TC
+            classes, shares = instance_classes(probs[:3], labels, 2)
+            assert classes[k] == cls and probability == pytest.approx(shares[k]) and 0.5 < probability <= 1
+    # the per-pixel classes mix BC and TC inside the BC nucleus only: one instance of two is blended
+    pixel_classes = cell_class_map(probs)
+    assert pixel_classes.dtype == np.int64 and set(np.unique(pixel_classes)) == {1, 2}
+    assert np.array_equal(pixel_classes, cell_class_map(probs[:3], classes=3))
+    assert blended_share(labels, pixel_classes) == 0.5
+
+
+def test_one_stage_instances_refuse_a_map_without_a_nucleus_channel():
+    from equiseg.config import DetectConfig
+    from equiseg.detection.instances import cell_class_map, one_stage_instances
+
+    with pytest.raises(ValueError, match=r"p\(nucleus\) last, C >= 3, got \(2, 8, 8\)"):
+        one_stage_instances(np.zeros((2, 8, 8)), DetectConfig())
+    with pytest.raises(ValueError, match="at least one cell class"):
+        cell_class_map(np.zeros((4, 8, 8)), classes=1)

@@ -21,8 +21,10 @@ from equiseg.models import (
     count_macs,
     count_parameters,
     match_width,
+    model_class_channels,
     optimize_for_inference,
     parameter_count,
+    probabilities,
 )
 from equiseg.models.unet import reflect_pad
 from equiseg.nn import ExpandedConv2d, fold_to_conv2d
@@ -308,3 +310,72 @@ def test_padding_adds_no_cells_at_the_border_of_a_synthetic_patch():
     black = border_cells(detect_cells(zero_padded(model, x)[0].softmax(0)), 300, 500, 16).sum()
     assert black >= around + 4  # 0.1's padding, what the test can tell apart
     assert mirrored <= around + 1, (mirrored, around)
+
+
+def nucleus_model(family=ConvFamily.P4M, depth=3, x=None):
+    """A small cell U-Net with a nucleus output (4 logit channels), batch norm warmed up, in eval mode."""
+    model = small(family, depth=depth, nucleus=True)
+    return warm_batch_norm(model, torch.randn(1, 3, 48, 48) if x is None else x)
+
+
+def test_a_nucleus_output_is_a_fourth_channel_and_exact_for_p4m():
+    """The nucleus logit comes out of the same 1x1 head as the classes, so it turns and flips with
+    the image as exactly as they do (and so do the probabilities).
+    """
+    x = torch.randn(1, 3, 64, 64)
+    model = nucleus_model(x=x)
+    assert (model.class_channels, model.out_channels) == (3, 4) and model(x).shape == (1, 4, 64, 64)
+    errors = equivariance_errors(model, x, D4.elements)
+    assert max(errors.values()) <= TOL, errors
+    nucleus = max(equivariance_errors(lambda t: model(t)[:, 3:], x, D4.elements).values())
+    assert nucleus <= TOL
+    assert max(equivariance_errors(lambda t: model.probabilities(model(t)), x, D4.elements).values()) <= TOL
+
+
+def test_probabilities_are_a_class_softmax_and_a_nucleus_sigmoid():
+    logits = torch.randn(2, 4, 9, 7) * 5
+    probs = probabilities(logits, 3)
+    torch.testing.assert_close(probs[:, :3].sum(1), torch.ones(2, 9, 7))
+    assert probs[:, 3].min() >= 0 and probs[:, 3].max() <= 1
+    assert torch.equal(probs[:, :3], logits[:, :3].softmax(1)) and torch.equal(probs[:, 3], logits[:, 3].sigmoid())
+    assert torch.equal(probabilities(logits[0], 3, dim=0), probs[0])
+    # a model without a nucleus channel: the softmax over all, bit for bit
+    for classes in (None, 3):
+        assert torch.equal(probabilities(logits[:, :3], classes), logits[:, :3].softmax(1))
+
+
+@pytest.mark.filterwarnings("ignore:.*torch.jit.*deprecated:DeprecationWarning")  # importing torch.compile's machinery
+def test_class_channels_survive_optimizing_and_compiling():
+    model = nucleus_model()
+    assert model_class_channels(model) == 3 and model_class_channels(small(ConvFamily.PLAIN)) == 3
+    assert model_class_channels(optimize_for_inference(model)) == 3
+    assert model_class_channels(torch.compile(model)) == 3
+    assert model_class_channels(torch.nn.Conv2d(3, 3, 1)) is None
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("optimize", [False, True])
+def test_tiling_a_nucleus_model_gives_the_blend_of_its_windows_probabilities(optimize):
+    """Whole, the map is the forward's probabilities; in tiles, each window's (class softmax and
+    nucleus sigmoid) blended by the tile weights, so the classes still sum to 1.
+    """
+    from equiseg.inference.tiling import predict_probabilities, tile_grid, tile_weight
+    from equiseg.runtime import Runtime
+
+    model = nucleus_model(ConvFamily.P4, depth=2)
+    image = torch.rand(3, 40, 56)
+    runtime = Runtime(optimize=optimize)
+    whole = predict_probabilities(model, image, tile=None, runtime=runtime)
+    forward = model.probabilities(model(image[None]))[0]
+    assert whole.shape == (4, 40, 56)
+    torch.testing.assert_close(whole, forward, rtol=0, atol=1e-5 if optimize else 0)
+    tiled = predict_probabilities(model, image, tile=24, overlap=8, runtime=runtime)
+    total, weights = torch.zeros(4, 40, 56), torch.zeros(40, 56)
+    weight = tile_weight(24, 8)
+    for top, left, h, w in tile_grid(40, 56, 24, 8):
+        window = model.probabilities(model(image[None, :, top:top + h, left:left + w]))[0]
+        total[:, top:top + h, left:left + w] += window * weight[:h, :w]
+        weights[top:top + h, left:left + w] += weight[:h, :w]
+    torch.testing.assert_close(tiled, total / weights, rtol=0, atol=1e-5)
+    torch.testing.assert_close(tiled[:3].sum(0), torch.ones(40, 56))
+    assert 0 <= tiled[3].min() and tiled[3].max() <= 1

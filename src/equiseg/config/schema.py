@@ -165,6 +165,11 @@ class DataConfig:
             the tissue model at ``tissue_model``).
         tissue_model: The tissue model (a run folder or checkpoint) that gives context; evaluation
             uses it whenever it is set.
+        nuclei: Give the cell U-Net a nucleus output (``task: cells`` only): a fourth logit channel
+            after the three classes, whose sigmoid is p(nucleus), trained on the nucleus foreground of
+            the instance labels (``annotations/SPLIT/cell_instances``; data with only points, as
+            OCELOT, is refused) with Dice + binary cross-entropy beside the class loss; instances
+            are then grown from the detected centres within it (one-stage instances).
     """
 
     root: str | None = None
@@ -180,6 +185,7 @@ class DataConfig:
     num_workers: int = 0
     context: ContextKind = ContextKind.NONE
     tissue_model: str | None = None
+    nuclei: bool = False
 
     def __post_init__(self) -> None:
         _finite(self, "data")
@@ -389,21 +395,36 @@ class Config:
                              f"to be a multiple of {2**self.model.depth}")
         if self.task is Task.TISSUE and self.data.context is not ContextKind.NONE:
             raise ValueError("data.context is for the cell task; a tissue model takes no tissue context")
+        if self.data.nuclei and self.task is not Task.CELLS:
+            raise ValueError(f"data.nuclei is for task cells (a nucleus output beside the cell classes), "
+                             f"not task {self.task.value}")
 
     @property
     def in_channels(self) -> int:
         """Input channels of the model: RGB, plus the two tissue classes with context."""
         return 3 + (CONTEXT_CHANNELS if self.data.context is not ContextKind.NONE else 0)
 
+    @property
+    def class_channels(self) -> int:
+        """The class channels of the model's output (3 for cells, 2 for tissue): the probabilities of a
+        map before its nucleus channel, the ones every class reading (argmax, detection, Dice) takes.
+        """
+        return len(self.task.class_names)
+
+    @property
+    def out_channels(self) -> int:
+        """The model's output channels: the classes, then with ``data.nuclei`` one nucleus channel."""
+        return self.class_channels + int(self.data.nuclei)
+
     def build_model(self) -> Any:
         """The network this config trains (fresh weights): a U-Net of its family, width, depth, input
-        channels and classes, or for ``task: nuclei`` a `CellWindowNet` of the same.
+        channels and classes (and with ``data.nuclei`` a nucleus channel), or for ``task: nuclei`` a `CellWindowNet` of the same.
         """
         m = self.model
         if self.task is Task.NUCLEI:
             return CellWindowNet(m.family, m.width, m.depth, self.in_channels, num_classes=len(self.task.class_names) - 1)
-        return build_model(m.family, m.width, m.depth, self.in_channels, num_classes=len(self.task.class_names),
-                           pool=m.pool)
+        return build_model(m.family, m.width, m.depth, self.in_channels, num_classes=self.class_channels,
+                           pool=m.pool, nucleus=self.data.nuclei)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain builtin types only (safe for YAML and for ``torch.load(weights_only=True)``)."""

@@ -26,6 +26,18 @@ def sample_target(sample: Sample, task: Task, target: CellTarget) -> tuple[np.nd
     return sample.tissue_image, tissue_class_mask(labels)
 
 
+def nucleus_mask(sample: Sample) -> np.ndarray:
+    """(H, W) uint8 nucleus target of a sample's cell patch: 1 where its instance label is > 0, else 0.
+
+    Raises:
+        ValueError: a sample without instance labels (``annotations/SPLIT/cell_instances``), naming it.
+    """
+    if sample.instances is None:
+        raise ValueError(f"sample {sample.meta.sample_id}: no instance labels (annotations/SPLIT/cell_instances); "
+                         "a nucleus output (data.nuclei) trains on them")
+    return (sample.instances > 0).astype(np.uint8)
+
+
 def model_input(image: np.ndarray, context: torch.Tensor | None) -> torch.Tensor:
     """The model's input: the image as (3, H, W) in [0, 1], with the context channels after it."""
     tensor = image_to_tensor(image)
@@ -40,21 +52,25 @@ class SegmentationDataset(Dataset):
     (255 = ignore), ``index`` (position in the split). With ``crop_size`` each item is a
     random square crop of image, context and target together (a fresh one each time, drawn
     from torch's seeded generator); without it, the whole image. Context is computed once per
-    sample and kept as float16 (2 x 2 bytes per pixel).
+    sample and kept as float16 (2 x 2 bytes per pixel). With ``nuclei`` (cell task) items also
+    hold ``nuclei`` (H, W) long, the nucleus target (`nucleus_mask`), cropped with the target.
     """
 
     def __init__(self, folder: OcelotFolder, task: Task, target: CellTarget = PAPER_TARGET, crop_size: int | None = None,
-                 indices: list[int] | None = None, context: ContextFn | None = None) -> None:
+                 indices: list[int] | None = None, context: ContextFn | None = None, nuclei: bool = False) -> None:
         if context is not None and task is not Task.CELLS:
             raise ValueError("tissue context is for the cell task")
+        if nuclei and task is not Task.CELLS:
+            raise ValueError("a nucleus target is for the cell task")
         self.folder, self.task, self.crop_size = folder, task, crop_size
         self.indices = list(range(len(folder))) if indices is None else list(indices)
         self.ids = [folder.ids[i] for i in self.indices]
-        self._items, self._context = [], []
+        self._items, self._context, self._nuclei = [], [], []
         for i in self.indices:
             sample = folder[i]
             self._items.append(sample_target(sample, task, target))
             self._context.append(None if context is None else context(sample).half())
+            self._nuclei.append(nucleus_mask(sample) if nuclei else None)
         if crop_size is not None:
             small = [self.ids[k] for k, (image, _) in enumerate(self._items) if min(image.shape[:2]) < crop_size]
             if small:
@@ -65,7 +81,7 @@ class SegmentationDataset(Dataset):
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, torch.Tensor | int]:
         k, draw = (key, -1) if isinstance(key, int) else key
-        (image, target), context = self._items[k], self._context[k]
+        (image, target), context, nuclei = self._items[k], self._context[k], self._nuclei[k]
         if self.crop_size is not None:
             h, w = target.shape
             generator = None if draw < 0 else torch.Generator().manual_seed(draw)
@@ -74,8 +90,13 @@ class SegmentationDataset(Dataset):
             rows, cols = slice(top, top + self.crop_size), slice(left, left + self.crop_size)
             image, target = image[rows, cols], target[rows, cols]
             context = None if context is None else context[:, rows, cols]
-        return {"image": model_input(image, context), "target": torch.from_numpy(target.astype(np.int64)),
-                "index": k, "draw": draw}
+            nuclei = None if nuclei is None else nuclei[rows, cols]
+        item: dict[str, torch.Tensor | int] = {"image": model_input(image, context),
+                                               "target": torch.from_numpy(target.astype(np.int64)),
+                                               "index": k, "draw": draw}
+        if nuclei is not None:
+            item["nuclei"] = torch.from_numpy(nuclei.astype(np.int64))
+        return item
 
 
 def training_subset(n: int, fraction: float, seed: int) -> list[int]:
@@ -154,15 +175,17 @@ class ResumableLoader(DataLoader):
 
 
 class SegmentationDataModule(L.LightningDataModule):
-    """Train, val and test loaders over a Zenodo-layout folder for one task."""
+    """Train, val and test loaders over a Zenodo-layout folder for one task (with ``nuclei``, items
+    with the nucleus target: `SegmentationDataset`).
+    """
 
     def __init__(self, root: Path | str, task: Task = Task.CELLS, target: CellTarget = PAPER_TARGET,
                  crop_size: int | None = 256,
                  train_fraction: float = 1.0, batch_size: int = 4, num_workers: int = 0, seed: int = 0,
-                 context: ContextFn | None = None) -> None:
+                 context: ContextFn | None = None, nuclei: bool = False) -> None:
         super().__init__()
         self.root, self.task, self.target, self.crop_size = Path(root), task, target, crop_size
-        self.context = context
+        self.context, self.nuclei = context, nuclei
         self.train_fraction, self.batch_size, self.num_workers, self.seed = train_fraction, batch_size, num_workers, seed
         self.datasets: dict[Split, SegmentationDataset] = {}
 
@@ -175,7 +198,8 @@ class SegmentationDataModule(L.LightningDataModule):
             train = split is Split.TRAIN
             indices = training_subset(len(folder), self.train_fraction, self.seed) if train else None
             self.datasets[split] = SegmentationDataset(folder, self.task, self.target,
-                                                       self.crop_size if train else None, indices, self.context)
+                                                       self.crop_size if train else None, indices, self.context,
+                                                       self.nuclei)
         return self.datasets[split]
 
     def setup(self, stage: str | None = None) -> None:

@@ -1,6 +1,7 @@
 """Cells as instances: the points of `equiseg.detection.peaks` grown into nucleus label images
 on a foreground probability map, one class per instance, shape measurements, outlines as
-polygons, and QuPath GeoJSON detections with Polygon geometry. Numpy in, numpy out.
+polygons, and QuPath GeoJSON detections with Polygon geometry. Numpy in, numpy out (the
+probability maps of `one_stage_instances` and `cell_class_map` may also be tensors).
 
 Conventions shared by every function here:
 
@@ -26,10 +27,13 @@ from typing import cast
 
 import contourpy
 import numpy as np
+import torch
 from scipy import ndimage
 from scipy.spatial import ConvexHull, QhullError  # pyright: ignore[reportAttributeAccessIssue]  # compiled module
 
+from equiseg.config import DetectConfig
 from equiseg.data.targets import DEFAULT_RADIUS
+from equiseg.detection.peaks import find_cells
 
 # measure_instances' keys -> the QuPath measurement names that polygon_features writes; QuPath's own
 # shape features use the same names ("Length" is its perimeter of an area), so that "Add shape
@@ -231,6 +235,72 @@ def instance_classes(probs: np.ndarray, labels: np.ndarray, n: int) -> tuple[np.
         probability = np.where(total > 0, best / np.where(total > 0, total, 1), 1 / cell_classes)
     empty = counts == 0
     return np.where(empty, 0, index + 1).astype(np.int64), np.where(empty, np.nan, probability)
+
+
+def _nucleus_map(probs: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """``probs`` as a (C, H, W) float32 CPU tensor of class probabilities and p(nucleus) last, C >= 3."""
+    maps = torch.as_tensor(probs).detach().cpu().float()
+    if maps.ndim != 3 or maps.shape[0] < 3:
+        raise ValueError("expected (C, H, W) probabilities of the classes (channel 0 background) and p(nucleus) "
+                         f"last, C >= 3, got {tuple(maps.shape)}")
+    return maps
+
+
+def one_stage_instances(probs: np.ndarray | torch.Tensor, detect: DetectConfig, threshold: float = 0.5,
+                        max_radius: float = DEFAULT_RADIUS) -> tuple[np.ndarray, np.ndarray]:
+    """The cells of a one-stage model (a cell U-Net with a nucleus output, ``data.nuclei``) as instances.
+
+    The cells are found on the class channels (`find_cells` with ``detect``), grown into instances
+    on p(nucleus) (`grow_instances`, each cell with its detection probability as its score), and each
+    instance gets the one class of the largest mean class probability inside it (`instance_classes`),
+    so a class never changes inside an outline.
+
+    Args:
+        probs: (C, H, W) probabilities, as `equiseg.models.unet.probabilities` gives them: channels
+            0 .. C - 2 the classes (0 background, then BC, TC), channel C - 1 p(nucleus); C = 4 for
+            a cell model.
+        detect: the run's detection settings (``config.detect``).
+        threshold: the least p(nucleus) of an instance's pixel.
+        max_radius: the farthest a pixel of an instance lies from its centre, px.
+
+    Returns:
+        ``labels`` (H, W) int32 (k: the cell of row k - 1, 0 background) and ``cells`` (N, 4) float64
+        rows (x, y, class, probability): the detected centre, its instance's class and that class's
+        share of the instance's mean cell-class probabilities (a cell whose instance has no pixel,
+        which cannot happen for cells at least a pixel apart, keeps its detected class and probability).
+
+    Raises:
+        ValueError: ``probs`` is not (C, H, W) with C >= 3.
+    """
+    maps = _nucleus_map(probs)
+    classes = maps[:-1]
+    found = find_cells(classes, detect)
+    labels = grow_instances(maps[-1].numpy(), found, threshold, max_radius)
+    cls, probability = instance_classes(classes.numpy(), labels, len(found))
+    cells = np.asarray(found, np.float64).reshape(-1, 4).copy()
+    kept = cls > 0
+    cells[kept, 2], cells[kept, 3] = cls[kept], probability[kept]
+    return labels, cells
+
+
+def cell_class_map(probs: np.ndarray | torch.Tensor, classes: int | None = None) -> np.ndarray:
+    """(H, W) int64 the most probable cell class of each pixel, background left out: 1 + the argmax
+    over channels 1 .. ``classes`` - 1 (ties to the higher class, as `instance_classes` breaks them).
+    With the instance labels, what `equiseg.evaluation.instance_metrics.blended_share` reads to count
+    the instances whose pixels mix BC and TC.
+
+    Args:
+        probs: (C, H, W) probabilities, channel 0 background.
+        classes: the class channels (3 for cells); None: all but the last (a map with p(nucleus) last,
+            as `one_stage_instances` takes it).
+    """
+    maps = torch.as_tensor(probs).detach().cpu()
+    count = (maps.shape[0] - 1 if maps.ndim else 0) if classes is None else classes
+    if maps.ndim != 3 or not 2 <= count <= maps.shape[0]:
+        raise ValueError(f"expected (C, H, W) probabilities with background and at least one cell class among "
+                         f"{count} class channels, got {tuple(maps.shape)}")
+    cell = maps[1:count].numpy()  # (count - 1, H, W)
+    return (count - 1 - np.argmax(cell[::-1], axis=0)).astype(np.int64)
 
 
 def _flat_labels(labels: np.ndarray, n: int) -> np.ndarray:

@@ -12,6 +12,7 @@ from torch import nn
 
 from equiseg.data.augment import sampling_grid
 from equiseg.groups import D4, Group, GroupElement
+from equiseg.models.unet import model_class_channels, probabilities
 from equiseg.runtime import exact_float32
 
 
@@ -50,26 +51,35 @@ def model_equivariance_error(model: nn.Module, x: torch.Tensor, group: Group = D
 
 
 class GroupTTA(nn.Module):
-    """Average a model's probabilities over a group: f_tta(x) = mean_g T_g^-1 softmax(f(T_g x)).
+    """Average a model's probabilities over a group: f_tta(x) = mean_g T_g^-1 p(f(T_g x)), with p
+    `equiseg.models.unet.probabilities` (softmax over the classes, sigmoid of a nucleus channel).
 
     For any model f, f_tta(T_u x) = T_u f_tta(x) for u in the group, exactly up to float
     rounding (the average runs over the same set of transformed inputs, reordered), at |G|
-    times the inference cost. Returns log-probabilities, so ``softmax`` of the output gives the
-    averaged probabilities and it can stand wherever logits are expected.
+    times the inference cost. Returns logits of the averaged probabilities (log-probabilities of
+    the classes, the logit log q - log(1 - q) of an averaged nucleus probability q), so
+    `probabilities` of the output (``softmax`` for a model without a nucleus channel) gives the
+    averaged probabilities and it can stand wherever logits are expected. ``class_channels`` is the
+    model's (`model_class_channels`).
     """
 
     def __init__(self, model: nn.Module, group: Group = D4) -> None:
         super().__init__()
         self.model, self.group = model, group
+        self.class_channels = model_class_channels(model)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         total: torch.Tensor | None = None
         for g in self.group.elements:
-            probs = self.model(Group.act_on_image(g, x)).softmax(dim=1)
+            probs = probabilities(self.model(Group.act_on_image(g, x)), self.class_channels)
             back = Group.act_on_image(Group.inverse(g), probs)
             total = back if total is None else total + back
         assert total is not None  # a group has at least the identity
-        return (total / self.group.order).clamp_min(1e-12).log()
+        mean = total / self.group.order
+        classes = self.class_channels
+        if classes is None or classes >= mean.shape[1]:
+            return mean.clamp_min(1e-12).log()
+        return torch.cat([mean[:, :classes].clamp_min(1e-12).log(), torch.logit(mean[:, classes:], eps=1e-6)], dim=1)
 
 
 def rotation_error(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, degrees: float) -> float:
@@ -180,8 +190,10 @@ def certificate(model: nn.Module, images: list[torch.Tensor], group: Group = D4,
     model.eval()
     device = next(model.parameters()).device
 
+    classes = model_class_channels(model)
+
     def probs(t: torch.Tensor) -> torch.Tensor:
-        return model(t.to(device, torch.float32)).softmax(dim=1).cpu()
+        return probabilities(model(t.to(device, torch.float32)), classes).cpu()
 
     try:
         with exact_float32():

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from equiseg.models.optimize import optimize_for_inference
+from equiseg.models.unet import model_class_channels, probabilities
 from equiseg.runtime import Runtime
 
 WindowReader = Callable[[int, int, int, int], torch.Tensor]  # (top, left, height, width) -> (C, h, w) float
@@ -62,7 +63,8 @@ def tile_weight(tile: int, overlap: int) -> torch.Tensor:
 @dataclass(frozen=True)
 class Skip:
     """Windows that need not go through the model (glass on a slide): ``where(window)`` is True
-    for them, and each gets probability 1 for class 0 (background) of ``classes``.
+    for them, and each gets probability 1 for class 0 (background) of ``classes`` (all the model's
+    output channels: a nucleus channel after the classes gets p(nucleus) = 0).
     """
 
     where: Callable[[tuple[int, int, int, int]], bool]
@@ -79,7 +81,9 @@ class Skip:
 def window_probabilities(model: nn.Module, read: WindowReader, windows: list[tuple[int, int, int, int]],
                          runtime: Runtime, skip: Skip | None = None,
                          ) -> Iterator[tuple[tuple[int, int, int, int], torch.Tensor]]:
-    """Each window with its softmax probabilities (classes, h, w), float32 on the CPU, in order.
+    """Each window with its probabilities (channels, h, w), float32 on the CPU, in order: the softmax of
+    the model's class channels, then the sigmoid of a nucleus channel where it has one
+    (`equiseg.models.unet.probabilities` with `model_class_channels`).
 
     Windows go through ``model`` (already on ``runtime.device``, eval mode) ``runtime.batch`` at
     a time, under ``runtime.autocast()``; two batches are held at once (one handed out, the next
@@ -101,6 +105,7 @@ def _batched(model: nn.Module, read: WindowReader, windows: list[tuple[int, int,
     blends the last ones while the device computes (on the CPU the order of work is the same and
     nothing overlaps; one more batch of probabilities is held).
     """
+    classes = model_class_channels(model)
     model = inference_model(model) if runtime.optimize else model
     cuda = runtime.device.type == "cuda"
     pending = None
@@ -111,7 +116,7 @@ def _batched(model: nn.Module, read: WindowReader, windows: list[tuple[int, int,
             logits = model(x)
         if cuda:
             # copies to pinned host memory, queued behind this batch's forward; its event says when they are in
-            host = [p.to("cpu", non_blocking=True) for p in logits.float().softmax(1)]
+            host = [p.to("cpu", non_blocking=True) for p in probabilities(logits.float(), classes, 1)]
             done = torch.cuda.Event()
             done.record()
         else:
@@ -119,7 +124,7 @@ def _batched(model: nn.Module, read: WindowReader, windows: list[tuple[int, int,
             # reuses from batch to batch. A batch-sized one (48 MB for 4 windows of 1024 px) is above
             # glibc's largest mmap threshold (32 MB): fresh pages each time, faulted in one by one
             # (benchmarks/tiling.py)
-            host, done = [window_logits.float().softmax(0) for window_logits in logits], None
+            host, done = [probabilities(window_logits.float(), classes, 0) for window_logits in logits], None
         if pending is not None:
             yield from _hand_out(*pending)
         pending = chunk, host, done
@@ -177,8 +182,9 @@ def model_runtime(model: nn.Module) -> Runtime:
 
 def predict_probabilities(model: nn.Module, image: torch.Tensor, tile: int | None = 1024,
                           overlap: int = 128, runtime: Runtime | None = None) -> torch.Tensor:
-    """Softmax probabilities (classes, H, W), float32 on the CPU, for one input (C, H, W): RGB in
-    [0, 1], then any context.
+    """Probabilities (classes, H, W), float32 on the CPU, for one input (C, H, W): RGB in
+    [0, 1], then any context. A model with a nucleus output gives (classes + 1, H, W): the class
+    softmax, then p(nucleus) (`window_probabilities`).
 
     Images no larger than ``tile`` on both sides go through whole. Larger ones are cut into
     ``tile`` x ``tile`` windows overlapping by ``overlap`` px (`tile_grid`); each window's

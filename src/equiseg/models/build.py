@@ -15,7 +15,7 @@ PAPER_WIDTHS = {ConvFamily.PLAIN: 64, ConvFamily.ISOTROPIC: 110}
 
 
 def build_model(family: ConvFamily | str, width: int, depth: int = 4, in_channels: int = 3,
-                num_classes: int = 3, pool: Pooling | str = Pooling.MAX) -> UNet:
+                num_classes: int = 3, pool: Pooling | str = Pooling.MAX, nucleus: bool = False) -> UNet:
     """A U-Net of the given conv family (``"plain"``, ``"isotropic"``, ``"p4"``, ``"p4m"``, ``"c8"``,
     ``"c16"`` or ``"d8"``), going down by ``pool`` (``"max"`` or ``"blur"``).
 
@@ -27,12 +27,13 @@ def build_model(family: ConvFamily | str, width: int, depth: int = 4, in_channel
         in_channels: image channels (3 for RGB; 5 with tissue context).
         num_classes: logit channels (3 for cells: background, BC, TC; 2 for tissue).
         pool: how the U-Net goes down a level (`Pooling` or its value).
+        nucleus: a nucleus logit after the class logits (``data.nuclei``; see `UNet`).
 
     Examples:
         >>> model = build_model("isotropic", width=110)
     """
     return UNet(ConvFamily(family), width, depth=depth, in_channels=in_channels, num_classes=num_classes,
-                pool=Pooling(pool))
+                pool=Pooling(pool), nucleus=nucleus)
 
 
 def count_parameters(model: nn.Module) -> int:

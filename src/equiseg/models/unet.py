@@ -123,6 +123,30 @@ class BlurPool2d(nn.Module):
 
 
 
+def probabilities(logits: torch.Tensor, class_channels: int | None = None, dim: int = 1) -> torch.Tensor:
+    """A U-Net's probabilities from its logits: softmax over the first ``class_channels`` channels
+    along ``dim`` (the classes), sigmoid of each channel after them (a nucleus logit).
+
+    ``class_channels`` None, or as many as there are channels: softmax over all of them, bit for bit
+    what ``logits.softmax(dim)`` gives. A cell U-Net with a nucleus output (``data.nuclei``) has
+    logits (B, 4, H, W) with ``class_channels`` 3: its probabilities are p(background), p(BC), p(TC)
+    (summing to 1) and p(nucleus) in [0, 1].
+    """
+    channels = logits.shape[dim]
+    if class_channels is None or class_channels >= channels:
+        return logits.softmax(dim)
+    classes, extra = logits.split([class_channels, channels - class_channels], dim)
+    return torch.cat([classes.softmax(dim), extra.sigmoid()], dim)
+
+
+def model_class_channels(model: nn.Module) -> int | None:
+    """The class channels of ``model``'s output (`UNet.class_channels`, kept by `optimize_for_inference`,
+    ``torch.compile`` and wrappers that state it), or None for a module that does not state them: its
+    output is all classes.
+    """
+    return getattr(model, "class_channels", None)
+
+
 def _up(x: torch.Tensor) -> torch.Tensor:
     return F.interpolate(x, scale_factor=2.0, mode="nearest")
 
@@ -187,19 +211,27 @@ class UNet(nn.Module):
         width: units at level 0 (channels for plain/isotropic, fields of |G| channels for the group families).
         depth: number of 2x2 poolings.
         in_channels: image channels.
-        num_classes: logit channels (default 3: background, BC, TC).
+        num_classes: class logit channels (default 3: background, BC, TC).
         pad_input: pad sizes that are not multiples of 2**depth rather than refuse them.
         pool: how to go down a level (`Pooling`).
+        nucleus: one more logit channel after the classes, a nucleus logit (its sigmoid is p(nucleus):
+            `probabilities`); the head is a 1x1 conv either way, so it is as equivariant as the classes.
 
-    Shapes: (B, in_channels, H, W) -> (B, num_classes, H, W).
+    Attributes:
+        class_channels: the class logit channels (``num_classes``); the output's channels after them
+            (``out_channels - class_channels``: 1 with ``nucleus``) are sigmoid logits.
+        out_channels: all logit channels.
+
+    Shapes: (B, in_channels, H, W) -> (B, num_classes + nucleus, H, W).
     """
 
     def __init__(self, family: ConvFamily, width: int, depth: int = 4, in_channels: int = 3, num_classes: int = 3,
-                 pad_input: bool = True, pool: Pooling = Pooling.MAX) -> None:
+                 pad_input: bool = True, pool: Pooling = Pooling.MAX, nucleus: bool = False) -> None:
         super().__init__()
         if width < 1 or depth < 0:
             raise ValueError(f"need width >= 1 and depth >= 0, got width={width}, depth={depth}")
         self.family, self.width, self.depth, self.pad_input, self.pool = family, width, depth, pad_input, Pooling(pool)
+        self.class_channels, self.out_channels = num_classes, num_classes + int(nucleus)
         self.down = BlurPool2d() if self.pool is Pooling.BLUR else nn.MaxPool2d(2)
         widths = [width * 2**level for level in range(depth + 1)]
         self.encoder = nn.ModuleList(
@@ -209,7 +241,7 @@ class UNet(nn.Module):
         self.decoder = nn.ModuleList(
             [conv_block(family, widths[level + 1] + widths[level], widths[level]) for level in range(depth)]
         )
-        self.head = nn.Conv2d(widths[0], num_classes, 1)
+        self.head = nn.Conv2d(widths[0], self.out_channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         height, width = x.shape[-2:]
@@ -235,6 +267,10 @@ class UNet(nn.Module):
             x = pool_over_group(x, group, GroupPool.MAX)  # (B, C*|G|, H, W) -> (B, C, H, W)
         return self.head(x)
 
+    def probabilities(self, logits: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """`probabilities` of this U-Net's ``logits`` (softmax over its classes, sigmoid of a nucleus channel)."""
+        return probabilities(logits, self.class_channels, dim)
+
     def _pad(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         multiple = 2**self.depth
         height, width = x.shape[-2:]
@@ -252,4 +288,5 @@ class UNet(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"family={self.family.value}, width={self.width}, depth={self.depth}"
-                + ("" if self.pool is Pooling.MAX else f", pool={self.pool.value}"))
+                + ("" if self.pool is Pooling.MAX else f", pool={self.pool.value}")
+                + (", nucleus=True" if self.out_channels > self.class_channels else ""))

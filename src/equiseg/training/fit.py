@@ -174,7 +174,8 @@ def datamodule_for(config: Config, root: Path, context: ContextFn | None) -> L.L
         return WindowDataModule(root, side, config.window.jitter, data.train_fraction, data.batch_size,
                                 data.num_workers, config.train.seed, context=context)
     return SegmentationDataModule(root, config.task, data.cell_target, data.crop_size, data.train_fraction,
-                                  data.batch_size, data.num_workers, config.train.seed, context=context)
+                                  data.batch_size, data.num_workers, config.train.seed, context=context,
+                                  nuclei=data.nuclei)
 
 
 def checked_inputs(config: Config) -> tuple[Path, ContextFn | None]:
@@ -203,8 +204,9 @@ def checked_inputs(config: Config) -> tuple[Path, ContextFn | None]:
 
 
 def _check_fits(config: Config, root: Path) -> None:
-    """The dataset can train this config: training and validation splits not empty, and random
-    crops no larger than the smallest training image (from the metadata's patch sizes).
+    """The dataset can train this config: training and validation splits not empty, instance labels
+    for ``task: nuclei`` and ``data.nuclei`` (`_check_instance_labels`), and random crops no larger
+    than the smallest training image (from the metadata's patch sizes).
     """
     for split in (Split.TRAIN, Split.VAL):
         if not len(OcelotFolder(root, split, labels=False)):
@@ -212,20 +214,29 @@ def _check_fits(config: Config, root: Path) -> None:
     crop = config.data.crop_size
     train = OcelotFolder(root, Split.TRAIN, labels=False)
     if config.task is Task.NUCLEI:
-        for split in (Split.TRAIN, Split.VAL):
-            folder = OcelotFolder(root, split, labels=False)
-            bare = [sid for sid in folder.ids if "cell_instances" not in folder.paths(sid)]
-            if bare:
-                raise ConfigError(f"{root}: task nuclei trains on nucleus instance labels, and {len(bare)} "
-                                  f"{split.value} sample(s) have none (the first: annotations/{split.value}/"
-                                  f"cell_instances/{bare[0]}.png); OCELOT has only points")
+        _check_instance_labels(root, "task nuclei")
         return
+    if config.data.nuclei:
+        _check_instance_labels(root, "data.nuclei")
     sizes = [meta.tissue_size if config.task is Task.TISSUE else meta.cell_size
              for meta in (train.metadata[sid] for sid in train.ids)]
     smallest = min((s for s in sizes if s is not None), default=None)
     if crop is not None and smallest is not None and crop > smallest:
         raise ConfigError(f"data.crop_size={crop} is larger than the smallest training image of {root} "
                           f"({smallest} px): use data.crop_size={smallest} or less, or null for whole images")
+
+
+def _check_instance_labels(root: Path, what: str) -> None:
+    """Every training and validation sample has nucleus instance labels, which ``what`` (a task or a
+    key) trains on; else a one-line `ConfigError` naming the first sample without them.
+    """
+    for split in (Split.TRAIN, Split.VAL):
+        folder = OcelotFolder(root, split, labels=False)
+        bare = [sid for sid in folder.ids if "cell_instances" not in folder.paths(sid)]
+        if bare:
+            raise ConfigError(f"{root}: {what} trains on nucleus instance labels, and {len(bare)} "
+                              f"{split.value} sample(s) have none (the first: annotations/{split.value}/"
+                              f"cell_instances/{bare[0]}.png); OCELOT has only points")
 
 
 def check_trainer(config: Config) -> None:

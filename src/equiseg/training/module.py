@@ -19,6 +19,15 @@ from equiseg.data.targets import IGNORE_INDEX, Task
 from equiseg.evaluation.losses import DiceCELoss
 from equiseg.evaluation.metrics import segmentation_scores
 
+MASKS = ("target", "nuclei")  # the label masks of a batch that augmentation moves with the image
+
+
+def nucleus_logits(mask: torch.Tensor) -> torch.Tensor:
+    """(B, 2, H, W) logits (0, m) of a nucleus logit m (B, 1, H, W): their softmax is (1 - sigmoid(m),
+    sigmoid(m)), so a `DiceCELoss` over them is soft Dice + binary cross-entropy of the nucleus.
+    """
+    return torch.cat([torch.zeros_like(mask), mask], dim=1)
+
 
 class ConfiguredModule(L.LightningModule):
     """What every equiseg LightningModule shares: the config (stored in the checkpoint as plain builtin
@@ -43,8 +52,9 @@ class ConfiguredModule(L.LightningModule):
 
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         if self.trainer is not None and self.trainer.training and self.augment is not None:
-            image, masks = self.augment(batch["image"], {"target": batch["target"]}, self._batch_generator(batch))
-            batch = {**batch, "image": image, "target": masks["target"]}
+            masks = {name: batch[name] for name in MASKS if name in batch}  # the target, and the nucleus target
+            image, masks = self.augment(batch["image"], masks, self._batch_generator(batch))
+            batch = {**batch, "image": image, **masks}
         return batch
 
     @staticmethod
@@ -72,6 +82,12 @@ class SegmentationModule(ConfiguredModule):
     Augmentation (``config.data.augment``) runs on the batch after it reaches the device, so
     it runs on the GPU when there is one. Logged: ``train/loss`` (per step and epoch),
     ``val/loss``, ``val/dice_mean``, ``val/miou`` and per-class Dice (per epoch).
+
+    With ``data.nuclei`` the U-Net's channel after the classes is a nucleus logit m, and the loss
+    adds (weight 1) the nucleus target's ``train.dice_weight`` x soft Dice + ``train.ce_weight`` x
+    binary cross-entropy, as `NucleusModule` does for its mask (`DiceCELoss` over the logits (0, m):
+    `nucleus_logits`); the class terms and scores read the class channels only. Also logged:
+    ``val/nucleus_dice``.
     """
 
     def __init__(self, config: dict[str, Any]) -> None:
@@ -81,19 +97,34 @@ class SegmentationModule(ConfiguredModule):
         self.loss = DiceCELoss(cfg.train.dice_weight, cfg.train.ce_weight, target=self.target)
         # summed over the epoch and, under DDP, over processes by torchmetrics
         self.val_confusion = MulticlassConfusionMatrix(len(self.class_names), ignore_index=IGNORE_INDEX)
+        self.nucleus_loss: DiceCELoss | None = None
+        self.val_nucleus: MulticlassConfusionMatrix | None = None
+        if cfg.data.nuclei:
+            self.nucleus_loss = DiceCELoss(cfg.train.dice_weight, cfg.train.ce_weight)
+            self.val_nucleus = MulticlassConfusionMatrix(2, ignore_index=IGNORE_INDEX)
+
+    def _loss(self, logits: torch.Tensor, batch: dict) -> torch.Tensor:
+        if self.nucleus_loss is None:
+            return self.loss(logits, batch["target"])
+        classes = len(self.class_names)
+        return (self.loss(logits[:, :classes], batch["target"])
+                + self.nucleus_loss(nucleus_logits(logits[:, classes:]), batch["nuclei"]))
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss = self.loss(self(batch["image"]), batch["target"])
+        loss = self._loss(self(batch["image"]), batch)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(batch["image"]),
                  sync_dist=True)
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         logits = self(batch["image"])
-        loss = self.loss(logits, batch["target"])
+        loss = self._loss(logits, batch)
         self.log("val/loss", loss, on_epoch=True, prog_bar=True, batch_size=len(batch["image"]), sync_dist=True)
         target = batch["target"] if self.target is None else self.target.classes(batch["target"])
-        self.val_confusion.update(logits.argmax(1), target)
+        classes = len(self.class_names)
+        self.val_confusion.update((logits if self.val_nucleus is None else logits[:, :classes]).argmax(1), target)
+        if self.val_nucleus is not None:
+            self.val_nucleus.update(nucleus_logits(logits[:, classes:]).argmax(1), batch["nuclei"])
 
     def on_validation_epoch_end(self) -> None:
         scores = segmentation_scores(self.val_confusion.compute().cpu(), self.class_names)
@@ -103,6 +134,10 @@ class SegmentationModule(ConfiguredModule):
         self.log("val/miou", scores["miou"], sync_dist=True)
         for name in self.class_names[1:]:
             self.log(f"val/dice_{name}", scores[f"dice/{name}"], sync_dist=True)
+        if self.val_nucleus is not None:
+            nucleus = segmentation_scores(self.val_nucleus.compute().cpu(), ["outside", "nucleus"])
+            self.val_nucleus.reset()
+            self.log("val/nucleus_dice", nucleus["dice/nucleus"], prog_bar=True, sync_dist=True)
 
 
 class NucleusModule(ConfiguredModule):
@@ -125,7 +160,7 @@ class NucleusModule(ConfiguredModule):
 
     def _loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         mask, classes = self(batch["image"])
-        two = torch.cat([torch.zeros_like(mask), mask], dim=1)
+        two = nucleus_logits(mask)
         loss = (self.mask_loss(two, batch["target"])
                 + self.config.window.class_weight * F.cross_entropy(classes.float(), batch["cell_class"]))
         return loss, two, classes
