@@ -396,3 +396,44 @@ def test_slides_spread_over_two_processes_give_the_same_files(tmp_path, cell_run
     # no work folders or partial files left; every file listed once in the manifest, whichever process wrote it
     assert [p.name for p in (tmp_path / "two").glob(".*")] == [".equiseg-outputs.json"]
     assert owned(tmp_path / "two") == {p.name for p in (tmp_path / "two").iterdir()} - {".equiseg-outputs.json"}
+
+
+def test_a_two_stage_model_s_nuclei_on_a_slide_equal_predict_on_the_region_cut_out(slide_path, tmp_path, monkeypatch):
+    from equiseg.inference.predict import StageTwo
+    from equiseg.slide import analyse
+    from equiseg.slide.models import load_slide_models
+
+    stage1 = make_run(tmp_path / "stage1", Config.from_dict({"model": {"family": "p4m", "width": 1, "depth": 2},
+                                                             "detect": {**DETECT, "peaks": "per-class",
+                                                                        "min_distance": 12}}))
+    stage2 = make_run(tmp_path / "stage2", Config.from_dict({"task": "nuclei", "window": {"side_px": 17},
+                                                             "model": {"family": "p4m", "width": 1, "depth": 2}}))
+    monkeypatch.setattr(analyse, "INSTANCE_TILE", 96)  # many tile seams through the nuclei
+    region = (800, 40, 448, 920)
+    cells, _ = load_slide_models(stage2, proposals=stage1)
+    assert cells.stage2 is not None and cells.config.task.value == "cells"
+    result = analyse_slide(slide_path, cells, tmp_path / "out", region=region, tile=TILE, overlap=OVERLAP)
+    with Slide(slide_path) as slide:
+        cut = ScaledView(slide, 0.2, region)
+        tifffile.imwrite(tmp_path / "cut.tif", cut.region(0, cut.height, 0, cut.width))
+    predicted = predict_file(cells.model, cells.config, tmp_path / "cut.tif", tmp_path, tile=TILE, overlap=OVERLAP,
+                             probs=False, stage2=StageTwo(cells.stage2.model, 17, 0.2))
+    assert len(predicted.points) > 20
+    expected = predicted.points.copy()
+    expected[:, :2] += np.array(region[:2]) + 0.5
+
+    def by_position(rows):  # the slide reports cells a tile at a time, predict in the order found
+        return rows[np.lexsort((rows[:, 0], rows[:, 1]))]
+
+    np.testing.assert_array_equal(by_position(result.points), by_position(expected))
+    slide_rows = np.loadtxt(result.outputs.cells_csv, delimiter=",", skiprows=1, usecols=(0, 1, 4, 7, 8, 9, 10))
+    cut_rows = np.loadtxt(tmp_path / "cut_cells.csv", delimiter=",", skiprows=1, usecols=(0, 1, 2, 4, 5, 6, 7))
+    cut_rows[:, :2] += region[:2]
+    # the same nuclei, measured alike, across the tiles' seams
+    np.testing.assert_allclose(by_position(slide_rows), by_position(cut_rows), atol=1e-4)
+    features = json.loads(result.outputs.cells_geojson.read_text())["features"]
+    assert len(features) == len(expected) and len({f["id"] for f in features}) == len(features)
+    for feature, (x, y, _, _) in zip(features, result.points):
+        polygon = shapely.geometry.shape(feature["geometry"])
+        assert polygon.geom_type == "Polygon" and polygon.is_valid and polygon.contains(shapely.geometry.Point(x, y))
+    assert json.loads(result.outputs.summary.read_text())["models"]["cell"]["stage2"]["task"] == "nuclei"

@@ -830,6 +830,7 @@ def slide(
     mpp: Annotated[float | None, typer.Option(help="Microns per level-0 pixel, for a slide whose file does not say "
                                                    "(or says wrong).")] = None,
     cell_mpp: CellMppOption = None,
+    proposals: ProposalsOption = None,
     resume: Annotated[bool, typer.Option(
         "--resume", help="Continue the interrupted work in --out: skip slides whose outputs are complete and "
                          "continue an interrupted one from its last saved block row.")] = False,
@@ -846,12 +847,13 @@ def slide(
 ) -> None:
     """Find and classify the cells on whole slides, as files to open in QuPath.
 
-    Each slide is read with OpenSlide (`pip install 'equiseg[slide]'`) at the resolution the
-    model trained at (resampled from the best pyramid level); glass is found on a
-    low-resolution read and skipped; the model runs over the tissue in overlapping tiles,
-    blended and read for cells as `equiseg predict` does, in memory bounded by a block of
-    tiles, not by the slide. Coordinates are level-0 pixels. To review: open the slide in
-    QuPath and drag STEM.cells.geojson (and STEM.tissue.geojson) onto it.
+    Each slide is read with OpenSlide (`pip install 'equiseg[slide]'`) at the resolution the model trained
+    at (resampled from the best pyramid level); glass is found on a low-resolution read and skipped; the model
+    runs over the tissue in overlapping tiles, blended and read for cells as `equiseg predict` does, in memory
+    bounded by a block of tiles, not by the slide. Coordinates are level-0 pixels. To review: open the slide
+    in QuPath and drag STEM.cells.geojson (and STEM.tissue.geojson) onto it. A two-stage cell model (--model
+    its stage 2, --proposals its stage 1) gives each cell its nucleus's outline (Polygon detections),
+    measured in the CSV; a nucleus cut by a tile's edge is reported once, whole.
     """
     from equiseg.slide import check_slides, load_slide_models, parse_region
 
@@ -864,7 +866,7 @@ def slide(
     try:
         box = parse_region(region) if region is not None else None
         check_slides(slides, out, resume, box, mpp, tile, overlap)
-        cells, tissue = load_slide_models(model, tissue_model, runtime.device, cell_mpp)
+        cells, tissue = load_slide_models(model, tissue_model, runtime.device, cell_mpp, proposals)
         options = {"region": box, "mpp": mpp, "tile": tile, "overlap": overlap, "resume": resume}
         summaries = _analyse_slides(slides, cells, tissue, out, processes * nodes, (processes, nodes), runtime, options)
     except (FileNotFoundError, ModuleNotFoundError, ValueError, OSError) as error:

@@ -130,3 +130,20 @@ def test_predict_writes_a_two_stage_model_s_cells_as_instances(crowded, tmp_path
         assert polygon.is_valid and polygon.contains(Point(x + 0.5, y + 0.5))
         assert feature["properties"]["classification"]["name"] == {1: "Background cell", 2: "Tumor cell"}[int(cls)]
         assert feature["properties"]["measurements"]["Area µm^2"] > 0
+
+
+def test_a_one_stage_nucleus_model_is_also_scored_as_instances(crowded, tmp_path):
+    config = Config.from_dict({**tiny_config(crowded, model={"family": "p4m", "width": 1}).to_dict(),
+                               "data": {**tiny_config(crowded).to_dict()["data"], "nuclei": True},
+                               "detect": {"sigma": 1.0, "min_distance": 4, "threshold": 0.0, "peaks": "per-class"}})
+    path = save_model(config.build_model().eval(), config, tmp_path / "one-stage.ckpt")
+    evaluation, _ = evaluate_run(path, "test", data=crowded)
+    scores = evaluation.scores
+    assert {"mf1", "dice/mean", "pq/mean", "pq/all", "aji", "blended", "instances/mf1"} <= set(scores)
+    assert 0 <= scores["blended"] <= 1 and 0 <= scores["pq/mean"] <= 1
+    assert "pq/all" in evaluation.per_image[0] and "instances/tp/BC" in evaluation.per_image[0]
+    # a model without the nucleus output is scored as points only
+    plain = Config.from_dict({**config.to_dict(), "data": tiny_config(crowded).to_dict()["data"]})
+    scores = evaluate_run(save_model(plain.build_model().eval(), plain, tmp_path / "points.ckpt"), "test",
+                          data=crowded)[0].scores
+    assert "mf1" in scores and "pq/mean" not in scores

@@ -7,7 +7,12 @@ import torch
 
 from equiseg.config import Config
 from equiseg.groups import D4
-from equiseg.inference.cell_instances import paste_instances, two_stage_instances, window_predictions
+from equiseg.inference.cell_instances import (
+    instances_in_tiles,
+    paste_instances,
+    two_stage_instances,
+    window_predictions,
+)
 from equiseg.models import ConvFamily
 from equiseg.models.window import CellWindowNet
 
@@ -112,3 +117,34 @@ def test_window_predictions_are_one_per_cell_and_sum_to_one():
     empty = window_predictions(net, torch.rand(3, 20, 30), np.zeros((0, 4)), SIDE)
     assert empty[0].shape == (0, SIDE, SIDE) and empty[1].shape == (0, 2)
 
+
+
+def test_tiles_report_each_cell_once_and_whole_as_the_whole_image_does():
+    rng = np.random.default_rng(0)
+    height, width, count = 100, 90, 60
+    cells = np.column_stack([rng.integers(0, width, count), rng.integers(0, height, count),
+                             rng.integers(1, 3, count), rng.random(count)]).astype(np.float64)
+    cells[5, :2] = cells[4, :2]  # two proposals on one pixel
+    masks = rng.random((count, SIDE, SIDE)).astype(np.float32)
+    class_probs = rng.dirichlet([1, 1], count).astype(np.float32)
+    by_centre = {}
+    for k, (x, y) in enumerate(cells[:, :2].astype(int).tolist()):
+        by_centre.setdefault((x, y), []).append(k)
+
+    def windows(centres):
+        rows = [by_centre[(x, y)].pop(0) for x, y in centres.tolist()]
+        for (x, y), k in zip(centres.tolist(), rows):
+            by_centre[(x, y)].append(k)  # asked for again by the next tile
+        return masks[rows], class_probs[rows]
+
+    whole = paste_instances(masks, cells, (height, width), class_probs.argmax(1) + 1, cells[:, 3])
+    pieced = np.zeros_like(whole)
+    reported = []
+    for part in instances_in_tiles(cells, (height, width), SIDE, windows, tile=32):
+        h, w = part.labels.shape
+        region = pieced[part.top:part.top + h, part.left:part.left + w]
+        for i, row in enumerate(part.rows.tolist()):
+            region[part.labels == i + 1] = row + 1
+            reported.append(row)
+    assert sorted(reported) == list(range(count))  # each cell once
+    assert np.array_equal(pieced, whole)

@@ -10,6 +10,7 @@ import torch
 
 from equiseg.config import Config, ConfigError
 from equiseg.data.synthetic import generate_dataset
+from equiseg.evaluation.tune_detect import tune_detection
 from equiseg.models.window import CellWindowNet
 from equiseg.runs import Run, load_model
 from equiseg.training.fit import fit
@@ -39,6 +40,8 @@ def test_stage_two_trains_into_a_run_folder_that_loads_back(crowded, tmp_path):
     with torch.no_grad():
         mask, classes = model(torch.rand(1, 3, 17, 17))
     assert mask.shape == (1, 1, 17, 17) and classes.shape == (1, 2)
+    with pytest.raises(ValueError, match="stage-1 cells run: tune that"):
+        tune_detection(run_dir)
 
 
 def test_points_only_data_is_refused_before_any_output(crowded, tmp_path):

@@ -21,8 +21,9 @@ from equiseg.detection import (
     match_counts,
     write_points_json,
 )
+from equiseg.detection.instances import cell_class_map, one_stage_instances
 from equiseg.evaluation.data_record import DataRecord
-from equiseg.evaluation.instance_evaluation import Predictor, evaluate_instances
+from equiseg.evaluation.instance_evaluation import InstanceTally, Predictor, evaluate_instances
 from equiseg.evaluation.losses import DiceCELoss
 from equiseg.evaluation.metrics import confusion_matrix, segmentation_scores
 from equiseg.evaluation.result import ContextSource, Evaluation
@@ -41,27 +42,25 @@ def evaluate_model(model: nn.Module, config: Config, root: Path | str, split: st
                    runtime: Runtime | None = None) -> Evaluation:
     """Evaluate ``model`` (eval mode) on ``split`` of the dataset at ``root``.
 
-    Loss: Dice + cross-entropy as in training, averaged over images. Dice and IoU: from the
-    confusion matrix summed over the split. Detection (cell task): cells read off each
-    probability map with ``config.detect`` and scored by the OCELOT rules (15 px). ``keep(i,
-    id, probs)`` receives each probability map (C, H, W), for pictures. ``transform`` (see
-    `equiseg.evaluation.robustness`) turns each image with its labels first; only its
-    valid region is scored. ``context`` gives a context model its tissue channels (default:
-    `equiseg.data.context.run_context` of the config for evaluation, i.e. the tissue
-    model's probabilities where the config names one); it is ignored for models without context.
-    ``oracle=True`` feeds the ground-truth tissue mask (``context``, if given, must compute
-    that) and labels the result as such; a model trained with ``data.context=truth`` and no
-    tissue model is refused without it, so that oracle scores are never reported unawares.
-    ``runtime``: device, tile batch and precision (default: the model's device, batch 1,
-    float32).
+    Loss: Dice + cross-entropy as in training, averaged over images. Dice and IoU: from the confusion matrix
+    summed over the split. Detection (cell task): cells read off each probability map with ``config.detect`` and
+    scored by the OCELOT rules (15 px); a model with a nucleus output (``data.nuclei``) on images with instance
+    labels is also scored as instances (`one_stage_instances`: PQ, AJI, ``blended``, ``instances/mf1``).
+    ``keep(i, id, probs)`` receives each probability map (C, H, W), for pictures. ``transform`` (see
+    `equiseg.evaluation.robustness`) turns each image with its labels first; only its valid region is scored.
+    ``context`` gives a context model its tissue channels (default: `equiseg.data.context.run_context` of the
+    config for evaluation, i.e. the tissue model's probabilities where the config names one); it is ignored
+    for models without context. ``oracle=True`` feeds the ground-truth tissue mask (``context``, if given,
+    must compute that) and labels the result as such; a model trained with ``data.context=truth`` and no
+    tissue model is refused without it, so that oracle scores are never reported unawares. ``runtime``: device,
+    tile batch and precision (default: the model's device, batch 1, float32).
     """
-    task = config.task
-    folder = OcelotFolder(root, split)
-    names = config.task.class_names
+    task, names, folder = config.task, config.task.class_names, OcelotFolder(root, split)
     cell_target = config.data.cell_target if task is Task.CELLS else None
     loss_fn = DiceCELoss(config.train.dice_weight, config.train.ce_weight, target=cell_target)
     cm = torch.zeros(len(names), len(names), dtype=torch.long)
     points, gts, per_image, shapes = [], [], [], []
+    tally = InstanceTally() if config.data.nuclei and transform is None else None  # one-stage instances
     context, source = evaluation_context(config, context, oracle, runtime.device if runtime is not None else None)
     model.eval()
     for i in range(len(folder)):
@@ -75,17 +74,18 @@ def evaluate_model(model: nn.Module, config: Config, root: Path | str, split: st
             image, target, cells, valid = transform(image, target, cells)
             target = torch.where(valid, target, torch.full_like(target, IGNORE_INDEX))
         probs = predict_probabilities(model, image, tile=tile, runtime=runtime)
-        logits = probs.clamp_min(1e-12).log()  # softmax is shift-invariant: log p are valid logits
+        class_probs = probs[:config.class_channels]  # a nucleus model's channel 3 is p(nucleus), no class
+        logits = class_probs.clamp_min(1e-12).log()  # softmax is shift-invariant: log p are valid logits
         loss = float(loss_fn(logits[None], target[None]))
         classes = target if cell_target is None else cell_target.classes(target)
-        image_cm = confusion_matrix(probs.argmax(0), classes, len(names))
+        image_cm = confusion_matrix(class_probs.argmax(0), classes, len(names))
         cm += image_cm
         per_image.append({"loss": loss, "dice/mean": segmentation_scores(image_cm, names)["dice/mean"]})
         if task is Task.CELLS:
             assert cells is not None  # sample_target refuses a sample without labels
-            found = _image_cells(probs, config, valid, cells, per_image[-1])
-            points.append(found)
+            points.append(_image_cells(class_probs, config, valid, cells, per_image[-1]))
             gts.append(cells)
+            _add_instances(tally, sample, probs, config, per_image[-1])
         if keep is not None:
             keep(i, folder.ids[i], probs)
         if on_image is not None:
@@ -93,7 +93,27 @@ def evaluate_model(model: nn.Module, config: Config, root: Path | str, split: st
     scores = {"loss": float(np.mean([p["loss"] for p in per_image])), **segmentation_scores(cm, names)}
     if task is Task.CELLS:
         scores |= detection_scores(points, gts)
+    scores |= _prefixed(tally.scores()) if tally is not None and tally.points else {}
     return Evaluation(scores, list(folder.ids), points, per_image, source, shapes, DataRecord.of_folder(root))
+
+
+def _add_instances(tally: InstanceTally | None, sample: Sample, probs: torch.Tensor, config: Config,
+                   row: dict[str, float]) -> None:
+    """A one-stage model's instances of one image (`one_stage_instances`) added to ``tally`` and its ``row``,
+    where the model has a nucleus output and the image instance labels.
+    """
+    if tally is None or sample.instances is None:
+        return
+    labels, cells = one_stage_instances(probs, config.detect)
+    row |= _prefixed(tally.add(sample, labels, cells, cell_class_map(probs)))
+
+
+def _prefixed(scores: dict[str, float]) -> dict[str, float]:
+    """Instance scores beside a model's point scores: PQ, AJI and blending as they are, the OCELOT scores of
+    the instances' centroids under ``instances/`` (``instances/mf1``).
+    """
+    plain = ("pq/", "sq/", "rq/", "aji", "blended")
+    return {(key if key.startswith(plain) else f"instances/{key}"): value for key, value in scores.items()}
 
 
 def _image_cells(probs: torch.Tensor, config: Config, valid: torch.Tensor | None, truth: np.ndarray,

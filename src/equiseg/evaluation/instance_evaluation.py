@@ -17,7 +17,13 @@ from equiseg.data.ocelot import CELL_CLASSES, OcelotFolder, Sample
 from equiseg.detection import detection_scores, match_counts
 from equiseg.detection.instances import measure_instances
 from equiseg.evaluation.data_record import DataRecord
-from equiseg.evaluation.instance_metrics import InstanceCounts, instance_counts, instance_scores, per_image_scores
+from equiseg.evaluation.instance_metrics import (
+    InstanceCounts,
+    blended_share,
+    instance_counts,
+    instance_scores,
+    per_image_scores,
+)
 from equiseg.evaluation.result import ContextSource, Evaluation
 
 Predictor = Callable[[Sample], tuple[np.ndarray, np.ndarray]]
@@ -61,6 +67,40 @@ def image_scores(sample: Sample, labels: np.ndarray, cells: np.ndarray) -> tuple
     return counts, row, found
 
 
+class InstanceTally:
+    """Instance scores summed over a split's images as they come (`add`), then read (`scores`)."""
+
+    def __init__(self) -> None:
+        self.total = InstanceCounts.zeros(len(CLASS_NAMES))
+        self.points: list[np.ndarray] = []
+        self.truths: list[np.ndarray] = []
+        self.instances = self.blended = 0
+
+    def add(self, sample: Sample, labels: np.ndarray, cells: np.ndarray,
+            class_map: np.ndarray | None = None) -> dict[str, float]:
+        """One image's instances (and, with a per-pixel class map, their blending); returns its row."""
+        counts, row, found = image_scores(sample, labels, cells)
+        self.total = self.total + counts
+        self.points.append(found)
+        assert sample.cells is not None  # image_scores refuses a sample without labels
+        self.truths.append(sample.cells)
+        if class_map is not None and len(found):
+            share = blended_share(labels, class_map)
+            row["blended"] = share
+            self.instances += len(found)
+            self.blended += round(share * len(found))
+        return row
+
+    def scores(self) -> dict[str, float]:
+        """PQ, AJI and the centroids' OCELOT scores (see `evaluate_instances`), and ``blended``: the share
+        of all instances whose pixels mix BC and TC (when class maps were given).
+        """
+        scores = {**instance_scores(self.total, CLASS_NAMES), **detection_scores(self.points, self.truths)}
+        if self.instances:
+            scores["blended"] = self.blended / self.instances
+        return scores
+
+
 def evaluate_instances(predict: Predictor, root: Path | str, split: str = "test",
                        context: ContextSource = ContextSource.NONE,
                        on_image: Callable[[int, int], None] | None = None) -> Evaluation:
@@ -72,18 +112,13 @@ def evaluate_instances(predict: Predictor, root: Path | str, split: str = "test"
     centroids by the official rule. Each image's row holds its own PQ, AJI and matches.
     """
     folder = OcelotFolder(root, split)
-    total = InstanceCounts.zeros(len(CLASS_NAMES))
-    points, truths, rows, shapes = [], [], [], []
+    tally = InstanceTally()
+    rows, shapes = [], []
     for i in range(len(folder)):
         sample = folder[i]
-        labels, cells = predict(sample)
-        counts, row, found = image_scores(sample, labels, cells)
-        total = total + counts
-        points.append(found)
-        truths.append(sample.cells)
-        rows.append(row)
+        rows.append(tally.add(sample, *predict(sample)))
         shapes.append(sample.cell_image.shape[:2])
         if on_image is not None:
             on_image(i + 1, len(folder))
-    scores = {**instance_scores(total, CLASS_NAMES), **detection_scores(points, truths)}
-    return Evaluation(scores, list(folder.ids), points, rows, context, shapes, DataRecord.of_folder(root))
+    return Evaluation(tally.scores(), list(folder.ids), tally.points, rows, context, shapes,
+                      DataRecord.of_folder(root))

@@ -115,13 +115,16 @@ def tune_detection(run: Path | str, split: str = "val", runtime: Runtime | None 
     checkpoint = folder.best
     model, config = load_model(checkpoint, runtime.device if runtime is not None else "cpu")
     if config.task.value != "cells":
-        raise ValueError(f"{folder.path}: a {config.task.value} model has no cells to detect")
+        raise ValueError(f"{folder.path}: a {config.task.value} model has no cells to detect"
+                         + (" (the cells of a two-stage model come from its stage-1 cells run: tune that)"
+                            if config.task.value == "nuclei" else ""))
     root = folder.data_root()
     if root is None:
         raise ValueError(f"{folder.path}: no data.txt naming the dataset it trained on")
     found: list[list[np.ndarray]] = []  # each image's candidates, not its map (1024² x 3 float32 = 12 MB)
     evaluate_model(model, config, root, split, on_image=on_image, runtime=runtime,
-                   keep=lambda i, sample_id, probs: found.append(image_candidates(probs.cpu(), grid)))
+                   keep=lambda i, sample_id, probs: found.append(image_candidates(
+                       probs[:config.class_channels].cpu(), grid)))  # the classes: not a p(nucleus) after them
     data = OcelotFolder(root, split, labels=False)
     truths = [data.cells(i) for i in range(len(data))]
     rows = score_candidates(found, truths, grid)

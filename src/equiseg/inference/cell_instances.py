@@ -12,6 +12,7 @@ instance has the one class stage 2 gave it: a class never changes inside an outl
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -123,7 +124,7 @@ def two_stage_instances(stage1: nn.Module, stage1_config: Config, stage2: nn.Mod
     if side is None:
         raise ValueError("the stage-2 config has no window.side_px (it is set when stage 2 trains)")
     probs = predict_probabilities(stage1, image, tile=tile, runtime=runtime)
-    proposals = find_cells(probs, stage1_config.detect)
+    proposals = find_cells(probs[:stage1_config.class_channels], stage1_config.detect)
     masks, class_probs = window_predictions(stage2, image if stage2_image is None else stage2_image, proposals, side,
                                             runtime=runtime)
     classes = class_probs.argmax(1) + 1 if len(class_probs) else np.zeros(0, np.int64)
@@ -132,3 +133,62 @@ def two_stage_instances(stage1: nn.Module, stage1_config: Config, stage2: nn.Mod
     labels = paste_instances(masks, proposals, (image.shape[-2], image.shape[-1]), classes, scores, threshold)
     cells = np.column_stack([proposals[:, :2], classes, probability]) if len(proposals) else np.zeros((0, 4))
     return CellInstances(labels, cells.astype(np.float64), scores.astype(np.float64))
+
+
+@dataclass(frozen=True, eq=False)
+class TileInstances:
+    """The instances whose centre lies in one tile's core, whole (`instances_in_tiles`).
+
+    Attributes:
+        top, left: where ``labels`` lies in the image, px.
+        labels: (h, w) int32: 0, or i + 1 for the cell ``rows[i]``.
+        rows: (m,) the cells' rows in the proposals.
+        classes: (m,) their classes (1 BC, 2 TC).
+        probability: (m,) their class's probability.
+    """
+
+    top: int
+    left: int
+    labels: np.ndarray
+    rows: np.ndarray
+    classes: np.ndarray
+    probability: np.ndarray
+
+
+WindowFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+"""Stage 2 on cells given as (M, 2) rows (x, y): (M, S, S) nucleus probabilities and (M, K) class probabilities."""
+
+
+def instances_in_tiles(proposals: np.ndarray, shape: tuple[int, int], side: int, windows: WindowFn,
+                       tile: int = 2048, threshold: float = 0.5) -> Iterator[TileInstances]:
+    """`paste_instances` over an image of any size, a tile at a time, in bounded memory.
+
+    Each tile's core (``tile`` px square, row-major) reports the cells whose centre lies in it, each
+    once and whole: a nucleus lies inside its window (``side // 2`` px around its centre), and every
+    window that can touch it belongs to a centre within ``side - 1`` px of the core, so the tile
+    pastes those (stage 2 run again for the ones its neighbours also need) on a canvas of the core
+    grown by ``side - 1`` px, and its core's instances equal the whole image's pasting exactly.
+    Memory: the canvas and its cells' windows, whatever the image's size.
+    """
+    height, width = shape
+    proposals = np.asarray(proposals, np.float64).reshape(-1, 4)
+    xs, ys = proposals[:, 0].astype(np.int64), proposals[:, 1].astype(np.int64)
+    reach = side - 1
+    for top in range(0, height, tile):
+        for left in range(0, width, tile):
+            near = np.flatnonzero((ys >= top - reach) & (ys < top + tile + reach)
+                                  & (xs >= left - reach) & (xs < left + tile + reach))
+            core = (ys[near] >= top) & (ys[near] < top + tile) & (xs[near] >= left) & (xs[near] < left + tile)
+            if not core.any():
+                continue
+            y0, x0 = max(0, top - reach), max(0, left - reach)
+            y1, x1 = min(height, top + tile + reach), min(width, left + tile + reach)
+            masks, class_probs = windows(np.column_stack([xs[near], ys[near]]))
+            classes = class_probs.argmax(1) + 1
+            local = proposals[near].copy()
+            local[:, 0] -= x0
+            local[:, 1] -= y0
+            labels = paste_instances(masks, local, (y1 - y0, x1 - x0), classes, local[:, 3], threshold)
+            keep = np.zeros(len(near) + 1, np.int32)
+            keep[1:][core] = np.arange(1, int(core.sum()) + 1)
+            yield TileInstances(y0, x0, keep[labels], near[core], classes[core], class_probs[core].max(1))

@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import tifffile
@@ -27,8 +29,7 @@ import torch
 from torch import nn
 
 from equiseg.detection.instances import instance_outlines, measure_instances, polygon_features
-from equiseg.inference.cell_instances import paste_instances
-from equiseg.inference.readers import RgbFile
+from equiseg.inference.cell_instances import TileInstances, instances_in_tiles, paste_instances
 from equiseg.pictures import CELL_COLOURS
 from equiseg.runtime import Runtime
 
@@ -78,9 +79,18 @@ def _number(value: float) -> str:
     return f"{value:.4f}" if math.isfinite(value) else ""
 
 
-def file_window(image: RgbFile, x: int, y: int, side: int) -> np.ndarray:
-    """The (side, side, 3) uint8 window centred on pixel (x, y) of an image file, mirrored beyond its
-    edges as training windows are (``np.pad``'s ``reflect``: `equiseg.data.windows`).
+class RegionReader(Protocol):
+    """An image read a rectangle at a time: an image file (`RgbFile`) or a slide's view (`ScaledView`)."""
+
+    height: int
+    width: int
+
+    def region(self, top: int, bottom: int, left: int, right: int) -> np.ndarray: ...
+
+
+def reader_window(image: RegionReader, x: int, y: int, side: int) -> np.ndarray:
+    """The (side, side, 3) uint8 window centred on pixel (x, y) of an image read a rectangle at a time,
+    mirrored beyond its edges as training windows are (``np.pad``'s ``reflect``: `equiseg.data.windows`).
     """
     half = side // 2
     top, bottom = max(y - half, 0), min(y + half + 1, image.height)
@@ -90,30 +100,50 @@ def file_window(image: RgbFile, x: int, y: int, side: int) -> np.ndarray:
     return np.pad(inside, pad, mode="reflect") if any(a or b for a, b in pad[:2]) else inside
 
 
-def two_stage_file(stage2: nn.Module, side: int, image: RgbFile, proposals: np.ndarray,
-                   runtime: Runtime | None = None, batch: int = 64, threshold: float = 0.5) -> tuple[np.ndarray,
-                                                                                                      np.ndarray]:
-    """Stage 2 of the two-stage cell model on every proposal of an image file: (labels (H, W) int32,
-    cells (N, 4) rows (x, y, class, probability)), pasted as `paste_instances` does.
-
-    Memory: the label image (4 bytes a px) and each proposal's window of nucleus probabilities
-    (``side``² float32 each), besides one batch of windows.
+def stage_two_windows(stage2: nn.Module, image: RegionReader, centres: np.ndarray, side: int,
+                      runtime: Runtime | None = None, batch: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Stage 2 on the windows of ``image`` centred on ``centres`` (M, 2) rows (x, y): (M, side, side)
+    float32 nucleus probabilities and (M, 2) class probabilities (BC, TC).
     """
-    proposals = np.asarray(proposals, np.float64).reshape(-1, 4)
+    centres = np.asarray(centres, np.int64).reshape(-1, 2)
     device = runtime.device if runtime is not None else next(stage2.parameters()).device
-    masks = np.zeros((len(proposals), side, side), np.float32)
-    class_probs = np.zeros((len(proposals), 2), np.float32)
+    masks = np.zeros((len(centres), side, side), np.float32)
+    class_probs = np.zeros((len(centres), 2), np.float32)
     with torch.inference_mode():
-        for start in range(0, len(proposals), batch):
-            chunk = proposals[start:start + batch, :2].astype(np.int64)
-            windows = np.stack([file_window(image, x, y, side) for x, y in chunk.tolist()])
+        for start in range(0, len(centres), batch):
+            chunk = centres[start:start + batch]
+            windows = np.stack([reader_window(image, x, y, side) for x, y in chunk.tolist()])
             tensor = torch.from_numpy(windows).permute(0, 3, 1, 2).float().div(255).to(device)
             with runtime.autocast() if runtime is not None else torch.autocast("cpu", enabled=False):
                 mask, logits = stage2(tensor)
             masks[start:start + len(chunk)] = torch.sigmoid(mask[:, 0].float()).cpu().numpy()
             class_probs[start:start + len(chunk)] = torch.softmax(logits.float(), dim=1).cpu().numpy()
+    return masks, class_probs
+
+
+def two_stage_file(stage2: nn.Module, side: int, image: RegionReader, proposals: np.ndarray,
+                   runtime: Runtime | None = None, threshold: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """Stage 2 of the two-stage cell model on every proposal of an image: (labels (H, W) int32, cells
+    (N, 4) rows (x, y, class, probability)), pasted as `paste_instances` does.
+
+    Memory: the label image (4 bytes a px) and each proposal's window of nucleus probabilities
+    (``side``² float32 each), besides one batch of windows.
+    """
+    proposals = np.asarray(proposals, np.float64).reshape(-1, 4)
+    masks, class_probs = stage_two_windows(stage2, image, proposals[:, :2], side, runtime)
     classes = class_probs.argmax(1) + 1
-    labels = paste_instances(masks, proposals, (image.height, image.width), classes,
-                             proposals[:, 3], threshold)
+    labels = paste_instances(masks, proposals, (image.height, image.width), classes, proposals[:, 3], threshold)
     cells = np.column_stack([proposals[:, :2], classes, class_probs.max(1, initial=0.0)]).reshape(-1, 4)
     return labels, cells
+
+
+def two_stage_tiles(stage2: nn.Module, side: int, image: RegionReader, proposals: np.ndarray,
+                    runtime: Runtime | None = None, threshold: float = 0.5,
+                    tile: int = 2048) -> Iterator[TileInstances]:
+    """Stage 2 on every proposal of an image of any size, a tile at a time (`instances_in_tiles`): the
+    same instances as `two_stage_file`, in memory bounded by a tile.
+    """
+    def windows(centres: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return stage_two_windows(stage2, image, centres, side, runtime)
+
+    return instances_in_tiles(proposals, (image.height, image.width), side, windows, tile, threshold)

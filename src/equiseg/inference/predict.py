@@ -28,7 +28,14 @@ from equiseg.files import owned_outputs
 from equiseg.inference.instance_outputs import ImageInstances, two_stage_file, write_instances
 from equiseg.inference.readers import ImageReading, NpyBlocks, RgbFile
 from equiseg.inference.tiling import check_tiling, model_runtime, stream_blocks
-from equiseg.pictures import CELL_COLOURS, class_overlay, dot_radius, draw_points, probability_picture
+from equiseg.pictures import (
+    CELL_COLOURS,
+    class_overlay,
+    dot_radius,
+    draw_points,
+    predicted_classes,
+    probability_picture,
+)
 from equiseg.runs import Run, load_model, proposal_run
 from equiseg.runtime import Runtime
 
@@ -73,7 +80,7 @@ class _Pictures:
         pixels = image.region(top + first_row, top + rows, left + first_column,
                               left + columns)[::self.step, ::self.step]
         where = np.s_[at_row:at_row + kept.shape[1], at_column:at_column + kept.shape[2]]
-        self.overlay[where] = class_overlay(pixels, kept.argmax(0))
+        self.overlay[where] = class_overlay(pixels, predicted_classes(kept))
         if self.probs is not None:
             self.probs[where] = probability_picture(kept)
 
@@ -210,7 +217,7 @@ def predict_file(model: torch.nn.Module, config: Config, path: Path, out_dir: Pa
             if npy is not None:
                 npy.write(top, left, block)
             if detector is not None:
-                detector.add(top, left, block)
+                detector.add(top, left, block[:config.class_channels])
             pictures.add(top, left, block, image)
         points = detector.points() if detector is not None else np.zeros((0, 4))
         if stage2 is not None:

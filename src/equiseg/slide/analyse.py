@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata
 import json
+import math
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -17,12 +18,24 @@ from equiseg.data.context import ContextKind
 from equiseg.data.ocelot import CELL_CLASSES
 from equiseg.data.targets import Task
 from equiseg.data.wsi import ScaledView, Slide, TissueMask, find_tissue
+from equiseg.detection.instances import instance_outlines, measure_instances
 from equiseg.files import owned_file
+from equiseg.inference.instance_outputs import two_stage_tiles
 from equiseg.inference.tiling import check_tiling, model_runtime
 from equiseg.runtime import Runtime
 from equiseg.slide.models import SlideModel, check_mpp
 from equiseg.slide.passes import Progress, TissueMap, cell_pass, tissue_box, tissue_pass
-from equiseg.slide.qupath import SlideOutputs, read_points, tissue_polygons, write_cells, write_thumbnail
+from equiseg.slide.qupath import (
+    InstanceWriter,
+    SlideInstances,
+    SlideOutputs,
+    read_points,
+    tissue_polygons,
+    write_cells,
+    write_thumbnail,
+)
+
+INSTANCE_TILE = 2048  # px of stage 2's view: a two-stage model's nuclei are pasted a tile of this side at a time
 
 
 @dataclass(frozen=True)
@@ -78,6 +91,9 @@ def _check_models(cell_model: SlideModel, tissue_model: SlideModel | None) -> bo
     """
     if cell_model.config.task is not Task.CELLS:
         raise ValueError(f"{cell_model.source}: a {cell_model.config.task.value} model, not a cell model")
+    stage2 = cell_model.stage2
+    if stage2 is not None and stage2.config.data.context is not ContextKind.NONE:
+        raise ValueError(f"{stage2.source}: a stage 2 with tissue context does not run on slides yet")
     if tissue_model is not None and tissue_model.config.task is not Task.TISSUE:
         raise ValueError(f"{tissue_model.source}: a {tissue_model.config.task.value} model, not a tissue model")
     context = cell_model.config.data.context is not ContextKind.NONE
@@ -87,20 +103,60 @@ def _check_models(cell_model: SlideModel, tissue_model: SlideModel | None) -> bo
 
 
 def _write_outputs(outputs: SlideOutputs, slide: Slide, box: tuple[int, int, int, int], view: ScaledView,
-                   found: np.ndarray, tissue: TissueMask, tissue_map: TissueMap | None) -> np.ndarray:
+                   found: np.ndarray, tissue: TissueMask, tissue_map: TissueMap | None,
+                   run: tuple[SlideModel, Runtime, Progress | None]) -> np.ndarray:
     """The cells in level-0 px (each at its pixel's centre, off-tissue ones dropped, in the order
-    found), written with the thumbnail and, given a tissue map, the cancer areas.
+    found), written with the thumbnail and, given a tissue map, the cancer areas; for a two-stage
+    model (``run``: the cell model, where it runs, the progress) as instances (`_write_instances`).
     """
-    x0, y0 = view.level0(found[:, 0] + 0.5, found[:, 1] + 0.5)
-    points = np.column_stack([x0, y0, found[:, 2], found[:, 3]]) if len(found) else np.zeros((0, 4))
-    points = points[tissue.at(points[:, 0], points[:, 1])]
-    write_cells(outputs, slide, points)
     if tissue_map is not None:
         collection = tissue_polygons(tissue_map, tissue, box)
         with owned_file(outputs.tissue_geojson) as partial:
             partial.write_text(json.dumps(collection))
+    cell_model, runtime, progress = run
+    if cell_model.stage2 is not None:
+        return _write_instances(outputs, slide, box, view, found, tissue, cell_model.stage2, runtime, progress)
+    x0, y0 = view.level0(found[:, 0] + 0.5, found[:, 1] + 0.5)
+    points = np.column_stack([x0, y0, found[:, 2], found[:, 3]]) if len(found) else np.zeros((0, 4))
+    points = points[tissue.at(points[:, 0], points[:, 1])]
+    write_cells(outputs, slide, points)
     write_thumbnail(outputs, slide, box, points)
     return points
+
+
+def _write_instances(outputs: SlideOutputs, slide: Slide, box: tuple[int, int, int, int], view: ScaledView,
+                     found: np.ndarray, tissue: TissueMask, stage2: SlideModel, runtime: Runtime,
+                     progress: Progress | None) -> np.ndarray:
+    """Stage 2 of a two-stage cell model on the cells ``found`` (view px) of stage 1: each cell's nucleus
+    and class in its window of the slide at stage 2's resolution, a tile at a time
+    (`two_stage_tiles`: each cell once and whole, in bounded memory), written as instances
+    (`InstanceWriter`) in level-0 px, off-tissue cells dropped; returns their points.
+    """
+    side = stage2.config.window.side_px
+    if side is None:
+        raise ValueError(f"{stage2.source}: its config has no window.side_px (it is set when stage 2 trains)")
+    view2 = ScaledView(slide, stage2.resolution.cell_mpp, box)
+    x0, y0 = view.level0(found[:, 0] + 0.5, found[:, 1] + 0.5)
+    proposals = found.copy()
+    proposals[:, 0] = np.clip(np.floor((x0 - view2.x0) / view2.scale), 0, view2.width - 1)
+    proposals[:, 1] = np.clip(np.floor((y0 - view2.y0) / view2.scale), 0, view2.height - 1)
+    tiles = math.ceil(view2.height / INSTANCE_TILE) * math.ceil(view2.width / INSTANCE_TILE)
+    kept = [np.zeros((0, 4))]
+    with InstanceWriter(outputs, slide, box) as writer:
+        for k, part in enumerate(two_stage_tiles(stage2.model, side, view2, proposals, runtime, tile=INSTANCE_TILE)):
+            rows = proposals[part.rows]
+            px, py = view2.level0(rows[:, 0] + 0.5, rows[:, 1] + 0.5)
+            points = np.column_stack([px, py, part.classes, part.probability])
+            rings = [np.column_stack(view2.level0(ring[:, 0], ring[:, 1]))
+                     for ring in instance_outlines(part.labels, len(rows), offset=(part.left, part.top))]
+            measured = measure_instances(part.labels, len(rows), view2.mpp)
+            on = tissue.at(px, py)
+            writer.add(SlideInstances(points[on], [ring for ring, keep in zip(rings, on) if keep],
+                                      {key: values[on] for key, values in measured.items()}))
+            kept.append(points[on])
+            if progress is not None:
+                progress("nuclei", k + 1, tiles)
+    return np.concatenate(kept)
 
 
 def _summary(slide: Slide, box: tuple[int, int, int, int], points: np.ndarray, tissue: TissueMask, view: ScaledView,
@@ -181,7 +237,7 @@ def analyse_slide(path: Path | str, cell_model: SlideModel, out_dir: Path | str,
             found = cell_pass(cell_model, view, tissue, tissue_map if context else None, tile, overlap, runtime,
                                outputs.work / "cells-state.pt", progress)
         with timer.stage("outputs"):
-            points = _write_outputs(outputs, slide, box, view, found, tissue, tissue_map)
+            points = _write_outputs(outputs, slide, box, view, found, tissue, tissue_map, (cell_model, runtime, progress))
         summary = _summary(slide, box, points, tissue, view, (cell_model, tissue_model), (tile, overlap, runtime), timer)
         del tissue_map  # the memory map holds the file open
         with owned_file(outputs.summary) as partial:

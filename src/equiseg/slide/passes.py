@@ -118,7 +118,7 @@ def cell_pass(model: SlideModel, view: ScaledView, tissue: TissueMask, tissue_ma
     of them at the end: the cells equal those of the whole view in one stream.
     """
     detect = model.config.detect
-    classes = len(model.config.task.class_names)
+    classes = model.config.out_channels  # glass windows: every channel, p(nucleus) 0 too
     if tissue_map is not None:
         def read(top: int, left: int, height: int, width: int) -> torch.Tensor:
             return torch.cat([view.window(top, left, height, width),
@@ -145,7 +145,7 @@ def cell_pass(model: SlideModel, view: ScaledView, tissue: TissueMask, tissue_ma
         first = done - state.blocks_done  # blocks of the earlier stripes
         for top, left, block in stream_blocks(model.model, read, view.height, view.width, tile, overlap, runtime,
                                               skip=_glass(view, tissue, classes), state=state, columns=(m0, m1)):
-            detector.add(top, left - m0, block)
+            detector.add(top, left - m0, block[:model.config.class_channels])
             done = first + state.blocks_done
             if progress is not None:
                 progress("cells", done, total)

@@ -5,6 +5,7 @@ tissue classes as polygons, a thumbnail, and the summary.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import uuid
@@ -14,11 +15,12 @@ from typing import cast
 
 import contourpy
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from equiseg.data.wsi import ScaledView, Slide, TissueMask
+from equiseg.detection.instances import polygon_features
 from equiseg.files import owned_file
-from equiseg.inference.instance_outputs import CELL_NAMES
+from equiseg.inference.instance_outputs import CELL_NAMES, MEASUREMENT_COLUMNS
 from equiseg.pictures import CELL_COLOURS, TISSUE_COLOURS, dot_radius, draw_points
 from equiseg.slide.passes import TissueMap
 
@@ -163,6 +165,78 @@ def write_thumbnail(outputs: SlideOutputs, slide: Slide, box: tuple[int, int, in
     radius = max(1, min(dot_radius(view.height), round(6 / view.scale)))
     with owned_file(outputs.thumbnail) as partial:
         Image.fromarray(draw_points(picture, scaled, radius=radius)).save(partial, format="PNG")
+
+
+@dataclass(frozen=True, eq=False)
+class SlideInstances:
+    """Cells of a slide as instances, in level-0 px: ``points`` (N, 4) rows (x, y, class, probability),
+    x and y the centre of the cell's pixel; ``rings`` their nuclei's outlines; ``measurements`` (N,)
+    arrays by `equiseg.detection.instances.measure_instances` key (µm at the model's view).
+    """
+
+    points: np.ndarray
+    rings: list[np.ndarray]
+    measurements: dict[str, np.ndarray]
+
+
+class InstanceWriter:
+    """Writes a slide's cells as instances while they come, a tile at a time (`add`), into
+    ``STEM.cells.geojson`` (QuPath Polygon detections, one a line, with measurements), ``STEM.cells.csv``
+    (the points' columns, then area_um2, perimeter_um, solidity, eccentricity) and, when the ``with``
+    block ends, the thumbnail with the outlines; each file whole or not at all (`owned_file`): an error
+    inside the block leaves none of them.
+    """
+
+    def __init__(self, outputs: SlideOutputs, slide: Slide, box: tuple[int, int, int, int]) -> None:
+        self.slide, self.box, self.count = slide, box, 0
+        self._files = contextlib.ExitStack()
+        self._geojson = open(self._files.enter_context(owned_file(outputs.cells_geojson)), "w")  # noqa: SIM115
+        self._csv = open(self._files.enter_context(owned_file(outputs.cells_csv)), "w")  # noqa: SIM115
+        self._files.callback(self._csv.close)
+        self._files.callback(self._geojson.close)
+        self._geojson.write('{"type": "FeatureCollection", "features": [\n')
+        self._csv.write("x,y,x_um,y_um,class,name,probability," + ",".join(MEASUREMENT_COLUMNS) + "\n")
+        x, y, w, h = box
+        self._view = ScaledView(slide, slide.mpp * max(1.0, max(w, h) / THUMBNAIL_SIDE), box)
+        self._picture = Image.fromarray(self._view.region(0, self._view.height, 0, self._view.width))
+        self.outputs = outputs
+
+    def add(self, part: SlideInstances) -> None:
+        """Append a tile's cells to the files and draw their outlines on the thumbnail."""
+        slide_id = self.slide.quickhash or self.slide.path.name
+        ids = [str(uuid.uuid5(_UUID_NAMESPACE, f"{slide_id}/{x:.2f}/{y:.2f}/{int(c)}")) for x, y, c, _ in part.points]
+        features = polygon_features(part.rings, part.points[:, 2], part.points[:, 3], part.measurements, CELL_NAMES,
+                                    CELL_COLOURS, ids)
+        self._geojson.writelines(("" if self.count + k == 0 else ",\n") + json.dumps(feature)
+                                 for k, feature in enumerate(features))
+        mpp = self.slide.mpp
+        for k, (x, y, cls, p) in enumerate(part.points.tolist()):
+            values = ",".join(_number(part.measurements[key][k]) for key in MEASUREMENT_COLUMNS)
+            self._csv.write(f"{int(x)},{int(y)},{x * mpp:.2f},{y * mpp:.2f},{int(cls)},"
+                            f"{CELL_NAMES.get(int(cls), int(cls))},{p:.4f},{values}\n")
+        draw = ImageDraw.Draw(self._picture)
+        x0, y0 = self.box[0], self.box[1]
+        for ring, cls in zip(part.rings, part.points[:, 2].tolist()):
+            scaled = [((px - x0) / self._view.scale, (py - y0) / self._view.scale) for px, py in ring]
+            draw.line(scaled, fill=CELL_COLOURS.get(int(cls), (0, 0, 0)), width=1)
+        self.count += len(features)
+
+    def __enter__(self) -> InstanceWriter:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, trace: object) -> None:
+        """Finish the files (each moved into place whole) and write the thumbnail; after an error, remove them."""
+        if kind is not None:
+            self._files.__exit__(kind, error, trace)  # type: ignore[arg-type]
+            return
+        self._geojson.write("\n]}\n")
+        self._files.close()
+        with owned_file(self.outputs.thumbnail) as partial:
+            self._picture.save(partial, format="PNG")
+
+
+def _number(value: float) -> str:
+    return f"{value:.4f}" if np.isfinite(value) else ""
 
 
 def read_points(outputs: SlideOutputs, slide: Slide) -> np.ndarray:
