@@ -336,6 +336,15 @@ def test_cli_writes_a_slide_and_refuses_bad_input_in_one_line(slide_path, cell_r
     result = CliRunner().invoke(app, ["slide", str(tmp_path / "none.svs"), "--model", str(cell_run)])
     assert result.exit_code == 2 and "no such file" in result.output
     assert not (tmp_path / "new").exists()
+    # the nucleus labels synth-slide writes beside a slide, picked up by a *.tif glob: left out with a note
+    labels = tmp_path / "slide.instances.tif"
+    tifffile.imwrite(labels, np.zeros((64, 64), np.uint32))
+    result = CliRunner().invoke(app, ["slide", str(labels), "--model", str(cell_run), "--out", str(tmp_path / "new")])
+    assert result.exit_code == 2 and "note: left out slide.instances.tif" in result.output
+    assert "no slides left" in result.output and not (tmp_path / "new").exists()
+    from equiseg.slide import check_slides
+    with pytest.raises(ValueError, match="slide.instances.tif: the nucleus instance labels"):
+        check_slides([slide_path, labels], tmp_path / "new")
 
 
 def test_a_run_records_its_datas_resolution(tmp_path):

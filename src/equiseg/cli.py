@@ -860,9 +860,7 @@ def slide(
     model = _model(model, old_cell_model, "--cell-model")
     processes = _renamed(processes, old_devices, "--devices", "--processes") or 1
     assert runtime is not None  # _runs_a_model gives it
-    missing = [str(p) for p in slides if not p.is_file()]
-    if missing:
-        raise _fail(f"no such file(s): {', '.join(missing)}")
+    slides = _slide_files(slides)
     try:
         box = parse_region(region) if region is not None else None
         check_slides(slides, out, resume, box, mpp, tile, overlap)
@@ -877,6 +875,25 @@ def slide(
     workers = f" with {processes * nodes} processes" if processes * nodes > 1 else ""
     typer.echo(f"wrote {len(slides)} slide(s) to {out}{workers}: {sum(sum(s['cells'].values()) for s in summaries)} "
                "cell(s)")
+
+
+def _slide_files(slides: list[Path]) -> list[Path]:
+    """``slides``, all files (else one line, exit 2), less the nucleus label images that synth-slide writes
+    beside its slides (a ``*.tif`` glob picks them up), each left out with a note on stderr.
+    """
+    from equiseg.slide.analyse import INSTANCE_LABELS_SUFFIX
+
+    missing = [str(p) for p in slides if not p.is_file()]
+    if missing:
+        raise _fail(f"no such file(s): {', '.join(missing)}")
+    kept = [p for p in slides if not p.name.endswith(INSTANCE_LABELS_SUFFIX)]
+    for path in slides:
+        if path not in kept:
+            typer.echo(f"note: left out {path.name}: the nucleus instance labels synth-slide writes beside a slide",
+                       err=True)
+    if not kept:
+        raise _fail("no slides left: the files given are all nucleus instance labels (*.instances.tif)")
+    return kept
 
 
 def _analyse_slides(slides: list[Path], cells, tissue, out: Path, workers: int, layout: tuple[int, int], runtime,

@@ -22,7 +22,7 @@ from torch import nn
 from equiseg.config import Config
 from equiseg.detection import find_cells
 from equiseg.detection.instances import settle_instances
-from equiseg.inference.tiling import predict_probabilities
+from equiseg.inference.tiling import inference_model, predict_probabilities
 from equiseg.models.unet import reflect_pad
 from equiseg.runtime import Runtime
 
@@ -54,13 +54,15 @@ def window_predictions(model: nn.Module, image: torch.Tensor, cells: np.ndarray,
         cells: (N, >= 2) rows starting (x, y), the centre pixels.
         side: the window's odd side, px (the run's ``window.side_px``).
         batch: windows per forward pass.
-        runtime: device and precision (default: the model's device, float32).
+        runtime: device, precision, and whether the model runs optimized for inference (default: the model's
+            device, float32, optimized: `inference_model`).
 
     Returns:
         (N, side, side) float32 nucleus probabilities and (N, K) float32 class probabilities (K cell
         classes, BC first).
     """
     device = runtime.device if runtime is not None else next(model.parameters()).device
+    net = inference_model(model) if runtime is None or runtime.optimize else model  # as tiles run: folded
     half = side // 2
     padded = reflect_pad(image, (half, half, half, half))
     centres = np.asarray(cells, np.float64).reshape(-1, np.asarray(cells).shape[-1] if len(cells) else 2)
@@ -70,7 +72,7 @@ def window_predictions(model: nn.Module, image: torch.Tensor, cells: np.ndarray,
             chunk = centres[start:start + batch, :2].astype(np.int64)
             windows = torch.stack([padded[:, y:y + side, x:x + side] for x, y in chunk.tolist()]).to(device)
             with runtime.autocast() if runtime is not None else torch.autocast("cpu", enabled=False):
-                mask, logits = model(windows)
+                mask, logits = net(windows)
             masks.append(torch.sigmoid(mask[:, 0].float()).cpu())
             classes.append(torch.softmax(logits.float(), dim=1).cpu())
     if not masks:

@@ -30,6 +30,7 @@ from torch import nn
 
 from equiseg.detection.instances import instance_outlines, measure_instances, polygon_features
 from equiseg.inference.cell_instances import TileInstances, instances_in_tiles, paste_instances
+from equiseg.inference.tiling import inference_model
 from equiseg.pictures import CELL_COLOURS
 from equiseg.runtime import Runtime
 
@@ -107,6 +108,7 @@ def stage_two_windows(stage2: nn.Module, image: RegionReader, centres: np.ndarra
     """
     centres = np.asarray(centres, np.int64).reshape(-1, 2)
     device = runtime.device if runtime is not None else next(stage2.parameters()).device
+    net = inference_model(stage2) if runtime is None or runtime.optimize else stage2  # as `window_predictions`
     masks = np.zeros((len(centres), side, side), np.float32)
     class_probs = np.zeros((len(centres), 2), np.float32)
     with torch.inference_mode():
@@ -115,7 +117,7 @@ def stage_two_windows(stage2: nn.Module, image: RegionReader, centres: np.ndarra
             windows = np.stack([reader_window(image, x, y, side) for x, y in chunk.tolist()])
             tensor = torch.from_numpy(windows).permute(0, 3, 1, 2).float().div(255).to(device)
             with runtime.autocast() if runtime is not None else torch.autocast("cpu", enabled=False):
-                mask, logits = stage2(tensor)
+                mask, logits = net(tensor)
             masks[start:start + len(chunk)] = torch.sigmoid(mask[:, 0].float()).cpu().numpy()
             class_probs[start:start + len(chunk)] = torch.softmax(logits.float(), dim=1).cpu().numpy()
     return masks, class_probs

@@ -35,6 +35,7 @@ from equiseg.slide.qupath import (
     write_thumbnail,
 )
 
+INSTANCE_LABELS_SUFFIX = ".instances.tif"  # what synth-slide writes beside a slide: its nuclei's labels
 INSTANCE_TILE = 2048  # px of stage 2's view: a two-stage model's nuclei are pasted a tile of this side at a time
 
 
@@ -260,6 +261,10 @@ def check_slides(paths: list[Path], out_dir: Path | str, resume: bool = False,
     an image (`check_tiling`), slides that OpenSlide cannot open or whose resolution is unknown,
     a region off a slide, outputs that would collide or overwrite finished ones.
     """
+    labels = [Path(p).name for p in paths if Path(p).name.endswith(INSTANCE_LABELS_SUFFIX)]
+    if labels:
+        raise ValueError(f"{labels[0]}: the nucleus instance labels `equiseg synth-slide` writes beside a slide, "
+                         "not a slide; leave it out")
     stems = [Path(p).stem for p in paths]
     if len(set(stems)) != len(stems):
         raise ValueError("two slides share a name; their outputs would overwrite each other")
