@@ -408,7 +408,7 @@ def test_slides_spread_over_two_processes_give_the_same_files(tmp_path, cell_run
 
 
 def test_a_two_stage_model_s_nuclei_on_a_slide_equal_predict_on_the_region_cut_out(slide_path, tmp_path, monkeypatch):
-    from equiseg.inference.predict import StageTwo
+    from equiseg.inference.predict import InstanceOutput
     from equiseg.slide import analyse
     from equiseg.slide.models import load_slide_models
 
@@ -426,7 +426,7 @@ def test_a_two_stage_model_s_nuclei_on_a_slide_equal_predict_on_the_region_cut_o
         cut = ScaledView(slide, 0.2, region)
         tifffile.imwrite(tmp_path / "cut.tif", cut.region(0, cut.height, 0, cut.width))
     predicted = predict_file(cells.model, cells.config, tmp_path / "cut.tif", tmp_path, tile=TILE, overlap=OVERLAP,
-                             probs=False, stage2=StageTwo(cells.stage2.model, 17, 0.2))
+                             probs=False, instances=InstanceOutput(0.2, cells.stage2.model, 17))
     assert len(predicted.points) > 20
     expected = predicted.points.copy()
     expected[:, :2] += np.array(region[:2]) + 0.5

@@ -147,3 +147,33 @@ def test_a_one_stage_nucleus_model_is_also_scored_as_instances(crowded, tmp_path
     scores = evaluate_run(save_model(plain.build_model().eval(), plain, tmp_path / "points.ckpt"), "test",
                           data=crowded)[0].scores
     assert "mf1" in scores and "pq/mean" not in scores
+
+
+def test_predict_writes_a_one_stage_model_s_cells_as_instances(crowded, tmp_path):
+    import tifffile
+
+    from equiseg.data.datamodule import model_input
+    from equiseg.data.ocelot import OcelotFolder
+    from equiseg.detection.instances import one_stage_instances
+    from equiseg.inference.predict import predict_run
+    from equiseg.inference.tiling import predict_probabilities
+    from equiseg.runs import load_model
+
+    config = Config.from_dict({**tiny_config(crowded, model={"family": "p4m", "width": 1}).to_dict(),
+                               "data": {**tiny_config(crowded).to_dict()["data"], "nuclei": True},
+                               "detect": {"sigma": 1.0, "min_distance": 4, "threshold": 0.0, "peaks": "per-class"}})
+    path = save_model(config.build_model().eval(), config, tmp_path / "one-stage.ckpt")
+    sample = OcelotFolder(crowded, "test")[0]
+    image = crowded / "images" / "test" / "cell" / f"{sample.meta.sample_id}.jpg"
+    for probs in (True, False):  # the map held in memory either way
+        out = tmp_path / f"out-{probs}"
+        result = predict_run(path, [image], out, probs=probs)
+        labels = tifffile.imread(out / f"{sample.meta.sample_id}_instances.tif")
+        model, _ = load_model(path)
+        full = predict_probabilities(model, model_input(sample.cell_image, None))
+        # the instances grown on the float32 map, but for the float16 rounding of the map held
+        expected_labels, expected_cells = one_stage_instances(full.half().float(), config.detect)
+        assert np.array_equal(labels, expected_labels) and len(result.images[0].points) == len(expected_cells) > 0
+        header = (out / f"{sample.meta.sample_id}_cells.csv").read_text().splitlines()[0]
+        assert header.endswith("area_um2,perimeter_um,solidity,eccentricity")
+        assert (out / f"{sample.meta.sample_id}_cells.geojson").is_file()

@@ -273,8 +273,16 @@ def one_stage_instances(probs: np.ndarray | torch.Tensor, detect: DetectConfig, 
         ValueError: ``probs`` is not (C, H, W) with C >= 3.
     """
     maps = _nucleus_map(probs)
+    return instances_of_cells(maps, find_cells(maps[:-1], detect), threshold, max_radius)
+
+
+def instances_of_cells(probs: np.ndarray | torch.Tensor, found: np.ndarray, threshold: float = 0.5,
+                       max_radius: float = DEFAULT_RADIUS) -> tuple[np.ndarray, np.ndarray]:
+    """`one_stage_instances` for cells already found (``found`` (N, 4) rows (x, y, class, probability), as
+    a streamed detector gives them): grown on p(nucleus), one class each. Returns (labels, cells).
+    """
+    maps = _nucleus_map(probs)
     classes = maps[:-1]
-    found = find_cells(classes, detect)
     labels = grow_instances(maps[-1].numpy(), found, threshold, max_radius)
     cls, probability = instance_classes(classes.numpy(), labels, len(found))
     cells = np.asarray(found, np.float64).reshape(-1, 4).copy()

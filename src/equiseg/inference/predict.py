@@ -24,6 +24,7 @@ from equiseg.config import Config
 from equiseg.data.context import ContextKind
 from equiseg.data.targets import Task
 from equiseg.detection import BlockDetector, official_format_refusal, write_points_json
+from equiseg.detection.instances import instances_of_cells
 from equiseg.files import owned_outputs
 from equiseg.inference.instance_outputs import ImageInstances, two_stage_file, write_instances
 from equiseg.inference.readers import ImageReading, NpyBlocks, RgbFile
@@ -162,19 +163,34 @@ class Predictions:
 
 
 @dataclass(frozen=True, eq=False)
-class StageTwo:
-    """Stage 2 of a two-stage cell model as predict runs it: the window net, its window's side (px) and
-    the µm per px its measurements take the image to be at (the resolution it trained at).
+class InstanceOutput:
+    """How predict writes its cells as instances: the µm per px its measurements take the image to be at
+    (the resolution the model trained at) and, for a two-stage cell model, its stage 2 (the window net and
+    its window's side, px); without one, the model is a one-stage model with a nucleus output.
     """
 
-    model: torch.nn.Module
-    side: int
     mpp: float
+    stage2: torch.nn.Module | None = None
+    side: int = 0
+
+
+class _HeldMap:
+    """The whole probability map kept in memory as float16, a finished block at a time (a one-stage model's
+    instances are grown on it at the end: 2 bytes a px and channel).
+    """
+
+    def __init__(self, height: int, width: int) -> None:
+        self.shape, self.map = (height, width), None
+
+    def add(self, top: int, left: int, block: torch.Tensor) -> None:
+        if self.map is None:
+            self.map = np.zeros((block.shape[0], *self.shape), np.float16)
+        self.map[:, top:top + block.shape[1], left:left + block.shape[2]] = block.numpy()
 
 
 def predict_file(model: torch.nn.Module, config: Config, path: Path, out_dir: Path, tile: int = 1024,
                  overlap: int = 128, probs: bool = True, runtime: Runtime | None = None,
-                 stage2: StageTwo | None = None) -> ImagePrediction:
+                 instances: InstanceOutput | None = None) -> ImagePrediction:
     """Predict one image of any size, streaming it through in blocks of windows.
 
     Writes ``<stem>_overlay.png``, ``<stem>_cells.csv`` (x,y,class,probability in image px,
@@ -189,15 +205,16 @@ def predict_file(model: torch.nn.Module, config: Config, path: Path, out_dir: Pa
     `SEGMENT_CACHE_BYTES` of decoded TIFF segments, and the pictures (at most
     2 x 4096² x 3 bytes), plus the whole image as uint8 where its format cannot be read lazily.
 
-    With ``stage2`` the model is stage 1 of a two-stage cell model: its cells are the proposals that
-    stage 2 segments and classifies (`two_stage_file`), and the cells are written as instances
-    (`write_instances`: the label image, the CSV with measurements, QuPath polygons), drawn as
-    outlines on the overlay.
+    With ``instances`` the cells are written as instances (`write_instances`: the label image, the CSV
+    with measurements, QuPath polygons) and drawn as outlines on the overlay: for a two-stage model
+    ``model`` is stage 1, whose cells stage 2 segments and classifies (`two_stage_file`); for a one-stage
+    model (``data.nuclei``) the cells are grown on its nucleus map (`instances_of_cells`), which is then
+    held in memory whole (float16, 2 bytes a px and channel).
 
     Args:
         model: in eval mode, on ``runtime.device``.
         runtime: device, batch and precision (default: the model's device, batch 1, float32).
-        stage2: stage 2 of a two-stage cell model whose stage 1 ``model`` is.
+        instances: write the cells as instances (see above).
     """
     path = Path(path)
     stem = out_dir / path.stem
@@ -211,7 +228,10 @@ def predict_file(model: torch.nn.Module, config: Config, path: Path, out_dir: Pa
         detector = (BlockDetector(height, width, detect.sigma, detect.min_distance, detect.threshold,
                                   per_class=detect.per_class)
                     if config.task is Task.CELLS else None)
+        held = _HeldMap(height, width) if instances is not None and instances.stage2 is None else None
         for top, left, block in stream_blocks(model, image.window, height, width, tile, overlap, runtime):
+            if held is not None:
+                held.add(top, left, block)
             if probs and npy is None:
                 npy = NpyBlocks(f"{stem}_probs.npy", (block.shape[0], height, width))
             if npy is not None:
@@ -220,11 +240,8 @@ def predict_file(model: torch.nn.Module, config: Config, path: Path, out_dir: Pa
                 detector.add(top, left, block[:config.class_channels])
             pictures.add(top, left, block, image)
         points = detector.points() if detector is not None else np.zeros((0, 4))
-        if stage2 is not None:
-            labels, points = two_stage_file(stage2.model, stage2.side, image, points, runtime)
-            found = ImageInstances.of(labels, points, stage2.mpp)
-            write_instances(stem, found)
-            pictures.save(stem, np.zeros((0, 4)), outlines=(found.outlines, points[:, 2]))
+        if instances is not None:
+            points = _write_instances(stem, image, points, instances, held, pictures, runtime)
             return ImagePrediction(path, height, width, points, step, image.reading)
     pictures.save(stem, points)
     lines = ["x,y,class,probability"] + [f"{int(x)},{int(y)},{int(c)},{q:.4f}" for x, y, c, q in points]
@@ -232,9 +249,24 @@ def predict_file(model: torch.nn.Module, config: Config, path: Path, out_dir: Pa
     return ImagePrediction(path, height, width, points, step, image.reading)
 
 
+def _write_instances(stem: Path, image: RgbFile, points: np.ndarray, instances: InstanceOutput,
+                     held: _HeldMap | None, pictures: _Pictures, runtime: Runtime) -> np.ndarray:
+    """The cells of one image as instances (see `predict_file`), written with the pictures; returns the cells."""
+    if instances.stage2 is not None:
+        labels, points = two_stage_file(instances.stage2, instances.side, image, points, runtime)
+    else:
+        assert held is not None and held.map is not None  # held for a one-stage model; an image has a block
+        labels, points = instances_of_cells(held.map, points)
+    found = ImageInstances.of(labels, points, instances.mpp)
+    write_instances(stem, found)
+    pictures.save(stem, np.zeros((0, 4)), outlines=(found.outlines, points[:, 2]))
+    return points
+
+
 def predict_files(model: torch.nn.Module, config: Config, paths: list[Path], out_dir: Path, tile: int = 1024,
                   overlap: int = 128, on_image: Callable[[int, int], None] | None = None, probs: bool = True,
-                  runtime: Runtime | None = None, force: bool = False, stage2: StageTwo | None = None) -> Predictions:
+                  runtime: Runtime | None = None, force: bool = False,
+                  instances: InstanceOutput | None = None) -> Predictions:
     """Predict every file (`predict_file`) into ``out_dir``, and list them in images.txt.
 
     ``cell_classification.json`` (the official format, image_i = the i-th file) is written only
@@ -244,8 +276,8 @@ def predict_files(model: torch.nn.Module, config: Config, paths: list[Path], out
     is staged and moved into ``out_dir`` at the end (`equiseg.files.owned_outputs`): equiseg's
     earlier outputs there are replaced, a folder holding anything else is refused (``force``: its
     other files are kept as they are), and nothing of the user's is touched.
-    ``on_image(done, total)`` is called after each image. With ``stage2``, ``model`` is stage 1 of a
-    two-stage cell model (see `predict_file`).
+    ``on_image(done, total)`` is called after each image. With ``instances`` the cells are written as
+    instances (see `predict_file`).
     """
     stems = [p.stem for p in paths]
     if len(set(stems)) != len(stems):
@@ -258,7 +290,7 @@ def predict_files(model: torch.nn.Module, config: Config, paths: list[Path], out
     images = []
     with owned_outputs(out_dir, force) as partial:
         for i, path in enumerate(paths):
-            images.append(predict_file(model, config, path, partial, tile, overlap, probs, runtime, stage2))
+            images.append(predict_file(model, config, path, partial, tile, overlap, probs, runtime, instances))
             if on_image is not None:
                 on_image(i + 1, len(paths))
         (partial / "images.txt").write_text("".join(f"image_{i}\t{p}\n" for i, p in enumerate(paths)))
@@ -303,9 +335,8 @@ def predict_run(model: Path | str, paths: list[Path], out_dir: Path, tile: int =
         raise FileNotFoundError(f"no such file(s): {', '.join(missing)}")
     runtime = runtime or Runtime.of("cpu")
     net, config = load_model(model, runtime.device)
-    stage2 = None
+    instances = _instance_output(model, net, config)
     if config.task is Task.NUCLEI:  # the model is stage 2: stage 1 proposes the cells
-        stage2 = _stage_two(model, net, config, proposals)
         net, config = load_model(proposal_run(model, config, proposals), runtime.device)
         if config.task is not Task.CELLS:
             raise ValueError(f"the proposals must come from a cells model, not a {config.task.value} model")
@@ -316,16 +347,23 @@ def predict_run(model: Path | str, paths: list[Path], out_dir: Path, tile: int =
         raise ValueError(f"{model} takes tissue context (data.context={config.data.context.value}), which a lone "
                          "image lacks: use `equiseg challenge` (cell and tissue patches) or `equiseg evaluate`")
     return predict_files(net, config, [Path(p) for p in paths], Path(out_dir), tile=tile, overlap=overlap,
-                         on_image=on_image, probs=probs, runtime=runtime, force=force, stage2=stage2)
+                         on_image=on_image, probs=probs, runtime=runtime, force=force, instances=instances)
 
 
-def _stage_two(model: Path | str, net: torch.nn.Module, config: Config, proposals: Path | str | None) -> StageTwo:
-    """Stage 2 as `predict_file` runs it: refused with tissue context (a lone image has none)."""
+def _instance_output(model: Path | str, net: torch.nn.Module, config: Config) -> InstanceOutput | None:
+    """How `predict_file` writes a model's cells as instances: stage 2 of a two-stage model (refused with
+    tissue context: a lone image has none), a one-stage model with a nucleus output; None for others.
+    """
+    resolution = Run.of(model).resolution()
+    mpp = resolution.cell_mpp if resolution is not None else DEFAULT_MPP
+    if config.task is Task.CELLS and config.data.nuclei:
+        return InstanceOutput(mpp)
+    if config.task is not Task.NUCLEI:
+        return None
     if config.data.context is not ContextKind.NONE:
         raise ValueError(f"{model} takes tissue context (data.context={config.data.context.value}), which a lone "
                          "image lacks: use `equiseg evaluate`")
     side = config.window.side_px
     if side is None:
         raise ValueError(f"{model}: its config has no window.side_px (it is set when stage 2 trains)")
-    resolution = Run.of(model).resolution()
-    return StageTwo(net, side, resolution.cell_mpp if resolution is not None else DEFAULT_MPP)
+    return InstanceOutput(mpp, net, side)
