@@ -5,6 +5,7 @@ points is refused before anything is written.
 
 import shutil
 
+import lightning as L
 import pytest
 import torch
 
@@ -56,3 +57,23 @@ def test_points_only_data_is_refused_before_any_output(crowded, tmp_path):
 def test_a_window_side_the_depth_cannot_take_is_refused():
     with pytest.raises(ValueError, match=r"window.side_px=19: a window model of depth 2 needs"):
         nuclei_config("x", side_px=19)
+
+
+class _Crash(L.Callback):
+    def on_train_epoch_start(self, trainer, module):
+        if trainer.current_epoch == 1:
+            raise RuntimeError("simulated crash")
+
+
+def test_a_resumed_stage_two_ends_bitwise_where_the_uninterrupted_one_does(crowded, tmp_path):
+    """The windows' order, jitter and augmentation continue from the checkpoint, as for the U-Net."""
+    plain = nuclei_config(crowded, jitter=2).to_dict()
+    config = Config.from_dict({**plain, "train": {**plain["train"], "epochs": 2},
+                               "data": {**plain["data"], "augment": "heavy"}})
+    whole = fit(config, run_dir=tmp_path / "whole", progress=False)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        fit(config, run_dir=tmp_path / "cut", progress=False, callbacks=[_Crash()])
+    fit(None, resume=tmp_path / "cut", progress=False)
+    a = torch.load(whole / "checkpoints/last.ckpt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "cut/checkpoints/last.ckpt", weights_only=True)["state_dict"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
