@@ -407,6 +407,7 @@ def test_slides_spread_over_two_processes_give_the_same_files(tmp_path, cell_run
     assert owned(tmp_path / "two") == {p.name for p in (tmp_path / "two").iterdir()} - {".equiseg-outputs.json"}
 
 
+@pytest.mark.slow
 def test_a_two_stage_model_s_nuclei_on_a_slide_equal_predict_on_the_region_cut_out(slide_path, tmp_path, monkeypatch):
     from equiseg.inference.predict import InstanceOutput
     from equiseg.slide import analyse
