@@ -79,3 +79,18 @@ def test_data_without_instance_labels_is_refused_naming_the_sample(crowded, tmp_
     shutil.rmtree(copy / "annotations" / "train" / "cell_instances")
     with pytest.raises(ValueError, match=r"sample 001: no instance labels"):
         WindowDataset(OcelotFolder(copy, "train"), side=17)
+
+
+def test_context_channels_are_cut_with_the_window(crowded):
+    def where(sample):  # channel 0: the column, channel 1: the row (over 1000, to fit float16 well)
+        h, w = sample.cell_image.shape[:2]
+        rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+        return torch.stack([cols, rows]).float() / 1000
+
+    folder = OcelotFolder(crowded, "train")
+    dataset = WindowDataset(folder, side=17, context=where)
+    x, y, _ = folder[0].cells[1]
+    item = dataset[1]
+    assert item["image"].shape == (5, 17, 17)
+    assert torch.allclose(item["image"][3:, 8, 8], torch.tensor([x, y]) / 1000, atol=1e-3)
+    assert torch.allclose(item["image"][3, 8, 9] - item["image"][3, 8, 8], torch.tensor(0.001), atol=2e-4)

@@ -77,3 +77,14 @@ def test_a_resumed_stage_two_ends_bitwise_where_the_uninterrupted_one_does(crowd
     a = torch.load(whole / "checkpoints/last.ckpt", weights_only=True)["state_dict"]
     b = torch.load(tmp_path / "cut/checkpoints/last.ckpt", weights_only=True)["state_dict"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_stage_two_takes_tissue_context_channels_in_its_windows(crowded, tmp_path):
+    plain = nuclei_config(crowded).to_dict()
+    config = Config.from_dict({**plain, "data": {**plain["data"], "context": "truth"}})
+    run_dir = fit(config, run_dir=tmp_path / "run", progress=False)
+    model, loaded = load_model(run_dir)
+    assert loaded.in_channels == 5 and model.encoder[0][0].in_channels == 5
+    with torch.no_grad():
+        mask, _ = model(torch.rand(1, 5, 17, 17))
+    assert mask.shape == (1, 1, 17, 17)
