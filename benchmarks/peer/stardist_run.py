@@ -13,8 +13,9 @@ OUT receives:
 
 - ``labels/ID.png``: the predicted nucleus instances of each test image, 16-bit (``ID.tif``, 32-bit,
   only if an image had more than 65,535 instances), 0 background;
-- ``classes/ID.csv`` (multi-class models only): header ``label,class``, one row per label present in
-  the label image, class 1 BC, 2 TC (0: the class head said background);
+- ``classes/ID.csv`` (multi-class models only): header ``label,class,cell_class``, one row per label
+  present in the label image, class 1 BC, 2 TC (0: the class head said background), cell_class the
+  more probable of BC and TC (never 0);
 - ``points/ID.csv``: one row ``x,y,class,probability`` per predicted instance (no header, the point is
   the polygon's centre pixel, class 0 for a model without classes), the layout of equiseg's point
   predictions;
@@ -285,6 +286,10 @@ def main(argv: list[str] | None = None) -> int:
         points = np.asarray(details["points"])  # (n, 2) y, x; label i + 1 is entry i
         prob = np.asarray(details["prob"])
         class_id = np.asarray(details["class_id"]) if n_classes else np.zeros(len(points), int)
+        # the most probable cell class (BC or TC) of each detection, also where the class head said background:
+        # every detected nucleus is a cell of some class, as it is for equiseg's instances
+        cell_class = (1 + np.asarray(details["class_prob"])[:, 1:].argmax(axis=1) if n_classes
+                      else np.zeros(len(points), int))
         with open(out / "points" / f"{sample}.csv", "w", newline="") as f:
             w = csv.writer(f)
             for (py, px), c, pr in zip(points, class_id, prob):
@@ -294,9 +299,9 @@ def main(argv: list[str] | None = None) -> int:
         if n_classes:
             with open(out / "classes" / f"{sample}.csv", "w", newline="") as f:
                 w = csv.writer(f)
-                w.writerow(["label", "class"])
+                w.writerow(["label", "class", "cell_class"])
                 for label in present:
-                    w.writerow([int(label), int(class_id[label - 1])])
+                    w.writerow([int(label), int(class_id[label - 1]), int(cell_class[label - 1])])
         per_image.append({"id": sample, "shape": list(x.shape[:2]), "seconds": round(seconds, 4),
                           "instances": int(len(present)), "detections": int(len(points))})
         print(f"predicted {sample}: {len(present)} instances in {seconds:.2f} s", flush=True)
