@@ -177,3 +177,20 @@ def test_predict_writes_a_one_stage_model_s_cells_as_instances(crowded, tmp_path
         header = (out / f"{sample.meta.sample_id}_cells.csv").read_text().splitlines()[0]
         assert header.endswith("area_um2,perimeter_um,solidity,eccentricity")
         assert (out / f"{sample.meta.sample_id}_cells.geojson").is_file()
+
+
+def test_predict_s_two_stage_pasting_by_tiles_equals_the_whole_image(crowded, tmp_path):
+    from equiseg.inference.instance_outputs import two_stage_file
+    from equiseg.inference.readers import RgbFile
+    from equiseg.runs import load_model
+
+    _, stage2 = two_stage_runs(crowded, tmp_path)
+    model, _ = load_model(stage2)
+    image = RgbFile(next((crowded / "images" / "test" / "cell").iterdir()))
+    rng = np.random.default_rng(1)
+    proposals = np.column_stack([rng.integers(0, 128, 80), rng.integers(0, 128, 80), rng.integers(1, 3, 80),
+                                 rng.random(80)]).astype(np.float64)
+    whole = two_stage_file(model, 17, image, proposals, threshold=0.45)
+    tiled = two_stage_file(model, 17, image, proposals, threshold=0.45, tile=32)  # seams every 32 px
+    assert np.array_equal(whole[0], tiled[0]) and np.array_equal(whole[1], tiled[1])
+    assert len(np.unique(whole[0])) > 20

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from equiseg.detection.instances import instance_outlines, measure_instances, polygon_features
-from equiseg.inference.cell_instances import TileInstances, instances_in_tiles, paste_instances
+from equiseg.inference.cell_instances import TileInstances, instances_in_tiles
 from equiseg.inference.tiling import inference_model
 from equiseg.pictures import CELL_COLOURS
 from equiseg.runtime import Runtime
@@ -124,18 +124,22 @@ def stage_two_windows(stage2: nn.Module, image: RegionReader, centres: np.ndarra
 
 
 def two_stage_file(stage2: nn.Module, side: int, image: RegionReader, proposals: np.ndarray,
-                   runtime: Runtime | None = None, threshold: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+                   runtime: Runtime | None = None, threshold: float = 0.5,
+                   tile: int = 2048) -> tuple[np.ndarray, np.ndarray]:
     """Stage 2 of the two-stage cell model on every proposal of an image: (labels (H, W) int32, cells
-    (N, 4) rows (x, y, class, probability)), pasted as `paste_instances` does.
+    (N, 4) rows (x, y, class, probability)), as `paste_instances` gives them on the whole image.
 
-    Memory: the label image (4 bytes a px) and each proposal's window of nucleus probabilities
-    (``side``² float32 each), besides one batch of windows.
+    It goes a tile at a time (`two_stage_tiles`), so memory is the label image (4 bytes a px) and one
+    tile's windows, whatever the number of cells.
     """
     proposals = np.asarray(proposals, np.float64).reshape(-1, 4)
-    masks, class_probs = stage_two_windows(stage2, image, proposals[:, :2], side, runtime)
-    classes = class_probs.argmax(1) + 1
-    labels = paste_instances(masks, proposals, (image.height, image.width), classes, proposals[:, 3], threshold)
-    cells = np.column_stack([proposals[:, :2], classes, class_probs.max(1, initial=0.0)]).reshape(-1, 4)
+    labels = np.zeros((image.height, image.width), np.int32)
+    cells = proposals.copy()
+    for part in two_stage_tiles(stage2, side, image, proposals, runtime, threshold, tile):
+        h, w = part.labels.shape
+        region, inside = labels[part.top:part.top + h, part.left:part.left + w], part.labels > 0
+        region[inside] = part.rows[part.labels[inside] - 1] + 1
+        cells[part.rows, 2], cells[part.rows, 3] = part.classes, part.probability
     return labels, cells
 
 
