@@ -38,6 +38,10 @@ from equiseg.detection.peaks import find_cells
 # measure_instances' keys -> the QuPath measurement names that polygon_features writes; QuPath's own
 # shape features use the same names ("Length" is its perimeter of an area), so that "Add shape
 # features" in QuPath overwrites them with like values. The probability goes in as "Probability".
+# Checked against qupath-core-processing ObjectMeasurements.java (commit 00262d7, 0.8.0-SNAPSHOT):
+# "Area " + unit + "^2" and "Length " + unit, "Solidity" = the polygon's area / its convex hull's. QuPath's
+# area is the polygon's; ours counts the nucleus's pixels (the outline's corners are cut, so a little more).
+# QuPath's shape features have no eccentricity (its old cell detection wrote "Nucleus: Eccentricity").
 MEASUREMENT_NAMES = {"area_um2": "Area µm^2", "perimeter_um": "Length µm", "solidity": "Solidity",
                      "eccentricity": "Eccentricity"}
 _EIGHT = np.ones((3, 3), bool)  # 8-connectivity for ndimage.label (its default is 4-connectivity)
