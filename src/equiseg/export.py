@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from equiseg.config import Config
+from equiseg.data.targets import Task
 from equiseg.files import owned_file
 from equiseg.models import UNet, optimize_for_inference
 from equiseg.runs import load_model
@@ -100,6 +101,9 @@ def export_model(run: Path | str, fmt: ExportFormat, out: Path | str) -> Path:
         out: the file to write.
     """
     model, config = load_model(run)
+    if config.task is Task.NUCLEI:
+        raise ValueError(f"{run}: stage 2 of a two-stage cell model (task nuclei); export writes U-Nets, and a "
+                         "two-stage model runs through `equiseg predict --model RUN --proposals CELLS_RUN`")
     checkpoint = Path(run)
     unpadded = _Unpadded(cast(UNet, optimize_for_inference(model, channels_last=False))).eval()  # a folded UNet
     side = 2 * 2**config.model.depth  # the example's size; the file takes any multiple of 2**depth

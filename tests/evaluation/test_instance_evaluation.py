@@ -194,3 +194,12 @@ def test_predict_s_two_stage_pasting_by_tiles_equals_the_whole_image(crowded, tm
     tiled = two_stage_file(model, 17, image, proposals, threshold=0.45, tile=32)  # seams every 32 px
     assert np.array_equal(whole[0], tiled[0]) and np.array_equal(whole[1], tiled[1])
     assert len(np.unique(whole[0])) > 20
+
+
+def test_export_says_how_a_two_stage_model_runs(crowded, tmp_path):
+    from equiseg.export import ExportFormat, export_model
+
+    _, stage2 = two_stage_runs(crowded, tmp_path)
+    with pytest.raises(ValueError, match="export writes U-Nets.*--proposals CELLS_RUN"):
+        export_model(stage2, ExportFormat.TORCHSCRIPT, tmp_path / "model.pt")
+    assert not (tmp_path / "model.pt").exists()
