@@ -43,9 +43,37 @@ class CellInstances:
     proposal_scores: np.ndarray
 
 
+WindowSource = Callable[[int, int], torch.Tensor]
+"""The model input's window centred on pixel (x, y): (C, S, S) float (RGB in [0, 1], then any context)."""
+
+
+def run_windows(model: nn.Module, source: WindowSource, centres: np.ndarray, side: int, batch: int = 64,
+                runtime: Runtime | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Stage 2 on the windows ``source`` gives for ``centres`` (M, 2) rows (x, y), ``batch`` at a time: (M,
+    side, side) float32 nucleus probabilities and (M, K) float32 class probabilities (BC first). The model
+    runs optimized for inference (`inference_model`, as tiles do) unless ``runtime.optimize`` is off.
+    """
+    device = runtime.device if runtime is not None else next(model.parameters()).device
+    net = inference_model(model) if runtime is None or runtime.optimize else model
+    centres = np.asarray(centres, np.int64).reshape(-1, 2)
+    classes_out = model.class_head.out_features if isinstance(model.class_head, nn.Linear) else 2
+    masks = np.zeros((len(centres), side, side), np.float32)
+    classes = np.zeros((len(centres), classes_out), np.float32)
+    with torch.inference_mode():
+        for start in range(0, len(centres), batch):
+            chunk = centres[start:start + batch]
+            windows = torch.stack([source(x, y) for x, y in chunk.tolist()]).to(device)
+            with runtime.autocast() if runtime is not None else torch.autocast("cpu", enabled=False):
+                mask, logits = net(windows)
+            masks[start:start + len(chunk)] = torch.sigmoid(mask[:, 0].float()).cpu().numpy()
+            classes[start:start + len(chunk)] = torch.softmax(logits.float(), dim=1).cpu().numpy()
+    return masks, classes
+
+
 def window_predictions(model: nn.Module, image: torch.Tensor, cells: np.ndarray, side: int, batch: int = 64,
                        runtime: Runtime | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Stage 2 on every cell of one input: its nucleus probability in its window and its class probabilities.
+    """Stage 2 on every cell of one input: its nucleus probability in its window and its class probabilities
+    (`run_windows`).
 
     Args:
         model: a `CellWindowNet` in eval mode.
@@ -54,31 +82,17 @@ def window_predictions(model: nn.Module, image: torch.Tensor, cells: np.ndarray,
         cells: (N, >= 2) rows starting (x, y), the centre pixels.
         side: the window's odd side, px (the run's ``window.side_px``).
         batch: windows per forward pass.
-        runtime: device, precision, and whether the model runs optimized for inference (default: the model's
-            device, float32, optimized: `inference_model`).
-
-    Returns:
-        (N, side, side) float32 nucleus probabilities and (N, K) float32 class probabilities (K cell
-        classes, BC first).
+        runtime: device, precision, and whether the model runs optimized (default: the model's device,
+            float32, optimized).
     """
-    device = runtime.device if runtime is not None else next(model.parameters()).device
-    net = inference_model(model) if runtime is None or runtime.optimize else model  # as tiles run: folded
     half = side // 2
     padded = reflect_pad(image, (half, half, half, half))
-    centres = np.asarray(cells, np.float64).reshape(-1, np.asarray(cells).shape[-1] if len(cells) else 2)
-    masks, classes = [], []
-    with torch.inference_mode():
-        for start in range(0, len(centres), batch):
-            chunk = centres[start:start + batch, :2].astype(np.int64)
-            windows = torch.stack([padded[:, y:y + side, x:x + side] for x, y in chunk.tolist()]).to(device)
-            with runtime.autocast() if runtime is not None else torch.autocast("cpu", enabled=False):
-                mask, logits = net(windows)
-            masks.append(torch.sigmoid(mask[:, 0].float()).cpu())
-            classes.append(torch.softmax(logits.float(), dim=1).cpu())
-    if not masks:
-        k = model.class_head.out_features if isinstance(model.class_head, nn.Linear) else 2
-        return np.zeros((0, side, side), np.float32), np.zeros((0, k), np.float32)
-    return torch.cat(masks).numpy(), torch.cat(classes).numpy()
+    centres = np.asarray(cells, np.float64).reshape(-1, np.asarray(cells).shape[-1] if len(cells) else 2)[:, :2]
+
+    def source(x: int, y: int) -> torch.Tensor:
+        return padded[:, y:y + side, x:x + side]
+
+    return run_windows(model, source, centres, side, batch, runtime)
 
 
 def paste_instances(masks: np.ndarray, cells: np.ndarray, shape: tuple[int, int], classes: np.ndarray,

@@ -29,8 +29,7 @@ import torch
 from torch import nn
 
 from equiseg.detection.instances import instance_outlines, measure_instances, polygon_features
-from equiseg.inference.cell_instances import TileInstances, instances_in_tiles
-from equiseg.inference.tiling import inference_model
+from equiseg.inference.cell_instances import TileInstances, instances_in_tiles, run_windows
 from equiseg.pictures import CELL_COLOURS
 from equiseg.runtime import Runtime
 
@@ -103,24 +102,13 @@ def reader_window(image: RegionReader, x: int, y: int, side: int) -> np.ndarray:
 
 def stage_two_windows(stage2: nn.Module, image: RegionReader, centres: np.ndarray, side: int,
                       runtime: Runtime | None = None, batch: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """Stage 2 on the windows of ``image`` centred on ``centres`` (M, 2) rows (x, y): (M, side, side)
-    float32 nucleus probabilities and (M, 2) class probabilities (BC, TC).
+    """Stage 2 on the windows of ``image`` centred on ``centres`` (M, 2) rows (x, y) (`run_windows`):
+    (M, side, side) float32 nucleus probabilities and (M, 2) class probabilities (BC, TC).
     """
-    centres = np.asarray(centres, np.int64).reshape(-1, 2)
-    device = runtime.device if runtime is not None else next(stage2.parameters()).device
-    net = inference_model(stage2) if runtime is None or runtime.optimize else stage2  # as `window_predictions`
-    masks = np.zeros((len(centres), side, side), np.float32)
-    class_probs = np.zeros((len(centres), 2), np.float32)
-    with torch.inference_mode():
-        for start in range(0, len(centres), batch):
-            chunk = centres[start:start + batch]
-            windows = np.stack([reader_window(image, x, y, side) for x, y in chunk.tolist()])
-            tensor = torch.from_numpy(windows).permute(0, 3, 1, 2).float().div(255).to(device)
-            with runtime.autocast() if runtime is not None else torch.autocast("cpu", enabled=False):
-                mask, logits = net(tensor)
-            masks[start:start + len(chunk)] = torch.sigmoid(mask[:, 0].float()).cpu().numpy()
-            class_probs[start:start + len(chunk)] = torch.softmax(logits.float(), dim=1).cpu().numpy()
-    return masks, class_probs
+    def source(x: int, y: int) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(reader_window(image, x, y, side))).permute(2, 0, 1).float() / 255
+
+    return run_windows(stage2, source, centres, side, batch, runtime)
 
 
 def two_stage_file(stage2: nn.Module, side: int, image: RegionReader, proposals: np.ndarray,
