@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sized
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import lightning as L
 import numpy as np
@@ -187,9 +187,10 @@ class SegmentationDataModule(L.LightningDataModule):
         self.root, self.task, self.target, self.crop_size = Path(root), task, target, crop_size
         self.context, self.nuclei = context, nuclei
         self.train_fraction, self.batch_size, self.num_workers, self.seed = train_fraction, batch_size, num_workers, seed
-        self.datasets: dict[Split, SegmentationDataset] = {}
+        self.datasets: dict[Split, Dataset] = {}
 
-    def dataset(self, split: Split | str) -> SegmentationDataset:
+    def dataset(self, split: Split | str) -> Dataset:
+        """The split's dataset (`make_dataset`), made once: the training split's seeded subset."""
         split = Split(split)
         if split not in self.datasets:
             folder = OcelotFolder(self.root, split)
@@ -197,10 +198,13 @@ class SegmentationDataModule(L.LightningDataModule):
                 raise ValueError(f"{self.root}: the {split.value} split is empty")
             train = split is Split.TRAIN
             indices = training_subset(len(folder), self.train_fraction, self.seed) if train else None
-            self.datasets[split] = SegmentationDataset(folder, self.task, self.target,
-                                                       self.crop_size if train else None, indices, self.context,
-                                                       self.nuclei)
+            self.datasets[split] = self.make_dataset(folder, indices, train)
         return self.datasets[split]
+
+    def make_dataset(self, folder: OcelotFolder, indices: list[int] | None, train: bool) -> Dataset:
+        """The dataset of one split: random crops for training, whole images otherwise."""
+        return SegmentationDataset(folder, self.task, self.target, self.crop_size if train else None, indices,
+                                   self.context, self.nuclei)
 
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit"):
@@ -221,7 +225,7 @@ class SegmentationDataModule(L.LightningDataModule):
         # Lightning is told not to put its DistributedSampler in (use_distributed_sampler=False)
         trainer = self.trainer
         rank, replicas = (0, 1) if trainer is None else (trainer.global_rank, trainer.world_size)
-        sampler = EpochShuffle(len(dataset), self.seed, rank, replicas)
+        sampler = EpochShuffle(len(cast(Sized, dataset)), self.seed, rank, replicas)  # map-style: sized
         return ResumableLoader(dataset, batch_size=self.batch_size, sampler=sampler,
                                batches_done=self._batches_done, **options)
 

@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from equiseg.data.context import ContextFn
-from equiseg.data.datamodule import SegmentationDataModule, model_input, training_subset
+from equiseg.data.datamodule import SegmentationDataModule, model_input
 from equiseg.data.ocelot import OcelotFolder, Sample, Split
 from equiseg.data.targets import IGNORE_INDEX, Task
 
@@ -115,18 +115,10 @@ class WindowDataModule(SegmentationDataModule):
         super().__init__(root, Task.NUCLEI, crop_size=None, train_fraction=train_fraction, batch_size=batch_size,
                          num_workers=num_workers, seed=seed, context=context)
         self.side, self.jitter = side, jitter
-        self.windows: dict[Split, WindowDataset] = {}
 
-    def dataset(self, split: Split | str) -> WindowDataset:  # pyright: ignore[reportIncompatibleMethodOverride]
-        split = Split(split)
-        if split not in self.windows:
-            folder = OcelotFolder(self.root, split)
-            if not len(folder):
-                raise ValueError(f"{self.root}: the {split.value} split is empty")
-            train = split is Split.TRAIN
-            indices = training_subset(len(folder), self.train_fraction, self.seed) if train else None
-            self.windows[split] = WindowDataset(folder, self.side, self.jitter if train else 0, indices, self.context)
-        return self.windows[split]
+    def make_dataset(self, folder: OcelotFolder, indices: list[int] | None, train: bool) -> WindowDataset:
+        """The windows of one split's labelled cells: jittered for training, centred otherwise."""
+        return WindowDataset(folder, self.side, self.jitter if train else 0, indices, self.context)
 
     def _loader(self, split: Split, shuffle: bool) -> DataLoader:
         if shuffle:
