@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -147,8 +148,45 @@ def model_class_channels(model: nn.Module) -> int | None:
     return getattr(model, "class_channels", None)
 
 
-def _up(x: torch.Tensor) -> torch.Tensor:
+def _up(x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+    """Nearest-neighbour x2 upsampling (the skip's size, for 2x2 pooling)."""
     return F.interpolate(x, scale_factor=2.0, mode="nearest")
+
+
+def unet_levels(family: ConvFamily, width: int, depth: int, in_channels: int) -> tuple[nn.ModuleList, nn.ModuleList]:
+    """The encoder blocks (level 0 lifting the image, then ``width * 2**level`` units a level) and the decoder
+    blocks (each level's skip concatenated to the level below it) of a U-Net of ``family``.
+    """
+    widths = [width * 2**level for level in range(depth + 1)]
+    encoder = nn.ModuleList(
+        [conv_block(family, in_channels, widths[0], lifting=True)]
+        + [conv_block(family, widths[level - 1], widths[level]) for level in range(1, depth + 1)]
+    )
+    decoder = nn.ModuleList(
+        [conv_block(family, widths[level + 1] + widths[level], widths[level]) for level in range(depth)]
+    )
+    return encoder, decoder
+
+
+def unet_features(x: torch.Tensor, family: ConvFamily, encoder: nn.ModuleList, decoder: nn.ModuleList,
+                  down: Callable[[torch.Tensor], torch.Tensor],
+                  up: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """The U-Net's level-0 features: the encoder (level 0 at full size, each further level after ``down``),
+    the decoder (from just above the bottleneck back to level 0, ``up(x, skip)`` then the skip
+    concatenated), pooled over the group (max) for the group families, so scalar fields either way.
+    """
+    skips = []
+    for level, block in enumerate(encoder):
+        x = block(x if level == 0 else down(x))
+        skips.append(x)
+    x = skips.pop()
+    for level in reversed(range(len(decoder))):
+        skip = skips[level]
+        x = decoder[level](torch.cat([up(x, skip), skip], dim=1))
+    group = family.field_group
+    if group is not None:  # regular features (|G| > 1 channels a field)
+        x = pool_over_group(x, group, GroupPool.MAX)  # (B, C*|G|, H, W) -> (B, C, H, W)
+    return x
 
 
 def reflect_pad(x: torch.Tensor, pad: tuple[int, int, int, int]) -> torch.Tensor:
@@ -233,15 +271,8 @@ class UNet(nn.Module):
         self.family, self.width, self.depth, self.pad_input, self.pool = family, width, depth, pad_input, Pooling(pool)
         self.class_channels, self.out_channels = num_classes, num_classes + int(nucleus)
         self.down = BlurPool2d() if self.pool is Pooling.BLUR else nn.MaxPool2d(2)
-        widths = [width * 2**level for level in range(depth + 1)]
-        self.encoder = nn.ModuleList(
-            [conv_block(family, in_channels, widths[0], lifting=True)]
-            + [conv_block(family, widths[level - 1], widths[level]) for level in range(1, depth + 1)]
-        )
-        self.decoder = nn.ModuleList(
-            [conv_block(family, widths[level + 1] + widths[level], widths[level]) for level in range(depth)]
-        )
-        self.head = nn.Conv2d(widths[0], self.out_channels, 1)
+        self.encoder, self.decoder = unet_levels(family, width, depth, in_channels)
+        self.head = nn.Conv2d(width, self.out_channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         height, width = x.shape[-2:]
@@ -253,19 +284,7 @@ class UNet(nn.Module):
         """The network itself, for H and W multiples of 2**depth (no padding, no crop): what an
         exported file holds.
         """
-        # encoder: level 0 at full size, each further level after a 2x2 pooling
-        skips = []
-        for level, block in enumerate(self.encoder):
-            x = block(x if level == 0 else self.down(x))
-            skips.append(x)
-        # decoder: from just above the bottleneck back to level 0
-        x = skips.pop()
-        for level in reversed(range(self.depth)):
-            x = self.decoder[level](torch.cat([_up(x), skips[level]], dim=1))
-        group = self.family.field_group
-        if group is not None:  # regular features (|G| > 1 channels a field)
-            x = pool_over_group(x, group, GroupPool.MAX)  # (B, C*|G|, H, W) -> (B, C, H, W)
-        return self.head(x)
+        return self.head(unet_features(x, self.family, self.encoder, self.decoder, self.down, _up))
 
     def probabilities(self, logits: torch.Tensor, dim: int = 1) -> torch.Tensor:
         """`probabilities` of this U-Net's ``logits`` (softmax over its classes, sigmoid of a nucleus channel)."""

@@ -18,8 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from equiseg.models.unet import ConvFamily, conv_block
-from equiseg.nn import GroupPool, pool_over_group
+from equiseg.models.unet import ConvFamily, unet_features, unet_levels
 
 
 def window_side(side_um: float, mpp: float, depth: int) -> int:
@@ -63,6 +62,10 @@ def centred_up(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(x, size=size, mode="bilinear", align_corners=True)
 
 
+def _centred_up_to(x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+    return centred_up(x, (skip.shape[-2], skip.shape[-1]))
+
+
 class CellWindowNet(nn.Module):
     """A U-Net on windows of odd side centred on a cell: its nucleus mask and its class.
 
@@ -98,16 +101,9 @@ class CellWindowNet(nn.Module):
             raise ValueError(f"need width >= 1 and depth >= 0, got width={width}, depth={depth}")
         self.family, self.width, self.depth = family, width, depth
         self.down = CentredDown()
-        widths = [width * 2**level for level in range(depth + 1)]
-        self.encoder = nn.ModuleList(
-            [conv_block(family, in_channels, widths[0], lifting=True)]
-            + [conv_block(family, widths[level - 1], widths[level]) for level in range(1, depth + 1)]
-        )
-        self.decoder = nn.ModuleList(
-            [conv_block(family, widths[level + 1] + widths[level], widths[level]) for level in range(depth)]
-        )
-        self.mask_head = nn.Conv2d(widths[0], 1, 1)
-        self.class_head = nn.Linear(widths[0], num_classes)
+        self.encoder, self.decoder = unet_levels(family, width, depth, in_channels)
+        self.mask_head = nn.Conv2d(width, 1, 1)
+        self.class_head = nn.Linear(width, num_classes)
 
     def check_side(self, side: int) -> None:
         """Refuse a window side this net is not exact on (one line, with the nearest good sides)."""
@@ -122,16 +118,7 @@ class CellWindowNet(nn.Module):
         self.check_side(x.shape[-1])
         if x.shape[-2] != x.shape[-1]:
             raise ValueError(f"windows are square, got {x.shape[-2]}x{x.shape[-1]}")
-        skips = []
-        for level, block in enumerate(self.encoder):
-            x = block(x if level == 0 else self.down(x))
-            skips.append(x)
-        x = skips.pop()
-        for level in reversed(range(self.depth)):
-            skip = skips[level]
-            x = self.decoder[level](torch.cat([centred_up(x, skip.shape[-2:]), skip], dim=1))
-        group = self.family.field_group
-        return x if group is None else pool_over_group(x, group, GroupPool.MAX)
+        return unet_features(x, self.family, self.encoder, self.decoder, self.down, _centred_up_to)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features = self.features(x)
