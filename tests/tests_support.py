@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 
 from equiseg.data.ocelot import pair_record, write_metadata, write_pair
@@ -63,3 +64,29 @@ def tissue_on_glass(height: int, width: int, patches: dict[tuple[int, int], np.n
     for (row, col), patch in patches.items():
         image[row:row + patch.shape[0], col:col + patch.shape[1]] = patch
     return image
+
+
+class Crash(L.Callback):
+    """Raises "simulated crash" as a run's second epoch starts."""
+
+    def on_train_epoch_start(self, trainer, module):
+        if trainer.current_epoch == 1:
+            raise RuntimeError("simulated crash")
+
+
+def resumed_equals_uninterrupted(config, tmp: Path) -> bool:
+    """Whether ``config`` crashed at the start of its second epoch and resumed ends on the weights of the
+    same config trained without a break (each in its own folder under ``tmp``).
+    """
+    import pytest
+    import torch
+
+    from equiseg.training.fit import fit
+
+    whole = fit(config, run_dir=tmp / "whole", progress=False)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        fit(config, run_dir=tmp / "cut", progress=False, callbacks=[Crash()])
+    fit(None, resume=tmp / "cut", progress=False)
+    a = torch.load(whole / "checkpoints/last.ckpt", weights_only=True)["state_dict"]
+    b = torch.load(tmp / "cut/checkpoints/last.ckpt", weights_only=True)["state_dict"]
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -14,7 +14,7 @@ from equiseg.evaluation.evaluate import evaluate_model
 from equiseg.runs import Run, load_model
 from equiseg.training.fit import fit
 from equiseg.training.module import SegmentationModule
-from tests_support import tiny_config
+from tests_support import Crash, resumed_equals_uninterrupted, tiny_config
 
 
 def test_a_few_steps_lower_the_loss(synthetic_small):
@@ -48,16 +48,10 @@ def test_fit_writes_a_complete_run_folder(synthetic_small, tmp_path, caplog):
     assert len(result.points) == 2
 
 
-class _Crash(L.Callback):
-    def on_train_epoch_start(self, trainer, module):
-        if trainer.current_epoch == 1:
-            raise RuntimeError("simulated crash")
-
-
 def test_resume_continues_from_the_saved_step(synthetic_small, tmp_path):
     config = tiny_config(synthetic_small, train={"epochs": 3})
     with pytest.raises(RuntimeError, match="simulated crash"):
-        fit(config, run_dir=tmp_path / "run", progress=False, callbacks=[_Crash()])
+        fit(config, run_dir=tmp_path / "run", progress=False, callbacks=[Crash()])
     saved = torch.load(tmp_path / "run/checkpoints/last.ckpt", weights_only=True)
     assert saved["epoch"] == 0
     steps_per_epoch = saved["global_step"]
@@ -141,7 +135,7 @@ def test_two_process_ddp_on_cpu(synthetic_small, tmp_path):
 def test_resumed_run_keeps_the_metrics_of_its_first_attempt(synthetic_small, tmp_path):
     config = tiny_config(synthetic_small, train={"epochs": 3})
     with pytest.raises(RuntimeError):
-        fit(config, run_dir=tmp_path / "run", progress=False, callbacks=[_Crash()])
+        fit(config, run_dir=tmp_path / "run", progress=False, callbacks=[Crash()])
     fit(None, resume=tmp_path / "run", progress=False)
     rows = list(csv.DictReader((tmp_path / "run/metrics.csv").open()))
     epochs = sorted({int(r["epoch"]) for r in rows if r.get("val/loss")})
@@ -209,13 +203,7 @@ def test_require_real_refuses_the_synthetic_data_before_any_output(tmp_path, mon
 def test_a_resumed_run_ends_bitwise_where_the_uninterrupted_one_does(synthetic_small, tmp_path):
     """Crop, shuffle and augmentation randomness continue from the checkpoint, not from the seed."""
     config = tiny_config(synthetic_small, train={"epochs": 3}, data={"augment": "heavy"})
-    whole = fit(config, run_dir=tmp_path / "whole", progress=False)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        fit(config, run_dir=tmp_path / "cut", progress=False, callbacks=[_Crash()])
-    fit(None, resume=tmp_path / "cut", progress=False)
-    a = torch.load(whole / "checkpoints/last.ckpt", weights_only=True)["state_dict"]
-    b = torch.load(tmp_path / "cut/checkpoints/last.ckpt", weights_only=True)["state_dict"]
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed_equals_uninterrupted(config, tmp_path)
 
 
 _KILLED_RUN = """

@@ -5,7 +5,6 @@ points is refused before anything is written.
 
 import shutil
 
-import lightning as L
 import pytest
 import torch
 
@@ -15,7 +14,7 @@ from equiseg.evaluation.tune_detect import tune_detection
 from equiseg.models.window import CellWindowNet
 from equiseg.runs import Run, load_model
 from equiseg.training.fit import fit
-from tests_support import tiny_config
+from tests_support import resumed_equals_uninterrupted, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -59,24 +58,12 @@ def test_a_window_side_the_depth_cannot_take_is_refused():
         nuclei_config("x", side_px=19)
 
 
-class _Crash(L.Callback):
-    def on_train_epoch_start(self, trainer, module):
-        if trainer.current_epoch == 1:
-            raise RuntimeError("simulated crash")
-
-
 def test_a_resumed_stage_two_ends_bitwise_where_the_uninterrupted_one_does(crowded, tmp_path):
     """The windows' order, jitter and augmentation continue from the checkpoint, as for the U-Net."""
     plain = nuclei_config(crowded, jitter=2).to_dict()
     config = Config.from_dict({**plain, "train": {**plain["train"], "epochs": 2},
                                "data": {**plain["data"], "augment": "heavy"}})
-    whole = fit(config, run_dir=tmp_path / "whole", progress=False)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        fit(config, run_dir=tmp_path / "cut", progress=False, callbacks=[_Crash()])
-    fit(None, resume=tmp_path / "cut", progress=False)
-    a = torch.load(whole / "checkpoints/last.ckpt", weights_only=True)["state_dict"]
-    b = torch.load(tmp_path / "cut/checkpoints/last.ckpt", weights_only=True)["state_dict"]
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed_equals_uninterrupted(config, tmp_path)
 
 
 def test_stage_two_takes_tissue_context_channels_in_its_windows(crowded, tmp_path):
