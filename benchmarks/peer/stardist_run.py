@@ -43,6 +43,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+# the benchmarks' own record helpers: standard library only at import, so this venv (without equiseg) reads them
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _record import cpu_model  # noqa: E402
+
 SPLITS = ("train", "val", "test")
 CLASS_NAMES = {1: "BC", 2: "TC"}
 
@@ -173,16 +177,6 @@ def git_commit(path: Path) -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None
-
-
-def cpu_model() -> str | None:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or None
 
 
 def write_labels(out: Path, sample: str, labels: np.ndarray) -> Path:
