@@ -326,3 +326,9 @@ def proposal_run(model: Path | str, config: Config, proposals: Path | str | None
         raise ValueError(f"{model} is stage 2 of a two-stage cell model (task nuclei): name the cells run that "
                          "proposes its cells (--proposals RUN, or window.proposals in its config)")
     return Path(source)
+
+
+def check_proposer(config: Config) -> None:
+    """Refuse, in one line, a stage 1 of a two-stage cell model that is not a ``cells`` model."""
+    if config.task.value != "cells":
+        raise ValueError(f"the proposals must come from a cells model, not a {config.task.value} model")

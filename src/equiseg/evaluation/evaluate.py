@@ -31,7 +31,7 @@ from equiseg.evaluation.tissue_context import run_context
 from equiseg.files import owned_outputs
 from equiseg.inference.cell_instances import two_stage_instances
 from equiseg.inference.tiling import predict_probabilities
-from equiseg.runs import Run, load_model, proposal_run
+from equiseg.runs import Run, check_proposer, load_model, proposal_run
 from equiseg.runtime import Runtime
 
 
@@ -262,8 +262,7 @@ def two_stage_predictor(stage1: nn.Module, stage1_config: Config, stage2: nn.Mod
     """The two-stage cell model as a `Predictor` (each stage with its own tissue context, from its config's
     tissue model as evaluation gives it), and where its context came from.
     """
-    if stage1_config.task is not Task.CELLS:
-        raise ValueError(f"the proposals must come from a cells model, not a {stage1_config.task.value} model")
+    check_proposer(stage1_config)
     device = runtime.device if runtime is not None else None
     context1, source1 = evaluation_context(stage1_config, None, False, device)
     context2, source2 = evaluation_context(stage2_config, None, False, device)

@@ -67,7 +67,7 @@ def write_instances(stem: Path | str, found: ImageInstances) -> list[Path]:
     lines = [header]
     for k, (x, y, c, q) in enumerate(found.cells.tolist()):
         values = [found.measurements[key][k] for key in MEASUREMENT_COLUMNS]
-        lines.append(f"{int(x)},{int(y)},{int(c)},{q:.4f}," + ",".join(_number(v) for v in values))
+        lines.append(f"{int(x)},{int(y)},{int(c)},{q:.4f}," + ",".join(measurement_text(v) for v in values))
     csv_path.write_text("\n".join(lines) + "\n")
     features = polygon_features(found.outlines, found.cells[:, 2], found.cells[:, 3], found.measurements,
                                 CELL_NAMES, CELL_COLOURS)
@@ -75,7 +75,8 @@ def write_instances(stem: Path | str, found: ImageInstances) -> list[Path]:
     return [labels_path, csv_path, geojson_path]
 
 
-def _number(value: float) -> str:
+def measurement_text(value: float) -> str:
+    """A measurement as a CSV cell: 4 decimals, empty where it is not a number (a nucleus without pixels)."""
     return f"{value:.4f}" if math.isfinite(value) else ""
 
 

@@ -37,7 +37,7 @@ from equiseg.pictures import (
     predicted_classes,
     probability_picture,
 )
-from equiseg.runs import Run, load_model, proposal_run
+from equiseg.runs import Run, check_proposer, load_model, proposal_run
 from equiseg.runtime import Runtime
 
 
@@ -338,8 +338,7 @@ def predict_run(model: Path | str, paths: list[Path], out_dir: Path, tile: int =
     instances = _instance_output(model, net, config)
     if config.task is Task.NUCLEI:  # the model is stage 2: stage 1 proposes the cells
         net, config = load_model(proposal_run(model, config, proposals), runtime.device)
-        if config.task is not Task.CELLS:
-            raise ValueError(f"the proposals must come from a cells model, not a {config.task.value} model")
+        check_proposer(config)
     elif proposals is not None:
         raise ValueError(f"{model} is a {config.task.value} model: proposals are for stage 2 of a two-stage cell "
                          "model (task nuclei)")

@@ -13,7 +13,7 @@ from torch import nn
 from equiseg.config import Config
 from equiseg.data.ocelot import Resolution
 from equiseg.data.targets import Task
-from equiseg.runs import Run, load_model, proposal_run
+from equiseg.runs import Run, check_proposer, load_model, proposal_run
 
 
 def check_mpp(value: float | None, option: str) -> None:
@@ -87,6 +87,7 @@ def load_slide_models(model: Path | str, tissue_model: Path | str | None = None,
     cells = SlideModel.load(model, device, resolution)
     if cells.config.task is Task.NUCLEI:
         stage1 = SlideModel.load(proposal_run(model, cells.config, proposals), device, resolution)
+        check_proposer(stage1.config)
         cells = dataclasses.replace(stage1, stage2=cells)
     elif proposals is not None:
         raise ValueError(f"{model} is a {cells.config.task.value} model: proposals are for stage 2 of a two-stage "

@@ -20,7 +20,7 @@ from PIL import Image, ImageDraw
 from equiseg.data.wsi import ScaledView, Slide, TissueMask
 from equiseg.detection.instances import polygon_features
 from equiseg.files import owned_file
-from equiseg.inference.instance_outputs import CELL_NAMES, MEASUREMENT_COLUMNS
+from equiseg.inference.instance_outputs import CELL_NAMES, MEASUREMENT_COLUMNS, measurement_text
 from equiseg.pictures import CELL_COLOURS, TISSUE_COLOURS, dot_radius, draw_points
 from equiseg.slide.passes import TissueMap
 
@@ -211,7 +211,7 @@ class InstanceWriter:
                                  for k, feature in enumerate(features))
         mpp = self.slide.mpp
         for k, (x, y, cls, p) in enumerate(part.points.tolist()):
-            values = ",".join(_number(part.measurements[key][k]) for key in MEASUREMENT_COLUMNS)
+            values = ",".join(measurement_text(part.measurements[key][k]) for key in MEASUREMENT_COLUMNS)
             self._csv.write(f"{int(x)},{int(y)},{x * mpp:.2f},{y * mpp:.2f},{int(cls)},"
                             f"{CELL_NAMES.get(int(cls), int(cls))},{p:.4f},{values}\n")
         draw = ImageDraw.Draw(self._picture)
@@ -233,10 +233,6 @@ class InstanceWriter:
         self._files.close()
         with owned_file(self.outputs.thumbnail) as partial:
             self._picture.save(partial, format="PNG")
-
-
-def _number(value: float) -> str:
-    return f"{value:.4f}" if np.isfinite(value) else ""
 
 
 def read_points(outputs: SlideOutputs, slide: Slide) -> np.ndarray:
