@@ -105,7 +105,7 @@ def export_model(run: Path | str, fmt: ExportFormat, out: Path | str) -> Path:
         raise ValueError(f"{run}: stage 2 of a two-stage cell model (task nuclei); export writes U-Nets, and a "
                          "two-stage model runs through `equiseg predict --model RUN --proposals CELLS_RUN`")
     checkpoint = Path(run)
-    unpadded = _Unpadded(cast(UNet, optimize_for_inference(model, channels_last=False))).eval()  # a folded UNet
+    unpadded = _Unpadded(cast(UNet, optimize_for_inference(model, channels_last=False, fuse_up=False))).eval()  # a folded UNet
     side = 2 * 2**config.model.depth  # the example's size; the file takes any multiple of 2**depth
     example = torch.rand(2, config.in_channels, side, side)
     card = model_card(config, checkpoint)

@@ -282,3 +282,42 @@ def test_per_class_peaks_separate_touching_cells_that_the_foreground_merges():
     found = detect_cells(probs, sigma=1.0, min_distance=8, threshold=0.3, per_class=True)
     assert sorted(map(tuple, found[:, :3].astype(int).tolist())) == sorted(map(tuple, cells.tolist()))
     assert len(detect_cells(probs, sigma=8.0, min_distance=15, threshold=0.3)) < 3
+
+
+def test_the_separable_max_filter_equals_the_square_one_with_plateaus_and_edges():
+    """Column then row maxima (peaks._max_filter) against the square max pool the detector used before,
+    on a map with plateaus (ties) and at odd sizes: equal bit for bit.
+    """
+    from torch.nn import functional as F
+
+    from equiseg.detection.peaks import _max_filter
+
+    generator = torch.Generator().manual_seed(0)
+    score = (torch.rand(37, 53, generator=generator) * 4).floor() / 4  # few values: many ties
+    for window in (1, 3, 13, 31):
+        square = F.max_pool2d(score[None, None], window, 1, window // 2)[0, 0]
+        assert torch.equal(_max_filter(score, window), square)
+
+
+def test_the_shifted_sum_blur_equals_a_depthwise_convolution():
+    """peaks._gaussian_blur (shifted sums) against the depthwise F.conv2d it replaced, with and without
+    replicate padding at the image's edges: the same sums, to float32 rounding.
+    """
+    from torch.nn import functional as F
+
+    from equiseg.detection.peaks import _blur_radius, _gaussian_blur
+
+    x = torch.rand(1, 3, 41, 58, generator=torch.Generator().manual_seed(1))
+    for sigma, edges in [(1.0, (True,) * 4), (6.0, (False, True, True, False)), (2.5, (False,) * 4)]:
+        radius = _blur_radius(sigma)
+        t = torch.arange(-radius, radius + 1, dtype=x.dtype)
+        kernel = torch.exp(-(t**2) / (2 * sigma**2))
+        kernel = kernel / kernel.sum()
+        top, bottom, left, right = (radius if edge else 0 for edge in edges)
+        rows = F.conv2d(F.pad(x, (left, right, 0, 0), mode="replicate"), kernel.view(1, 1, 1, -1).expand(3, 1, 1, -1),
+                        groups=3)
+        expected = F.conv2d(F.pad(rows, (0, 0, top, bottom), mode="replicate"),
+                            kernel.view(1, 1, -1, 1).expand(3, 1, -1, 1), groups=3)
+        got = _gaussian_blur(x, sigma, edges)
+        assert got.shape == expected.shape
+        assert float((got - expected).abs().max()) <= 1e-6

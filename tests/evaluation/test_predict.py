@@ -22,6 +22,7 @@ from equiseg.inference.tiling import (
     predict_probabilities,
     stream_blocks,
     tile_grid,
+    tile_layout,
     tile_weight,
     window_blocks,
     window_probabilities,
@@ -72,10 +73,11 @@ def row_major_blend(model: nn.Module, image: torch.Tensor, tile: int, overlap: i
         return image[:, top:top + h, left:left + w]
     order = [w for block in window_blocks(height, width, tile, overlap, block_side) for w in block.windows]
     probs = dict(window_probabilities(model, read, order, runtime))
-    weight, out, total = tile_weight(tile, overlap), torch.zeros(3, height, width), torch.zeros(height, width)
+    out, total = torch.zeros(3, height, width), torch.zeros(height, width)
     for top, left, h, w in tile_grid(height, width, tile, overlap):
-        out[:, top:top + h, left:left + w] += probs[top, left, h, w] * weight[:h, :w]
-        total[top:top + h, left:left + w] += weight[:h, :w]
+        weight = tile_weight(h, overlap, w)
+        out[:, top:top + h, left:left + w] += probs[top, left, h, w] * weight
+        total[top:top + h, left:left + w] += weight
     return out / total
 
 
@@ -136,16 +138,35 @@ def test_stripes_of_columns_equal_the_whole_image_bit_for_bit(height, width, til
         window_blocks(height, width, tile, overlap, columns=(5, width + 1))
 
 
+def test_the_tile_layout_by_hand_and_its_rules():
+    """4096 px in 1024 px windows overlapping by 128: 5 windows of 928 px (the least multiple of 16 at
+    which 5 cover it), not 5 of 1024 with the last pushed back over its neighbour. For every case: the
+    fewest windows of at most the tile, from the first px to the last, each overlapping the next by at least
+    the overlap.
+    """
+    assert tile_layout(4096, 1024, 128) == (928, [0, 792, 1584, 2376, 3168])
+    assert tile_layout(1000, 1024, 128) == (1000, [0])
+    for length, tile, overlap in itertools.product([17, 100, 1025, 2048, 4096, 5000, 12001], [16, 100, 512, 1024],
+                                                    [0, 8, 15, 64, 128]):
+        if overlap >= tile:
+            continue
+        side, starts = tile_layout(length, tile, overlap)
+        n = len(starts)
+        assert side <= min(tile, length) and starts[0] == 0 and starts[-1] + side == length
+        assert all(a + side - b >= overlap for a, b in itertools.pairwise(starts))
+        assert n == 1 or (n - 1) * tile - (n - 2) * overlap < length  # one window fewer could not cover it
+
+
 def test_blocks_group_the_tile_grid_row_major():
     blocks = window_blocks(200, 90, 16, 4, block_side=30)  # step 12: 2 x 2 windows a block
     assert [w for block in blocks for w in block.windows] != tile_grid(200, 90, 16, 4)
     assert sorted(w for block in blocks for w in block.windows) == sorted(tile_grid(200, 90, 16, 4))
-    assert (blocks[0].top, blocks[0].bottom, blocks[0].left, blocks[0].right) == (0, 24, 0, 24)
-    assert blocks[0].windows == ((0, 0, 16, 16), (0, 12, 16, 16), (12, 0, 16, 16), (12, 12, 16, 16))
-    # window rows start at 0, 12, .., 180 and 184 (shifted to end at the edge): 17 rows, the last
-    # block row holds one; the last block row and column end at the image's edge
-    assert (blocks[-1].top, blocks[-1].bottom, blocks[-1].left, blocks[-1].right) == (184, 200, 72, 90)
-    assert blocks[-1].windows == ((184, 72, 16, 16), (184, 74, 16, 16))
+    # 90 px in 16 px windows overlapping by 4: 8 windows, spread evenly (starts 0, 10, 21, .., 74); 200 px: 17
+    # (0, 11, 23, .., 184); the last block row and column end at the image's edge
+    assert (blocks[0].top, blocks[0].bottom, blocks[0].left, blocks[0].right) == (0, 23, 0, 21)
+    assert blocks[0].windows == ((0, 0, 16, 16), (0, 10, 16, 16), (11, 0, 16, 16), (11, 10, 16, 16))
+    assert (blocks[-1].top, blocks[-1].bottom, blocks[-1].left, blocks[-1].right) == (184, 200, 63, 90)
+    assert blocks[-1].windows == ((184, 63, 16, 16), (184, 74, 16, 16))
     assert len(blocks) == 9 * 4
 
 

@@ -65,3 +65,24 @@ def test_inference_uses_one_optimized_copy_until_the_model_changes():
     with torch.no_grad():
         next(model.parameters()).mul_(2)  # as an optimiser step would
     assert inference_model(model) is not first
+
+
+def test_decoder_blocks_fuse_the_upsampling_into_their_conv_and_fall_back_on_other_sizes():
+    """NearestUpConcatConv against the block it replaces (nearest x2 upsampling, concatenation, conv, ReLU):
+    the same output on a skip twice x's size (the four output phases), and on a skip of any other size
+    through the conv as it was; off (fuse_up=False) the decoder keeps its blocks.
+    """
+    from equiseg.models.optimize import NearestUpConcatConv
+
+    torch.manual_seed(0)
+    block = nn.Sequential(nn.Conv2d(12, 4, 3, padding=1), nn.ReLU())
+    fused = NearestUpConcatConv(block, 8)
+    with torch.no_grad():
+        for x, skip in [(torch.randn(2, 8, 5, 7), torch.randn(2, 4, 10, 14)),
+                        (torch.randn(1, 8, 5, 7), torch.randn(1, 4, 11, 13))]:
+            up = nn.functional.interpolate(x, size=skip.shape[-2:], mode="nearest")
+            expected = block(torch.cat([up, skip], 1))
+            torch.testing.assert_close(fused(x, skip), expected, rtol=0, atol=1e-5)
+    model = warm_batch_norm(small(ConvFamily.P4), torch.randn(2, 3, 32, 32))
+    assert all(isinstance(b, NearestUpConcatConv) for b in optimize_for_inference(model).decoder)
+    assert not any(isinstance(b, NearestUpConcatConv) for b in optimize_for_inference(model, fuse_up=False).decoder)

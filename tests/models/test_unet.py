@@ -371,11 +371,11 @@ def test_tiling_a_nucleus_model_gives_the_blend_of_its_windows_probabilities(opt
     torch.testing.assert_close(whole, forward, rtol=0, atol=1e-5 if optimize else 0)
     tiled = predict_probabilities(model, image, tile=24, overlap=8, runtime=runtime)
     total, weights = torch.zeros(4, 40, 56), torch.zeros(40, 56)
-    weight = tile_weight(24, 8)
     for top, left, h, w in tile_grid(40, 56, 24, 8):
+        weight = tile_weight(h, 8, w)
         window = model.probabilities(model(image[None, :, top:top + h, left:left + w]))[0]
-        total[:, top:top + h, left:left + w] += window * weight[:h, :w]
-        weights[top:top + h, left:left + w] += weight[:h, :w]
+        total[:, top:top + h, left:left + w] += window * weight
+        weights[top:top + h, left:left + w] += weight
     torch.testing.assert_close(tiled, total / weights, rtol=0, atol=1e-5)
     torch.testing.assert_close(tiled[:3].sum(0), torch.ones(40, 56))
     assert 0 <= tiled[3].min() and tiled[3].max() <= 1

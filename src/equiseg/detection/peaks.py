@@ -124,7 +124,7 @@ def peak_candidates(block: torch.Tensor, origin: tuple[int, int], image_size: tu
 
     def maxima(score: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Block coordinates (ys, xs) of the core's local maxima of ``score`` above the threshold."""
-        peaks = (score == F.max_pool2d(score[None, None], window, 1, min_distance)[0, 0]) & (score > threshold)
+        peaks = (score == _max_filter(score, window)) & (score > threshold)
         ys, xs = torch.nonzero(peaks[top - y0:bottom - y0, left - x0:right - x0], as_tuple=True)
         return ys + (top - y0), xs + (left - x0)
 
@@ -309,9 +309,30 @@ def _gaussian_blur(x: torch.Tensor, sigma: float,
     t = torch.arange(-radius, radius + 1, dtype=x.dtype)
     kernel = torch.exp(-(t**2) / (2 * sigma**2))
     kernel = kernel / kernel.sum()
-    c = x.shape[1]
     top, bottom, left, right = (radius if edge else 0 for edge in edges)
-    x = F.conv2d(F.pad(x, (left, right, 0, 0), mode="replicate"), kernel.view(1, 1, 1, -1).expand(c, 1, 1, -1),
-                 groups=c)
-    return F.conv2d(F.pad(x, (0, 0, top, bottom), mode="replicate"), kernel.view(1, 1, -1, 1).expand(c, 1, -1, 1),
-                    groups=c)
+    x = _valid_correlation(F.pad(x, (left, right, 0, 0), mode="replicate"), kernel, -1)
+    return _valid_correlation(F.pad(x, (0, 0, top, bottom), mode="replicate"), kernel, -2)
+
+
+def _valid_correlation(x: torch.Tensor, kernel: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sum over k of kernel[k] * x shifted by k along ``dim``, where the kernel fits ('valid'): each
+    pixel adds its terms in kernel order, starting from the first. A depthwise ``F.conv2d`` with a
+    1-D kernel computes the same sums and on the CPU runs its channels one by one, about 20x slower
+    (benchmarks/predict_profile.py).
+    """
+    n, length = kernel.numel(), x.shape[dim]
+    out = x.narrow(dim, 0, length - n + 1) * kernel[0]
+    for k in range(1, n):
+        out.add_(x.narrow(dim, k, length - n + 1), alpha=float(kernel[k]))
+    return out
+
+
+def _max_filter(score: torch.Tensor, window: int) -> torch.Tensor:
+    """The maximum of each pixel's ``window`` x ``window`` neighbourhood of (h, w) ``score`` (-inf
+    beyond its edges): a column maximum, then a row maximum of those (a maximum does not depend on
+    the order it is taken in, so this equals the square filter exactly at 2 window instead of
+    window² comparisons a pixel).
+    """
+    half = window // 2
+    columns = F.max_pool2d(score[None, None], (window, 1), 1, (half, 0))
+    return F.max_pool2d(columns, (1, window), 1, (0, half))[0, 0]

@@ -17,11 +17,25 @@ from equiseg.runtime import Runtime
 WindowReader = Callable[[int, int, int, int], torch.Tensor]  # (top, left, height, width) -> (C, h, w) float
 
 
-def _starts(length: int, tile: int, step: int) -> list[int]:
+TILE_MULTIPLE = 16  # px: window sides are rounded up to this (2**depth of the presets' U-Nets: no padding inside)
+
+
+def tile_layout(length: int, tile: int, overlap: int) -> tuple[int, list[int]]:
+    """The side and starts of the windows along one axis of ``length`` px: one window of the whole
+    length when it fits in ``tile``; else the fewest windows n of at most ``tile`` px that overlap by at
+    least ``overlap`` (n = ceil((length - overlap) / (tile - overlap))), all of one side, the least
+    that lets n of them cover the length with that overlap (rounded up to `TILE_MULTIPLE`, never over
+    ``tile``), and spread evenly from 0 to the end. So no window is mostly overlap: 4096 px in 1024 px
+    windows overlapping by 128 are 5 of 928 px (1.13x the length computed), not 5 of 1024 with the
+    last pushed back over its neighbour (1.25x).
+    """
     if length <= tile:
-        return [0]
-    starts = list(range(0, length - tile, step)) + [length - tile]
-    return sorted(set(starts))
+        return length, [0]
+    n = -(-(length - overlap) // (tile - overlap))
+    side = -(-(length + (n - 1) * overlap) // n)
+    side = min(tile, -(-side // TILE_MULTIPLE) * TILE_MULTIPLE)
+    # consecutive starts differ by at most ceil((length - side) / (n - 1)) <= side - overlap
+    return side, [(i * (length - side)) // (n - 1) for i in range(n)]
 
 
 def check_tiling(tile: int | None, overlap: int) -> None:
@@ -42,22 +56,23 @@ def check_tiling(tile: int | None, overlap: int) -> None:
 def tile_grid(height: int, width: int, tile: int, overlap: int) -> list[tuple[int, int, int, int]]:
     """The windows (top, left, h, w) that cover an H x W image, row by row.
 
-    Windows are ``tile`` x ``tile`` (or the image's side where it is smaller) and overlap their
-    neighbours by at least ``overlap`` px; the last window of a row or column ends at the edge,
-    so all windows of one image have the same shape.
+    Along each axis the windows are laid out by `tile_layout`: at most ``tile`` px (the image's
+    side where it is smaller), overlapping their neighbours by at least ``overlap`` px, spread
+    evenly from the first row (column) to the last; all windows of one image have the same shape.
     """
     check_tiling(tile, overlap)
-    step = tile - overlap
-    h, w = min(tile, height), min(tile, width)
-    return [(top, left, h, w) for top in _starts(height, tile, step) for left in _starts(width, tile, step)]
+    (h, rows), (w, columns) = tile_layout(height, tile, overlap), tile_layout(width, tile, overlap)
+    return [(top, left, h, w) for top in rows for left in columns]
 
 
-def tile_weight(tile: int, overlap: int) -> torch.Tensor:
-    """(tile, tile) blending weight: 1 inside, a linear ramp over the ``overlap`` px at each edge
-    (where a U-Net sees less context); a window's share of the blend in overlaps.
+def tile_weight(height: int, overlap: int, width: int | None = None) -> torch.Tensor:
+    """(height, width) blending weight of a window (width None: square): 1 inside, a linear ramp over
+    the ``overlap`` px at each edge (where a U-Net sees less context); a window's share of the blend
+    in overlaps.
     """
-    ramp = torch.minimum(torch.arange(tile) + 1, torch.arange(tile).flip(0) + 1).float().clamp(max=overlap + 1)
-    return (ramp[:, None] * ramp[None, :]) / (overlap + 1) ** 2
+    def ramp(side: int) -> torch.Tensor:
+        return torch.minimum(torch.arange(side) + 1, torch.arange(side).flip(0) + 1).float().clamp(max=overlap + 1)
+    return (ramp(height)[:, None] * ramp(height if width is None else width)[None, :]) / (overlap + 1) ** 2
 
 
 @dataclass(frozen=True)
@@ -243,14 +258,12 @@ def window_blocks(height: int, width: int, tile: int, overlap: int, block_side: 
     regions that tile that stripe of the image: the first block column also holds the windows
     that start left of m0, and the last one's region ends at m1.
     """
-    step = tile - overlap
-    group = max(1, block_side // step)
+    group = max(1, block_side // (tile - overlap))
     m0, m1 = columns if columns is not None else (0, width)
     if not 0 <= m0 < m1 <= width:
         raise ValueError(f"columns {m0}..{m1 - 1} are not within the image's {width}")
-    h, w = min(tile, height), min(tile, width)
-    rows = _starts(height, tile, step)
-    cols = [c for c in _starts(width, tile, step) if c < m1 and c + w > m0]
+    (h, rows), (w, cols) = tile_layout(height, tile, overlap), tile_layout(width, tile, overlap)
+    cols = [c for c in cols if c < m1 and c + w > m0]
     row_cuts = rows[::group] + [height]
     col_cuts = [m0] + [c for c in cols[group::group] if c > m0] + [m1]
     col_groups = [[c for c in cols if (j == 0 or c >= col_cuts[j]) and c < col_cuts[j + 1]]
@@ -352,7 +365,8 @@ def stream_blocks(model: nn.Module, read: WindowReader, height: int, width: int,
             yield 0, m0, probs[:, :, m0:m1]
         return
     blocks = window_blocks(height, width, tile, overlap, BLOCK_SIDE if block_side is None else block_side, columns)
-    yield from _stream_tiled(model, read, blocks, tile_weight(tile, overlap), runtime, skip, state, m1)
+    (_, _, h, w), = blocks[0].windows[:1]
+    yield from _stream_tiled(model, read, blocks, tile_weight(h, overlap, w), runtime, skip, state, m1)
 
 
 def _stream_tiled(model: nn.Module, read: WindowReader, blocks: list[WindowBlock], weight: torch.Tensor,
@@ -396,7 +410,7 @@ def _finish_block(block: WindowBlock, results: Iterator[tuple[tuple[int, int, in
         while done < len(waiting) and waiting[done].order < (row, col):
             _add_part(out, total, block, weight, waiting[done])
             done += 1
-        terms = probs * weight[:h, :w]
+        terms = probs * weight
         _add_part(out, total, block, weight, _Piece((row, col), row, col, terms))
         # what lies right of the region (in its rows), then below it: disjoint, so each term is summed once
         inside = min(row + h, block.bottom) - row

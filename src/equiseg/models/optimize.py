@@ -5,6 +5,11 @@
 * every equivariant conv is expanded once into an ``nn.Conv2d`` (`fold_to_conv2d`),
 * every batch norm is folded into the conv before it (running statistics: y = s (W x) + t
   becomes (s W) x + t), so a block is one conv with a bias and a ReLU,
+* each decoder block of a U-Net (nearest x2 upsampling, concatenation with the skip, then a 3x3
+  conv) becomes `NearestUpConcatConv`: the conv split into its skip half at full size and its
+  upsampled half as four 2x2 convs at half size, one per output phase, summed in place, so that the
+  upsampled map and the concatenation are never made (they cost a quarter of a small U-Net's time
+  on the CPU, and the upsampled half has 4/9 of the multiply-adds: benchmarks/predict_profile.py),
 * parameters and activations use the channels-last memory format (the layout oneDNN and cuDNN
   convolve fastest), and
 * optionally, ``torch.compile`` fuses what the backend can.
@@ -21,10 +26,12 @@ from typing import cast
 import torch
 from torch import nn
 
+from equiseg.models.unet import UNet
 from equiseg.nn import GroupBatchNorm2d, fold_to_conv2d
 
 
-def optimize_for_inference(model: nn.Module, channels_last: bool = True, compile: bool = False) -> nn.Module:
+def optimize_for_inference(model: nn.Module, channels_last: bool = True, compile: bool = False,
+                           fuse_up: bool = True) -> nn.Module:
     """An inference-only copy of ``model`` computing the same function (see the module docstring).
 
     ``model`` itself is left unchanged. The copy has no gradients and stays in evaluation mode
@@ -35,11 +42,15 @@ def optimize_for_inference(model: nn.Module, channels_last: bool = True, compile
         channels_last: keep weights and activations channels-last.
         compile: wrap the result in ``torch.compile`` (worth it for long runs on a GPU; the
             first call compiles for a while).
+        fuse_up: a U-Net's decoder blocks as `NearestUpConcatConv` (off for a graph exported to
+            other runtimes, which then keeps the plain upsample, concatenation and conv).
     """
     optimized = fold_to_conv2d(model).eval()
     for module in list(optimized.modules()):
         if isinstance(module, nn.Sequential):
             _fold_norms(module)
+    if fuse_up and isinstance(optimized, UNet):  # nearest x2 upsampling (a CellWindowNet's centred one is not)
+        optimized.decoder = nn.ModuleList([_fused_decoder_block(block) for block in optimized.decoder])
     optimized.requires_grad_(False)
     if channels_last:
         # Module.to takes memory_format (as Tensor.to does); torch's overloads leave it out
@@ -106,3 +117,65 @@ def _conv_with_affine(conv: nn.Conv2d, scale: torch.Tensor, shift: torch.Tensor)
         assert fused.bias is not None  # made with bias=True
         fused.bias.copy_(bias * scale + shift)
     return fused
+
+
+# the two rows (columns) of x that output phase a of "nearest x2 up, then a 3x3 conv" reads, as sums of the
+# kernel's three rows: phase 0 (even rows) reads x's rows i - 1 (kernel row 0) and i (rows 1 and 2)
+_PHASE_ROWS = (torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]]), torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]]))
+_PHASES = ((0, 0), (0, 1), (1, 0), (1, 1))
+
+
+class NearestUpConcatConv(nn.Module):
+    """``rest(conv(cat([nearest_x2(x), skip])))`` of a U-Net decoder block, computed without the
+    upsampled map or the concatenation: ``conv`` (3x3, padding 1) is split into its skip half, run on the
+    skip as it is, and its upsampled half, which on a nearest x2 upsampling is, for each output phase
+    (even or odd row, even or odd column), a 2x2 conv of x itself (the kernel's rows and columns summed
+    in pairs): one conv of x with the four phases' kernels, padded by 1, each phase added in place at
+    its rows and columns. The same function up to float rounding (tested); a skip that is not twice
+    x's size (no such input reaches a U-Net's decoder) falls back to the conv as it was.
+    """
+
+    takes_skip = True
+
+    def __init__(self, block: nn.Sequential, up_channels: int) -> None:
+        super().__init__()
+        conv = block[0]
+        assert isinstance(conv, nn.Conv2d) and conv.kernel_size == (3, 3) and conv.padding == (1, 1)
+        self.conv, self.rest = conv, nn.Sequential(*list(block)[1:])
+        weight, out, skip_channels = conv.weight.detach(), conv.out_channels, conv.in_channels - up_channels
+        self.skip = nn.Conv2d(skip_channels, out, 3, padding=1, bias=conv.bias is not None,
+                              device=weight.device, dtype=weight.dtype)
+        self.up = nn.Conv2d(up_channels, 4 * out, 2, padding=1, bias=False, device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            self.skip.weight.copy_(weight[:, up_channels:])
+            if conv.bias is not None and self.skip.bias is not None:
+                self.skip.bias.copy_(conv.bias)
+            rows = [r.to(weight) for r in _PHASE_ROWS]
+            self.up.weight.copy_(torch.cat([torch.einsum("ij,ocjk,lk->ocil", rows[a], weight[:, :up_channels], rows[b])
+                                            for a, b in _PHASES]))
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        if skip.shape[-2:] != (2 * h, 2 * w):
+            up = nn.functional.interpolate(x, size=skip.shape[-2:], mode="nearest")
+            return self.rest(self.conv(torch.cat([up, skip], dim=1)))
+        y = self.skip(skip)
+        phases = self.up(x)  # (B, 4 out, h + 1, w + 1): phase k's out channels, its rows from a, columns from b
+        out = y.shape[1]
+        for k, (a, b) in enumerate(_PHASES):
+            y[:, :, a::2, b::2] += phases[:, k * out:(k + 1) * out, a:a + h, b:b + w]
+        return self.rest(y)
+
+
+def _fused_decoder_block(block: nn.Module) -> nn.Module:
+    """A U-Net decoder block (a Sequential starting with a 3x3 conv of the upsampled map and the skip, the
+    upsampled map's channels first; the skip has as many channels as the block puts out) as
+    `NearestUpConcatConv`; any other block as it is.
+    """
+    conv = block[0] if isinstance(block, nn.Sequential) and len(block) else None
+    if not isinstance(conv, nn.Conv2d) or conv.kernel_size != (3, 3) or conv.padding != (1, 1) \
+            or conv.stride != (1, 1) or conv.dilation != (1, 1) or conv.groups != 1 \
+            or conv.padding_mode != "zeros" or conv.in_channels <= conv.out_channels:
+        return block
+    assert isinstance(block, nn.Sequential)
+    return NearestUpConcatConv(block, conv.in_channels - conv.out_channels)

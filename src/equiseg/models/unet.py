@@ -181,8 +181,10 @@ def unet_features(x: torch.Tensor, family: ConvFamily, encoder: nn.ModuleList, d
         skips.append(x)
     x = skips.pop()
     for level in reversed(range(len(decoder))):
-        skip = skips[level]
-        x = decoder[level](torch.cat([up(x, skip), skip], dim=1))
+        skip, block = skips[level], decoder[level]
+        # a block that takes (x, skip) itself does the upsampling and the concatenation in its first conv
+        # (equiseg.models.optimize.NearestUpConcatConv, for nearest x2 upsampling only)
+        x = block(x, skip) if getattr(block, "takes_skip", False) else block(torch.cat([up(x, skip), skip], dim=1))
     group = family.field_group
     if group is not None:  # regular features (|G| > 1 channels a field)
         x = pool_over_group(x, group, GroupPool.MAX)  # (B, C*|G|, H, W) -> (B, C, H, W)
