@@ -18,6 +18,7 @@ slide mpp.
 from __future__ import annotations
 
 import math
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -168,6 +169,7 @@ class ScaledView:
             raise ValueError(f"a {box_w}x{box_h} px box is less than one pixel at {mpp:g} µm/px")
         self._copy = (self.scale == downsample and all((v / downsample).is_integer() for v in (x0, y0)))
         self._cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()  # windows may be read ahead by a worker thread (tiling._batched)
 
     def level0(self, x: np.ndarray | float, y: np.ndarray | float) -> tuple[np.ndarray, np.ndarray]:
         """Level-0 coordinates of view coordinates (continuous: the centre of view pixel j is j + 0.5)."""
@@ -175,6 +177,10 @@ class ScaledView:
 
     def region(self, top: int, bottom: int, left: int, right: int) -> np.ndarray:
         """Rows top .. bottom - 1 and columns left .. right - 1: (bottom - top, right - left, 3) uint8."""
+        with self._lock:  # one read at a time: the cache and the file's position are shared
+            return self._region(top, bottom, left, right)
+
+    def _region(self, top: int, bottom: int, left: int, right: int) -> np.ndarray:
         if not (0 <= top < bottom <= self.height and 0 <= left < right <= self.width):
             raise ValueError(f"rows {top}..{bottom - 1}, columns {left}..{right - 1} of a "
                              f"{self.height}x{self.width} view")

@@ -329,10 +329,24 @@ def _valid_correlation(x: torch.Tensor, kernel: torch.Tensor, dim: int) -> torch
 
 def _max_filter(score: torch.Tensor, window: int) -> torch.Tensor:
     """The maximum of each pixel's ``window`` x ``window`` neighbourhood of (h, w) ``score`` (-inf
-    beyond its edges): a column maximum, then a row maximum of those (a maximum does not depend on
-    the order it is taken in, so this equals the square filter exactly at 2 window instead of
-    window² comparisons a pixel).
+    beyond its edges): column maxima, then row maxima of those, each a running maximum by doubling
+    (spans 1, 2, 4, .. then one last overlapping pair). A maximum does not depend on the order it is
+    taken in, so this equals the square filter exactly, at about 2 log2(window) whole-map comparisons
+    instead of window² per pixel.
     """
-    half = window // 2
-    columns = F.max_pool2d(score[None, None], (window, 1), 1, (half, 0))
-    return F.max_pool2d(columns, (1, window), 1, (0, half))[0, 0]
+    return _running_max(_running_max(score, window, 0), window, 1)
+
+
+def _running_max(x: torch.Tensor, window: int, dim: int) -> torch.Tensor:
+    """Along ``dim``, the maximum over the odd ``window`` centred on each element (-inf beyond the ends)."""
+    half, length = window // 2, x.shape[dim]
+    pad = [0, 0, 0, 0]
+    pad[2 * (1 - dim):2 * (1 - dim) + 2] = [half, half]
+    padded = F.pad(x, pad, value=float("-inf"))
+    span, running = 1, padded  # running[i]: the maximum of padded[i .. i + span - 1]
+    while 2 * span <= window:
+        n = running.shape[dim] - span
+        running = torch.maximum(running.narrow(dim, 0, n), running.narrow(dim, span, n))
+        span *= 2
+    # window = span + rest: the maximum of two spans that overlap (or meet) covers it
+    return torch.maximum(running.narrow(dim, 0, length), running.narrow(dim, window - span, length))

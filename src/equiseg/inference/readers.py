@@ -5,6 +5,7 @@ prediction (`equiseg.inference.predict`), and the probability maps written block
 from __future__ import annotations
 
 import enum
+import threading
 from collections import OrderedDict
 from pathlib import Path
 
@@ -70,6 +71,7 @@ class RgbFile:
         self.path = Path(path)
         self._tiff: tifffile.TiffFile | None = None
         self._segments: OrderedDict[int, np.ndarray] = OrderedDict()  # decoded, least recently used first
+        self._lock = threading.Lock()  # windows may be read ahead by a worker thread (tiling._batched)
         page = self._lazy_page()
         if page is None:
             self._image = read_rgb(self.path)
@@ -133,6 +135,10 @@ class RgbFile:
 
     def region(self, top: int, bottom: int, left: int, right: int) -> np.ndarray:
         """Rows top .. bottom - 1 and columns left .. right - 1: (bottom - top, right - left, 3) uint8."""
+        with self._lock:  # one read at a time: the cache and the file's position are shared
+            return self._region(top, bottom, left, right)
+
+    def _region(self, top: int, bottom: int, left: int, right: int) -> np.ndarray:
         if not (0 <= top < bottom <= self.height and 0 <= left < right <= self.width):
             raise ValueError(f"rows {top}..{bottom - 1}, columns {left}..{right - 1} of a "
                              f"{self.height}x{self.width} image")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import weakref
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -116,33 +117,40 @@ def window_probabilities(model: nn.Module, read: WindowReader, windows: list[tup
 def _batched(model: nn.Module, read: WindowReader, windows: list[tuple[int, int, int, int]],
              runtime: Runtime) -> Iterator[tuple[tuple[int, int, int, int], torch.Tensor]]:
     """The windows' probabilities in order, a batch behind the model: batch k is handed out once
-    batch k + 1 has been read and queued, so that on a GPU the host reads the next windows and
-    blends the last ones while the device computes (on the CPU the order of work is the same and
-    nothing overlaps; one more batch of probabilities is held).
+    batch k + 1 has been queued, so that on a GPU the host blends the last windows while the device
+    computes (on the CPU the order of work is the same; one more batch of probabilities is held).
+    A worker thread reads each batch's windows while the batch before it runs through the model
+    (``read`` must allow that: the readers equiseg hands in read one window at a time under a lock),
+    so reading and decoding stay in the network's shadow; at most two batches of inputs are held.
     """
     classes = model_class_channels(model)
     model = inference_model(model) if runtime.optimize else model
     cuda = runtime.device.type == "cuda"
+    chunks = [windows[k:k + runtime.batch] for k in range(0, len(windows), runtime.batch)]
     pending = None
-    for k in range(0, len(windows), runtime.batch):
-        chunk = windows[k:k + runtime.batch]
-        x = _load_batch(read, chunk, runtime.device)
-        with torch.no_grad(), runtime.kernels(), runtime.autocast():
-            logits = model(x)
-        if cuda:
-            # copies to pinned host memory, queued behind this batch's forward; its event says when they are in
-            host = [p.to("cpu", non_blocking=True) for p in probabilities(logits.float(), classes, 1)]
-            done = torch.cuda.Event()
-            done.record()
-        else:
-            # softmax a window at a time: host buffers of one window's size, which the allocator
-            # reuses from batch to batch. A batch-sized one (48 MB for 4 windows of 1024 px) is above
-            # glibc's largest mmap threshold (32 MB): fresh pages each time, faulted in one by one
-            # (benchmarks/tiling.py)
-            host, done = [probabilities(window_logits.float(), classes, 0) for window_logits in logits], None
-        if pending is not None:
-            yield from _hand_out(*pending)
-        pending = chunk, host, done
+    with ThreadPoolExecutor(1, thread_name_prefix="equiseg-read") as reader:
+        ahead = reader.submit(_read_chunk, read, chunks[0], cuda) if chunks else None
+        for k, chunk in enumerate(chunks):
+            assert ahead is not None  # submitted for every chunk
+            tiles = ahead.result()
+            ahead = reader.submit(_read_chunk, read, chunks[k + 1], cuda) if k + 1 < len(chunks) else None
+            x = _load_batch(tiles, runtime.device)
+            with torch.no_grad(), runtime.kernels(), runtime.autocast():
+                logits = model(x)
+            if cuda:
+                # copies to pinned host memory, queued behind this batch's forward; its event says when they are in
+                host = [p.to("cpu", non_blocking=True) for p in probabilities(logits.float(), classes, 1)]
+                done = torch.cuda.Event()
+                done.record()
+            else:
+                # softmax a window at a time: host buffers of one window's size, which the allocator
+                # reuses from batch to batch. A batch-sized one (48 MB for 4 windows of 1024 px) is above
+                # glibc's largest mmap threshold (32 MB): fresh pages each time, faulted in one by one
+                # (benchmarks/tiling.py)
+                host, done = [probabilities(window_logits.float(), classes, 0) for window_logits in logits], None
+            if pending is not None:
+                yield from _hand_out(*pending)
+            pending = chunk, host, done
     if pending is not None:
         yield from _hand_out(*pending)
 
@@ -154,23 +162,25 @@ def _hand_out(chunk: list[tuple[int, int, int, int]], host: list[torch.Tensor], 
     yield from zip(chunk, host)
 
 
-def _load_batch(read: WindowReader, chunk: list[tuple[int, int, int, int]], device: torch.device) -> torch.Tensor:
-    """The windows' inputs as one float32 batch on ``device``, each read and copied into its place
-    (``torch.stack`` of the windows would build the batch on the host first: one more pass, over a
-    buffer that is fresh pages from 32 MB up). To a GPU each window goes through pinned memory,
-    so that its copy is queued and does not wait for the work already queued.
+def _read_chunk(read: WindowReader, chunk: list[tuple[int, int, int, int]], cuda: bool) -> list[torch.Tensor]:
+    """The windows' inputs, each as ``read`` gives it; for a GPU staged contiguous in pinned memory, so
+    that its copy to the device is queued and does not wait for the work already queued
+    (``pin_memory()`` of a view would keep its strides).
     """
-    cuda = device.type == "cuda"
-    x = None
-    for i, window in enumerate(chunk):
-        tile = read(*window)
-        if x is None:
-            x = torch.empty((len(chunk), *tile.shape), dtype=torch.float32, device=device)
-        if cuda:  # staged contiguous in pinned memory (pin_memory() of a view would keep its strides)
-            staged = torch.empty(tile.shape, dtype=torch.float32, pin_memory=True)
-            tile = staged.copy_(tile)
-        x[i].copy_(tile, non_blocking=cuda)
-    assert x is not None  # a chunk has a window
+    tiles = [read(*window) for window in chunk]
+    if cuda:
+        tiles = [torch.empty(tile.shape, dtype=torch.float32, pin_memory=True).copy_(tile) for tile in tiles]
+    return tiles
+
+
+def _load_batch(tiles: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """The windows' inputs as one float32 batch on ``device``, each copied into its place
+    (``torch.stack`` of the windows would build the batch on the host first: one more pass, over a
+    buffer that is fresh pages from 32 MB up).
+    """
+    x = torch.empty((len(tiles), *tiles[0].shape), dtype=torch.float32, device=device)
+    for i, tile in enumerate(tiles):
+        x[i].copy_(tile, non_blocking=device.type == "cuda")
     return x
 
 
