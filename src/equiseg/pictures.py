@@ -12,12 +12,17 @@ TISSUE_COLOURS = {1: (204, 121, 167)}
 
 def class_overlay(image: np.ndarray, labels: np.ndarray, colours: dict[int, tuple[int, int, int]] = CELL_COLOURS,
                   alpha: float = 0.35) -> np.ndarray:
-    """Blend class colours over an RGB image where ``labels`` (H, W) is a coloured class."""
-    out = image.astype(np.float32).copy()
+    """Blend class colours over an RGB image where ``labels`` (H, W) is a coloured class: each such pixel
+    becomes (1 - alpha) x its value + alpha x the colour in float32, clipped and truncated to uint8, read
+    from a table of the 256 values per channel (the same numbers, without a float copy of the image).
+    """
+    out = np.array(image, dtype=np.uint8, copy=True)
+    levels = np.arange(256, dtype=np.float32)[:, None]
     for cls, colour in colours.items():
         where = labels == cls
-        out[where] = (1 - alpha) * out[where] + alpha * np.array(colour, np.float32)
-    return out.clip(0, 255).astype(np.uint8)
+        table = ((1 - alpha) * levels + alpha * np.array(colour, np.float32)).clip(0, 255).astype(np.uint8)
+        out[where] = table[out[where], np.arange(3)]
+    return out
 
 
 def draw_points(image: np.ndarray, points: np.ndarray, radius: int = 6, filled: bool = True,

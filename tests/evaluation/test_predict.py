@@ -170,9 +170,11 @@ def test_blocks_group_the_tile_grid_row_major():
     assert len(blocks) == 9 * 4
 
 
-@pytest.mark.parametrize(("batch", "block_side"), [(1, 2048), (3, 2048), (3, 24)])
-def test_predict_file_writes_the_whole_image_result(tmp_path, monkeypatch, batch, block_side):
+@pytest.mark.parametrize(("batch", "block_side", "threaded"), [(1, 2048, False), (3, 2048, False), (3, 24, False),
+                                                              (3, 24, True)])
+def test_predict_file_writes_the_whole_image_result(tmp_path, monkeypatch, batch, block_side, threaded):
     monkeypatch.setattr(inference, "BLOCK_SIDE", block_side)  # 24: one window per block
+    monkeypatch.setattr(predict, "THREADED_SINK", threaded)  # blocks finished on a worker thread, as on a GPU
     image = random_image(70, 53, seed=1)
     Image.fromarray(image).save(tmp_path / "a.png")
     model, config = tiny_model(), tiny_config(tmp_path, detect={"threshold": 0.0})
@@ -391,3 +393,38 @@ def test_evaluation_of_larger_images_keeps_true_coordinates_in_a_csv(tmp_path):
     small = Evaluation({"loss": 1.0}, ["001"], points[:1], [{}], shapes=[(512, 512)])
     small.points[0][0, 0] = 500
     assert "points" in write_evaluation(small, tmp_path / "small", "test")
+
+
+def test_a_block_sink_keeps_the_order_raises_the_consumers_error_and_drops_the_rest():
+    from equiseg.inference.tiling import BlockSink
+
+    for threaded in (False, True):
+        seen = []
+        with BlockSink(lambda top, left, probs, seen=seen: seen.append((top, left)), threaded) as sink:
+            for k in range(7):
+                sink.put(k, -k, torch.zeros(1))
+        assert seen == [(k, -k) for k in range(7)]
+
+        def fail_on_two(top, left, probs, seen=seen):
+            if top == 2:
+                raise OSError("disk full")
+            seen.append(top)
+        seen.clear()
+        with pytest.raises(OSError, match="disk full"), BlockSink(fail_on_two, threaded) as sink:
+            for k in range(6):
+                sink.put(k, 0, torch.zeros(1))
+        assert seen == [0, 1]
+
+
+def test_the_class_overlay_blends_in_float32_as_written():
+    """pictures.class_overlay's lookup tables against the blend it describes, for every value of every channel."""
+    from equiseg.pictures import CELL_COLOURS, class_overlay
+
+    rng = np.random.default_rng(3)
+    image = np.stack(np.meshgrid(np.arange(256), np.arange(3)), -1)[..., 0].astype(np.uint8)  # (3, 256): all values
+    image = np.repeat(image[..., None], 3, -1)
+    labels = rng.integers(0, 3, image.shape[:2])
+    expected = image.astype(np.float32)
+    for cls, colour in CELL_COLOURS.items():
+        expected[labels == cls] = 0.65 * expected[labels == cls] + 0.35 * np.array(colour, np.float32)
+    np.testing.assert_array_equal(class_overlay(image, labels), expected.clip(0, 255).astype(np.uint8))

@@ -40,7 +40,6 @@ from typing import Any, ClassVar, Protocol, cast
 
 import torch
 import torch.nn.functional as F
-from kornia.filters import filter2d_separable, get_gaussian_kernel1d
 from torch import nn
 
 from equiseg.data.targets import IGNORE_INDEX
@@ -355,6 +354,9 @@ def elastic_displacement(noise: torch.Tensor, alpha: float, sigma: float, size: 
     The smoothed lattice is divided by the kernel's noise gain, so the field's RMS does not
     depend on ``sigma``, and interpolated bilinearly to (H, W).
     """
+    # imported here: kornia takes about half a second to import, which predict and slide never need
+    from kornia.filters import filter2d_separable, get_gaussian_kernel1d
+
     height, width = size
     h, w = noise.shape[-2:]
     kernels = []

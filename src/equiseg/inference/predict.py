@@ -24,11 +24,9 @@ from equiseg.config import Config
 from equiseg.data.context import ContextKind
 from equiseg.data.targets import Task
 from equiseg.detection import BlockDetector, official_format_refusal, write_points_json
-from equiseg.detection.instances import instances_of_cells
 from equiseg.files import owned_outputs
-from equiseg.inference.instance_outputs import ImageInstances, two_stage_file, write_instances
 from equiseg.inference.readers import ImageReading, NpyBlocks, RgbFile
-from equiseg.inference.tiling import check_tiling, model_runtime, stream_blocks
+from equiseg.inference.tiling import BlockSink, check_tiling, model_runtime, stream_blocks
 from equiseg.pictures import (
     CELL_COLOURS,
     class_overlay,
@@ -57,6 +55,7 @@ DEFAULT_MPP = 0.2  # µm/px: OCELOT's cell patches, for a checkpoint whose run f
 PICTURE_SIDE = 4096  # px: the pictures of a larger image keep every k-th row and column
 JSON_NAME = "cell_classification.json"
 PNG_LEVEL = 1  # zlib level of the pictures
+THREADED_SINK = False  # finish blocks on a worker thread on the CPU too (on a GPU they always are)
 
 
 class _Pictures:
@@ -231,7 +230,9 @@ def predict_file(model: torch.nn.Module, config: Config, path: Path, out_dir: Pa
                                   per_class=detect.per_class)
                     if config.task is Task.CELLS else None)
         held = _HeldMap(height, width) if instances is not None and instances.stage2 is None else None
-        for top, left, block in stream_blocks(model, image.window, height, width, tile, overlap, runtime):
+
+        def finish(top: int, left: int, block: torch.Tensor) -> None:
+            nonlocal npy
             if held is not None:
                 held.add(top, left, block)
             if probs and npy is None:
@@ -241,6 +242,10 @@ def predict_file(model: torch.nn.Module, config: Config, path: Path, out_dir: Pa
             if detector is not None:
                 detector.add(top, left, block[:config.class_channels])
             pictures.add(top, left, block, image)
+        # on a GPU the host finishes each block while the device computes the next ones
+        with BlockSink(finish, threaded=runtime.device.type == "cuda" or THREADED_SINK) as sink:
+            for top, left, block in stream_blocks(model, image.window, height, width, tile, overlap, runtime):
+                sink.put(top, left, block)
         points = detector.points() if detector is not None else np.zeros((0, 4))
         if instances is not None:
             points = _write_instances(stem, image, points, instances, held, pictures, runtime)
@@ -254,6 +259,10 @@ def predict_file(model: torch.nn.Module, config: Config, path: Path, out_dir: Pa
 def _write_instances(stem: Path, image: RgbFile, points: np.ndarray, instances: InstanceOutput,
                      held: _HeldMap | None, pictures: _Pictures, runtime: Runtime) -> np.ndarray:
     """The cells of one image as instances (see `predict_file`), written with the pictures; returns the cells."""
+    # imported here: what instances need (scipy.ndimage, contourpy) costs a quarter of a second at start-up
+    from equiseg.detection.instances import instances_of_cells
+    from equiseg.inference.instance_outputs import ImageInstances, two_stage_file, write_instances
+
     if instances.stage2 is not None:
         labels, points = two_stage_file(instances.stage2, instances.side, image, points, runtime)
     else:

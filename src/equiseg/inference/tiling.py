@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import queue
+import threading
 import weakref
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -233,6 +235,53 @@ def predict_probabilities(model: nn.Module, image: torch.Tensor, tile: int | Non
         out[:, top:top + probs.shape[1], left:left + probs.shape[2]] = probs
     assert out is not None  # an image has a block
     return out
+
+
+class BlockSink:
+    """Finished blocks handed to ``consume(top, left, probs)`` in order: on a worker thread when
+    ``threaded`` (at most ``depth`` blocks wait; the stream computes the next blocks meanwhile, which
+    on a GPU keeps the device busy while the host detects and writes), else at once. Use it in
+    ``with``: leaving waits for the last block; an error in ``consume`` is raised again in the caller
+    (at its next `put` or on leaving) and the blocks after it are dropped.
+    """
+
+    def __init__(self, consume: Callable[[int, int, torch.Tensor], None], threaded: bool, depth: int = 2) -> None:
+        self.consume, self.threaded = consume, threaded
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="equiseg-blocks", daemon=True) if threaded else None
+
+    def __enter__(self) -> BlockSink:  # noqa: PYI034 (Self needs Python 3.11)
+        if self._thread is not None:
+            self._thread.start()
+        return self
+
+    def put(self, top: int, left: int, probs: torch.Tensor) -> None:
+        """Hand over the next block."""
+        if self._thread is None:
+            self.consume(top, left, probs)
+            return
+        self._raise()
+        self._queue.put((top, left, probs))
+
+    def __exit__(self, *exc: object) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            if exc[0] is None:
+                self._raise()
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    self.consume(*item)
+                except BaseException as error:  # handed to the caller's thread  # noqa: BLE001
+                    self._error = error
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
 
 
 BLOCK_SIDE = 1024  # px: about the side of the blocks of windows that stream_blocks finishes at a time
