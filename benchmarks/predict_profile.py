@@ -8,14 +8,17 @@
    (``equiseg synth-slide``), each in a child process, interleaved with the same commands of
    ``--baseline`` (a git worktree of that revision, its ``src`` on ``PYTHONPATH``): wall seconds of
    each child, the speed-up, and whether the cells are the same (one to one within 1.5 px and of the
-   same class, from the CSV files both write).
+   same class, from the CSV files both write), and the mF1 of this revision's cells scored against the
+   baseline's by OCELOT's rule (15 px).
 2. **Shares.** In this revision's children, timers around the network's forward (each batch; on a
    GPU with synchronisation), the tiling around it (what the stream of blocks costs beyond the
    forward: softmax, blending, batches, waiting for windows), detection (``BlockDetector``), writing
    (pictures, probability maps; for a slide what its summary counts as outputs) and reading (the
    worker thread that reads windows ahead, overlapped with the network, so not part of the sum);
-   start-up and the rest is the wall time less the others. "network alone" times the same model's
-   forward over the same windows of the image once more, with nothing else running.
+   start-up and the rest is the wall time less the others; "imports" is the part of it before the
+   command starts (Python, torch and equiseg imported), and "network after imports" the forward's share
+   of the rest. "network alone" times the same model's forward over the same windows of the image once
+   more, with nothing else running.
 3. **The network's rate.** The presets' U-Nets (small: plain-small, isotropic-small; paper size:
    plain-paper, isotropic-paper; fresh weights) on one 1024² image, optimized for inference
    with the decoder's upsampling fused (this revision) and without it (as before), each timing
@@ -138,12 +141,13 @@ def child(out: Path, command: list[str]) -> None:
     instrument(clock, command[0])
     from equiseg.cli import app
 
+    ready = process_age()  # imports done: the command starts
     try:
         app(command, standalone_mode=False)
     except SystemExit as stop:
         if stop.code:
             raise
-    stages = dict(clock.seconds)
+    stages = {**clock.seconds, "imports": ready}
     if command[0] == "predict":  # after the command: its own wall is the parent's less this
         start = time.perf_counter()
         stages["alone"] = network_alone(command)
@@ -175,6 +179,12 @@ def network_alone(command: list[str]) -> float:
     return time.perf_counter() - start
 
 
+def process_age() -> float:
+    """Seconds since this process started (Linux: /proc; 10 ms steps)."""
+    started = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])  # field 22: start time, ticks
+    return float(Path("/proc/uptime").read_text().split()[0]) - started / os.sysconf("SC_CLK_TCK")
+
+
 def run_child(command: list[str], env: dict | None = None) -> float:
     """Wall seconds of one child process (its output shown only when it fails)."""
     start = time.perf_counter()
@@ -200,6 +210,16 @@ def same_cells(before: np.ndarray, after: np.ndarray) -> int:
             used_after.add(i), used_before.add(j)
             same += 1
     return same
+
+
+def agreement(before: np.ndarray, after: np.ndarray) -> float:
+    """The mF1 of the cells ``after`` (x, y, class) scored against those ``before`` as if they were the truth,
+    by OCELOT's rule (15 px, same class): how far the change moves the cells at the score's own tolerance.
+    """
+    from equiseg.detection import detection_scores
+
+    scored = np.concatenate([after, np.ones((len(after), 1))], 1)  # a probability for the matching order
+    return detection_scores([scored], [before])["mf1"]
 
 
 def cells_csv(path: Path, columns: tuple[int, int, int]) -> np.ndarray:
@@ -289,10 +309,13 @@ def job_row(job: str, walls: dict, cells: dict, stages: dict) -> dict:
     row = {"job": job, "before_s": walls["before"], "after_s": wall, "speedup": walls["before"] / wall,
            "cells_before": len(cells["before"]), "cells_after": len(cells["after"]),
            "same_cells": same_cells(cells["before"], cells["after"]),
+           "agreement": agreement(cells["before"], cells["after"]),
            "read_s": stages.get("read", 0.0), "alone_s": stages.get("alone")}
     row.update({f"share_{name}": seconds / wall for name, seconds in parts.items()})
     if row["alone_s"] is not None:
         row["share_alone"] = row["alone_s"] / wall
+    row["imports_s"] = stages.get("imports", 0.0)
+    row["share_network_command"] = forward / (wall - row["imports_s"])  # of the command, once Python and its imports are up
     return row
 
 
@@ -376,9 +399,11 @@ def main() -> None:
         column("speedup", "x faster", ".2f"), column("share_network", "network", share),
         column("share_tiling", "tiling", share), column("share_detection", "detection", share),
         column("share_writing", "writing", share), column("share_start-up and rest", "start-up, rest", share),
-        column("share_alone", "network alone", share), column("read_s", "reading s (overlapped)", ".1f"),
+        column("share_alone", "network alone", share), column("imports_s", "imports s", ".1f"),
+        column("share_network_command", "network after imports", share),
+        column("read_s", "reading s (overlapped)", ".1f"),
         column("cells_before", "cells before", ",d"), column("cells_after", "cells after", ",d"),
-        column("same_cells", "same cells", ",d")], jobs)}
+        column("same_cells", "same cells", ",d"), column("agreement", "mF1 against before", ".4f")], jobs)}
     if rates:
         result["rates"] = table([
             column("preset", "preset"), column("family", "family"), column("width", "width"),

@@ -44,6 +44,20 @@ def test_every_number_of_a_reading_is_the_studys(folder):
     assert not results.reading_problems(folder, results.READING_EXEMPT.get(folder.name))
 
 
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT / "docs")))
+def test_every_number_of_a_benchmark_reading_is_on_its_page(page):
+    assert not results.page_reading_problems(page)
+
+
+def test_a_benchmark_reading_with_a_number_not_on_its_page_fails(tmp_path):
+    """A reading may quote the page's rendered numbers to their rounding, and nothing else."""
+    page = tmp_path / "x.md"
+    page.write_text("| a | 0.8765 | 2.51 |\n\n## Reading\n\nIt reached 0.877, 2.5x faster over 3 seeds.\n")
+    assert not results.page_reading_problems(page)
+    page.write_text("| a | 0.8765 | 2.51 |\n\n## Reading\n\nIt reached 0.879, 2.5x faster.\n")
+    assert results.page_reading_problems(page) == ["x.md:5: '0.879' is not among the page's result numbers"]
+
+
 def test_the_exemptions_are_all_needed():
     """An exemption for a number that the files hold, or that the reading no longer writes, goes."""
     for name, exempt in results.READING_EXEMPT.items():

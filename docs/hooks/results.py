@@ -240,6 +240,25 @@ def reading_problems(folder: Path, exempt: dict[str, str] | None = None) -> list
     return problems
 
 
+def page_reading_problems(page: Path) -> list[str]:
+    """The numbers of a benchmark page's reading (from its '## Reading' heading on) that its rendered
+    result blocks and text above the reading do not hold, to the rounding they are written with
+    (integers below :data:`COUNTING` are counting words). A page without a reading has none.
+    """
+    if not re.search(r"^## Reading", page.read_text(), re.MULTILINE):
+        return []
+    setting, text = reading(page)
+    known = [v for _, v, _, _ in numbers_in(setting)]
+    problems = []
+    for written, value, half, at in numbers_in(text):
+        if value == int(value) and value < COUNTING and not re.search(r"[.e]", written):
+            continue
+        if not any(abs(v - value) <= half * (1 + 1e-9) for v in known):
+            line = setting.count("\n") + text[:at].count("\n") + 1
+            problems.append(f"{page.name}:{line}: {written!r} is not among the page's result numbers")
+    return problems
+
+
 STEPS = "training steps: epochs x batches of 4 (12 x 6 at 24 images, 48 x 2 at 6), from the config"
 PAPER = "the setting of the paper (Liem, 2025), not this study's"
 READING_EXEMPT: dict[str, dict[str, str]] = {
@@ -266,7 +285,11 @@ def on_page_markdown(markdown: str, page, config, files, **kwargs) -> str:
     if source.name == "README.md" and (source.parent / "results.json").is_file():
         for problem in reading_problems(source.parent, READING_EXEMPT.get(source.parent.name)):
             log.warning(problem)
-    return render_blocks(markdown, source.parent)
+    rendered = render_blocks(markdown, source.parent)
+    if source.parent.name == "benchmarks":
+        for problem in page_reading_problems(source):
+            log.warning(problem)
+    return rendered
 
 
 def main() -> int:
@@ -287,6 +310,7 @@ def main() -> int:
         return 0
     problems = [p for page in targets for p in block_problems(page)]
     problems += [p for folder in study_folders() for p in reading_problems(folder, READING_EXEMPT.get(folder.name))]
+    problems += [p for page in targets for p in page_reading_problems(page)]
     print("\n".join(problems) or "every result block and reading agrees with its files")
     return 1 if problems else 0
 
