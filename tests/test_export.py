@@ -82,3 +82,52 @@ def test_export_refuses_an_unknown_format_and_a_hostile_file(checkpoint, tmp_pat
     result = runner.invoke(app, ["export", "--model", str(bad), "--format", "onnx", "--out", str(tmp_path / "m.onnx")])
     assert result.exit_code == 2 and "not a safe equiseg checkpoint" in result.output
     assert not (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.parametrize(("family", "per_class"), [("p4m", False), ("plain", True)])
+def test_a_scripted_cells_model_finds_predicts_cells_where_only_torch_is_installed(tmp_path, family, per_class):
+    """export.scripted_cells_model: saved, then loaded in another Python in which equiseg cannot be imported,
+    a 64x64 uint8 tile gives the probabilities and cells of `equiseg predict` (predict_file) bit for bit.
+    """
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    from equiseg.export import scripted_cells_model
+    from equiseg.inference.predict import predict_file
+    from equiseg.runtime import Runtime
+
+    torch.manual_seed(1)
+    config = Config.from_dict({"model": {"family": family, "width": 2, "depth": 3},
+                               "detect": {"sigma": 2.0, "min_distance": 4, "threshold": 0.3,
+                                          "peaks": "per-class" if per_class else "foreground"}})
+    model = config.build_model().train()
+    with torch.no_grad():
+        model(torch.rand(2, 3, 32, 32) * 2)  # batch-norm statistics
+    model.eval()
+    image = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(image).save(tmp_path / "tile.png")
+    result = predict_file(model, config, tmp_path / "tile.png", tmp_path, probs=True, runtime=Runtime())
+    assert len(result.points)
+    torch.jit.save(scripted_cells_model(model, config), str(tmp_path / "cells.pt"))
+    np.save(tmp_path / "tile.npy", image.transpose(2, 0, 1)[None])
+    script = (
+        "import sys; sys.modules['equiseg'] = None  # any import of equiseg fails\n"
+        "import numpy as np, torch\n"
+        f"model = torch.jit.load({str(tmp_path / 'cells.pt')!r})\n"
+        f"probs, cells = model(torch.from_numpy(np.load({str(tmp_path / 'tile.npy')!r})))\n"
+        f"np.save({str(tmp_path / 'probs.npy')!r}, probs.numpy()); np.save({str(tmp_path / 'cells.npy')!r}, cells.numpy())\n"
+    )
+    done = subprocess.run([sys.executable, "-W", "ignore", "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    np.testing.assert_array_equal(np.load(tmp_path / "cells.npy"), result.points)
+    np.testing.assert_array_equal(np.load(tmp_path / "probs.npy")[0].astype(np.float16), np.load(tmp_path / "tile_probs.npy"))
+
+
+def test_a_model_with_detection_inside_is_a_cells_model_on_rgb():
+    from equiseg.export import scripted_cells_model
+
+    config = Config.from_dict({"task": "tissue", "model": {"family": "plain", "width": 2, "depth": 2}})
+    with pytest.raises(ValueError, match="cells model on RGB alone"):
+        scripted_cells_model(config.build_model().eval(), config)

@@ -33,6 +33,7 @@ from torch import nn
 
 from equiseg.config import Config
 from equiseg.data.targets import Task
+from equiseg.detection.scripted import ScriptedDetector
 from equiseg.files import owned_file
 from equiseg.models import UNet, optimize_for_inference
 from equiseg.runs import load_model
@@ -53,6 +54,49 @@ class _Unpadded(nn.Module):
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return self.model.unpadded(image)
+
+
+class DetectingNet(nn.Module):
+    """A cell model with its own detection: (1, 3, H, W) uint8 RGB (H and W multiples of 2**depth) ->
+    (probabilities (1, C, H, W) float32: the softmax of the class channels, then the sigmoid of a
+    nucleus channel where the model has one; cells (N, 4) float64 rows x, y, class, probability, highest
+    first), as ``equiseg predict`` finds them with the run's detection settings on a tile it runs whole.
+    ``net`` maps (1, 3, H, W) float32 in [0, 1] to logits (a traced U-Net: `scripted_cells_model`).
+    """
+
+    def __init__(self, net: nn.Module, class_channels: int, detector: ScriptedDetector) -> None:
+        super().__init__()
+        self.net, self.class_channels, self.detector = net, class_channels, detector
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.net(image.float().div_(255))[0]
+        probs = logits[:self.class_channels].softmax(0)  # one window's softmax, as tiling._batched takes it
+        if logits.shape[0] > self.class_channels:
+            probs = torch.cat([probs, logits[self.class_channels:].sigmoid()], 0)
+        return probs.unsqueeze(0), self.detector(probs[:self.class_channels])
+
+
+def scripted_cells_model(model: nn.Module, config: Config) -> torch.jit.ScriptModule:
+    """`DetectingNet` of a cells run's model, compiled: the U-Net optimized for inference and traced (any
+    side that is a multiple of 2**depth), the detection scripted (`ScriptedDetector`); it loads with
+    ``torch.jit.load`` where only torch is installed.
+
+    Raises:
+        ValueError: a model that is not a cells model, or that takes tissue context.
+    """
+    if config.task is not Task.CELLS or config.in_channels != 3:
+        raise ValueError(f"a model with its detection inside is a cells model on RGB alone (this one: task "
+                         f"{config.task.value}, {config.in_channels} input channels)")
+    unpadded = _Unpadded(cast(UNet, optimize_for_inference(model))).eval()
+    side = 2 * 2**config.model.depth
+    detect = config.detect
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # pyright: ignore[reportPrivateImportUsage]
+        warnings.filterwarnings("ignore", message=".*torch.jit.*deprecated.*")
+        # a traced module (torch.jit.trace is typed to return a graph too, for another call form)
+        traced = cast(nn.Module, torch.jit.trace(unpadded, torch.rand(1, 3, side, side)))
+        detector = ScriptedDetector(detect.sigma, detect.min_distance, detect.threshold, detect.per_class)
+        return torch.jit.script(DetectingNet(traced, config.class_channels, detector))
 
 
 def model_card(config: Config, checkpoint: Path) -> dict[str, Any]:
@@ -105,7 +149,8 @@ def export_model(run: Path | str, fmt: ExportFormat, out: Path | str) -> Path:
         raise ValueError(f"{run}: stage 2 of a two-stage cell model (task nuclei); export writes U-Nets, and a "
                          "two-stage model runs through `equiseg predict --model RUN --proposals CELLS_RUN`")
     checkpoint = Path(run)
-    unpadded = _Unpadded(cast(UNet, optimize_for_inference(model, channels_last=False, fuse_up=False))).eval()  # a folded UNet
+    # a folded UNet, its decoder as trained (upsample, concatenate, conv): the graph other runtimes read
+    unpadded = _Unpadded(cast(UNet, optimize_for_inference(model, channels_last=False, fuse_up=False))).eval()
     side = 2 * 2**config.model.depth  # the example's size; the file takes any multiple of 2**depth
     example = torch.rand(2, config.in_channels, side, side)
     card = model_card(config, checkpoint)

@@ -25,11 +25,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import cast
 
-import contourpy
 import numpy as np
 import torch
-from scipy import ndimage
-from scipy.spatial import ConvexHull, QhullError  # pyright: ignore[reportAttributeAccessIssue]  # compiled module
 
 from equiseg.config import DetectConfig
 from equiseg.data.targets import DEFAULT_RADIUS
@@ -143,6 +140,7 @@ def settle_instances(labels: np.ndarray, cells: np.ndarray | _Cells) -> np.ndarr
 
 def _label(mask: np.ndarray, structure: np.ndarray | None = None) -> tuple[np.ndarray, int]:
     """``ndimage.label`` (4-connected without a structure), typed: (labels, count)."""
+    from scipy import ndimage  # imported where used: scipy.ndimage costs predict's start-up
     return cast(tuple[np.ndarray, int], ndimage.label(mask, structure=structure))
 
 
@@ -190,6 +188,7 @@ def _own_centres(labels: np.ndarray, cells: _Cells) -> None:
 
 def _keep_centre_pieces(labels: np.ndarray, cells: _Cells) -> None:
     """Clear every pixel of an instance outside the 4-connected piece that holds its centre."""
+    from scipy import ndimage  # imported where used: scipy.ndimage costs predict's start-up
     for k, box in enumerate(ndimage.find_objects(labels, max_label=len(cells))):
         if box is None:
             continue
@@ -324,6 +323,7 @@ def _flat_labels(labels: np.ndarray, n: int) -> np.ndarray:
 
 def _instances(labels: np.ndarray, n: int) -> Iterator[tuple[int, np.ndarray, int, int]]:
     """(k, mask, row0, col0) for each instance k = 0 .. n-1 with pixels: its mask in its bounding box."""
+    from scipy import ndimage  # imported where used: scipy.ndimage costs predict's start-up
     labels = np.asarray(labels)
     _flat_labels(labels, n)
     for k, box in enumerate(ndimage.find_objects(labels.astype(np.int64, copy=False), max_label=n)):
@@ -336,6 +336,7 @@ def _ring(mask: np.ndarray) -> np.ndarray:
     [i, i + 1): contourpy's filled contour at 0.5 of the mask padded by a pixel, the longest ring
     (holes ignored), closed, counter-clockwise by its numbers (contourpy's outer rings are).
     """
+    import contourpy
     padded = np.pad(mask, 1).astype(np.float64)
     generator = contourpy.contour_generator(z=padded, fill_type=contourpy.FillType.OuterOffset)
     # with FillType.OuterOffset: (points, offsets), one array of each per outline; its outer ring first
@@ -359,6 +360,7 @@ def _area(ring: np.ndarray) -> float:
 
 
 def _solidity(ring: np.ndarray) -> float:
+    from scipy.spatial import ConvexHull, QhullError  # pyright: ignore[reportAttributeAccessIssue]
     area = abs(_area(ring))
     try:
         hull = float(ConvexHull(ring[:-1]).volume)  # in 2-D its "volume" is the area

@@ -24,7 +24,9 @@ from equiseg.config import Config
 from equiseg.data.context import ContextKind
 from equiseg.data.targets import Task
 from equiseg.detection import BlockDetector, official_format_refusal, write_points_json
+from equiseg.detection.instances import instances_of_cells
 from equiseg.files import owned_outputs
+from equiseg.inference.instance_outputs import ImageInstances, two_stage_file, write_instances
 from equiseg.inference.readers import ImageReading, NpyBlocks, RgbFile
 from equiseg.inference.tiling import BlockSink, check_tiling, model_runtime, stream_blocks
 from equiseg.pictures import (
@@ -189,6 +191,32 @@ class _HeldMap:
         self.map[:, top:top + block.shape[1], left:left + block.shape[2]] = block.numpy()
 
 
+class _BlockOutputs:
+    """What `predict_file` does with each finished block: the held map (a one-stage model's instances),
+    the probability file, the cell detector and the pictures.
+    """
+
+    def __init__(self, config: Config, image: RgbFile, stem: Path, probs: bool, held: bool) -> None:
+        height, width, detect = image.height, image.width, config.detect
+        self.image, self.stem, self.probs, self.class_channels = image, stem, probs, config.class_channels
+        self.pictures = _Pictures(height, width, picture_step(height, width), probs)
+        self.detector = (BlockDetector(height, width, detect.sigma, detect.min_distance, detect.threshold,
+                                       per_class=detect.per_class) if config.task is Task.CELLS else None)
+        self.held = _HeldMap(height, width) if held else None
+        self.npy: NpyBlocks | None = None
+
+    def add(self, top: int, left: int, block: torch.Tensor) -> None:
+        if self.held is not None:
+            self.held.add(top, left, block)
+        if self.probs and self.npy is None:
+            self.npy = NpyBlocks(f"{self.stem}_probs.npy", (block.shape[0], self.image.height, self.image.width))
+        if self.npy is not None:
+            self.npy.write(top, left, block)
+        if self.detector is not None:
+            self.detector.add(top, left, block[:self.class_channels])
+        self.pictures.add(top, left, block, self.image)
+
+
 def predict_file(model: torch.nn.Module, config: Config, path: Path, out_dir: Path, tile: int = 1024,
                  overlap: int = 128, probs: bool = True, runtime: Runtime | None = None,
                  instances: InstanceOutput | None = None) -> ImagePrediction:
@@ -220,30 +248,13 @@ def predict_file(model: torch.nn.Module, config: Config, path: Path, out_dir: Pa
     path = Path(path)
     stem = out_dir / path.stem
     runtime = runtime or model_runtime(model)
-    detect = config.detect
-    npy = None
     with contextlib.closing(RgbFile(path)) as image:
         height, width = image.height, image.width
         step = picture_step(height, width)
-        pictures = _Pictures(height, width, step, probs)
-        detector = (BlockDetector(height, width, detect.sigma, detect.min_distance, detect.threshold,
-                                  per_class=detect.per_class)
-                    if config.task is Task.CELLS else None)
-        held = _HeldMap(height, width) if instances is not None and instances.stage2 is None else None
-
-        def finish(top: int, left: int, block: torch.Tensor) -> None:
-            nonlocal npy
-            if held is not None:
-                held.add(top, left, block)
-            if probs and npy is None:
-                npy = NpyBlocks(f"{stem}_probs.npy", (block.shape[0], height, width))
-            if npy is not None:
-                npy.write(top, left, block)
-            if detector is not None:
-                detector.add(top, left, block[:config.class_channels])
-            pictures.add(top, left, block, image)
+        outputs = _BlockOutputs(config, image, stem, probs, held=instances is not None and instances.stage2 is None)
+        pictures, detector, held = outputs.pictures, outputs.detector, outputs.held
         # on a GPU the host finishes each block while the device computes the next ones
-        with BlockSink(finish, threaded=runtime.device.type == "cuda" or THREADED_SINK) as sink:
+        with BlockSink(outputs.add, threaded=runtime.device.type == "cuda" or THREADED_SINK) as sink:
             for top, left, block in stream_blocks(model, image.window, height, width, tile, overlap, runtime):
                 sink.put(top, left, block)
         points = detector.points() if detector is not None else np.zeros((0, 4))
@@ -259,10 +270,6 @@ def predict_file(model: torch.nn.Module, config: Config, path: Path, out_dir: Pa
 def _write_instances(stem: Path, image: RgbFile, points: np.ndarray, instances: InstanceOutput,
                      held: _HeldMap | None, pictures: _Pictures, runtime: Runtime) -> np.ndarray:
     """The cells of one image as instances (see `predict_file`), written with the pictures; returns the cells."""
-    # imported here: what instances need (scipy.ndimage, contourpy) costs a quarter of a second at start-up
-    from equiseg.detection.instances import instances_of_cells
-    from equiseg.inference.instance_outputs import ImageInstances, two_stage_file, write_instances
-
     if instances.stage2 is not None:
         labels, points = two_stage_file(instances.stage2, instances.side, image, points, runtime)
     else:
