@@ -87,7 +87,8 @@ def test_export_refuses_an_unknown_format_and_a_hostile_file(checkpoint, tmp_pat
 @pytest.mark.parametrize(("family", "per_class"), [("p4m", False), ("plain", True)])
 def test_a_scripted_cells_model_finds_predicts_cells_where_only_torch_is_installed(tmp_path, family, per_class):
     """export.scripted_cells_model: saved, then loaded in another Python in which equiseg cannot be imported,
-    a 64x64 uint8 tile gives the probabilities and cells of `equiseg predict` (predict_file) bit for bit.
+    a 64x64 uint8 tile gives the cells of `equiseg predict` (predict_file): positions and classes exactly,
+    probabilities to float32 rounding (the other process may run on another number of threads).
     """
     import subprocess
     import sys
@@ -121,8 +122,10 @@ def test_a_scripted_cells_model_finds_predicts_cells_where_only_torch_is_install
     )
     done = subprocess.run([sys.executable, "-W", "ignore", "-c", script], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    np.testing.assert_array_equal(np.load(tmp_path / "cells.npy"), result.points)
-    np.testing.assert_array_equal(np.load(tmp_path / "probs.npy")[0].astype(np.float16), np.load(tmp_path / "tile_probs.npy"))
+    cells = np.load(tmp_path / "cells.npy")  # positions and classes exact, probabilities to float32 rounding
+    np.testing.assert_array_equal(cells[:, :3], result.points[:, :3])  # (another thread count: another last bit)
+    np.testing.assert_allclose(cells[:, 3], result.points[:, 3], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(np.load(tmp_path / "probs.npy")[0], np.load(tmp_path / "tile_probs.npy"), atol=1e-3)
 
 
 def test_a_model_with_detection_inside_is_a_cells_model_on_rgb():

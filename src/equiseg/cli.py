@@ -612,6 +612,40 @@ def export_(
                    "  logits = session.run(None, {'image': rgb[None].transpose(0, 3, 1, 2).astype(np.float32) / 255})[0]")
 
 
+@app.command("package")
+def package(
+    model: ModelOption = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="The package folder to write.")] = Path("package"),
+    as_zip: Annotated[bool, typer.Option("--zip", help="Also write OUT.zip beside the folder.")] = False,
+    force: ForceOption = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Write a trained cells model as a package that other tools load without equiseg.
+
+    One folder: the weights (safetensors) and config; probabilities.pt (TorchScript: a uint8 RGB tile
+    in, probabilities out); cells.pt (TorchScript with the run's detection inside: probabilities and
+    cells x, y, class, probability out; only torch needed to run it); rdf.yaml (a BioImage Model Zoo
+    description, format 0.5, with test tensors and a sha256 for every file); README.md (a model card
+    with Hugging Face front matter); equiseg.json (resolution, classes, halo, the group the model is exact
+    for and its measured equivariance). Needs the package extra: pip install 'equiseg[package]'.
+    """
+    from equiseg.package import package_run
+
+    model = _required(model, "--model")
+    try:
+        path = package_run(model, out, as_zip=as_zip, force=force)
+    except ImportError as error:
+        raise _fail(f"{error.name or error}: install the package extra: pip install 'equiseg[package]'") from None
+    except (ValueError, OSError) as error:
+        raise _fail(str(error)) from None
+    if _emit(as_json, {"model": str(model), "package": str(path)}):
+        return
+    typer.echo(f"wrote {path}\nrun it without equiseg:\n"
+               "  import torch\n"
+               f"  model = torch.jit.load('{Path(out) / 'cells.pt'}')\n"
+               "  probabilities, cells = model(tile)  # tile: (1, 3, H, W) uint8 RGB")
+
+
 def _echo_scores(result, split: str) -> None:
     """The table of an `Evaluation`, with where its context came from and why the official points
     file was skipped, if it was.

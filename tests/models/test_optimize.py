@@ -90,25 +90,16 @@ def test_decoder_blocks_fuse_the_upsampling_into_their_conv_and_fall_back_on_oth
 
 def test_the_default_overlap_covers_twice_the_receptive_reach_of_a_depth_4_unet():
     """docs/guide/prediction.md: a depth-4 U-Net (one 3x3 conv a level, 2x2 pooling, nearest upsampling)
-    reaches 61 px each way, whatever the family's width (impulse through positive weights, at every
-    offset to the pooling grid); predict's default overlap, 128 px, is at least twice that, so every pixel
-    has a window that saw all of its context.
+    reaches 61 px each way whatever its family and width (models.build.receptive_reach); a depth-3 one
+    29 px; predict's default overlap, 128 px, is at least twice 61, so every pixel has a window that saw
+    all of its context.
     """
     import inspect
 
     from equiseg.inference.predict import predict_run
+    from equiseg.models.build import receptive_reach
 
-    model = optimize_for_inference(build_model("plain", 2, depth=4).eval(), channels_last=False, fuse_up=False)
-    with torch.no_grad():
-        for layer in model.modules():
-            if isinstance(layer, nn.Conv2d):
-                layer.weight.fill_(1.0 / layer.weight[0].numel())
-                layer.bias.zero_()
-        reach = 0
-        for offset in range(16):
-            x = torch.zeros(1, 3, 256, 256)
-            x[0, :, 128 + offset, 128 + offset] = 1
-            rows = torch.nonzero(model(x)[0].sum(0).sum(1) > 0)
-            reach = max(reach, 128 + offset - int(rows.min()), int(rows.max()) - 128 - offset)
-    assert reach == 61
-    assert inspect.signature(predict_run).parameters["overlap"].default >= 2 * reach
+    assert receptive_reach(build_model("plain", 2, depth=4).eval(), 4) == 61
+    assert receptive_reach(build_model("p4", 1, depth=4).eval(), 4) == 61
+    assert receptive_reach(build_model("plain", 2, depth=3).eval(), 3) == 29
+    assert inspect.signature(predict_run).parameters["overlap"].default >= 2 * 61

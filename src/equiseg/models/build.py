@@ -7,6 +7,7 @@ import copy
 import torch
 from torch import nn
 
+from equiseg.models.optimize import optimize_for_inference
 from equiseg.models.unet import ConvFamily, Pooling, UNet
 from equiseg.nn import ExpandedConv2d
 
@@ -95,3 +96,33 @@ def count_macs(model: nn.Module, height: int = 1024, width: int = 1024) -> int:
     for handle in handles:
         handle.remove()
     return total
+
+
+def receptive_reach(model: nn.Module, depth: int) -> int:
+    """How far, in px each way, an output pixel of ``model`` (a U-Net of ``depth`` poolings) sees: an
+    impulse through a copy with every conv weight positive, at each of the 2**depth offsets to the
+    pooling grid, the farthest output it reaches. 61 px for the presets' depth-4 U-Nets.
+    """
+    probe = optimize_for_inference(model, channels_last=False, fuse_up=False)
+    with torch.no_grad():
+        for layer in probe.modules():
+            if isinstance(layer, nn.Conv2d):
+                layer.weight.fill_(1.0 / layer.weight[0].numel())
+                if layer.bias is not None:
+                    layer.bias.zero_()
+        multiple, side = 2**depth, 64
+        while True:
+            reach, centre = 0, side // 2
+            for offset in range(multiple):
+                x = torch.zeros(1, in_channels(probe), side, side)
+                x[0, :, centre + offset, centre + offset] = 1
+                rows = torch.nonzero(probe(x)[0].sum(0).sum(1) > 0)
+                reach = max(reach, centre + offset - int(rows.min()), int(rows.max()) - centre - offset)
+            if reach < centre - multiple:  # the impulse's reach stayed inside the probe
+                return reach
+            side *= 2
+
+
+def in_channels(model: nn.Module) -> int:
+    """The channels the first conv of ``model`` takes."""
+    return next(m for m in model.modules() if isinstance(m, (nn.Conv2d, ExpandedConv2d))).in_channels

@@ -1,0 +1,251 @@
+"""``equiseg package``: a trained cells model as a folder (or zip) that other tools load without equiseg.
+
+The folder holds
+
+* ``weights.safetensors`` (the trained state dict) with ``config.yaml``: what equiseg itself loads;
+* ``probabilities.pt``: TorchScript, (1, 3, H, W) uint8 RGB -> (1, C, H, W) float32 probabilities (the
+  class softmax, then p(nucleus) where the model has a nucleus output), H and W multiples of 2**depth;
+* ``cells.pt``: TorchScript with the detection inside (`equiseg.export.DetectingNet`): the same input ->
+  (probabilities, cells (N, 4) float64 rows x, y, class, probability), the run's own detection settings;
+* ``rdf.yaml``: its BioImage Model Zoo description (format 0.5: axes, halo, test tensors, a sha256 for
+  every file it names, authors, licence, citations), whose weights are ``probabilities.pt``;
+* ``test_input.npy``, ``test_output.npy`` and ``sample.png``: a tile of the run's data and what
+  ``probabilities.pt`` makes of it (``bioimageio.core`` runs it to prove the package);
+* ``README.md``: a model card with Hugging Face front matter, its use, its limits and its data;
+* ``equiseg.json``: resolution, classes and colours, normalisation, tile and halo, family, the group it
+  is exact for and the measured equivariance of its probabilities on the sample.
+
+The BioImage Model Zoo format was checked against bioimageio.spec 0.5.12.0 and bioimageio.core 0.11.0
+(``pip install 'equiseg[package]'``; its test of the package passes, tests/test_package.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import warnings
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+import torch
+import yaml
+from PIL import Image
+from torch import nn
+
+from equiseg.config import Config
+from equiseg.data.context import ContextKind
+from equiseg.data.ocelot import DatasetError, OcelotFolder
+from equiseg.data.targets import Task
+from equiseg.datasets import data_root
+from equiseg.evaluation.equivariance import certificate
+from equiseg.export import _Unpadded, scripted_cells_model
+from equiseg.files import owned_outputs
+from equiseg.models import UNet, optimize_for_inference
+from equiseg.models.build import receptive_reach
+from equiseg.pictures import CELL_COLOURS
+from equiseg.runs import Run, load_model
+
+RDF_FORMAT = "0.5.4"
+OCELOT = {"text": "Ryu et al., OCELOT: Overlapped Cell on Tissue Dataset for Histopathology, CVPR 2023",
+          "url": "https://lunit-io.github.io/research/publications/ocelot"}
+OCELOT_CHALLENGE = {"text": "Shin et al., OCELOT 2023: Cell Detection from Cell-Tissue Interaction Challenge, "
+                            "Medical Image Analysis, 2025", "doi": "10.1016/j.media.2025.103751"}
+
+
+class ProbabilityNet(nn.Module):
+    """(1, 3, H, W) uint8 RGB -> (1, C, H, W) probabilities of an optimized U-Net's ``unpadded`` net."""
+
+    def __init__(self, net: nn.Module, class_channels: int) -> None:
+        super().__init__()
+        self.net, self.class_channels = net, class_channels
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        logits = self.net(image.float().div(255))
+        probs = logits[:, :self.class_channels].softmax(1)
+        if logits.shape[1] > self.class_channels:
+            probs = torch.cat([probs, logits[:, self.class_channels:].sigmoid()], 1)
+        return probs
+
+
+def package_run(run: Path | str, out: Path | str, as_zip: bool = False, force: bool = False) -> Path:
+    """Write the package of ``run`` (see the module docstring) into the folder ``out`` (and, with
+    ``as_zip``, ``out`` + ``.zip`` beside it); returns what was written.
+
+    Raises:
+        ValueError: a model that is not a cells model on RGB alone (a tissue model, stage 2 of a two-stage
+            model, a model with tissue context: not packaged yet).
+    """
+    model, config = load_model(run)
+    if config.task is not Task.CELLS or config.data.context is not ContextKind.NONE:
+        raise ValueError(f"{run}: equiseg package takes a cells model on RGB alone (this one: task "
+                         f"{config.task.value}, context {config.data.context.value})")
+    sample = _sample_tile(config, 2 ** config.model.depth)
+    with owned_outputs(out, force) as partial:
+        _write_networks(model, config, sample, partial)
+        _write_weights(model, config, partial)
+        Image.fromarray(sample).save(partial / "sample.png")
+        description = equiseg_description(run, model, config, sample)
+        (partial / "equiseg.json").write_text(json.dumps(description, indent=1) + "\n")
+        (partial / "README.md").write_text(model_card(config, description))
+        rdf = bioimageio_description(config, description, partial)
+        (partial / "rdf.yaml").write_text(yaml.safe_dump(rdf, sort_keys=False, allow_unicode=True))
+    if not as_zip:
+        return Path(out)
+    return Path(shutil.make_archive(str(Path(out)), "zip", root_dir=out))
+
+
+def _sample_tile(config: Config, multiple: int, side: int = 256) -> np.ndarray:
+    """(side, side, 3) uint8: the top-left corner of the run's first test image (else its first training
+    image; a uniform grey where the data is gone), ``side`` a multiple of ``multiple``.
+    """
+    side = -(-side // multiple) * multiple
+    root = data_root(config)
+    for split in ("test", "train"):
+        try:
+            folder = OcelotFolder(root, split, labels=False)
+        except (DatasetError, FileNotFoundError, ValueError):  # the run's data is gone or never was here
+            continue
+        if len(folder):
+            image = np.asarray(folder[0].cell_image)
+            if image.shape[0] >= side and image.shape[1] >= side:
+                return np.ascontiguousarray(image[:side, :side, :3])
+    return np.full((side, side, 3), 200, np.uint8)
+
+
+def _write_networks(model: nn.Module, config: Config, sample: np.ndarray, folder: Path) -> None:
+    """``probabilities.pt``, ``cells.pt``, and the test tensors of the first."""
+    unpadded = _Unpadded(cast(UNet, optimize_for_inference(model))).eval()
+    net = ProbabilityNet(unpadded, config.class_channels).eval()
+    x = torch.from_numpy(sample.transpose(2, 0, 1)[None].copy())
+    with torch.no_grad(), warnings.catch_warnings():
+        # shape checks in the layers become constants: the sizes they check are the file's rule (rdf.yaml)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # pyright: ignore[reportPrivateImportUsage]
+        warnings.filterwarnings("ignore", message=".*torch.jit.*deprecated.*")
+        traced = cast(nn.Module, torch.jit.trace(net, x))  # a traced module (trace is also typed as a graph)
+        torch.jit.save(traced, str(folder / "probabilities.pt"))
+        np.save(folder / "test_input.npy", x.numpy())
+        np.save(folder / "test_output.npy", traced(x).numpy())
+    torch.jit.save(scripted_cells_model(model, config), str(folder / "cells.pt"))
+
+
+def _write_weights(model: nn.Module, config: Config, folder: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(folder / "weights.safetensors"),
+              metadata={"format": "pt", "producer": f"equiseg {version('equiseg')}"})
+    config.to_yaml(folder / "config.yaml")
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def equiseg_description(run: Path | str, model: nn.Module, config: Config, sample: np.ndarray) -> dict[str, Any]:
+    """The description of the packaged model that equiseg keeps (``equiseg.json``)."""
+    resolution = Run.of(run).resolution()
+    depth, group = config.model.depth, config.model.family.group
+    reach = receptive_reach(model, depth)
+    with torch.no_grad():
+        measured = certificate(model, [torch.from_numpy(sample.transpose(2, 0, 1).copy()).float() / 255],
+                               group) if group is not None else None
+    names = config.task.class_names
+    return {
+        "producer": f"equiseg {version('equiseg')}", "task": config.task.value,
+        "cell_mpp": resolution.cell_mpp if resolution is not None else None,
+        "tissue_mpp": resolution.tissue_mpp if resolution is not None else None,
+        "classes": names, "colours": {names[k]: list(c) for k, c in CELL_COLOURS.items() if k < len(names)},
+        "nucleus_channel": config.class_channels if config.data.nuclei else None,
+        "input": f"uint8 RGB (1, 3, H, W), H and W multiples of {2**depth}; the networks divide by 255 "
+                 "(no mean or std)",
+        "tile": {"side": 1024, "overlap": 128, "halo": reach,
+                 "note": f"each output pixel sees {reach} px each way: tiles should overlap by at least twice that"},
+        "family": config.model.family.value, "width": config.model.width, "depth": depth,
+        "exact_for": group.name if group is not None else None,
+        "certificate": measured,
+        "detect": {"sigma": config.detect.sigma, "min_distance": config.detect.min_distance,
+                   "threshold": config.detect.threshold, "peaks": config.detect.peaks},
+        "synthetic": config.data.root is None,
+        "files": {"probabilities": "probabilities.pt", "cells": "cells.pt", "weights": "weights.safetensors",
+                  "config": "config.yaml"},
+    }
+
+
+def model_card(config: Config, description: dict[str, Any]) -> str:
+    """``README.md``: Hugging Face front matter, then what the model is for, its limits and its data."""
+    synthetic = description["synthetic"]
+    front = {"license": "mit", "library_name": "equiseg", "pipeline_tag": "image-segmentation",
+             "tags": ["histopathology", "cell-detection", "rotation-equivariant", "bioimage-io", "torchscript",
+                      config.model.family.value],
+             "datasets": [] if synthetic else ["OCELOT 2023"]}
+    exact = description["exact_for"]
+    lines = [
+        "---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
+        f"# equiseg {config.model.family.value} U-Net: cells (background cell, tumour cell)", "",
+        f"A {config.model.family.value} U-Net (width {config.model.width}, depth {config.model.depth}) that finds "
+        "cells in H&E tiles and classifies them as background (BC) or tumour (TC) cells, made with equiseg, "
+        "after the paper (Liem, 2025) and the OCELOT 2023 challenge's task.",
+        f"It is exact for {exact}: turning or flipping a tile by an element of the group turns or flips its "
+        "probabilities alike." if exact else "It is a plain U-Net: no symmetry is built in.", "",
+        "**Trained on synthetic data** (equiseg's built-in procedural world): it shows the format and the "
+        "pipeline, not a model for real slides." if synthetic else
+        "Trained on the data its config names (config.yaml).", "",
+        "## Use", "",
+        "- `cells.pt` (TorchScript, only torch needed): a (1, 3, H, W) uint8 RGB tile in, probabilities and "
+        "cells (x, y, class, probability) out, with the run's detection settings.",
+        "- `probabilities.pt`: the probabilities alone (the BioImage Model Zoo weights, `rdf.yaml`).",
+        "- `equiseg predict --model` on the run folder this came from, for whole images and slides.", "",
+        "## Limits", "",
+        f"- Input at {description['cell_mpp'] or 'the training data'}'s µm per px; other resolutions need resampling.",
+        f"- Tiles larger than the model sees ({description['tile']['halo']} px each way) should overlap by twice "
+        "that; `cells.pt` runs one tile and does not stitch.",
+        "- Research use only; not a medical device.", "",
+        "## Validation", "",
+        "`test_input.npy` and `test_output.npy` hold a tile and its probabilities: `bioimageio.core` runs "
+        "`probabilities.pt` on the one and compares with the other. The equivariance measured on it is in "
+        "`equiseg.json` (`certificate`).", "",
+    ]
+    return "\n".join(lines)
+
+
+def bioimageio_description(config: Config, description: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """``rdf.yaml``: the BioImage Model Zoo description (format 0.5) of ``probabilities.pt``."""
+    multiple, halo = 2**config.model.depth, description["tile"]["halo"]
+    least = (2 * halo // multiple + 1) * multiple  # the least size larger than the halo on both sides
+    channels = config.task.class_names + (["nucleus"] if config.data.nuclei else [])
+
+    def space(axis: str) -> dict:
+        return {"type": "space", "id": axis, "size": {"min": least, "step": multiple}}
+
+    def out_space(axis: str) -> dict:
+        return {"type": "space", "id": axis, "size": {"tensor_id": "image", "axis_id": axis}, "halo": halo}
+
+    def file(name: str) -> dict:
+        return {"source": name, "sha256": sha256(folder / name)}
+
+    return {
+        "format_version": RDF_FORMAT, "type": "model",
+        "name": f"equiseg {config.model.family.value} cells",
+        "description": "Cells found and classified (background cell, tumour cell) in H&E tiles by a "
+                       f"{config.model.family.value} U-Net" + (", trained on synthetic data" if description["synthetic"]
+                                                             else ""),
+        "authors": [{"name": "equiseg"}], "cite": [OCELOT, OCELOT_CHALLENGE], "license": "MIT",
+        "tags": ["histopathology", "cell-detection", "rotation-equivariant", "2d", "pytorch"],
+        "documentation": "README.md", "covers": ["sample.png"],
+        "inputs": [{"id": "image", "description": "RGB, uint8", "data": {"type": "uint8"},
+                    "axes": [{"type": "batch"}, {"type": "channel", "channel_names": ["R", "G", "B"]},
+                             space("y"), space("x")],
+                    "test_tensor": file("test_input.npy"), "sample_tensor": file("sample.png")}],
+        "outputs": [{"id": "probabilities", "data": {"type": "float32", "range": [0.0, 1.0]},
+                     "axes": [{"type": "batch"}, {"type": "channel", "channel_names": channels},
+                              out_space("y"), out_space("x")],
+                     "test_tensor": file("test_output.npy")}],
+        "weights": {"torchscript": {**file("probabilities.pt"), "pytorch_version": torch.__version__.split("+")[0]}},
+        "config": {"equiseg": {k: description[k] for k in ("cell_mpp", "classes", "tile", "family", "exact_for")}},
+    }

@@ -1,0 +1,103 @@
+"""equiseg package: a folder that the BioImage Model Zoo's own tools validate and test, whose cells.pt gives
+predict's cells where only torch is installed, refused in one line for models it cannot package yet.
+"""
+
+import json
+import subprocess
+import sys
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+from typer.testing import CliRunner
+
+from equiseg.cli import app
+from equiseg.config import Config
+from equiseg.runs import Run, save_model
+
+runner = CliRunner()
+
+
+def write_run(path, family="p4m", task="cells"):
+    """A run folder: a small model with warmed batch norm, its config and resolution, no dataset left."""
+    torch.manual_seed(0)
+    config = Config.from_dict({"task": task, "model": {"family": family, "width": 2, "depth": 3},
+                               "data": {"root": str(path / "gone")},
+                               "detect": {"sigma": 2.0, "min_distance": 4, "threshold": 0.3}})
+    model = config.build_model().train()
+    with torch.no_grad():
+        model(torch.rand(2, 3, 32, 32) * 2)
+    run = Run(path)
+    run.checkpoints.mkdir(parents=True)
+    save_model(model.eval(), config, run.best)
+    config.to_yaml(run.config_file)
+    run.resolution_file.write_text(yaml.safe_dump({"cell_mpp": 0.2, "tissue_mpp": 0.8}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def package(tmp_path_factory):
+    root = tmp_path_factory.mktemp("package")
+    run = write_run(root / "run")
+    result = runner.invoke(app, ["package", "--model", str(run), "--out", str(root / "pkg"), "--zip"])
+    assert result.exit_code == 0, result.output
+    return root / "pkg"
+
+
+@pytest.mark.slow
+def test_the_bioimage_model_zoo_validates_the_package_and_its_test_passes(package):
+    spec = pytest.importorskip("bioimageio.spec")
+    core = pytest.importorskip("bioimageio.core")
+    description = spec.load_description(package / "rdf.yaml", perform_io_checks=True)
+    assert description.validation_summary.status in ("valid-format", "passed"), description.validation_summary.format()
+    summary = core.test_model(package / "rdf.yaml")
+    assert summary.status == "passed", summary.format()
+
+
+@pytest.mark.slow
+def test_the_package_holds_its_files_and_says_what_it_is(package):
+    names = {p.name for p in package.iterdir()}
+    assert {"weights.safetensors", "config.yaml", "probabilities.pt", "cells.pt", "rdf.yaml", "README.md",
+            "equiseg.json", "test_input.npy", "test_output.npy", "sample.png"} <= names
+    described = json.loads((package / "equiseg.json").read_text())
+    assert described["exact_for"] == "D4" and described["tile"]["halo"] == 29 and described["cell_mpp"] == 0.2
+    assert described["certificate"]["group"] < 1e-4  # exact for D4 on the sample, to float rounding
+    card = (package / "README.md").read_text()
+    assert card.startswith("---\nlicense: mit\n") and "Trained on the data" in card
+    rdf = yaml.safe_load((package / "rdf.yaml").read_text())
+    assert rdf["outputs"][0]["axes"][2]["halo"] == 29 and rdf["inputs"][0]["axes"][2]["size"] == {"min": 64, "step": 8}
+    with zipfile.ZipFile(package.with_suffix(".zip")) as archive:
+        assert "rdf.yaml" in archive.namelist() and "cells.pt" in archive.namelist()
+
+
+@pytest.mark.slow
+def test_cells_pt_gives_predicts_cells_on_the_sample_where_only_torch_is_installed(package, tmp_path):
+    from equiseg.inference.predict import predict_file
+    from equiseg.runs import load_model
+    from equiseg.runtime import Runtime
+
+    model, config = load_model(package.parent / "run")
+    result = predict_file(model, config, package / "sample.png", tmp_path, probs=False, runtime=Runtime())
+    tile = np.asarray(Image.open(package / "sample.png")).transpose(2, 0, 1)[None]
+    np.save(tmp_path / "tile.npy", tile)
+    script = ("import sys; sys.modules['equiseg'] = None\n"
+              "import numpy as np, torch\n"
+              f"model = torch.jit.load({str(package / 'cells.pt')!r})\n"
+              f"_, cells = model(torch.from_numpy(np.load({str(tmp_path / 'tile.npy')!r})))\n"
+              f"np.save({str(tmp_path / 'cells.npy')!r}, cells.numpy())\n")
+    done = subprocess.run([sys.executable, "-W", "ignore", "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert len(result.points)
+    cells = np.load(tmp_path / "cells.npy")  # positions and classes exact, probabilities to float32 rounding
+    np.testing.assert_array_equal(cells[:, :3], result.points[:, :3])  # (another thread count: another last bit)
+    np.testing.assert_allclose(cells[:, 3], result.points[:, 3], rtol=0, atol=1e-6)
+
+
+def test_a_tissue_model_is_refused_in_one_line_and_nothing_is_written(tmp_path):
+    run = write_run(tmp_path / "tissue", family="plain", task="tissue")
+    result = runner.invoke(app, ["package", "--model", str(run), "--out", str(tmp_path / "pkg")])
+    assert result.exit_code == 2 and result.output.count("\n") == 1
+    assert "cells model on RGB alone" in result.output and not (tmp_path / "pkg").exists()
