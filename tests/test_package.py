@@ -101,3 +101,55 @@ def test_a_tissue_model_is_refused_in_one_line_and_nothing_is_written(tmp_path):
     result = runner.invoke(app, ["package", "--model", str(run), "--out", str(tmp_path / "pkg")])
     assert result.exit_code == 2 and result.output.count("\n") == 1
     assert "cells model on RGB alone" in result.output and not (tmp_path / "pkg").exists()
+
+
+def _outputs(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if not p.name.startswith(".")}
+
+
+@pytest.mark.slow
+def test_predict_and_slide_take_a_package_and_give_the_runs_results_bit_for_bit(package, tmp_path):
+    pytest.importorskip("openslide")
+    from equiseg.data.synthetic import render_pair
+    from tests_support import tissue_on_glass, write_pyramid
+
+    image = np.random.default_rng(1).integers(0, 256, (96, 80, 3), dtype=np.uint8)
+    Image.fromarray(image).save(tmp_path / "a.png")
+    slide = write_pyramid(tmp_path / "slide.tif",
+                          tissue_on_glass(512, 768, {(0, 256): render_pair(1, 256, 1.0).cell_image}), 0.2)
+    run = package.parent / "run"
+    for command, target, options in [("predict", tmp_path / "a.png", ["--tile", "64", "--overlap", "16"]),
+                                      ("slide", slide, ["--tile", "128", "--overlap", "16"])]:
+        written = {}
+        for name, model in [("run", run), ("package", package)]:
+            out = tmp_path / f"{command}-{name}"
+            result = runner.invoke(app, [command, str(target), "--model", str(model), "--out", str(out), *options])
+            assert result.exit_code == 0, result.output
+            written[name] = _outputs(out)
+        assert written["run"] == written["package"] or command == "slide"  # a slide's summary names its model
+        if command == "slide":
+            for name in written["run"]:
+                if not name.endswith("summary.json"):
+                    assert written["run"][name] == written["package"][name], name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", ["sha256", "missing", "format"])
+def test_a_damaged_package_is_refused_in_one_line_naming_the_file(package, tmp_path, damage):
+    import shutil
+
+    copy = tmp_path / "pkg"
+    shutil.copytree(package, copy)
+    named = {"sha256": "probabilities.pt", "missing": "weights.safetensors", "format": "rdf.yaml"}[damage]
+    if damage == "sha256":
+        data = bytearray((copy / named).read_bytes())
+        data[-1] ^= 1
+        (copy / named).write_bytes(bytes(data))
+    elif damage == "missing":
+        (copy / named).unlink()
+    else:
+        (copy / named).write_text((copy / named).read_text().replace("format_version: 0.5.4", "format_version: 0.4.10"))
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "a.png")
+    result = runner.invoke(app, ["predict", str(tmp_path / "a.png"), "--model", str(copy), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and result.output.strip().count("\n") == 0, result.output
+    assert named in result.output and not (tmp_path / "o").exists()

@@ -21,7 +21,7 @@ The BioImage Model Zoo format was checked against bioimageio.spec 0.5.12.0 and b
 
 from __future__ import annotations
 
-import hashlib
+import dataclasses
 import json
 import shutil
 import warnings
@@ -46,13 +46,16 @@ from equiseg.files import owned_outputs
 from equiseg.models import UNet, optimize_for_inference
 from equiseg.models.build import receptive_reach
 from equiseg.pictures import CELL_COLOURS
-from equiseg.runs import Run, load_model
+from equiseg.runs import Run, file_sha256, load_model
 
 RDF_FORMAT = "0.5.4"
 OCELOT = {"text": "Ryu et al., OCELOT: Overlapped Cell on Tissue Dataset for Histopathology, CVPR 2023",
           "url": "https://lunit-io.github.io/research/publications/ocelot"}
 OCELOT_CHALLENGE = {"text": "Shin et al., OCELOT 2023: Cell Detection from Cell-Tissue Interaction Challenge, "
                             "Medical Image Analysis, 2025", "doi": "10.1016/j.media.2025.103751"}
+
+
+OWN_FILES = ("weights.safetensors", "config.yaml", "resolution.yaml", "cells.pt")
 
 
 class ProbabilityNet(nn.Module):
@@ -86,8 +89,13 @@ def package_run(run: Path | str, out: Path | str, as_zip: bool = False, force: b
     with owned_outputs(out, force) as partial:
         _write_networks(model, config, sample, partial)
         _write_weights(model, config, partial)
+        resolution = Run.of(run).resolution()
+        if resolution is not None:
+            (partial / "resolution.yaml").write_text(yaml.safe_dump(dataclasses.asdict(resolution)))
         Image.fromarray(sample).save(partial / "sample.png")
         description = equiseg_description(run, model, config, sample)
+        # what equiseg reads back (`runs.check_package`) beside the files rdf.yaml lists
+        description["sha256"] = {name: file_sha256(partial / name) for name in OWN_FILES if (partial / name).is_file()}
         (partial / "equiseg.json").write_text(json.dumps(description, indent=1) + "\n")
         (partial / "README.md").write_text(model_card(config, description))
         rdf = bioimageio_description(config, description, partial)
@@ -137,14 +145,6 @@ def _write_weights(model: nn.Module, config: Config, folder: Path) -> None:
     save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(folder / "weights.safetensors"),
               metadata={"format": "pt", "producer": f"equiseg {version('equiseg')}"})
     config.to_yaml(folder / "config.yaml")
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for chunk in iter(lambda: file.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def equiseg_description(run: Path | str, model: nn.Module, config: Config, sample: np.ndarray) -> dict[str, Any]:
@@ -227,7 +227,7 @@ def bioimageio_description(config: Config, description: dict[str, Any], folder: 
         return {"type": "space", "id": axis, "size": {"tensor_id": "image", "axis_id": axis}, "halo": halo}
 
     def file(name: str) -> dict:
-        return {"source": name, "sha256": sha256(folder / name)}
+        return {"source": name, "sha256": file_sha256(folder / name)}
 
     return {
         "format_version": RDF_FORMAT, "type": "model",

@@ -31,6 +31,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import hashlib
+import json
 import pickle
 import time
 from pathlib import Path
@@ -253,6 +254,8 @@ def load_model(checkpoint: Path | str, device: str | torch.device = "cpu") -> tu
         device: where the model goes (``"cpu"``, ``"cuda"``, a ``torch.device``).
     """
     path = Path(checkpoint)
+    if is_package(path):
+        return _load_package(path, device)
     if path.is_dir():
         path = Run(path).best
     if not path.is_file():
@@ -274,6 +277,79 @@ def load_model(checkpoint: Path | str, device: str | torch.device = "cpu") -> tu
     prefix = "model."
     model.load_state_dict(_matching(model, {k[len(prefix):]: v for k, v in weights.items()
                                             if isinstance(k, str) and k.startswith(prefix)}, path))
+    return model.to(device).eval(), config
+
+
+PACKAGE_FILES = ("rdf.yaml", "equiseg.json")  # a folder holding both is a package (equiseg package)
+
+
+def is_package(path: Path | str) -> bool:
+    """Whether ``path`` is a folder written by ``equiseg package``."""
+    path = Path(path)
+    return path.is_dir() and all((path / name).is_file() for name in PACKAGE_FILES)
+
+
+def check_package(folder: Path | str) -> dict:
+    """A package's own description (``equiseg.json``), once its ``rdf.yaml`` is found to be a BioImage
+    Model Zoo model description of format 0.5 and every file that it or ``equiseg.json`` lists is there,
+    inside the folder, with the sha256 they give.
+
+    Raises:
+        ValueError: another format, a file changed or listed outside the folder (one line naming the file).
+        FileNotFoundError: a listed file is missing (one line naming it).
+    """
+    folder = Path(folder)
+    rdf_path = folder / "rdf.yaml"
+    try:
+        rdf = yaml.safe_load(rdf_path.read_text())
+        described = json.loads((folder / "equiseg.json").read_text())
+    except (yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{folder}: the package's description is unreadable ({type(error).__name__})") from None
+    version = str(rdf.get("format_version", "")) if isinstance(rdf, dict) else ""
+    if not isinstance(rdf, dict) or rdf.get("type") != "model" or not version.startswith("0.5."):
+        raise ValueError(f"{rdf_path}: not a BioImage Model Zoo model description of format 0.5 (format "
+                         f"{version or 'unknown'}); equiseg reads the packages it writes")
+    for name, digest in [*_rdf_files(rdf), *dict(described.get("sha256", {})).items()]:
+        path = folder / str(name)
+        if Path(str(name)).name != str(name):
+            raise ValueError(f"{rdf_path}: lists {name!r}, which is not a file of the package's own folder")
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: missing from the package (its description lists it)")
+        if digest is not None and file_sha256(path) != digest:
+            raise ValueError(f"{path}: not the file that was packaged (its sha256 differs from the description's)")
+    return described
+
+
+def _rdf_files(rdf: dict) -> list[tuple[str, str | None]]:
+    """(name, sha256) of every file an rdf.yaml names with a digest: test and sample tensors, weights."""
+    entries = [t.get(key) for t in (*rdf.get("inputs", []), *rdf.get("outputs", []))
+               for key in ("test_tensor", "sample_tensor")]
+    entries += list(dict(rdf.get("weights", {})).values())
+    return [(e["source"], e.get("sha256")) for e in entries if isinstance(e, dict) and "source" in e]
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _load_package(folder: Path, device: str | torch.device) -> tuple[torch.nn.Module, Config]:
+    """`load_model` of a package: checked (`check_package`), its config, its safetensors weights."""
+    check_package(folder)
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        raise ValueError(f"{folder}: reading a package needs safetensors: pip install 'equiseg[package]'") from None
+    try:
+        config = Config.from_dict(read_yaml(folder / "config.yaml"))
+    except ConfigError as error:
+        raise ValueError(f"{folder / 'config.yaml'}: the package's config is refused: {error}") from None
+    model = config.build_model()
+    weights = folder / "weights.safetensors"
+    model.load_state_dict(_matching(model, load_file(str(weights)), weights))
     return model.to(device).eval(), config
 
 
