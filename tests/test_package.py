@@ -42,7 +42,7 @@ def write_run(path, family="p4m", task="cells"):
 def package(tmp_path_factory):
     root = tmp_path_factory.mktemp("package")
     run = write_run(root / "run")
-    result = runner.invoke(app, ["package", "--model", str(run), "--out", str(root / "pkg"), "--zip"])
+    result = runner.invoke(app, ["package", "--model", str(run), "--out", str(root / "pkg"), "--zip", "--hub-folder"])
     assert result.exit_code == 0, result.output
     return root / "pkg"
 
@@ -69,6 +69,8 @@ def test_the_package_holds_its_files_and_says_what_it_is(package):
     assert card.startswith("---\nlicense: mit\n") and "Trained on the data" in card
     rdf = yaml.safe_load((package / "rdf.yaml").read_text())
     assert rdf["outputs"][0]["axes"][2]["halo"] == 29 and rdf["inputs"][0]["axes"][2]["size"] == {"min": 64, "step": 8}
+    assert "*.safetensors filter=lfs diff=lfs merge=lfs -text" in (package / ".gitattributes").read_text()
+    assert json.loads((package / "config.json").read_text())["library_name"] == "equiseg"
     with zipfile.ZipFile(package.with_suffix(".zip")) as archive:
         assert "rdf.yaml" in archive.namelist() and "cells.pt" in archive.namelist()
 
@@ -153,3 +155,17 @@ def test_a_damaged_package_is_refused_in_one_line_naming_the_file(package, tmp_p
     result = runner.invoke(app, ["predict", str(tmp_path / "a.png"), "--model", str(copy), "--out", str(tmp_path / "o")])
     assert result.exit_code == 2 and result.output.strip().count("\n") == 0, result.output
     assert named in result.output and not (tmp_path / "o").exists()
+
+
+def test_the_card_reports_the_scores_the_run_reached_and_on_which_split(tmp_path):
+    from equiseg.package import run_scores
+
+    run = write_run(tmp_path / "run", family="plain")
+    assert run_scores(run) == []
+    Run(run).tuning_file.write_text("peaks,sigma,min_distance,threshold,mf1\nforeground,1.0,6,0.3,0.71\n"
+                                    "foreground,2.0,6,0.3,0.83\n")
+    assert [(s["split"], s["mf1"]) for s in run_scores(run)] == [("val", 0.83)]
+    evaluated = Run(run).eval_dir("test")
+    evaluated.mkdir()
+    (evaluated / "scores-test.json").write_text(json.dumps({"scores": {"mf1": 0.79}}))
+    assert [(s["split"], s["mf1"], s["source"]) for s in run_scores(run)] == [("test", 0.79, "equiseg evaluate")]

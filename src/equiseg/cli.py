@@ -617,6 +617,9 @@ def package(
     model: ModelOption = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="The package folder to write.")] = Path("package"),
     as_zip: Annotated[bool, typer.Option("--zip", help="Also write OUT.zip beside the folder.")] = False,
+    hub_folder: Annotated[bool, typer.Option(
+        "--hub-folder", help="Also lay the folder out as a Hugging Face Hub model repository (.gitattributes "
+                             "for Git LFS, config.json), ready to push; nothing is pushed.")] = False,
     force: ForceOption = False,
     as_json: JsonOption = False,
 ) -> None:
@@ -633,7 +636,7 @@ def package(
 
     model = _required(model, "--model")
     try:
-        path = package_run(model, out, as_zip=as_zip, force=force)
+        path = package_run(model, out, as_zip=as_zip, force=force, hub=hub_folder)
     except ImportError as error:
         raise _fail(f"{error.name or error}: install the package extra: pip install 'equiseg[package]'") from None
     except (ValueError, OSError) as error:

@@ -21,6 +21,7 @@ The BioImage Model Zoo format was checked against bioimageio.spec 0.5.12.0 and b
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 import shutil
@@ -55,6 +56,7 @@ OCELOT_CHALLENGE = {"text": "Shin et al., OCELOT 2023: Cell Detection from Cell-
                             "Medical Image Analysis, 2025", "doi": "10.1016/j.media.2025.103751"}
 
 
+HUB_ATTRIBUTES = ("*.pt", "*.safetensors", "*.npy", "*.png")  # binary files the Hub keeps in Git LFS
 OWN_FILES = ("weights.safetensors", "config.yaml", "resolution.yaml", "cells.pt")
 
 
@@ -73,9 +75,13 @@ class ProbabilityNet(nn.Module):
         return probs
 
 
-def package_run(run: Path | str, out: Path | str, as_zip: bool = False, force: bool = False) -> Path:
+def package_run(run: Path | str, out: Path | str, as_zip: bool = False, force: bool = False,
+                hub: bool = False) -> Path:
     """Write the package of ``run`` (see the module docstring) into the folder ``out`` (and, with
-    ``as_zip``, ``out`` + ``.zip`` beside it); returns what was written.
+    ``as_zip``, ``out`` + ``.zip`` beside it); returns what was written. With ``hub`` the folder is also
+    laid out as a Hugging Face Hub model repository (`HUB_ATTRIBUTES` in ``.gitattributes``: the binary
+    files through Git LFS; ``config.json``: equiseg's description), ready for ``git push``; nothing
+    goes over the network.
 
     Raises:
         ValueError: a model that is not a cells model on RGB alone (a tissue model, stage 2 of a two-stage
@@ -94,12 +100,17 @@ def package_run(run: Path | str, out: Path | str, as_zip: bool = False, force: b
             (partial / "resolution.yaml").write_text(yaml.safe_dump(dataclasses.asdict(resolution)))
         Image.fromarray(sample).save(partial / "sample.png")
         description = equiseg_description(run, model, config, sample)
+        description["scores"] = run_scores(run)
         # what equiseg reads back (`runs.check_package`) beside the files rdf.yaml lists
         description["sha256"] = {name: file_sha256(partial / name) for name in OWN_FILES if (partial / name).is_file()}
         (partial / "equiseg.json").write_text(json.dumps(description, indent=1) + "\n")
         (partial / "README.md").write_text(model_card(config, description))
         rdf = bioimageio_description(config, description, partial)
         (partial / "rdf.yaml").write_text(yaml.safe_dump(rdf, sort_keys=False, allow_unicode=True))
+        if hub:
+            (partial / ".gitattributes").write_text("".join(f"{p} filter=lfs diff=lfs merge=lfs -text\n"
+                                                            for p in HUB_ATTRIBUTES))
+            (partial / "config.json").write_text(json.dumps({"library_name": "equiseg", **description}, indent=1))
     if not as_zip:
         return Path(out)
     return Path(shutil.make_archive(str(Path(out)), "zip", root_dir=out))
@@ -177,6 +188,28 @@ def equiseg_description(run: Path | str, model: nn.Module, config: Config, sampl
     }
 
 
+def run_scores(run: Path | str) -> list[dict[str, Any]]:
+    """The mF1 the run reached, each with its split and data: ``equiseg evaluate``'s scores of the test and
+    validation splits where the run folder holds them, else the best of its detection tuning on the
+    validation split (``detect-tuning.csv``); none for a bare checkpoint.
+    """
+    folder = Run.of(run)
+    data = f"equiseg synthetic ({folder.synthetic()})" if folder.synthetic() else str(folder.data_root() or "unknown")
+    found = []
+    for split in ("test", "val"):
+        scores = folder.eval_dir(split) / f"scores-{split}.json"
+        if scores.is_file():
+            mf1 = json.loads(scores.read_text()).get("scores", {}).get("mf1")
+            if mf1 is not None:
+                found.append({"split": split, "data": data, "mf1": float(mf1), "source": "equiseg evaluate"})
+    if not found and folder.tuning_file.is_file():
+        with open(folder.tuning_file, newline="") as file:
+            rows = [float(row["mf1"]) for row in csv.DictReader(file) if row.get("mf1")]
+        if rows:
+            found.append({"split": "val", "data": data, "mf1": max(rows), "source": "equiseg tune-detect (best setting)"})
+    return found
+
+
 def model_card(config: Config, description: dict[str, Any]) -> str:
     """``README.md``: Hugging Face front matter, then what the model is for, its limits and its data."""
     synthetic = description["synthetic"]
@@ -184,6 +217,12 @@ def model_card(config: Config, description: dict[str, Any]) -> str:
              "tags": ["histopathology", "cell-detection", "rotation-equivariant", "bioimage-io", "torchscript",
                       config.model.family.value],
              "datasets": [] if synthetic else ["OCELOT 2023"]}
+    if description.get("scores"):
+        front["model-index"] = [{"name": f"equiseg-{config.model.family.value}-cells", "results": [
+            {"task": {"type": "object-detection", "name": "cell detection and classification"},
+             "dataset": {"name": score["data"], "type": "synthetic" if synthetic else "ocelot", "split": score["split"]},
+             "metrics": [{"type": "f1", "name": "mF1 (OCELOT's rule: 15 px, mean over BC and TC)",
+                          "value": score["mf1"]}]} for score in description["scores"]]}]
     exact = description["exact_for"]
     lines = [
         "---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
