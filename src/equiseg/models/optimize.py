@@ -119,10 +119,16 @@ def _conv_with_affine(conv: nn.Conv2d, scale: torch.Tensor, shift: torch.Tensor)
     return fused
 
 
-# the two rows (columns) of x that output phase a of "nearest x2 up, then a 3x3 conv" reads, as sums of the
-# kernel's three rows: phase 0 (even rows) reads x's rows i - 1 (kernel row 0) and i (rows 1 and 2)
-_PHASE_ROWS = (torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]]), torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]]))
 _PHASES = ((0, 0), (0, 1), (1, 0), (1, 1))
+
+
+def _collapse(kernel: torch.Tensor, phase: int, dim: int) -> torch.Tensor:
+    """The 3 taps of ``kernel`` along ``dim`` as the 2 rows (columns) of x that output phase ``phase`` of
+    "nearest x2 up, then a 3x3 conv" reads: phase 0 (even rows) reads x's row i - 1 with tap 0 and row i
+    with taps 1 + 2; phase 1 reads row i with taps 0 + 1 and row i + 1 with tap 2.
+    """
+    t0, t1, t2 = (kernel.select(dim, k) for k in range(3))
+    return torch.stack([t0, t1 + t2] if phase == 0 else [t0 + t1, t2], dim)
 
 
 class NearestUpConcatConv(nn.Module):
@@ -150,9 +156,8 @@ class NearestUpConcatConv(nn.Module):
             self.skip.weight.copy_(weight[:, up_channels:])
             if conv.bias is not None and self.skip.bias is not None:
                 self.skip.bias.copy_(conv.bias)
-            rows = [r.to(weight) for r in _PHASE_ROWS]
-            self.up.weight.copy_(torch.cat([torch.einsum("ij,ocjk,lk->ocil", rows[a], weight[:, :up_channels], rows[b])
-                                            for a, b in _PHASES]))
+            up = weight[:, :up_channels]
+            self.up.weight.copy_(torch.cat([_collapse(_collapse(up, a, 2), b, 3) for a, b in _PHASES]))
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
