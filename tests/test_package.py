@@ -169,3 +169,13 @@ def test_the_card_reports_the_scores_the_run_reached_and_on_which_split(tmp_path
     evaluated.mkdir()
     (evaluated / "scores-test.json").write_text(json.dumps({"scores": {"mf1": 0.79}}))
     assert [(s["split"], s["mf1"], s["source"]) for s in run_scores(run)] == [("test", 0.79, "equiseg evaluate")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", [["tune-detect"], ["evaluate"]])
+def test_commands_that_would_write_into_a_package_are_refused_in_one_line(package, command):
+    before = {p.name: p.stat().st_mtime_ns for p in package.iterdir()}
+    result = runner.invoke(app, [*command, "--model", str(package)])
+    assert result.exit_code == 2 and result.output.strip().count("\n") == 0, result.output
+    assert "never writes into" in result.output
+    assert {p.name: p.stat().st_mtime_ns for p in package.iterdir()} == before

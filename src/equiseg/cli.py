@@ -122,6 +122,16 @@ def _renamed(new: _T | None, old: _T | None, old_name: str, new_name: str) -> _T
     return old
 
 
+def _not_into_a_package(model: Path, instead: str) -> None:
+    """Refuse a command that would write into ``model`` when it is a package (`equiseg package`): its files
+    are listed with their sha256, and equiseg writes nothing beside them.
+    """
+    from equiseg.runs import is_package
+
+    if is_package(model):
+        raise _fail(f"{model} is a package (equiseg package), which equiseg never writes into: {instead}")
+
+
 def _required(value: _T | None, name: str) -> _T:
     if value is None:
         raise _fail(f"missing option {name}")
@@ -511,6 +521,8 @@ def evaluate(
     from equiseg.runs import Run
 
     model = _model(model, old_model)
+    if out is None:
+        _not_into_a_package(model, "give --out for the evaluation's files")
     try:
         check_outputs(out or Run.of(model).eval_dir(split), force)
         progress, update = _progress(f"evaluating on {split} ({runtime})")
@@ -554,6 +566,7 @@ def tune_detect(
     from equiseg.runs import Run
 
     model = _model(model, old_model)
+    _not_into_a_package(model, "tune the run folder it came from, then package it again")
     try:
         progress, update = _progress(f"probability maps of {split} ({runtime})")
         with progress:
