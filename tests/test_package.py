@@ -76,14 +76,17 @@ def test_the_package_holds_its_files_and_says_what_it_is(package):
 
 
 @pytest.mark.slow
-def test_cells_pt_gives_predicts_cells_on_the_sample_where_only_torch_is_installed(package, tmp_path):
+def test_cells_pt_gives_predicts_cells_on_a_1024_tile_where_only_torch_is_installed(package, tmp_path):
     from equiseg.inference.predict import predict_file
     from equiseg.runs import load_model
     from equiseg.runtime import Runtime
 
     model, config = load_model(package.parent / "run")
-    result = predict_file(model, config, package / "sample.png", tmp_path, probs=False, runtime=Runtime())
-    tile = np.asarray(Image.open(package / "sample.png")).transpose(2, 0, 1)[None]
+    sample = np.asarray(Image.open(package / "sample.png"))
+    Image.fromarray(np.tile(sample, (4, 4, 1))).save(tmp_path / "tile.png")  # a 1024² tile, run whole by predict
+    result = predict_file(model, config, tmp_path / "tile.png", tmp_path, probs=False, runtime=Runtime())
+    tile = np.asarray(Image.open(tmp_path / "tile.png")).transpose(2, 0, 1)[None]
+    assert tile.shape == (1, 3, 1024, 1024)
     np.save(tmp_path / "tile.npy", tile)
     script = ("import sys; sys.modules['equiseg'] = None\n"
               "import numpy as np, torch\n"

@@ -50,7 +50,7 @@ class ScriptedDetector(nn.Module):
             best, cls = blurred[1:, ys, xs].max(dim=0)
             candidates = torch.stack([xs.double(), ys.double(), foreground[ys, xs].double(), (cls + 1).double(),
                                       best.double()], 1)
-        return self._suppress(candidates)
+        return self._suppress(candidates, blurred.shape[1], blurred.shape[2])
 
     def _correlate(self, x: torch.Tensor, dim: int) -> torch.Tensor:
         """`peaks._valid_correlation` with this detector's kernel."""
@@ -84,21 +84,33 @@ class ScriptedDetector(nn.Module):
         score = blurred[c, ys, xs].double()
         return torch.stack([xs.double(), ys.double(), score, torch.full_like(score, float(c)), score], 1)
 
-    def _suppress(self, candidates: torch.Tensor) -> torch.Tensor:
-        """`suppress_peaks`: keys from the last to the first, each sort stable."""
+    def _suppress(self, candidates: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """`suppress_peaks`: keys from the last to the first, each sort stable; then each candidate, in that
+        order, is kept unless a cell kept before it marked its pixel (a kept cell marks every pixel closer
+        than ``min_distance``: the same test as the distance to each kept cell, for integer positions, at
+        one look-up a candidate however many there are).
+        """
         order = torch.arange(candidates.shape[0])
         for key, descending in ((3, False), (0, False), (1, False), (2, True)):
             order = order[torch.sort(candidates[order, key], stable=True, descending=descending)[1]]
         ordered = candidates[order]
-        xy = ordered[:, :2].long()
-        suppressed = torch.zeros(ordered.shape[0], dtype=torch.bool)
-        limit = self.min_distance * self.min_distance
+        reach = self.min_distance - 1  # the farthest offset closer than min_distance
+        if reach < 0:
+            return self._cells(ordered)
+        offsets = torch.arange(-reach, reach + 1)
+        disk = (offsets[:, None] ** 2 + offsets[None, :] ** 2) < self.min_distance * self.min_distance
+        marked = torch.zeros(height + 2 * reach, width + 2 * reach, dtype=torch.bool)
+        xs: list[int] = ordered[:, 0].long().tolist()
+        ys: list[int] = ordered[:, 1].long().tolist()
         kept: list[int] = []
-        for i in range(ordered.shape[0]):
-            if bool(suppressed[i]):
+        for i in range(len(xs)):
+            x, y = xs[i], ys[i]
+            if bool(marked[y + reach, x + reach]):
                 continue
             kept.append(i)
-            offset = xy - xy[i]
-            suppressed |= (offset * offset).sum(1) < limit
-        cells = ordered[torch.tensor(kept, dtype=torch.long)] if len(kept) else ordered[:0]
+            window = marked[y:y + 2 * reach + 1, x:x + 2 * reach + 1]
+            window.logical_or_(disk)
+        return self._cells(ordered[torch.tensor(kept, dtype=torch.long)] if len(kept) else ordered[:0])
+
+    def _cells(self, cells: torch.Tensor) -> torch.Tensor:
         return torch.stack([cells[:, 0], cells[:, 1], cells[:, 3], cells[:, 4].clamp(0, 1)], 1)
