@@ -21,9 +21,11 @@ in TorchScript and pt2 as an extra file ``equiseg.json``.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import json
 import warnings
+from collections.abc import Iterator
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any, cast
@@ -35,7 +37,7 @@ from equiseg.config import Config
 from equiseg.data.targets import Task
 from equiseg.detection.scripted import ScriptedDetector
 from equiseg.files import owned_file
-from equiseg.models import UNet, optimize_for_inference
+from equiseg.models import UNet, optimize_for_inference, probabilities
 from equiseg.runs import load_model
 
 
@@ -69,11 +71,22 @@ class DetectingNet(nn.Module):
         self.net, self.class_channels, self.detector = net, class_channels, detector
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.net(image.float().div_(255))[0]
-        probs = logits[:self.class_channels].softmax(0)  # one window's softmax, as tiling._batched takes it
-        if logits.shape[0] > self.class_channels:
-            probs = torch.cat([probs, logits[self.class_channels:].sigmoid()], 0)
+        # one window's probabilities, over its channel axis, as tiling._batched takes them
+        probs = probabilities(self.net(image.float().div_(255))[0], self.class_channels, 0)
         return probs.unsqueeze(0), self.detector(probs[:self.class_channels])
+
+
+@contextlib.contextmanager
+def quiet_jit() -> Iterator[None]:
+    """No gradients, and torch.jit's warnings that say nothing to a user of equiseg: a traced layer's shape
+    checks becoming constants (the sizes they check are the file's stated rule) and TorchScript's
+    deprecation (the formats are asked for by the tools that load them).
+    """
+    with torch.no_grad(), warnings.catch_warnings():
+        # torch.jit's own warning class, left out of its __all__
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # pyright: ignore[reportPrivateImportUsage]
+        warnings.filterwarnings("ignore", message=".*torch.jit.*deprecated.*")
+        yield
 
 
 def scripted_cells_model(model: nn.Module, config: Config) -> torch.jit.ScriptModule:
@@ -90,9 +103,7 @@ def scripted_cells_model(model: nn.Module, config: Config) -> torch.jit.ScriptMo
     unpadded = _Unpadded(cast(UNet, optimize_for_inference(model))).eval()
     side = 2 * 2**config.model.depth
     detect = config.detect
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # pyright: ignore[reportPrivateImportUsage]
-        warnings.filterwarnings("ignore", message=".*torch.jit.*deprecated.*")
+    with quiet_jit():
         # a traced module (torch.jit.trace is typed to return a graph too, for another call form)
         traced = cast(nn.Module, torch.jit.trace(unpadded, torch.rand(1, 3, side, side)))
         detector = ScriptedDetector(detect.sigma, detect.min_distance, detect.threshold, detect.per_class)
@@ -159,11 +170,7 @@ def export_model(run: Path | str, fmt: ExportFormat, out: Path | str) -> Path:
             case ExportFormat.ONNX:
                 _onnx(unpadded, example, partial, card)
             case ExportFormat.TORCHSCRIPT:
-                with torch.no_grad(), warnings.catch_warnings():
-                    # shape checks in the layers become constants: the sizes they check are the file's rule
-                    # torch.jit's own warning class, left out of its __all__
-                    warnings.simplefilter("ignore", torch.jit.TracerWarning)  # pyright: ignore[reportPrivateImportUsage]
-                    warnings.filterwarnings("ignore", message=".*torch.jit.*deprecated.*")
+                with quiet_jit():
                     traced = torch.jit.trace(unpadded, example)
                     torch.jit.save(traced, str(partial), _extra_files={"equiseg.json": json.dumps(card)})
             case ExportFormat.PT2:

@@ -25,7 +25,6 @@ import csv
 import dataclasses
 import json
 import shutil
-import warnings
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any, cast
@@ -42,9 +41,9 @@ from equiseg.data.ocelot import DatasetError, OcelotFolder
 from equiseg.data.targets import Task
 from equiseg.datasets import data_root
 from equiseg.evaluation.equivariance import certificate
-from equiseg.export import _Unpadded, scripted_cells_model
+from equiseg.export import _Unpadded, quiet_jit, scripted_cells_model
 from equiseg.files import owned_outputs
-from equiseg.models import UNet, optimize_for_inference
+from equiseg.models import UNet, optimize_for_inference, probabilities
 from equiseg.models.build import receptive_reach
 from equiseg.pictures import CELL_COLOURS
 from equiseg.runs import Run, file_sha256, load_model
@@ -68,11 +67,7 @@ class ProbabilityNet(nn.Module):
         self.net, self.class_channels = net, class_channels
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        logits = self.net(image.float().div(255))
-        probs = logits[:, :self.class_channels].softmax(1)
-        if logits.shape[1] > self.class_channels:
-            probs = torch.cat([probs, logits[:, self.class_channels:].sigmoid()], 1)
-        return probs
+        return probabilities(self.net(image.float().div(255)), self.class_channels)
 
 
 def package_run(run: Path | str, out: Path | str, as_zip: bool = False, force: bool = False,
@@ -139,15 +134,12 @@ def _write_networks(model: nn.Module, config: Config, sample: np.ndarray, folder
     unpadded = _Unpadded(cast(UNet, optimize_for_inference(model))).eval()
     net = ProbabilityNet(unpadded, config.class_channels).eval()
     x = torch.from_numpy(sample.transpose(2, 0, 1)[None].copy())
-    with torch.no_grad(), warnings.catch_warnings():
-        # shape checks in the layers become constants: the sizes they check are the file's rule (rdf.yaml)
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # pyright: ignore[reportPrivateImportUsage]
-        warnings.filterwarnings("ignore", message=".*torch.jit.*deprecated.*")
+    with quiet_jit():
         traced = cast(nn.Module, torch.jit.trace(net, x))  # a traced module (trace is also typed as a graph)
         torch.jit.save(traced, str(folder / "probabilities.pt"))
         np.save(folder / "test_input.npy", x.numpy())
         np.save(folder / "test_output.npy", traced(x).numpy())
-    torch.jit.save(scripted_cells_model(model, config), str(folder / "cells.pt"))
+        torch.jit.save(scripted_cells_model(model, config), str(folder / "cells.pt"))
 
 
 def _write_weights(model: nn.Module, config: Config, folder: Path) -> None:

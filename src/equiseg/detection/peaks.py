@@ -306,12 +306,18 @@ def _gaussian_blur(x: torch.Tensor, sigma: float,
     the radius (a valid convolution there, so a block's blur equals the whole map's).
     """
     radius = _blur_radius(sigma)
-    t = torch.arange(-radius, radius + 1, dtype=x.dtype)
-    kernel = torch.exp(-(t**2) / (2 * sigma**2))
-    kernel = kernel / kernel.sum()
+    kernel = _gaussian_kernel(sigma).to(x.dtype)
     top, bottom, left, right = (radius if edge else 0 for edge in edges)
     x = _valid_correlation(F.pad(x, (left, right, 0, 0), mode="replicate"), kernel, -1)
     return _valid_correlation(F.pad(x, (0, 0, top, bottom), mode="replicate"), kernel, -2)
+
+
+def _gaussian_kernel(sigma: float) -> torch.Tensor:
+    """The blur's 1-D kernel, float32, normalised: 2 `_blur_radius` + 1 taps (sigma > 0)."""
+    radius = _blur_radius(sigma)
+    t = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    kernel = torch.exp(-(t**2) / (2 * sigma**2))
+    return kernel / kernel.sum()
 
 
 def _valid_correlation(x: torch.Tensor, kernel: torch.Tensor, dim: int) -> torch.Tensor:
@@ -340,8 +346,7 @@ def _max_filter(score: torch.Tensor, window: int) -> torch.Tensor:
 def _running_max(x: torch.Tensor, window: int, dim: int) -> torch.Tensor:
     """Along ``dim``, the maximum over the odd ``window`` centred on each element (-inf beyond the ends)."""
     half, length = window // 2, x.shape[dim]
-    pad = [0, 0, 0, 0]
-    pad[2 * (1 - dim):2 * (1 - dim) + 2] = [half, half]
+    pad = [half, half, 0, 0] if dim == 1 else [0, 0, half, half]  # (TorchScript compiles it: detection.scripted)
     padded = F.pad(x, pad, value=float("-inf"))
     span, running = 1, padded  # running[i]: the maximum of padded[i .. i + span - 1]
     while 2 * span <= window:

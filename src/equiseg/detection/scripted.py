@@ -1,23 +1,20 @@
 """Cell detection as a module that TorchScript compiles, so that a model file can carry its own
 detection and run where equiseg is not installed (issue 30's package, QuPath through DJL, C++).
 
-`ScriptedDetector` is `detect_cells` spelled in TorchScript's subset: the same blur (sums of
-shifted maps in kernel order, replicate padding at the map's edges), the same max filter (running
-maxima by doubling), the same candidates and the same greedy suppression (by descending smoothed
-probability, ties by row, column, class; a candidate closer than ``min_distance`` px to one kept
-before it is dropped). Its cells equal `detect_cells`' bit for bit (tested, also after
+`ScriptedDetector` is `detect_cells` in TorchScript's subset: the same blur and max filter (the
+functions of `peaks`, compiled), the same candidates and the same greedy suppression (by descending
+smoothed probability, ties by row, column, class; a candidate closer than ``min_distance`` px to one
+kept before it is dropped). Its cells equal `detect_cells`' bit for bit (tested, also after
 ``torch.jit.script`` and a save and load).
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from equiseg.detection.peaks import _blur_radius
+from equiseg.detection.peaks import _blur_radius, _gaussian_kernel, _max_filter, _valid_correlation
 
 
 class ScriptedDetector(nn.Module):
@@ -27,19 +24,15 @@ class ScriptedDetector(nn.Module):
 
     def __init__(self, sigma: float, min_distance: int, threshold: float, per_class: bool) -> None:
         super().__init__()
-        radius = _blur_radius(sigma)
-        t = torch.arange(-radius, radius + 1, dtype=torch.float32)
-        kernel = torch.exp(-(t**2) / (2 * sigma**2)) if radius else torch.ones(1)
-        kernel = kernel / kernel.sum()
-        self.taps = [float(k) for k in kernel]  # one tap (unused) without a blur: TorchScript types a non-empty list
-        self.first = float(kernel[0])
-        self.radius, self.min_distance, self.threshold, self.per_class = radius, int(min_distance), threshold, per_class
+        self.radius = _blur_radius(sigma)
+        self.kernel = _gaussian_kernel(sigma) if self.radius else torch.ones(1)  # the blur's taps (saved with the module)
+        self.min_distance, self.threshold, self.per_class = int(min_distance), threshold, per_class
 
     def forward(self, probs: torch.Tensor) -> torch.Tensor:
         x = probs.float().unsqueeze(0)
         if self.radius > 0:
-            x = self._correlate(F.pad(x, [self.radius, self.radius, 0, 0], mode="replicate"), 3)
-            x = self._correlate(F.pad(x, [0, 0, self.radius, self.radius], mode="replicate"), 2)
+            x = _valid_correlation(F.pad(x, [self.radius, self.radius, 0, 0], mode="replicate"), self.kernel, 3)
+            x = _valid_correlation(F.pad(x, [0, 0, self.radius, self.radius], mode="replicate"), self.kernel, 2)
         blurred = x[0]
         if self.per_class:
             rows = [self._class_candidates(blurred, c) for c in range(1, blurred.shape[0])]
@@ -52,32 +45,10 @@ class ScriptedDetector(nn.Module):
                                       best.double()], 1)
         return self._suppress(candidates, blurred.shape[1], blurred.shape[2])
 
-    def _correlate(self, x: torch.Tensor, dim: int) -> torch.Tensor:
-        """`peaks._valid_correlation` with this detector's kernel."""
-        n, length = len(self.taps), x.shape[dim]
-        out = x.narrow(dim, 0, length - n + 1) * self.first
-        for k in range(1, n):
-            out.add_(x.narrow(dim, k, length - n + 1), alpha=self.taps[k])
-        return out
-
     def _maxima(self, score: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        window = 2 * self.min_distance + 1
-        filtered = self._running_max(self._running_max(score, window, 0), window, 1)
-        peaks = (score == filtered) & (score > self.threshold)
+        peaks = (score == _max_filter(score, 2 * self.min_distance + 1)) & (score > self.threshold)
         found = torch.nonzero(peaks)
         return found[:, 0], found[:, 1]
-
-    def _running_max(self, x: torch.Tensor, window: int, dim: int) -> torch.Tensor:
-        """`peaks._running_max`."""
-        half, length = window // 2, x.shape[dim]
-        pad = [half, half, 0, 0] if dim == 1 else [0, 0, half, half]
-        running = F.pad(x, pad, value=-math.inf)
-        span = 1
-        while 2 * span <= window:
-            n = running.shape[dim] - span
-            running = torch.maximum(running.narrow(dim, 0, n), running.narrow(dim, span, n))
-            span *= 2
-        return torch.maximum(running.narrow(dim, 0, length), running.narrow(dim, window - span, length))
 
     def _class_candidates(self, blurred: torch.Tensor, c: int) -> torch.Tensor:
         ys, xs = self._maxima(blurred[c])

@@ -90,9 +90,8 @@ def count_macs(model: nn.Module, height: int = 1024, width: int = 1024) -> int:
 
     convs = (nn.Conv2d, ExpandedConv2d)
     handles = [m.register_forward_hook(hook) for m in probe.modules() if isinstance(m, convs)]
-    in_channels = next(m for m in probe.modules() if isinstance(m, convs)).in_channels
     with torch.no_grad():
-        probe.eval()(torch.empty(1, in_channels, height, width, device="meta"))
+        probe.eval()(torch.empty(1, in_channels(probe), height, width, device="meta"))
     for handle in handles:
         handle.remove()
     return total
