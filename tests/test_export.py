@@ -128,9 +128,9 @@ def test_a_scripted_cells_model_finds_predicts_cells_where_only_torch_is_install
     np.testing.assert_allclose(np.load(tmp_path / "probs.npy")[0], np.load(tmp_path / "tile_probs.npy"), atol=1e-3)
 
 
-def test_a_model_with_detection_inside_is_a_cells_model_on_rgb():
+def test_a_model_with_detection_inside_is_a_cells_model():
     from equiseg.export import scripted_cells_model
 
     config = Config.from_dict({"task": "tissue", "model": {"family": "plain", "width": 2, "depth": 2}})
-    with pytest.raises(ValueError, match="cells model on RGB alone"):
+    with pytest.raises(ValueError, match="detection inside is a cells model"):
         scripted_cells_model(config.build_model().eval(), config)

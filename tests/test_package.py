@@ -3,6 +3,7 @@ predict's cells where only torch is installed, refused in one line for models it
 """
 
 import json
+import os
 import subprocess
 import sys
 import zipfile
@@ -21,15 +22,18 @@ from equiseg.runs import Run, save_model
 runner = CliRunner()
 
 
-def write_run(path, family="p4m", task="cells"):
-    """A run folder: a small model with warmed batch norm, its config and resolution, no dataset left."""
+def write_run(path, family="p4m", task="cells", tissue_model=None):
+    """A run folder: a small model with warmed batch norm, its config and resolution, no dataset left; with
+    ``tissue_model``, a cell model with tissue context from that run.
+    """
     torch.manual_seed(0)
+    context = {"context": "model", "tissue_model": str(tissue_model)} if tissue_model else {}
     config = Config.from_dict({"task": task, "model": {"family": family, "width": 2, "depth": 3},
-                               "data": {"root": str(path / "gone")},
+                               "data": {"root": str(path / "gone"), **context},
                                "detect": {"sigma": 2.0, "min_distance": 4, "threshold": 0.3}})
     model = config.build_model().train()
     with torch.no_grad():
-        model(torch.rand(2, 3, 32, 32) * 2)
+        model(torch.rand(2, config.in_channels, 32, 32) * 2)
     run = Run(path)
     run.checkpoints.mkdir(parents=True)
     save_model(model.eval(), config, run.best)
@@ -60,7 +64,7 @@ def test_the_bioimage_model_zoo_validates_the_package_and_its_test_passes(packag
 @pytest.mark.slow
 def test_the_package_holds_its_files_and_says_what_it_is(package):
     names = {p.name for p in package.iterdir()}
-    assert {"weights.safetensors", "config.yaml", "probabilities.pt", "cells.pt", "rdf.yaml", "README.md",
+    assert {"weights.safetensors", "config.yaml", "probabilities.pt", "cells.pt", "cells.onnx", "rdf.yaml", "README.md",
             "equiseg.json", "test_input.npy", "test_output.npy", "sample.png"} <= names
     described = json.loads((package / "equiseg.json").read_text())
     assert described["exact_for"] == "D4" and described["tile"]["halo"] == 29 and described["cell_mpp"] == 0.2
@@ -75,37 +79,64 @@ def test_the_package_holds_its_files_and_says_what_it_is(package):
         assert "rdf.yaml" in archive.namelist() and "cells.pt" in archive.namelist()
 
 
-@pytest.mark.slow
-def test_cells_pt_gives_predicts_cells_on_a_1024_tile_where_only_torch_is_installed(package, tmp_path):
+def predicted_tile(package, folder):
+    """Predict's cells on a 1024² tile (run whole) of the package's run, and the tile saved as (1, 3, H, W) uint8."""
     from equiseg.inference.predict import predict_file
     from equiseg.runs import load_model
     from equiseg.runtime import Runtime
 
     model, config = load_model(package.parent / "run")
     sample = np.asarray(Image.open(package / "sample.png"))
-    Image.fromarray(np.tile(sample, (4, 4, 1))).save(tmp_path / "tile.png")  # a 1024² tile, run whole by predict
-    result = predict_file(model, config, tmp_path / "tile.png", tmp_path, probs=False, runtime=Runtime())
-    tile = np.asarray(Image.open(tmp_path / "tile.png")).transpose(2, 0, 1)[None]
-    assert tile.shape == (1, 3, 1024, 1024)
-    np.save(tmp_path / "tile.npy", tile)
-    script = ("import sys; sys.modules['equiseg'] = None\n"
+    Image.fromarray(np.tile(sample, (4, 4, 1))).save(folder / "tile.png")  # a 1024² tile, run whole by predict
+    result = predict_file(model, config, folder / "tile.png", folder, probs=False, runtime=Runtime())
+    tile = np.asarray(Image.open(folder / "tile.png")).transpose(2, 0, 1)[None]
+    assert tile.shape == (1, 3, 1024, 1024) and len(result.points)
+    np.save(folder / "tile.npy", tile)
+    return result.points
+
+
+def run_alone(script: str) -> None:
+    done = subprocess.run([sys.executable, "-W", "ignore", "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.slow
+def test_cells_pt_gives_predicts_cells_on_a_1024_tile_where_only_torch_is_installed(package, tmp_path):
+    points = predicted_tile(package, tmp_path)
+    run_alone("import sys; sys.modules['equiseg'] = None\n"
               "import numpy as np, torch\n"
               f"model = torch.jit.load({str(package / 'cells.pt')!r})\n"
               f"_, cells = model(torch.from_numpy(np.load({str(tmp_path / 'tile.npy')!r})))\n"
               f"np.save({str(tmp_path / 'cells.npy')!r}, cells.numpy())\n")
-    done = subprocess.run([sys.executable, "-W", "ignore", "-c", script], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    assert len(result.points)
     cells = np.load(tmp_path / "cells.npy")  # positions and classes exact, probabilities to float32 rounding
-    np.testing.assert_array_equal(cells[:, :3], result.points[:, :3])  # (another thread count: another last bit)
-    np.testing.assert_allclose(cells[:, 3], result.points[:, 3], rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(cells[:, :3], points[:, :3])  # (another thread count: another last bit)
+    np.testing.assert_allclose(cells[:, 3], points[:, 3], rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_cells_onnx_gives_predicts_cells_on_a_1024_tile_in_onnxruntime_without_torch(package, tmp_path):
+    """Onnxruntime's convolutions round otherwise than torch's: the same cells (positions and classes
+    exact), probabilities to float tolerance, so cells of nearly equal probability may swap places in
+    the list, which is sorted by probability: compared in order of position.
+    """
+    points = predicted_tile(package, tmp_path)
+    run_alone("import sys; sys.modules['equiseg'] = None; sys.modules['torch'] = None\n"
+              "import numpy as np, onnxruntime\n"
+              f"session = onnxruntime.InferenceSession({str(package / 'cells.onnx')!r})\n"
+              f"probs, cells = session.run(None, {{'image': np.load({str(tmp_path / 'tile.npy')!r})}})\n"
+              f"np.save({str(tmp_path / 'cells.npy')!r}, cells)\n")
+    cells = np.load(tmp_path / "cells.npy")
+    by_position = np.lexsort((cells[:, 1], cells[:, 0]))
+    expected = points[np.lexsort((points[:, 1], points[:, 0]))]
+    np.testing.assert_array_equal(cells[by_position, :3], expected[:, :3])
+    np.testing.assert_allclose(cells[by_position, 3], expected[:, 3], rtol=0, atol=1e-5)
 
 
 def test_a_tissue_model_is_refused_in_one_line_and_nothing_is_written(tmp_path):
     run = write_run(tmp_path / "tissue", family="plain", task="tissue")
     result = runner.invoke(app, ["package", "--model", str(run), "--out", str(tmp_path / "pkg")])
     assert result.exit_code == 2 and result.output.count("\n") == 1
-    assert "cells model on RGB alone" in result.output and not (tmp_path / "pkg").exists()
+    assert "takes a cells model" in result.output and not (tmp_path / "pkg").exists()
 
 
 def _outputs(folder):
@@ -113,8 +144,10 @@ def _outputs(folder):
 
 
 @pytest.mark.slow
-def test_predict_and_slide_take_a_package_and_give_the_runs_results_bit_for_bit(package, tmp_path):
+def test_predict_slide_and_challenge_take_a_package_or_its_zip_and_give_the_runs_results_bit_for_bit(
+        package, synthetic_small, tmp_path):
     pytest.importorskip("openslide")
+    from equiseg.data.ocelot import OcelotFolder, write_grand_challenge
     from equiseg.data.synthetic import render_pair
     from tests_support import tissue_on_glass, write_pyramid
 
@@ -122,20 +155,48 @@ def test_predict_and_slide_take_a_package_and_give_the_runs_results_bit_for_bit(
     Image.fromarray(image).save(tmp_path / "a.png")
     slide = write_pyramid(tmp_path / "slide.tif",
                           tissue_on_glass(512, 768, {(0, 256): render_pair(1, 256, 1.0).cell_image}), 0.2)
+    gc = write_grand_challenge(tmp_path / "gc", list(OcelotFolder(synthetic_small, "test"))[:2])
     run = package.parent / "run"
     for command, target, options in [("predict", tmp_path / "a.png", ["--tile", "64", "--overlap", "16"]),
-                                      ("slide", slide, ["--tile", "128", "--overlap", "16"])]:
+                                      ("slide", slide, ["--tile", "128", "--overlap", "16"]),
+                                      ("challenge", gc, [])]:
         written = {}
-        for name, model in [("run", run), ("package", package)]:
+        for name, model in [("run", run), ("package", package), ("zip", package.with_suffix(".zip"))]:
             out = tmp_path / f"{command}-{name}"
             result = runner.invoke(app, [command, str(target), "--model", str(model), "--out", str(out), *options])
             assert result.exit_code == 0, result.output
             written[name] = _outputs(out)
-        assert written["run"] == written["package"] or command == "slide"  # a slide's summary names its model
-        if command == "slide":
-            for name in written["run"]:
-                if not name.endswith("summary.json"):
-                    assert written["run"][name] == written["package"][name], name
+        for name in written["run"]:
+            if not name.endswith("summary.json"):  # a slide's summary names its model
+                assert written["run"][name] == written["package"][name] == written["zip"][name], (command, name)
+
+
+def test_a_zip_that_is_not_a_flat_package_is_refused_and_nothing_is_unpacked(tmp_path, monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "temp"))
+    (tmp_path / "temp").mkdir()
+    with zipfile.ZipFile(tmp_path / "evil.zip", "w") as archive:
+        for name in ("rdf.yaml", "equiseg.json", "../outside.txt"):
+            archive.writestr(name, "x")
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "a.png")
+    result = runner.invoke(app, ["predict", str(tmp_path / "a.png"), "--model", str(tmp_path / "evil.zip"),
+                                 "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and result.output.strip().count("\n") == 0, result.output
+    assert "'../outside.txt'" in result.output
+    assert not list((tmp_path / "temp").iterdir()) and not (tmp_path / "outside.txt").exists()
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_a_zipped_package_is_unpacked_for_the_command_only(package, tmp_path):
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "a.png")
+    (tmp_path / "temp").mkdir()
+    done = subprocess.run([sys.executable, "-m", "equiseg.cli", "predict", str(tmp_path / "a.png"), "--model",
+                           str(package.with_suffix(".zip")), "--out", str(tmp_path / "o")],
+                          capture_output=True, text=True, env={**os.environ, "TMPDIR": str(tmp_path / "temp")})
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "o" / "a_cells.csv").is_file() and not list((tmp_path / "temp").iterdir())
 
 
 @pytest.mark.slow
@@ -182,3 +243,69 @@ def test_commands_that_would_write_into_a_package_are_refused_in_one_line(packag
     assert result.exit_code == 2 and result.output.strip().count("\n") == 0, result.output
     assert "never writes into" in result.output
     assert {p.name: p.stat().st_mtime_ns for p in package.iterdir()} == before
+
+
+@pytest.mark.slow
+def test_tune_detect_tunes_a_package_into_out_as_it_tunes_its_run(package, synthetic_small, tmp_path):
+    before = {p.name: p.stat().st_mtime_ns for p in package.iterdir()}
+    written = {}
+    for name, model in [("run", package.parent / "run"), ("package", package.with_suffix(".zip"))]:
+        result = runner.invoke(app, ["tune-detect", "--model", str(model), "--data", str(synthetic_small),
+                                     "--out", str(tmp_path / name)])
+        assert result.exit_code == 0, result.output
+        written[name] = {f: (tmp_path / name / f).read_text() for f in ("detect.yaml", "detect-tuning.csv")}
+    assert written["run"] == written["package"]
+    assert {p.name: p.stat().st_mtime_ns for p in package.iterdir()} == before
+    assert not Run(package.parent / "run").detect_file.exists()  # --out: not into the run either
+
+
+@pytest.mark.slow
+def test_a_model_with_tissue_context_is_packaged_with_a_context_input_and_says_which_tissue_model(
+        synthetic_small, tmp_path):
+    """Its networks take (image, context); the BioImage Model Zoo test passes with both inputs; cells.pt and
+    cells.onnx find the cells equiseg finds on the same input; challenge on the package (and its tissue
+    model) writes the run's file bit for bit.
+    """
+    from equiseg.data.ocelot import OcelotFolder, write_grand_challenge
+    from equiseg.detection.peaks import find_cells
+    from equiseg.models import probabilities
+    from equiseg.runs import file_sha256, load_model
+
+    tissue = write_run(tmp_path / "tissue", family="plain", task="tissue")
+    run = write_run(tmp_path / "run", family="p4", tissue_model=tissue)
+    result = runner.invoke(app, ["package", "--model", str(run), "--out", str(tmp_path / "pkg"), "--zip"])
+    assert result.exit_code == 0, result.output
+    package = tmp_path / "pkg"
+    described = json.loads((package / "equiseg.json").read_text())["tissue_context"]
+    assert described["tissue_model"] == {"path": str(tissue), "sha256": file_sha256(Run(tissue).best)}
+    assert "## Tissue context" in (package / "README.md").read_text()
+    rdf = yaml.safe_load((package / "rdf.yaml").read_text())
+    assert [tensor["id"] for tensor in rdf["inputs"]] == ["image", "context"]
+    core = pytest.importorskip("bioimageio.core")
+    summary = core.test_model(package / "rdf.yaml")
+    assert summary.status == "passed", summary.format()
+
+    generator = torch.Generator().manual_seed(3)
+    image = torch.randint(0, 256, (1, 3, 128, 96), dtype=torch.uint8, generator=generator)
+    context = torch.softmax(torch.randn(1, 2, 128, 96, generator=generator), 1)
+    model, config = load_model(run)
+    with torch.no_grad():
+        probs = probabilities(model(torch.cat([image.float() / 255, context], 1)), config.class_channels)[0]
+    expected = find_cells(probs, config.detect)
+    assert len(expected)
+    _, cells = torch.jit.load(str(package / "cells.pt"))(image, context)
+    np.testing.assert_array_equal(cells.numpy()[:, :3], expected[:, :3])
+    ort = pytest.importorskip("onnxruntime")
+    session = ort.InferenceSession(str(package / "cells.onnx"))
+    _, cells = session.run(None, {"image": image.numpy(), "context": context.numpy()})
+    by_position = np.lexsort((cells[:, 1], cells[:, 0]))
+    np.testing.assert_array_equal(cells[by_position, :3], expected[np.lexsort((expected[:, 1], expected[:, 0])), :3])
+
+    gc = write_grand_challenge(tmp_path / "gc", list(OcelotFolder(synthetic_small, "test"))[:2])
+    written = {}
+    for name, model_path in [("run", run), ("zip", package.with_suffix(".zip"))]:
+        result = runner.invoke(app, ["challenge", str(gc), "--model", str(model_path), "--tissue-model", str(tissue),
+                                     "--out", str(tmp_path / name)])
+        assert result.exit_code == 0, result.output
+        written[name] = (tmp_path / name / "cell_classification.json").read_bytes()
+    assert written["run"] == written["zip"]

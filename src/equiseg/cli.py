@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import functools
 import inspect
 import json
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
@@ -129,7 +131,28 @@ def _not_into_a_package(model: Path, instead: str) -> None:
     from equiseg.runs import is_package
 
     if is_package(model):
-        raise _fail(f"{model} is a package (equiseg package), which equiseg never writes into: {instead}")
+        shown = _unzipped.get(model, model)
+        raise _fail(f"{shown} is a package (equiseg package), which equiseg never writes into: {instead}")
+
+
+_unzipped: dict[Path, Path] = {}  # a zipped package's unpacked folder -> the zip (`_model`)
+
+
+def _unzipped_package(path: Path) -> Path:
+    """``path``, or for a zipped package (``equiseg package --zip``) its files unpacked into a temporary
+    folder that goes when the command ends.
+    """
+    from equiseg.runs import is_zipped_package, unzip_package
+
+    if not is_zipped_package(path):
+        return path
+    try:
+        folder = unzip_package(path)
+    except (ValueError, OSError) as error:
+        raise _fail(str(error)) from None
+    atexit.register(shutil.rmtree, folder.parent, True)
+    _unzipped[folder] = path
+    return folder
 
 
 def _required(value: _T | None, name: str) -> _T:
@@ -139,8 +162,10 @@ def _required(value: _T | None, name: str) -> _T:
 
 
 def _model(model: Path | None, old: Path | None, old_name: str = "a positional model") -> Path:
-    """``--model``, or the 0.1 spelling of the command (a positional RUN or ``--cell-model``) with a notice."""
-    return _required(_renamed(model, old, old_name, "--model"), "--model")
+    """``--model``, or the 0.1 spelling of the command (a positional RUN or ``--cell-model``) with a notice; a
+    zipped package unpacked (`_unzipped_package`).
+    """
+    return _unzipped_package(_required(_renamed(model, old, old_name, "--model"), "--model"))
 
 
 def _emit(as_json: bool, result: dict | list) -> bool:
@@ -549,6 +574,12 @@ def tune_detect(
     model: ModelOption = None,
     old_model: OldModelArgument = None,
     split: Annotated[str, typer.Option(help="The split to tune on (never the test split you report).")] = "val",
+    data: Annotated[Path | None, typer.Option(
+        "--data", help="The dataset to tune on (OCELOT layout); default: the one the model trained on.",
+        show_default=False)] = None,
+    out: Annotated[Path | None, typer.Option(
+        "--out", "-o", help="Where the two files go; default: the run folder (needed for a package).",
+        show_default=False)] = None,
     runtime: Runtime | None = None,  # from the device options (_runs_a_model)
     as_json: JsonOption = False,
 ) -> None:
@@ -557,26 +588,27 @@ def tune_detect(
     Runs the model once over the split, keeps its probability maps and scores a grid of 210
     settings on them by the OCELOT rules (no retraining). The best by mF1 goes into
     RUN/detect.yaml, which every later evaluate, predict, challenge and study of the run uses;
-    RUN/detect-tuning.csv lists all settings with their scores. --model must be a run folder.
+    RUN/detect-tuning.csv lists all settings with their scores. A package (equiseg package) is
+    never written into: tune it with --out DIR, which gets both files (to use the settings, copy
+    detect.yaml into the run folder the package came from and package it again).
     """
     from dataclasses import asdict
 
     from equiseg.data.ocelot import DatasetError
-    from equiseg.evaluation.tune_detect import tune_detection
+    from equiseg.evaluation.tune_detect import DETECT_FILE, TUNING_FILE, tune_detection
     from equiseg.runs import Run
 
     model = _model(model, old_model)
-    _not_into_a_package(model, "tune the run folder it came from, then package it again")
     try:
         progress, update = _progress(f"probability maps of {split} ({runtime})")
         with progress:
-            chosen, rows = tune_detection(model, split, runtime, on_image=update)
+            chosen, rows = tune_detection(model, split, runtime, on_image=update, data=data, out=out)
     except (DatasetError, FileNotFoundError, ValueError) as error:
         raise _fail(str(error)) from None
-    folder = Run.of(model)
+    folder = Run.of(model).path if out is None else out
     if _emit(as_json, {"model": str(model), "split": split, "chosen": asdict(chosen),
                        "best_mf1": max(row["mf1"] for row in rows), "settings_tried": len(rows),
-                       "files": {"detect": str(folder.detect_file), "tuning": str(folder.tuning_file)}}):
+                       "files": {"detect": str(folder / DETECT_FILE), "tuning": str(folder / TUNING_FILE)}}):
         return
     ranked = sorted(rows, key=lambda row: -row["mf1"])[:5]
     typer.echo(f"{'peaks':<10} {'sigma':>5} {'min_dist':>8} {'thresh':>6} {'mF1':>7} {'prec':>6} {'recall':>6}")
@@ -585,7 +617,7 @@ def tune_detect(
                    f"{row['mf1']:>7.4f} {row['precision']:>6.3f} {row['recall']:>6.3f}")
     typer.echo(f"chosen: detect.peaks={chosen.peaks} detect.sigma={chosen.sigma:g} "
                f"detect.min_distance={chosen.min_distance} detect.threshold={chosen.threshold:g}")
-    typer.echo(f"wrote {folder.detect_file} and {folder.tuning_file}")
+    typer.echo(f"wrote {folder / DETECT_FILE} and {folder / TUNING_FILE}")
 
 
 @app.command("export")
@@ -640,10 +672,12 @@ def package(
 
     One folder: the weights (safetensors) and config; probabilities.pt (TorchScript: a uint8 RGB tile
     in, probabilities out); cells.pt (TorchScript with the run's detection inside: probabilities and
-    cells x, y, class, probability out; only torch needed to run it); rdf.yaml (a BioImage Model Zoo
+    cells x, y, class, probability out; only torch needed to run it); cells.onnx (the same for onnxruntime,
+    neither torch nor equiseg needed); rdf.yaml (a BioImage Model Zoo
     description, format 0.5, with test tensors and a sha256 for every file); README.md (a model card
     with Hugging Face front matter); equiseg.json (resolution, classes, halo, the group the model is exact
     for and its measured equivariance). Needs the package extra: pip install 'equiseg[package]'.
+    Every command that runs a model takes the folder or the zip as --model.
     """
     from equiseg.package import package_run
 
@@ -659,7 +693,11 @@ def package(
     typer.echo(f"wrote {path}\nrun it without equiseg:\n"
                "  import torch\n"
                f"  model = torch.jit.load('{Path(out) / 'cells.pt'}')\n"
-               "  probabilities, cells = model(tile)  # tile: (1, 3, H, W) uint8 RGB")
+               "  probabilities, cells = model(tile)  # tile: (1, 3, H, W) uint8 RGB\n"
+               "or with onnxruntime alone:\n"
+               "  import onnxruntime\n"
+               f"  session = onnxruntime.InferenceSession('{Path(out) / 'cells.onnx'}')\n"
+               "  probabilities, cells = session.run(None, {'image': tile})  # tile: numpy, the same")
 
 
 def _echo_scores(result, split: str) -> None:

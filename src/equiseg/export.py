@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import json
+import logging
 import warnings
 from collections.abc import Iterator
 from importlib.metadata import version
@@ -35,7 +36,7 @@ from torch import nn
 
 from equiseg.config import Config
 from equiseg.data.targets import Task
-from equiseg.detection.scripted import ScriptedDetector
+from equiseg.detection.scripted import ExportedDetector, ScriptedDetector
 from equiseg.files import owned_file
 from equiseg.models import UNet, optimize_for_inference, probabilities
 from equiseg.runs import load_model
@@ -71,9 +72,36 @@ class DetectingNet(nn.Module):
         self.net, self.class_channels, self.detector = net, class_channels, detector
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._detect(image.float().div(255))
+
+    def _detect(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # one window's probabilities, over its channel axis, as tiling._batched takes them
-        probs = probabilities(self.net(image.float().div_(255))[0], self.class_channels, 0)
+        probs = probabilities(self.net(x)[0], self.class_channels, 0)
         return probs.unsqueeze(0), self.detector(probs[:self.class_channels])
+
+
+class ContextDetectingNet(DetectingNet):
+    """`DetectingNet` of a cell model with tissue context: a second input, ``context`` (1, 2, H, W) float32,
+    the tissue model's probabilities (background, cancer) on the tile's grid, after the RGB channels.
+    """
+
+    def forward(self, image: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # pyright: ignore[reportIncompatibleMethodOverride]
+        return self._detect(torch.cat([image.float().div(255), context.float()], 1))
+
+
+def detecting_net(net: nn.Module, config: Config, detector: ScriptedDetector) -> DetectingNet:
+    """`DetectingNet`, or `ContextDetectingNet` for a model with tissue context, of ``net``."""
+    kind = ContextDetectingNet if config.in_channels > 3 else DetectingNet
+    return kind(net, config.class_channels, detector).eval()
+
+
+def example_inputs(config: Config, side: int) -> tuple[torch.Tensor, ...]:
+    """A (1, 3, side, side) uint8 tile, and its (1, 2, side, side) context for a model with tissue context."""
+    generator = torch.Generator().manual_seed(0)
+    image = torch.randint(0, 256, (1, 3, side, side), dtype=torch.uint8, generator=generator)
+    if config.in_channels == 3:
+        return (image,)
+    return image, torch.softmax(torch.randn(1, config.in_channels - 3, side, side, generator=generator), 1)
 
 
 @contextlib.contextmanager
@@ -89,25 +117,51 @@ def quiet_jit() -> Iterator[None]:
         yield
 
 
+def _check_cells_model(config: Config) -> None:
+    if config.task is not Task.CELLS:
+        raise ValueError(f"a model with its detection inside is a cells model (this one: task {config.task.value})")
+
+
 def scripted_cells_model(model: nn.Module, config: Config) -> torch.jit.ScriptModule:
-    """`DetectingNet` of a cells run's model, compiled: the U-Net optimized for inference and traced (any
-    side that is a multiple of 2**depth), the detection scripted (`ScriptedDetector`); it loads with
-    ``torch.jit.load`` where only torch is installed.
+    """`DetectingNet` (`ContextDetectingNet` with tissue context) of a cells run's model, compiled: the U-Net
+    optimized for inference and traced (any side that is a multiple of 2**depth), the detection scripted
+    (`ScriptedDetector`); it loads with ``torch.jit.load`` where only torch is installed.
 
     Raises:
-        ValueError: a model that is not a cells model, or that takes tissue context.
+        ValueError: a model that is not a cells model.
     """
-    if config.task is not Task.CELLS or config.in_channels != 3:
-        raise ValueError(f"a model with its detection inside is a cells model on RGB alone (this one: task "
-                         f"{config.task.value}, {config.in_channels} input channels)")
+    _check_cells_model(config)
     unpadded = _Unpadded(cast(UNet, optimize_for_inference(model))).eval()
     side = 2 * 2**config.model.depth
     detect = config.detect
     with quiet_jit():
         # a traced module (torch.jit.trace is typed to return a graph too, for another call form)
-        traced = cast(nn.Module, torch.jit.trace(unpadded, torch.rand(1, 3, side, side)))
+        traced = cast(nn.Module, torch.jit.trace(unpadded, torch.rand(1, config.in_channels, side, side)))
         detector = ScriptedDetector(detect.sigma, detect.min_distance, detect.threshold, detect.per_class)
-        return torch.jit.script(DetectingNet(traced, config.class_channels, detector))
+        return torch.jit.script(detecting_net(traced, config, detector))
+
+
+def onnx_cells_model(model: nn.Module, config: Config, path: Path, card: dict[str, Any]) -> None:
+    """`DetectingNet` (`ContextDetectingNet`) of a cells run's model as an ONNX file at ``path`` (needs
+    ``equiseg[export]``): input ``image`` (1, 3, H, W) uint8, H and W multiples of 2**depth (and ``context``
+    for a model with tissue context); outputs ``probabilities`` and ``cells`` as `DetectingNet` gives them,
+    the detection an ONNX ``Loop`` (`ExportedDetector`); ``card`` goes in as metadata properties. It runs
+    in onnxruntime where neither equiseg nor torch is installed.
+
+    Raises:
+        ValueError: a model that is not a cells model.
+    """
+    _check_cells_model(config)
+    unpadded = _Unpadded(cast(UNet, optimize_for_inference(model, channels_last=False, fuse_up=False))).eval()
+    detect = config.detect
+    net = detecting_net(unpadded, config, ExportedDetector(detect.sigma, detect.min_distance, detect.threshold,
+                                                           detect.per_class))
+    multiple = 2**config.model.depth
+    example = example_inputs(config, max(64, 2 * multiple))  # the file takes any multiple of 2**depth
+    rows, cols = torch.export.Dim("rows", min=1, max=4096), torch.export.Dim("cols", min=1, max=4096)
+    space = {2: multiple * rows, 3: multiple * cols}
+    names = ("image", "context")[:len(example)]
+    _onnx(net, example, path, card, ("probabilities", "cells"), {name: space for name in names}, names)
 
 
 def model_card(config: Config, checkpoint: Path) -> dict[str, Any]:
@@ -168,7 +222,7 @@ def export_model(run: Path | str, fmt: ExportFormat, out: Path | str) -> Path:
     with owned_file(out) as partial:
         match fmt:
             case ExportFormat.ONNX:
-                _onnx(unpadded, example, partial, card)
+                _onnx(unpadded, example, partial, card, ("logits",), _dynamic(config.model.depth))
             case ExportFormat.TORCHSCRIPT:
                 with quiet_jit():
                     traced = torch.jit.trace(unpadded, example)
@@ -186,15 +240,37 @@ def _dynamic(depth: int) -> dict:
     return {"image": {0: torch.export.Dim("batch", min=1, max=4096), 2: multiple * rows, 3: multiple * cols}}
 
 
-def _onnx(model: nn.Module, example: torch.Tensor, path: Path, card: dict) -> None:
+# loggers whose warnings say nothing to a user of equiseg: torch's ONNX registry (no torchvision to skip),
+# onnx_ir on an empty attribute list it writes as ints (the loop's empty axes; the file is checked by onnxruntime)
+EXPORTER_LOGGERS = ("torch.onnx._internal.exporter._registration", "onnx_ir._convenience")
+
+
+@contextlib.contextmanager
+def _quiet_loggers(*names: str) -> Iterator[None]:
+    """Only errors from the loggers ``names`` while inside."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
+def _onnx(model: nn.Module, example: torch.Tensor | tuple[torch.Tensor, ...], path: Path, card: dict,
+          outputs: tuple[str, ...], dynamic: dict, inputs: tuple[str, ...] = ("image",)) -> None:
+    """``model`` on ``example`` through torch's dynamo exporter into ``path``, the ``card`` as metadata."""
     try:
         import onnx
     except ImportError:
         raise ValueError("ONNX export needs the export extra: pip install 'equiseg[export]'") from None
-    with warnings.catch_warnings():  # torch's own exporter trips over a pytree deprecation of its own
-        warnings.filterwarnings("ignore", message=".*LeafSpec.*")
-        torch.onnx.export(model, (example,), str(path), input_names=["image"], output_names=["logits"],
-                          dynamic_shapes=_dynamic(card["depth"]), dynamo=True, verbose=False, external_data=False)
+    with warnings.catch_warnings(), _quiet_loggers(*EXPORTER_LOGGERS):
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*")  # torch's exporter, on a deprecation of its own
+        args = example if isinstance(example, tuple) else (example,)
+        torch.onnx.export(model, args, str(path), input_names=list(inputs), output_names=list(outputs),
+                          dynamic_shapes=dynamic, dynamo=True, verbose=False, external_data=False)
     proto = onnx.load(str(path))
     for key, value in card.items():
         entry = proto.metadata_props.add()

@@ -7,6 +7,8 @@ The folder holds
   class softmax, then p(nucleus) where the model has a nucleus output), H and W multiples of 2**depth;
 * ``cells.pt``: TorchScript with the detection inside (`equiseg.export.DetectingNet`): the same input ->
   (probabilities, cells (N, 4) float64 rows x, y, class, probability), the run's own detection settings;
+* ``cells.onnx``: the same as ONNX (inputs ``image``, outputs ``probabilities`` and ``cells``), for
+  onnxruntime where neither torch nor equiseg is installed;
 * ``rdf.yaml``: its BioImage Model Zoo description (format 0.5: axes, halo, test tensors, a sha256 for
   every file it names, authors, licence, citations), whose weights are ``probabilities.pt``;
 * ``test_input.npy``, ``test_output.npy`` and ``sample.png``: a tile of the run's data and what
@@ -25,6 +27,7 @@ import csv
 import dataclasses
 import json
 import shutil
+from collections.abc import Callable
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any, cast
@@ -41,7 +44,7 @@ from equiseg.data.ocelot import DatasetError, OcelotFolder
 from equiseg.data.targets import Task
 from equiseg.datasets import data_root
 from equiseg.evaluation.equivariance import certificate
-from equiseg.export import _Unpadded, quiet_jit, scripted_cells_model
+from equiseg.export import _Unpadded, onnx_cells_model, quiet_jit, scripted_cells_model
 from equiseg.files import owned_outputs
 from equiseg.models import UNet, optimize_for_inference, probabilities
 from equiseg.models.build import receptive_reach
@@ -55,8 +58,8 @@ OCELOT_CHALLENGE = {"text": "Shin et al., OCELOT 2023: Cell Detection from Cell-
                             "Medical Image Analysis, 2025", "doi": "10.1016/j.media.2025.103751"}
 
 
-HUB_ATTRIBUTES = ("*.pt", "*.safetensors", "*.npy", "*.png")  # binary files the Hub keeps in Git LFS
-OWN_FILES = ("weights.safetensors", "config.yaml", "resolution.yaml", "cells.pt")
+HUB_ATTRIBUTES = ("*.pt", "*.onnx", "*.safetensors", "*.npy", "*.png")  # binary files the Hub keeps in Git LFS
+OWN_FILES = ("weights.safetensors", "config.yaml", "resolution.yaml", "cells.pt", "cells.onnx")
 
 
 class ProbabilityNet(nn.Module):
@@ -70,6 +73,18 @@ class ProbabilityNet(nn.Module):
         return probabilities(self.net(image.float().div(255)), self.class_channels)
 
 
+class ContextProbabilityNet(ProbabilityNet):
+    """`ProbabilityNet` of a model with tissue context: (image, context (1, 2, H, W) float32) -> probabilities."""
+
+    def forward(self, image: torch.Tensor, context: torch.Tensor) -> torch.Tensor:  # pyright: ignore[reportIncompatibleMethodOverride]
+        return probabilities(self.net(torch.cat([image.float().div(255), context.float()], 1)), self.class_channels)
+
+
+# the test context of a package of a model with tissue context: uniform, all cancer area (the tissue model
+# is not in the package, so no context of the sample tile can be made here)
+SAMPLE_CONTEXT = (0.0, 1.0)
+
+
 def package_run(run: Path | str, out: Path | str, as_zip: bool = False, force: bool = False,
                 hub: bool = False) -> Path:
     """Write the package of ``run`` (see the module docstring) into the folder ``out`` (and, with
@@ -79,13 +94,12 @@ def package_run(run: Path | str, out: Path | str, as_zip: bool = False, force: b
     goes over the network.
 
     Raises:
-        ValueError: a model that is not a cells model on RGB alone (a tissue model, stage 2 of a two-stage
-            model, a model with tissue context: not packaged yet).
+        ValueError: a model that is not a cells model (a tissue model, stage 2 of a two-stage model: not
+            packaged yet).
     """
     model, config = load_model(run)
-    if config.task is not Task.CELLS or config.data.context is not ContextKind.NONE:
-        raise ValueError(f"{run}: equiseg package takes a cells model on RGB alone (this one: task "
-                         f"{config.task.value}, context {config.data.context.value})")
+    if config.task is not Task.CELLS:
+        raise ValueError(f"{run}: equiseg package takes a cells model (this one: a {config.task.value} model)")
     sample = _sample_tile(config, 2 ** config.model.depth)
     with owned_outputs(out, force) as partial:
         _write_networks(model, config, sample, partial)
@@ -129,17 +143,35 @@ def _sample_tile(config: Config, multiple: int, side: int = 256) -> np.ndarray:
     return np.full((side, side, 3), 200, np.uint8)
 
 
+def sample_inputs(config: Config, sample: np.ndarray) -> tuple[torch.Tensor, ...]:
+    """The networks' inputs on the (H, W, 3) uint8 ``sample``: (1, 3, H, W) uint8, and for a model with tissue
+    context its (1, 2, H, W) float32 context (`SAMPLE_CONTEXT`).
+    """
+    image = torch.from_numpy(sample.transpose(2, 0, 1)[None].copy())
+    if config.data.context is ContextKind.NONE:
+        return (image,)
+    context = torch.tensor(SAMPLE_CONTEXT, dtype=torch.float32)[None, :, None, None]
+    return image, context.expand(1, -1, *image.shape[2:]).contiguous()
+
+
 def _write_networks(model: nn.Module, config: Config, sample: np.ndarray, folder: Path) -> None:
-    """``probabilities.pt``, ``cells.pt``, and the test tensors of the first."""
+    """``probabilities.pt``, ``cells.pt``, ``cells.onnx``, and the test tensors of the first."""
     unpadded = _Unpadded(cast(UNet, optimize_for_inference(model))).eval()
-    net = ProbabilityNet(unpadded, config.class_channels).eval()
-    x = torch.from_numpy(sample.transpose(2, 0, 1)[None].copy())
+    kind = ProbabilityNet if config.data.context is ContextKind.NONE else ContextProbabilityNet
+    net = kind(unpadded, config.class_channels).eval()
+    inputs = sample_inputs(config, sample)
     with quiet_jit():
-        traced = cast(nn.Module, torch.jit.trace(net, x))  # a traced module (trace is also typed as a graph)
+        traced = cast(nn.Module, torch.jit.trace(net, inputs))  # a traced module (trace is also typed as a graph)
         torch.jit.save(traced, str(folder / "probabilities.pt"))
-        np.save(folder / "test_input.npy", x.numpy())
-        np.save(folder / "test_output.npy", traced(x).numpy())
+        for name, tensor in zip(("test_input.npy", "test_context.npy"), inputs):
+            np.save(folder / name, tensor.numpy())
+        np.save(folder / "test_output.npy", traced(*inputs).numpy())
         torch.jit.save(scripted_cells_model(model, config), str(folder / "cells.pt"))
+    card = {"producer": f"equiseg {version('equiseg')}", "classes": config.task.class_names,
+            "detect": {"sigma": config.detect.sigma, "min_distance": config.detect.min_distance,
+                       "threshold": config.detect.threshold, "per_class": config.detect.per_class},
+            "size_multiple": 2**config.model.depth}
+    onnx_cells_model(model, config, folder / "cells.onnx", card)
 
 
 def _write_weights(model: nn.Module, config: Config, folder: Path) -> None:
@@ -155,9 +187,9 @@ def equiseg_description(run: Path | str, model: nn.Module, config: Config, sampl
     resolution = Run.of(run).resolution()
     depth, group = config.model.depth, config.model.family.group
     reach = receptive_reach(model, depth)
+    x = torch.cat([t[0].float() / (255 if k == 0 else 1) for k, t in enumerate(sample_inputs(config, sample))])
     with torch.no_grad():
-        measured = certificate(model, [torch.from_numpy(sample.transpose(2, 0, 1).copy()).float() / 255],
-                               group) if group is not None else None
+        measured = certificate(model, [x], group) if group is not None else None
     names = config.task.class_names
     return {
         "producer": f"equiseg {version('equiseg')}", "task": config.task.value,
@@ -171,12 +203,33 @@ def equiseg_description(run: Path | str, model: nn.Module, config: Config, sampl
                  "note": f"each output pixel sees {reach} px each way: tiles should overlap by at least twice that"},
         "family": config.model.family.value, "width": config.model.width, "depth": depth,
         "exact_for": group.name if group is not None else None,
-        "certificate": measured,
+        # JSON has no NaN: a measure the sample cannot give (a featureless tile) is null
+        "certificate": {k: None if np.isnan(v) else v for k, v in measured.items()} if measured else None,
         "detect": {"sigma": config.detect.sigma, "min_distance": config.detect.min_distance,
                    "threshold": config.detect.threshold, "peaks": config.detect.peaks},
         "synthetic": config.data.root is None,
-        "files": {"probabilities": "probabilities.pt", "cells": "cells.pt", "weights": "weights.safetensors",
-                  "config": "config.yaml"},
+        "tissue_context": _context_description(config),
+        "files": {"probabilities": "probabilities.pt", "cells": "cells.pt", "cells_onnx": "cells.onnx",
+                  "weights": "weights.safetensors", "config": "config.yaml"},
+    }
+
+
+def _context_description(config: Config) -> dict[str, Any] | None:
+    """What a model with tissue context needs beside the tile, and which tissue model it was trained with."""
+    if config.data.context is ContextKind.NONE:
+        return None
+    named = config.data.tissue_model
+    checkpoint = Run.of(named).best if named and Path(named).is_dir() else Path(named) if named else None
+    return {
+        "input": "context: float32 (1, 2, H, W), the tissue model's probabilities (background, cancer) over the "
+                 "tile's block of its tissue patch, resampled to the tile's grid",
+        "trained_on": "the ground-truth tissue masks" if config.data.context is ContextKind.TRUTH
+                      else "a tissue model's probabilities",
+        "tissue_model": {"path": named, "sha256": file_sha256(checkpoint) if checkpoint and checkpoint.is_file()
+                         else None},
+        "needs": "a tissue model: equiseg slide, challenge and evaluate make the context with --tissue-model RUN "
+                 "(or the config's data.tissue_model); the package does not hold one",
+        "test_context": f"uniform {list(SAMPLE_CONTEXT)} (background, cancer)",
     }
 
 
@@ -206,7 +259,7 @@ def model_card(config: Config, description: dict[str, Any]) -> str:
     """``README.md``: Hugging Face front matter, then what the model is for, its limits and its data."""
     synthetic = description["synthetic"]
     front = {"license": "mit", "library_name": "equiseg", "pipeline_tag": "image-segmentation",
-             "tags": ["histopathology", "cell-detection", "rotation-equivariant", "bioimage-io", "torchscript",
+             "tags": ["histopathology", "cell-detection", "rotation-equivariant", "bioimage-io", "torchscript", "onnx",
                       config.model.family.value],
              "datasets": [] if synthetic else ["OCELOT 2023"]}
     if description.get("scores"):
@@ -230,12 +283,15 @@ def model_card(config: Config, description: dict[str, Any]) -> str:
         "## Use", "",
         "- `cells.pt` (TorchScript, only torch needed): a (1, 3, H, W) uint8 RGB tile in, probabilities and "
         "cells (x, y, class, probability) out, with the run's detection settings.",
+        "- `cells.onnx` (onnxruntime, neither torch nor equiseg needed): the same input (`image`) and outputs "
+        "(`probabilities`, `cells`).",
         "- `probabilities.pt`: the probabilities alone (the BioImage Model Zoo weights, `rdf.yaml`).",
-        "- `equiseg predict --model` on the run folder this came from, for whole images and slides.", "",
-        "## Limits", "",
+        "- `equiseg predict --model FOLDER` and `equiseg slide --model FOLDER` with this folder, for whole "
+        "images and slides (tiles stitched, outputs for QuPath).", "",
+        *_context_lines(description), "## Limits", "",
         f"- Input at {description['cell_mpp'] or 'the training data'}'s µm per px; other resolutions need resampling.",
         f"- Tiles larger than the model sees ({description['tile']['halo']} px each way) should overlap by twice "
-        "that; `cells.pt` runs one tile and does not stitch.",
+        "that; `cells.pt` and `cells.onnx` run one tile and do not stitch.",
         "- Research use only; not a medical device.", "",
         "## Validation", "",
         "`test_input.npy` and `test_output.npy` hold a tile and its probabilities: `bioimageio.core` runs "
@@ -243,6 +299,18 @@ def model_card(config: Config, description: dict[str, Any]) -> str:
         "`equiseg.json` (`certificate`).", "",
     ]
     return "\n".join(lines)
+
+
+def _context_lines(description: dict[str, Any]) -> list[str]:
+    """The card's section on tissue context, for a model that takes it."""
+    context = description.get("tissue_context")
+    if not context:
+        return []
+    named = context["tissue_model"]["path"] or "none recorded"
+    return ["## Tissue context", "",
+            f"This model takes a second input, `context`: {context['input']}. It was trained on "
+            f"{context['trained_on']}; its tissue model: `{named}`. The package does not hold a tissue model: "
+            "`equiseg slide`, `challenge` and `evaluate` make the context with `--tissue-model RUN`.", ""]
 
 
 def bioimageio_description(config: Config, description: dict[str, Any], folder: Path) -> dict[str, Any]:
@@ -272,7 +340,8 @@ def bioimageio_description(config: Config, description: dict[str, Any], folder: 
         "inputs": [{"id": "image", "description": "RGB, uint8", "data": {"type": "uint8"},
                     "axes": [{"type": "batch"}, {"type": "channel", "channel_names": ["R", "G", "B"]},
                              space("y"), space("x")],
-                    "test_tensor": file("test_input.npy"), "sample_tensor": file("sample.png")}],
+                    "test_tensor": file("test_input.npy"), "sample_tensor": file("sample.png")},
+                   *_context_input(description, out_space, file)],
         "outputs": [{"id": "probabilities", "data": {"type": "float32", "range": [0.0, 1.0]},
                      "axes": [{"type": "batch"}, {"type": "channel", "channel_names": channels},
                               out_space("y"), out_space("x")],
@@ -280,3 +349,18 @@ def bioimageio_description(config: Config, description: dict[str, Any], folder: 
         "weights": {"torchscript": {**file("probabilities.pt"), "pytorch_version": torch.__version__.split("+")[0]}},
         "config": {"equiseg": {k: description[k] for k in ("cell_mpp", "classes", "tile", "family", "exact_for")}},
     }
+
+
+def _context_input(description: dict[str, Any], out_space: Callable[[str], dict],
+                   file: Callable[[str], dict]) -> list[dict[str, Any]]:
+    """rdf.yaml's second input for a model with tissue context (none without): sized as the image."""
+    context = description.get("tissue_context")
+    if not context:
+        return []
+    def same(axis: str) -> dict:
+        return {key: value for key, value in out_space(axis).items() if key != "halo"}
+    return [{"id": "context", "description": "tissue model's probabilities (background, cancer) on the tile's grid",
+             "data": {"type": "float32", "range": [0.0, 1.0]},
+             "axes": [{"type": "batch"}, {"type": "channel", "channel_names": ["tissue background", "tissue cancer"]},
+                      same("y"), same("x")],
+             "test_tensor": file("test_context.npy")}]

@@ -33,7 +33,10 @@ import dataclasses
 import hashlib
 import json
 import pickle
+import shutil
+import tempfile
 import time
+import zipfile
 from pathlib import Path
 
 import torch
@@ -287,6 +290,48 @@ def is_package(path: Path | str) -> bool:
     """Whether ``path`` is a folder written by ``equiseg package``."""
     path = Path(path)
     return path.is_dir() and all((path / name).is_file() for name in PACKAGE_FILES)
+
+
+ZIPPED_PACKAGE_LIMIT = 4 << 30  # bytes: a zipped package that unpacks to more is refused (a package is MBs)
+
+
+def is_zipped_package(path: Path | str) -> bool:
+    """Whether ``path`` is a zip file (``equiseg package --zip``) with a package's files at its top."""
+    path = Path(path)
+    if not path.is_file() or not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return all(name in archive.namelist() for name in PACKAGE_FILES)
+
+
+def unzip_package(path: Path | str) -> Path:
+    """A zipped package (`is_zipped_package`) unpacked into a new folder of the system's temporary folder
+    (named after the zip, under an ``equiseg-package-`` folder; the caller removes it), checked
+    (`check_package`); its path. Nothing is written beside the zip.
+
+    Raises:
+        ValueError: a member that is not a plain file at the zip's top (a folder, ``..``, an absolute
+            path), or more than `ZIPPED_PACKAGE_LIMIT` bytes unpacked; then nothing is left behind.
+    """
+    path = Path(path)
+    with zipfile.ZipFile(path) as archive:
+        members = archive.infolist()
+        for member in members:
+            name = member.filename
+            if member.is_dir() or Path(name).name != name or name in ("", ".", ".."):
+                raise ValueError(f"{path}: holds {name!r}, not a file at its top: not a zip that equiseg package wrote")
+        if sum(member.file_size for member in members) > ZIPPED_PACKAGE_LIMIT:
+            raise ValueError(f"{path}: unpacks to more than {ZIPPED_PACKAGE_LIMIT >> 30} GiB: not an equiseg package")
+        folder = Path(tempfile.mkdtemp(prefix="equiseg-package-")) / path.stem
+        try:
+            folder.mkdir()
+            for member in members:
+                with archive.open(member) as source, open(folder / member.filename, "wb") as target:
+                    shutil.copyfileobj(source, target)
+        except BaseException:
+            shutil.rmtree(folder.parent, ignore_errors=True)
+            raise
+    return folder
 
 
 def check_package(folder: Path | str) -> dict:

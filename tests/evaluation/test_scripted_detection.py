@@ -45,3 +45,38 @@ def test_no_cells_on_background():
     probs[0] = 1
     assert torch.jit.script(ScriptedDetector(1.0, 6, 0.4, True))(probs).shape == (0, 4)
     assert torch.jit.script(ScriptedDetector(2.0, 6, 0.4, False))(probs).shape == (0, 4)
+
+
+class _Detect(torch.nn.Module):
+    def __init__(self, detector: torch.nn.Module) -> None:
+        super().__init__()
+        self.detector = detector
+
+    def forward(self, probs: torch.Tensor) -> torch.Tensor:
+        return self.detector(probs)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("sigma", "min_distance", "threshold", "per_class"), [(2.0, 5, 0.5, False), (0.0, 3, 0.3, True)])
+def test_the_exported_detector_finds_detect_cells_cells_in_onnxruntime(tmp_path, sigma, min_distance, threshold,
+                                                                       per_class):
+    """Ties included (the noise-free maps' plateaus): ONNX TopK keeps equal values in index order, as the
+    stable sorts do; probabilities to float32 rounding (the blur's multiply-adds are not fused there).
+    """
+    ort = pytest.importorskip("onnxruntime")
+    from equiseg.detection.scripted import ExportedDetector
+
+    dims = {1: torch.export.Dim("h", min=8, max=2048), 2: torch.export.Dim("w", min=8, max=2048)}
+    torch.onnx.export(_Detect(ExportedDetector(sigma, min_distance, threshold, per_class)), (disk_map(0),),
+                      str(tmp_path / "detect.onnx"), dynamo=True, verbose=False, external_data=False,
+                      dynamic_shapes={"probs": dims})
+    session = ort.InferenceSession(str(tmp_path / "detect.onnx"))
+    background = torch.zeros(3, 40, 50)
+    background[0] = 1
+    maps = [disk_map(seed, size=size, noise=noise) for seed, size, noise in [(1, 96, 0.01), (2, 96, 0.0), (3, 200, 0.0)]]
+    for probs in [*maps, background]:
+        expected = detect_cells(probs, sigma, min_distance, threshold, per_class)
+        (got,) = session.run(None, {session.get_inputs()[0].name: probs.numpy()})
+        assert got.dtype == np.float64 and got.shape == expected.shape
+        np.testing.assert_array_equal(got[:, :3], expected[:, :3])
+        np.testing.assert_allclose(got[:, 3], expected[:, 3], rtol=0, atol=1e-6)

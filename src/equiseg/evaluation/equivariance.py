@@ -202,6 +202,14 @@ def certificate(model: nn.Module, images: list[torch.Tensor], group: Group = D4,
         model.train(was_training)
 
 
+def _mean_of_finite(values: list[float]) -> float:
+    """The mean of the values that are not NaN; NaN, without numpy's warning, when none is (a featureless
+    image has no error at an arbitrary angle to measure).
+    """
+    finite = [v for v in values if not np.isnan(v)]
+    return float(np.mean(finite)) if finite else float("nan")
+
+
 def _certificate(probs: Callable[[torch.Tensor], torch.Tensor], images: list[torch.Tensor], group: Group,
                  angles: tuple[float, ...]) -> dict[str, float]:
     batched = [x[None] if x.ndim == 3 else x for x in images]
@@ -209,6 +217,6 @@ def _certificate(probs: Callable[[torch.Tensor], torch.Tensor], images: list[tor
     probes = [smoothed(x) for x in batched]
     for angle in angles:
         result[f"rot{angle:g}"] = max(rotation_error(probs, x, angle) for x in batched)
-        result[f"arb{angle:g}"] = float(np.nanmean([arbitrary_angle_error(probs, x, angle) for x in probes]))
+        result[f"arb{angle:g}"] = _mean_of_finite([arbitrary_angle_error(probs, x, angle) for x in probes])
         result[f"floor{angle:g}"] = float(np.mean([arbitrary_angle_error(None, x, angle) for x in probes]))
     return result

@@ -15,11 +15,13 @@ the study use it), with every setting's scores in ``detect-tuning.csv``.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import itertools
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -27,10 +29,11 @@ import yaml
 
 from equiseg.config import PEAK_RULES, DetectConfig
 from equiseg.data.ocelot import OcelotFolder, Split
+from equiseg.datasets import data_root
 from equiseg.detection import detection_scores, peak_candidates, suppress_peaks
 from equiseg.evaluation.evaluate import evaluate_model
-from equiseg.files import written_whole
-from equiseg.runs import Run, load_model
+from equiseg.files import owned_outputs, written_whole
+from equiseg.runs import Run, is_package, load_model
 from equiseg.runtime import Runtime
 
 GRID = {
@@ -86,57 +89,77 @@ def score_candidates(found: list[list[np.ndarray]], truths: list[np.ndarray],
     return rows
 
 
+TUNING_FILE, DETECT_FILE = Run.tuning_file.name, Run.detect_file.name  # what it writes, in the run or --out
+
+
 def tune_detection(run: Path | str, split: str = "val", runtime: Runtime | None = None,
                    on_image: Callable[[int, int], None] | None = None,
-                   grid: dict[str, tuple] = GRID) -> tuple[DetectConfig, list[dict]]:
+                   grid: dict[str, tuple] = GRID, data: Path | str | None = None,
+                   out: Path | str | None = None) -> tuple[DetectConfig, list[dict]]:
     """Choose the detection settings of the run at ``run`` on ``split`` of its dataset and write
-    them into the run (``detect.yaml``, ``detect-tuning.csv``); returns them and all rows.
+    them into the run (``detect.yaml``, ``detect-tuning.csv``), or into ``out``; returns them and all rows.
 
     The test split is refused: settings chosen on the images a score is reported on would
     report a tuned-on-test score.
 
     Args:
-        run: a run folder (detection settings belong to a run).
+        run: a run folder (detection settings belong to a run), or a package (`equiseg.runs.is_package`:
+            then ``out`` is needed, as equiseg never writes into a package).
         split: the split to tune on, ``val`` (or ``train``); never ``test``.
         runtime: where and how the model runs (device, batch, precision, optimized); None: the
             CPU with the defaults (``Runtime.of("cpu")``).
         on_image: called with (images done, images in all) after each image (progress).
         grid: each setting's candidate values (``peaks``, ``sigma``, ``min_distance``, ``threshold``);
             every combination is scored.
+        data: the dataset to tune on (an OCELOT-layout folder); None: the one the run trained on (a
+            package's: its config's).
+        out: the folder for the two files (made if missing, equiseg's own files there replaced, others
+            kept); None: the run folder.
 
     Raises:
-        ValueError: ``split`` is the test split, the run is not a cell model, or it has no
-            recorded dataset.
+        ValueError: ``split`` is the test split, the run is not a cell model, it has no recorded
+            dataset and none is given, or a package without ``out``.
     """
     if split == Split.TEST.value:
         raise ValueError("tuning detection on the test split would report tuned-on-test scores; tune on val "
                          "(or train)")
+    package = is_package(run)
+    if package and out is None:
+        raise ValueError(f"{run} is a package (equiseg package), which equiseg never writes into: give --out")
     folder = Run.of(run)
-    checkpoint = folder.best
-    model, config = load_model(checkpoint, runtime.device if runtime is not None else "cpu")
+    model, config = load_model(run if package else folder.best, runtime.device if runtime is not None else "cpu")
     if config.task.value != "cells":
         raise ValueError(f"{folder.path}: a {config.task.value} model has no cells to detect"
                          + (" (the cells of a two-stage model come from its stage-1 cells run: tune that)"
                             if config.task.value == "nuclei" else ""))
-    root = folder.data_root()
+    root = Path(data) if data is not None else data_root(config) if package else folder.data_root()
     if root is None:
-        raise ValueError(f"{folder.path}: no data.txt naming the dataset it trained on")
+        raise ValueError(f"{folder.path}: no data.txt naming the dataset it trained on: give --data")
     found: list[list[np.ndarray]] = []  # each image's candidates, not its map (1024² x 3 float32 = 12 MB)
     evaluate_model(model, config, root, split, on_image=on_image, runtime=runtime,
                    keep=lambda i, sample_id, probs: found.append(image_candidates(
                        probs[:config.class_channels].cpu(), grid)))  # the classes: not a p(nucleus) after them
-    data = OcelotFolder(root, split, labels=False)
-    truths = [data.cells(i) for i in range(len(data))]
+    labelled = OcelotFolder(root, split, labels=False)
+    truths = [labelled.cells(i) for i in range(len(labelled))]
     rows = score_candidates(found, truths, grid)
     best = max(rows, key=lambda row: row["mf1"])  # max keeps the first of equals: grid order
     chosen = DetectConfig(sigma=float(best["sigma"]), min_distance=int(best["min_distance"]),
                           threshold=float(best["threshold"]), peaks=str(best["peaks"]))
-    with written_whole(folder.tuning_file) as partial, partial.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    with written_whole(folder.detect_file) as partial:
-        partial.write_text(f"# chosen by equiseg tune-detect on the {split} split: mF1 {best['mf1']:.4f} "
-                           f"({len(rows)} settings tried, see {folder.tuning_file.name})\n"
-                           + yaml.safe_dump(asdict(chosen), sort_keys=False))
+    _write_tuning(rows, best, chosen, split, folder if out is None else None, out)
     return chosen, rows
+
+
+def _write_tuning(rows: list[dict], best: dict, chosen: DetectConfig, split: str, folder: Run | None,
+                  out: Path | str | None) -> None:
+    """``detect-tuning.csv`` and ``detect.yaml`` into the run ``folder``, or else into the folder ``out``."""
+    with contextlib.ExitStack() as stack:
+        target = folder.path if folder is not None else stack.enter_context(owned_outputs(Path(cast(Path, out)), True))
+        tuning, detect = target / TUNING_FILE, target / DETECT_FILE
+        with written_whole(tuning) as partial, partial.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        with written_whole(detect) as partial:
+            partial.write_text(f"# chosen by equiseg tune-detect on the {split} split: mF1 {best['mf1']:.4f} "
+                               f"({len(rows)} settings tried, see {TUNING_FILE})\n"
+                               + yaml.safe_dump(asdict(chosen), sort_keys=False))
