@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import struct
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
 import numpy as np
 from PIL import Image, ImageDraw
 
@@ -79,3 +85,43 @@ def probability_picture(probs: np.ndarray) -> np.ndarray:
     if probs.shape[0] > 2:
         rgb[..., 0] = probs[2]
     return (rgb * 255).clip(0, 255).astype(np.uint8)
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def write_png(path: Path | str, pixels: np.ndarray, level: int = 1, threads: int | None = None) -> None:
+    """(H, W, 3) uint8 RGB as an 8-bit PNG at ``path``, several times faster than Pillow's writer for the
+    large pictures of ``predict``: each row filtered by "Sub" (the byte minus the one a pixel to its left,
+    PNG filter type 1), deflated with zlib's run-length strategy at ``level``, in ``threads`` bands of rows
+    compressed at once (default: the CPUs, at most 4) and joined into one zlib stream (each band but the
+    last ends on a sync flush, so the bands concatenate into one valid deflate stream, as pigz does).
+    The file is a plain PNG (signature, IHDR, one IDAT, IEND; PNG specification, third edition, W3C 2025);
+    any reader decodes the same pixels (tested with Pillow).
+    """
+    rgb = np.ascontiguousarray(pixels, dtype=np.uint8)
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.shape[0] < 1 or rgb.shape[1] < 1:
+        raise ValueError(f"expected (H, W, 3) uint8 RGB pixels, got shape {rgb.shape}")
+    height, width = rgb.shape[:2]
+    rows = rgb.reshape(height, width * 3)
+    raw = np.empty((height, 1 + width * 3), np.uint8)
+    raw[:, 0] = 1  # filter type Sub
+    raw[:, 1:4] = rows[:, :3]
+    np.subtract(rows[:, 3:], rows[:, :-3], out=raw[:, 4:])  # modulo 256, as the filter is defined
+    bands = max(1, min(threads or min(os.cpu_count() or 1, 4), height))
+    cuts = np.linspace(0, height, bands + 1).astype(int)
+
+    def deflate(k: int) -> bytes:
+        compressor = zlib.compressobj(level, zlib.DEFLATED, -15, 8, zlib.Z_RLE)  # raw deflate: one header below
+        last = k == bands - 1
+        return compressor.compress(raw[cuts[k]:cuts[k + 1]]) + compressor.flush(zlib.Z_FINISH if last
+                                                                                 else zlib.Z_SYNC_FLUSH)
+
+    with ThreadPoolExecutor(bands) as pool:  # zlib lets go of the GIL while it compresses
+        body = b"".join(pool.map(deflate, range(bands)))
+    stream = b"\x78\x01" + body + struct.pack(">I", zlib.adler32(raw))  # zlib header: deflate, 32 KiB window
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8 bits, truecolour, no interlace
+    with open(path, "wb") as file:
+        file.write(PNG_SIGNATURE)
+        for kind, data in ((b"IHDR", header), (b"IDAT", stream), (b"IEND", b"")):
+            file.write(struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data)))
