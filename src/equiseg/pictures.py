@@ -114,12 +114,12 @@ def write_png(path: Path | str, pixels: np.ndarray, level: int = 1, threads: int
     def deflate(k: int) -> bytes:
         compressor = zlib.compressobj(level, zlib.DEFLATED, -15, 8, zlib.Z_RLE)  # raw deflate: one header below
         last = k == bands - 1
-        return compressor.compress(raw[cuts[k]:cuts[k + 1]]) + compressor.flush(zlib.Z_FINISH if last
-                                                                                 else zlib.Z_SYNC_FLUSH)
+        band = raw[cuts[k]:cuts[k + 1]].data  # whole rows of a C-ordered array: one contiguous buffer
+        return compressor.compress(band) + compressor.flush(zlib.Z_FINISH if last else zlib.Z_SYNC_FLUSH)
 
     with ThreadPoolExecutor(bands) as pool:  # zlib lets go of the GIL while it compresses
         body = b"".join(pool.map(deflate, range(bands)))
-    stream = b"\x78\x01" + body + struct.pack(">I", zlib.adler32(raw))  # zlib header: deflate, 32 KiB window
+    stream = b"\x78\x01" + body + struct.pack(">I", zlib.adler32(raw.data))  # zlib header: deflate, 32 KiB window
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8 bits, truecolour, no interlace
     with open(path, "wb") as file:
         file.write(PNG_SIGNATURE)
