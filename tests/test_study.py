@@ -300,6 +300,7 @@ def test_study_by_training_images_with_lr_search_and_paired_intervals(tmp_path):
     assert "| plain+heavy | 0.003 |  |  | stated (not searched) |" in summary
     assert "(1 of 8 runs were not trained in their turn but reused" in summary  # the copied search run
     assert "With 2 training images, against plain+heavy" in summary and "resolves" in summary
+    assert "| p (Holm) | verdict (Holm) |" in summary and "Δ mF1 (seeds, t)" in summary and "\nPlan: " in summary
     assert (report.parent / "scarcity.png").is_file() and "Rotation robustness" not in summary
     with pytest.raises(Exception, match="train_images asks for 9 images; the training split has 4"):
         run_study(dataclasses.replace(study, train_images=(9,)), tmp_path / "out2")

@@ -953,6 +953,10 @@ def slide(
         box = parse_region(region) if region is not None else None
         check_slides(slides, out, resume, box, mpp, tile, overlap)
         cells, tissue = load_slide_models(model, tissue_model, runtime.device, cell_mpp, proposals)
+        if cells.config.data.nuclei and cells.stage2 is None:
+            typer.echo(f"note: {model} is a one-stage instance model (data.nuclei): on slides its cells are points; "
+                       "nuclei as outlines on slides come from a two-stage model (--model STAGE2 --proposals RUN)",
+                       err=True)
         options = {"region": box, "mpp": mpp, "tile": tile, "overlap": overlap, "resume": resume}
         summaries = _analyse_slides(slides, cells, tissue, out, processes * nodes, (processes, nodes), runtime, options)
     except (FileNotFoundError, ModuleNotFoundError, ValueError, OSError) as error:

@@ -177,6 +177,8 @@ def power(sigma_seed: float, sigma_image: float, seeds: int, images: int, differ
     difference's estimate taken as normal about it).
     """
     se, critical = _planned(sigma_seed, sigma_image, seeds, images, comparisons, level)
+    if se == 0:  # no variance at all: any difference shows
+        return float(difference != 0)
     shift = abs(difference) / se
     return float(stats.norm.sf(critical - shift) + stats.norm.cdf(-critical - shift))
 
