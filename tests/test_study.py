@@ -327,3 +327,21 @@ def test_the_reading_leaves_runs_that_found_no_cell_out_of_the_robustness_compar
               for r in result.results if r.variant == "d8" and r.seed != 0]
     assert f"the mF1 of d8 varies least (mean range {sum(ranges) / 2:.3f})" in sentence
     assert f"{sum(ranges) / 3:.3f}" not in sentence
+
+
+def test_a_run_cut_off_by_its_budget_while_still_improving_counts_as_unconverged():
+    from equiseg.report.results import RunResult
+
+    assert {"epoch_budget", "patience"} <= {f.name for f in dataclasses.fields(RunResult)}
+
+    class Stand:  # the property alone: a RunResult needs many fields
+        converged = RunResult.converged
+
+        def __init__(self, best, trained, budget=-1, patience=0):
+            self.best_epoch, self.epochs_trained, self.epoch_budget, self.patience = best, trained, budget, patience
+
+    assert not Stand(17, 20, budget=20, patience=5).converged  # best epoch 18 of 20, patience 5: cut off
+    assert Stand(14, 20, budget=20, patience=5).converged  # best epoch more than a patience before the end
+    assert Stand(17, 18, budget=20, patience=5).converged  # stopped early, before the budget: it converged
+    assert not Stand(19, 20).converged and Stand(18, 20).converged  # recorded without the budget: best = last
+    assert Stand(-1, -1, budget=20).converged  # unknown

@@ -35,6 +35,10 @@ FORMAT = 3
 """The version of the JSON form; a file of another version is not read (a cache is recomputed)."""
 
 
+ADDED_IN_FORMAT = frozenset({"epoch_budget", "patience"})
+"""Fields added to this format later: a file without them reads them at their defaults (unknown)."""
+
+
 class ResultFormatError(ValueError):
     """A results file that is not this version's JSON form (e.g. a cache written by an older equiseg)."""
 
@@ -139,11 +143,22 @@ class RunResult:
     train_count: int = 0
     best_epoch: int = -1
     epochs_trained: int = -1
+    epoch_budget: int = -1
+    patience: int = 0
 
     @property
     def converged(self) -> bool:
-        """Whether the lowest validation loss came before the last epoch trained (unknown: True)."""
-        return self.best_epoch < 0 or self.best_epoch < self.epochs_trained - 1
+        """Whether the run stopped improving before it was cut off (unknown: True). With its epoch budget and
+        early-stopping patience (in epochs) recorded: False when it ran to the budget with its best epoch
+        within the patience of its end (it might have improved further); for results recorded without them:
+        False when its best epoch was its last.
+        """
+        if self.best_epoch < 0:
+            return True
+        if self.epoch_budget > 0:
+            cut_off = self.epochs_trained >= self.epoch_budget
+            return not (cut_off and self.best_epoch >= self.epochs_trained - max(self.patience, 1))
+        return self.best_epoch < self.epochs_trained - 1
 
 
     def case_pictures(self) -> list[tuple[Case, CasePicture]]:
@@ -274,12 +289,15 @@ def load_cases(path: Path) -> dict[str, CasePicture]:
 
 def _record(cls: type, d: dict) -> Any:
     """The result dataclass ``cls`` from its JSON dict, each field read as it is annotated (a key
-    missing is an error, except a field whose type reads itself, as `DataRecord` does).
+    missing is an error, except a field whose type reads itself, as `DataRecord` does, and the fields
+    of `ADDED_IN_FORMAT`).
     """
     hints = typing.get_type_hints(cls)
     values = {}
     for field in dataclasses.fields(cls):
         kind = hints[field.name]
+        if field.name in ADDED_IN_FORMAT and field.name not in d:
+            continue  # a file written before the field was: its default, which says "not recorded"
         values[field.name] = kind.from_dict(d.get(field.name)) if hasattr(kind, "from_dict") else _read(kind, d[field.name])
     return cls(**values)
 

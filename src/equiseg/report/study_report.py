@@ -483,8 +483,10 @@ PAIRED_NOTE = ("Each variant against the baseline trained with the same seeds on
                "Holm: adjusted by Holm's step-down over the study's {comparisons} mF1 comparisons. A verdict only "
                "where the Holm-adjusted p is below 0.05; 'resolves' is half the calibrated interval's width.")
 CONVERGENCE_NOTE = ("Each run trains until its validation loss stops improving (train.early_stopping) or its epoch "
-                    "budget ends; the checkpoint scored is the one of its lowest validation loss. A run whose best "
-                    "epoch was its last may have stopped too early: those are counted.")
+                    "budget ends; the checkpoint scored is the one of its lowest validation loss. A run is counted "
+                    "unconverged when it ran to its budget with its best epoch within the early-stopping patience "
+                    "of its end (it might have improved further); in results recorded without the budget, when its "
+                    "best epoch was its last.")
 LR_NOTE = ("Each variant without a stated rate trained once per rate on the largest training set (first seed); the "
            "rate with the lowest validation loss is used for all its runs. A stated rate is used as it is.")
 
@@ -664,7 +666,7 @@ def convergence_table(result: StudyResult) -> Table:
                          ", ".join(str(r.epochs_trained) for r in runs),
                          f"{sum(not r.converged for r in runs)} of {len(runs)}"])
     return Table(["variant", "training images", "lr", "best epoch (per seed)", "epochs trained",
-                  "best epoch = last"], rows)
+                  "unconverged"], rows)
 
 
 def lr_table(result: StudyResult) -> Table:

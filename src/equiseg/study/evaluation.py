@@ -90,7 +90,8 @@ def evaluate_study_run(run_dir: Path, root: Path, study: StudyConfig, cell: tupl
         certificate=_certificate(model, config, root, gc_samples, context, study.angles),
         tta=_tta(model, config, root, context, runtime) if study.robustness else None,
         lr=config.train.lr, train_count=len(training_subset(len(OcelotFolder(root, "train")), fraction, seed)),
-        best_epoch=best_epoch, epochs_trained=epochs_trained)
+        best_epoch=best_epoch, epochs_trained=epochs_trained, epoch_budget=config.train.epochs,
+        patience=(config.train.early_stopping or 1) * config.train.val_every)
     if with_cases:
         cases = _save_cases(Run(run_dir).study_cases, root, plain_eval, kept)
         result = replace(result, cases=cases, cases_file=Run(run_dir).study_cases.name)
