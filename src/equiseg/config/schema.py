@@ -156,6 +156,9 @@ class DataConfig:
         radius: Radius of the ``disks`` target, px.
         sigma: Standard deviation of the ``centres`` target's Gaussians, px.
         train_fraction: The share of the training split used (a seeded subset), in (0, 1].
+        stratify: Stratify that subset by cell class (cells task): the images that bring every class
+            come first in the seeded order, so that even the smallest subsets hold each class
+            (`equiseg.data.datamodule.training_subset`).
         augment: The augmentation (`AugmentConfig`): a preset name (``none``, ``heavy``,
             ``non_symmetry``) or a mapping of transforms to their settings.
         batch_size: Samples per training step.
@@ -180,6 +183,7 @@ class DataConfig:
     radius: float = 30.0
     sigma: float = DEFAULT_SIGMA
     train_fraction: float = 1.0
+    stratify: bool = False
     augment: AugmentConfig = field(default_factory=AugmentConfig.none)
     batch_size: int = 4
     num_workers: int = 0

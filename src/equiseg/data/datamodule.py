@@ -99,12 +99,41 @@ class SegmentationDataset(Dataset):
         return item
 
 
-def training_subset(n: int, fraction: float, seed: int) -> list[int]:
-    """A seeded subset of ``round(fraction * n)`` (at least 1) indices; smaller fractions nest in larger ones."""
+def training_subset(n: int, fraction: float, seed: int, classes: list[set[int]] | None = None) -> list[int]:
+    """A seeded subset of ``round(fraction * n)`` (at least 1) indices; smaller fractions nest in larger ones.
+
+    With ``classes`` (the cell classes each image holds) the subset is stratified: the images that bring
+    every class of the split come first (the first in the seeded order that holds them all, else the first
+    holding each class still missing, in that order), then the rest in the seeded order; so a subset of
+    one image holds every class where an image does, and any subset of as many images as there are classes
+    holds them all. The subsets still nest.
+    """
     if not 0 < fraction <= 1:
         raise ValueError(f"train_fraction must be in (0, 1], got {fraction}")
-    order = np.random.default_rng(seed).permutation(n)
-    return sorted(order[: max(1, round(fraction * n))].tolist())
+    order = np.random.default_rng(seed).permutation(n).tolist()
+    if classes is not None:
+        order = _classes_first(order, classes)
+    return sorted(order[: max(1, round(fraction * n))])
+
+
+def image_classes(folder: OcelotFolder) -> list[set[int]]:
+    """The cell classes each image of ``folder`` holds (its points only: no image is decoded)."""
+    return [{int(c) for c in folder.cells(i)[:, 2]} for i in range(len(folder))]
+
+
+def _classes_first(order: list[int], classes: list[set[int]]) -> list[int]:
+    """``order`` with the images that bring every class moved to its front (`training_subset`)."""
+    wanted = set().union(*classes) if classes else set()
+    whole = next((i for i in order if classes[i] >= wanted), None)
+    if whole is not None:
+        leading = [whole]
+    else:
+        leading, missing = [], set(wanted)
+        for i in order:
+            if classes[i] & missing:
+                leading.append(i)
+                missing -= classes[i]
+    return leading + [i for i in order if i not in set(leading)]
 
 
 def position_seed(*key: int) -> int:
@@ -182,10 +211,10 @@ class SegmentationDataModule(L.LightningDataModule):
     def __init__(self, root: Path | str, task: Task = Task.CELLS, target: CellTarget = PAPER_TARGET,
                  crop_size: int | None = 256,
                  train_fraction: float = 1.0, batch_size: int = 4, num_workers: int = 0, seed: int = 0,
-                 context: ContextFn | None = None, nuclei: bool = False) -> None:
+                 context: ContextFn | None = None, nuclei: bool = False, stratify: bool = False) -> None:
         super().__init__()
         self.root, self.task, self.target, self.crop_size = Path(root), task, target, crop_size
-        self.context, self.nuclei = context, nuclei
+        self.context, self.nuclei, self.stratify = context, nuclei, stratify
         self.train_fraction, self.batch_size, self.num_workers, self.seed = train_fraction, batch_size, num_workers, seed
         self.datasets: dict[Split, Dataset] = {}
 
@@ -197,7 +226,8 @@ class SegmentationDataModule(L.LightningDataModule):
             if not len(folder):
                 raise ValueError(f"{self.root}: the {split.value} split is empty")
             train = split is Split.TRAIN
-            indices = training_subset(len(folder), self.train_fraction, self.seed) if train else None
+            classes = image_classes(folder) if train and self.stratify and self.task is Task.CELLS else None
+            indices = training_subset(len(folder), self.train_fraction, self.seed, classes) if train else None
             self.datasets[split] = self.make_dataset(folder, indices, train)
         return self.datasets[split]
 

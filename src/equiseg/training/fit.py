@@ -175,7 +175,7 @@ def datamodule_for(config: Config, root: Path, context: ContextFn | None) -> L.L
                                 data.num_workers, config.train.seed, context=context)
     return SegmentationDataModule(root, config.task, data.cell_target, data.crop_size, data.train_fraction,
                                   data.batch_size, data.num_workers, config.train.seed, context=context,
-                                  nuclei=data.nuclei)
+                                  nuclei=data.nuclei, stratify=data.stratify)
 
 
 def checked_inputs(config: Config) -> tuple[Path, ContextFn | None]:
