@@ -953,10 +953,7 @@ def slide(
         box = parse_region(region) if region is not None else None
         check_slides(slides, out, resume, box, mpp, tile, overlap)
         cells, tissue = load_slide_models(model, tissue_model, runtime.device, cell_mpp, proposals)
-        if cells.config.data.nuclei and cells.stage2 is None:
-            typer.echo(f"note: {model} is a one-stage instance model (data.nuclei): on slides its cells are points; "
-                       "nuclei as outlines on slides come from a two-stage model (--model STAGE2 --proposals RUN)",
-                       err=True)
+        _note_points_only(model, cells)
         options = {"region": box, "mpp": mpp, "tile": tile, "overlap": overlap, "resume": resume}
         summaries = _analyse_slides(slides, cells, tissue, out, processes * nodes, (processes, nodes), runtime, options)
     except (FileNotFoundError, ModuleNotFoundError, ValueError, OSError) as error:
@@ -967,6 +964,13 @@ def slide(
     workers = f" with {processes * nodes} processes" if processes * nodes > 1 else ""
     typer.echo(f"wrote {len(slides)} slide(s) to {out}{workers}: {sum(sum(s['cells'].values()) for s in summaries)} "
                "cell(s)")
+
+
+def _note_points_only(model: Path, cells) -> None:
+    """A note on stderr where a one-stage instance model runs on slides: its cells come out as points."""
+    if cells.config.data.nuclei and cells.stage2 is None:
+        typer.echo(f"note: {model} is a one-stage instance model (data.nuclei): on slides its cells are points; "
+                   "nuclei as outlines on slides come from a two-stage model (--model STAGE2 --proposals RUN)", err=True)
 
 
 def _slide_files(slides: list[Path]) -> list[Path]:

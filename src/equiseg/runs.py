@@ -206,11 +206,17 @@ class Run:
             return [r for r in csv.DictReader(handle) if r.get("val/loss")]
 
     def best_epoch(self) -> tuple[int, int] | None:
-        """(the epoch of the lowest val/loss, the epochs trained), from metrics.csv; None without one."""
+        """(the epoch of the best validation, the epochs trained), from metrics.csv; None without one. The best
+        is the lowest val/loss, or the highest val/mf1 for a run whose config selects by it (``train.select``).
+        """
         rows = self._validation()
         if not rows:
             return None
-        best = min(rows, key=lambda r: float(r["val/loss"]))
+        by_mf1 = self.config_file.is_file() and self.config().train.select.value == "mf1" and "val/mf1" in rows[0]
+        if by_mf1:
+            best = max((r for r in rows if r.get("val/mf1") not in (None, "")), key=lambda r: float(r["val/mf1"]))
+        else:
+            best = min(rows, key=lambda r: float(r["val/loss"]))
         return int(best["epoch"]), max(int(r["epoch"]) for r in rows) + 1
 
     def best_validation(self) -> tuple[float, int] | None:

@@ -16,6 +16,7 @@ from equiseg.config.schema import (
     DetectConfig,
     ModelConfig,
     Schedule,
+    Selection,
     SyntheticConfig,
     TrainConfig,
     WindowConfig,
@@ -31,5 +32,5 @@ from equiseg.config.serialize import (
 )
 
 __all__ = ["ACCELERATORS", "LOGGERS", "PEAK_RULES", "Compile", "Config", "ConfigError", "DataConfig", "DetectConfig",
-           "ModelConfig", "Schedule", "SyntheticConfig", "TrainConfig", "WindowConfig", "apply_overrides", "from_plain", "json_text",
+           "ModelConfig", "Schedule", "Selection", "SyntheticConfig", "TrainConfig", "WindowConfig", "apply_overrides", "from_plain", "json_text",
            "path_override", "plain", "read_yaml"]

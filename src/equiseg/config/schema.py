@@ -214,6 +214,23 @@ class Schedule(enum.Enum):
     COSINE = "cosine"
 
 
+class Selection(enum.Enum):
+    """What picks a run's kept checkpoint and stops it early (``train.select``)."""
+
+    LOSS = "loss"  # the lowest val/loss
+    MF1 = "mf1"  # the highest val/mf1 (cells task)
+
+    @property
+    def metric(self) -> str:
+        """The logged metric: ``val/loss`` or ``val/mf1``."""
+        return f"val/{self.value}"
+
+    @property
+    def mode(self) -> str:
+        """Lightning's mode: ``min`` for the loss, ``max`` for mF1."""
+        return "min" if self is Selection.LOSS else "max"
+
+
 class Compile(enum.Enum):
     """Whether training runs the U-Net through ``torch.compile``, and in which of its modes (``train.compile``)."""
 
@@ -253,8 +270,12 @@ class TrainConfig:
         warmup_epochs: Epochs of linear warm-up (``constant`` and ``cosine`` schedules).
         plateau_patience: Validations without improvement before the ``plateau`` schedule halves
             the rate.
-        early_stopping: Stop when val/loss has not improved for this many validations (empty:
-            train all ``epochs``); the checkpoint kept is the best one's.
+        early_stopping: Stop when the selected metric (``select``) has not improved for this many
+            validations (empty: train all ``epochs``); the checkpoint kept is the best one's.
+        select: What picks the checkpoint kept (``best.ckpt``) and stops early (`Selection`): ``loss``
+            (the lowest val/loss) or ``mf1`` (the highest val/mf1: the cells found with ``detect``'s
+            settings on each whole validation image, scored by the OCELOT rule, summed over the split;
+            task cells only). The plateau schedule follows val/loss either way.
         val_every: Validate every N epochs (a study with few training images has short epochs: it
             validates after the same number of steps at every training-set size); the plateau
             schedule then steps with the validations.
@@ -282,6 +303,7 @@ class TrainConfig:
     warmup_epochs: int = 0
     plateau_patience: int = 5
     early_stopping: int | None = None
+    select: Selection = Selection.LOSS
     val_every: int = 1
     compile: Compile = Compile.NONE
 
@@ -399,6 +421,8 @@ class Config:
                              f"to be a multiple of {2**self.model.depth}")
         if self.task is Task.TISSUE and self.data.context is not ContextKind.NONE:
             raise ValueError("data.context is for the cell task; a tissue model takes no tissue context")
+        if self.train.select is Selection.MF1 and self.task is not Task.CELLS:
+            raise ValueError(f"train.select=mf1 scores cells: it is for task cells, not task {self.task.value}")
         if self.data.nuclei and self.task is not Task.CELLS:
             raise ValueError(f"data.nuclei is for task cells (a nucleus output beside the cell classes), "
                              f"not task {self.task.value}")

@@ -368,12 +368,13 @@ def remove_stale_partials(folder: Path) -> list[Path]:
 
 def _trainer(config: Config, run_dir: Path, progress: bool, callbacks: list) -> L.Trainer:
     """Lightning's Trainer for a run: its config's devices and precision, the run's loggers, and
-    two checkpoints (best by val/loss, and the last epoch, also every
+    two checkpoints (best by val/loss or val/mf1, ``train.select``, and the last epoch, also every
     ``train.checkpoint_every_n_steps`` steps), written atomically by `AtomicCheckpointIO`.
     """
     folder = Run(run_dir).checkpoints
     remove_stale_partials(folder)
-    best = ModelCheckpoint(dirpath=folder, filename="best", monitor="val/loss", mode="min",
+    select = config.train.select  # val/loss (lowest) or val/mf1 (highest)
+    best = ModelCheckpoint(dirpath=folder, filename="best", monitor=select.metric, mode=select.mode,
                            save_top_k=1, enable_version_counter=False)
     # Lightning's save_last only writes when a best checkpoint is written; these write every epoch
     # (and every N steps)
@@ -384,7 +385,7 @@ def _trainer(config: Config, run_dir: Path, progress: bool, callbacks: list) -> 
         lasts.append(StepCheckpoint(dirpath=folder, filename="last", monitor=None, save_top_k=1,
                                     enable_version_counter=False,
                                     every_n_train_steps=config.train.checkpoint_every_n_steps))
-    stopping = ([EarlyStopping(monitor="val/loss", mode="min", patience=config.train.early_stopping)]
+    stopping = ([EarlyStopping(monitor=select.metric, mode=select.mode, patience=config.train.early_stopping)]
                 if config.train.early_stopping else [])
     # the config's precision is any string Lightning takes (it checks it); Lightning's Literal of them is private
     return L.Trainer(default_root_dir=run_dir, max_epochs=config.train.epochs, accelerator=config.train.accelerator,

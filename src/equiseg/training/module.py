@@ -10,12 +10,16 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
+from torchmetrics import Metric
 from torchmetrics.classification import MulticlassConfusionMatrix
 
-from equiseg.config import Compile, Config, Schedule, TrainConfig
+from equiseg.config import Compile, Config, Schedule, Selection, TrainConfig
 from equiseg.data.augment import Augment, AugmentConfig
 from equiseg.data.datamodule import position_seed
+from equiseg.data.ocelot import CELL_CLASSES, Split
 from equiseg.data.targets import IGNORE_INDEX, Task
+from equiseg.detection.peaks import find_cells
+from equiseg.detection.score import detection_scores
 from equiseg.evaluation.losses import DiceCELoss
 from equiseg.evaluation.metrics import segmentation_scores
 
@@ -76,6 +80,31 @@ class ConfiguredModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": lr_schedule(optimizer, train)}
 
 
+class DetectionCounts(Metric):
+    """TP, FP and ground-truth cells of each cell class, summed over a validation epoch (and, under DDP,
+    over processes): ``update`` with one image's cells and its true points; ``compute`` gives mF1 by the
+    OCELOT rule (each class's F1 from the summed counts, unrounded, then their mean).
+    """
+
+    full_state_update = False
+    counts: torch.Tensor  # (classes, 3), a state that add_state makes
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("counts", default=torch.zeros(len(CELL_CLASSES), 3, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, cells: Any, truth: Any) -> None:
+        scores = detection_scores([cells], [truth])
+        found = [[scores[f"{kind}/{name}"] for kind in ("tp", "fp", "gt")] for name in CELL_CLASSES.values()]
+        self.counts += torch.tensor(found, dtype=torch.float64, device=self.counts.device)
+
+    def compute(self) -> torch.Tensor:
+        counts = self.counts
+        precision = counts[:, 0] / (counts[:, 0] + counts[:, 1] + 1e-7)
+        recall = counts[:, 0] / (counts[:, 2] + 1e-7)
+        return (2 * precision * recall / (precision + recall + 1e-7)).mean()
+
+
 class SegmentationModule(ConfiguredModule):
     """Trains ``config.build_model()`` (a U-Net) with Adam on Dice + cross-entropy.
 
@@ -87,7 +116,8 @@ class SegmentationModule(ConfiguredModule):
     adds (weight 1) the nucleus target's ``train.dice_weight`` x soft Dice + ``train.ce_weight`` x
     binary cross-entropy, as `NucleusModule` does for its mask (`DiceCELoss` over the logits (0, m):
     `nucleus_logits`); the class terms and scores read the class channels only. Also logged:
-    ``val/nucleus_dice``.
+    ``val/nucleus_dice``. With ``train.select=mf1``: ``val/mf1``, the cells of each whole validation
+    image scored against its points (`DetectionCounts`).
     """
 
     def __init__(self, config: dict[str, Any]) -> None:
@@ -102,6 +132,7 @@ class SegmentationModule(ConfiguredModule):
         if cfg.data.nuclei:
             self.nucleus_loss = DiceCELoss(cfg.train.dice_weight, cfg.train.ce_weight)
             self.val_nucleus = MulticlassConfusionMatrix(2, ignore_index=IGNORE_INDEX)
+        self.val_cells = DetectionCounts() if cfg.train.select is Selection.MF1 else None
 
     def _loss(self, logits: torch.Tensor, batch: dict) -> torch.Tensor:
         if self.nucleus_loss is None:
@@ -125,6 +156,17 @@ class SegmentationModule(ConfiguredModule):
         self.val_confusion.update((logits if self.val_nucleus is None else logits[:, :classes]).argmax(1), target)
         if self.val_nucleus is not None:
             self.val_nucleus.update(nucleus_logits(logits[:, classes:]).argmax(1), batch["nuclei"])
+        if self.val_cells is not None:
+            self._count_cells(logits[:, :classes], batch["index"])
+
+    def _count_cells(self, logits: torch.Tensor, indices: torch.Tensor) -> None:
+        """The cells of each whole validation image (``detect``'s settings) against its true points."""
+        dataset = self.trainer.datamodule.dataset(Split.VAL)  # pyright: ignore[reportAttributeAccessIssue]
+        probs = torch.softmax(logits.float(), dim=1).cpu()
+        for k, index in enumerate(indices.tolist()):
+            truth = dataset.folder.cells(dataset.indices[index])
+            assert self.val_cells is not None
+            self.val_cells.update(find_cells(probs[k], self.config.detect), truth)
 
     def on_validation_epoch_end(self) -> None:
         scores = segmentation_scores(self.val_confusion.compute().cpu(), self.class_names)
@@ -138,6 +180,9 @@ class SegmentationModule(ConfiguredModule):
             nucleus = segmentation_scores(self.val_nucleus.compute().cpu(), ["outside", "nucleus"])
             self.val_nucleus.reset()
             self.log("val/nucleus_dice", nucleus["dice/nucleus"], prog_bar=True, sync_dist=True)
+        if self.val_cells is not None:
+            self.log("val/mf1", self.val_cells.compute().float(), prog_bar=True, sync_dist=True)
+            self.val_cells.reset()
 
 
 class NucleusModule(ConfiguredModule):
