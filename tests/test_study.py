@@ -4,6 +4,7 @@ import dataclasses
 import json
 import math
 import shutil
+from pathlib import Path
 
 import pytest
 import yaml
@@ -345,3 +346,23 @@ def test_a_run_cut_off_by_its_budget_while_still_improving_counts_as_unconverged
     assert Stand(17, 18, budget=20, patience=5).converged  # stopped early, before the budget: it converged
     assert not Stand(19, 20).converged and Stand(18, 20).converged  # recorded without the budget: best = last
     assert Stand(-1, -1, budget=20).converged  # unknown
+
+
+@pytest.mark.slow
+def test_a_study_that_tunes_detection_scores_each_run_with_its_own_tuned_settings(tmp_path):
+    from equiseg.runs import load_model
+
+    base = {**TINY_BASE, "data": {**TINY_BASE.get("data", {}), "stratify": True},
+            "train": {**TINY_BASE["train"], "epochs": 2, "select": "mf1"}}
+    spec = {"name": "tiny-tuned", "base": base, "reference_width": 4, "seeds": [0], "angles": [45],
+            "variants": {"plain": {"family": "plain"}}, "train_images": [2], "robustness": False,
+            "tune_detect": True, "bootstrap": 50}
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(spec))
+    run_study(StudyConfig.from_yaml(tmp_path / "study.yaml"), tmp_path / "out", say=lambda line: None)
+    result = from_json(StudyResult, (tmp_path / "out/results.json").read_text())
+    (run,) = result.results
+    tuned = yaml.safe_load((Path(run.run_dir) / "detect.yaml").read_text())
+    _, config = load_model(run.run_dir)
+    assert config.detect.sigma == tuned["sigma"] and config.detect.threshold == tuned["threshold"]
+    assert config.data.stratify and config.train.select.value == "mf1"
+    assert run.epoch_budget >= 2 and run.patience >= 1  # (equal_steps lengthens the budget of small subsets)

@@ -52,6 +52,7 @@ class StudyConfig:
     baseline: str | None = None
     robustness: bool = True
     bootstrap: int = 2000
+    tune_detect: bool = False
 
     def __post_init__(self) -> None:
         check_name(self.name, "name")

@@ -16,8 +16,10 @@ import torch
 from equiseg.config import Config, ConfigError
 from equiseg.data.context import ContextFn
 from equiseg.data.ocelot import OcelotFolder
+from equiseg.data.targets import Task
 from equiseg.datasets import REQUIRE_REAL, generate_synthetic, synthetic_notice
 from equiseg.evaluation.data_record import DataRecord
+from equiseg.evaluation.tune_detect import tune_detection
 from equiseg.report.results import (
     LRTrial,
     RunResult,
@@ -120,10 +122,14 @@ def study_data(base: Config, out: Path, say: Callable[[str], None] = print) -> t
 def train_and_evaluate(config: Config, run_dir: Path, root: Path, study: StudyConfig,
                        cell: tuple[Variant, float, int], gc_samples: list, contexts: dict[str, ContextFn] | None,
                        runtime: Runtime, with_cases: bool) -> RunResult:
-    """One job of a study: train ``config`` into ``run_dir`` (or reuse it) and evaluate it
-    (`evaluate_study_run`); a plain function of picklable arguments, for any executor.
+    """One job of a study: train ``config`` into ``run_dir`` (or reuse it), with ``study.tune_detect`` choose
+    its detection settings on the validation split (`tune_detection`: ``detect.yaml`` in the run, which
+    every later load of it applies; once), and evaluate it (`evaluate_study_run`); a plain function of
+    picklable arguments, for any executor.
     """
     reused = train_or_reuse(config, run_dir, progress=False)
+    if study.tune_detect and config.task is Task.CELLS and not Run(run_dir).detect_file.is_file():
+        tune_detection(run_dir, "val", runtime)
     result = evaluate_study_run(run_dir, root, study, cell, gc_samples, contexts, runtime, with_cases)
     return replace(result, reused=reused)
 
