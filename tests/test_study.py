@@ -366,3 +366,36 @@ def test_a_study_that_tunes_detection_scores_each_run_with_its_own_tuned_setting
     assert config.detect.sigma == tuned["sigma"] and config.detect.threshold == tuned["threshold"]
     assert config.data.stratify and config.train.select.value == "mf1"
     assert run.epoch_budget >= 2 and run.patience >= 1  # (equal_steps lengthens the budget of small subsets)
+
+
+@pytest.mark.slow
+def test_a_study_compares_a_one_stage_with_a_two_stage_variant_as_instances(tmp_path):
+    stage2 = {"name": "tiny-stage2", "task": "nuclei", "model": {"family": "p4", "width": 1, "depth": 2},
+              "data": {"batch_size": 4}, "window": {"side_um": 3.4},
+              "train": {"epochs": 1, "accelerator": "cpu", "loggers": ["csv"], "limit_train_batches": 2}}
+    (tmp_path / "stage2.yaml").write_text(yaml.safe_dump(stage2))
+    base = {**TINY_BASE, "data": {**TINY_BASE["data"], "synthetic": {**TINY_BASE["data"]["synthetic"], "crowding": 1.0},
+                                  "stratify": True}}
+    spec = {"name": "tiny-instances", "base": base, "reference_width": 4, "seeds": [0, 1], "angles": [45],
+            "variants": {"one-stage": {"family": "plain", "nuclei": True},
+                         "two-stage": {"family": "plain", "stage2": str(tmp_path / "stage2.yaml")}},
+            "train_images": [2], "robustness": False, "baseline": "two-stage", "bootstrap": 50}
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(spec))
+    report = run_study(StudyConfig.from_yaml(tmp_path / "study.yaml"), tmp_path / "out", say=lambda line: None)
+    result = from_json(StudyResult, (tmp_path / "out/results.json").read_text())
+    two = [r for r in result.results if r.variant == "two-stage"]
+    one = [r for r in result.results if r.variant == "one-stage"]
+    assert all("pq/mean" in r.scores and "aji" in r.scores and "tp/BC" in r.per_image[0] for r in two + one)
+    assert all("instances/mf1" in r.scores for r in one) and all("blended" not in r.scores for r in two)
+    for run in two:  # stage 2 trained beside stage 1, on its cells; both stages' parameters counted
+        second = Path(run.run_dir).with_name(Path(run.run_dir).name + "-stage2")
+        assert (second / "checkpoints" / "best.ckpt").is_file()
+        assert equiseg.runs.Run(second).config().window.proposals == run.run_dir
+        assert run.parameters > one[0].parameters / 2
+    summary = (report.parent / "summary.md").read_text()
+    assert "## Cells as instances (mean ± std over seeds)" in summary
+    assert "| one-stage | one-stage |" in summary and "| two-stage | two-stage |" in summary
+    spec["variants"] = {"x": {"family": "plain", "nuclei": True, "stage2": "nuclei-small"}}
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(spec))
+    with pytest.raises(ValueError, match="takes neither nuclei nor tissue context"):
+        StudyConfig.from_yaml(tmp_path / "bad.yaml")

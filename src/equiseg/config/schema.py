@@ -156,9 +156,10 @@ class DataConfig:
         radius: Radius of the ``disks`` target, px.
         sigma: Standard deviation of the ``centres`` target's Gaussians, px.
         train_fraction: The share of the training split used (a seeded subset), in (0, 1].
-        stratify: Stratify that subset by cell class (cells task): the images that bring every class
-            come first in the seeded order, so that even the smallest subsets hold each class
-            (`equiseg.data.datamodule.training_subset`).
+        stratify: Stratify that subset by cell class (cells and nuclei tasks): the images that bring
+            every class come first in the seeded order, so that even the smallest subsets hold each
+            class (`equiseg.data.datamodule.training_subset`); a stage 2 and its stage 1 with the same
+            seed and fraction train on the same images.
         augment: The augmentation (`AugmentConfig`): a preset name (``none``, ``heavy``,
             ``non_symmetry``) or a mapping of transforms to their settings.
         batch_size: Samples per training step.

@@ -226,7 +226,8 @@ class SegmentationDataModule(L.LightningDataModule):
             if not len(folder):
                 raise ValueError(f"{self.root}: the {split.value} split is empty")
             train = split is Split.TRAIN
-            classes = image_classes(folder) if train and self.stratify and self.task is Task.CELLS else None
+            # stratified by the cells' classes (a nuclei run's windows too: the same images as its stage 1's)
+            classes = image_classes(folder) if train and self.stratify and self.task is not Task.TISSUE else None
             indices = training_subset(len(folder), self.train_fraction, self.seed, classes) if train else None
             self.datasets[split] = self.make_dataset(folder, indices, train)
         return self.datasets[split]

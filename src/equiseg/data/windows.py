@@ -111,9 +111,10 @@ class WindowDataModule(SegmentationDataModule):
     """
 
     def __init__(self, root: Path | str, side: int, jitter: int = 0, train_fraction: float = 1.0,
-                 batch_size: int = 4, num_workers: int = 0, seed: int = 0, context: ContextFn | None = None) -> None:
+                 batch_size: int = 4, num_workers: int = 0, seed: int = 0, context: ContextFn | None = None,
+                 stratify: bool = False) -> None:
         super().__init__(root, Task.NUCLEI, crop_size=None, train_fraction=train_fraction, batch_size=batch_size,
-                         num_workers=num_workers, seed=seed, context=context)
+                         num_workers=num_workers, seed=seed, context=context, stratify=stratify)
         self.side, self.jitter = side, jitter
 
     def make_dataset(self, folder: OcelotFolder, indices: list[int] | None, train: bool) -> WindowDataset:

@@ -116,6 +116,9 @@ def build_report(result: StudyResult) -> Report:
                                 paired_table(result, paired), (paired_figure(result, paired),)))
     sections.append(Section("Test scores (mean ± std over seeds)", table=results_table(result),
                             figures=(efficiency_figure(result),)))
+    if any("pq/mean" in r.scores for r in result.results):
+        sections.append(Section("Cells as instances (mean ± std over seeds)", (INSTANCES_NOTE,),
+                                instances_table(result)))
     if any(r.best_epoch >= 0 for r in result.results):
         sections.append(Section("Convergence", (CONVERGENCE_NOTE,), convergence_table(result)))
     if result.lr_trials:
@@ -244,6 +247,33 @@ def results_table(result: StudyResult) -> Table:
                          f"{f:g} ({result.train_count(f)} images)"]
                         + [_pm([r.scores.get(key) for r in runs]) for key, _ in METRICS])
     return Table(["variant", "augment", "params", "train fraction"] + [label for _, label in METRICS], rows)
+
+
+INSTANCES_NOTE = ("Variants that give each cell as a nucleus instance, on the test split's instance labels: a "
+                  "one-stage variant (nuclei: a U-Net with a nucleus output, instances grown from its cells) and a "
+                  "two-stage variant (stage2: its U-Net proposes the cells, a stage-2 network segments and "
+                  "classifies each in its window). mF1 here is of the instances' centroids; PQ mean is CoNIC's "
+                  "mPQ+ (counts summed over the split), PQ all matches nuclei whatever their class; blended is the "
+                  "share of a one-stage variant's instances whose pixels mix BC and TC in its class map (a two-stage "
+                  "variant has one class per instance by construction). A two-stage variant's parameters count "
+                  "both stages; its Dice, mIoU, robustness and certificate elsewhere in the report are its "
+                  "stage 1's, its mF1 everywhere its instances' centroids'.")
+
+
+def instances_table(result: StudyResult) -> Table:
+    """The instance scores of the variants that have them, at every training set."""
+    rows = []
+    for v in result.variants:
+        for f in result.fractions:
+            runs = [r for r in result.runs(v, f) if "pq/mean" in r.scores]
+            if not runs:
+                continue
+            kind = "one-stage" if "instances/mf1" in runs[0].scores else "two-stage"
+            centroids = [r.scores.get("instances/mf1", r.scores.get("mf1")) for r in runs]
+            rows.append([v, kind, f"{runs[0].parameters:,}", str(result.train_count(f)), _pm(centroids)]
+                        + [_mean_pm(runs, key) for key in ("pq/mean", "pq/all", "aji", "blended")])
+    return Table(["variant", "model", "params", "training images", "mF1 (centroids)", "PQ mean", "PQ all", "AJI",
+                  "blended"], rows)
 
 
 def robustness_table(result: StudyResult) -> Table:

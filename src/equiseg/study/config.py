@@ -14,7 +14,7 @@ from equiseg.data.augment import AugmentPreset
 from equiseg.data.context import ContextKind
 from equiseg.data.ocelot import GrandChallengeInput
 from equiseg.models import ConvFamily, Pooling, match_width, parameter_count
-from equiseg.presets import preset_path
+from equiseg.presets import load_config, preset_path
 
 GC_INPUT_ENV = "EQUISEG_GC_INPUT"
 
@@ -24,6 +24,12 @@ class Variant:
     """One row of the study: a conv family, an augmentation preset, a width (None: matched), the
     tissue context it takes, a learning rate of its own (None: the base's, or the search's) and
     its downsampling (``pool``: None, the base's ``model.pool``; or ``max`` / ``blur``).
+
+    Cells as instances (data with instance labels): ``nuclei: true`` gives the U-Net a nucleus output
+    (the one-stage model: instances grown from its cells); ``stage2: PRESET`` (a ``nuclei`` preset or
+    YAML file, e.g. ``nuclei-small``) makes the variant a two-stage model: its U-Net proposes the cells
+    and a stage-2 run (`stage2_dir`), trained on the same data, training subset and seed, segments and
+    classifies each in its window; the variant is scored as instances (PQ, AJI, the centroids' mF1).
     """
 
     label: str
@@ -33,6 +39,8 @@ class Variant:
     context: ContextKind = ContextKind.NONE
     lr: float | None = None
     pool: Pooling | None = None
+    nuclei: bool = False
+    stage2: str | None = None
 
 
 @dataclass(frozen=True)
@@ -68,6 +76,10 @@ class StudyConfig:
             raise ValueError("train_images must be at least 1 each")
         if any(not lr > 0 for lr in self.lr_search):
             raise ValueError("lr_search rates must be > 0")
+        for variant in self.variants:
+            if variant.stage2 is not None and (variant.nuclei or variant.context is not ContextKind.NONE):
+                raise ValueError(f"variant {variant.label}: a two-stage variant (stage2) takes neither nuclei nor "
+                                 "tissue context")
         if self.baseline is not None and self.baseline not in {v.label for v in self.variants}:
             raise ValueError(f"baseline {self.baseline!r} is not a variant ({', '.join(v.label for v in self.variants)})")
 
@@ -133,6 +145,8 @@ class StudyConfig:
                      path_override("data.root", data_root)]
         if lr is not None:
             overrides.append(f"train.lr={lr}")
+        if variant.nuclei:
+            overrides.append("data.nuclei=true")
         if variant.pool is not None:
             overrides.append(f"model.pool={variant.pool.value}")
         if variant.context is not ContextKind.NONE:
@@ -140,6 +154,25 @@ class StudyConfig:
                 raise ValueError(f"variant {variant.label} takes tissue context: a tissue model is needed")
             overrides += [f"data.context={variant.context.value}", path_override("data.tissue_model", tissue_model)]
         return Config.from_dict(apply_overrides(self.base, overrides))
+
+
+def stage2_config(study: StudyConfig, variant: Variant, fraction: float, seed: int, data_root: str,
+                  stage1: Path) -> Config:
+    """The stage-2 run config of a two-stage variant's cell: its ``stage2`` preset on the study's data, the
+    cell's training subset and seed, its cells proposed by the cell's own run ``stage1``.
+    """
+    if variant.stage2 is None:
+        raise ValueError(f"variant {variant.label} is not a two-stage variant")
+    base = Config.from_dict(study.base)
+    return load_config(variant.stage2, [f"name={variant.label}-stage2-f{fraction:g}-s{seed}",
+                                        path_override("data.root", data_root), f"data.train_fraction={fraction}",
+                                        f"data.stratify={str(base.data.stratify).lower()}", f"train.seed={seed}",
+                                        path_override("window.proposals", str(stage1))])
+
+
+def stage2_dir(run_dir: Path) -> Path:
+    """Where the stage-2 run of a two-stage variant's cell goes: beside the cell's run (``s0`` -> ``s0-stage2``)."""
+    return run_dir.with_name(f"{run_dir.name}-stage2")
 
 
 def matched_widths(study: StudyConfig) -> dict[str, int]:

@@ -16,7 +16,7 @@ from equiseg.data.context import ContextFn, ContextKind, cached, truth_context
 from equiseg.data.datamodule import model_input, training_subset
 from equiseg.data.ocelot import OcelotFolder
 from equiseg.evaluation.equivariance import GroupTTA, certificate
-from equiseg.evaluation.evaluate import Evaluation, evaluate_model
+from equiseg.evaluation.evaluate import Evaluation, evaluate_model, evaluate_run
 from equiseg.evaluation.robustness import standard_transforms
 from equiseg.evaluation.tissue_context import run_context
 from equiseg.groups import D4
@@ -38,7 +38,7 @@ from equiseg.report.results import (
 )
 from equiseg.runs import Run, load_model
 from equiseg.runtime import Runtime
-from equiseg.study.config import StudyConfig, Variant
+from equiseg.study.config import StudyConfig, Variant, stage2_dir
 
 
 def evaluate_study_run(run_dir: Path, root: Path, study: StudyConfig, cell: tuple[Variant, float, int], gc_samples: list,
@@ -92,11 +92,26 @@ def evaluate_study_run(run_dir: Path, root: Path, study: StudyConfig, cell: tupl
         lr=config.train.lr, train_count=len(training_subset(len(OcelotFolder(root, "train")), fraction, seed)),
         best_epoch=best_epoch, epochs_trained=epochs_trained, epoch_budget=config.train.epochs,
         patience=(config.train.early_stopping or 1) * config.train.val_every)
+    if variant.stage2 is not None:
+        result = _as_two_stage(result, run_dir, root, runtime)
     if with_cases:
         cases = _save_cases(Run(run_dir).study_cases, root, plain_eval, kept)
         result = replace(result, cases=cases, cases_file=Run(run_dir).study_cases.name)
     cache.write_text(to_json(result))
     return result
+
+
+def _as_two_stage(result: RunResult, run_dir: Path, root: Path, runtime: Runtime) -> RunResult:
+    """A two-stage variant's result: scored as instances, stage 2 (`stage2_dir`) on the cells of the run
+    at ``run_dir`` (PQ, AJI, the centroids' mF1 and their per-image counts, over stage 1's own scores),
+    its parameters both stages'; Dice, mIoU, robustness, certificate and test-time augmentation stay
+    stage 1's.
+    """
+    second = stage2_dir(run_dir)
+    evaluation, _ = evaluate_run(second, "test", data=root, runtime=runtime, proposals=run_dir)
+    stage2_model, _ = load_model(second, "cpu")
+    return replace(result, scores={**result.scores, **evaluation.scores}, per_image=tuple(evaluation.per_image),
+                   parameters=result.parameters + count_parameters(stage2_model))
 
 
 def _read_cache(path: Path, kind: type[Result]) -> Result | None:

@@ -31,7 +31,7 @@ from equiseg.report.study_report import write_report
 from equiseg.runs import Run
 from equiseg.runtime import Runtime
 from equiseg.scale import Executor, LocalExecutor
-from equiseg.study.config import StudyConfig, Variant, matched_widths, real_samples
+from equiseg.study.config import StudyConfig, Variant, matched_widths, real_samples, stage2_config, stage2_dir
 from equiseg.study.evaluation import evaluate_study_run, evaluate_tissue
 from equiseg.training.fit import train_or_reuse
 
@@ -103,7 +103,7 @@ def _announcer(cells: list[tuple[Variant, float, int]], started: float,
         say(f"[{finished[0]}/{len(cells)}] {variant.label} n={result.train_count} s={seed}: "
             f"{'reused' if result.reused else 'trained'} (best epoch {result.best_epoch + 1} of "
             f"{result.epochs_trained}); mF1 {result.scores.get('mf1', math.nan):.3f}, Dice "
-            f"{result.scores['dice/mean']:.3f} ({(time.time() - started) / 60:.1f} min so far)")
+            f"{result.scores.get('dice/mean', math.nan):.3f} ({(time.time() - started) / 60:.1f} min so far)")
 
     return report
 
@@ -124,12 +124,17 @@ def train_and_evaluate(config: Config, run_dir: Path, root: Path, study: StudyCo
                        runtime: Runtime, with_cases: bool) -> RunResult:
     """One job of a study: train ``config`` into ``run_dir`` (or reuse it), with ``study.tune_detect`` choose
     its detection settings on the validation split (`tune_detection`: ``detect.yaml`` in the run, which
-    every later load of it applies; once), and evaluate it (`evaluate_study_run`); a plain function of
-    picklable arguments, for any executor.
+    every later load of it applies; once), for a two-stage variant train its stage 2 (`stage2_config`,
+    into `stage2_dir`), and evaluate it (`evaluate_study_run`); a plain function of picklable arguments,
+    for any executor.
     """
     reused = train_or_reuse(config, run_dir, progress=False)
     if study.tune_detect and config.task is Task.CELLS and not Run(run_dir).detect_file.is_file():
         tune_detection(run_dir, "val", runtime)
+    variant, fraction, seed = cell
+    if variant.stage2 is not None:  # a two-stage variant: its stage 2 on this run's cells
+        second = stage2_config(study, variant, fraction, seed, str(root), run_dir)
+        reused = train_or_reuse(second, stage2_dir(run_dir), progress=False) and reused
     result = evaluate_study_run(run_dir, root, study, cell, gc_samples, contexts, runtime, with_cases)
     return replace(result, reused=reused)
 

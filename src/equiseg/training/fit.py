@@ -172,7 +172,7 @@ def datamodule_for(config: Config, root: Path, context: ContextFn | None) -> L.L
         if side is None:
             raise ValueError("window.side_px is not set: resolve it first (resolved_window)")
         return WindowDataModule(root, side, config.window.jitter, data.train_fraction, data.batch_size,
-                                data.num_workers, config.train.seed, context=context)
+                                data.num_workers, config.train.seed, context=context, stratify=data.stratify)
     return SegmentationDataModule(root, config.task, data.cell_target, data.crop_size, data.train_fraction,
                                   data.batch_size, data.num_workers, config.train.seed, context=context,
                                   nuclei=data.nuclei, stratify=data.stratify)
