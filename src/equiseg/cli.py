@@ -1096,6 +1096,54 @@ def study(
         typer.echo(f"report: {report}")
 
 
+@app.command("plan")
+def plan_(
+    pilot: Annotated[Path, typer.Option("--pilot", help="A finished study: its results.json, or the folder that "
+                                                        "holds it.", show_default=False)],
+    target: Annotated[float, typer.Option("--target", min=0.001, max=1.0,
+                                          help="The mF1 difference to resolve (and the half-width to reach).")] = 0.05,
+    power: Annotated[float, typer.Option("--power", min=0.5, max=0.999,
+                                         help="The chance to resolve a true difference of --target.")] = 0.8,
+    comparisons: Annotated[int | None, typer.Option(
+        "--comparisons", min=1, show_default=False,
+        help="Comparisons the planned study makes (Holm corrects over them); default: the pilot's.")] = None,
+    images: Annotated[list[int] | None, typer.Option(
+        "--images", min=1, show_default=False,
+        help="Test images to plan for (repeat the option); default: the pilot's, twice and four times.")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Plan a study from a pilot: how many seeds a stated precision needs.
+
+    Reads the pilot's paired comparisons against its baseline, takes their variance components (per
+    seed and per test image: Var(difference) = σ seed² / seeds + σ image² / images, the medians over the
+    comparisons) and gives, for each number of test images, the fewest seeds whose calibrated interval
+    has a half-width of --target, and those that resolve a true difference of --target with --power,
+    after Holm's correction over --comparisons (its strictest step).
+    """
+    from equiseg.report.results import ResultFormatError, StudyResult, from_json
+    from equiseg.report.study_report import baseline_comparisons, plan_rows
+
+    path = pilot / "results.json" if pilot.is_dir() else pilot
+    try:
+        result = from_json(StudyResult, path.read_text())
+    except (OSError, ResultFormatError) as error:
+        raise _fail(f"{path}: not a study's results.json ({error})") from None
+    paired = baseline_comparisons(result)
+    if not paired:
+        raise _fail(f"{path}: the study has no baseline to compare with, so no variance of a difference to plan from")
+    rows = plan_rows(result, paired, target, power, comparisons, tuple(images or ()))
+    if _emit(as_json, rows):
+        return
+    first = rows[0]
+    typer.echo(f"{result.study}: σ seed {first['sigma_seed']:.3f}, σ image {first['sigma_image']:.3f} (mF1, median over "
+               f"{len(paired)} comparisons; {len(result.seeds)} seeds, {result.test_images} test images); "
+               f"Holm over {first['comparisons']} comparisons")
+    typer.echo(f"{'test images':>11}  {'seeds for ± ' + format(target, 'g'):>16}  {'seeds for ' + format(power, '.0%') + ' power':>18}")
+    for row in rows:
+        typer.echo(f"{row['test_images']:>11}  {row['seeds_for_half_width'] or '> 1000':>16}  "
+                   f"{row['seeds_for_power'] or '> 1000':>18}")
+
+
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 @_runs_jobs
 def tune(

@@ -135,3 +135,25 @@ def test_the_plan_matches_issue_31s_arithmetic():
     # after Holm over 9 comparisons (its strictest step) far more seeds are needed
     assert plan(0.07, 0.11, 200, difference=0.05, comparisons=9).seeds > 30
     assert plan(0.07, 0.11, 4, target_half_width=0.05) is None  # 4 test images: no seed count does
+
+
+def test_equiseg_plan_reads_a_pilot_study_and_says_the_seeds_it_needs(tmp_path):
+    import json
+    from pathlib import Path
+
+    from typer.testing import CliRunner
+
+    from equiseg.cli import app
+
+    pilot = Path(__file__).resolve().parents[2] / "docs" / "study-cpu"
+    runner = CliRunner()
+    result = runner.invoke(app, ["plan", "--pilot", str(pilot), "--comparisons", "2", "--images", "96", "--json"])
+    assert result.exit_code == 0, result.output
+    (row,) = json.loads(result.output)
+    assert row["test_images"] == 96 and row["comparisons"] == 2
+    # the pilot's own components reproduce the row by hand
+    assert row["seeds_for_half_width"] == plan(row["sigma_seed"], row["sigma_image"], 96, target_half_width=0.05,
+                                               comparisons=2).seeds
+    assert row["seeds_for_power"] > row["seeds_for_half_width"]
+    missing = runner.invoke(app, ["plan", "--pilot", str(tmp_path)])
+    assert missing.exit_code == 2 and "not a study's results.json" in missing.output

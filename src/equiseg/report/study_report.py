@@ -627,25 +627,47 @@ def paired_reading(result: StudyResult, paired: list[PairedComparison], target: 
     return lines + study_plan(result, paired, target)
 
 
+def variance_components(paired: list[PairedComparison]) -> tuple[float, float]:
+    """(σ seed, σ image) of a study's mF1 differences: the medians over its comparisons (`Difference`)."""
+    return (float(np.median([c.mf1.sigma_seed for c in paired])),
+            float(np.median([c.mf1.sigma_image for c in paired])))
+
+
+def plan_rows(result: StudyResult, paired: list[PairedComparison], target: float = 0.05,
+              target_power: float = 0.8, comparisons: int | None = None,
+              images: tuple[int, ...] = ()) -> list[dict]:
+    """For each number of test images (default: the study's, twice and four times it), the seeds that a
+    half-width of ``target`` and ``target_power`` to resolve a true difference of ``target`` need after Holm
+    over ``comparisons`` (default: the study's), from the study's variance components; None for more
+    than 1000.
+    """
+    sigma_seed, sigma_image = variance_components(paired)
+    m = comparisons or len(paired)
+    rows = []
+    for count in images or (result.test_images, 2 * result.test_images, 4 * result.test_images):
+        width = plan(sigma_seed, sigma_image, count, target_half_width=target, comparisons=m)
+        powered = plan(sigma_seed, sigma_image, count, difference=target, target_power=target_power, comparisons=m)
+        rows.append({"test_images": count, "comparisons": m, "sigma_seed": sigma_seed, "sigma_image": sigma_image,
+                     "seeds_for_half_width": width.seeds if width else None,
+                     "seeds_for_power": powered.seeds if powered else None, "target": target,
+                     "power": target_power})
+    return rows
+
+
 def study_plan(result: StudyResult, paired: list[PairedComparison], target: float = 0.05,
                target_power: float = 0.8) -> list[str]:
     """The seeds this study's variance components (median over its comparisons) would need for ``target``:
     a half-width of it, and a true difference of it resolved with ``target_power`` after Holm (Bonferroni,
     its strictest step, over the study's comparisons), at its own number of test images and at four times it.
     """
-    sigma_seed = float(np.median([c.mf1.sigma_seed for c in paired]))
-    sigma_image = float(np.median([c.mf1.sigma_image for c in paired]))
-    images, m = result.test_images, len(paired)
-    parts = []
-    for count in (images, 4 * images):
-        width = plan(sigma_seed, sigma_image, count, target_half_width=target, comparisons=m)
-        powered = plan(sigma_seed, sigma_image, count, difference=target, target_power=target_power, comparisons=m)
-        parts.append(f"with {count} test images, {width.seeds if width else 'more than 1000'} seeds for a half-width of "
-                     f"± {target:g} and {powered.seeds if powered else 'more than 1000'} for {target_power:.0%} power "
-                     f"to resolve a true difference of {target:g}")
-    return [f"Plan: the variance components here (median over the comparisons: σ seed {sigma_seed:.3f}, σ image "
-            f"{sigma_image:.3f} mF1; Var(Δ) = σ seed² / seeds + σ image² / images) and Holm over {m} comparisons "
-            f"need, {'; '.join(parts)} (this study: {len(result.seeds)} seeds, {images} test images)."]
+    rows = plan_rows(result, paired, target, target_power, images=(result.test_images, 4 * result.test_images))
+    parts = [f"with {r['test_images']} test images, {r['seeds_for_half_width'] or 'more than 1000'} seeds for a "
+             f"half-width of ± {target:g} and {r['seeds_for_power'] or 'more than 1000'} for {target_power:.0%} power "
+             f"to resolve a true difference of {target:g}" for r in rows]
+    return [f"Plan: the variance components here (median over the comparisons: σ seed {rows[0]['sigma_seed']:.3f}, "
+            f"σ image {rows[0]['sigma_image']:.3f} mF1; Var(Δ) = σ seed² / seeds + σ image² / images) and Holm over "
+            f"{len(paired)} comparisons need, {'; '.join(parts)} (this study: {len(result.seeds)} seeds, "
+            f"{result.test_images} test images)."]
 
 
 def paired_figure(result: StudyResult, paired: list[PairedComparison]) -> Figure:
