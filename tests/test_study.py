@@ -399,3 +399,17 @@ def test_a_study_compares_a_one_stage_with_a_two_stage_variant_as_instances(tmp_
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(spec))
     with pytest.raises(ValueError, match="takes neither nuclei nor tissue context"):
         StudyConfig.from_yaml(tmp_path / "bad.yaml")
+
+
+def test_a_planned_study_reports_the_half_width_it_reached_against_the_plan():
+    from equiseg.evaluation.comparisons import half_width
+    from equiseg.report.results import StudyPlan, to_json
+    from equiseg.report.study_report import against_plan, baseline_comparisons
+
+    old = from_json(StudyResult, (Path(__file__).resolve().parents[1] / "docs/study-cpu/results.json").read_text())
+    assert old.plan is None and against_plan(old, baseline_comparisons(old)) == []  # written before plans
+    planned = from_json(StudyResult, to_json(dataclasses.replace(old, plan=StudyPlan(0.07, 0.11, source="pilot"))))
+    assert planned.plan == StudyPlan(0.07, 0.11, 0.05, 0.8, "pilot")
+    (line,) = against_plan(planned, baseline_comparisons(planned))
+    expected = half_width(0.07, 0.11, len(planned.seeds), planned.test_images)
+    assert f"expected to give intervals of ± {expected:.3f}" in line and "(pilot)" in line

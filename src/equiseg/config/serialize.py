@@ -158,6 +158,8 @@ def _convert(default: Any, raw: Any, key: str, hint: Any) -> Any:
             return AugmentConfig.preset(raw) if isinstance(raw, str) else AugmentConfig.from_dict(raw)
         if dataclasses.is_dataclass(default):
             return _from_plain(type(default), raw, key)
+        if isinstance(raw, dict) and isinstance(kind, type) and dataclasses.is_dataclass(kind):  # an optional section
+            return _from_plain(kind, raw, key)
         if raw is None:
             if not optional:
                 raise ConfigError(f"{key}: may not be empty")

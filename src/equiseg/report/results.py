@@ -35,7 +35,7 @@ FORMAT = 3
 """The version of the JSON form; a file of another version is not read (a cache is recomputed)."""
 
 
-ADDED_IN_FORMAT = frozenset({"epoch_budget", "patience"})
+ADDED_IN_FORMAT = frozenset({"epoch_budget", "patience", "plan"})
 """Fields added to this format later: a file without them reads them at their defaults (unknown)."""
 
 
@@ -182,6 +182,21 @@ class TissueResult:
 
 
 @dataclass(frozen=True)
+class StudyPlan:
+    """What a study was sized for (its config's ``plan``): resolve a difference of ``target`` mF1 with
+    ``power`` after Holm, given the variance components ``sigma_seed`` and ``sigma_image`` (of a pilot:
+    ``source``; `equiseg.evaluation.comparisons.plan`). The report sets the half-width it reached
+    beside the one these components expect.
+    """
+
+    sigma_seed: float
+    sigma_image: float
+    target: float = 0.05
+    power: float = 0.8
+    source: str = ""
+
+
+@dataclass(frozen=True)
 class LRTrial:
     """One run of a study's learning-rate search: a variant at ``lr``, its lowest validation loss
     and that epoch, and whether the variant took this rate.
@@ -214,6 +229,7 @@ class StudyResult:
     lr_trials: tuple[LRTrial, ...] = ()
     bootstrap: int = 2000
     data: DataRecord = NOT_RECORDED
+    plan: StudyPlan | None = None
 
 
     def train_count(self, fraction: float) -> int:

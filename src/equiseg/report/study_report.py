@@ -26,7 +26,7 @@ import numpy as np
 
 from equiseg.data.context import ContextKind
 from equiseg.evaluation.bootstrap import Interval, counts_array, score_intervals
-from equiseg.evaluation.comparisons import Difference, calibrated_difference, holm, holm_verdict, plan
+from equiseg.evaluation.comparisons import Difference, calibrated_difference, half_width, holm, holm_verdict, plan
 from equiseg.evaluation.data_record import DataSource
 from equiseg.models import ConvFamily
 from equiseg.report.plots import cases_figure, loss_curves_figure, machine_line, markdown_table
@@ -624,7 +624,21 @@ def paired_reading(result: StudyResult, paired: list[PairedComparison], target: 
                                                f"a difference of {target:g} is resolved where the half-width is "
                                                f"below it, which holds for {sum(w <= target for w in widths)} of "
                                                f"{len(paired)} comparisons."))
-    return lines + study_plan(result, paired, target)
+    return lines + against_plan(result, paired) + study_plan(result, paired, target)
+
+
+def against_plan(result: StudyResult, paired: list[PairedComparison]) -> list[str]:
+    """The half-widths reached beside the one the study was sized for (its config's ``plan``), if it has one."""
+    if result.plan is None:
+        return []
+    planned = result.plan
+    expected = half_width(planned.sigma_seed, planned.sigma_image, len(result.seeds), result.test_images)
+    widths = [c.mf1.interval.half_width for c in paired]
+    source = f" ({planned.source})" if planned.source else ""
+    return [f"Against its plan: sized with σ seed {planned.sigma_seed:.3f} and σ image {planned.sigma_image:.3f}"
+            f"{source} to resolve {planned.target:g} with {planned.power:.0%} power after Holm, its {len(result.seeds)} "
+            f"seeds and {result.test_images} test images were expected to give intervals of ± {expected:.3f}; they "
+            f"reached ± {min(widths):.3f} to ± {max(widths):.3f} (median ± {float(np.median(widths)):.3f})."]
 
 
 def variance_components(paired: list[PairedComparison]) -> tuple[float, float]:

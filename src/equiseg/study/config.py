@@ -15,6 +15,7 @@ from equiseg.data.context import ContextKind
 from equiseg.data.ocelot import GrandChallengeInput
 from equiseg.models import ConvFamily, Pooling, match_width, parameter_count
 from equiseg.presets import load_config, preset_path
+from equiseg.report.results import StudyPlan
 
 GC_INPUT_ENV = "EQUISEG_GC_INPUT"
 
@@ -61,6 +62,7 @@ class StudyConfig:
     robustness: bool = True
     bootstrap: int = 2000
     tune_detect: bool = False
+    plan: StudyPlan | None = None
 
     def __post_init__(self) -> None:
         check_name(self.name, "name")

@@ -87,7 +87,7 @@ def run_study(study: StudyConfig, out: Path, say: Callable[[str], None] = print,
     summary = StudyResult(study.name, tuple(results), available,
                           len(OcelotFolder(root, "test")), minutes=(time.time() - started) / 60,
                           reused=sum(r.reused for r in results), tissue=tissue, baseline=study.baseline,
-                          lr_trials=trials, bootstrap=study.bootstrap, data=data)
+                          lr_trials=trials, bootstrap=study.bootstrap, data=data, plan=study.plan)
     (out / "results.json").write_text(to_json(summary))
     return write_report(summary, out / "report")
 
