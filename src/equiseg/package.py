@@ -41,7 +41,7 @@ from torch import nn
 from equiseg.config import Config
 from equiseg.data.context import ContextKind
 from equiseg.data.ocelot import DatasetError, OcelotFolder
-from equiseg.data.targets import Task
+from equiseg.data.targets import DEFAULT_RADIUS, Task
 from equiseg.datasets import data_root
 from equiseg.evaluation.equivariance import certificate
 from equiseg.export import _Unpadded, onnx_cells_model, quiet_jit, scripted_cells_model
@@ -197,6 +197,11 @@ def equiseg_description(run: Path | str, model: nn.Module, config: Config, sampl
         "tissue_mpp": resolution.tissue_mpp if resolution is not None else None,
         "classes": names, "colours": {names[k]: list(c) for k, c in CELL_COLOURS.items() if k < len(names)},
         "nucleus_channel": config.class_channels if config.data.nuclei else None,
+        "instances": {"rule": f"each cell grown on p(nucleus) >= 0.5 within {DEFAULT_RADIUS:g} px of its centre, in "
+                              "its connected foreground, the nearest centre winning (equiseg.detection.instances.grow_instances); "
+                              "one class each: the largest mean class probability inside it",
+                      "where": "equiseg predict and evaluate with this package; not inside cells.pt or cells.onnx"}
+        if config.data.nuclei else None,
         "input": f"uint8 RGB (1, 3, H, W), H and W multiples of {2**depth}; the networks divide by 255 "
                  "(no mean or std)",
         "tile": {"side": 1024, "overlap": 128, "halo": reach,
