@@ -35,8 +35,8 @@ import torch
 from torch import nn
 
 from equiseg.config import Config
-from equiseg.data.targets import Task
-from equiseg.detection.scripted import ExportedDetector, ScriptedDetector
+from equiseg.data.targets import DEFAULT_RADIUS, Task
+from equiseg.detection.scripted import ExportedDetector, ScriptedDetector, ScriptedInstances
 from equiseg.files import owned_file
 from equiseg.models import UNet, optimize_for_inference, probabilities
 from equiseg.runs import load_model
@@ -89,8 +89,32 @@ class ContextDetectingNet(DetectingNet):
         return self._detect(torch.cat([image.float().div(255), context.float()], 1))
 
 
-def detecting_net(net: nn.Module, config: Config, detector: ScriptedDetector) -> DetectingNet:
-    """`DetectingNet`, or `ContextDetectingNet` for a model with tissue context, of ``net``."""
+class InstanceDetectingNet(DetectingNet):
+    """`DetectingNet` of a one-stage instance model (``data.nuclei``): also the instance label image
+    (H, W) int32 (k: the cell of row k - 1), grown on p(nucleus) as `one_stage_instances` grows it
+    (`ScriptedInstances`), and each cell's class and probability those of its instance.
+    """
+
+    def __init__(self, net: nn.Module, class_channels: int, detector: ScriptedDetector,
+                 instances: ScriptedInstances) -> None:
+        super().__init__(net, class_channels, detector)
+        self.instances = instances
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # pyright: ignore[reportIncompatibleMethodOverride]
+        probs, cells = self._detect(image.float().div(255))
+        maps = probs[0]
+        labels, cells = self.instances(maps[-1], maps[:self.class_channels], cells)
+        return probs, cells, labels
+
+
+def detecting_net(net: nn.Module, config: Config, detector: ScriptedDetector, instances: bool = True) -> DetectingNet:
+    """`DetectingNet` of ``net``: `ContextDetectingNet` for a model with tissue context, and with ``instances``
+    `InstanceDetectingNet` for a one-stage instance model (TorchScript only: its growth does not export to ONNX
+    yet).
+    """
+    if instances and config.data.nuclei and config.in_channels == 3:
+        return InstanceDetectingNet(net, config.class_channels, detector,
+                                    ScriptedInstances(0.5, DEFAULT_RADIUS)).eval()
     kind = ContextDetectingNet if config.in_channels > 3 else DetectingNet
     return kind(net, config.class_channels, detector).eval()
 
@@ -155,7 +179,7 @@ def onnx_cells_model(model: nn.Module, config: Config, path: Path, card: dict[st
     unpadded = _Unpadded(cast(UNet, optimize_for_inference(model, channels_last=False, fuse_up=False))).eval()
     detect = config.detect
     net = detecting_net(unpadded, config, ExportedDetector(detect.sigma, detect.min_distance, detect.threshold,
-                                                           detect.per_class))
+                                                           detect.per_class), instances=False)
     multiple = 2**config.model.depth
     example = example_inputs(config, max(64, 2 * multiple))  # the file takes any multiple of 2**depth
     rows, cols = torch.export.Dim("rows", min=1, max=4096), torch.export.Dim("cols", min=1, max=4096)
