@@ -36,7 +36,7 @@ from torch import nn
 
 from equiseg.config import Config
 from equiseg.data.targets import DEFAULT_RADIUS, Task
-from equiseg.detection.scripted import ExportedDetector, ScriptedDetector, ScriptedInstances
+from equiseg.detection.scripted import ExportedDetector, ExportedInstances, ScriptedDetector, ScriptedInstances
 from equiseg.files import owned_file
 from equiseg.models import UNet, optimize_for_inference, probabilities
 from equiseg.runs import load_model
@@ -107,14 +107,13 @@ class InstanceDetectingNet(DetectingNet):
         return probs, cells, labels
 
 
-def detecting_net(net: nn.Module, config: Config, detector: ScriptedDetector, instances: bool = True) -> DetectingNet:
-    """`DetectingNet` of ``net``: `ContextDetectingNet` for a model with tissue context, and with ``instances``
-    `InstanceDetectingNet` for a one-stage instance model (TorchScript only: its growth does not export to ONNX
-    yet).
+def detecting_net(net: nn.Module, config: Config, detector: ScriptedDetector,
+                  instances: ScriptedInstances | None = None) -> DetectingNet:
+    """`DetectingNet` of ``net``: `ContextDetectingNet` for a model with tissue context, `InstanceDetectingNet`
+    with ``instances`` for a one-stage instance model (``data.nuclei``).
     """
-    if instances and config.data.nuclei and config.in_channels == 3:
-        return InstanceDetectingNet(net, config.class_channels, detector,
-                                    ScriptedInstances(0.5, DEFAULT_RADIUS)).eval()
+    if instances is not None and config.data.nuclei and config.in_channels == 3:
+        return InstanceDetectingNet(net, config.class_channels, detector, instances).eval()
     kind = ContextDetectingNet if config.in_channels > 3 else DetectingNet
     return kind(net, config.class_channels, detector).eval()
 
@@ -162,13 +161,14 @@ def scripted_cells_model(model: nn.Module, config: Config) -> torch.jit.ScriptMo
         # a traced module (torch.jit.trace is typed to return a graph too, for another call form)
         traced = cast(nn.Module, torch.jit.trace(unpadded, torch.rand(1, config.in_channels, side, side)))
         detector = ScriptedDetector(detect.sigma, detect.min_distance, detect.threshold, detect.per_class)
-        return torch.jit.script(detecting_net(traced, config, detector))
+        return torch.jit.script(detecting_net(traced, config, detector, ScriptedInstances(0.5, DEFAULT_RADIUS)))
 
 
 def onnx_cells_model(model: nn.Module, config: Config, path: Path, card: dict[str, Any]) -> None:
     """`DetectingNet` (`ContextDetectingNet`) of a cells run's model as an ONNX file at ``path`` (needs
     ``equiseg[export]``): input ``image`` (1, 3, H, W) uint8, H and W multiples of 2**depth (and ``context``
-    for a model with tissue context); outputs ``probabilities`` and ``cells`` as `DetectingNet` gives them,
+    for a model with tissue context); outputs ``probabilities`` and ``cells`` as `DetectingNet` gives them
+    (and ``labels``, the instance label image, for a one-stage instance model: `ExportedInstances`),
     the detection an ONNX ``Loop`` (`ExportedDetector`); ``card`` goes in as metadata properties. It runs
     in onnxruntime where neither equiseg nor torch is installed.
 
@@ -179,13 +179,14 @@ def onnx_cells_model(model: nn.Module, config: Config, path: Path, card: dict[st
     unpadded = _Unpadded(cast(UNet, optimize_for_inference(model, channels_last=False, fuse_up=False))).eval()
     detect = config.detect
     net = detecting_net(unpadded, config, ExportedDetector(detect.sigma, detect.min_distance, detect.threshold,
-                                                           detect.per_class), instances=False)
+                                                           detect.per_class), ExportedInstances(0.5, DEFAULT_RADIUS))
     multiple = 2**config.model.depth
     example = example_inputs(config, max(64, 2 * multiple))  # the file takes any multiple of 2**depth
     rows, cols = torch.export.Dim("rows", min=1, max=4096), torch.export.Dim("cols", min=1, max=4096)
     space = {2: multiple * rows, 3: multiple * cols}
     names = ("image", "context")[:len(example)]
-    _onnx(net, example, path, card, ("probabilities", "cells"), {name: space for name in names}, names)
+    outputs = ("probabilities", "cells", "labels") if isinstance(net, InstanceDetectingNet) else ("probabilities", "cells")
+    _onnx(net, example, path, card, outputs, {name: space for name in names}, names)
 
 
 def model_card(config: Config, checkpoint: Path) -> dict[str, Any]:

@@ -200,9 +200,10 @@ def equiseg_description(run: Path | str, model: nn.Module, config: Config, sampl
         "instances": {"rule": f"each cell grown on p(nucleus) >= 0.5 within {DEFAULT_RADIUS:g} px of its centre, in "
                               "its connected foreground, the nearest centre winning (equiseg.detection.instances.grow_instances); "
                               "one class each: the largest mean class probability inside it",
-                      "where": "cells.pt: a third output, the (H, W) int32 instance label image (k: the cell of row "
-                               "k - 1), with each cell's class and probability its instance's; equiseg predict and "
-                               "evaluate with this package (label image, outlines, measurements); not cells.onnx yet"}
+                      "where": "cells.pt and cells.onnx (output 'labels'): a third output, the (H, W) int32 instance "
+                               "label image (k: the cell of row k - 1), with each cell's class and probability its "
+                               "instance's; equiseg predict and evaluate with this package also write outlines and "
+                               "measurements"}
         if config.data.nuclei else None,
         "input": f"uint8 RGB (1, 3, H, W), H and W multiples of {2**depth}; the networks divide by 255 "
                  "(no mean or std)",

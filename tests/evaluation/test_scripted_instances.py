@@ -65,3 +65,27 @@ def test_a_one_stage_models_cells_pt_gives_its_instances_as_one_stage_instances_
     np.testing.assert_array_equal(labels.numpy(), expected_labels)
     np.testing.assert_array_equal(cells.numpy()[:, :3], expected_cells[:, :3])
     np.testing.assert_allclose(cells.numpy()[:, 3], expected_cells[:, 3], rtol=0, atol=1e-12)
+
+
+@pytest.mark.slow
+def test_a_one_stage_models_cells_onnx_gives_its_instances_in_onnxruntime(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    from equiseg.config import Config
+    from equiseg.detection.instances import one_stage_instances
+    from equiseg.export import onnx_cells_model
+
+    torch.manual_seed(0)
+    config = Config.from_dict({"model": {"family": "plain", "width": 2, "depth": 2}, "data": {"nuclei": True},
+                               "detect": {"sigma": 1.0, "min_distance": 4, "threshold": 0.3}})
+    model = config.build_model().train()
+    with torch.no_grad():
+        model(torch.rand(2, 3, 32, 32))
+    onnx_cells_model(model.eval(), config, tmp_path / "cells.onnx", {})
+    session = ort.InferenceSession(str(tmp_path / "cells.onnx"))
+    assert [o.name for o in session.get_outputs()] == ["probabilities", "cells", "labels"]
+    tile = np.random.default_rng(2).integers(0, 256, (1, 3, 96, 128), dtype=np.uint8)
+    probs, cells, labels = session.run(None, {"image": tile})
+    expected_labels, expected_cells = one_stage_instances(torch.from_numpy(probs[0]), config.detect)
+    assert len(expected_cells)
+    np.testing.assert_array_equal(labels, expected_labels)  # on onnxruntime's own probabilities: exact
+    np.testing.assert_array_equal(cells[:, :3], expected_cells[:, :3])

@@ -187,12 +187,15 @@ class ScriptedInstances(nn.Module):
     def forward(self, nucleus: torch.Tensor, classes: torch.Tensor, cells: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         height, width = nucleus.shape[0], nucleus.shape[1]
         foreground = nucleus >= self.threshold
-        components = _grown(foreground, torch.ones_like(foreground), 8)
+        components = self._grow(foreground, torch.ones_like(foreground), 8)
         x, y = cells[:, 0].long(), cells[:, 1].long()
         labels = self._nearest(components, x, y, cells, height, width)
         labels = self._own_centres(labels, x, y, cells, width)
         labels = self._centre_pieces(labels, x, y, width)
         return labels.to(torch.int32), self._classes(labels, classes, cells)
+
+    def _grow(self, mask: torch.Tensor, within: torch.Tensor, connectivity: int) -> torch.Tensor:
+        return _grown(mask, within, connectivity)
 
     def _nearest(self, components: torch.Tensor, x: torch.Tensor, y: torch.Tensor, cells: torch.Tensor,
                  height: int, width: int) -> torch.Tensor:
@@ -220,7 +223,7 @@ class ScriptedInstances(nn.Module):
         return flat.reshape(labels.shape)
 
     def _centre_pieces(self, labels: torch.Tensor, x: torch.Tensor, y: torch.Tensor, width: int) -> torch.Tensor:
-        pieces = _grown(labels > 0, labels, 4)
+        pieces = self._grow(labels > 0, labels, 4)
         n = x.shape[0]
         centre = y * width + x
         own = labels.reshape(-1)[centre] == torch.arange(1, n + 1)
@@ -298,3 +301,40 @@ def _grown(mask: torch.Tensor, within: torch.Tensor, connectivity: int) -> torch
 def _neighbours(connectivity: int) -> list[tuple[int, int]]:
     four = [(-1, 0), (1, 0), (0, -1), (0, 1)]
     return four if connectivity == 4 else four + [(-1, -1), (-1, 1), (1, -1), (1, 1)]
+
+
+class ExportedInstances(ScriptedInstances):
+    """`ScriptedInstances` as ``torch.export`` (and ONNX) takes it: the rounds of hooking one
+    ``torch.while_loop`` (an ONNX ``Loop``), the parents followed to their roots by a fixed number of
+    doublings (enough for any chain in an image of up to 2**24 pixels).
+    """
+
+    def _grow(self, mask: torch.Tensor, within: torch.Tensor, connectivity: int) -> torch.Tensor:
+        height, width = mask.shape[0], mask.shape[1]
+        key = within.double()
+        keyed = F.pad(key[None, None], [1, 1, 1, 1], value=float("nan"))[0, 0]
+        joins = [(dy, dx, (keyed[1 + dy:1 + dy + height, 1 + dx:1 + dx + width] == key) & mask)
+                 for dy, dx in _neighbours(connectivity)]
+        numbers = torch.arange(1, height * width + 1).reshape(height, width)
+        labels = torch.where(mask, numbers, torch.zeros_like(numbers))
+        flat_mask = mask.reshape(-1)
+        parents = torch.arange(0, height * width + 1)
+
+        def more(labels: torch.Tensor, changed: torch.Tensor) -> torch.Tensor:
+            return changed.clone()  # a loop condition may not be its input itself
+
+        def step(labels: torch.Tensor, changed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            padded = F.pad(labels[None, None], [1, 1, 1, 1])[0, 0]
+            near = labels
+            for dy, dx, join in joins:
+                near = torch.where(join, torch.maximum(near, padded[1 + dy:1 + dy + height, 1 + dx:1 + dx + width]),
+                                   near)
+            hooked = torch.where(flat_mask, near.reshape(-1), torch.zeros_like(near.reshape(-1)))
+            parent = parents.scatter_reduce(0, labels.reshape(-1), hooked, "amax", include_self=True)
+            for _ in range(25):  # doublings: every chain of up to 2**24 parents reaches its root
+                parent = parent.gather(0, parent)
+            grown = parent.gather(0, labels.reshape(-1)).reshape(height, width)
+            return grown, (grown != labels).any()
+
+        labels, _ = torch.while_loop(more, step, (labels, torch.tensor(True)))
+        return labels
