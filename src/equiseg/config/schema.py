@@ -216,7 +216,7 @@ class Schedule(enum.Enum):
 
 
 class Selection(enum.Enum):
-    """What picks a run's kept checkpoint and stops it early (``train.select``)."""
+    """What picks a run's kept checkpoint (``train.select``)."""
 
     LOSS = "loss"  # the lowest val/loss
     MF1 = "mf1"  # the highest val/mf1 (cells task)
@@ -271,12 +271,13 @@ class TrainConfig:
         warmup_epochs: Epochs of linear warm-up (``constant`` and ``cosine`` schedules).
         plateau_patience: Validations without improvement before the ``plateau`` schedule halves
             the rate.
-        early_stopping: Stop when the selected metric (``select``) has not improved for this many
-            validations (empty: train all ``epochs``); the checkpoint kept is the best one's.
-        select: What picks the checkpoint kept (``best.ckpt``) and stops early (`Selection`): ``loss``
-            (the lowest val/loss) or ``mf1`` (the highest val/mf1: the cells found with ``detect``'s
-            settings on each whole validation image, scored by the OCELOT rule, summed over the split;
-            task cells only). The plateau schedule follows val/loss either way.
+        early_stopping: Stop when val/loss has not improved for this many validations (empty: train all
+            ``epochs``); the checkpoint kept is the best one's by ``select``.
+        select: What picks the checkpoint kept (``best.ckpt``; `Selection`): ``loss`` (the lowest
+            val/loss) or ``mf1`` (the highest val/mf1: the cells found with ``detect``'s settings on each
+            whole validation image, scored by the OCELOT rule, summed over the split; task cells only).
+            Early stopping and the plateau schedule follow val/loss either way (a validation mF1 can sit
+            at a low plateau early in training while the loss still falls).
         val_every: Validate every N epochs (a study with few training images has short epochs: it
             validates after the same number of steps at every training-set size); the plateau
             schedule then steps with the validations.

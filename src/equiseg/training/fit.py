@@ -385,7 +385,9 @@ def _trainer(config: Config, run_dir: Path, progress: bool, callbacks: list) -> 
         lasts.append(StepCheckpoint(dirpath=folder, filename="last", monitor=None, save_top_k=1,
                                     enable_version_counter=False,
                                     every_n_train_steps=config.train.checkpoint_every_n_steps))
-    stopping = ([EarlyStopping(monitor=select.metric, mode=select.mode, patience=config.train.early_stopping)]
+    # early stopping follows the loss whatever selects the checkpoint: a validation mF1 can sit at a low plateau
+    # for many epochs early in training while the loss still falls (a run stopped there never learns)
+    stopping = ([EarlyStopping(monitor="val/loss", mode="min", patience=config.train.early_stopping)]
                 if config.train.early_stopping else [])
     # the config's precision is any string Lightning takes (it checks it); Lightning's Literal of them is private
     return L.Trainer(default_root_dir=run_dir, max_epochs=config.train.epochs, accelerator=config.train.accelerator,
