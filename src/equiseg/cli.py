@@ -690,14 +690,19 @@ def package(
         raise _fail(str(error)) from None
     if _emit(as_json, {"model": str(model), "package": str(path)}):
         return
+    described = json.loads((Path(out) / "equiseg.json").read_text())
+    context = described.get("tissue_context") is not None
+    outputs = "probabilities, cells, labels" if described.get("instances") else "probabilities, cells"
+    extra = ", 'context': context" if context else ""
     typer.echo(f"wrote {path}\nrun it without equiseg:\n"
                "  import torch\n"
                f"  model = torch.jit.load('{Path(out) / 'cells.pt'}')\n"
-               "  probabilities, cells = model(tile)  # tile: (1, 3, H, W) uint8 RGB\n"
-               "or with onnxruntime alone:\n"
+               f"  {outputs} = model(tile{', context' if context else ''})  # tile: (1, 3, H, W) uint8 RGB"
+               + ("; context: (1, 2, H, W) float32 tissue probabilities\n" if context else "\n")
+               + "or with onnxruntime alone:\n"
                "  import onnxruntime\n"
                f"  session = onnxruntime.InferenceSession('{Path(out) / 'cells.onnx'}')\n"
-               "  probabilities, cells = session.run(None, {'image': tile})  # tile: numpy, the same")
+               f"  {outputs} = session.run(None, {{'image': tile{extra}}})  # numpy arrays, the same")
 
 
 def _echo_scores(result, split: str) -> None:

@@ -312,8 +312,9 @@ def is_zipped_package(path: Path | str) -> bool:
 
 def unzip_package(path: Path | str) -> Path:
     """A zipped package (`is_zipped_package`) unpacked into a new folder of the system's temporary folder
-    (named after the zip, under an ``equiseg-package-`` folder; the caller removes it), checked
-    (`check_package`); its path. Nothing is written beside the zip.
+    (named after the zip, under an ``equiseg-package-`` folder; the caller removes it); its path. Loading
+    it checks its files (`check_package`). Nothing is written beside the zip; members are written as plain
+    files, whatever links the zip describes.
 
     Raises:
         ValueError: a member that is not a plain file at the zip's top (a folder, ``..``, an absolute
