@@ -157,3 +157,22 @@ def test_equiseg_plan_reads_a_pilot_study_and_says_the_seeds_it_needs(tmp_path):
     assert row["seeds_for_power"] > row["seeds_for_half_width"]
     missing = runner.invoke(app, ["plan", "--pilot", str(tmp_path)])
     assert missing.exit_code == 2 and "not a study's results.json" in missing.output
+
+
+def test_every_study_preset_with_a_plan_has_the_seeds_its_plan_asks_for():
+    from equiseg.config import Config
+    from equiseg.presets import preset_path
+    from equiseg.study import StudyConfig
+
+    planned = []
+    for path in sorted(preset_path("study-small").parent.glob("study-*.yaml")):
+        study = StudyConfig.from_yaml(path)
+        if study.plan is None:
+            continue
+        comparisons = (len(study.variants) - 1) * max(1, len(study.train_images) or len(study.fractions))
+        test_images = Config.from_dict(study.base).data.synthetic.test
+        needed = plan(study.plan.sigma_seed, study.plan.sigma_image, test_images, difference=study.plan.target,
+                      target_power=study.plan.power, comparisons=comparisons)
+        assert needed is not None and needed.seeds == len(study.seeds), (path.name, needed)
+        planned.append(path.name)
+    assert "study-power-gpu.yaml" in planned
