@@ -38,16 +38,25 @@ def _recall(variant_shift, seed_effects, image_effects):
     return 1 / (1 + np.exp(-(BASE + variant_shift + seed_effects[:, None, :] + image_effects[None, :, :])))
 
 
-def simulate(rng, seeds, images):
-    """Counts (seeds, images, classes, 3) of variants a and b: seed effects shared in part (the same seed),
-    image difficulty shared (the same images), a DELTA higher recall logit for a; cells per image about 10.
+def _scene(rng, seeds, images):
+    """Cells per image and class (gt), and a function giving a variant's recall (seeds, images, classes) for
+    its recall logit shift: seed effects shared in part (the same seed), image difficulty shared (the same
+    images); each call draws that variant's own seed effects.
     """
     gt = rng.poisson(5, (images, CLASSES)) + 1
     shared = rng.normal(0, SIGMA_SEED, (seeds, CLASSES))
     difficulty = rng.normal(0, SIGMA_IMAGE, (images, CLASSES))
+    return gt, lambda shift: _recall(shift, shared + rng.normal(0, SIGMA_VARIANT, (seeds, CLASSES)), difficulty)
+
+
+def simulate(rng, seeds, images):
+    """Counts (seeds, images, classes, 3) of variants a and b (`_scene`), a with a DELTA higher recall logit;
+    cells per image about 10.
+    """
+    gt, recall_of = _scene(rng, seeds, images)
     out = []
     for shift in (DELTA, 0.0):
-        recall = _recall(shift, shared + rng.normal(0, SIGMA_VARIANT, (seeds, CLASSES)), difficulty)
+        recall = recall_of(shift)
         tp = rng.binomial(np.broadcast_to(gt, recall.shape), recall)
         fp = rng.binomial(np.broadcast_to(gt, recall.shape), 0.2)
         out.append(np.stack([tp, fp, np.broadcast_to(gt, recall.shape)], -1).astype(np.float64))
@@ -56,14 +65,8 @@ def simulate(rng, seeds, images):
 
 def true_difference(rng, seeds=3000, images=4000):
     """The estimand: the mean over seeds of mF1 on the population of images (expected counts), a minus b."""
-    gt = rng.poisson(5, (images, CLASSES)) + 1
-    shared = rng.normal(0, SIGMA_SEED, (seeds, CLASSES))
-    difficulty = rng.normal(0, SIGMA_IMAGE, (images, CLASSES))
-    scores = []
-    for shift in (DELTA, 0.0):
-        recall = _recall(shift, shared + rng.normal(0, SIGMA_VARIANT, (seeds, CLASSES)), difficulty)
-        tp = (gt * recall).sum(1)
-        scores.append(_f1(tp, 0.2 * gt.sum(0), gt.sum(0)).mean(1).mean())
+    gt, recall_of = _scene(rng, seeds, images)
+    scores = [_f1((gt * recall_of(shift)).sum(1), 0.2 * gt.sum(0), gt.sum(0)).mean(1).mean() for shift in (DELTA, 0.0)]
     return scores[0] - scores[1]
 
 

@@ -45,19 +45,26 @@ def test_the_scripted_instances_equal_grow_instances_and_their_classes(seed, rad
         np.testing.assert_array_equal(found.numpy()[~kept], cells[~kept])
 
 
-@pytest.mark.slow
-def test_a_one_stage_models_cells_pt_gives_its_instances_as_one_stage_instances_does():
+def one_stage_model(family):
+    """A small untrained one-stage instance model (a nucleus output) with warmed batch norm, in eval mode."""
     from equiseg.config import Config
-    from equiseg.detection.instances import one_stage_instances
-    from equiseg.export import scripted_cells_model
 
     torch.manual_seed(0)
-    config = Config.from_dict({"model": {"family": "p4", "width": 2, "depth": 2}, "data": {"nuclei": True},
+    config = Config.from_dict({"model": {"family": family, "width": 2, "depth": 2}, "data": {"nuclei": True},
                                "detect": {"sigma": 1.0, "min_distance": 4, "threshold": 0.3}})
     model = config.build_model().train()
     with torch.no_grad():
         model(torch.rand(2, 3, 32, 32))
-    module = scripted_cells_model(model.eval(), config)
+    return model.eval(), config
+
+
+@pytest.mark.slow
+def test_a_one_stage_models_cells_pt_gives_its_instances_as_one_stage_instances_does():
+    from equiseg.detection.instances import one_stage_instances
+    from equiseg.export import scripted_cells_model
+
+    model, config = one_stage_model("p4")
+    module = scripted_cells_model(model, config)
     tile = torch.randint(0, 256, (1, 3, 128, 96), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     probs, cells, labels = module(tile)
     expected_labels, expected_cells = one_stage_instances(probs[0], config.detect)
@@ -70,17 +77,11 @@ def test_a_one_stage_models_cells_pt_gives_its_instances_as_one_stage_instances_
 @pytest.mark.slow
 def test_a_one_stage_models_cells_onnx_gives_its_instances_in_onnxruntime(tmp_path):
     ort = pytest.importorskip("onnxruntime")
-    from equiseg.config import Config
     from equiseg.detection.instances import one_stage_instances
     from equiseg.export import onnx_cells_model
 
-    torch.manual_seed(0)
-    config = Config.from_dict({"model": {"family": "plain", "width": 2, "depth": 2}, "data": {"nuclei": True},
-                               "detect": {"sigma": 1.0, "min_distance": 4, "threshold": 0.3}})
-    model = config.build_model().train()
-    with torch.no_grad():
-        model(torch.rand(2, 3, 32, 32))
-    onnx_cells_model(model.eval(), config, tmp_path / "cells.onnx", {})
+    model, config = one_stage_model("plain")
+    onnx_cells_model(model, config, tmp_path / "cells.onnx", {})
     session = ort.InferenceSession(str(tmp_path / "cells.onnx"))
     assert [o.name for o in session.get_outputs()] == ["probabilities", "cells", "labels"]
     tile = np.random.default_rng(2).integers(0, 256, (1, 3, 96, 128), dtype=np.uint8)
