@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from equiseg.config import Config
-from equiseg.data.targets import DEFAULT_RADIUS, Task
+from equiseg.data.targets import Task
 from equiseg.detection.scripted import ExportedDetector, ExportedInstances, ScriptedDetector, ScriptedInstances
 from equiseg.files import owned_file
 from equiseg.models import UNet, optimize_for_inference, probabilities
@@ -161,7 +161,7 @@ def scripted_cells_model(model: nn.Module, config: Config) -> torch.jit.ScriptMo
         # a traced module (torch.jit.trace is typed to return a graph too, for another call form)
         traced = cast(nn.Module, torch.jit.trace(unpadded, torch.rand(1, config.in_channels, side, side)))
         detector = ScriptedDetector(detect.sigma, detect.min_distance, detect.threshold, detect.per_class)
-        return torch.jit.script(detecting_net(traced, config, detector, ScriptedInstances(0.5, DEFAULT_RADIUS)))
+        return torch.jit.script(detecting_net(traced, config, detector, ScriptedInstances()))
 
 
 def onnx_cells_model(model: nn.Module, config: Config, path: Path, card: dict[str, Any]) -> None:
@@ -179,11 +179,9 @@ def onnx_cells_model(model: nn.Module, config: Config, path: Path, card: dict[st
     unpadded = _Unpadded(cast(UNet, optimize_for_inference(model, channels_last=False, fuse_up=False))).eval()
     detect = config.detect
     net = detecting_net(unpadded, config, ExportedDetector(detect.sigma, detect.min_distance, detect.threshold,
-                                                           detect.per_class), ExportedInstances(0.5, DEFAULT_RADIUS))
-    multiple = 2**config.model.depth
-    example = example_inputs(config, max(64, 2 * multiple))  # the file takes any multiple of 2**depth
-    rows, cols = torch.export.Dim("rows", min=1, max=4096), torch.export.Dim("cols", min=1, max=4096)
-    space = {2: multiple * rows, 3: multiple * cols}
+                                                           detect.per_class), ExportedInstances())
+    example = example_inputs(config, max(64, 2 * 2**config.model.depth))  # the file takes any multiple of 2**depth
+    space = _free_space(config.model.depth)
     names = ("image", "context")[:len(example)]
     outputs = ("probabilities", "cells", "labels") if isinstance(net, InstanceDetectingNet) else ("probabilities", "cells")
     _onnx(net, example, path, card, outputs, {name: space for name in names}, names)
@@ -247,7 +245,7 @@ def export_model(run: Path | str, fmt: ExportFormat, out: Path | str) -> Path:
     with owned_file(out) as partial:
         match fmt:
             case ExportFormat.ONNX:
-                _onnx(unpadded, example, partial, card, ("logits",), _dynamic(config.model.depth))
+                _onnx(unpadded, (example,), partial, card, ("logits",), _dynamic(config.model.depth))
             case ExportFormat.TORCHSCRIPT:
                 with quiet_jit():
                     traced = torch.jit.trace(unpadded, example)
@@ -260,9 +258,14 @@ def export_model(run: Path | str, fmt: ExportFormat, out: Path | str) -> Path:
 
 def _dynamic(depth: int) -> dict:
     """Batch, height and width free; height and width multiples of 2**depth."""
+    return {"image": {0: torch.export.Dim("batch", min=1, max=4096), **_free_space(depth)}}
+
+
+def _free_space(depth: int) -> dict:
+    """The height and width axes (2, 3) free, each a multiple of 2**depth."""
     multiple = 2**depth
     rows, cols = torch.export.Dim("rows", min=1, max=4096), torch.export.Dim("cols", min=1, max=4096)
-    return {"image": {0: torch.export.Dim("batch", min=1, max=4096), 2: multiple * rows, 3: multiple * cols}}
+    return {2: multiple * rows, 3: multiple * cols}
 
 
 # loggers whose warnings say nothing to a user of equiseg: torch's ONNX registry (no torchvision to skip),
@@ -284,8 +287,8 @@ def _quiet_loggers(*names: str) -> Iterator[None]:
             logger.setLevel(level)
 
 
-def _onnx(model: nn.Module, example: torch.Tensor | tuple[torch.Tensor, ...], path: Path, card: dict,
-          outputs: tuple[str, ...], dynamic: dict, inputs: tuple[str, ...] = ("image",)) -> None:
+def _onnx(model: nn.Module, example: tuple[torch.Tensor, ...], path: Path, card: dict, outputs: tuple[str, ...],
+          dynamic: dict, inputs: tuple[str, ...] = ("image",)) -> None:
     """``model`` on ``example`` through torch's dynamo exporter into ``path``, the ``card`` as metadata."""
     try:
         import onnx
@@ -293,8 +296,7 @@ def _onnx(model: nn.Module, example: torch.Tensor | tuple[torch.Tensor, ...], pa
         raise ValueError("ONNX export needs the export extra: pip install 'equiseg[export]'") from None
     with warnings.catch_warnings(), _quiet_loggers(*EXPORTER_LOGGERS):
         warnings.filterwarnings("ignore", message=".*LeafSpec.*")  # torch's exporter, on a deprecation of its own
-        args = example if isinstance(example, tuple) else (example,)
-        torch.onnx.export(model, args, str(path), input_names=list(inputs), output_names=list(outputs),
+        torch.onnx.export(model, example, str(path), input_names=list(inputs), output_names=list(outputs),
                           dynamic_shapes=dynamic, dynamo=True, verbose=False, external_data=False)
     proto = onnx.load(str(path))
     for key, value in card.items():

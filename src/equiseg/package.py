@@ -40,9 +40,11 @@ from torch import nn
 
 from equiseg.config import Config
 from equiseg.data.context import ContextKind
+from equiseg.data.datamodule import model_input
 from equiseg.data.ocelot import DatasetError, OcelotFolder
 from equiseg.data.targets import DEFAULT_RADIUS, Task
 from equiseg.datasets import data_root
+from equiseg.detection.instances import NUCLEUS_THRESHOLD
 from equiseg.evaluation.equivariance import certificate
 from equiseg.export import _Unpadded, onnx_cells_model, quiet_jit, scripted_cells_model
 from equiseg.files import owned_outputs
@@ -187,7 +189,8 @@ def equiseg_description(run: Path | str, model: nn.Module, config: Config, sampl
     resolution = Run.of(run).resolution()
     depth, group = config.model.depth, config.model.family.group
     reach = receptive_reach(model, depth)
-    x = torch.cat([t[0].float() / (255 if k == 0 else 1) for k, t in enumerate(sample_inputs(config, sample))])
+    inputs = sample_inputs(config, sample)  # the certificate takes the model's own input: colours in [0, 1]
+    x = model_input(sample, inputs[1][0] if len(inputs) > 1 else None)
     with torch.no_grad():
         measured = certificate(model, [x], group) if group is not None else None
     names = config.task.class_names
@@ -197,7 +200,7 @@ def equiseg_description(run: Path | str, model: nn.Module, config: Config, sampl
         "tissue_mpp": resolution.tissue_mpp if resolution is not None else None,
         "classes": names, "colours": {names[k]: list(c) for k, c in CELL_COLOURS.items() if k < len(names)},
         "nucleus_channel": config.class_channels if config.data.nuclei else None,
-        "instances": {"rule": f"each cell grown on p(nucleus) >= 0.5 within {DEFAULT_RADIUS:g} px of its centre, in "
+        "instances": {"rule": f"each cell grown on p(nucleus) >= {NUCLEUS_THRESHOLD:g} within {DEFAULT_RADIUS:g} px of its centre, in "
                               "its connected foreground, the nearest centre winning (equiseg.detection.instances.grow_instances); "
                               "one class each: the largest mean class probability inside it",
                       "where": "cells.pt and cells.onnx (output 'labels'): a third output, the (H, W) int32 instance "

@@ -41,6 +41,7 @@ from equiseg.detection.peaks import find_cells
 # QuPath's shape features have no eccentricity (its old cell detection wrote "Nucleus: Eccentricity").
 MEASUREMENT_NAMES = {"area_um2": "Area µm^2", "perimeter_um": "Length µm", "solidity": "Solidity",
                      "eccentricity": "Eccentricity"}
+NUCLEUS_THRESHOLD = 0.5  # the least p(nucleus) of an instance's pixel, unless a caller gives another
 _EIGHT = np.ones((3, 3), bool)  # 8-connectivity for ndimage.label (its default is 4-connectivity)
 
 
@@ -76,7 +77,7 @@ def _read_cells(cells: np.ndarray, shape: tuple[int, int]) -> _Cells:
     return _Cells(table[:, 0], table[:, 1], table[:, 2], score, row, col)
 
 
-def grow_instances(foreground: np.ndarray, cells: np.ndarray, threshold: float = 0.5,
+def grow_instances(foreground: np.ndarray, cells: np.ndarray, threshold: float = NUCLEUS_THRESHOLD,
                    max_radius: float = DEFAULT_RADIUS) -> np.ndarray:
     """Nucleus instance labels grown from cell centres on a foreground probability map.
 
@@ -249,7 +250,7 @@ def _nucleus_map(probs: np.ndarray | torch.Tensor) -> torch.Tensor:
     return maps
 
 
-def one_stage_instances(probs: np.ndarray | torch.Tensor, detect: DetectConfig, threshold: float = 0.5,
+def one_stage_instances(probs: np.ndarray | torch.Tensor, detect: DetectConfig, threshold: float = NUCLEUS_THRESHOLD,
                         max_radius: float = DEFAULT_RADIUS) -> tuple[np.ndarray, np.ndarray]:
     """The cells of a one-stage model (a cell U-Net with a nucleus output, ``data.nuclei``) as instances.
 
@@ -279,7 +280,7 @@ def one_stage_instances(probs: np.ndarray | torch.Tensor, detect: DetectConfig, 
     return instances_of_cells(maps, find_cells(maps[:-1], detect), threshold, max_radius)
 
 
-def instances_of_cells(probs: np.ndarray | torch.Tensor, found: np.ndarray, threshold: float = 0.5,
+def instances_of_cells(probs: np.ndarray | torch.Tensor, found: np.ndarray, threshold: float = NUCLEUS_THRESHOLD,
                        max_radius: float = DEFAULT_RADIUS) -> tuple[np.ndarray, np.ndarray]:
     """`one_stage_instances` for cells already found (``found`` (N, 4) rows (x, y, class, probability), as
     a streamed detector gives them): grown on p(nucleus), one class each. Returns (labels, cells).

@@ -20,6 +20,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from equiseg.data.targets import DEFAULT_RADIUS
+from equiseg.detection.instances import NUCLEUS_THRESHOLD
 from equiseg.detection.peaks import _blur_radius, _gaussian_kernel, _max_filter, _valid_correlation
 
 
@@ -78,11 +80,9 @@ class ScriptedDetector(nn.Module):
         one look-up a candidate however many there are).
         """
         ordered = candidates[self._order(candidates)]
-        reach = self.min_distance - 1  # the farthest offset closer than min_distance
+        reach, disk = self._disk()
         if reach < 0:
             return self._cells(ordered)
-        offsets = torch.arange(-reach, reach + 1)
-        disk = (offsets[:, None] ** 2 + offsets[None, :] ** 2) < self.min_distance * self.min_distance
         marked = torch.zeros(height + 2 * reach, width + 2 * reach, dtype=torch.bool)
         xs: list[int] = ordered[:, 0].long().tolist()
         ys: list[int] = ordered[:, 1].long().tolist()
@@ -95,6 +95,14 @@ class ScriptedDetector(nn.Module):
             window = marked[y:y + 2 * reach + 1, x:x + 2 * reach + 1]
             window.logical_or_(disk)
         return self._cells(ordered[torch.tensor(kept, dtype=torch.long)] if len(kept) else ordered[:0])
+
+    def _disk(self) -> tuple[int, torch.Tensor]:
+        """(reach, disk): the farthest offset closer than ``min_distance`` (-1: none), and the (2 reach + 1)²
+        offsets closer than it, which a kept cell marks.
+        """
+        reach = self.min_distance - 1
+        offsets = torch.arange(-max(reach, 0), max(reach, 0) + 1)
+        return reach, (offsets[:, None] ** 2 + offsets[None, :] ** 2) < self.min_distance * self.min_distance
 
     def _cells(self, cells: torch.Tensor) -> torch.Tensor:
         return torch.stack([cells[:, 0], cells[:, 1], cells[:, 3], cells[:, 4].clamp(0, 1)], 1)
@@ -131,11 +139,9 @@ class ExportedDetector(ScriptedDetector):
 
     def _suppress(self, candidates: torch.Tensor, height: int, width: int) -> torch.Tensor:
         ordered = candidates[self._order(candidates)]
-        reach = self.min_distance - 1
+        reach, disk = self._disk()
         if reach < 0:
             return self._cells(ordered)
-        offsets = torch.arange(-reach, reach + 1)
-        disk = (offsets[:, None] ** 2 + offsets[None, :] ** 2) < self.min_distance * self.min_distance
         span = width + 2 * reach  # the marked raster, flat: (height + 2 reach) rows of span
         rows, columns = torch.nonzero(disk, as_tuple=True)
         spots = rows * span + columns  # the disk's pixels from its corner
@@ -175,7 +181,7 @@ class ScriptedInstances(nn.Module):
       centre (`_grown` within equal labels).
     """
 
-    def __init__(self, threshold: float = 0.5, max_radius: float = 30.0) -> None:
+    def __init__(self, threshold: float = NUCLEUS_THRESHOLD, max_radius: float = DEFAULT_RADIUS) -> None:
         super().__init__()
         self.threshold, self.limit = threshold, max_radius * max_radius
         reach = int(max_radius)

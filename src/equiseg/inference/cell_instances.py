@@ -21,7 +21,7 @@ from torch import nn
 
 from equiseg.config import Config
 from equiseg.detection import find_cells
-from equiseg.detection.instances import settle_instances
+from equiseg.detection.instances import NUCLEUS_THRESHOLD, settle_instances
 from equiseg.inference.tiling import inference_model, predict_probabilities
 from equiseg.models.unet import reflect_pad
 from equiseg.runtime import Runtime
@@ -96,7 +96,7 @@ def window_predictions(model: nn.Module, image: torch.Tensor, cells: np.ndarray,
 
 
 def paste_instances(masks: np.ndarray, cells: np.ndarray, shape: tuple[int, int], classes: np.ndarray,
-                    scores: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+                    scores: np.ndarray, threshold: float = NUCLEUS_THRESHOLD) -> np.ndarray:
     """One instance label image (H, W) int32 from each cell's nucleus probability in its window (see
     the module's docstring for the rule); label k is row k - 1.
     """
@@ -123,7 +123,7 @@ def paste_instances(masks: np.ndarray, cells: np.ndarray, shape: tuple[int, int]
 
 def two_stage_instances(stage1: nn.Module, stage1_config: Config, stage2: nn.Module, stage2_config: Config,
                         image: torch.Tensor, stage2_image: torch.Tensor | None = None, tile: int | None = 1024,
-                        runtime: Runtime | None = None, threshold: float = 0.5) -> CellInstances:
+                        runtime: Runtime | None = None, threshold: float = NUCLEUS_THRESHOLD) -> CellInstances:
     """The two-stage model on one input: stage 1's cells (found with its ``detect`` settings) as proposals,
     stage 2's nucleus and class for each, pasted into instances (`paste_instances`).
 
@@ -176,7 +176,7 @@ WindowFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 
 def instances_in_tiles(proposals: np.ndarray, shape: tuple[int, int], side: int, windows: WindowFn,
-                       tile: int = 2048, threshold: float = 0.5) -> Iterator[TileInstances]:
+                       tile: int = 2048, threshold: float = NUCLEUS_THRESHOLD) -> Iterator[TileInstances]:
     """`paste_instances` over an image of any size, a tile at a time, in bounded memory.
 
     Each tile's core (``tile`` px square, row-major) reports the cells whose centre lies in it, each

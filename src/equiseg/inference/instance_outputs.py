@@ -28,7 +28,7 @@ import tifffile
 import torch
 from torch import nn
 
-from equiseg.detection.instances import instance_outlines, measure_instances, polygon_features
+from equiseg.detection.instances import NUCLEUS_THRESHOLD, instance_outlines, measure_instances, polygon_features
 from equiseg.inference.cell_instances import TileInstances, instances_in_tiles, run_windows
 from equiseg.pictures import CELL_COLOURS
 from equiseg.runtime import Runtime
@@ -113,7 +113,7 @@ def stage_two_windows(stage2: nn.Module, image: RegionReader, centres: np.ndarra
 
 
 def two_stage_file(stage2: nn.Module, side: int, image: RegionReader, proposals: np.ndarray,
-                   runtime: Runtime | None = None, threshold: float = 0.5,
+                   runtime: Runtime | None = None, threshold: float = NUCLEUS_THRESHOLD,
                    tile: int = 2048) -> tuple[np.ndarray, np.ndarray]:
     """Stage 2 of the two-stage cell model on every proposal of an image: (labels (H, W) int32, cells
     (N, 4) rows (x, y, class, probability)), as `paste_instances` gives them on the whole image.
@@ -133,7 +133,7 @@ def two_stage_file(stage2: nn.Module, side: int, image: RegionReader, proposals:
 
 
 def two_stage_tiles(stage2: nn.Module, side: int, image: RegionReader, proposals: np.ndarray,
-                    runtime: Runtime | None = None, threshold: float = 0.5,
+                    runtime: Runtime | None = None, threshold: float = NUCLEUS_THRESHOLD,
                     tile: int = 2048) -> Iterator[TileInstances]:
     """Stage 2 on every proposal of an image of any size, a tile at a time (`instances_in_tiles`): the
     same instances as `two_stage_file`, in memory bounded by a tile.
