@@ -133,7 +133,8 @@ def _classes_first(order: list[int], classes: list[set[int]]) -> list[int]:
             if classes[i] & missing:
                 leading.append(i)
                 missing -= classes[i]
-    return leading + [i for i in order if i not in set(leading)]
+    first = set(leading)
+    return leading + [i for i in order if i not in first]
 
 
 def position_seed(*key: int) -> int:

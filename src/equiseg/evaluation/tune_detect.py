@@ -21,7 +21,6 @@ import itertools
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import cast
 
 import numpy as np
 import torch
@@ -145,15 +144,15 @@ def tune_detection(run: Path | str, split: str = "val", runtime: Runtime | None 
     best = max(rows, key=lambda row: row["mf1"])  # max keeps the first of equals: grid order
     chosen = DetectConfig(sigma=float(best["sigma"]), min_distance=int(best["min_distance"]),
                           threshold=float(best["threshold"]), peaks=str(best["peaks"]))
-    _write_tuning(rows, best, chosen, split, folder if out is None else None, out)
+    _write_tuning(rows, best, chosen, split, folder.path if out is None else Path(out), owned=out is not None)
     return chosen, rows
 
 
-def _write_tuning(rows: list[dict], best: dict, chosen: DetectConfig, split: str, folder: Run | None,
-                  out: Path | str | None) -> None:
-    """``detect-tuning.csv`` and ``detect.yaml`` into the run ``folder``, or else into the folder ``out``."""
-    with contextlib.ExitStack() as stack:
-        target = folder.path if folder is not None else stack.enter_context(owned_outputs(Path(cast(Path, out)), True))
+def _write_tuning(rows: list[dict], best: dict, chosen: DetectConfig, split: str, folder: Path, owned: bool) -> None:
+    """``detect-tuning.csv`` and ``detect.yaml`` into ``folder``: a run folder, or with ``owned`` an output folder
+    of equiseg's (`owned_outputs`: made if missing, equiseg's own files replaced, others kept).
+    """
+    with owned_outputs(folder, True) if owned else contextlib.nullcontext(folder) as target:
         tuning, detect = target / TUNING_FILE, target / DETECT_FILE
         with written_whole(tuning) as partial, partial.open("w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=list(rows[0]))

@@ -513,7 +513,8 @@ PAIRED_NOTE = ("Each variant against the baseline trained with the same seeds on
                "Holm: adjusted by Holm's step-down over the study's {comparisons} mF1 comparisons. A verdict only "
                "where the Holm-adjusted p is below 0.05; 'resolves' is half the calibrated interval's width.")
 CONVERGENCE_NOTE = ("Each run trains until its validation loss stops improving (train.early_stopping) or its epoch "
-                    "budget ends; the checkpoint scored is the one of its lowest validation loss. A run is counted "
+                    "budget ends; the checkpoint scored is the one of its lowest validation loss (with train.select=mf1, "
+                    "of its highest validation mF1). A run is counted "
                     "unconverged when it ran to its budget with its best epoch within the early-stopping patience "
                     "of its end (it might have improved further); in results recorded without the budget, when its "
                     "best epoch was its last.")

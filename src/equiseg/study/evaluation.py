@@ -108,10 +108,9 @@ def _as_two_stage(result: RunResult, run_dir: Path, root: Path, runtime: Runtime
     stage 1's.
     """
     second = stage2_dir(run_dir)
-    evaluation, _ = evaluate_run(second, "test", data=root, runtime=runtime, proposals=run_dir)
-    stage2_model, _ = load_model(second, "cpu")
+    evaluation, config = evaluate_run(second, "test", data=root, runtime=runtime, proposals=run_dir)
     return replace(result, scores={**result.scores, **evaluation.scores}, per_image=tuple(evaluation.per_image),
-                   parameters=result.parameters + count_parameters(stage2_model))
+                   parameters=result.parameters + count_parameters(config.build_model()))
 
 
 def _read_cache(path: Path, kind: type[Result]) -> Result | None:
