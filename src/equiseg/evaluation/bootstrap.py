@@ -57,7 +57,7 @@ def counts_array(per_image: list[list[dict]]) -> np.ndarray:
                       for image in seed] for seed in per_image], dtype=np.float64)
 
 
-def _f1(sums: np.ndarray) -> np.ndarray:
+def f1_of_counts(sums: np.ndarray) -> np.ndarray:
     """F1 over the last axis (TP, FP, GT) as the official scorer computes it (unrounded)."""
     tp, fp, gt = sums[..., 0], sums[..., 1], sums[..., 2]
     precision, recall = tp / (tp + fp + _EPS), tp / (gt + _EPS)
@@ -69,7 +69,7 @@ def _statistics(counts: np.ndarray, seed_weights: np.ndarray, image_weights: np.
     draws' multiplicities of each seed (draws, S) and image (draws, I).
     """
     sums = np.einsum("bi,sikc->bskc", image_weights, counts)  # (draws, S, K, 3)
-    f1 = _f1(sums)  # (draws, S, K)
+    f1 = f1_of_counts(sums)  # (draws, S, K)
     per_seed = np.concatenate([f1.mean(axis=2, keepdims=True), f1], axis=2)  # (draws, S, 1 + K)
     return np.einsum("bs,bsk->bk", seed_weights, per_seed) / seed_weights.sum(axis=1, keepdims=True)
 

@@ -20,6 +20,7 @@ from equiseg.data.ocelot import CELL_CLASSES, Split
 from equiseg.data.targets import IGNORE_INDEX, Task
 from equiseg.detection.peaks import find_cells
 from equiseg.detection.score import detection_scores
+from equiseg.evaluation.bootstrap import f1_of_counts
 from equiseg.evaluation.losses import DiceCELoss
 from equiseg.evaluation.metrics import segmentation_scores
 
@@ -99,10 +100,7 @@ class DetectionCounts(Metric):
         self.counts += torch.tensor(found, dtype=torch.float64, device=self.counts.device)
 
     def compute(self) -> torch.Tensor:
-        counts = self.counts
-        precision = counts[:, 0] / (counts[:, 0] + counts[:, 1] + 1e-7)
-        recall = counts[:, 0] / (counts[:, 2] + 1e-7)
-        return (2 * precision * recall / (precision + recall + 1e-7)).mean()
+        return torch.tensor(f1_of_counts(self.counts.cpu().numpy()).mean())
 
 
 class SegmentationModule(ConfiguredModule):
