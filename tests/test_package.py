@@ -22,18 +22,23 @@ from equiseg.runs import Run, save_model
 runner = CliRunner()
 
 
-def write_run(path, family="p4m", task="cells", tissue_model=None):
+def write_run(path, family="p4m", task="cells", tissue_model=None, **sections):
     """A run folder: a small model with warmed batch norm, its config and resolution, no dataset left; with
-    ``tissue_model``, a cell model with tissue context from that run.
+    ``tissue_model``, a cell model with tissue context from that run; ``sections`` more of its config (a
+    stage 2's ``window``: its p(nucleus) then about 0.5 at the median, so that its nuclei have shapes).
     """
     torch.manual_seed(0)
     context = {"context": "model", "tissue_model": str(tissue_model)} if tissue_model else {}
     config = Config.from_dict({"task": task, "model": {"family": family, "width": 2, "depth": 3},
                                "data": {"root": str(path / "gone"), **context},
-                               "detect": {"sigma": 2.0, "min_distance": 4, "threshold": 0.3}})
+                               "detect": {"sigma": 2.0, "min_distance": 4, "threshold": 0.3}, **sections})
     model = config.build_model().train()
+    side = config.window.side_px if task == "nuclei" else 32
     with torch.no_grad():
-        model(torch.rand(2, config.in_channels, 32, 32) * 2)
+        model(torch.rand(2, config.in_channels, side, side) * 2)
+        if task == "nuclei":
+            mask, _ = model.eval()(torch.rand(8, 3, side, side))
+            model.mask_head.bias -= mask.median()
     run = Run(path)
     run.checkpoints.mkdir(parents=True)
     save_model(model.eval(), config, run.best)
@@ -80,14 +85,16 @@ def test_the_package_holds_its_files_and_says_what_it_is(package):
 
 
 def predicted_tile(package, folder):
-    """Predict's cells on a 1024² tile (run whole) of the package's run, and the tile saved as (1, 3, H, W) uint8."""
+    """Predict's cells on a crowded synthetic 1024² tile (run whole) of the package's run, and the tile saved as
+    (1, 3, H, W) uint8.
+    """
+    from equiseg.data.synthetic import render_pair
     from equiseg.inference.predict import predict_file
     from equiseg.runs import load_model
     from equiseg.runtime import Runtime
 
     model, config = load_model(package.parent / "run")
-    sample = np.asarray(Image.open(package / "sample.png"))
-    Image.fromarray(np.tile(sample, (4, 4, 1))).save(folder / "tile.png")  # a 1024² tile, run whole by predict
+    Image.fromarray(render_pair(2, 1024, 1.0).cell_image).save(folder / "tile.png")  # crowded, run whole by predict
     result = predict_file(model, config, folder / "tile.png", folder, probs=False, runtime=Runtime())
     tile = np.asarray(Image.open(folder / "tile.png")).transpose(2, 0, 1)[None]
     assert tile.shape == (1, 3, 1024, 1024) and len(result.points)
@@ -130,6 +137,102 @@ def test_cells_onnx_gives_predicts_cells_on_a_1024_tile_in_onnxruntime_without_t
     expected = points[np.lexsort((points[:, 1], points[:, 0]))]
     np.testing.assert_array_equal(cells[by_position, :3], expected[:, :3])
     np.testing.assert_allclose(cells[by_position, 3], expected[:, 3], rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_two_stage_model_is_packaged_whole_its_files_give_predicts_cells_and_nuclei(synthetic_small, tmp_path):
+    """The package holds both stages: cells.pt (only torch) and cells.onnx (onnxruntime, no torch) give the cells
+    and the instance label image that predict gives with the run folders on a crowded 1024² tile, and
+    `two_stage_instances`' on a tile smaller than the windows; predict and slide with the package (or its zip)
+    write the run folders' files bit for bit; the BioImage Model Zoo validates and tests it (stage 1's maps).
+    """
+    pytest.importorskip("openslide")
+    import tifffile
+
+    from equiseg.data.synthetic import render_pair
+    from equiseg.detection.instances import instance_outlines
+    from equiseg.inference.cell_instances import two_stage_instances
+    from equiseg.runs import load_model
+    from tests_support import tissue_on_glass, write_pyramid
+
+    stage1 = write_run(tmp_path / "stage1")
+    stage2 = write_run(tmp_path / "stage2", task="nuclei", window={"side_px": 17, "proposals": str(stage1)})
+    result = runner.invoke(app, ["package", "--model", str(stage2), "--out", str(tmp_path / "pkg"), "--zip"])
+    assert result.exit_code == 0, result.output
+    package = tmp_path / "pkg"
+    assert {"proposals.safetensors", "proposals.yaml"} <= {p.name for p in package.iterdir()}
+    described = json.loads((package / "equiseg.json").read_text())
+    assert described["two_stage"]["window_side_px"] == 17 and "paste_instances" in described["instances"]["rule"]
+    assert "## Two stages" in (package / "README.md").read_text()
+
+    tile = render_pair(2, 1024, 1.0).cell_image
+    Image.fromarray(tile).save(tmp_path / "tile.png")
+    small = np.ascontiguousarray(tile[:8, :16])
+    for name, array in (("tile", tile), ("small", small)):
+        np.save(tmp_path / f"{name}.npy", array.transpose(2, 0, 1)[None].copy())
+    slide = write_pyramid(tmp_path / "slide.tif", tissue_on_glass(512, 512, {(0, 128): tile[:256, :256]}), 0.2)
+    written = {}
+    for name, model in [("run", stage2), ("package", package), ("zip", package.with_suffix(".zip"))]:
+        for command, target in (("predict", tmp_path / "tile.png"), ("slide", slide))[:1 if name == "zip" else 2]:
+            out = tmp_path / f"{command}-{name}"
+            result = runner.invoke(app, [command, str(target), "--model", str(model), "--out", str(out)])
+            assert result.exit_code == 0, result.output
+            written[command, name] = {k: v for k, v in _outputs(out).items() if not k.endswith("summary.json")}
+    assert written["predict", "run"] == written["predict", "package"] == written["predict", "zip"]
+    assert written["slide", "run"] == written["slide", "package"]
+    labels = tifffile.imread(tmp_path / "predict-run" / "tile_instances.tif")
+    rows = np.loadtxt(tmp_path / "predict-run" / "tile_cells.csv", delimiter=",", skiprows=1, usecols=(0, 1, 2, 3))
+    assert len(rows) > 100 and (labels > 0).sum() > 10 * len(rows)  # crowded, nuclei with shapes
+    model2, config2 = load_model(stage2)
+    model1, config1 = load_model(stage1)
+    expected_small = two_stage_instances(model1, config1, model2, config2, torch.from_numpy(small).permute(2, 0, 1) / 255)
+    assert len(expected_small.cells)
+
+    for runtime, load, call in [
+            ("torch", f"import torch\nmodel = torch.jit.load({str(package / 'cells.pt')!r})\n",
+             "[o.numpy() for o in model(torch.from_numpy(np.load(path)))]"),
+            ("onnx", "import onnxruntime\nsys.modules['torch'] = None\n"
+                     f"session = onnxruntime.InferenceSession({str(package / 'cells.onnx')!r})\n",
+             "session.run(None, {'image': np.load(path)})")]:
+        run_alone("import sys; sys.modules['equiseg'] = None\nimport numpy as np\n" + load
+                  + "".join(f"out = {call.replace('path', repr(str(tmp_path / f'{name}.npy')))}\n"
+                            f"np.save({str(tmp_path / f'{runtime}-cells-{name}.npy')!r}, out[1])\n"
+                            f"np.save({str(tmp_path / f'{runtime}-labels-{name}.npy')!r}, out[2])\n"
+                            f"np.save({str(tmp_path / f'{runtime}-outlines-{name}.npy')!r}, out[3])\n"
+                            for name in ("tile", "small")))
+        for name, want_labels, want_cells in (("tile", labels, rows), ("small", expected_small.labels,
+                                                                       expected_small.cells)):
+            cells, found = np.load(tmp_path / f"{runtime}-cells-{name}.npy"), np.load(tmp_path / f"{runtime}-labels-{name}.npy")
+            outlines = np.load(tmp_path / f"{runtime}-outlines-{name}.npy")
+            rings = instance_outlines(found, len(cells))  # checked against the labels: found equal below
+            assert all(np.array_equal(outlines[outlines[:, 0] == k, 1:], ring) for k, ring in enumerate(rings))
+            if runtime == "onnx":  # cells of nearly equal probability may swap places: renumbered by position
+                cells, found = _by_position(cells, found, want_cells)
+            np.testing.assert_array_equal(found, want_labels)
+            np.testing.assert_array_equal(cells[:, :3], want_cells[:, :3])
+            np.testing.assert_allclose(cells[:, 3], want_cells[:, 3], rtol=0, atol=1e-4)  # the csv: 4 decimals
+
+    spec = pytest.importorskip("bioimageio.spec")
+    core = pytest.importorskip("bioimageio.core")
+    description = spec.load_description(package / "rdf.yaml", perform_io_checks=True)
+    assert description.validation_summary.status in ("valid-format", "passed"), description.validation_summary.format()
+    assert core.test_model(package / "rdf.yaml").status == "passed"
+
+    (package / "proposals.safetensors").write_bytes((package / "proposals.safetensors").read_bytes()[:-1] + b"x")
+    result = runner.invoke(app, ["predict", str(tmp_path / "tile.png"), "--model", str(package), "--out",
+                                 str(tmp_path / "damaged")])  # stage 1 is checked as stage 2 is
+    assert result.exit_code == 2 and "proposals.safetensors" in result.output and not (tmp_path / "damaged").exists()
+
+
+def _by_position(cells, labels, expected):
+    """``cells`` in the order of the ``expected`` cells at the same positions, ``labels`` renumbered alike."""
+    mine, theirs = np.lexsort((cells[:, 0], cells[:, 1])), np.lexsort((expected[:, 0], expected[:, 1]))
+    np.testing.assert_array_equal(cells[mine, :2], expected[theirs, :2])
+    order = np.empty(len(cells), np.int64)
+    order[theirs] = mine  # expected row -> this cell's row
+    relabel = np.zeros(len(cells) + 1, np.int64)
+    relabel[order + 1] = np.arange(1, len(cells) + 1)
+    return cells[order], relabel[labels]
 
 
 def test_a_tissue_model_is_refused_in_one_line_and_nothing_is_written(tmp_path):

@@ -665,6 +665,7 @@ def package(
     hub_folder: Annotated[bool, typer.Option(
         "--hub-folder", help="Also lay the folder out as a Hugging Face Hub model repository (.gitattributes "
                              "for Git LFS, config.json), ready to push; nothing is pushed.")] = False,
+    proposals: ProposalsOption = None,
     force: ForceOption = False,
     as_json: JsonOption = False,
 ) -> None:
@@ -677,13 +678,16 @@ def package(
     description, format 0.5, with test tensors and a sha256 for every file); README.md (a model card
     with Hugging Face front matter); equiseg.json (resolution, classes, halo, the group the model is exact
     for and its measured equivariance). Needs the package extra: pip install 'equiseg[package]'.
-    Every command that runs a model takes the folder or the zip as --model.
+    Every command that runs a model takes the folder or the zip as --model. A two-stage cell model
+    (--model its stage 2, --proposals its stage 1) is packaged whole: cells.pt and cells.onnx hold both
+    stages; an instance model's (one-stage or two-stage) also give the instance label image and each
+    cell's outline; probabilities.pt is stage 1's.
     """
     from equiseg.package import package_run
 
     model = _required(model, "--model")
     try:
-        path = package_run(model, out, as_zip=as_zip, force=force, hub=hub_folder)
+        path = package_run(model, out, as_zip=as_zip, force=force, hub=hub_folder, proposals=proposals)
     except ImportError as error:
         raise _fail(f"{error.name or error}: install the package extra: pip install 'equiseg[package]'") from None
     except (ValueError, OSError) as error:
@@ -692,7 +696,7 @@ def package(
         return
     described = json.loads((Path(out) / "equiseg.json").read_text())
     context = described.get("tissue_context") is not None
-    outputs = "probabilities, cells, labels" if described.get("instances") else "probabilities, cells"
+    outputs = "probabilities, cells, labels, outlines" if described.get("instances") else "probabilities, cells"
     extra = ", 'context': context" if context else ""
     typer.echo(f"wrote {path}\nrun it without equiseg:\n"
                "  import torch\n"

@@ -37,9 +37,13 @@ from torch import nn
 from equiseg.config import Config
 from equiseg.data.targets import Task
 from equiseg.detection.scripted import ExportedDetector, ExportedInstances, ScriptedDetector, ScriptedInstances
+from equiseg.detection.scripted_outlines import ScriptedOutlines
 from equiseg.files import owned_file
+from equiseg.inference.scripted_windows import ExportedWindows, ScriptedWindows
 from equiseg.models import UNet, optimize_for_inference, probabilities
 from equiseg.runs import load_model
+
+INSTANCE_OUTPUTS = ("probabilities", "cells", "labels", "outlines")  # an instance model's cells.pt and cells.onnx
 
 
 class ExportFormat(enum.Enum):
@@ -92,19 +96,20 @@ class ContextDetectingNet(DetectingNet):
 class InstanceDetectingNet(DetectingNet):
     """`DetectingNet` of a one-stage instance model (``data.nuclei``): also the instance label image
     (H, W) int32 (k: the cell of row k - 1), grown on p(nucleus) as `one_stage_instances` grows it
-    (`ScriptedInstances`), and each cell's class and probability those of its instance.
+    (`ScriptedInstances`), each cell's class and probability those of its instance, and each cell's
+    outline (`ScriptedOutlines`: (M, 3) float64 rows (row of the cell, x, y), `instance_outlines`' rings).
     """
 
     def __init__(self, net: nn.Module, class_channels: int, detector: ScriptedDetector,
                  instances: ScriptedInstances) -> None:
         super().__init__(net, class_channels, detector)
-        self.instances = instances
+        self.instances, self.outlines = instances, ScriptedOutlines()
 
-    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # pyright: ignore[reportIncompatibleMethodOverride]
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # pyright: ignore[reportIncompatibleMethodOverride]
         probs, cells = self._detect(image.float().div(255))
         maps = probs[0]
         labels, cells = self.instances(maps[-1], maps[:self.class_channels], cells)
-        return probs, cells, labels
+        return probs, cells, labels, self.outlines(labels, cells.shape[0])
 
 
 def detecting_net(net: nn.Module, config: Config, detector: ScriptedDetector,
@@ -145,6 +150,38 @@ def _check_cells_model(config: Config) -> None:
         raise ValueError(f"a model with its detection inside is a cells model (this one: task {config.task.value})")
 
 
+class TwoStageNet(nn.Module):
+    """The two-stage cell model with everything inside: (1, 3, H, W) uint8 RGB -> (stage 1's probabilities
+    (1, C, H, W), cells (N, 4) float64 rows x, y, class, probability: stage 1's positions with stage 2's class
+    and its probability, in stage 1's order, labels (H, W) int32: k for the nucleus of row k - 1, outlines
+    (M, 3) float64 rows (row of the cell, x, y): `ScriptedOutlines`), as ``equiseg predict --model STAGE2
+    --proposals STAGE1`` finds them on a tile it runs whole.
+    """
+
+    def __init__(self, stage1: DetectingNet, windows: ScriptedWindows) -> None:
+        super().__init__()
+        self.stage1, self.windows, self.outlines = stage1, windows, ScriptedOutlines()
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        x = image.float().div(255)
+        probs, proposals = self.stage1._detect(x)
+        labels, cells = self.windows(x[0], proposals)
+        return probs, cells, labels, self.outlines(labels, cells.shape[0])
+
+
+def _traced_unet(model: nn.Module, config: Config) -> nn.Module:
+    """The U-Net optimized for inference without its padding, traced (any side a multiple of 2**depth)."""
+    unpadded = _Unpadded(cast(UNet, optimize_for_inference(model))).eval()
+    side = 2 * 2**config.model.depth
+    # a traced module (torch.jit.trace is typed to return a graph too, for another call form)
+    return cast(nn.Module, torch.jit.trace(unpadded, torch.rand(1, config.in_channels, side, side)))
+
+
+def _detector(config: Config, kind: type[ScriptedDetector] = ScriptedDetector) -> ScriptedDetector:
+    detect = config.detect
+    return kind(detect.sigma, detect.min_distance, detect.threshold, detect.per_class)
+
+
 def scripted_cells_model(model: nn.Module, config: Config) -> torch.jit.ScriptModule:
     """`DetectingNet` (`ContextDetectingNet` with tissue context) of a cells run's model, compiled: the U-Net
     optimized for inference and traced (any side that is a multiple of 2**depth), the detection scripted
@@ -154,21 +191,66 @@ def scripted_cells_model(model: nn.Module, config: Config) -> torch.jit.ScriptMo
         ValueError: a model that is not a cells model.
     """
     _check_cells_model(config)
-    unpadded = _Unpadded(cast(UNet, optimize_for_inference(model))).eval()
-    side = 2 * 2**config.model.depth
-    detect = config.detect
     with quiet_jit():
-        # a traced module (torch.jit.trace is typed to return a graph too, for another call form)
-        traced = cast(nn.Module, torch.jit.trace(unpadded, torch.rand(1, config.in_channels, side, side)))
-        detector = ScriptedDetector(detect.sigma, detect.min_distance, detect.threshold, detect.per_class)
-        return torch.jit.script(detecting_net(traced, config, detector, ScriptedInstances()))
+        return torch.jit.script(detecting_net(_traced_unet(model, config), config, _detector(config),
+                                              ScriptedInstances()))
+
+
+def _check_two_stage(stage1_config: Config, stage2_config: Config) -> int:
+    """Stage 2's window side, once both stages are found to be what a packaged two-stage model takes."""
+    _check_cells_model(stage1_config)
+    side = stage2_config.window.side_px
+    if stage2_config.task is not Task.NUCLEI or side is None:
+        raise ValueError("stage 2 of a two-stage model is a nuclei model with its window.side_px set by training")
+    if stage1_config.in_channels > 3 or stage2_config.in_channels > 3:
+        raise ValueError("a two-stage model with tissue context is not packaged (a stage 2 with context does not "
+                         "run on tiles alone)")
+    return side
+
+
+def _window_classes(stage2: nn.Module) -> int:
+    head = stage2.class_head
+    return head.out_features if isinstance(head, nn.Linear) else 2
+
+
+def scripted_two_stage_model(stage1: nn.Module, stage1_config: Config, stage2: nn.Module,
+                             stage2_config: Config) -> torch.jit.ScriptModule:
+    """`TwoStageNet` compiled: stage 1 as `scripted_cells_model` makes it, stage 2 (a `CellWindowNet`)
+    optimized for inference and traced on its window side, the windows, pasting and settling scripted
+    (`ScriptedWindows`); it loads with ``torch.jit.load`` where only torch is installed.
+
+    Raises:
+        ValueError: stage 1 not a cells model, stage 2 not a trained nuclei model, or tissue context.
+    """
+    side = _check_two_stage(stage1_config, stage2_config)
+    with quiet_jit():
+        window_net = cast(nn.Module, torch.jit.trace(optimize_for_inference(stage2), torch.rand(2, 3, side, side)))
+        stage1_net = DetectingNet(_traced_unet(stage1, stage1_config), stage1_config.class_channels,
+                                  _detector(stage1_config))
+        return torch.jit.script(TwoStageNet(stage1_net, ScriptedWindows(window_net, side, _window_classes(stage2))))
+
+
+def onnx_two_stage_model(stage1: nn.Module, stage1_config: Config, stage2: nn.Module, stage2_config: Config,
+                         path: Path, card: dict[str, Any]) -> None:
+    """`TwoStageNet` as an ONNX file at ``path`` (needs ``equiseg[export]``): input ``image``; outputs
+    ``probabilities``, ``cells``, ``labels`` and ``outlines``; the detection, the batches of windows and the settling
+    ONNX ``Loop``s (`ExportedDetector`, `ExportedWindows`); ``card`` goes in as metadata properties.
+    """
+    side = _check_two_stage(stage1_config, stage2_config)
+    unpadded = _Unpadded(cast(UNet, optimize_for_inference(stage1, channels_last=False, fuse_up=False))).eval()
+    window_net = optimize_for_inference(stage2, channels_last=False)
+    net = TwoStageNet(DetectingNet(unpadded, stage1_config.class_channels, _detector(stage1_config, ExportedDetector)),
+                      ExportedWindows(window_net, side, _window_classes(stage2))).eval()
+    example = example_inputs(stage1_config, max(64, 2 * 2**stage1_config.model.depth))
+    space = _free_space(stage1_config.model.depth)
+    _onnx(net, example, path, card, INSTANCE_OUTPUTS, {"image": space}, optimize=False)
 
 
 def onnx_cells_model(model: nn.Module, config: Config, path: Path, card: dict[str, Any]) -> None:
     """`DetectingNet` (`ContextDetectingNet`) of a cells run's model as an ONNX file at ``path`` (needs
     ``equiseg[export]``): input ``image`` (1, 3, H, W) uint8, H and W multiples of 2**depth (and ``context``
     for a model with tissue context); outputs ``probabilities`` and ``cells`` as `DetectingNet` gives them
-    (and ``labels``, the instance label image, for a one-stage instance model: `ExportedInstances`),
+    (and ``labels`` and ``outlines``, the instance label image and rings, for a one-stage instance model),
     the detection an ONNX ``Loop`` (`ExportedDetector`); ``card`` goes in as metadata properties. It runs
     in onnxruntime where neither equiseg nor torch is installed.
 
@@ -177,14 +259,12 @@ def onnx_cells_model(model: nn.Module, config: Config, path: Path, card: dict[st
     """
     _check_cells_model(config)
     unpadded = _Unpadded(cast(UNet, optimize_for_inference(model, channels_last=False, fuse_up=False))).eval()
-    detect = config.detect
-    net = detecting_net(unpadded, config, ExportedDetector(detect.sigma, detect.min_distance, detect.threshold,
-                                                           detect.per_class), ExportedInstances())
+    net = detecting_net(unpadded, config, _detector(config, ExportedDetector), ExportedInstances())
     example = example_inputs(config, max(64, 2 * 2**config.model.depth))  # the file takes any multiple of 2**depth
     space = _free_space(config.model.depth)
     names = ("image", "context")[:len(example)]
-    outputs = ("probabilities", "cells", "labels") if isinstance(net, InstanceDetectingNet) else ("probabilities", "cells")
-    _onnx(net, example, path, card, outputs, {name: space for name in names}, names)
+    outputs = INSTANCE_OUTPUTS if isinstance(net, InstanceDetectingNet) else ("probabilities", "cells")
+    _onnx(net, example, path, card, outputs, {name: space for name in names}, names, optimize=False)
 
 
 def model_card(config: Config, checkpoint: Path) -> dict[str, Any]:
@@ -288,8 +368,11 @@ def _quiet_loggers(*names: str) -> Iterator[None]:
 
 
 def _onnx(model: nn.Module, example: tuple[torch.Tensor, ...], path: Path, card: dict, outputs: tuple[str, ...],
-          dynamic: dict, inputs: tuple[str, ...] = ("image",)) -> None:
-    """``model`` on ``example`` through torch's dynamo exporter into ``path``, the ``card`` as metadata."""
+          dynamic: dict, inputs: tuple[str, ...] = ("image",), optimize: bool = True) -> None:
+    """``model`` on ``example`` through torch's dynamo exporter into ``path``, the ``card`` as metadata; with
+    ``optimize`` through onnxscript's optimizer too (off for the graphs with detection inside: their loops make
+    the optimizer's rewriting take most of the export's time, and ONNX Runtime optimizes a graph it loads).
+    """
     try:
         import onnx
     except ImportError:
@@ -297,7 +380,8 @@ def _onnx(model: nn.Module, example: tuple[torch.Tensor, ...], path: Path, card:
     with warnings.catch_warnings(), _quiet_loggers(*EXPORTER_LOGGERS):
         warnings.filterwarnings("ignore", message=".*LeafSpec.*")  # torch's exporter, on a deprecation of its own
         torch.onnx.export(model, example, str(path), input_names=list(inputs), output_names=list(outputs),
-                          dynamic_shapes=dynamic, dynamo=True, verbose=False, external_data=False)
+                          dynamic_shapes=dynamic, dynamo=True, verbose=False, external_data=False,
+                          optimize=optimize)
     proto = onnx.load(str(path))
     for key, value in card.items():
         entry = proto.metadata_props.add()

@@ -1,14 +1,19 @@
-"""``equiseg package``: a trained cells model as a folder (or zip) that other tools load without equiseg.
+"""``equiseg package``: a trained cells model (or a two-stage one) as a folder (or zip) that other tools load
+without equiseg.
 
 The folder holds
 
-* ``weights.safetensors`` (the trained state dict) with ``config.yaml``: what equiseg itself loads;
+* ``weights.safetensors`` (the trained state dict) with ``config.yaml``: what equiseg itself loads (for a
+  two-stage model its stage 2, with its stage 1 as ``proposals.safetensors`` and ``proposals.yaml``);
 * ``probabilities.pt``: TorchScript, (1, 3, H, W) uint8 RGB -> (1, C, H, W) float32 probabilities (the
   class softmax, then p(nucleus) where the model has a nucleus output), H and W multiples of 2**depth;
 * ``cells.pt``: TorchScript with the detection inside (`equiseg.export.DetectingNet`): the same input ->
   (probabilities, cells (N, 4) float64 rows x, y, class, probability), the run's own detection settings;
 * ``cells.onnx``: the same as ONNX (inputs ``image``, outputs ``probabilities`` and ``cells``), for
-  onnxruntime where neither torch nor equiseg is installed;
+  onnxruntime where neither torch nor equiseg is installed; for an instance model both also give the
+  instance label image (``labels``): a one-stage model's grown on its p(nucleus), a two-stage model's from
+  stage 2 on each proposed cell's window (`equiseg.export.TwoStageNet`: both stages inside, stage 1's
+  probabilities and stage 2's classes);
 * ``rdf.yaml``: its BioImage Model Zoo description (format 0.5: axes, halo, test tensors, a sha256 for
   every file it names, authors, licence, citations), whose weights are ``probabilities.pt``;
 * ``test_input.npy``, ``test_output.npy`` and ``sample.png``: a tile of the run's data and what
@@ -28,6 +33,7 @@ import dataclasses
 import json
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any, cast
@@ -46,12 +52,27 @@ from equiseg.data.targets import DEFAULT_RADIUS, Task
 from equiseg.datasets import data_root
 from equiseg.detection.instances import NUCLEUS_THRESHOLD
 from equiseg.evaluation.equivariance import certificate
-from equiseg.export import _Unpadded, onnx_cells_model, quiet_jit, scripted_cells_model
+from equiseg.export import (
+    _Unpadded,
+    onnx_cells_model,
+    onnx_two_stage_model,
+    quiet_jit,
+    scripted_cells_model,
+    scripted_two_stage_model,
+)
 from equiseg.files import owned_outputs
 from equiseg.models import UNet, optimize_for_inference, probabilities
 from equiseg.models.build import receptive_reach
 from equiseg.pictures import CELL_COLOURS
-from equiseg.runs import Run, file_sha256, load_model
+from equiseg.runs import (
+    PACKAGE_MODEL,
+    PACKAGE_STAGE1,
+    Run,
+    check_proposer,
+    file_sha256,
+    load_model,
+    proposal_run,
+)
 
 RDF_FORMAT = "0.5.4"
 OCELOT = {"text": "Ryu et al., OCELOT: Overlapped Cell on Tissue Dataset for Histopathology, CVPR 2023",
@@ -61,7 +82,7 @@ OCELOT_CHALLENGE = {"text": "Shin et al., OCELOT 2023: Cell Detection from Cell-
 
 
 HUB_ATTRIBUTES = ("*.pt", "*.onnx", "*.safetensors", "*.npy", "*.png")  # binary files the Hub keeps in Git LFS
-OWN_FILES = ("weights.safetensors", "config.yaml", "resolution.yaml", "cells.pt", "cells.onnx")
+OWN_FILES = (*PACKAGE_MODEL, *PACKAGE_STAGE1, "resolution.yaml", "cells.pt", "cells.onnx")
 
 
 class ProbabilityNet(nn.Module):
@@ -87,30 +108,58 @@ class ContextProbabilityNet(ProbabilityNet):
 SAMPLE_CONTEXT = (0.0, 1.0)
 
 
+@dataclass(frozen=True, eq=False)
+class Stages:
+    """What a package holds: a cells model, and for a two-stage model (`stage2` set) the cells model is its
+    stage 1, whose cells the nuclei model ``stage2`` segments and classifies.
+    """
+
+    model: nn.Module
+    config: Config
+    stage2: nn.Module | None = None
+    stage2_config: Config | None = None
+
+    @classmethod
+    def of(cls, run: Path | str, proposals: Path | str | None = None) -> Stages:
+        """The models of ``run``: a cells run, or stage 2 of a two-stage model with its stage 1 (``proposals``,
+        else its config's ``window.proposals``).
+        """
+        model, config = load_model(run)
+        if config.task is Task.NUCLEI:
+            stage1, stage1_config = load_model(proposal_run(run, config, proposals))
+            check_proposer(stage1_config)
+            return cls(stage1, stage1_config, model, config)
+        if proposals is not None:
+            raise ValueError(f"{run}: --proposals names stage 1 of a two-stage model; this is a {config.task.value} model")
+        if config.task is not Task.CELLS:
+            raise ValueError(f"{run}: equiseg package takes a cells model or stage 2 of a two-stage one (this one: a "
+                             f"{config.task.value} model)")
+        return cls(model, config)
+
+
 def package_run(run: Path | str, out: Path | str, as_zip: bool = False, force: bool = False,
-                hub: bool = False) -> Path:
+                hub: bool = False, proposals: Path | str | None = None) -> Path:
     """Write the package of ``run`` (see the module docstring) into the folder ``out`` (and, with
     ``as_zip``, ``out`` + ``.zip`` beside it); returns what was written. With ``hub`` the folder is also
     laid out as a Hugging Face Hub model repository (`HUB_ATTRIBUTES` in ``.gitattributes``: the binary
     files through Git LFS; ``config.json``: equiseg's description), ready for ``git push``; nothing
-    goes over the network.
+    goes over the network. Stage 2 of a two-stage model is packaged with its stage 1 (``proposals``, else
+    its config's ``window.proposals``): the networks hold both.
 
     Raises:
-        ValueError: a model that is not a cells model (a tissue model, stage 2 of a two-stage model: not
-            packaged yet).
+        ValueError: a model that is neither a cells model nor stage 2 of a two-stage one (a tissue model).
     """
-    model, config = load_model(run)
-    if config.task is not Task.CELLS:
-        raise ValueError(f"{run}: equiseg package takes a cells model (this one: a {config.task.value} model)")
+    stages = Stages.of(run, proposals)
+    config = stages.config
     sample = _sample_tile(config, 2 ** config.model.depth)
     with owned_outputs(out, force) as partial:
-        _write_networks(model, config, sample, partial)
-        _write_weights(model, config, partial)
+        _write_networks(stages, sample, partial)
+        _write_weights(stages, partial)
         resolution = Run.of(run).resolution()
         if resolution is not None:
             (partial / "resolution.yaml").write_text(yaml.safe_dump(dataclasses.asdict(resolution)))
         Image.fromarray(sample).save(partial / "sample.png")
-        description = equiseg_description(run, model, config, sample)
+        description = equiseg_description(run, stages, sample)
         description["scores"] = run_scores(run)
         # what equiseg reads back (`runs.check_package`) beside the files rdf.yaml lists
         description["sha256"] = {name: file_sha256(partial / name) for name in OWN_FILES if (partial / name).is_file()}
@@ -156,8 +205,11 @@ def sample_inputs(config: Config, sample: np.ndarray) -> tuple[torch.Tensor, ...
     return image, context.expand(1, -1, *image.shape[2:]).contiguous()
 
 
-def _write_networks(model: nn.Module, config: Config, sample: np.ndarray, folder: Path) -> None:
-    """``probabilities.pt``, ``cells.pt``, ``cells.onnx``, and the test tensors of the first."""
+def _write_networks(stages: Stages, sample: np.ndarray, folder: Path) -> None:
+    """``probabilities.pt`` (the cells model's: stage 1's of a two-stage model), ``cells.pt``, ``cells.onnx``
+    (the whole model), and the test tensors of the first.
+    """
+    model, config = stages.model, stages.config
     unpadded = _Unpadded(cast(UNet, optimize_for_inference(model))).eval()
     kind = ProbabilityNet if config.data.context is ContextKind.NONE else ContextProbabilityNet
     net = kind(unpadded, config.class_channels).eval()
@@ -168,24 +220,44 @@ def _write_networks(model: nn.Module, config: Config, sample: np.ndarray, folder
         for name, tensor in zip(("test_input.npy", "test_context.npy"), inputs):
             np.save(folder / name, tensor.numpy())
         np.save(folder / "test_output.npy", traced(*inputs).numpy())
-        torch.jit.save(scripted_cells_model(model, config), str(folder / "cells.pt"))
     card = {"producer": f"equiseg {version('equiseg')}", "classes": config.task.class_names,
             "detect": {"sigma": config.detect.sigma, "min_distance": config.detect.min_distance,
                        "threshold": config.detect.threshold, "per_class": config.detect.per_class},
             "size_multiple": 2**config.model.depth}
-    onnx_cells_model(model, config, folder / "cells.onnx", card)
+    if stages.stage2 is None or stages.stage2_config is None:
+        with quiet_jit():
+            torch.jit.save(scripted_cells_model(model, config), str(folder / "cells.pt"))
+        onnx_cells_model(model, config, folder / "cells.onnx", card)
+        return
+    card["window_side_px"] = stages.stage2_config.window.side_px
+    with quiet_jit():
+        torch.jit.save(scripted_two_stage_model(model, config, stages.stage2, stages.stage2_config),
+                       str(folder / "cells.pt"))
+    onnx_two_stage_model(model, config, stages.stage2, stages.stage2_config, folder / "cells.onnx", card)
 
 
-def _write_weights(model: nn.Module, config: Config, folder: Path) -> None:
+def _write_weights(stages: Stages, folder: Path) -> None:
+    """The weights and config equiseg loads: the model's, or a two-stage model's stage 2 (`PACKAGE_MODEL`,
+    its ``window.proposals`` left empty: loading names the package's stage 1) and stage 1 (`PACKAGE_STAGE1`).
+    """
     from safetensors.torch import save_file
 
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(folder / "weights.safetensors"),
-              metadata={"format": "pt", "producer": f"equiseg {version('equiseg')}"})
-    config.to_yaml(folder / "config.yaml")
+    def write(model: nn.Module, config: Config, names: tuple[str, str]) -> None:
+        save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(folder / names[1]),
+                  metadata={"format": "pt", "producer": f"equiseg {version('equiseg')}"})
+        config.to_yaml(folder / names[0])
+
+    if stages.stage2 is None or stages.stage2_config is None:
+        write(stages.model, stages.config, PACKAGE_MODEL)
+        return
+    data = stages.stage2_config.to_dict()
+    write(stages.stage2, Config.from_dict({**data, "window": {**data["window"], "proposals": None}}), PACKAGE_MODEL)
+    write(stages.model, stages.config, PACKAGE_STAGE1)
 
 
-def equiseg_description(run: Path | str, model: nn.Module, config: Config, sample: np.ndarray) -> dict[str, Any]:
+def equiseg_description(run: Path | str, stages: Stages, sample: np.ndarray) -> dict[str, Any]:
     """The description of the packaged model that equiseg keeps (``equiseg.json``)."""
+    model, config = stages.model, stages.config
     resolution = Run.of(run).resolution()
     depth, group = config.model.depth, config.model.family.group
     reach = receptive_reach(model, depth)
@@ -200,14 +272,8 @@ def equiseg_description(run: Path | str, model: nn.Module, config: Config, sampl
         "tissue_mpp": resolution.tissue_mpp if resolution is not None else None,
         "classes": names, "colours": {names[k]: list(c) for k, c in CELL_COLOURS.items() if k < len(names)},
         "nucleus_channel": config.class_channels if config.data.nuclei else None,
-        "instances": {"rule": f"each cell grown on p(nucleus) >= {NUCLEUS_THRESHOLD:g} within {DEFAULT_RADIUS:g} px of its centre, in "
-                              "its connected foreground, the nearest centre winning (equiseg.detection.instances.grow_instances); "
-                              "one class each: the largest mean class probability inside it",
-                      "where": "cells.pt and cells.onnx (output 'labels'): a third output, the (H, W) int32 instance "
-                               "label image (k: the cell of row k - 1), with each cell's class and probability its "
-                               "instance's; equiseg predict and evaluate with this package also write outlines and "
-                               "measurements"}
-        if config.data.nuclei else None,
+        "instances": _instances_description(stages),
+        "two_stage": _two_stage_description(stages),
         "input": f"uint8 RGB (1, 3, H, W), H and W multiples of {2**depth}; the networks divide by 255 "
                  "(no mean or std)",
         "tile": {"side": 1024, "overlap": 128, "halo": reach,
@@ -223,6 +289,47 @@ def equiseg_description(run: Path | str, model: nn.Module, config: Config, sampl
         "files": {"probabilities": "probabilities.pt", "cells": "cells.pt", "cells_onnx": "cells.onnx",
                   "weights": "weights.safetensors", "config": "config.yaml"},
     }
+
+
+INSTANCES_WHERE = ("cells.pt and cells.onnx (outputs 'labels' and 'outlines'): the (H, W) int32 instance label image "
+                   "(k: the cell of row k - 1), with each cell's class and probability its instance's, and each "
+                   "cell's outline, (M, 3) float64 rows (row of the cell, x, y): its closed outer ring, vertices "
+                   "midway between the centres of an inside and an outside pixel, pixel (row i, column j) spanning "
+                   "[j, j + 1) x [i, i + 1) (equiseg.detection.instances.instance_outlines); equiseg predict and "
+                   "evaluate with this package also write measurements")
+
+
+def _instances_description(stages: Stages) -> dict[str, str] | None:
+    """How an instance model's cells get their outlines, and where the package gives them (None: points only)."""
+    if stages.stage2_config is not None:
+        return {"rule": f"stage 2's p(nucleus) in each proposed cell's window of {stages.stage2_config.window.side_px} "
+                        f"px; a pixel goes to the window most certain of it, if at least {NUCLEUS_THRESHOLD:g} (ties: "
+                        "the higher proposal score, then the higher class, then the earlier cell), every cell owns its "
+                        "centre's pixel and keeps the 4-connected piece holding it "
+                        "(equiseg.inference.cell_instances.paste_instances); one class each: stage 2's",
+                "where": INSTANCES_WHERE}
+    if not stages.config.data.nuclei:
+        return None
+    return {"rule": f"each cell grown on p(nucleus) >= {NUCLEUS_THRESHOLD:g} within {DEFAULT_RADIUS:g} px of its centre, in "
+                    "its connected foreground, the nearest centre winning (equiseg.detection.instances.grow_instances); "
+                    "one class each: the largest mean class probability inside it",
+            "where": INSTANCES_WHERE}
+
+
+def _two_stage_description(stages: Stages) -> dict[str, Any] | None:
+    """Stage 2 of a two-stage model: its network, its window and the group it is exact for (None: one stage)."""
+    config = stages.stage2_config
+    if config is None:
+        return None
+    group = config.model.family.group
+    return {"stage1": "the cells U-Net that this description's family, width and depth describe (probabilities.pt; "
+                      f"equiseg loads it from {PACKAGE_STAGE1[0]} and {PACKAGE_STAGE1[1]}): its cells are the proposals",
+            "stage2": f"a CellWindowNet on each proposal's window (equiseg loads it from {PACKAGE_MODEL[0]} and "
+                      f"{PACKAGE_MODEL[1]}): the nucleus's mask in the window and the cell's class",
+            "family": config.model.family.value, "width": config.model.width, "depth": config.model.depth,
+            "window_side_px": config.window.side_px, "window_side_um": config.window.side_um,
+            "exact_for": group.name if group is not None else None,
+            "windows": "centred on the proposal's pixel, mirrored beyond the tile's edges (numpy's 'reflect')"}
 
 
 def _context_description(config: Config) -> dict[str, Any] | None:
@@ -280,6 +387,8 @@ def model_card(config: Config, description: dict[str, Any]) -> str:
              "metrics": [{"type": "f1", "name": "mF1 (OCELOT's rule: 15 px, mean over BC and TC)",
                           "value": score["mf1"]}]} for score in description["scores"]]}]
     exact = description["exact_for"]
+    labels = description.get("instances") is not None
+    outputs = "`probabilities`, `cells`" + (", `labels`, `outlines`" if labels else "")
     lines = [
         "---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
         f"# equiseg {config.model.family.value} U-Net: cells (background cell, tumour cell)", "",
@@ -293,13 +402,14 @@ def model_card(config: Config, description: dict[str, Any]) -> str:
         "Trained on the data its config names (config.yaml).", "",
         "## Use", "",
         "- `cells.pt` (TorchScript, only torch needed): a (1, 3, H, W) uint8 RGB tile in, probabilities and "
-        "cells (x, y, class, probability) out, with the run's detection settings.",
-        "- `cells.onnx` (onnxruntime, neither torch nor equiseg needed): the same input (`image`) and outputs "
-        "(`probabilities`, `cells`).",
+        "cells (x, y, class, probability) out, with the run's detection settings"
+        + (", the instance label image (k: the nucleus of the cell of row k - 1) and each cell's outline "
+           "((M, 3) rows: row of the cell, x, y; a closed ring a cell)." if labels else "."),
+        f"- `cells.onnx` (onnxruntime, neither torch nor equiseg needed): the same input (`image`) and outputs ({outputs}).",
         "- `probabilities.pt`: the probabilities alone (the BioImage Model Zoo weights, `rdf.yaml`).",
         "- `equiseg predict --model FOLDER` and `equiseg slide --model FOLDER` with this folder, for whole "
         "images and slides (tiles stitched, outputs for QuPath).", "",
-        *_context_lines(description), "## Limits", "",
+        *_two_stage_lines(description), *_context_lines(description), "## Limits", "",
         f"- Input at {description['cell_mpp'] or 'the training data'}'s µm per px; other resolutions need resampling.",
         f"- Tiles larger than the model sees ({description['tile']['halo']} px each way) should overlap by twice "
         "that; `cells.pt` and `cells.onnx` run one tile and do not stitch.",
@@ -310,6 +420,20 @@ def model_card(config: Config, description: dict[str, Any]) -> str:
         "`equiseg.json` (`certificate`).", "",
     ]
     return "\n".join(lines)
+
+
+def _two_stage_lines(description: dict[str, Any]) -> list[str]:
+    """The card's section on stage 2, for a two-stage model."""
+    stage2 = description.get("two_stage")
+    if not stage2:
+        return []
+    exact = f"exact for {stage2['exact_for']} about the window's centre" if stage2["exact_for"] else "no symmetry built in"
+    return ["## Two stages", "",
+            "The U-Net above proposes the cells; stage 2, a "
+            f"{stage2['family']} CellWindowNet (width {stage2['width']}, depth {stage2['depth']}; {exact}), segments "
+            f"each one's nucleus and classifies it in a {stage2['window_side_px']} px window centred on it. "
+            "`cells.pt` and `cells.onnx` hold both stages and the pasting of the nuclei into one label image "
+            f"({description['instances']['rule']}); `probabilities.pt` is stage 1 alone.", ""]
 
 
 def _context_lines(description: dict[str, Any]) -> list[str]:

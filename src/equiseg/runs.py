@@ -82,8 +82,12 @@ class Run:
 
     @classmethod
     def of(cls, path: Path | str) -> Run:
-        """The run of a run folder, or of a checkpoint file in its ``checkpoints/``."""
+        """The run of a run folder, of a checkpoint file in its ``checkpoints/``, or the package of a two-stage
+        package's stage 1 (`PACKAGE_STAGE1`: the package records the resolution of both stages).
+        """
         path = Path(path)
+        if path.name == PACKAGE_STAGE1[0] and is_package(path.parent):
+            return cls(path.parent)
         return cls(path if path.is_dir() or path.suffix != ".ckpt" else path.parent.parent)
 
     # the layout, one line a path (see the module docstring)
@@ -265,6 +269,8 @@ def load_model(checkpoint: Path | str, device: str | torch.device = "cpu") -> tu
     path = Path(checkpoint)
     if is_package(path):
         return _load_package(path, device)
+    if path.name == PACKAGE_STAGE1[0] and is_package(path.parent):  # a two-stage package's stage 1
+        return _load_package(path.parent, device, PACKAGE_STAGE1)
     if path.is_dir():
         path = Run(path).best
     if not path.is_file():
@@ -290,6 +296,8 @@ def load_model(checkpoint: Path | str, device: str | torch.device = "cpu") -> tu
 
 
 PACKAGE_FILES = ("rdf.yaml", "equiseg.json")  # a folder holding both is a package (equiseg package)
+PACKAGE_MODEL = ("config.yaml", "weights.safetensors")  # the model a package names (stage 2 of a two-stage one)
+PACKAGE_STAGE1 = ("proposals.yaml", "proposals.safetensors")  # a two-stage package's stage 1: its proposals
 
 
 def is_package(path: Path | str) -> bool:
@@ -388,19 +396,26 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _load_package(folder: Path, device: str | torch.device) -> tuple[torch.nn.Module, Config]:
-    """`load_model` of a package: checked (`check_package`), its config, its safetensors weights."""
+def _load_package(folder: Path, device: str | torch.device,
+                  files: tuple[str, str] = PACKAGE_MODEL) -> tuple[torch.nn.Module, Config]:
+    """`load_model` of a package: checked (`check_package`), its config, its safetensors weights (``files``:
+    the model it names, or a two-stage package's stage 1, `PACKAGE_STAGE1`). Stage 2 of a two-stage package
+    gets the package's stage 1 as its ``window.proposals``.
+    """
     check_package(folder)
     try:
         from safetensors.torch import load_file
     except ImportError:
         raise ValueError(f"{folder}: reading a package needs safetensors: pip install 'equiseg[package]'") from None
+    config_file, weights = folder / files[0], folder / files[1]
     try:
-        config = Config.from_dict(read_yaml(folder / "config.yaml"))
+        data = read_yaml(config_file)
+        if data.get("task") == "nuclei" and (folder / PACKAGE_STAGE1[0]).is_file():
+            data = {**data, "window": {**data.get("window", {}), "proposals": str(folder / PACKAGE_STAGE1[0])}}
+        config = Config.from_dict(data)
     except ConfigError as error:
-        raise ValueError(f"{folder / 'config.yaml'}: the package's config is refused: {error}") from None
+        raise ValueError(f"{config_file}: the package's config is refused: {error}") from None
     model = config.build_model()
-    weights = folder / "weights.safetensors"
     model.load_state_dict(_matching(model, load_file(str(weights)), weights))
     return model.to(device).eval(), config
 

@@ -60,16 +60,19 @@ def one_stage_model(family):
 
 @pytest.mark.slow
 def test_a_one_stage_models_cells_pt_gives_its_instances_as_one_stage_instances_does():
-    from equiseg.detection.instances import one_stage_instances
+    from equiseg.detection.instances import instance_outlines, one_stage_instances
     from equiseg.export import scripted_cells_model
 
     model, config = one_stage_model("p4")
     module = scripted_cells_model(model, config)
     tile = torch.randint(0, 256, (1, 3, 128, 96), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
-    probs, cells, labels = module(tile)
+    probs, cells, labels, outlines = module(tile)
     expected_labels, expected_cells = one_stage_instances(probs[0], config.detect)
     assert len(expected_cells)
     np.testing.assert_array_equal(labels.numpy(), expected_labels)
+    expected_rings = instance_outlines(expected_labels, len(expected_cells))
+    for k, ring in enumerate(expected_rings):
+        np.testing.assert_array_equal(outlines.numpy()[outlines.numpy()[:, 0] == k, 1:], ring)
     np.testing.assert_array_equal(cells.numpy()[:, :3], expected_cells[:, :3])
     np.testing.assert_allclose(cells.numpy()[:, 3], expected_cells[:, 3], rtol=0, atol=1e-12)
 
@@ -77,16 +80,18 @@ def test_a_one_stage_models_cells_pt_gives_its_instances_as_one_stage_instances_
 @pytest.mark.slow
 def test_a_one_stage_models_cells_onnx_gives_its_instances_in_onnxruntime(tmp_path):
     ort = pytest.importorskip("onnxruntime")
-    from equiseg.detection.instances import one_stage_instances
+    from equiseg.detection.instances import instance_outlines, one_stage_instances
     from equiseg.export import onnx_cells_model
 
     model, config = one_stage_model("plain")
     onnx_cells_model(model, config, tmp_path / "cells.onnx", {})
     session = ort.InferenceSession(str(tmp_path / "cells.onnx"))
-    assert [o.name for o in session.get_outputs()] == ["probabilities", "cells", "labels"]
+    assert [o.name for o in session.get_outputs()] == ["probabilities", "cells", "labels", "outlines"]
     tile = np.random.default_rng(2).integers(0, 256, (1, 3, 96, 128), dtype=np.uint8)
-    probs, cells, labels = session.run(None, {"image": tile})
+    probs, cells, labels, outlines = session.run(None, {"image": tile})
     expected_labels, expected_cells = one_stage_instances(torch.from_numpy(probs[0]), config.detect)
     assert len(expected_cells)
     np.testing.assert_array_equal(labels, expected_labels)  # on onnxruntime's own probabilities: exact
+    for k, ring in enumerate(instance_outlines(expected_labels, len(expected_cells))):
+        np.testing.assert_array_equal(outlines[outlines[:, 0] == k, 1:], ring)
     np.testing.assert_array_equal(cells[:, :3], expected_cells[:, :3])

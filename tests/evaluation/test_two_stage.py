@@ -6,6 +6,7 @@ import numpy as np
 import torch
 
 from equiseg.config import Config
+from equiseg.detection.instances import instance_outlines
 from equiseg.groups import D4
 from equiseg.inference.cell_instances import (
     instances_in_tiles,
@@ -148,3 +149,62 @@ def test_tiles_report_each_cell_once_and_whole_as_the_whole_image_does():
             reported.append(row)
     assert sorted(reported) == list(range(count))  # each cell once
     assert np.array_equal(pieced, whole)
+
+
+# --- the two stages as TorchScript and ONNX (issue 30's package) ---------------------------------------------------
+
+
+def test_scripted_pasting_follows_paste_instances_through_ties():
+    """Quantised masks (equal p in many windows), equal scores, both classes tied, two proposals on one pixel and
+    windows over the edges: the same labels and classes as `paste_instances` (the rule's every tie-break counts).
+    """
+    from equiseg.export import quiet_jit
+    from equiseg.inference.scripted_windows import ScriptedWindows
+
+    rng = np.random.default_rng(4)
+    height, width, count = 40, 36, 50
+    cells = np.column_stack([rng.integers(0, width, count), rng.integers(0, height, count),
+                             rng.integers(1, 3, count), rng.integers(0, 3, count) / 2]).astype(np.float64)
+    cells[7, :2] = cells[6, :2]
+    masks = (rng.integers(0, 5, (count, SIDE, SIDE)) / 4).astype(np.float32)
+    class_probs = rng.dirichlet([1, 1], count).astype(np.float32)
+    class_probs[:10] = 0.5  # tied classes: the first (BC), as argmax takes it
+    expected_classes = class_probs.argmax(1) + 1
+    expected = paste_instances(masks, cells, (height, width), expected_classes, cells[:, 3])
+    assert len(np.unique(expected)) > 20
+    with quiet_jit():
+        net = torch.jit.trace(CellWindowNet(ConvFamily.P4, 1, depth=2).eval(), torch.rand(2, 3, SIDE, SIDE),
+                              check_trace=False)  # the window net's use here: its class count
+        paster = torch.jit.script(ScriptedWindows(net, SIDE, 2))
+    labels, found = paster.place(torch.from_numpy(masks), torch.from_numpy(class_probs), torch.from_numpy(cells),
+                                 height, width)
+    np.testing.assert_array_equal(labels.numpy(), expected)
+    np.testing.assert_array_equal(found.numpy()[:, 2], expected_classes)
+    np.testing.assert_array_equal(found.numpy()[:, 3], class_probs.max(1))
+
+
+def test_the_two_stages_in_torchscript_give_two_stage_instances(tmp_path):
+    """One file, on a tile of many cells and on one smaller than the windows (17 px: mirrored again and again),
+    as `two_stage_instances` gives them (the ONNX file: tests/test_package.py).
+    """
+    from equiseg.export import scripted_two_stage_model
+
+    torch.manual_seed(3)
+    stage1_config, stage2_config = configs()
+    stage1_config = Config.from_dict({**stage1_config.to_dict(), "detect": {"min_distance": 10, "threshold": 0.0}})
+    images = [(torch.rand(3, *shape) * 255).to(torch.uint8) for shape in ((96, 120), (8, 12))]
+    stage1 = warm(stage1_config.build_model(), images[0][None] / 255)
+    stage2 = warm(stage2_config.build_model(), torch.rand(4, 3, SIDE, SIDE))
+    median = float(np.median(window_predictions(stage2, images[0] / 255, np.array([[4, 4]]), SIDE)[0]))
+    with torch.no_grad():  # p(nucleus) about 0.5 at the median: nuclei with shapes, windows that overlap
+        stage2.mask_head.bias -= float(np.log(median / (1 - median)))
+    torch.jit.save(scripted_two_stage_model(stage1, stage1_config, stage2, stage2_config), str(tmp_path / "m.pt"))
+    scripted = torch.jit.load(str(tmp_path / "m.pt"))
+    for image, least in zip(images, (8, 1)):
+        expected = two_stage_instances(stage1, stage1_config, stage2, stage2_config, image / 255)
+        assert len(expected.cells) >= least and (expected.labels > 0).sum() > 3 * len(expected.cells)
+        _, cells, labels, outlines = scripted(image[None])
+        np.testing.assert_array_equal(labels.numpy(), expected.labels)
+        np.testing.assert_array_equal(cells.numpy(), expected.cells)
+        for k, ring in enumerate(instance_outlines(expected.labels, len(expected.cells))):
+            np.testing.assert_array_equal(outlines.numpy()[outlines.numpy()[:, 0] == k, 1:], ring)
