@@ -235,6 +235,16 @@ def _by_position(cells, labels, expected):
     return cells[order], relabel[labels]
 
 
+def test_a_two_stage_model_with_tissue_context_is_refused_in_one_line_and_nothing_is_written(tmp_path):
+    tissue = write_run(tmp_path / "tissue", family="plain", task="tissue")
+    stage1 = write_run(tmp_path / "stage1", family="plain", tissue_model=tissue)
+    stage2 = write_run(tmp_path / "stage2", family="plain", task="nuclei", window={"side_px": 17})
+    result = runner.invoke(app, ["package", "--model", str(stage2), "--proposals", str(stage1), "--out",
+                                 str(tmp_path / "pkg")])
+    assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+    assert "tissue context is not packaged" in result.output and not (tmp_path / "pkg").exists()
+
+
 def test_a_tissue_model_is_refused_in_one_line_and_nothing_is_written(tmp_path):
     run = write_run(tmp_path / "tissue", family="plain", task="tissue")
     result = runner.invoke(app, ["package", "--model", str(run), "--out", str(tmp_path / "pkg")])

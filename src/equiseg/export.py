@@ -196,8 +196,10 @@ def scripted_cells_model(model: nn.Module, config: Config) -> torch.jit.ScriptMo
                                               ScriptedInstances()))
 
 
-def _check_two_stage(stage1_config: Config, stage2_config: Config) -> int:
-    """Stage 2's window side, once both stages are found to be what a packaged two-stage model takes."""
+def check_two_stage(stage1_config: Config, stage2_config: Config) -> int:
+    """Stage 2's window side, once both stages are found to be what a packaged two-stage model takes (a
+    one-line ValueError otherwise).
+    """
     _check_cells_model(stage1_config)
     side = stage2_config.window.side_px
     if stage2_config.task is not Task.NUCLEI or side is None:
@@ -222,7 +224,7 @@ def scripted_two_stage_model(stage1: nn.Module, stage1_config: Config, stage2: n
     Raises:
         ValueError: stage 1 not a cells model, stage 2 not a trained nuclei model, or tissue context.
     """
-    side = _check_two_stage(stage1_config, stage2_config)
+    side = check_two_stage(stage1_config, stage2_config)
     with quiet_jit():
         window_net = cast(nn.Module, torch.jit.trace(optimize_for_inference(stage2), torch.rand(2, 3, side, side)))
         stage1_net = DetectingNet(_traced_unet(stage1, stage1_config), stage1_config.class_channels,
@@ -236,7 +238,7 @@ def onnx_two_stage_model(stage1: nn.Module, stage1_config: Config, stage2: nn.Mo
     ``probabilities``, ``cells``, ``labels`` and ``outlines``; the detection, the batches of windows and the settling
     ONNX ``Loop``s (`ExportedDetector`, `ExportedWindows`); ``card`` goes in as metadata properties.
     """
-    side = _check_two_stage(stage1_config, stage2_config)
+    side = check_two_stage(stage1_config, stage2_config)
     unpadded = _Unpadded(cast(UNet, optimize_for_inference(stage1, channels_last=False, fuse_up=False))).eval()
     window_net = optimize_for_inference(stage2, channels_last=False)
     net = TwoStageNet(DetectingNet(unpadded, stage1_config.class_channels, _detector(stage1_config, ExportedDetector)),

@@ -54,6 +54,7 @@ from equiseg.detection.instances import NUCLEUS_THRESHOLD
 from equiseg.evaluation.equivariance import certificate
 from equiseg.export import (
     _Unpadded,
+    check_two_stage,
     onnx_cells_model,
     onnx_two_stage_model,
     quiet_jit,
@@ -128,6 +129,7 @@ class Stages:
         if config.task is Task.NUCLEI:
             stage1, stage1_config = load_model(proposal_run(run, config, proposals))
             check_proposer(stage1_config)
+            check_two_stage(stage1_config, config)
             return cls(stage1, stage1_config, model, config)
         if proposals is not None:
             raise ValueError(f"{run}: --proposals names stage 1 of a two-stage model; this is a {config.task.value} model")
