@@ -60,8 +60,12 @@ class ScriptedDetector(nn.Module):
         """The candidates' order of suppression: keys from the last to the first, each sort stable."""
         order = torch.arange(candidates.shape[0])
         for key, descending in ((3, False), (0, False), (1, False), (2, True)):
-            order = order[torch.sort(candidates[order, key], stable=True, descending=descending)[1]]
+            order = order[self._sort(candidates[order, key], descending)]
         return order
+
+    def _sort(self, values: torch.Tensor, descending: bool) -> torch.Tensor:
+        """The indices that sort ``values``, equal values in their order."""
+        return torch.sort(values, stable=True, descending=descending)[1]
 
     def _maxima(self, score: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         peaks = (score == _max_filter(score, 2 * self.min_distance + 1)) & (score > self.threshold)
@@ -129,13 +133,12 @@ class ExportedDetector(ScriptedDetector):
             out = out + x.narrow(dim, k, length - n + 1) * self.taps[k]
         return out
 
-    def _order(self, candidates: torch.Tensor) -> torch.Tensor:
+    def _sort(self, values: torch.Tensor, descending: bool) -> torch.Tensor:
         if not torch.compiler.is_exporting():
-            return super()._order(candidates)
-        order = torch.arange(candidates.shape[0])  # exported: aten.sort, an ONNX TopK (stable by the standard)
-        for key, descending in ((3, False), (0, False), (1, False), (2, True)):
-            order = order[torch.sort(candidates[order, key], descending=descending)[1]]
-        return order
+            return super()._sort(values, descending)
+        # exported: aten.sort, an ONNX TopK (stable by the standard); any stable= argument selects
+        # aten.sort.stable, which the exporter does not translate
+        return torch.sort(values, descending=descending)[1]
 
     def _suppress(self, candidates: torch.Tensor, height: int, width: int) -> torch.Tensor:
         ordered = candidates[self._order(candidates)]
