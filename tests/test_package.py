@@ -76,6 +76,7 @@ def test_the_package_holds_its_files_and_says_what_it_is(package):
     assert described["certificate"]["group"] < 1e-4  # exact for D4 on the sample, to float rounding
     card = (package / "README.md").read_text()
     assert card.startswith("---\nlicense: mit\n") and "Trained on the data" in card
+    assert "- Input at 0.2 µm per px;" in card
     rdf = yaml.safe_load((package / "rdf.yaml").read_text())
     assert rdf["outputs"][0]["axes"][2]["halo"] == 29 and rdf["inputs"][0]["axes"][2]["size"] == {"min": 64, "step": 8}
     assert "*.safetensors filter=lfs diff=lfs merge=lfs -text" in (package / ".gitattributes").read_text()
@@ -163,7 +164,8 @@ def test_a_two_stage_model_is_packaged_whole_its_files_give_predicts_cells_and_n
     assert {"proposals.safetensors", "proposals.yaml"} <= {p.name for p in package.iterdir()}
     described = json.loads((package / "equiseg.json").read_text())
     assert described["two_stage"]["window_side_px"] == 17 and "paste_instances" in described["instances"]["rule"]
-    assert "## Two stages" in (package / "README.md").read_text()
+    card = (package / "README.md").read_text()
+    assert "# equiseg p4m U-Net and p4m window net: cells" in card and "## Two stages" in card
 
     tile = render_pair(2, 1024, 1.0).cell_image
     Image.fromarray(tile).save(tmp_path / "tile.png")

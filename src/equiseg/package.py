@@ -393,7 +393,9 @@ def model_card(config: Config, description: dict[str, Any]) -> str:
     outputs = "`probabilities`, `cells`" + (", `labels`, `outlines`" if labels else "")
     lines = [
         "---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
-        f"# equiseg {config.model.family.value} U-Net: cells (background cell, tumour cell)", "",
+        f"# equiseg {config.model.family.value} U-Net"
+        + (f" and {description['two_stage']['family']} window net" if description.get("two_stage") else "")
+        + ": cells (background cell, tumour cell)", "",
         f"A {config.model.family.value} U-Net (width {config.model.width}, depth {config.model.depth}) that finds "
         "cells in H&E tiles and classifies them as background (BC) or tumour (TC) cells, made with equiseg, "
         "after the paper (Liem, 2025) and the OCELOT 2023 challenge's task.",
@@ -412,7 +414,8 @@ def model_card(config: Config, description: dict[str, Any]) -> str:
         "- `equiseg predict --model FOLDER` and `equiseg slide --model FOLDER` with this folder, for whole "
         "images and slides (tiles stitched, outputs for QuPath).", "",
         *_two_stage_lines(description), *_context_lines(description), "## Limits", "",
-        f"- Input at {description['cell_mpp'] or 'the training data'}'s µm per px; other resolutions need resampling.",
+        "- Input at " + (f"{description['cell_mpp']:.4g} µm per px" if description["cell_mpp"] else "the training "
+                         "data's resolution") + "; other resolutions need resampling.",
         f"- Tiles larger than the model sees ({description['tile']['halo']} px each way) should overlap by twice "
         "that; `cells.pt` and `cells.onnx` run one tile and do not stitch.",
         "- Research use only; not a medical device.", "",
