@@ -103,9 +103,11 @@ def predicted_tile(package, folder):
     return result.points
 
 
-def run_alone(script: str) -> None:
+def run_alone(script: str) -> str:
+    """Run ``script`` in a Python of its own; its standard error."""
     done = subprocess.run([sys.executable, "-W", "ignore", "-c", script], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+    return done.stderr
 
 
 @pytest.mark.slow
@@ -128,11 +130,12 @@ def test_cells_onnx_gives_predicts_cells_on_a_1024_tile_in_onnxruntime_without_t
     the list, which is sorted by probability: compared in order of position.
     """
     points = predicted_tile(package, tmp_path)
-    run_alone("import sys; sys.modules['equiseg'] = None; sys.modules['torch'] = None\n"
-              "import numpy as np, onnxruntime\n"
-              f"session = onnxruntime.InferenceSession({str(package / 'cells.onnx')!r})\n"
-              f"probs, cells = session.run(None, {{'image': np.load({str(tmp_path / 'tile.npy')!r})}})\n"
-              f"np.save({str(tmp_path / 'cells.npy')!r}, cells)\n")
+    said = run_alone("import sys; sys.modules['equiseg'] = None; sys.modules['torch'] = None\n"
+                     "import numpy as np, onnxruntime\n"
+                     f"session = onnxruntime.InferenceSession({str(package / 'cells.onnx')!r})\n"
+                     f"probs, cells = session.run(None, {{'image': np.load({str(tmp_path / 'tile.npy')!r})}})\n"
+                     f"np.save({str(tmp_path / 'cells.npy')!r}, cells)\n")
+    assert "W:onnxruntime" not in said, said  # the file loads without the exporter's leftovers
     cells = np.load(tmp_path / "cells.npy")
     by_position = np.lexsort((cells[:, 1], cells[:, 0]))
     expected = points[np.lexsort((points[:, 1], points[:, 0]))]
@@ -196,12 +199,13 @@ def test_a_two_stage_model_is_packaged_whole_its_files_give_predicts_cells_and_n
             ("onnx", "import onnxruntime\nsys.modules['torch'] = None\n"
                      f"session = onnxruntime.InferenceSession({str(package / 'cells.onnx')!r})\n",
              "session.run(None, {'image': np.load(path)})")]:
-        run_alone("import sys; sys.modules['equiseg'] = None\nimport numpy as np\n" + load
+        said = run_alone("import sys; sys.modules['equiseg'] = None\nimport numpy as np\n" + load
                   + "".join(f"out = {call.replace('path', repr(str(tmp_path / f'{name}.npy')))}\n"
                             f"np.save({str(tmp_path / f'{runtime}-cells-{name}.npy')!r}, out[1])\n"
                             f"np.save({str(tmp_path / f'{runtime}-labels-{name}.npy')!r}, out[2])\n"
                             f"np.save({str(tmp_path / f'{runtime}-outlines-{name}.npy')!r}, out[3])\n"
                             for name in ("tile", "small")))
+        assert "W:onnxruntime" not in said, said  # the file loads without the exporter's leftovers
         for name, want_labels, want_cells in (("tile", labels, rows), ("small", expected_small.labels,
                                                                        expected_small.cells)):
             cells, found = np.load(tmp_path / f"{runtime}-cells-{name}.npy"), np.load(tmp_path / f"{runtime}-labels-{name}.npy")

@@ -372,8 +372,9 @@ def _quiet_loggers(*names: str) -> Iterator[None]:
 def _onnx(model: nn.Module, example: tuple[torch.Tensor, ...], path: Path, card: dict, outputs: tuple[str, ...],
           dynamic: dict, inputs: tuple[str, ...] = ("image",), optimize: bool = True) -> None:
     """``model`` on ``example`` through torch's dynamo exporter into ``path``, the ``card`` as metadata; with
-    ``optimize`` through onnxscript's optimizer too (off for the graphs with detection inside: their loops make
-    the optimizer's rewriting take most of the export's time, and ONNX Runtime optimizes a graph it loads).
+    ``optimize`` through onnxscript's optimizer too, else only its constant folding (`_fold_constants`; for the
+    graphs with detection inside: their loops make the optimizer's rewriting take most of the export's time,
+    and ONNX Runtime optimizes a graph it loads).
     """
     try:
         import onnx
@@ -384,8 +385,24 @@ def _onnx(model: nn.Module, example: tuple[torch.Tensor, ...], path: Path, card:
         torch.onnx.export(model, example, str(path), input_names=list(inputs), output_names=list(outputs),
                           dynamic_shapes=dynamic, dynamo=True, verbose=False, external_data=False,
                           optimize=optimize)
+    if not optimize:
+        _fold_constants(path)
     proto = onnx.load(str(path))
     for key, value in card.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value if isinstance(value, str) else json.dumps(value)
     onnx.save(proto, str(path))
+
+
+def _fold_constants(path: Path) -> None:
+    """The ONNX file at ``path`` with its constants folded and its unused nodes removed (onnxscript's two cheap
+    passes, a fraction of a second): without them ONNX Runtime warns about the exporter's leftovers (casts it
+    cannot fold, unused initializers) each time it loads the file.
+    """
+    import onnx_ir
+    from onnxscript import optimizer
+
+    model = onnx_ir.load(str(path))
+    optimizer.fold_constants(model)
+    optimizer.remove_unused_nodes(model)
+    onnx_ir.save(model, str(path))
