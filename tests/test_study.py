@@ -343,7 +343,8 @@ def test_a_run_cut_off_by_its_budget_while_still_improving_counts_as_unconverged
 
     assert not Stand(17, 20, budget=20, patience=5).converged  # best epoch 18 of 20, patience 5: cut off
     assert Stand(14, 20, budget=20, patience=5).converged  # best epoch more than a patience before the end
-    assert Stand(17, 18, budget=20, patience=5).converged  # stopped early, before the budget: it converged
+    assert Stand(12, 18, budget=20, patience=5).converged  # stopped early, before the budget: it converged
+    assert not Stand(17, 18, budget=20, patience=5).converged  # stopped early (by the loss) at its best (by mF1)
     assert not Stand(19, 20).converged and Stand(18, 20).converged  # recorded without the budget: best = last
     assert Stand(-1, -1, budget=20).converged  # unknown
 

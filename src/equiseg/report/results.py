@@ -148,17 +148,18 @@ class RunResult:
 
     @property
     def converged(self) -> bool:
-        """Whether the run stopped improving before it was cut off (unknown: True). With its epoch budget and
-        early-stopping patience (in epochs) recorded: False when it ran to the budget with its best epoch
-        within the patience of its end (it might have improved further); for results recorded without them:
-        False when its best epoch was its last.
+        """Whether the run stopped improving before it was cut off (unknown: True). False when its best epoch was
+        its last, however it ended (early stopping follows the validation loss, so a checkpoint chosen by
+        validation mF1 can still be rising when the loss stops the run); and, with its epoch budget and
+        early-stopping patience (in epochs) recorded, when it ran to the budget with its best epoch within
+        the patience of its end (it might have improved further).
         """
         if self.best_epoch < 0:
             return True
-        if self.epoch_budget > 0:
-            cut_off = self.epochs_trained >= self.epoch_budget
-            return not (cut_off and self.best_epoch >= self.epochs_trained - max(self.patience, 1))
-        return self.best_epoch < self.epochs_trained - 1
+        if self.best_epoch >= self.epochs_trained - 1:
+            return False
+        cut_off = 0 < self.epoch_budget <= self.epochs_trained
+        return not (cut_off and self.best_epoch >= self.epochs_trained - max(self.patience, 1))
 
 
     def case_pictures(self) -> list[tuple[Case, CasePicture]]:

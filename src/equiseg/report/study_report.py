@@ -515,9 +515,9 @@ PAIRED_NOTE = ("Each variant against the baseline trained with the same seeds on
 CONVERGENCE_NOTE = ("Each run trains until its validation loss stops improving (train.early_stopping) or its epoch "
                     "budget ends; the checkpoint scored is the one of its lowest validation loss (with train.select=mf1, "
                     "of its highest validation mF1). A run is counted "
-                    "unconverged when it ran to its budget with its best epoch within the early-stopping patience "
-                    "of its end (it might have improved further); in results recorded without the budget, when its "
-                    "best epoch was its last.")
+                    "unconverged when its best epoch was its last, however it ended (with train.select=mf1 early "
+                    "stopping can end a run whose validation mF1 still rises), or when it ran to its budget with its "
+                    "best epoch within the early-stopping patience of its end (it might have improved further).")
 LR_NOTE = ("Each variant without a stated rate trained once per rate on the largest training set (first seed); the "
            "rate with the lowest validation loss is used for all its runs. A stated rate is used as it is.")
 
