@@ -41,6 +41,7 @@ from equiseg.detection.scripted_outlines import ScriptedOutlines
 from equiseg.files import owned_file
 from equiseg.inference.scripted_windows import ExportedWindows, ScriptedWindows
 from equiseg.models import UNet, optimize_for_inference, probabilities
+from equiseg.models.window import window_classes
 from equiseg.runs import load_model
 
 INSTANCE_OUTPUTS = ("probabilities", "cells", "labels", "outlines")  # an instance model's cells.pt and cells.onnx
@@ -61,6 +62,18 @@ class _Unpadded(nn.Module):
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return self.model.unpadded(image)
+
+
+def unpadded_unet(model: nn.Module, for_other_runtimes: bool = False) -> _Unpadded:
+    """``model`` optimized for inference without its padding, in eval mode; ``for_other_runtimes``: its graph as
+    trained (contiguous, the decoder's upsample, concatenation and conv unfused), the one ONNX and other
+    runtimes read.
+    """
+    if for_other_runtimes:
+        optimized = optimize_for_inference(model, channels_last=False, fuse_up=False)
+    else:
+        optimized = optimize_for_inference(model)
+    return _Unpadded(cast(UNet, optimized)).eval()
 
 
 class DetectingNet(nn.Module):
@@ -171,7 +184,7 @@ class TwoStageNet(nn.Module):
 
 def _traced_unet(model: nn.Module, config: Config) -> nn.Module:
     """The U-Net optimized for inference without its padding, traced (any side a multiple of 2**depth)."""
-    unpadded = _Unpadded(cast(UNet, optimize_for_inference(model))).eval()
+    unpadded = unpadded_unet(model)
     side = 2 * 2**config.model.depth
     # a traced module (torch.jit.trace is typed to return a graph too, for another call form)
     return cast(nn.Module, torch.jit.trace(unpadded, torch.rand(1, config.in_channels, side, side)))
@@ -210,11 +223,6 @@ def check_two_stage(stage1_config: Config, stage2_config: Config) -> int:
     return side
 
 
-def _window_classes(stage2: nn.Module) -> int:
-    head = stage2.class_head
-    return head.out_features if isinstance(head, nn.Linear) else 2
-
-
 def scripted_two_stage_model(stage1: nn.Module, stage1_config: Config, stage2: nn.Module,
                              stage2_config: Config) -> torch.jit.ScriptModule:
     """`TwoStageNet` compiled: stage 1 as `scripted_cells_model` makes it, stage 2 (a `CellWindowNet`)
@@ -229,7 +237,7 @@ def scripted_two_stage_model(stage1: nn.Module, stage1_config: Config, stage2: n
         window_net = cast(nn.Module, torch.jit.trace(optimize_for_inference(stage2), torch.rand(2, 3, side, side)))
         stage1_net = DetectingNet(_traced_unet(stage1, stage1_config), stage1_config.class_channels,
                                   _detector(stage1_config))
-        return torch.jit.script(TwoStageNet(stage1_net, ScriptedWindows(window_net, side, _window_classes(stage2))))
+        return torch.jit.script(TwoStageNet(stage1_net, ScriptedWindows(window_net, side, window_classes(stage2))))
 
 
 def onnx_two_stage_model(stage1: nn.Module, stage1_config: Config, stage2: nn.Module, stage2_config: Config,
@@ -239,10 +247,10 @@ def onnx_two_stage_model(stage1: nn.Module, stage1_config: Config, stage2: nn.Mo
     ONNX ``Loop``s (`ExportedDetector`, `ExportedWindows`); ``card`` goes in as metadata properties.
     """
     side = check_two_stage(stage1_config, stage2_config)
-    unpadded = _Unpadded(cast(UNet, optimize_for_inference(stage1, channels_last=False, fuse_up=False))).eval()
+    unpadded = unpadded_unet(stage1, for_other_runtimes=True)
     window_net = optimize_for_inference(stage2, channels_last=False)
     net = TwoStageNet(DetectingNet(unpadded, stage1_config.class_channels, _detector(stage1_config, ExportedDetector)),
-                      ExportedWindows(window_net, side, _window_classes(stage2))).eval()
+                      ExportedWindows(window_net, side, window_classes(stage2))).eval()
     example = example_inputs(stage1_config, max(64, 2 * 2**stage1_config.model.depth))
     space = _free_space(stage1_config.model.depth)
     _onnx(net, example, path, card, INSTANCE_OUTPUTS, {"image": space}, optimize=False)
@@ -260,7 +268,7 @@ def onnx_cells_model(model: nn.Module, config: Config, path: Path, card: dict[st
         ValueError: a model that is not a cells model.
     """
     _check_cells_model(config)
-    unpadded = _Unpadded(cast(UNet, optimize_for_inference(model, channels_last=False, fuse_up=False))).eval()
+    unpadded = unpadded_unet(model, for_other_runtimes=True)
     net = detecting_net(unpadded, config, _detector(config, ExportedDetector), ExportedInstances())
     example = example_inputs(config, max(64, 2 * 2**config.model.depth))  # the file takes any multiple of 2**depth
     space = _free_space(config.model.depth)
@@ -320,7 +328,7 @@ def export_model(run: Path | str, fmt: ExportFormat, out: Path | str) -> Path:
                          "two-stage model runs through `equiseg predict --model RUN --proposals CELLS_RUN`")
     checkpoint = Path(run)
     # a folded UNet, its decoder as trained (upsample, concatenate, conv): the graph other runtimes read
-    unpadded = _Unpadded(cast(UNet, optimize_for_inference(model, channels_last=False, fuse_up=False))).eval()
+    unpadded = unpadded_unet(model, for_other_runtimes=True)
     side = 2 * 2**config.model.depth  # the example's size; the file takes any multiple of 2**depth
     example = torch.rand(2, config.in_channels, side, side)
     card = model_card(config, checkpoint)

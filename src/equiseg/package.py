@@ -53,16 +53,16 @@ from equiseg.datasets import data_root
 from equiseg.detection.instances import NUCLEUS_THRESHOLD
 from equiseg.evaluation.equivariance import certificate
 from equiseg.export import (
-    _Unpadded,
     check_two_stage,
     onnx_cells_model,
     onnx_two_stage_model,
     quiet_jit,
     scripted_cells_model,
     scripted_two_stage_model,
+    unpadded_unet,
 )
 from equiseg.files import owned_outputs
-from equiseg.models import UNet, optimize_for_inference, probabilities
+from equiseg.models import probabilities
 from equiseg.models.build import receptive_reach
 from equiseg.pictures import CELL_COLOURS
 from equiseg.runs import (
@@ -212,7 +212,7 @@ def _write_networks(stages: Stages, sample: np.ndarray, folder: Path) -> None:
     (the whole model), and the test tensors of the first.
     """
     model, config = stages.model, stages.config
-    unpadded = _Unpadded(cast(UNet, optimize_for_inference(model))).eval()
+    unpadded = unpadded_unet(model)
     kind = ProbabilityNet if config.data.context is ContextKind.NONE else ContextProbabilityNet
     net = kind(unpadded, config.class_channels).eval()
     inputs = sample_inputs(config, sample)

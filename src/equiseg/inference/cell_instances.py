@@ -24,6 +24,7 @@ from equiseg.detection import find_cells
 from equiseg.detection.instances import NUCLEUS_THRESHOLD, settle_instances
 from equiseg.inference.tiling import inference_model, predict_probabilities
 from equiseg.models.unet import reflect_pad
+from equiseg.models.window import window_classes
 from equiseg.runtime import Runtime
 
 
@@ -56,7 +57,7 @@ def run_windows(model: nn.Module, source: WindowSource, centres: np.ndarray, sid
     device = runtime.device if runtime is not None else next(model.parameters()).device
     net = inference_model(model) if runtime is None or runtime.optimize else model
     centres = np.asarray(centres, np.int64).reshape(-1, 2)
-    classes_out = model.class_head.out_features if isinstance(model.class_head, nn.Linear) else 2
+    classes_out = window_classes(model)
     masks = np.zeros((len(centres), side, side), np.float32)
     classes = np.zeros((len(centres), classes_out), np.float32)
     with torch.inference_mode():

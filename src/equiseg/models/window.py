@@ -129,3 +129,9 @@ class CellWindowNet(nn.Module):
 
     def extra_repr(self) -> str:
         return f"family={self.family.value}, width={self.width}, depth={self.depth}"
+
+
+def window_classes(model: nn.Module) -> int:
+    """The classes a `CellWindowNet` (or its copy optimized for inference) tells apart: its class head's outputs."""
+    head = model.class_head
+    return head.out_features if isinstance(head, nn.Linear) else 2
